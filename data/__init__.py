@@ -1,0 +1,1 @@
+"""Bundled small backbones (``tiny``, later ``reference``), their tokenizers and a sample corpus."""

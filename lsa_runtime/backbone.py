@@ -1,0 +1,231 @@
+"""The DeepSeek-V4 backbone, loaded through transformers and never forked.
+
+A backbone is named either by a bundled model (``tiny``, ``reference``; see ``data/``) or by a checkpoint
+directory that transformers can load as ``DeepseekV4ForCausalLM`` (official DeepSeek tensor names and
+FP8/FP4 weights are converted by transformers itself). Anything that is not a DeepSeek-V4 model is refused
+with a :class:`BackboneError`.
+
+Layer vocabulary (DeepSeek-V4 paper, section 2.3): ``sliding_attention`` layers keep only the sliding
+window; ``compressed_sparse_attention`` (CSA) layers compress every ``m = 4`` tokens into one entry and
+carry the Lightning Indexer; ``heavily_compressed_attention`` (HCA) layers compress every ``m' = 128``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import FmIndexError
+
+CSA = "compressed_sparse_attention"
+HCA = "heavily_compressed_attention"
+SLIDING = "sliding_attention"
+
+# FlashMemory's memory-indexer layers on DeepSeek-V4-Flash (43 layers).
+FLASH_MEMORY_LAYERS = (10, 12, 20)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# Bundled models by name. The first entry that exists on disk is the default backbone of every command.
+BUNDLED_MODELS = {"reference": DATA_DIR / "reference", "tiny": DATA_DIR / "tiny"}
+
+
+class BackboneError(FmIndexError):
+    """A backbone that cannot be used: missing, not DeepSeek-V4, or a layer choice that does not fit it."""
+
+
+def default_model_name() -> str:
+    """The bundled model every command uses when ``--model`` is not given (the reference model once bundled)."""
+    for name, path in BUNDLED_MODELS.items():
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return name
+    return "tiny"
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """Map a bundled name (``tiny``) or a directory to the directory holding ``config.json``."""
+    key = str(name_or_path)
+    if key in BUNDLED_MODELS:
+        path = BUNDLED_MODELS[key]
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"bundled model '{key}' is not installed at {path}")
+        return path
+    path = Path(key).expanduser()
+    if not path.is_dir():
+        known = ", ".join(BUNDLED_MODELS)
+        raise BackboneError(f"model '{key}' is neither a bundled model ({known}) nor a directory")
+    if not (path / "config.json").is_file():
+        raise BackboneError(f"model directory {path} has no config.json")
+    return path
+
+
+def load_config(name_or_path: str | Path):
+    """Load and check the backbone's ``DeepseekV4Config`` without loading weights."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BackboneError(f"cannot read {path / 'config.json'}: {exc}") from None
+    model_type = raw.get("model_type")
+    if model_type != "deepseek_v4":
+        raise BackboneError(f"{path} is a '{model_type}' model, not DeepSeek-V4 (model_type 'deepseek_v4')")
+    config = AutoConfig.from_pretrained(path)
+    if not csa_layers(config):
+        raise BackboneError(f"{path} has no compressed sparse attention (CSA) layer: nothing to index")
+    return config
+
+
+def load_backbone(
+    name_or_path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+):
+    """Load ``(model, tokenizer)``: a ``DeepseekV4ForCausalLM`` in eval mode and its tokenizer (or None).
+
+    ``dtype`` defaults to float32 on CPU (exact, and bf16 matmuls are slow there) and to the checkpoint's own
+    dtype on an accelerator.
+    """
+    from transformers import AutoTokenizer, DeepseekV4ForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    config = load_config(path)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    kwargs = {"dtype": dtype}
+    model = DeepseekV4ForCausalLM.from_pretrained(path, config=config, **kwargs)
+    model.eval().to(device)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if name not in table:
+        raise BackboneError(f"unknown dtype '{name}' (use one of {', '.join(table)})")
+    return table[name]
+
+
+def csa_layers(config) -> list[int]:
+    """Indices of the compressed sparse attention layers (Flash: 2, 4, ..., 42)."""
+    return [i for i, t in enumerate(config.layer_types) if t == CSA]
+
+
+def hca_layers(config) -> list[int]:
+    return [i for i, t in enumerate(config.layer_types) if t == HCA]
+
+
+def csa_rate(config) -> int:
+    """m: source tokens per CSA compressed entry (4 in every released V4)."""
+    return int(config.compress_rates[CSA])
+
+
+def visible_entries(position: int | torch.Tensor, rate: int):
+    """Number of compressed entries a query at ``position`` may use: s < (t + 1) // m."""
+    return (position + 1) // rate
+
+
+def default_memory_layers(config) -> list[int]:
+    """FlashMemory's layers 10, 12, 20 where they are CSA layers; else the CSA layers at the same relative depth."""
+    csa = csa_layers(config)
+    if all(layer in csa for layer in FLASH_MEMORY_LAYERS):
+        return list(FLASH_MEMORY_LAYERS)
+    chosen: list[int] = []
+    for layer in FLASH_MEMORY_LAYERS:
+        target = layer / 43 * config.num_hidden_layers
+        for candidate in sorted(csa, key=lambda c: (abs(c - target), c)):
+            if candidate not in chosen:
+                chosen.append(candidate)
+                break
+    return sorted(chosen)
+
+
+def validate_memory_layers(config, layers) -> list[int]:
+    """Check that every requested memory-indexer layer is a CSA layer; return them sorted and unique."""
+    layers = sorted({int(x) for x in layers})
+    if not layers:
+        raise BackboneError("no memory-indexer layer given")
+    csa = csa_layers(config)
+    for layer in layers:
+        if layer < 0 or layer >= config.num_hidden_layers:
+            raise BackboneError(f"layer {layer} does not exist (the model has {config.num_hidden_layers} layers)")
+        if layer not in csa:
+            raise BackboneError(
+                f"layer {layer} is a {config.layer_types[layer]} layer, not CSA; CSA layers are {csa}"
+            )
+    return layers
+
+
+def parse_layers(text: str | None, config) -> list[int]:
+    """Parse ``"10,12,20"`` (or None for the model's default) and validate against the config."""
+    if text is None or str(text).strip() == "":
+        return default_memory_layers(config)
+    try:
+        layers = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise BackboneError(f"--layers must be comma-separated integers, got '{text}'") from None
+    return validate_memory_layers(config, layers)
+
+
+def config_hash(config) -> str:
+    """A stable fingerprint of everything in the config that shapes the indexer keys and hidden states.
+
+    Labels, trained indexers and exports carry it so that a mismatch with another backbone is caught.
+    """
+    fields = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
+                     "quantization_config", "use_cache", "output_router_logits", "_attn_implementation_autoset"):
+        fields.pop(volatile, None)
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def weights_fingerprint(model) -> str:
+    """Hash of the indexer-side weights: two checkpoints with one config but other weights differ here."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".compressor.indexer." in name or name.endswith("embed_tokens.weight"):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:1 << 16])
+    return digest.hexdigest()[:16]
+
+
+def cache_kwarg() -> str:
+    """The name transformers gives the cache argument of ``DeepseekV4Model.forward`` (5.17: past_key_values)."""
+    from transformers import DeepseekV4Model
+
+    params = inspect.signature(DeepseekV4Model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass(frozen=True)
+class IndexerGeometry:
+    """Shape facts of the native Lightning Indexer that the memory indexer copies (heads x head_dim, RoPE)."""
+
+    hidden_size: int
+    index_n_heads: int
+    index_head_dim: int
+    rope_dim: int
+    compress_rate: int
+    index_topk: int
+
+    @classmethod
+    def from_config(cls, config) -> "IndexerGeometry":
+        return cls(
+            hidden_size=config.hidden_size,
+            index_n_heads=config.index_n_heads,
+            index_head_dim=config.index_head_dim,
+            rope_dim=int(config.qk_rope_head_dim),
+            compress_rate=csa_rate(config),
+            index_topk=config.index_topk,
+        )
