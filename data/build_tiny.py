@@ -3,7 +3,8 @@
 Run ``python -m data.build_tiny`` to re-create ``data/tiny/`` and ``data/sample/corpus.jsonl`` byte for byte.
 The model keeps V4-Flash's layout in miniature: two sliding layers, then CSA/HCA alternating (CSA at
 2, 4, ..., 10: five CSA layers so a 3-of-5 vote means something), 16 indexer heads, a few MoE experts.
-``position_bias``, ``sinks`` and the hash-routing table are perturbed so those paths are exercised.
+``position_bias``, ``sinks`` and the hash-routing table are perturbed so those paths are exercised, and the
+indexer's head weights are scaled up so its scores are peaked (as a trained indexer's are) rather than flat.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def main():
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
             elif name.endswith("sinks"):
                 param.copy_(torch.randn(param.shape, generator=gen))
+            # Sharpen the random Lightning Indexers so their softmax is peaked like a trained one's
+            # (nucleus ~15% of visible entries instead of ~40%): near-uniform logits make every label a tie.
+            elif name.endswith("scorer.weights_proj.weight"):
+                param.mul_(36.0)
+            elif name.endswith("indexer.q_b_proj.weight"):
+                param.mul_(2.0)
         for name, buf in model.named_buffers():
             if name.endswith("tid2eid"):
                 buf.copy_(torch.randint(0, config.num_local_experts, buf.shape, generator=gen))

@@ -1,0 +1,179 @@
+"""Chunked prefill of a DeepSeek-V4 backbone with read-only hooks on its Lightning Indexers.
+
+What the label builder (and tests) need from the frozen backbone, captured without editing transformers:
+
+* per CSA layer, the raw indexer logits ``I[t, s] = sum_h w_h(t) * relu(q_h(t) . k_s)`` (DeepSeek-V4 paper,
+  section 2.3.1, eqs. 13-17) of every token over every compressed entry emitted so far, before the causal
+  mask (entry s is visible to query t iff ``s < (t + 1) // m``): a forward hook on
+  ``layers[i].self_attn.compressor.indexer.scorer``;
+* per CSA layer, the native top-k picks (``-1`` marks an invalid pick): a forward hook on ``...indexer``;
+* the attention input h_t (after ``input_layernorm``) at the memory-indexer layers: a forward pre-hook on
+  ``layers[L].self_attn``;
+* at the end, every CSA layer's compressed indexer keys ``K^IComp`` (after RoPE) from the stock cache.
+
+The document is fed in chunks with the stock ``DynamicCache``, so memory stays bounded at any length: the
+scorer materialises an fp32 ``[S, H, T]`` tensor per chunk, so pick ``chunk_size`` with ``S * H * T * 4``
+bytes in mind (the defaults are fine up to ~100K tokens on a CPU with 24 GB).
+
+Hook callbacks receive tensors that are only valid during the call: consume them (reduce them to what you
+keep) inside the callback so that no ``[S, T]`` tensor is held for a whole document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import cache_kwarg, csa_layers, csa_rate
+
+
+@dataclass
+class ChunkInfo:
+    """The chunk being prefilled: absolute positions ``start .. start + length - 1``."""
+
+    start: int
+    length: int
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.start + self.length)
+
+
+class IndexerObserver:
+    """Receives what :class:`IndexerCapture` sees; override the callbacks you need (all optional)."""
+
+    def on_chunk_start(self, chunk: ChunkInfo) -> None: ...
+
+    def on_logits(self, layer: int, chunk: ChunkInfo, logits: torch.Tensor) -> None:
+        """``logits``: [S, T] fp32 raw I[t, s] of the chunk's S queries over the T entries emitted so far."""
+
+    def on_topk(self, layer: int, chunk: ChunkInfo, picks: torch.Tensor) -> None:
+        """``picks``: [S, k] int64 native top-k entry indices, ``-1`` where invalid."""
+
+    def on_hidden(self, layer: int, chunk: ChunkInfo, hidden: torch.Tensor) -> None:
+        """``hidden``: [S, d] attention input h_t at memory-indexer layer ``layer``."""
+
+    def on_chunk_end(self, chunk: ChunkInfo) -> None: ...
+
+
+class IndexerCapture:
+    """Prefill one sequence in chunks through the stock model, reporting indexer internals to an observer.
+
+    Usage::
+
+        capture = IndexerCapture(model, memory_layers=[10, 12, 20], chunk_size=512)
+        cache = capture.prefill(input_ids, observer)       # input_ids: [N] int64
+        keys = capture.indexer_keys(cache, layer=10)        # [N // m, index_head_dim]
+    """
+
+    def __init__(
+        self,
+        model,
+        memory_layers: Iterable[int] = (),
+        chunk_size: int = 512,
+        logits: bool = True,
+        topk: bool = True,
+    ):
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self.model = model
+        self.config = model.config
+        self.decoder = model.model if hasattr(model, "model") else model
+        self.csa_layers = csa_layers(self.config)
+        self.memory_layers = list(memory_layers)
+        self.chunk_size = int(chunk_size)
+        self.want_logits = logits
+        self.want_topk = topk
+        self.rate = csa_rate(self.config)
+
+    def _register(self, observer: IndexerObserver, chunk_ref: list[ChunkInfo]):
+        handles = []
+        layers = self.decoder.layers
+        for idx in self.csa_layers:
+            indexer = layers[idx].self_attn.compressor.indexer
+            if self.want_logits:
+                def on_scores(module, args, output, idx=idx):
+                    observer.on_logits(idx, chunk_ref[0], output[0].detach())
+
+                handles.append(indexer.scorer.register_forward_hook(on_scores))
+            if self.want_topk:
+                def on_picks(module, args, output, idx=idx):
+                    observer.on_topk(idx, chunk_ref[0], output[0].detach())
+
+                handles.append(indexer.register_forward_hook(on_picks))
+        for idx in self.memory_layers:
+            def on_attention_input(module, args, kwargs, idx=idx):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                observer.on_hidden(idx, chunk_ref[0], hidden[0].detach())
+
+            handles.append(layers[idx].self_attn.register_forward_pre_hook(on_attention_input, with_kwargs=True))
+        return handles
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, observer: IndexerObserver | None = None, progress=None):
+        """Run the whole sequence chunk by chunk; returns the stock ``DynamicCache`` holding its state.
+
+        ``progress``: optional callable ``progress(n_tokens_done)`` after each chunk.
+        """
+        from transformers import DynamicCache
+
+        observer = observer or IndexerObserver()
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        device = next(self.model.parameters()).device
+        cache = DynamicCache(config=self.config)
+        chunk_ref = [ChunkInfo(0, 0)]
+        handles = self._register(observer, chunk_ref)
+        kw = cache_kwarg()
+        try:
+            total = input_ids.numel()
+            for start in range(0, total, self.chunk_size):
+                ids = input_ids[start : start + self.chunk_size].to(device)
+                chunk = ChunkInfo(start, ids.numel())
+                chunk_ref[0] = chunk
+                observer.on_chunk_start(chunk)
+                position_ids = torch.arange(start, start + ids.numel(), device=device).unsqueeze(0)
+                self.decoder(input_ids=ids.unsqueeze(0), position_ids=position_ids, use_cache=True, **{kw: cache})
+                observer.on_chunk_end(chunk)
+                if progress is not None:
+                    progress(start + ids.numel())
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cache
+
+    def indexer_keys(self, cache, layer: int) -> torch.Tensor:
+        """The compressed indexer keys K^IComp of CSA layer ``layer``: [n_entries, index_head_dim]."""
+        keys = cache.layers[layer].compressed_kv["indexer"]
+        if keys is None:
+            return torch.zeros(0, self.config.index_head_dim)
+        return keys[0]
+
+
+def collect_logits(model, input_ids, chunk_size: int) -> dict[int, torch.Tensor]:
+    """Small-input helper (tests, debugging): the full [N, T] raw logits of every CSA layer, causal-masked
+    with ``-inf`` where ``s >= (t + 1) // m``. Holds everything in memory: not for long documents."""
+
+    class Collector(IndexerObserver):
+        def __init__(self):
+            self.parts: dict[int, list[tuple[ChunkInfo, torch.Tensor]]] = {}
+
+        def on_logits(self, layer, chunk, logits):
+            self.parts.setdefault(layer, []).append((chunk, logits.clone()))
+
+    collector = Collector()
+    capture = IndexerCapture(model, chunk_size=chunk_size, topk=False)
+    n = int(torch.as_tensor(input_ids).numel())
+    capture.prefill(input_ids, collector)
+    t_total = n // capture.rate
+    out = {}
+    for layer, parts in collector.parts.items():
+        full = torch.full((n, t_total), float("-inf"))
+        for chunk, logits in parts:
+            full[chunk.start : chunk.start + chunk.length, : logits.shape[-1]] = logits.float().cpu()
+        visible = (torch.arange(n) + 1) // capture.rate
+        full[torch.arange(t_total).unsqueeze(0) >= visible.unsqueeze(1)] = float("-inf")
+        out[layer] = full
+    return out
+
