@@ -1,0 +1,1 @@
+"""indexer_train: labels from the frozen backbone, Arrow shards, and training/export of the memory indexer."""

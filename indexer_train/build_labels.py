@@ -1,0 +1,312 @@
+"""build-labels: run the frozen DeepSeek-V4 once over a corpus and write FlashMemory's training labels.
+
+Per document: chunked prefill with hooks (:mod:`lsa_runtime.capture`), streaming labels
+(:class:`~indexer_train.labels.WindowLabeler`: nucleus p -> vote >= min_votes over all CSA layers -> union over
+the tau tokens after each trigger), the trigger hidden states h_t0 at the memory-indexer layers and the
+layers' compressed indexer keys, written as one Arrow rows file and one keys file (:mod:`.shards`).
+
+Documents are independent, so ``--shard I/N`` (or torchrun's RANK/WORLD_SIZE) takes the documents whose
+corpus index is I mod N; N shard runs into one directory plus :func:`merge_shards` give exactly the
+single-process dataset. ``--resume`` skips documents whose done marker exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lsa_runtime.backbone import (
+    IndexerGeometry,
+    config_hash,
+    csa_layers,
+    load_backbone,
+    load_config,
+    validate_memory_layers,
+)
+from lsa_runtime.capture import ChunkInfo, IndexerCapture, IndexerObserver
+from lsa_runtime.errors import FmIndexError
+
+from .corpus import Corpus, Document, tokenize
+from .labels import WindowLabeler, trigger_positions
+from .shards import FORMAT, LabelRow, ShardError, ShardWriter, completed_documents, write_json
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    """Everything that shapes the labels; a resumed or merged run must use the same values."""
+
+    layers: tuple[int, ...]
+    tau: int = 64
+    nucleus: float = 0.6
+    min_votes: int = 3
+    max_tokens: int | None = None
+    chunk_size: int = 512
+    dtype: str = "float32"
+
+    def check(self, config) -> "LabelParams":
+        if self.tau < 1:
+            raise FmIndexError(f"--tau must be >= 1, got {self.tau}")
+        if not 0.0 < self.nucleus <= 1.0:
+            raise FmIndexError(f"--nucleus must be in (0, 1], got {self.nucleus}")
+        n_csa = len(csa_layers(config))
+        if not 1 <= self.min_votes <= n_csa:
+            raise FmIndexError(f"--min-votes must be between 1 and the number of CSA layers ({n_csa}), "
+                               f"got {self.min_votes}")
+        if self.chunk_size < 1:
+            raise FmIndexError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise FmIndexError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        validate_memory_layers(config, self.layers)
+        return self
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise FmIndexError(f"--shard must look like I/N (e.g. 0/4), got '{text}'") from None
+    if count < 1 or not 0 <= index < count:
+        raise FmIndexError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def manifest_name(shard: tuple[int, int]) -> str:
+    return "manifest.json" if shard[1] == 1 else f"manifest.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+class _DocumentObserver(IndexerObserver):
+    """Feeds one document's indexer internals into the WindowLabeler and keeps h_t0 at the triggers."""
+
+    def __init__(self, labeler: WindowLabeler, memory_layers, triggers):
+        self.labeler = labeler
+        self.memory_layers = set(memory_layers)
+        self.triggers = sorted(triggers)
+        self.hidden: dict[tuple[int, int], torch.Tensor] = {}  # (t0, layer) -> [d]
+        self.closed = []
+        self._t_len: dict[int, int] = {}
+
+    def on_chunk_start(self, chunk: ChunkInfo):
+        self.labeler.start_chunk(chunk.start, chunk.length)
+
+    def on_logits(self, layer, chunk, logits):
+        self._t_len[layer] = logits.shape[-1]
+        self.labeler.add_logits(logits)
+
+    def on_topk(self, layer, chunk, picks):
+        self.labeler.add_topk(picks, self._t_len[layer])
+
+    def on_hidden(self, layer, chunk, hidden):
+        for t0 in self.triggers:
+            if chunk.start <= t0 < chunk.start + chunk.length:
+                self.hidden[(t0, layer)] = hidden[t0 - chunk.start].to(torch.float16).cpu()
+
+    def on_chunk_end(self, chunk):
+        self.closed.extend(self.labeler.end_chunk())
+
+
+def label_document(model, doc: Document, input_ids: list[int], params: LabelParams, progress=None):
+    """Labels of one document: (rows, keys by layer, stats). Requires len(input_ids) >= 2 * tau."""
+    rate = model.config.compress_rates["compressed_sparse_attention"]
+    n = len(input_ids)
+    triggers = trigger_positions(n, params.tau)
+    labeler = WindowLabeler(n_tokens=n, tau=params.tau, rate=rate, nucleus=params.nucleus,
+                            min_votes=params.min_votes)
+    observer = _DocumentObserver(labeler, params.layers, triggers)
+    capture = IndexerCapture(model, memory_layers=params.layers, chunk_size=params.chunk_size)
+    cache = capture.prefill(torch.tensor(input_ids, dtype=torch.long), observer, progress=progress)
+    keys = {layer: capture.indexer_keys(cache, layer).to(torch.float16).cpu() for layer in params.layers}
+    del cache
+    by_position = {trig.position: trig for trig in observer.closed}
+    if sorted(by_position) != triggers:
+        raise RuntimeError(f"internal error: triggers {sorted(by_position)} != expected {triggers}")
+    rows = []
+    for t0 in triggers:
+        trig = by_position[t0]
+        for layer in params.layers:
+            rows.append(LabelRow(doc_id=doc.id, doc_index=doc.index, layer=layer, position=t0,
+                                 n_visible=trig.n_visible, hidden=observer.hidden[(t0, layer)],
+                                 positives=trig.positives, native_topk_union=trig.native_topk_union,
+                                 n_candidates=trig.n_candidates))
+    stats = {
+        "doc_id": doc.id,
+        "tokens": n,
+        "triggers": len(triggers),
+        "rows": len(rows),
+        "entries": int(keys[params.layers[0]].shape[0]),
+        "positives_sum": int(sum(by_position[t].positives.numel() for t in triggers)),
+        "candidates_sum": int(sum(by_position[t].n_candidates for t in triggers)),
+        "native_topk_sum": int(sum(by_position[t].native_topk_union.numel() for t in triggers)),
+        "visible_sum": int(sum(by_position[t].n_visible for t in triggers)),
+    }
+    return rows, keys, stats
+
+
+def _backbone_block(name: str, config) -> dict:
+    geo = IndexerGeometry.from_config(config)
+    return {
+        "name": str(name),
+        "config_hash": config_hash(config),
+        "num_hidden_layers": config.num_hidden_layers,
+        "csa_layers": csa_layers(config),
+        "hidden_size": geo.hidden_size,
+        "index_n_heads": geo.index_n_heads,
+        "index_head_dim": geo.index_head_dim,
+        "rope_dim": geo.rope_dim,
+        "compress_rate": geo.compress_rate,
+        "index_topk": geo.index_topk,
+        "rope": config.rope_parameters["compress"],
+        "max_position_embeddings": config.max_position_embeddings,
+    }
+
+
+def _versions() -> dict:
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        fm = version("fm-index")
+    except Exception:
+        fm = "dev"
+    return {"fm_index": fm, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _summarise(done: dict[int, dict]) -> dict:
+    labelled = [s for s in done.values() if not s.get("skipped")]
+    triggers = sum(s["triggers"] for s in labelled)
+    return {
+        "documents": len(labelled),
+        "skipped": len(done) - len(labelled),
+        "tokens": sum(s["tokens"] for s in labelled),
+        "triggers": triggers,
+        "rows": sum(s["rows"] for s in labelled),
+        "positives_mean": sum(s["positives_sum"] for s in labelled) / max(triggers, 1),
+        "candidates_mean": sum(s["candidates_sum"] for s in labelled) / max(triggers, 1),
+        "native_topk_mean": sum(s["native_topk_sum"] for s in labelled) / max(triggers, 1),
+        "visible_mean": sum(s["visible_sum"] for s in labelled) / max(triggers, 1),
+    }
+
+
+class Reporter:
+    """Progress callbacks (the CLI draws them with rich); the default does nothing."""
+
+    def start(self, n_documents: int) -> None: ...
+
+    def document(self, doc: Document, n_tokens: int) -> None: ...
+
+    def tokens(self, n_done: int) -> None: ...
+
+    def document_done(self, doc: Document, skipped: bool) -> None: ...
+
+
+def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelParams, device: str = "cpu",
+                 shard: tuple[int, int] = (0, 1), resume: bool = False, reporter: Reporter | None = None) -> dict:
+    """Build (or resume) the label shards of ``corpus`` in ``out``; returns the run summary."""
+    reporter = reporter or Reporter()
+    config = load_config(model)
+    params.check(config)
+    docs = Corpus(corpus)
+    out = Path(out)
+    backbone = _backbone_block(model, config)
+    manifest_path = out / manifest_name(shard)
+    header = {"format": FORMAT, "backbone": backbone, "params": asdict(params),
+              "shard": {"index": shard[0], "count": shard[1]}, "corpus": {"path": str(corpus), "documents": len(docs)}}
+    if manifest_path.exists():
+        if not resume:
+            raise FmIndexError(f"{out} already holds labels ({manifest_path.name}); pass --resume to continue "
+                               "or choose another --out")
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise ShardError(f"corrupt manifest {manifest_path}") from None
+        for key in ("backbone", "params", "shard"):
+            if old.get(key) != json.loads(json.dumps(header[key])):
+                raise FmIndexError(f"--resume: {out} was built with other {key} "
+                                   f"({json.dumps(old.get(key), sort_keys=True)[:200]}); use the same options or "
+                                   "another --out")
+    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith("manifest.shard")) and shard[1] == 1:
+        raise FmIndexError(f"output directory {out} exists and is not an fm-index label directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob("*.tmp"):
+        stale.unlink()
+    write_json(manifest_path, {**header, "complete": False, "versions": _versions()})
+
+    done = completed_documents(out)
+    mine = [d for d in docs if d.index % shard[1] == shard[0]]
+    todo = [d for d in mine if d.index not in done]
+    reporter.start(len(todo))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(params.dtype)
+    if dtype is None:
+        raise FmIndexError(f"--dtype must be float32, bfloat16 or float16, got {params.dtype}")
+    writer = ShardWriter(out, config.hidden_size, list(params.layers), config.index_head_dim)
+    backbone_model = tokenizer = None
+    tokens_this_run, started = 0, time.perf_counter()
+    if todo:
+        backbone_model, tokenizer = load_backbone(model, device=device, dtype=dtype)
+    for doc in todo:
+        ids = tokenize(doc, tokenizer)
+        if ids and max(ids) >= config.vocab_size:
+            raise FmIndexError(f"document '{doc.id}' has token id {max(ids)} >= vocab size {config.vocab_size}")
+        if params.max_tokens is not None:
+            ids = ids[: params.max_tokens]
+        reporter.document(doc, len(ids))
+        if len(ids) < 2 * params.tau:
+            write_json(out / "done" / f"{doc.index:08d}.json",
+                       {"doc_id": doc.id, "tokens": len(ids), "skipped": True,
+                        "reason": f"{len(ids)} tokens < 2 * tau = {2 * params.tau}: no full trigger window"})
+            reporter.document_done(doc, skipped=True)
+            continue
+        rows, keys, stats = label_document(backbone_model, doc, ids, params, progress=reporter.tokens)
+        writer.write_document(doc.index, rows, keys, stats)
+        tokens_this_run += len(ids)
+        reporter.document_done(doc, skipped=False)
+    elapsed = time.perf_counter() - started
+    done = completed_documents(out)
+    mine_done = {i: s for i, s in done.items() if i % shard[1] == shard[0]}
+    missing = [d.index for d in mine if d.index not in mine_done]
+    if missing:
+        raise RuntimeError(f"internal error: documents {missing[:5]} not written")
+    summary = _summarise(mine_done)
+    summary["tokens_per_second"] = tokens_this_run / elapsed if elapsed > 0 and tokens_this_run else None
+    write_json(manifest_path, {**header, "complete": True, "counts": summary, "versions": _versions()})
+    return summary
+
+
+def merge_shards(out: str | Path) -> dict:
+    """Verify that the N ``--shard I/N`` runs in ``out`` are complete and consistent, then write manifest.json.
+
+    Checks: every shard manifest is present and complete, all use the same backbone and parameters, every
+    corpus document is finished exactly once. The merged directory then equals a single-process run.
+    """
+    out = Path(out)
+    shard_files = sorted(out.glob("manifest.shard-*-of-*.json"))
+    if not shard_files:
+        raise ShardError(f"{out} holds no shard manifests (manifest.shard-I-of-N.json) to merge")
+    manifests = [json.loads(p.read_text()) for p in shard_files]
+    count = manifests[0]["shard"]["count"]
+    seen = sorted(m["shard"]["index"] for m in manifests)
+    if seen != list(range(count)) or any(m["shard"]["count"] != count for m in manifests):
+        raise ShardError(f"shards present {seen} of {count}: run the missing --shard I/{count} first")
+    for m, path in zip(manifests, shard_files):
+        if not m.get("complete"):
+            raise ShardError(f"{path.name} is unfinished: rerun that shard with --resume")
+        for key in ("backbone", "params"):
+            if m[key] != manifests[0][key]:
+                raise ShardError(f"{path.name} was built with other {key} than {shard_files[0].name}")
+    done = completed_documents(out)
+    n_docs = manifests[0]["corpus"]["documents"]
+    if sorted(done) != list(range(n_docs)):
+        missing = sorted(set(range(n_docs)) - set(done))
+        raise ShardError(f"documents missing after merge: {missing[:10]}")
+    summary = _summarise(done)
+    header = {k: manifests[0][k] for k in ("format", "backbone", "params", "corpus")}
+    write_json(out / "manifest.json", {**header, "shard": {"index": 0, "count": 1}, "merged_from": count,
+                                       "complete": True, "counts": summary, "versions": _versions()})
+    return summary

@@ -1,0 +1,213 @@
+"""build-labels end to end on the tiny model: oracle equality, chunk-size invariance, resume, shards, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from indexer_train.build_labels import LabelParams, build_labels, label_document, merge_shards
+from indexer_train.corpus import Document
+from indexer_train.shards import LabelShards
+from lsa_runtime.backbone import csa_layers
+from lsa_runtime.capture import IndexerCapture, IndexerObserver
+from tests.test_labels import oracle_document
+
+runner = CliRunner()
+
+
+class FullRecorder(IndexerObserver):
+    """Everything of a short document, held whole (the oracle's input)."""
+
+    def __init__(self, n, t_total):
+        self.n, self.t_total = n, t_total
+        self.logits, self.picks, self.hidden = {}, {}, {}
+
+    def on_logits(self, layer, chunk, logits):
+        full = self.logits.setdefault(layer, np.full((self.n, self.t_total), -np.inf, np.float32))
+        full[chunk.start : chunk.start + chunk.length, : logits.shape[1]] = logits.numpy()
+
+    def on_topk(self, layer, chunk, picks):
+        padded = np.full((picks.shape[0], 64), -1, np.int64)  # top-k width shrinks when few entries exist
+        padded[:, : picks.shape[1]] = picks.numpy()
+        self.picks.setdefault(layer, []).append(padded)
+
+    def on_hidden(self, layer, chunk, hidden):
+        self.hidden.setdefault(layer, []).append(hidden.clone())
+
+
+@pytest.mark.parametrize("tau,p,votes,chunk", [(16, 0.6, 3, 64), (32, 0.3, 2, 50), (16, 0.9, 5, 128)])
+def test_document_labels_equal_bruteforce_oracle(tiny_model, sample_ids, tau, p, votes, chunk):
+    ids = sample_ids[:200].tolist()
+    rate = 4
+    n, t_total = len(ids), len(ids) // rate
+    layers = (2, 4)
+    params = LabelParams(layers=layers, tau=tau, nucleus=p, min_votes=votes, chunk_size=chunk)
+    rows, keys, stats = label_document(tiny_model, Document(0, "d", None, ids), ids, params)
+
+    rec = FullRecorder(n, t_total)
+    cache = IndexerCapture(tiny_model, memory_layers=layers, chunk_size=chunk).prefill(torch.tensor(ids), rec)
+    picks = {L: np.concatenate(v) for L, v in rec.picks.items()}
+    expect = oracle_document(rec.logits, picks, n, tau, rate, p, votes)
+
+    assert stats["triggers"] == len(expect) and len(rows) == len(expect) * len(layers)
+    for row in rows:
+        pos, top, n_c = expect[row.position]
+        assert row.positives.tolist() == pos
+        assert row.native_topk_union.tolist() == top
+        assert row.n_candidates == n_c
+        assert row.n_visible == (row.position + 1) // 4
+        hidden = torch.cat(rec.hidden[row.layer])[row.position].to(torch.float16)
+        assert torch.equal(row.hidden, hidden)
+    for layer in layers:
+        torch.testing.assert_close(keys[layer], cache.layers[layer].compressed_kv["indexer"][0].half())
+    assert any(len(v[0]) for v in expect.values())
+
+
+def test_labels_are_chunk_size_invariant(tiny_model, sample_ids):
+    """Chunking changes the logits by float rounding only (~1e-7), so labels agree up to rare near-ties."""
+    ids = sample_ids[:512].tolist()
+    params = dict(layers=(2, 4, 6), tau=32, nucleus=0.6, min_votes=3)
+    a, _, _ = label_document(tiny_model, Document(0, "d", None, ids), ids, LabelParams(chunk_size=512, **params))
+    b, _, _ = label_document(tiny_model, Document(0, "d", None, ids), ids, LabelParams(chunk_size=96, **params))
+    assert [r.position for r in a] == [r.position for r in b]
+    inter = sum(len(set(x.positives.tolist()) & set(y.positives.tolist())) for x, y in zip(a, b))
+    union = sum(len(set(x.positives.tolist()) | set(y.positives.tolist())) for x, y in zip(a, b))
+    assert union > 0 and inter / union >= 0.99
+    same_topk = sum(torch.equal(x.native_topk_union, y.native_topk_union) for x, y in zip(a, b))
+    assert same_topk >= 0.95 * len(a)
+
+
+def _files(directory):
+    out = {}
+    for sub in ("rows", "keys"):
+        for path in sorted((directory / sub).glob("*.arrow")):
+            opener = pa.ipc.open_stream if sub == "rows" else pa.ipc.open_file
+            out[f"{sub}/{path.name}"] = opener(pa.memory_map(str(path))).read_all()
+    for path in sorted((directory / "done").glob("*.json")):
+        out[f"done/{path.name}"] = json.loads(path.read_text())
+    return out
+
+
+def _assert_same_dataset(a, b):
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name.startswith("done/"):
+            assert fa[name] == fb[name], name
+        else:
+            assert fa[name].equals(fb[name]), name
+
+
+PARAMS = LabelParams(layers=(2, 4, 6), tau=16, nucleus=0.6, min_votes=3, chunk_size=64)
+
+
+def test_one_shot_run_reads_back(small_corpus, tmp_path):
+    out = tmp_path / "one"
+    summary = build_labels("tiny", small_corpus, out, PARAMS)
+    assert summary["documents"] == 4 and summary["skipped"] == 1  # the 20-token document
+    shards = LabelShards(out)
+    rows = shards.rows()
+    # triggers at k*16 with a full window: 150 -> 8, 97 -> 5, 130 -> 7, 64 -> 3 (t0 = 16, 32, 48)
+    assert len(rows) == (8 + 5 + 7 + 3) * 3
+    assert sorted(set(rows["layer"])) == [2, 4, 6]
+    row = rows[0]
+    keys = shards.keys(row["doc_index"], row["layer"])
+    assert keys.dtype == torch.float16 and keys.shape == (150 // 4, 32)
+    assert all(p < row["n_visible"] for p in row["positives"])
+    assert shards.manifest["complete"] and shards.manifest["counts"]["triggers"] == 23
+
+
+def test_resume_after_interruption_equals_one_shot(small_corpus, tmp_path):
+    from indexer_train.build_labels import Reporter
+
+    one = tmp_path / "one"
+    build_labels("tiny", small_corpus, one, PARAMS)
+
+    class Crash(Reporter):
+        def __init__(self):
+            self.finished = 0
+
+        def document_done(self, doc, skipped):
+            self.finished += 1
+            if self.finished == 2:
+                raise KeyboardInterrupt
+
+    two = tmp_path / "two"
+    with pytest.raises(KeyboardInterrupt):
+        build_labels("tiny", small_corpus, two, PARAMS, reporter=Crash())
+    assert not json.loads((two / "manifest.json").read_text())["complete"]
+    with pytest.raises(Exception, match="unfinished"):
+        LabelShards(two)
+    assert runner.invoke(app, ["build-labels", "--model", "tiny", "--corpus", str(small_corpus), "--out", str(two),
+                               "--layers", "2,4,6", "--tau", "16", "--chunk-size", "64"]).exit_code == 2
+    build_labels("tiny", small_corpus, two, PARAMS, resume=True)
+    _assert_same_dataset(one, two)
+    assert LabelShards(two).manifest["counts"] == LabelShards(one).manifest["counts"] | {
+        "tokens_per_second": LabelShards(two).manifest["counts"]["tokens_per_second"]}
+
+
+def test_two_shards_merge_into_the_one_shot_dataset(small_corpus, tmp_path):
+    one = tmp_path / "one"
+    build_labels("tiny", small_corpus, one, PARAMS)
+    merged = tmp_path / "merged"
+    build_labels("tiny", small_corpus, merged, PARAMS, shard=(1, 2))
+    with pytest.raises(Exception, match="shards present"):
+        merge_shards(merged)
+    result = runner.invoke(app, ["build-labels", "--model", "tiny", "--corpus", str(small_corpus), "--out",
+                                 str(merged), "--layers", "2,4,6", "--tau", "16", "--chunk-size", "64",
+                                 "--shard", "0/2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["merge-labels", "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    _assert_same_dataset(one, merged)
+    assert LabelShards(merged).manifest["counts"]["triggers"] == LabelShards(one).manifest["counts"]["triggers"]
+
+
+def _cli(*args):
+    return runner.invoke(app, ["build-labels", "--model", "tiny", *args])
+
+
+def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, small_corpus):
+    out = tmp_path / "out"
+    cases = {
+        "corpus not found": ["--corpus", str(tmp_path / "missing.jsonl")],
+    }
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": \n')
+    cases["line 2: invalid JSON"] = ["--corpus", str(bad)]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    cases["is empty"] = ["--corpus", str(empty)]
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"id": "a"}\n')
+    cases["neither 'text' nor 'input_ids'"] = ["--corpus", str(nofield)]
+    cases["not CSA"] = ["--corpus", str(small_corpus), "--layers", "3"]
+    cases["does not exist"] = ["--corpus", str(small_corpus), "--layers", "40"]
+    cases["--tau must be"] = ["--corpus", str(small_corpus), "--tau", "0"]
+    for message, args in cases.items():
+        result = _cli(*args, "--out", str(out))
+        assert result.exit_code == 2, (message, result.output)
+        assert message in " ".join(result.output.split()), (message, result.output)
+        assert not out.exists(), message
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    result = runner.invoke(app, ["build-labels", "--model", str(llama), "--corpus", str(small_corpus),
+                                 "--out", str(out)])
+    assert result.exit_code == 2 and "not DeepSeek-V4" in result.output and not out.exists()
+
+    # --resume against an output made with other parameters
+    args = ["--corpus", str(small_corpus), "--out", str(out), "--layers", "2,4,6", "--tau", "16",
+            "--chunk-size", "64"]
+    assert _cli(*args).exit_code == 0
+    before = _files(out)
+    result = _cli(*args[:-4], "--tau", "32", "--chunk-size", "64", "--resume")
+    assert result.exit_code == 2 and "other params" in result.output
+    assert sorted(_files(out)) == sorted(before)
+    shutil.rmtree(out)
