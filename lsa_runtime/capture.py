@@ -12,8 +12,9 @@ What the label builder (and tests) need from the frozen backbone, captured witho
 * at the end, every CSA layer's compressed indexer keys ``K^IComp`` (after RoPE) from the stock cache.
 
 The document is fed in chunks with the stock ``DynamicCache``, so memory stays bounded at any length: the
-scorer materialises an fp32 ``[S, H, T]`` tensor per chunk, so pick ``chunk_size`` with ``S * H * T * 4``
-bytes in mind (the defaults are fine up to ~100K tokens on a CPU with 24 GB).
+scorer (and the eager attention) materialise fp32 ``[S, H, T]`` tensors per chunk of S queries over T
+entries, so the chunk shrinks as T grows to keep ``S * H * T * 4`` under ``max_score_bytes`` (default
+1 GiB; never below 16 tokens).
 
 Hook callbacks receive tensors that are only valid during the call: consume them (reduce them to what you
 keep) inside the callback so that no ``[S, T]`` tensor is held for a whole document.
@@ -75,6 +76,7 @@ class IndexerCapture:
         chunk_size: int = 512,
         logits: bool = True,
         topk: bool = True,
+        max_score_bytes: int = 1 << 30,
     ):
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
@@ -87,6 +89,16 @@ class IndexerCapture:
         self.want_logits = logits
         self.want_topk = topk
         self.rate = csa_rate(self.config)
+        self.max_score_bytes = int(max_score_bytes)
+
+    def chunk_length(self, start: int) -> int:
+        """Tokens in the chunk starting at ``start``: ``chunk_size``, shrunk so [S, H, T] fp32 fits the budget."""
+        heads = max(self.config.index_n_heads, self.config.num_attention_heads)
+        length = self.chunk_size
+        while length > 16 and length * heads * ((start + length) // self.rate + self.config.sliding_window) * 4 \
+                > self.max_score_bytes:
+            length //= 2
+        return max(1, min(length, self.chunk_size))
 
     def _register(self, observer: IndexerObserver, chunk_ref: list[ChunkInfo]):
         handles = []
@@ -127,17 +139,18 @@ class IndexerCapture:
         handles = self._register(observer, chunk_ref)
         kw = cache_kwarg()
         try:
-            total = input_ids.numel()
-            for start in range(0, total, self.chunk_size):
-                ids = input_ids[start : start + self.chunk_size].to(device)
+            total, start = input_ids.numel(), 0
+            while start < total:
+                ids = input_ids[start : start + self.chunk_length(start)].to(device)
                 chunk = ChunkInfo(start, ids.numel())
                 chunk_ref[0] = chunk
                 observer.on_chunk_start(chunk)
                 position_ids = torch.arange(start, start + ids.numel(), device=device).unsqueeze(0)
                 self.decoder(input_ids=ids.unsqueeze(0), position_ids=position_ids, use_cache=True, **{kw: cache})
                 observer.on_chunk_end(chunk)
+                start += ids.numel()
                 if progress is not None:
-                    progress(start + ids.numel())
+                    progress(start)
         finally:
             for handle in handles:
                 handle.remove()

@@ -74,3 +74,16 @@ def test_chunked_capture_matches_single_shot(tiny_model, sample_ids):
         finite = torch.isfinite(one[layer])
         assert torch.equal(finite, torch.isfinite(many[layer]))
         torch.testing.assert_close(one[layer][finite], many[layer][finite], rtol=1e-4, atol=1e-5)
+
+
+def test_chunks_shrink_with_context_to_bound_memory(tiny_model):
+    capture = IndexerCapture(tiny_model, chunk_size=512, max_score_bytes=16 * 32 * 4 * 1024)
+    heads = max(tiny_model.config.index_n_heads, tiny_model.config.num_attention_heads)
+    window = tiny_model.config.sliding_window
+    previous = 512
+    for start in (0, 4096, 65536, 1 << 20):
+        length = capture.chunk_length(start)
+        assert 16 <= length <= previous
+        assert length == 16 or length * heads * ((start + length) // 4 + window) * 4 <= capture.max_score_bytes
+        previous = length
+    assert capture.chunk_length(0) == 512 and capture.chunk_length(1 << 20) == 16
