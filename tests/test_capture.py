@@ -77,7 +77,7 @@ def test_chunked_capture_matches_single_shot(tiny_model, sample_ids):
 
 
 def test_chunks_shrink_with_context_to_bound_memory(tiny_model):
-    capture = IndexerCapture(tiny_model, chunk_size=512, max_score_bytes=16 * 32 * 4 * 1024)
+    capture = IndexerCapture(tiny_model, chunk_size=512, max_score_bytes=8 << 20)
     heads = max(tiny_model.config.index_n_heads, tiny_model.config.num_attention_heads)
     window = tiny_model.config.sliding_window
     previous = 512
