@@ -1,0 +1,160 @@
+"""Fused gated scoring I[t, s] = scale * sum_h w_h * relu(q_h . k_s) for many queries over many entries.
+
+The memory indexer's score (and the native Lightning Indexer's, DeepSeek-V4 section 2.3.1, eq. 13) is a
+matmul per head followed by a ReLU and a weighted sum over heads. Written naively it materialises
+``[rows, heads, entries]`` (64 heads x 100K entries x 4 B = 25 MB per row); these kernels never do:
+
+* :func:`gated_logits` (forward): per (rows-block, entries-block) tile, loop over heads, one
+  ``[BLOCK_R, D] @ [D, BLOCK_T]`` tensor-core product each, ReLU, scale by w_h, accumulate in fp32.
+* :func:`gated_logits_backward`: per (rows-block, head), loop over entry tiles; recompute the head's
+  product, ``dW[r, h] = scale * sum_s dz * relu(s)`` and ``dQ[r, h] = scale * w_h * sum_s dz * [s > 0] k_s``.
+  Keys are frozen (the document side of the dual encoder): no dK.
+
+FLOPs: forward 2*R*H*D*T, backward 4*R*H*D*T. On CPU (and wherever Triton is missing) the same functions
+run a chunked torch path (:func:`gated_logits_torch`), which is also the reference in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def triton_available(device: torch.device | str) -> bool:
+    import os
+
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gated_logits_torch(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float,
+                       chunk: int = 8192) -> torch.Tensor:
+    """Reference/CPU path. q [R, H, D], w [R, H], keys [T, D] -> fp32 [R, T], chunked over entries so at most
+    [R, H, chunk] is alive."""
+    rows, _, _ = q.shape
+    out = torch.empty(rows, keys.shape[0], dtype=torch.float32, device=q.device)
+    wf = w.float()
+    for start in range(0, keys.shape[0], chunk):
+        k = keys[start : start + chunk]
+        s = torch.einsum("rhd,td->rht", q, k.to(q.dtype)).float().relu_()  # [R, H, chunk]
+        out[:, start : start + k.shape[0]] = torch.einsum("rht,rh->rt", s, wf) * scale
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gated_fwd_kernel(Q, W, K, Z, R, T, scale,
+                          stride_qr, stride_qh, stride_wr, stride_kt, stride_zr,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        pid_t = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_r < R
+        k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=offs_t[:, None] < T, other=0.0)
+        acc = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+        for h in range(H):
+            q = tl.load(Q + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))  # [BLOCK_R, BLOCK_T], fp32 accumulate
+            w = tl.load(W + offs_r * stride_wr + h, mask=row_ok, other=0.0).to(tl.float32)
+            acc += w[:, None] * tl.maximum(s, 0.0)
+        tl.store(Z + offs_r[:, None] * stride_zr + offs_t[None, :], acc * scale,
+                 mask=row_ok[:, None] & (offs_t[None, :] < T))
+
+    @triton.jit
+    def _gated_bwd_kernel(Q, W, K, DZ, DQ, DW, R, T, scale,
+                          stride_qr, stride_qh, stride_wr, stride_kt, stride_dzr,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        pid_r = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_r < R
+        q = tl.load(Q + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        w = tl.load(W + offs_r * stride_wr + h, mask=row_ok, other=0.0).to(tl.float32)
+        dq = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        dw = tl.zeros([BLOCK_R], dtype=tl.float32)
+        n_tiles = tl.cdiv(T, BLOCK_T)
+        for tile in range(0, n_tiles):
+            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < T
+            k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            dz = tl.load(DZ + offs_r[:, None] * stride_dzr + offs_t[None, :], mask=row_ok[:, None] & t_ok[None, :],
+                         other=0.0).to(tl.float32)
+            dw += tl.sum(dz * tl.maximum(s, 0.0), axis=1)
+            p = tl.where(s > 0, dz * w[:, None], 0.0).to(k.dtype)
+            dq += tl.dot(p, k)
+        tl.store(DQ + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(DW + offs_r * stride_wr + h, dw * scale, mask=row_ok)
+
+
+def _blocks(rows: int) -> tuple[int, int]:
+    return (64 if rows <= 64 else 128), 128
+
+
+def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused forward: q [R, H, D], w [R, H], keys [T, D] -> fp32 [R, T]. Torch path where Triton cannot run."""
+    if not triton_available(q.device):
+        return gated_logits_torch(q, w, keys, scale)
+    q, w, keys = q.contiguous(), w.contiguous(), keys.to(q.dtype).contiguous()
+    rows, heads, dim = q.shape
+    t_len = keys.shape[0]
+    out = torch.empty(rows, t_len, dtype=torch.float32, device=q.device)
+    block_r, block_t = _blocks(rows)
+    grid = (triton.cdiv(t_len, block_t), triton.cdiv(rows, block_r))
+    _gated_fwd_kernel[grid](q, w, keys, out, rows, t_len, float(scale), q.stride(0), q.stride(1), w.stride(0),
+                            keys.stride(0), out.stride(0), H=heads, D=dim, BLOCK_R=block_r, BLOCK_T=block_t)
+    return out
+
+
+def gated_logits_backward(q, w, keys, grad_z, scale: float):
+    """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen)."""
+    if not triton_available(q.device):
+        with torch.enable_grad():
+            qq, ww = q.detach().requires_grad_(), w.detach().float().requires_grad_()
+            z = gated_logits_torch(qq, ww, keys, scale)
+            dq, dw = torch.autograd.grad(z, (qq, ww), grad_z)
+        return dq, dw.to(w.dtype)
+    q, w, keys = q.contiguous(), w.contiguous(), keys.to(q.dtype).contiguous()
+    grad_z = grad_z.contiguous()
+    rows, heads, dim = q.shape
+    dq = torch.empty_like(q)
+    dw = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
+    block_r, block_t = _blocks(rows)
+    grid = (triton.cdiv(rows, block_r), heads)
+    _gated_bwd_kernel[grid](q, w, keys, grad_z, dq, dw, rows, keys.shape[0], float(scale), q.stride(0), q.stride(1),
+                            w.stride(0), keys.stride(0), grad_z.stride(0), H=heads, D=dim, BLOCK_R=block_r,
+                            BLOCK_T=block_t)
+    return dq, dw.to(w.dtype)
+
+
+class GatedLogits(torch.autograd.Function):
+    """Autograd wrapper: z = scale * sum_h w_h relu(q_h . k_s), fused on GPU, chunked torch elsewhere."""
+
+    @staticmethod
+    def forward(ctx, q, w, keys, scale: float):
+        ctx.save_for_backward(q, w, keys)
+        ctx.scale = scale
+        return gated_logits(q, w, keys, scale)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        q, w, keys = ctx.saved_tensors
+        dq, dw = gated_logits_backward(q, w, keys, grad_z, ctx.scale)
+        return dq, dw, None, None
+
+
+def fused_gated_logits(q, w, keys, scale: float) -> torch.Tensor:
+    return GatedLogits.apply(q, w, keys, scale)
