@@ -43,15 +43,21 @@ def test_gradients_equal_float64_autograd():
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="Triton kernels need a CUDA device (or TRITON_INTERPRET=1 with triton installed)")
 def test_triton_kernels_equal_torch_path():
+    """On a GPU in bf16 (tensor cores): relative error <= 5e-3; under the CPU interpreter in fp32: <= 1e-5."""
     pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, w, k = (t.to(device) for t in _inputs(5, rows=70, heads=4, dim=32, entries=300))
+    cuda = torch.cuda.is_available()
+    device, dtype, tol = ("cuda", torch.bfloat16, 5e-3) if cuda else ("cpu", torch.float32, 1e-5)
+    q, w, k = _inputs(5, rows=70, heads=4, dim=32, entries=300)
+    q, w, k = q.to(device, dtype), w.to(device), k.to(device, dtype)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     z = gated_logits(q, w, k, 0.1)
-    torch.testing.assert_close(z, gated_logits_torch(q, w, k, 0.1), rtol=1e-3, atol=1e-3)
+    assert rel(z, gated_logits_torch(q.float(), w, k.float(), 0.1)) <= tol
     g = torch.randn_like(z)
     qa, wa = q.clone().requires_grad_(), w.clone().requires_grad_()
     (fused_gated_logits(qa, wa, k, 0.1) * g).sum().backward()
-    qb, wb = q.clone().requires_grad_(), w.clone().requires_grad_()
-    (gated_logits_torch(qb, wb, k, 0.1) * g).sum().backward()
-    torch.testing.assert_close(qa.grad, qb.grad, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-3, atol=1e-3)
+    qb, wb = q.float().requires_grad_(), w.clone().requires_grad_()
+    (gated_logits_torch(qb, wb, k.float(), 0.1) * g).sum().backward()
+    assert rel(qa.grad, qb.grad) <= tol and rel(wa.grad, wb.grad) <= tol

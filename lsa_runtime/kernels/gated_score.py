@@ -49,6 +49,12 @@ def gated_logits_torch(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, sca
 
 if triton is not None:
 
+    _CONFIGS = [
+        triton.Config({"BLOCK_R": br, "BLOCK_T": bt}, num_warps=nw, num_stages=ns)
+        for br, bt, nw, ns in [(64, 128, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2)]
+    ]
+
+    @triton.autotune(configs=_CONFIGS, key=["H", "D"])
     @triton.jit
     def _gated_fwd_kernel(Q, W, K, Z, R, T, scale,
                           stride_qr, stride_qh, stride_wr, stride_kt, stride_zr,
@@ -70,6 +76,7 @@ if triton is not None:
         tl.store(Z + offs_r[:, None] * stride_zr + offs_t[None, :], acc * scale,
                  mask=row_ok[:, None] & (offs_t[None, :] < T))
 
+    @triton.autotune(configs=_CONFIGS, key=["H", "D"], reset_to_zero=[])
     @triton.jit
     def _gated_bwd_kernel(Q, W, K, DZ, DQ, DW, R, T, scale,
                           stride_qr, stride_qh, stride_wr, stride_kt, stride_dzr,
@@ -100,8 +107,15 @@ if triton is not None:
         tl.store(DW + offs_r * stride_wr + h, dw * scale, mask=row_ok)
 
 
-def _blocks(rows: int) -> tuple[int, int]:
-    return (64 if rows <= 64 else 128), 128
+def _launch(kernel, grid, *args, **kwargs):
+    """Autotuned launch on a GPU; under TRITON_INTERPRET (CPU checks) the plain kernel with one small config."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        meta = {"BLOCK_R": 64, "BLOCK_T": 64}
+        kernel.fn[grid(meta)](*args, **kwargs, **meta)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -112,10 +126,9 @@ def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
     rows, heads, dim = q.shape
     t_len = keys.shape[0]
     out = torch.empty(rows, t_len, dtype=torch.float32, device=q.device)
-    block_r, block_t = _blocks(rows)
-    grid = (triton.cdiv(t_len, block_t), triton.cdiv(rows, block_r))
-    _gated_fwd_kernel[grid](q, w, keys, out, rows, t_len, float(scale), q.stride(0), q.stride(1), w.stride(0),
-                            keys.stride(0), out.stride(0), H=heads, D=dim, BLOCK_R=block_r, BLOCK_T=block_t)
+    grid = lambda meta: (triton.cdiv(t_len, meta["BLOCK_T"]), triton.cdiv(rows, meta["BLOCK_R"]))  # noqa: E731
+    _launch(_gated_fwd_kernel, grid, q, w, keys, out, rows, t_len, float(scale), q.stride(0), q.stride(1), w.stride(0),
+                            keys.stride(0), out.stride(0), H=heads, D=dim)
     return out
 
 
@@ -132,11 +145,9 @@ def gated_logits_backward(q, w, keys, grad_z, scale: float):
     rows, heads, dim = q.shape
     dq = torch.empty_like(q)
     dw = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
-    block_r, block_t = _blocks(rows)
-    grid = (triton.cdiv(rows, block_r), heads)
-    _gated_bwd_kernel[grid](q, w, keys, grad_z, dq, dw, rows, keys.shape[0], float(scale), q.stride(0), q.stride(1),
-                            w.stride(0), keys.stride(0), grad_z.stride(0), H=heads, D=dim, BLOCK_R=block_r,
-                            BLOCK_T=block_t)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), heads)  # noqa: E731
+    _launch(_gated_bwd_kernel, grid, q, w, keys, grad_z, dq, dw, rows, keys.shape[0], float(scale), q.stride(0), q.stride(1),
+                            w.stride(0), keys.stride(0), grad_z.stride(0), H=heads, D=dim)
     return dq, dw.to(w.dtype)
 
 
