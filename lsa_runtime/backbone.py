@@ -30,7 +30,7 @@ SLIDING = "sliding_attention"
 FLASH_MEMORY_LAYERS = (10, 12, 20)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-# Bundled models by name. The first entry that exists on disk is the default backbone of every command.
+# Bundled models by name; see default_model_name() for which one commands use without --model.
 BUNDLED_MODELS = {"reference": DATA_DIR / "reference", "tiny": DATA_DIR / "tiny"}
 
 
@@ -39,9 +39,19 @@ class BackboneError(FmIndexError):
 
 
 def default_model_name() -> str:
-    """The bundled model every command uses when ``--model`` is not given (the reference model once bundled)."""
+    """The bundled model every command uses when ``--model`` is not given.
+
+    A bundled model is eligible when its folder holds a checkpoint and its ``fm_index.json`` says
+    ``"default": true`` (the reference model sets it once it meets its retrieval targets); ``tiny`` otherwise.
+    """
     for name, path in BUNDLED_MODELS.items():
-        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        if not ((path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+            continue
+        try:
+            meta = json.loads((path / "fm_index.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("default"):
             return name
     return "tiny"
 

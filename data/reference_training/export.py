@@ -1,0 +1,45 @@
+"""Write a training checkpoint as the bundled ``reference`` model: ``data/reference/`` in bf16.
+
+Writes ``config.json``, ``generation_config.json`` and ``model.safetensors`` (``save_pretrained``, bf16: the
+checkpoint's bf16 values load exactly into float32 for CPU use) and ``fm_index.json`` (name, trained, training
+step, where the numbers are). The tokenizer is already there (``build_corpus``); the model card
+``README.md`` is written by hand from the logs. Files are written to a temporary folder first, then moved.
+
+Run: ``python -m data.reference_training.export --ckpt data/reference_training/work/run1/ckpt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .build_corpus import REFERENCE_DIR
+from .train import load_checkpoint
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, required=True, help="training checkpoint folder (state.json)")
+    parser.add_argument("--out", type=Path, default=REFERENCE_DIR)
+    parser.add_argument("--note", default="", help="one line for fm_index.json")
+    args = parser.parse_args(argv)
+    model, state = load_checkpoint(args.ckpt)
+    tmp = args.out.with_name(args.out.name + ".export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        if (tmp / name).exists():
+            (tmp / name).replace(args.out / name)
+    shutil.rmtree(tmp)
+    meta = {"name": "reference", "trained": True, "step": state["step"], "parameters": state["parameters"],
+            "card": "README.md", "training": "data/reference_training/", "note": args.note}
+    (args.out / "fm_index.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {args.out} from {args.ckpt} (step {state['step']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Train the reference DeepSeek-V4 from scratch: language modelling + Lightning-Indexer distillation.
+
+Data per sequence (seeded by (seed, step), so a resumed run sees exactly the data it would have seen): with
+probability ``--code-frac`` a window of the stdlib token stream, otherwise a synthetic retrieval task from
+``tasks.py`` (single needle, multi-key, multi-value, variable tracking) on a stdlib or noise haystack.
+Loss = next-token cross-entropy over all tokens + ``--answer-weight`` x cross-entropy over the answer tokens
++ ``--kl-weight`` x the indexer distillation KL (``distillation.py``) averaged over the CSA layers.
+
+Schedule (DeepSeek's indexer recipe in miniature): steps < ``--dense-steps`` are the dense warm-up at
+``--dense-seq-len`` with ``index_topk`` = every compressed entry; later steps are sparse at ``--seq-len`` with
+the config's ``index_topk``. ``--stages`` replaces that pair by a length curriculum (e.g. short sequences
+first, where needles sit inside the sliding window, so copying can form before it must go through compressed
+entries). LR: linear warm-up, constant, linear decay to 10% over the last ``--decay-steps``.
+
+Checkpoints (``--ckpt DIR``): ``weights-*.safetensors`` shards of at most 15 MB (``--ckpt-dtype``), optional
+``optimizer.pt``, ``state.json`` (step, config, arguments, log). ``--resume`` continues from it; without a saved
+optimizer the Adam moments restart (with a short re-warm-up). ``--max-minutes`` stops cleanly and saves.
+
+Run: ``python -m data.reference_training.train --ckpt data/reference_training/work/ckpt --steps 2000 ...``
+(the exact commands used for the bundled model are in ``data/reference/README.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .build_corpus import REFERENCE_DIR, WORK
+from .distillation import IndexerDistillation
+from .model_config import csa_layer_indices, reference_config, toy_config
+from .tasks import TaskBuilder
+
+SHARD_BYTES = 15 * 1024 * 1024
+
+
+# ---------------------------------------------------------------- data
+class BatchSampler:
+    """Deterministic batches: sequence j of step i is drawn from ``default_rng([seed, step, j])``."""
+
+    MIX = (("niah_single", 0.4), ("niah_multikey", 0.2), ("niah_multivalue", 0.2), ("vt", 0.2))
+
+    def __init__(self, tokenizer, train_tokens: np.ndarray, code_frac: float, seed: int):
+        self.tokens = train_tokens
+        self.builder = TaskBuilder(tokenizer, train_tokens, tokenizer.bos_token_id)
+        self.bos = tokenizer.bos_token_id
+        self.code_frac = code_frac
+        self.seed = seed
+
+    def sequence(self, step: int, j: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids [length], answer_mask over targets [length - 1])."""
+        rng = np.random.default_rng([self.seed, step, j])
+        answer = np.zeros(length - 1, dtype=bool)
+        if rng.random() < self.code_frac:
+            start = int(rng.integers(0, len(self.tokens) - length))
+            ids = np.concatenate([[self.bos], self.tokens[start:start + length - 1]]).astype(np.int64)
+            return ids, answer
+        tasks, probs = zip(*self.MIX)
+        task = tasks[rng.choice(len(tasks), p=np.asarray(probs))]
+        kind = "number" if task == "niah_multivalue" else None  # 4 uuids (~100 tokens) are not a useful target
+        sample = self.builder.build(rng, task, length, kind=kind)
+        answer[sample.answer_start - 1:sample.answer_start - 1 + sample.answer_len] = True
+        return sample.input_ids, answer
+
+    def batch(self, step: int, batch_size: int, length: int):
+        seqs = [self.sequence(step, j, length) for j in range(batch_size)]
+        return torch.as_tensor(np.stack([s[0] for s in seqs])), torch.as_tensor(np.stack([s[1] for s in seqs]))
+
+
+# ---------------------------------------------------------------- model and checkpoints
+def new_model(config, seed: int):
+    from transformers import DeepseekV4ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # Hash-routed MoE layers look experts up in a fixed token -> experts table (tid2eid); the default is all
+        # zeros (every token to expert 0), so draw distinct experts per token once, as a real checkpoint has.
+        for name, buf in model.named_buffers():
+            if name.endswith("tid2eid"):
+                k = buf.shape[1]
+                rows = torch.stack([torch.randperm(config.num_local_experts, generator=gen)[:k]
+                                    for _ in range(buf.shape[0])])
+                buf.copy_(rows)
+    return model
+
+
+def save_checkpoint(model, optimizer, ckpt: Path, state: dict, dtype: torch.dtype, with_optimizer: bool) -> None:
+    from safetensors.torch import save_file
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for old in tmp.iterdir():
+        old.unlink()
+    shard, size, index = {}, 0, 0
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu")
+        t = t.to(dtype) if t.is_floating_point() else t
+        if size + t.numel() * t.element_size() > SHARD_BYTES and shard:
+            save_file(shard, tmp / f"weights-{index}.safetensors")
+            shard, size, index = {}, 0, index + 1
+        shard[name] = t.contiguous()
+        size += t.numel() * t.element_size()
+    save_file(shard, tmp / f"weights-{index}.safetensors")
+    if with_optimizer:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    if ckpt.exists():
+        for old in ckpt.iterdir():
+            old.unlink()
+        ckpt.rmdir()
+    tmp.rename(ckpt)
+
+
+def load_checkpoint(ckpt: Path):
+    from safetensors.torch import load_file
+    from transformers import DeepseekV4Config
+
+    state = json.loads((ckpt / "state.json").read_text())
+    config = DeepseekV4Config(**state["config"])
+    model = new_model(config, state["args"]["seed"])
+    weights = {}
+    for f in sorted(ckpt.glob("weights-*.safetensors")):
+        weights.update(load_file(f))
+    params = model.state_dict()
+    missing = set(params) - set(weights)
+    if missing:
+        raise SystemExit(f"checkpoint {ckpt} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict({k: v.to(params[k].dtype) for k, v in weights.items()})
+    return model, state
+
+
+# ---------------------------------------------------------------- training
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        scale = (step + 1) / args.warmup
+    elif args.resumed_at and step < args.resumed_at + args.rewarmup:
+        scale = (step - args.resumed_at + 1) / args.rewarmup
+    else:
+        scale = 1.0
+    decay_start = args.steps - args.decay_steps
+    if step >= decay_start:
+        scale *= 1.0 - 0.9 * (step - decay_start) / max(1, args.decay_steps)
+    return args.lr * scale
+
+
+def parse_stages(text: str) -> list[tuple[int, int, str]]:
+    """``"512:300:all,1024:300:all,4096:0:64"`` -> [(length, steps, topk)]; the last stage runs to the end."""
+    stages = []
+    for part in text.split(","):
+        try:
+            length, steps, topk = part.split(":")
+            stages.append((int(length), int(steps), topk if topk == "all" else str(int(topk))))
+        except ValueError:
+            raise SystemExit(f"bad --stages item '{part}': use LENGTH:STEPS:TOPK (TOPK a number or 'all')") from None
+    return stages
+
+
+def phase_at(step: int, args, config) -> tuple[int, int]:
+    """(sequence length, index_topk) of a step: dense warm-up, then native sparse top-k (or ``--stages``)."""
+    rate = config.compress_rates["compressed_sparse_attention"]
+    if args.stages:
+        begin = 0
+        stages = parse_stages(args.stages)
+        for i, (length, steps, topk) in enumerate(stages):
+            if step < begin + steps or i == len(stages) - 1:
+                return length, length // rate if topk == "all" else int(topk)
+            begin += steps
+    if step < args.dense_steps:
+        return args.dense_seq_len, args.dense_seq_len // config.compress_rates["compressed_sparse_attention"]
+    return args.seq_len, config.index_topk
+
+
+def train_step(model, distill, ids, answer, kl_weight, answer_weight, micro: int):
+    """Forward/backward over micro-batches; returns averaged metrics (gradients accumulate in .grad)."""
+    device = next(model.parameters()).device
+    metrics = {"lm": 0.0, "answer": 0.0, "kl": 0.0, "answer_acc": 0.0}
+    n_micro = math.ceil(ids.shape[0] / micro)
+    kl_layers: dict[int, float] = {}
+    for m in range(n_micro):
+        x = ids[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+        a = answer[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=x, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        targets = x[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        ce = ce.view_as(targets)
+        lm = ce.mean()
+        n_answer = a.sum()
+        answer_ce = (ce * a).sum() / n_answer.clamp_min(1)
+        kl, per_layer = distill.pop_loss()
+        loss = lm + answer_weight * answer_ce + (kl_weight * kl if kl is not None else 0.0)
+        (loss / n_micro).backward()
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == targets) | ~a
+            seq_has = a.any(-1)
+            acc = (hit.all(-1) & seq_has).sum() / seq_has.sum().clamp_min(1)
+        metrics["lm"] += float(lm.detach()) / n_micro
+        metrics["answer"] += float(answer_ce.detach()) / n_micro
+        metrics["kl"] += (float(kl.detach()) if kl is not None else 0.0) / n_micro
+        metrics["answer_acc"] += float(acc) / n_micro
+        for k, v in per_layer.items():
+            kl_layers[k] = kl_layers.get(k, 0.0) + v / n_micro
+        del logits, ce, loss
+    metrics["kl_layers"] = {str(k): round(v, 4) for k, v in kl_layers.items()}
+    return metrics
+
+
+def main(argv=None):
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder (written, and read by --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue from --ckpt (or --init) instead of scratch")
+    parser.add_argument("--init", type=Path, default=None, help="resume from this checkpoint, save to --ckpt")
+    parser.add_argument("--corpus", type=Path, default=WORK / "corpus.npz")
+    parser.add_argument("--tokenizer", type=Path, default=REFERENCE_DIR)
+    parser.add_argument("--toy", action="store_true", help="tiny config for CPU smoke tests")
+    parser.add_argument("--steps", type=int, default=2000, help="total optimizer steps of the whole schedule")
+    parser.add_argument("--stop-at", type=int, default=None, help="stop (and save) at this step")
+    parser.add_argument("--dense-steps", type=int, default=600)
+    parser.add_argument("--dense-minutes", type=float, default=None,
+                        help="end the dense warm-up after this wall time even before --dense-steps (the step "
+                             "reached is logged and saved as dense_steps)")
+    parser.add_argument("--dense-seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--stages", default=None,
+                        help="length curriculum replacing the dense/sparse pair: LENGTH:STEPS:TOPK,... (TOPK 'all' = "
+                             "dense); the last stage runs to the end, e.g. 512:300:all,2048:300:all,4096:0:64")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="tokens per optimizer step")
+    parser.add_argument("--micro-tokens", type=int, default=16384, help="tokens per forward (halved on OOM)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--rewarmup", type=int, default=30, help="warm-up after resuming without optimizer state")
+    parser.add_argument("--decay-steps", type=int, default=400)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--code-frac", type=float, default=0.3)
+    parser.add_argument("--answer-weight", type=float, default=1.0)
+    parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this wall time")
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--ckpt-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--no-optimizer-state", action="store_true", help="leave optimizer.pt out of the checkpoint")
+    parser.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args(argv)
+    t_start = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    corpus = np.load(args.corpus)
+    train_tokens = corpus["train"]
+    source = args.init or args.ckpt
+    log_history = []
+    args.resumed_at = 0
+    if args.resume:
+        model, state = load_checkpoint(source)
+        start = state["step"]
+        log_history = state.get("log", [])
+        print(f"resumed from {source} at step {start}")
+    else:
+        config = (toy_config if args.toy else reference_config)(len(tokenizer))
+        model, start = new_model(config, args.seed), 0
+    config = model.config
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params / 1e6:.2f}M parameters, CSA layers {csa_layer_indices(config)}, device {device}")
+    distill = IndexerDistillation(model, csa_layer_indices(config))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if args.resume and (source / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(source / "optimizer.pt", map_location=device))
+    elif args.resume:
+        args.resumed_at = start
+    sampler = BatchSampler(tokenizer, train_tokens, args.code_frac, args.seed)
+    stop_at = min(args.stop_at or args.steps, args.steps)
+    micro_tokens = args.micro_tokens
+    state = {}
+
+    def save(step):
+        nonlocal state
+        state = {"step": step, "config": config.to_dict(), "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                                     for k, v in vars(args).items()},
+                 "log": log_history, "parameters": n_params}
+        save_checkpoint(model, optimizer, args.ckpt, state,
+                        torch.float32 if args.ckpt_dtype == "float32" else torch.bfloat16,
+                        not args.no_optimizer_state)
+
+    step, window_tokens, window_t = start, 0, time.time()
+    while step < stop_at:
+        if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
+            print(f"time budget reached at step {step}")
+            break
+        if args.dense_minutes and step < args.dense_steps and (time.time() - t_start) / 60 > args.dense_minutes:
+            print(f"dense warm-up ends at step {step} (--dense-minutes)")
+            args.dense_steps = step
+        seq_len, topk = phase_at(step, args, config)
+        distill.set_topk(model, topk)
+        batch = max(1, args.batch_tokens // seq_len)
+        ids, answer = sampler.batch(step, batch, seq_len)
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        while True:
+            try:
+                metrics = train_step(model, distill, ids, answer, args.kl_weight, args.answer_weight,
+                                     max(1, micro_tokens // seq_len))
+                break
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                distill.losses = {}
+                torch.cuda.empty_cache()
+                if micro_tokens // seq_len <= 1:
+                    raise
+                micro_tokens //= 2
+                print(f"out of memory: micro-batch now {micro_tokens} tokens")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_tokens += ids.numel()
+        if step % args.log_every == 0 or step == stop_at:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tps = window_tokens / (time.time() - window_t)
+            window_tokens, window_t = 0, time.time()
+            row = {"step": step, "seq_len": seq_len, "topk": topk, "lr": round(lr, 6), "lm": round(metrics["lm"], 4),
+                   "answer_ce": round(metrics["answer"], 4), "answer_acc": round(metrics["answer_acc"], 3),
+                   "kl": round(metrics["kl"], 4), "grad_norm": round(grad_norm, 3), "tok_s": round(tps),
+                   "minutes": round((time.time() - t_start) / 60, 2)}
+            if device.type == "cuda":
+                row["mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            if step % (args.log_every * 10) == 0:
+                row["kl_layers"] = metrics["kl_layers"]
+            log_history.append(row)
+            print(json.dumps(row), flush=True)
+        if args.save_every and step % args.save_every == 0:
+            save(step)
+    save(step)
+    print(f"saved {args.ckpt} at step {step} ({(time.time() - t_start) / 60:.1f} min)")
+    distill.remove()
+    return model, tokenizer, step
+
+
+if __name__ == "__main__":
+    main()
