@@ -1,0 +1,186 @@
+"""The CPU cold pool of Lookahead Sparse Attention: every CSA layer's compressed entries, all of them, on the host.
+
+FlashMemory (DESIGN.md, "Session") keeps on the device only the compressed entries the memory indexer selected
+(the resident set); the full history lives here, one row per compressed entry s:
+
+* ``"compressor"`` -> C^Comp_s, the compressed KV the attention reads (``head_dim`` wide, 512 on V4-Flash);
+* ``"indexer"``    -> K^IComp_s, the Lightning Indexer's compressed key (``index_head_dim`` wide, 128).
+
+Rows are appended as the backbone emits entries (one per m = 4 tokens) and gathered back by entry index when a
+trigger fetches them. Host memory is pinned when CUDA is available (page-locked memory makes the host->device
+copy asynchronous and about twice as fast); on a CPU-only machine it is ordinary memory, but the code path is
+the same: the gather goes through a staging buffer and a copy to ``device`` either way, and the bytes are
+counted either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pinning_available() -> bool:
+    """Pinned (page-locked) host memory exists only with a CUDA runtime."""
+    return torch.cuda.is_available()
+
+
+class GrowingRows:
+    """A ``[capacity, width]`` tensor filled up to ``length`` rows: amortised O(1) appends, no per-append copy.
+
+    Used for the cold pool (host) and for the device-side row stores (resident entries, memory-indexer keys).
+    ``nbytes`` is the capacity, i.e. what is really allocated.
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str, pin: bool = False,
+                 capacity: int = 0, growth: float = 0.25, min_growth: int = 64):
+        self.width = int(width)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.pin = bool(pin) and self.device.type == "cpu"
+        self.growth = growth
+        self.min_growth = min_growth
+        self.length = 0
+        self.data = self._allocate(int(capacity))
+
+    def _allocate(self, capacity: int) -> torch.Tensor:
+        return torch.empty((capacity, self.width), dtype=self.dtype, device=self.device, pin_memory=self.pin)
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` rows in total (never shrinks)."""
+        if capacity <= self.capacity:
+            return
+        grown = self._allocate(capacity)
+        grown[: self.length].copy_(self.data[: self.length])
+        self.data = grown
+
+    def needs_growth(self, n: int) -> bool:
+        return self.length + n > self.capacity
+
+    def append(self, rows: torch.Tensor, non_blocking: bool = False) -> None:
+        """Append ``rows`` [n, width] (any device; copied here, asynchronously if ``non_blocking``)."""
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self.needs_growth(n):
+            want = self.length + n
+            self.reserve(max(want, self.capacity + max(int(self.capacity * self.growth), self.min_growth)))
+        self.data[self.length : self.length + n].copy_(rows, non_blocking=non_blocking)
+        self.length += n
+
+    def view(self) -> torch.Tensor:
+        """The filled rows, ``[length, width]`` (a view: valid until the next append)."""
+        return self.data[: self.length]
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ColdPool:
+    """Host store of every CSA layer's compressed KV and indexer keys, with counted gathers to the device.
+
+    Usage::
+
+        pool = ColdPool(layers=[2, 4], widths={"compressor": 512, "indexer": 128}, dtype=torch.bfloat16)
+        pool.append(2, "compressor", new_entries)          # [n, 512], any device
+        rows = pool.gather(2, "compressor", ids, "cuda")    # ids: int64 entry indices -> [len(ids), 512]
+    """
+
+    NAMES = ("compressor", "indexer")
+
+    def __init__(self, layers, widths: dict[str, int], dtype: torch.dtype, pin: bool | None = None,
+                 initial_entries: int = 0):
+        self.layers = [int(x) for x in layers]
+        self.widths = dict(widths)
+        self.dtype = dtype
+        self.pin = pinning_available() if pin is None else bool(pin) and pinning_available()
+        self.rows: dict[tuple[int, str], GrowingRows] = {
+            (layer, name): GrowingRows(self.widths[name], dtype, "cpu", pin=self.pin, capacity=initial_entries,
+                                       growth=1.0, min_growth=1024)
+            for layer in self.layers for name in self.NAMES
+        }
+        self._staging: dict[str, torch.Tensor] = {}
+        self._staging_ready: dict[str, object] = {}
+        self._appended = None  # CUDA event after the last asynchronous device->host append
+        self.bytes_to_device = 0
+        self.rows_to_device = 0
+
+    def count(self, layer: int, name: str = "compressor") -> int:
+        """Entries stored for ``layer`` (the same for both names once a forward has finished)."""
+        return len(self.rows[(layer, name)])
+
+    def append(self, layer: int, name: str, entries: torch.Tensor) -> None:
+        """Store freshly emitted entries ``[n, width]``. From an accelerator into pinned memory the copy is
+        asynchronous (no stall per emitted entry); readers of the pool wait for it (:meth:`_wait_appends`)."""
+        rows = self.rows[(layer, name)]
+        asynchronous = self.pin and entries.device.type == "cuda"
+        if rows.needs_growth(entries.shape[0]):
+            self._wait_appends()  # growing copies the host rows: pending copies into them must have landed
+        rows.append(entries.detach(), non_blocking=asynchronous)
+        if asynchronous:
+            self._appended = torch.cuda.Event()
+            self._appended.record()
+
+    def _wait_appends(self) -> None:
+        if self._appended is not None:
+            self._appended.synchronize()
+            self._appended = None
+
+    def host_rows(self, layer: int, name: str) -> torch.Tensor:
+        """All rows of ``layer``/``name`` on the host, ``[count, width]`` (a view)."""
+        self._wait_appends()
+        return self.rows[(layer, name)].view()
+
+    def gather(self, layer: int, name: str, ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """Rows ``ids`` (int64, any device) of ``layer``/``name`` copied to ``device``: ``[len(ids), width]``.
+
+        The rows are gathered into a (pinned, when CUDA is present) staging buffer, then copied to ``device``
+        asynchronously. The staging buffer is reused only after that copy has completed.
+        """
+        ids = ids.to("cpu", torch.long).reshape(-1)
+        n = ids.numel()
+        width = self.widths[name]
+        staging = self._staging_buffer(name, n, width)
+        source = self.host_rows(layer, name)
+        if n and int(ids.max()) >= source.shape[0]:
+            raise IndexError(f"entry {int(ids.max())} is not in the cold pool of layer {layer} "
+                             f"({source.shape[0]} entries)")
+        rows = staging[:n]
+        torch.index_select(source, 0, ids, out=rows)
+        device = torch.device(device)
+        # copy=True: on a CPU "device" the result must not alias the staging buffer, which is reused.
+        out = rows.to(device, non_blocking=self.pin, copy=True)
+        if self.pin and device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._staging_ready[name] = event
+        self.bytes_to_device += n * width * source.element_size()
+        self.rows_to_device += n
+        return out
+
+    def _staging_buffer(self, name: str, n: int, width: int) -> torch.Tensor:
+        ready = self._staging_ready.pop(name, None)
+        if ready is not None:
+            ready.synchronize()  # the previous async copy still reads this buffer
+        buffer = self._staging.get(name)
+        if buffer is None or buffer.shape[0] < n:
+            capacity = max(n, 2 * buffer.shape[0] if buffer is not None else 256)
+            buffer = torch.empty((capacity, width), dtype=self.dtype, pin_memory=self.pin)
+            self._staging[name] = buffer
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes allocated by the pool (row stores; the staging buffers excluded)."""
+        return sum(rows.nbytes for rows in self.rows.values())
+
+    @property
+    def used_bytes(self) -> int:
+        """Host bytes of the stored entries (what the pool must hold at minimum)."""
+        return sum(len(rows) * rows.width * rows.data.element_size() for rows in self.rows.values())

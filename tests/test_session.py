@@ -1,0 +1,280 @@
+"""Session fidelity: full mode equals transformers' own generate; LSA with every entry resident equals full mode;
+the native top-k is restricted to resident entries; a real (in-process) export decodes under a footprint < 1."""
+
+import json
+
+import pytest
+import torch
+
+from lsa_runtime.backbone import config_hash, default_memory_layers, load_backbone
+from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+from lsa_runtime.resident_policy import GivenEntriesPolicy, MemoryIndexerPolicy
+from lsa_runtime.session import Session
+
+PROMPT_TOKENS = 640  # 20 sliding windows, 160 CSA entries, 20 HCA entries
+NEW_TOKENS = 48
+TAU = 16
+CHUNK = 128  # 5 prefill chunks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the tiny model is latency-bound: with 2 shared cores, one intra-op thread is several times faster
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("tiny", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    return torch.randint(3, 1024, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(backbone, prompt_ids):
+    model, _ = backbone
+    out = model.generate(prompt_ids.unsqueeze(0), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, PROMPT_TOKENS:].tolist()
+
+
+@pytest.fixture(scope="module")
+def full_run(backbone, prompt_ids):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="full", chunk_size=CHUNK)
+    return session.generate(prompt_ids, max_new_tokens=NEW_TOKENS), session
+
+
+@pytest.fixture(scope="module")
+def native_export(backbone, tmp_path_factory):
+    """A real export: the memory indexer initialised from the backbone's own indexer path, saved and reloaded."""
+    model, _ = backbone
+    config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
+                                                      rank=model.config.q_lora_rank, tau=TAU)
+    directory = tmp_path_factory.mktemp("export") / "native"
+    MemoryIndexer.init_from_native(model, config).save_export(directory)
+    return directory
+
+
+def test_full_mode_equals_transformers_generate(full_run, hf_tokens):
+    out, session = full_run
+    assert len(hf_tokens) == NEW_TOKENS
+    assert out.token_ids == hf_tokens
+    stats = session.stats
+    assert stats.footprint_ratio == 1.0 and stats.triggers == 0
+    # full decoding holds every CSA entry: 5 CSA layers x N//4 entries x (head_dim + index_head_dim) fp32
+    n_tokens = PROMPT_TOKENS + NEW_TOKENS - 1  # the last sampled token is not run through the model
+    assert stats.device_bytes["csa_kv"] == 5 * (n_tokens // 4) * 64 * 4
+    assert stats.device_bytes["csa_index_keys"] == 5 * (n_tokens // 4) * 32 * 4
+
+
+def test_lsa_with_every_entry_fetched_equals_full(backbone, prompt_ids, full_run, native_export):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=1e-6, tau=TAU,
+                      chunk_size=CHUNK)
+    out = session.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    stats = session.stats
+    # the premise: this threshold really made every entry resident (decode-born ones included)
+    assert stats.resident_entries == stats.csa_entries == (PROMPT_TOKENS + NEW_TOKENS - 1) // 4
+    assert out.token_ids == full_run[0].token_ids
+    # one trigger when prefill ends, then every tau decode steps (NEW_TOKENS - 1 tokens run through the model)
+    assert stats.triggers == 1 + (NEW_TOKENS - 1) // TAU
+    # the first trigger fetches every prompt entry, later ones only what is not resident: nothing
+    assert stats.entries_fetched == PROMPT_TOKENS // 4
+    assert stats.fetch_bytes_to_device == 5 * (PROMPT_TOKENS // 4) * (64 + 32) * 4
+
+
+def test_all_mode_equals_full(backbone, prompt_ids, full_run):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="all", tau=TAU, chunk_size=CHUNK)
+    assert session.generate(prompt_ids, max_new_tokens=NEW_TOKENS).token_ids == full_run[0].token_ids
+
+
+def test_native_topk_is_restricted_to_resident_entries(backbone, prompt_ids):
+    """Independent oracle: at the first decode step, layer 2 (the first CSA layer: its input is the same in full
+    and LSA decoding) must pick the top-k of the *stock* indexer scores restricted to the resident set."""
+    model, tokenizer = backbone
+    decoder = model.model
+    stock_scores = []
+
+    def keep_decode_scores(module, args, output):
+        if output.shape[1] == 1:
+            stock_scores.append(output[0, 0].clone())
+
+    handle = decoder.layers[2].self_attn.compressor.indexer.scorer.register_forward_hook(keep_decode_scores)
+    try:
+        Session(model, tokenizer, mode="full", chunk_size=CHUNK).generate(prompt_ids, max_new_tokens=2)
+    finally:
+        handle.remove()
+    scores = stock_scores[0]  # [T]: every prompt entry
+    assert scores.numel() == PROMPT_TOKENS // 4
+
+    resident = torch.randperm(PROMPT_TOKENS // 4, generator=torch.Generator().manual_seed(3))[:40].sort().values
+    policy = GivenEntriesPolicy(lambda state: resident)
+    session = Session(model, tokenizer, policy=policy, tau=TAU, chunk_size=CHUNK)
+    stream = session.stream(prompt_ids, max_new_tokens=NEW_TOKENS)
+    next(stream)  # token 0 comes from prefill
+    next(stream)  # token 1 needed the first decode forward
+    picks, candidates = session.last_picks()[2]
+    assert torch.equal(candidates, resident)
+    k = model.config.index_topk
+    expected = resident[scores[resident].topk(k).indices].sort().values
+    assert torch.equal(picks, expected)
+    # and the unrestricted choice differs: the restriction matters
+    assert not torch.equal(scores.topk(k).indices.sort().values, expected)
+
+    # at every later step and every CSA layer the picks stay inside the candidates, which are the resident set
+    for _ in stream:
+        for layer, (picks, candidates) in session.last_picks().items():
+            assert candidates is not None and torch.isin(picks, candidates).all()
+            assert torch.equal(candidates, session.resident_entries()[layer]) or session._since_trigger == 0
+            assert picks.numel() == min(k, candidates.numel())
+
+
+def test_lsa_with_exported_indexer_saves_memory(backbone, prompt_ids, native_export):
+    model, tokenizer = backbone
+    session = Session.from_pretrained("tiny", indexer=native_export, mode="lsa", threshold=0.9, tau=TAU,
+                                      chunk_size=CHUNK, device="cpu", dtype=torch.float32)
+    assert isinstance(session.policy, MemoryIndexerPolicy) and session.policy.memory_layers == (2, 4, 6)
+    out = session.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    stats = session.stats
+    assert len(out.token_ids) == NEW_TOKENS
+    assert stats.triggers == 1 + (NEW_TOKENS - 1) // TAU
+    assert 0 < stats.resident_entries < stats.csa_entries
+    assert stats.device_bytes["memory_index_keys"] >= 3 * stats.csa_entries * 32 * 4  # all entries, 3 layers
+    assert stats.device_bytes["csa_kv"] < stats.full_bytes["csa_kv"]
+    assert stats.footprint_ratio < 1.0
+    assert stats.entries_fetched > 0 and stats.fetch_bytes_to_device > 0 and stats.trigger_seconds > 0
+
+
+def test_max_resident_caps_the_resident_set(backbone, prompt_ids, native_export):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=0.5, max_resident=20,
+                      tau=TAU, chunk_size=CHUNK)
+    seen = []
+    original = session.policy.select
+
+    def select(state):
+        ids = original(state)
+        best = torch.stack(list(state.scores.values())).max(0).values
+        seen.append((ids, best))
+        return ids
+
+    session.policy.select = select
+    session.generate(prompt_ids[:320], max_new_tokens=20)
+    for ids, best in seen:
+        assert ids.numel() == 20
+        # the kept entries are the 20 highest scores among those over the threshold
+        assert torch.equal(ids.sort().values, best.topk(20).indices.sort().values)
+        assert (best[ids] >= 0.5).all()
+    assert session.stats.resident_entries <= 20 + TAU // 4 + 1
+
+
+def test_continued_conversation_equals_generate_on_the_whole_context(backbone, prompt_ids):
+    model, tokenizer = backbone
+    first, second = prompt_ids[:200], prompt_ids[200:300]
+    for mode in ("full", "all"):
+        session = Session(model, tokenizer, mode=mode, tau=8, chunk_size=64)
+        a = session.generate(first, max_new_tokens=12).token_ids
+        b = session.generate(second, max_new_tokens=12, keep_context=True).token_ids
+        context = torch.cat([first, torch.tensor(a), second]).unsqueeze(0)
+        expected = model.generate(context, max_new_tokens=12, do_sample=False)[0, context.shape[1]:].tolist()
+        assert b == expected, mode
+        assert session.context_ids == context[0].tolist() + b
+        # a new call without keep_context starts clean
+        assert session.generate(first, max_new_tokens=12).token_ids == a
+
+
+def test_stream_yields_the_generate_tokens_and_text(backbone):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="recent", budget=8, tau=4, chunk_size=64)
+    prompt = "The cold pool keeps every compressed entry on the host. " * 4
+    out = session.generate(prompt, max_new_tokens=16)
+    pieces = list(session.stream(prompt, max_new_tokens=16))
+    assert [p.token_id for p in pieces] == out.token_ids
+    assert "".join(p.text for p in pieces) == out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_sampling_is_repeatable_with_a_seed(backbone, prompt_ids):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="random", budget=16, tau=8, chunk_size=64, seed=5)
+    a = session.generate(prompt_ids[:100], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1).token_ids
+    session = Session(model, tokenizer, mode="random", budget=16, tau=8, chunk_size=64, seed=5)
+    b = session.generate(prompt_ids[:100], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1).token_ids
+    assert a == b
+
+
+def test_export_metadata_is_checked(backbone, native_export, tmp_path):
+    model, _ = backbone
+    lsa_config = json.loads((native_export / "lsa_config.json").read_text())
+    assert lsa_config["backbone_config_hash"] == config_hash(model.config)
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(native_export, other)
+    (other / "lsa_config.json").write_text(json.dumps({**lsa_config, "backbone_config_hash": "0123456789abcdef"}))
+    from lsa_runtime.errors import FmIndexError
+
+    with pytest.raises(FmIndexError, match="another backbone"):
+        Session(model, mode="lsa", indexer=other)
+    (other / "lsa_config.json").write_text(json.dumps({**lsa_config, "layers": [2, 3]}))
+    with pytest.raises(FmIndexError, match="layer 3 is a heavily_compressed_attention layer, not CSA"):
+        Session(model, mode="lsa", indexer=other)
+
+
+def test_oracle_policy_is_lossless_with_few_resident_entries(backbone, prompt_ids, full_run):
+    """Resident = exactly what full decoding's native top-k reads in each trigger window: the restricted top-k
+    then equals the full one, so the tokens must too, with a fraction of the entries resident."""
+    from lsa_runtime.resident_policy import OraclePolicy
+    from lsa_runtime.session import record_native_picks
+
+    model, tokenizer = backbone
+    recorder = Session(model, tokenizer, mode="full", chunk_size=CHUNK)
+    recorded, picks = record_native_picks(recorder, prompt_ids, NEW_TOKENS)
+    assert recorded.token_ids == full_run[0].token_ids
+    assert sorted(picks) == list(range(PROMPT_TOKENS, PROMPT_TOKENS + NEW_TOKENS - 1))
+    # tau 4: the tiny random model's picks wander, a window of 16 queries x 5 layers reads almost everything
+    session = Session(model, tokenizer, policy=OraclePolicy(picks, tau=4), tau=4, chunk_size=CHUNK)
+    out = session.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == full_run[0].token_ids
+    stats = session.stats
+    assert stats.triggers == 1 + (NEW_TOKENS - 1) // 4
+    assert stats.resident_entries < 0.75 * stats.csa_entries
+    assert stats.footprint_ratio < 0.9
+
+
+def test_hisparse_per_step_buffer_is_lossless(backbone, prompt_ids, full_run):
+    """Per-step scheme: native top-k over every entry, picks served by a 24-entry LRU buffer per CSA layer."""
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="hisparse", budget=24, chunk_size=CHUNK)
+    out = session.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == full_run[0].token_ids
+    stats = session.stats
+    assert stats.triggers == 0
+    assert stats.resident_entries == 24  # the buffer is full: more distinct entries were picked than it holds
+    assert stats.device_bytes["csa_kv"] == 5 * 24 * 64 * 4
+    # the first decode step fetches a whole top-k in each of the 5 CSA layers (the buffer starts empty), and
+    # 24 slots cannot hold what 47 steps pick, so later steps miss too
+    assert stats.entries_fetched > 5 * model.config.index_topk
+    assert stats.fetch_bytes_to_device == stats.entries_fetched * 64 * 4
+    # K^IComp of every entry stays on the device in every CSA layer
+    assert stats.device_bytes["memory_index_keys"] >= stats.full_bytes["csa_index_keys"]
+
+
+@pytest.mark.slow
+def test_long_prompt_fidelity(backbone, native_export):
+    """1,536-token prompt (48 windows, 384 entries), 96 new tokens, tau 32: full == transformers, and the
+    lossless LSA paths (every entry fetched, per-step buffer) == full."""
+    model, tokenizer = backbone
+    ids = torch.randint(3, 1024, (1536,), generator=torch.Generator().manual_seed(5))
+    expected = model.generate(ids.unsqueeze(0), max_new_tokens=96, do_sample=False)[0, 1536:].tolist()
+    assert Session(model, tokenizer, mode="full").generate(ids, max_new_tokens=96).token_ids == expected
+    lossless = [dict(mode="lsa", indexer=native_export, threshold=1e-6, tau=32), dict(mode="hisparse", budget=48)]
+    for options in lossless:
+        session = Session(model, tokenizer, chunk_size=256, **options)
+        assert session.generate(ids, max_new_tokens=96).token_ids == expected, options

@@ -1,0 +1,139 @@
+"""Session bad input: one-line FmIndexError messages; the CLI turns them into exit code 2."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from lsa_runtime.backbone import load_backbone
+from lsa_runtime.errors import FmIndexError
+from lsa_runtime.session import DeviceMemoryError, Session
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is latency-bound; 2 shared cores oversubscribe
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("tiny", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "all", "tau": 0}, "tau must be an integer >= 1"),
+    ({"mode": "all", "tau": -3}, "tau must be an integer >= 1"),
+    ({"mode": "all", "tau": 2.5}, "tau must be an integer >= 1"),
+    ({"mode": "all", "threshold": 0.0}, r"threshold must be in \(0, 1\)"),
+    ({"mode": "all", "threshold": 1.0}, r"threshold must be in \(0, 1\)"),
+    ({"mode": "all", "threshold": 1.5}, r"threshold must be in \(0, 1\)"),
+    ({"mode": "sparse"}, "unknown mode 'sparse'"),
+    ({"mode": "lsa"}, "mode 'lsa' needs an exported memory indexer"),
+    ({"mode": "recent"}, "mode 'recent' needs budget=N"),
+    ({"mode": "random", "budget": 0}, "budget must be >= 1"),
+    ({"mode": "hisparse", "budget": 8}, "must hold one step.s top-k"),
+    ({"mode": "lsa", "indexer": "/nonexistent/export"}, "is not a directory"),
+    ({"mode": "all", "chunk_size": 0}, "chunk_size must be >= 1"),
+])
+def test_bad_options_are_one_line_errors(backbone, options, message):
+    model, tokenizer = backbone
+    with pytest.raises(FmIndexError, match=message) as info:
+        Session(model, tokenizer, **options)
+    assert "\n" not in str(info.value)
+
+
+def test_export_directory_without_config_is_refused(backbone, tmp_path):
+    model, _ = backbone
+    with pytest.raises(FmIndexError, match="no lsa_config.json"):
+        Session(model, mode="lsa", indexer=tmp_path)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([], "the prompt is empty"),
+    ([5, 1024], "token id 1024 is outside the vocabulary"),
+    ([5, -1], "token id -1 is outside the vocabulary"),
+])
+def test_bad_prompts(backbone, prompt, message):
+    model, tokenizer = backbone
+    with pytest.raises(FmIndexError, match=message):
+        Session(model, tokenizer, mode="full").generate(prompt, max_new_tokens=1)
+
+
+def test_stream_reports_bad_input_before_the_first_token(backbone):
+    model, tokenizer = backbone
+    with pytest.raises(FmIndexError, match="the prompt is empty"):
+        Session(model, tokenizer, mode="full").stream([], max_new_tokens=1)  # no next() needed
+
+
+def test_prompt_longer_than_the_model_maximum(backbone):
+    model, tokenizer = backbone
+    too_long = [5] * (model.config.max_position_embeddings + 1)
+    with pytest.raises(FmIndexError, match="longer than the model's maximum of 65,536"):
+        Session(model, tokenizer, mode="all").generate(too_long, max_new_tokens=1)
+
+
+def test_keep_context_needs_a_previous_call(backbone):
+    model, tokenizer = backbone
+    with pytest.raises(FmIndexError, match="keep_context=True needs a previous generate"):
+        Session(model, tokenizer, mode="full").generate([5, 6], max_new_tokens=1, keep_context=True)
+
+
+def test_device_out_of_memory_is_a_one_line_error_and_the_session_recovers(backbone, monkeypatch):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="recent", budget=4, tau=4, chunk_size=16)
+    expected = session.generate(list(range(3, 60)), max_new_tokens=4).token_ids
+
+    def exhausted(ids):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has 1 MiB free")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(session, "_forward", exhausted)
+        with pytest.raises(DeviceMemoryError, match="out of memory at") as info:
+            session.generate(list(range(3, 60)), max_new_tokens=4)
+    assert "\n" not in str(info.value) and "Tried to allocate 2.00 GiB" in str(info.value)
+    assert session.generate(list(range(3, 60)), max_new_tokens=4).token_ids == expected
+
+
+def test_cli_generate_prints_text_and_stats():
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--mode", "recent", "--budget", "8", "--tau", "4",
+                                 "--prompt", "The cold pool keeps every entry. " * 3, "--max-new-tokens", "8",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "footprint ratio" in result.output and "triggers" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "x", "--tau", "0"], "tau must be an integer >= 1"),
+    (["--prompt", "x", "--threshold", "2"], "threshold must be in (0, 1)"),
+    (["--prompt", "x", "--indexer", "/nonexistent/export"], "is not a directory"),
+    (["--prompt", "x", "--mode", "lsa"], "needs an exported memory indexer"),
+    (["--prompt", "x", "--prompt-file", "f.txt"], "exactly one of --prompt"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+])
+def test_cli_generate_bad_input_exits_2(args, message):
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_a_policy_selecting_invisible_entries_is_refused(backbone):
+    from lsa_runtime.resident_policy import GivenEntriesPolicy
+
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, policy=GivenEntriesPolicy(lambda state: [0, state.n_visible]), tau=4)
+    with pytest.raises(FmIndexError, match="selected entry 10, outside the 10 visible entries"):
+        session.generate(list(range(3, 43)), max_new_tokens=2)
+
+
+def test_decoding_stops_at_the_model_maximum(backbone):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="full")
+    session.max_positions = 50  # positions 0..49: after a 40-token prompt, 10 tokens are run, 11 sampled
+    out = session.generate(list(range(3, 43)), max_new_tokens=30, stop_at_eos=False)
+    assert len(out.token_ids) == 11 and out.finish_reason == session.finish_reason == "max_position"
+    assert out.stats.context_tokens == 50
