@@ -1,0 +1,208 @@
+"""The evaluation runner on the tiny model: decoding, scoring, budgets, oracle/hisparse, outputs, resume, CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from indexer_train.long_context_eval import (EvalConfig, Evaluation, EvaluationError, Reporter, evaluate,
+                                             parse_lengths, parse_modes)
+from indexer_train.ruler_tasks import generate_sample, score_prediction
+
+TASK, LENGTH, SAMPLES, NEW, TAU = "niah_single_2", 256, 2, 4, 2
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from lsa_runtime.backbone import load_backbone
+
+    return load_backbone("tiny", dtype=torch.float32)  # its own copy: Sessions swap the CSA compressors
+
+
+@pytest.fixture(scope="module")
+def export_dir(backbone, tmp_path_factory):
+    """The ablation start point as an export: memory score = sigmoid(native indexer logit) at layers 2, 4, 6."""
+    from lsa_runtime.backbone import default_memory_layers
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    config = backbone[0].config
+    mi_config = MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config),
+                                                         rank=config.q_lora_rank, tau=TAU)
+    return MemoryIndexer.init_from_native(backbone[0], mi_config).save_export(tmp_path_factory.mktemp("x") / "export")
+
+
+@pytest.fixture(scope="module")
+def all_modes(backbone, export_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "all"
+    config = EvalConfig(model="tiny", modes=("full", "lsa", "hisparse", "recent", "oracle"),
+                        tasks=(TASK,), lengths=(LENGTH,), samples=SAMPLES, indexer=str(export_dir),
+                        max_new_tokens=NEW, tau=TAU)
+    return out, evaluate(config, out, backbone=backbone)
+
+
+def _sample(index, task=TASK, length=LENGTH, samples=SAMPLES):
+    return generate_sample(task, _sample.tokenizer, length, seed=0, index=index, num_samples=samples)
+
+
+@pytest.fixture(autouse=True)
+def _tokenizer(backbone):
+    _sample.tokenizer = backbone[1]
+
+
+def _runs(results, mode):
+    return sorted((r for r in results["runs"] if r["mode"] == mode), key=lambda r: r["index"])
+
+
+def test_full_mode_matches_transformers_greedy_generate(all_modes, backbone):
+    model, tokenizer = backbone
+    _, results = all_modes
+    for run in _runs(results, "full")[:1]:
+        ids = tokenizer(_sample(run["index"]).prompt, return_tensors="pt")["input_ids"]
+        reference = model.generate(ids, max_new_tokens=NEW, do_sample=False)[0, ids.shape[1]:]
+        assert run["prediction"] == tokenizer.decode(reference, skip_special_tokens=True)
+        assert run["stats"]["footprint_ratio"] == 1.0
+        assert run["prompt_tokens"] == ids.shape[1]
+
+
+def test_every_run_is_scored_against_its_sample(all_modes):
+    _, results = all_modes
+    assert len(results["runs"]) == 5 * SAMPLES
+    for run in results["runs"]:
+        sample = _sample(run["index"])
+        assert run["answers"] == sample.answers and run["depth"] == sample.depth
+        assert run["score"] == score_prediction(sample, run["prediction"])
+        assert run["new_tokens"] <= NEW
+    for cell in results["summary"]["cells"]:
+        scores = [r["score"] for r in _runs(results, cell["mode"])]
+        assert cell["accuracy"] == pytest.approx(100 * sum(scores) / len(scores))
+
+
+def test_lsa_selection_equals_the_native_logits_and_sets_the_budget(all_modes, backbone):
+    """With init_from_native, sigmoid^-1 of the memory score is the native logit: the first trigger selects every
+    visible entry with native logit >= 0 at any memory layer (checked with an independent capture)."""
+    from lsa_runtime.capture import collect_logits
+
+    model, tokenizer = backbone
+    _, results = all_modes
+    lsa = _runs(results, "lsa")
+    for run in lsa[:1]:
+        ids = torch.tensor(tokenizer(_sample(run["index"]).prompt)["input_ids"])
+        logits = collect_logits(model, ids, chunk_size=64)
+        n_visible = ids.numel() // 4
+        best = torch.stack([logits[layer][-1, :n_visible] for layer in (2, 4, 6)]).amax(0)
+        assert run["selected_per_trigger"][0] == int((best >= 0).sum())
+    budget = max(1, round(sum(r["selected_mean"] for r in lsa) / len(lsa)))
+    for mode in ("recent", "oracle"):
+        for run in _runs(results, mode):
+            assert run["budget"] == budget
+            assert max(run["selected_per_trigger"]) <= budget
+    for run in _runs(results, "recent"):
+        n_visible = run["prompt_tokens"] // 4
+        assert run["selected_per_trigger"][0] == min(budget, n_visible)
+
+
+def test_hisparse_is_lossless_with_the_shared_budget_as_buffer(all_modes):
+    _, results = all_modes
+    for full, his in zip(_runs(results, "full"), _runs(results, "hisparse")):
+        assert his["prediction"] == full["prediction"]
+        assert his["buffer_entries"] == max(his["budget"], 16)  # at least one step's top-k (16 in tiny)
+        assert his["stats"]["triggers"] == 0 and his["selected_per_trigger"] is None
+        assert his["stats"]["entries_fetched"] > 0
+
+
+def test_outputs_table_plots_and_json(all_modes):
+    out, results = all_modes
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["runs"] == results["runs"] and on_disk["format"] == "fm-index-evaluate/1"
+    assert on_disk["complete"] is True
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["mode"] for x in lines) == sorted(r["mode"] for r in results["runs"])
+    table = (out / "results.md").read_text()
+    assert "| task | length | full | lsa | hisparse | recent | oracle |" in table
+    assert f"| {TASK} | {LENGTH} |" in table and "| **average** |" in table
+    for mode in ("full", "lsa", "hisparse", "recent", "oracle"):
+        assert f"| {mode} | {LENGTH} |" in table
+    for name in ("accuracy_vs_footprint.png", "footprint_vs_length.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_oracle_with_room_for_every_pick_decodes_like_full(backbone, tmp_path):
+    """The oracle holds exactly what the full model's native top-k reads next: with a budget above that union
+    its tokens are the full model's."""
+    config = EvalConfig(model="tiny", modes=("full", "oracle"), tasks=("vt",), lengths=(256,), samples=1,
+                        max_new_tokens=6, tau=TAU, budget=10_000)
+    results = evaluate(config, tmp_path / "o", backbone=backbone)
+    (full,), (oracle,) = _runs(results, "full"), _runs(results, "oracle")
+    assert oracle["prediction"] == full["prediction"] and oracle["stats"]["triggers"] >= 2
+    assert oracle["stats"]["footprint_ratio"] <= 1.0
+
+
+def test_resume_skips_finished_runs_and_redoes_a_cut_one(backbone, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    config = EvalConfig(model="tiny", modes=("full", "random"), tasks=(TASK,), lengths=(256,), samples=1,
+                        max_new_tokens=1, budget=4)
+    first = evaluate(config, out, backbone=backbone)
+    with pytest.raises(EvaluationError, match="--resume"):
+        evaluate(config, out, backbone=backbone)
+    with pytest.raises(EvaluationError, match="seed"):
+        evaluate(EvalConfig(**{**config.__dict__, "seed": 1}), out, resume=True, backbone=backbone)
+
+    def no_loading(self):
+        raise AssertionError("a complete evaluation must not load the model again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Evaluation, "_load", no_loading)
+        again = evaluate(config, out, resume=True)
+    assert again["runs"] == first["runs"]
+
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # interrupted mid-line
+
+    class Counting(Reporter):
+        decoded = 0
+
+        def run_done(self, record):
+            Counting.decoded += bool(record)
+
+    resumed = evaluate(config, out, resume=True, reporter=Counting(), backbone=backbone)
+    assert Counting.decoded == 1
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "stats"} for r in runs]  # noqa: E731
+    assert strip(resumed["runs"]) == strip(first["runs"])
+
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    tampered = json.loads(lines[0])
+    tampered["prompt_sha"] = "0" * 16
+    (out / "runs.jsonl").write_text("\n".join([json.dumps(tampered)] + lines[1:-1]) + "\n")
+    with pytest.raises(EvaluationError, match="differs"):
+        evaluate(config, out, resume=True, backbone=backbone)
+
+
+def test_option_errors_are_user_errors(export_dir):
+    assert parse_modes("oracle,full,lsa") == ("full", "lsa", "oracle")
+    assert parse_lengths("4k,2048,2k") == (2048, 4096)
+    for bad, match in [(dict(modes="full,fast"), "unknown mode"), (dict(modes="lsa"), "--indexer"),
+                       (dict(modes="recent"), "budget"), (dict(lengths="1k,abc"), "--lengths"),
+                       (dict(lengths="32"), "too short"), (dict(samples=0), "--samples"),
+                       (dict(tasks="niah"), "unknown task")]:
+        with pytest.raises(EvaluationError if match != "unknown task" else Exception, match=match):
+            EvalConfig(model="tiny", **bad).check()
+    EvalConfig(model="tiny", modes="lsa,recent", indexer=str(export_dir)).check()
+
+
+def test_cli_evaluate(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full", "--tasks", TASK,
+                                      "--lengths", "256", "--samples", "1", "--max-new-tokens", "1",
+                                      "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["runs"][0]["mode"] == "full"
+    bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "recent", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2
+    assert "error:" in bad.output and "budget" in bad.output
+    assert not Path(tmp_path / "b").exists()
