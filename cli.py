@@ -7,6 +7,7 @@ The pipeline, in the order a user runs it:
     fm-index eval          -> precision / recall / retrieval ratio / coverage of a trained indexer
     fm-index export        -> model.safetensors + lsa_config.json for lsa_runtime
     fm-index generate      -> decode with lsa_runtime.Session (full or LSA) and print the footprint
+    fm-index evaluate      -> RULER-style long-context accuracy vs KV footprint (full, LSA, controls)
 
 This file only parses options, shows progress and turns user errors into one line and exit code 2.
 """
@@ -183,10 +184,297 @@ def merge_labels_command(
 # ---- train / eval / export (train/export issue) -----------------------------------------------------
 
 
+def _print_eval_table(report_rows, title: str):
+    """The held-out table: per layer, the OR-union, and the recency / chance baselines at the union's ratio."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("fetched set")
+    for name in ("precision", "recall", "F1", "retrieval ratio", "native top-k coverage", "ranking AUC"):
+        table.add_column(name, justify="right")
+    for name, m in report_rows:
+        table.add_row(name, *(f"{m[k]:.3f}" for k in ("precision", "recall", "f1", "retrieval_ratio",
+                                                        "native_coverage", "auc")))
+    Console().print(table)
+
+
+@app.command("train")
+@user_errors_exit_2
+def train_command(
+    labels: str = typer.Option(..., "--labels", help="Label shards written by fm-index build-labels."),
+    out: str = typer.Option(..., "--out", help="Run directory: checkpoints, train_state.json, and the final "
+                            "SentenceTransformer folder in OUT/model."),
+    layers: str = typer.Option(None, "--layers", help="Memory-indexer layers to train, comma-separated "
+                               "(default: every layer in the labels)."),
+    rank: int = typer.Option(2048, "--rank", help="Inner rank r of W_DQ (d -> r) and W_IUQ (r -> heads x head_dim)."),
+    loss: str = typer.Option("focal", "--loss", help="focal (default, as the method found best) or bce."),
+    gamma: float = typer.Option(2.0, "--gamma", help="Focal loss focusing parameter gamma."),
+    alpha: float = typer.Option(0.25, "--alpha", help="Focal loss positive-class weight alpha (< 0: none)."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Passes over the training triggers."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Triggers per batch and device (each brings one "
+                                   "row per memory layer); a document's triggers stay together."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (linear decay)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (GPU)."),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of DOCUMENTS held out for evaluation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the initialisation and the batch order."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last "
+                                "checkpoint."),
+    model: str = typer.Option(None, "--model", help="Optional backbone (bundled name or directory) the labels "
+                              "must have been built from; only its config is read unless --init native."),
+    init: str = typer.Option("random", "--init", help="random (default) or native: copy the backbone's own "
+                             "q_a_proj / q_a_norm / indexer q_b_proj / weights_proj (ablation; needs --model and "
+                             "--rank = q_lora_rank)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Fetch threshold on I[t,s] used in evaluation."),
+    chunk_size: int = typer.Option(8192, "--chunk-size", help="Entries scored at once (bounds memory)."),
+):
+    """Train the FlashMemory memory indexer (W_DQ, W_IUQ, W_w per layer) on label shards, backbone-free.
+
+    A sentence-transformers dual encoder (query route: the gated query tower; document route: the frozen
+    compressed indexer keys) trained with focal/BCE loss over every visible entry. Works under
+    `torchrun --nproc_per_node N` unchanged. Prints the held-out table at the end.
+    """
+    from indexer_train.trainer import TrainOptions, TrainReporter, is_main_process, train_memory_indexer
+
+    parsed_layers = None
+    if layers:
+        try:
+            parsed_layers = tuple(int(x) for x in layers.split(",") if x.strip())
+        except ValueError:
+            raise FmIndexError(f"--layers must be comma-separated integers, got '{layers}'") from None
+    options = TrainOptions(layers=parsed_layers, rank=rank, loss=loss, gamma=gamma, alpha=alpha, epochs=epochs,
+                           batch_size=batch_size, lr=lr, bf16=bf16, eval_fraction=eval_fraction, seed=seed,
+                           threshold=threshold, chunk_size=chunk_size, init=init, model=model)
+    progress = _progress()
+
+    class RichReporter(TrainReporter):
+        def start(self, total_steps, done):
+            self.task = progress.add_task("training steps", total=total_steps, completed=done, info="")
+
+        def step(self, step, loss_value):
+            progress.update(self.task, completed=step, info=f"loss {loss_value:.4f}" if loss_value else "")
+
+        def evaluated(self, epoch, metrics):
+            get = lambda k: metrics.get(f"eval_{k}", float("nan"))  # noqa: E731
+            progress.console.print(
+                f"epoch {epoch:.2f} held-out: union F1 {get('union_f1'):.3f}  recall {get('union_recall'):.3f}  "
+                f"precision {get('union_precision'):.3f}  ratio {get('union_retrieval_ratio'):.3f}  "
+                f"native coverage {get('union_native_coverage'):.3f}  (recency F1 {get('recency_f1'):.3f})")
+
+    with progress:
+        summary = train_memory_indexer(labels, out, options, resume=resume,
+                                       reporter=RichReporter() if is_main_process() else None)
+    if summary.get("complete"):
+        _print_eval_table(summary["report"].table(), f"held-out documents ({summary['report'].documents}), "
+                          f"threshold {threshold}")
+        console.print(f"model: [bold]{summary['model']}[/]; next: fm-index export --model {out} --out EXPORT_DIR")
+
+
+@app.command("eval")
+@user_errors_exit_2
+def eval_command(
+    indexer: str = typer.Option(..., "--indexer", help="A train --out directory, its model/ folder, or an export."),
+    labels: str = typer.Option(..., "--labels", help="Label shards to evaluate on (same backbone)."),
+    documents: str = typer.Option("auto", "--documents", help="auto: the run's held-out documents when --labels "
+                                  "are the ones it was trained on, else all; heldout; or all."),
+    threshold: float = typer.Option(None, "--threshold", help="Fetch threshold (default: the indexer's, 0.5)."),
+    chunk_size: int = typer.Option(8192, "--chunk-size", help="Entries scored at once (bounds memory)."),
+):
+    """Precision / recall / F1 against the golden labels, retrieval ratio and native top-k coverage, per layer
+    and for the OR-union, next to recency and chance baselines at the same retrieval ratio."""
+    from rich.progress import Progress
+
+    from indexer_train.evaluator import evaluate_indexer
+    from indexer_train.export import load_trained_indexer
+    from indexer_train.shards import LabelShards, ShardError
+    from indexer_train.trainer import check_shards
+
+    memory_indexer, state = load_trained_indexer(indexer)
+    shards = LabelShards(labels)
+    if shards.config_hash != memory_indexer.config.backbone_config_hash:
+        raise ShardError(f"the label shards in {labels} were built for another backbone (config "
+                         f"{shards.config_hash}) than the indexer ({memory_indexer.config.backbone_config_hash})")
+    check_shards(shards, memory_indexer.config.layers)
+    if documents not in ("auto", "heldout", "all"):
+        raise FmIndexError(f"--documents must be auto, heldout or all, got '{documents}'")
+    heldout = (state or {}).get("eval_documents")
+    if documents == "heldout" and not heldout:
+        raise FmIndexError(f"{indexer} does not record held-out documents; use --documents all")
+    use_heldout = documents == "heldout" or (documents == "auto" and heldout and
+                                             (state or {}).get("labels_config_hash") == shards.config_hash and
+                                             set(heldout) <= set(shards.documents))
+    docs = sorted(heldout) if use_heldout else shards.documents
+    with Progress(console=console) as progress:
+        task = progress.add_task("scoring documents", total=len(docs))
+        report = evaluate_indexer(memory_indexer, shards, docs, threshold, chunk_size,
+                                  progress=lambda n: progress.advance(task, n))
+    which = "held-out" if use_heldout else "all"
+    _print_eval_table(report.table(), f"{which} documents ({report.documents}), threshold "
+                      f"{threshold if threshold is not None else memory_indexer.config.threshold}")
+
+
+@app.command("export")
+@user_errors_exit_2
+def export_command(
+    model: str = typer.Option(..., "--model", help="A finished fm-index train --out directory (or its model/)."),
+    out: str = typer.Option(..., "--out", help="Export directory (must not exist): model.safetensors + "
+                            "lsa_config.json."),
+):
+    """Write the trained memory indexer for lsa_runtime: model.safetensors (W_DQ, W_IUQ, W_w per layer) and
+    lsa_config.json (layers, rank, heads, head_dim, rope, threshold, tau, backbone config hash, metrics)."""
+    from indexer_train.export import export_indexer
+
+    path = export_indexer(model, out)
+    console.print(f"exported to [bold]{path}[/]; load with lsa_runtime.memory_indexer.MemoryIndexer.from_export")
+
+
 # ---- generate (Session issue) -----------------------------------------------------------------------
 
 
+@app.command("generate")
+@user_errors_exit_2
+def generate_command(
+    prompt: str = typer.Option(None, "--prompt", help="The prompt text."),
+    prompt_file: str = typer.Option(None, "--prompt-file", help="Read the prompt from this UTF-8 text file."),
+    model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
+                              "checkpoint directory. Default: the bundled reference model if present, else tiny."),
+    indexer: str = typer.Option(None, "--indexer", help="Memory-indexer export directory (`fm-index export`); "
+                                "needed by --mode lsa."),
+    mode: str = typer.Option(None, "--mode", help="lsa (FlashMemory: memory indexer + cold pool), full (plain "
+                             "DeepSeek-V4, the baseline), all (every entry resident), recent or random (--budget "
+                             "entries), hisparse (per-step top-k, --budget buffer entries per layer). Default: lsa "
+                             "with --indexer, else full."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
+    tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
+    threshold: float = typer.Option(None, "--threshold", help="Memory-indexer score an entry needs to be fetched, "
+                                    "in (0, 1) (default: the export's, else 0.5)."),
+    max_resident: int = typer.Option(None, "--max-resident", "--budget", help="Cap on resident CSA entries per "
+                                     "trigger (lsa: the highest-scoring are kept; recent/random: the budget)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (and the random policy's)."),
+    chunk_size: int = typer.Option(512, "--chunk-size", help="Prefill chunk in tokens; bounds prefill memory."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: str = typer.Option(None, "--dtype", help="Backbone dtype: float32, bfloat16 or float16 (default: "
+                              "float32 on CPU, the checkpoint's on a GPU)."),
+):
+    """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
+
+    The text goes to stdout, then a table: device bytes held by kind (sliding windows, HCA entries, resident
+    CSA entries, memory-indexer keys) against what full decoding holds for the same tokens, the footprint
+    ratio, triggers, entries fetched from the CPU cold pool and tokens/s.
+    """
+    from pathlib import Path
+
+    from lsa_runtime.backbone import default_model_name
+    from lsa_runtime.session import Session
+
+    if (prompt is None) == (prompt_file is None):
+        raise FmIndexError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FmIndexError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
+    mode = mode or ("lsa" if indexer else "full")
+    session = Session.from_pretrained(model or default_model_name(), indexer=indexer, mode=mode, tau=tau,
+                                      threshold=threshold, device=device or _default_device(), dtype=dtype,
+                                      max_resident=max_resident, chunk_size=chunk_size, seed=seed)
+    out = Console()
+    for piece in session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed):
+        out.print(piece.text, end="", highlight=False, markup=False, soft_wrap=True)
+    out.print()
+    out.print(session.stats.table())
+
+
+
 # ---- evaluate (reference-backbone issue) ------------------------------------------------------------
+
+
+@app.command("evaluate")
+@user_errors_exit_2
+def evaluate_command(
+    model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
+                              "checkpoint directory. Default: the bundled reference model if present, else tiny."),
+    indexer: str = typer.Option(None, "--indexer", help="Memory-indexer export directory (`fm-index export`); "
+                                "needed by mode lsa."),
+    modes: str = typer.Option(None, "--modes",
+                              help="Comma-separated modes: full, lsa, recent, random, oracle, hisparse. In each "
+                              "task and length, lsa runs first and its mean resident entries per trigger become "
+                              "the budget of recent/random/oracle (and hisparse's buffer). Default: all six with "
+                              "--indexer, else full."),
+    tasks: str = typer.Option("all", "--tasks", help="Comma-separated RULER-style tasks, or 'all': "
+                              "niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, "
+                              "fwe, context_independent."),
+    lengths: str = typer.Option("2048,4096", "--lengths", help="Prompt lengths in tokens of the model's "
+                                "tokenizer, comma-separated (2048,4096 or 2k,4k)."),
+    samples: int = typer.Option(4, "--samples", help="Prompts per task and length (needle depths spread evenly)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Tokens to generate per prompt (default: "
+                                       "each task's own, as RULER: 32-120)."),
+    out: str = typer.Option("evaluation", "--out", help="Results directory: results.json, results.md, plots."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts (and of the random mode)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: str = typer.Option(None, "--dtype", help="Backbone dtype: float32, bfloat16 or float16 (default: "
+                              "float32 on CPU, the checkpoint's dtype on a GPU)."),
+    budget: int = typer.Option(None, "--budget", help="Resident entries for recent/random/oracle when lsa is not "
+                               "among --modes."),
+    tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
+    threshold: float = typer.Option(None, "--threshold", help="Memory-indexer score threshold (default: the "
+                                    "export's, else 0.5)."),
+    haystack: str = typer.Option(None, "--haystack-packages", help="Held-out stdlib packages whose code fills "
+                                 "the haystacks (default: email,json,http,wsgiref,xmlrpc)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation in --out."),
+):
+    """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
+
+    Generates seeded needle-in-a-haystack, variable-tracking, word-extraction and context-independent prompts
+    at each length, decodes them greedily with lsa_runtime.Session in every mode, scores them with RULER's
+    string match and writes every run (results.json), a markdown table (results.md) and plots to --out.
+    """
+    from indexer_train.long_context_eval import EvalConfig, Reporter, evaluate
+    from indexer_train.ruler_tasks import DEFAULT_HAYSTACK_PACKAGES
+    from lsa_runtime.backbone import default_model_name
+
+    packages = tuple(p.strip() for p in haystack.split(",") if p.strip()) if haystack else DEFAULT_HAYSTACK_PACKAGES
+    config = EvalConfig(
+        model=model or default_model_name(), modes=modes or ("full,lsa,hisparse,recent,random,oracle" if indexer
+                                                             else "full"),
+        tasks=tasks, lengths=lengths, samples=samples, indexer=indexer, max_new_tokens=max_new_tokens, seed=seed,
+        device=device or _default_device(), dtype=dtype, haystack_packages=packages, tau=tau, threshold=threshold,
+        budget=budget).check()
+    progress = _progress()
+
+    class RichReporter(Reporter):
+        def start(self, total_runs):
+            self.bar = progress.add_task("runs", total=total_runs, info="")
+
+        def phase(self, text):
+            progress.update(self.bar, info=text)
+
+        def run_done(self, record):
+            progress.advance(self.bar)
+
+    with progress:
+        results = evaluate(config, out, resume=resume, reporter=RichReporter())
+    _print_evaluation(results, out)
+
+
+def _print_evaluation(results: dict, out: str):
+    from rich.table import Table
+
+    table = Table(title=f"evaluation in {out} (accuracy % averaged over tasks)")
+    for column in ("mode", "length", "accuracy %", "footprint ratio", "bytes moved / sample", "decode tok/s"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for row in results["summary"]["modes"]:
+        moved = row["bytes_moved"]
+        tps = row["decode_tokens_per_second"]
+        table.add_row(row["mode"], f"{row['length']:,}", f"{row['accuracy']:.1f}",
+                      f"{row['footprint_ratio']:.3f}" if row["footprint_ratio"] is not None else "-",
+                      f"{moved / 1024 / 1024:,.2f} MiB" if moved is not None else "-",
+                      f"{tps:,.1f}" if tps else "-")
+    Console().print(table)
+    console.print(f"wrote {out}/results.json, {out}/results.md, {out}/accuracy_vs_footprint.png, "
+                  f"{out}/footprint_vs_length.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""`fm-index export`: a trained memory indexer -> ``model.safetensors`` + ``lsa_config.json`` for ``lsa_runtime``.
+
+The export holds every layer's W_DQ, latent RMSNorm weight, W_IUQ and W_w under the names of docs/DESIGN.md
+("Export"), the rope settings, threshold, tau, the backbone config hash the indexer was trained for and the
+held-out metrics. ``lsa_runtime.memory_indexer.MemoryIndexer.from_export`` loads it with torch + safetensors
+only (no sentence-transformers, no trust_remote_code) and scores exactly as the trained dual encoder does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lsa_runtime.errors import FmIndexError
+from lsa_runtime.memory_indexer import CONFIG_NAME, MemoryIndexer
+
+from .dual_encoder import MODEL_SUBDIR, load_query_tower
+from .trainer import STATE_NAME, read_state
+
+
+def load_trained_indexer(directory: str | Path) -> tuple[MemoryIndexer, dict | None]:
+    """(indexer, train_state or None) from an ``fm-index train --out`` directory, a SentenceTransformer folder
+    holding the dual encoder, or an existing export. An unfinished training run is an error."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FmIndexError(f"{directory} does not exist")
+    if (directory / CONFIG_NAME).is_file():
+        indexer = MemoryIndexer.from_export(directory)
+        return indexer, indexer.config.metrics.get("training")
+    state = read_state(directory)
+    if state is not None and not state.get("complete"):
+        raise FmIndexError(f"the training run in {directory} is unfinished (no final model); "
+                           f"continue it with fm-index train --resume --out {directory}")
+    if state is None and (directory / "checkpoints").is_dir() and not (directory / MODEL_SUBDIR).is_dir():
+        raise FmIndexError(f"{directory} holds only checkpoints of an unfinished training run")
+    return load_query_tower(directory).indexer, state
+
+
+def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash: str | None = None) -> Path:
+    """Write the export of the trained indexer in ``model_dir`` to ``out`` (atomically; ``out`` must not exist)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FmIndexError(f"export directory {out} exists and is not empty; choose another --out")
+    indexer, state = load_trained_indexer(model_dir)
+    if expected_config_hash is not None and indexer.config.backbone_config_hash != expected_config_hash:
+        raise FmIndexError(f"the indexer in {model_dir} was trained for backbone config "
+                           f"{indexer.config.backbone_config_hash}, not {expected_config_hash}")
+    metrics = dict(indexer.config.metrics)
+    if state is not None and (Path(model_dir) / STATE_NAME).is_file():
+        metrics = {"heldout": state.get("metrics", {}),
+                   "training": {k: state.get(k) for k in ("labels", "labels_config_hash", "options", "steps",
+                                                          "eval_documents")}}
+    json.dumps(metrics)  # must be serialisable before anything is written
+    return indexer.save_export(out, metrics=metrics)

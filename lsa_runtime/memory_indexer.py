@@ -1,0 +1,383 @@
+"""FlashMemory's memory indexer: the trained query tower that decides which compressed entries leave the cold pool.
+
+Per memory-indexer layer L (FlashMemory: 10, 12, 20 on DeepSeek-V4-Flash), for the trigger hidden state h_t
+(the attention input of layer L at position t, taken every tau decode steps):
+
+    c       = RMSNorm(W_DQ h_t)                              [r]        (r = rank, default 2048)
+    q       = RoPE_t(reshape(W_IUQ c, [H, dh]))               [H, dh]    (the native indexer's rotary)
+    w       = W_w h_t * H^-1/2                                [H]
+    I[t, s] = sigmoid( sum_h w_h * relu(q_h . k_s) * dh^-1/2 )           (k_s: frozen K^IComp of layer L)
+
+and the entries fetched at t are { s < n_visible(t) : I[t, s] >= threshold at ANY memory layer } (OR).
+The keys k_s are the backbone's own compressed indexer keys (after RoPE), exactly what the native Lightning
+Indexer scores (DeepSeek-V4 paper, section 2.3.1, eq. 13); only W_DQ (+ its RMSNorm weight), W_IUQ and W_w
+are learned. With ``init_from_native`` the four weights are copied from the backbone's ``q_a_proj``,
+``q_a_norm``, ``indexer.q_b_proj`` and ``scorer.weights_proj``, and then sigmoid^-1(I[t, s]) equals the
+native raw indexer logit.
+
+This module is pure torch (+ transformers' DeepSeek-V4 rotary, + safetensors): it never imports
+sentence-transformers, datasets or ``indexer_train``. The export format (``model.safetensors`` +
+``lsa_config.json``) is fixed in docs/DESIGN.md ("Export").
+
+Public API (stable; the decoding Session uses it)::
+
+    indexer = MemoryIndexer.from_export(export_dir, expected_config_hash=None, device="cpu")
+    probs = indexer.score(layer, hidden[R, d], positions[R], keys[T, dh], chunk_size=8192)   # [R, T] fp32
+    ids = indexer.fetch({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible, threshold=None)  # LongTensor
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FmIndexError
+from .kernels.gated_score import fused_gated_logits, gated_logits_torch
+
+EXPORT_FORMAT = "fm-index-lsa/1"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "lsa_config.json"
+DEFAULT_CHUNK = 8192
+
+
+class ExportError(FmIndexError):
+    """A memory-indexer export that is missing, corrupt, or made for another backbone."""
+
+
+@dataclass(frozen=True)
+class MemoryIndexerConfig:
+    """Everything that shapes the memory indexer; stored as ``lsa_config.json`` (plus ``metrics``).
+
+    ``rope`` is the backbone's ``rope_parameters["compress"]`` dict and ``rope_head_dim_base`` the backbone's
+    attention ``head_dim`` that its ``partial_rotary_factor`` applies to (so the rotary covers ``rope_dim``
+    channels, exactly as in the native indexer).
+    """
+
+    layers: tuple[int, ...]
+    rank: int
+    hidden_size: int
+    index_n_heads: int
+    index_head_dim: int
+    rope_dim: int
+    rope: dict
+    rope_head_dim_base: int
+    max_position_embeddings: int
+    compress_rate: int = 4
+    rms_norm_eps: float = 1e-6
+    threshold: float = 0.5
+    tau: int = 64
+    backbone_config_hash: str = ""
+    metrics: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(sorted(int(x) for x in self.layers)))
+        if not self.layers:
+            raise FmIndexError("the memory indexer needs at least one layer")
+        if self.rank < 1:
+            raise FmIndexError(f"rank must be >= 1, got {self.rank}")
+        if not 0.0 < self.threshold < 1.0:
+            raise FmIndexError(f"threshold must be in (0, 1), got {self.threshold}")
+
+    @classmethod
+    def from_backbone_config(cls, config, layers, rank: int = 2048, tau: int = 64, threshold: float = 0.5):
+        """From a ``DeepseekV4Config`` (its config only: no weights are loaded)."""
+        from .backbone import config_hash, csa_rate
+
+        rope = dict(config.rope_parameters["compress"])
+        return cls(layers=tuple(layers), rank=rank, hidden_size=config.hidden_size,
+                   index_n_heads=config.index_n_heads, index_head_dim=config.index_head_dim,
+                   rope_dim=int(config.head_dim * rope.get("partial_rotary_factor", 1.0)), rope=rope,
+                   rope_head_dim_base=int(config.head_dim), max_position_embeddings=config.max_position_embeddings,
+                   compress_rate=csa_rate(config), rms_norm_eps=float(config.rms_norm_eps), threshold=threshold,
+                   tau=tau, backbone_config_hash=config_hash(config))
+
+    @classmethod
+    def from_label_manifest(cls, manifest: dict, layers, rank: int = 2048, threshold: float = 0.5):
+        """From a label-shard ``manifest.json`` (docs/DESIGN.md, "Label shards"): training never loads the backbone."""
+        bb = manifest["backbone"]
+        rope = dict(bb["rope"])
+        prf = float(rope.get("partial_rotary_factor", 1.0))
+        return cls(layers=tuple(layers), rank=rank, hidden_size=int(bb["hidden_size"]),
+                   index_n_heads=int(bb["index_n_heads"]), index_head_dim=int(bb["index_head_dim"]),
+                   rope_dim=int(bb["rope_dim"]), rope=rope, rope_head_dim_base=int(round(bb["rope_dim"] / prf)),
+                   max_position_embeddings=int(bb.get("max_position_embeddings", 1 << 20)),
+                   compress_rate=int(bb["compress_rate"]), rms_norm_eps=float(bb.get("rms_norm_eps", 1e-6)),
+                   threshold=threshold, tau=int(manifest["params"]["tau"]), backbone_config_hash=bb["config_hash"])
+
+    def to_json(self) -> dict:
+        """The ``lsa_config.json`` dict (docs/DESIGN.md, "Export")."""
+        out = asdict(self)
+        out["layers"] = list(self.layers)
+        return {"format": EXPORT_FORMAT, **out}
+
+    @classmethod
+    def from_json(cls, blob: dict) -> "MemoryIndexerConfig":
+        blob = dict(blob)
+        if blob.pop("format", EXPORT_FORMAT) != EXPORT_FORMAT:
+            raise ExportError(f"not an fm-index memory-indexer config (format {blob.get('format')!r})")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in blob.items() if k in known})
+
+    def with_metrics(self, metrics: dict) -> "MemoryIndexerConfig":
+        return MemoryIndexerConfig(**{**asdict(self), "metrics": dict(metrics)})
+
+
+class IndexerRotary(nn.Module):
+    """The native Lightning Indexer's query RoPE: transformers' ``DeepseekV4RotaryEmbedding`` with the backbone's
+    ``compress`` rope parameters and ``apply_rotary_pos_emb`` (interleaved, on the trailing ``rope_dim`` channels).
+
+    A minimal ``DeepseekV4Config`` is rebuilt from the stored rope settings; no backbone weight is touched.
+    """
+
+    def __init__(self, config: MemoryIndexerConfig):
+        super().__init__()
+        from transformers import DeepseekV4Config
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
+
+        rope = dict(config.rope)
+        prf = float(rope.get("partial_rotary_factor", 1.0))
+        backbone_like = DeepseekV4Config(
+            hidden_size=config.hidden_size, head_dim=config.rope_head_dim_base, num_hidden_layers=1,
+            layer_types=["compressed_sparse_attention"], mlp_layer_types=["moe"], partial_rotary_factor=prf,
+            max_position_embeddings=config.max_position_embeddings,
+            rope_parameters={"main": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": prf},
+                             "compress": rope},
+        )
+        self.rotary = DeepseekV4RotaryEmbedding(backbone_like)
+        if 2 * self.rotary.compress_inv_freq.numel() != config.rope_dim:
+            raise ExportError(f"rope settings give {2 * self.rotary.compress_inv_freq.numel()} rotary channels, "
+                              f"config says rope_dim={config.rope_dim}")
+
+    def forward(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q [R, H, dh] at absolute positions [R] -> RoPE_t(q) [R, H, dh] (same dtype)."""
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
+
+        # position_ids as [batch=1, seq=R]: the layout every transformers version's rotary accepts (5.17 needs 2-D)
+        position_ids = positions.to(q.device).long().reshape(1, -1)
+        cos, sin = self.rotary(q, position_ids=position_ids, layer_type="compress")  # [1, R, rd/2]
+        return apply_rotary_pos_emb(q, cos[0], sin[0], unsqueeze_dim=1)  # cos -> [R, 1, rd]
+
+
+class LatentRMSNorm(nn.Module):
+    """RMSNorm on the rank-r latent W_DQ h_t with a learned weight, computed as the native ``q_a_norm`` does
+    (fp32 statistics, fp32 weight, one cast at the end)."""
+
+    def __init__(self, rank: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(rank))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x).to(dtype)
+
+
+class MemoryIndexerLayer(nn.Module):
+    """The memory indexer of one layer L: W_DQ (d -> r), latent_norm, W_IUQ (r -> H*dh), W_w (d -> H) and RoPE."""
+
+    def __init__(self, config: MemoryIndexerConfig, rotary: IndexerRotary | None = None):
+        super().__init__()
+        d, r, H, dh = config.hidden_size, config.rank, config.index_n_heads, config.index_head_dim
+        self.n_heads, self.head_dim = H, dh
+        self.W_DQ = nn.Linear(d, r, bias=False)
+        self.latent_norm = LatentRMSNorm(r, config.rms_norm_eps)
+        self.W_IUQ = nn.Linear(r, H * dh, bias=False)
+        self.W_w = nn.Linear(d, H, bias=False)
+        self.rotary = rotary if rotary is not None else IndexerRotary(config)
+        self.softmax_scale = dh ** -0.5
+        self.weights_scaling = H ** -0.5
+
+    def query(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h_t [R, d], t [R] -> (q [R, H, dh] after RoPE_t, w [R, H] fp32 = W_w h_t * H^-1/2)."""
+        hidden = hidden.to(self.W_DQ.weight.dtype)
+        latent = self.latent_norm(self.W_DQ(hidden))  # [R, r]
+        q = self.W_IUQ(latent).view(hidden.shape[0], self.n_heads, self.head_dim)  # [R, H, dh]
+        q = self.rotary(q, positions)
+        w = self.W_w(hidden).float() * self.weights_scaling  # [R, H]
+        return q, w
+
+    def logits_from_query(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                          chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """Raw scores sum_h w_h relu(q_h . k_s) dh^-1/2 of R queries over T keys: fp32 [R, T].
+
+        Scored ``chunk_size`` entries at a time (fused kernel on GPU), so at most [R, H, chunk_size] is alive
+        in the forward and in the backward (only q, w, keys are saved for autograd).
+        """
+        keys = keys.to(device=q.device, dtype=q.dtype)
+        t_len = keys.shape[0]
+        if t_len == 0:
+            return q.new_zeros(q.shape[0], 0, dtype=torch.float32)
+        # the fused Triton kernel needs a power-of-two head_dim >= 16 (tl.dot / tl.arange); else the torch path
+        dh = q.shape[-1]
+        gated = fused_gated_logits if dh >= 16 and dh & (dh - 1) == 0 else gated_logits_torch
+        parts = [gated(q, w, keys[start : start + chunk_size], self.softmax_scale)
+                 for start in range(0, t_len, max(1, int(chunk_size)))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def logits(self, hidden, positions, keys, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """sigmoid^-1 I[t, s] for R trigger states over T entries: fp32 [R, T]."""
+        q, w = self.query(hidden, positions)
+        return self.logits_from_query(q, w, keys, chunk_size)
+
+    @torch.no_grad()
+    def copy_native(self, attention) -> None:
+        """Copy W_DQ, latent_norm, W_IUQ, W_w from a backbone layer's ``self_attn`` (a CSA layer)."""
+        indexer = attention.compressor.indexer
+        for mine, theirs in [(self.W_DQ.weight, attention.q_a_proj.weight),
+                             (self.latent_norm.weight, attention.q_a_norm.weight),
+                             (self.W_IUQ.weight, indexer.q_b_proj.weight),
+                             (self.W_w.weight, indexer.scorer.weights_proj.weight)]:
+            if mine.shape != theirs.shape:
+                raise FmIndexError(f"init_from_native: shape {tuple(theirs.shape)} does not fit {tuple(mine.shape)} "
+                                   "(the rank must equal the backbone's q_lora_rank)")
+            mine.copy_(theirs.to(mine.dtype))
+
+
+class MemoryIndexer(nn.Module):
+    """All memory-indexer layers of one backbone, keyed by layer index, plus the OR-union fetch rule."""
+
+    def __init__(self, config: MemoryIndexerConfig):
+        super().__init__()
+        self.config = config
+        rotary = IndexerRotary(config)  # shared: it holds only non-persistent rope buffers
+        self.layers = nn.ModuleDict({str(L): MemoryIndexerLayer(config, rotary) for L in config.layers})
+
+    # -- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def init_from_native(cls, model, config: MemoryIndexerConfig) -> "MemoryIndexer":
+        """The ablation start point: every layer's weights copied from the backbone's own indexer path."""
+        indexer = cls(config)
+        decoder = model.model if hasattr(model, "model") else model
+        for L in config.layers:
+            indexer.layer(L).copy_native(decoder.layers[L].self_attn)
+        return indexer
+
+    def layer(self, layer: int) -> MemoryIndexerLayer:
+        key = str(int(layer))
+        if key not in self.layers:
+            raise FmIndexError(f"layer {layer} is not a memory-indexer layer of this indexer "
+                               f"({list(self.config.layers)})")
+        return self.layers[key]
+
+    # -- scoring ----------------------------------------------------------------------------------------
+    def logits(self, layer: int, hidden: torch.Tensor, positions, keys: torch.Tensor,
+               chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """sigmoid^-1 I[t, s]: hidden [R, d], positions [R], keys [T, dh] -> fp32 [R, T]."""
+        positions = torch.as_tensor(positions, device=hidden.device).reshape(-1)
+        return self.layer(layer).logits(hidden, positions, keys, chunk_size)
+
+    def score(self, layer: int, hidden: torch.Tensor, positions, keys: torch.Tensor,
+              chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """I[t, s] = sigmoid(...) in [0, 1]: hidden [R, d], positions [R], keys [T, dh] -> fp32 [R, T].
+
+        The caller passes the keys a trigger may see (``keys[:n_visible]``); rows share the keys.
+        """
+        return torch.sigmoid(self.logits(layer, hidden, positions, keys, chunk_size))
+
+    @torch.no_grad()
+    def fetch(self, hiddens_by_layer: dict, position: int, keys_by_layer: dict, n_visible: int | None = None,
+              threshold: float | None = None, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """Entries to fetch at trigger ``position``: sorted LongTensor of s < n_visible with I[t, s] >= threshold
+        at ANY memory layer (OR-union). ``hiddens_by_layer[L]``: h_t [d]; ``keys_by_layer[L]``: [>= n_visible, dh]."""
+        threshold = self.config.threshold if threshold is None else float(threshold)
+        if n_visible is None:
+            n_visible = (int(position) + 1) // self.config.compress_rate
+        selected = None
+        for L in self.config.layers:
+            keys = keys_by_layer[L][:n_visible]
+            hidden = torch.as_tensor(hiddens_by_layer[L]).reshape(1, -1)
+            probs = self.score(L, hidden, torch.tensor([int(position)]), keys, chunk_size)[0]
+            hit = probs >= threshold
+            selected = hit if selected is None else selected | hit.to(selected.device)
+        if selected is None or selected.numel() == 0:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.nonzero(selected, as_tuple=False).reshape(-1).cpu()
+
+    # -- export -----------------------------------------------------------------------------------------
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """``layers.{L}.W_DQ.weight`` ... as contiguous CPU fp32 tensors (rope buffers are not weights)."""
+        return {name: t.detach().float().cpu().contiguous() for name, t in self.state_dict().items()}
+
+    def save_export(self, directory: str | Path, metrics: dict | None = None) -> Path:
+        """Write ``model.safetensors`` + ``lsa_config.json`` atomically (temp dir, then rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()):
+            raise ExportError(f"export directory {directory} exists and is not empty")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        config = self.config.with_metrics(metrics if metrics is not None else self.config.metrics)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            save_file(self.export_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": EXPORT_FORMAT})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            for path in (tmp, tmp / WEIGHTS_NAME, tmp / CONFIG_NAME):  # mkdtemp makes 0700: use the usual modes
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+            if directory.exists():
+                directory.rmdir()
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_export(cls, directory: str | Path, expected_config_hash: str | None = None,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "MemoryIndexer":
+        """Load an export (torch + safetensors only). ``expected_config_hash``: the serving backbone's
+        ``lsa_runtime.backbone.config_hash``; a mismatch is an :class:`ExportError`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not cfg_path.is_file() or not weights_path.is_file():
+            raise ExportError(f"{directory} is not a memory-indexer export (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                              "run fm-index export")
+        try:
+            config = MemoryIndexerConfig.from_json(json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ExportError(f"corrupt {cfg_path}: {exc}") from None
+        if expected_config_hash is not None and config.backbone_config_hash != expected_config_hash:
+            raise ExportError(f"the memory indexer in {directory} was trained for backbone config "
+                              f"{config.backbone_config_hash}, not this backbone ({expected_config_hash})")
+        indexer = cls(config)
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise ExportError(f"corrupt {weights_path}: {exc}") from None
+        expected = set(indexer.state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ExportError(f"{weights_path} does not match {CONFIG_NAME}: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+        try:
+            indexer.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ExportError(f"{weights_path} does not match {CONFIG_NAME}: {str(exc).splitlines()[-1]}") from None
+        indexer.to(device=device)
+        for module in indexer.modules():  # only the projections: rope buffers and the RMSNorm weight stay fp32
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.to(dtype)
+        return indexer.eval()
+
+
+def sigmoid_inverse(p: torch.Tensor) -> torch.Tensor:
+    """logit(p) = log(p / (1 - p)); used to compare memory scores with native raw logits."""
+    p = p.double()
+    return torch.log(p) - torch.log1p(-p)
+
+
+__all__ = ["MemoryIndexer", "MemoryIndexerLayer", "MemoryIndexerConfig", "IndexerRotary", "ExportError",
+           "sigmoid_inverse", "EXPORT_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]

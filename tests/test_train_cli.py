@@ -1,0 +1,139 @@
+"""`fm-index train / eval / export` through the CLI: the happy path and every bad input (one line, exit 2,
+nothing half-written)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from indexer_train.shards import LabelShards
+from lsa_runtime.memory_indexer import MemoryIndexer
+from tests.shard_fixtures import set_manifest, write_synthetic_shards
+
+TRAIN = ["--rank", "16", "--epochs", "2", "--batch-size", "8", "--lr", "3e-2", "--eval-fraction", "0.34"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, pattern: str):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert pattern.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory):
+    return write_synthetic_shards(tmp_path_factory.mktemp("cli") / "labels", n_docs=6, tokens=256, seed=11)
+
+
+@pytest.fixture(scope="module")
+def finished_run(labels, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    result = invoke("train", "--labels", labels, "--out", out, *TRAIN)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_eval_export_happy_path(labels, finished_run, tmp_path):
+    out, train_output = finished_run
+    assert "held-out documents (2)" in train_output and "recency" in train_output and "chance" in train_output
+    result = invoke("eval", "--indexer", out, "--labels", labels)
+    assert result.exit_code == 0, result.output
+    assert "held-out documents (2)" in result.output and "union" in result.output
+    result = invoke("eval", "--indexer", out, "--labels", labels, "--documents", "all")
+    assert result.exit_code == 0 and "all documents (6)" in result.output
+    result = invoke("export", "--model", out, "--out", tmp_path / "export")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "export" / "lsa_config.json").read_text())
+    assert cfg["layers"] == [2, 4] and cfg["rank"] == 16 and cfg["index_n_heads"] == 8 and cfg["tau"] == 16
+    assert cfg["backbone_config_hash"] == LabelShards(labels).config_hash
+    assert set(cfg["metrics"]["heldout"]) >= {"union_f1", "union_recall", "union_native_coverage"}
+    MemoryIndexer.from_export(tmp_path / "export", expected_config_hash=cfg["backbone_config_hash"])
+    # eval of the export prints the same table as eval of the run (held-out documents recorded in the export)
+    of_export = invoke("eval", "--indexer", tmp_path / "export", "--labels", labels)
+    of_run = invoke("eval", "--indexer", out, "--labels", labels)
+    assert of_export.exit_code == 0 and "held-out documents (2)" in of_export.output
+    assert table_lines(of_export.output) == table_lines(of_run.output) and len(table_lines(of_run.output)) == 5
+
+
+def table_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("│ ") and "│" in line[2:]
+            and any(name in line for name in ("layer", "union", "recency", "chance"))]
+
+
+def test_bad_layers(labels, tmp_path):
+    assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "o", "--layers", "2,6", *TRAIN),
+                      "layer(s) [6] missing from the label shards")
+    assert not (tmp_path / "o").exists()
+
+
+def test_layer_missing_from_keys_files(labels, tmp_path):
+    bad = shutil.copytree(labels, tmp_path / "labels")
+    set_manifest(bad, params__layers=[2, 4, 6])  # the manifest claims a layer the shards do not hold
+    assert_user_error(invoke("train", "--labels", bad, "--out", tmp_path / "o", "--layers", "6", *TRAIN),
+                      "missing from keys file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_other_backbone(labels, tmp_path):
+    assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "o", "--model", "tiny", *TRAIN),
+                      "built for another backbone")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_on_labels_of_another_backbone(labels, finished_run, tmp_path):
+    other = write_synthetic_shards(tmp_path / "other", n_docs=2, tokens=128, config_hash="otherbackbone000")
+    assert_user_error(invoke("eval", "--indexer", finished_run[0], "--labels", other), "another backbone")
+
+
+def test_empty_splits(tmp_path):
+    one = write_synthetic_shards(tmp_path / "one", n_docs=1, tokens=128)
+    assert_user_error(invoke("train", "--labels", one, "--out", tmp_path / "o", *TRAIN), "eval split is empty")
+    two = write_synthetic_shards(tmp_path / "two", n_docs=2, tokens=128)
+    assert_user_error(invoke("train", "--labels", two, "--out", tmp_path / "o", "--rank", "16", "--eval-fraction",
+                             "0.9"), "train split is empty")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["manifest", "rows", "keys", "unfinished"])
+def test_corrupt_shards(labels, tmp_path, damage):
+    bad = Path(shutil.copytree(labels, tmp_path / "labels"))
+    if damage == "manifest":
+        (bad / "manifest.json").write_text("{not json")
+        pattern = "corrupt manifest"
+    elif damage == "rows":
+        (bad / "rows" / "00000003.arrow").write_bytes(b"\x00garbage")
+        pattern = "corrupt rows file"
+    elif damage == "keys":
+        data = (bad / "keys" / "00000001.arrow").read_bytes()
+        (bad / "keys" / "00000001.arrow").write_bytes(data[: len(data) // 2])  # truncated
+        pattern = "corrupt or missing keys file"
+    else:
+        set_manifest(bad, complete=False)
+        pattern = "unfinished"
+    assert_user_error(invoke("train", "--labels", bad, "--out", tmp_path / "o", *TRAIN), pattern)
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_of_unfinished_run_and_existing_outputs(labels, finished_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_state.json").write_text(json.dumps({"complete": False}))
+    assert_user_error(invoke("export", "--model", run, "--out", tmp_path / "export"), "unfinished")
+    assert not (tmp_path / "export").exists()
+    assert_user_error(invoke("export", "--model", tmp_path / "nothing", "--out", tmp_path / "export"), "does not exist")
+    # an occupied --out is refused, for train and export alike
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file").write_text("x")
+    assert_user_error(invoke("export", "--model", finished_run[0], "--out", tmp_path / "busy"), "not empty")
+    assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "busy", *TRAIN), "not empty")
+    assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "busy", "--resume", *TRAIN),
+                      "no interrupted")
+    assert_user_error(invoke("train", "--labels", labels, "--out", finished_run[0], "--resume", *TRAIN),
+                      "already complete")
