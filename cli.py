@@ -477,5 +477,65 @@ def _print_evaluation(results: dict, out: str):
                   f"{out}/footprint_vs_length.png")
 
 
+# ---- pipeline: the whole method in one command (the main job) -------------------------------------
+
+
+@app.command("pipeline")
+@user_errors_exit_2
+def pipeline_command(
+    out: str = typer.Option("runs/demo", "--out", help="Run directory: labels/, train/, export/, evaluation/."),
+    model: str = typer.Option(None, "--model", help="Backbone (default: the bundled default model)."),
+    corpus: str = typer.Option(None, "--corpus", help="Training corpus (default: the bundled sample, 12 stdlib "
+                               "modules)."),
+    tau: int = typer.Option(64, "--tau", help="Trigger period tau (labels and decoding)."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
+    rank: int = typer.Option(256, "--rank", help="Inner rank r of the memory indexer (2048 at Flash scale)."),
+    lengths: str = typer.Option("1024,2048", "--lengths", help="Evaluation prompt lengths in tokens."),
+    tasks: str = typer.Option("niah_single_1,niah_multikey_1,vt", "--tasks", help="Evaluation tasks."),
+    samples: int = typer.Option(2, "--samples", help="Evaluation prompts per task and length."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda ... (default: cuda if available)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted pipeline run in --out."),
+):
+    """Run the whole method on a bundled backbone: build-labels -> train -> export -> a short evaluate.
+
+    Each step is the command of the same name, run with --resume when --resume is given, so an interrupted
+    pipeline continues where it stopped. Ends with the footprint / accuracy table of full, LSA and recency
+    decoding at the same resident budget.
+    """
+    from pathlib import Path
+
+    from lsa_runtime.backbone import DATA_DIR, default_model_name
+
+    model = model or default_model_name()
+    corpus = corpus or str(DATA_DIR / "sample" / "corpus.jsonl")
+    run = Path(out)
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise FmIndexError(f"{run} already holds a pipeline run; pass --resume or choose another --out")
+    device = device or _default_device()
+    again = ["--resume"] if resume else []
+    steps = [
+        ("1/4 build-labels", ["build-labels", "--model", model, "--corpus", corpus, "--out", str(run / "labels"),
+                              "--tau", str(tau), "--device", device, *again]),
+        ("2/4 train", ["train", "--labels", str(run / "labels"), "--out", str(run / "train"), "--rank", str(rank),
+                       "--epochs", str(epochs), "--model", model, *again]),
+        ("3/4 export", ["export", "--model", str(run / "train"), "--out", str(run / "export")]),
+        ("4/4 evaluate", ["evaluate", "--model", model, "--indexer", str(run / "export"), "--modes",
+                          "full,lsa,recent", "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),
+                          "--tau", str(tau), "--device", device, "--out", str(run / "evaluation"), *again]),
+    ]
+    command = typer.main.get_command(app)
+    for title, argv in steps:
+        if title.endswith("export") and (run / "export" / "lsa_config.json").is_file():
+            console.rule(f"[bold]{title}[/]: already done")
+            continue
+        console.rule(f"[bold]{title}[/]: fm-index {' '.join(argv)}")
+        try:
+            command.main(argv, prog_name="fm-index", standalone_mode=False)
+        except SystemExit as exc:
+            if exc.code:
+                raise
+    console.print(f"done: {run}/evaluation/results.md holds the table; plots beside it")
+
+
 if __name__ == "__main__":
     app()
