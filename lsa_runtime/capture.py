@@ -59,6 +59,17 @@ class IndexerObserver:
     def on_chunk_end(self, chunk: ChunkInfo) -> None: ...
 
 
+def prefill_chunk_length(config, start: int, chunk_size: int, max_score_bytes: int) -> int:
+    """Prefill chunk at ``start``: ``chunk_size``, halved (not below 16) while the fp32 [S, H, T] scores of the
+    scorer and the eager attention (H = the larger head count, T = entries + window) exceed the byte budget."""
+    heads = max(config.index_n_heads, config.num_attention_heads)
+    rate = csa_rate(config)
+    length = chunk_size
+    while length > 16 and length * heads * ((start + length) // rate + config.sliding_window) * 4 > max_score_bytes:
+        length //= 2
+    return max(1, min(length, chunk_size))
+
+
 class IndexerCapture:
     """Prefill one sequence in chunks through the stock model, reporting indexer internals to an observer.
 
@@ -92,13 +103,8 @@ class IndexerCapture:
         self.max_score_bytes = int(max_score_bytes)
 
     def chunk_length(self, start: int) -> int:
-        """Tokens in the chunk starting at ``start``: ``chunk_size``, shrunk so [S, H, T] fp32 fits the budget."""
-        heads = max(self.config.index_n_heads, self.config.num_attention_heads)
-        length = self.chunk_size
-        while length > 16 and length * heads * ((start + length) // self.rate + self.config.sliding_window) * 4 \
-                > self.max_score_bytes:
-            length //= 2
-        return max(1, min(length, self.chunk_size))
+        """Tokens in the chunk starting at ``start`` (see :func:`prefill_chunk_length`)."""
+        return prefill_chunk_length(self.config, start, self.chunk_size, self.max_score_bytes)
 
     def _register(self, observer: IndexerObserver, chunk_ref: list[ChunkInfo]):
         handles = []

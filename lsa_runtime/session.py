@@ -27,6 +27,7 @@ import torch
 
 from .backbone import (CSA, HCA, cache_kwarg, config_hash, csa_layers, csa_rate, load_backbone,
                        validate_memory_layers)
+from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
 from .errors import FmIndexError
 from .lsa_cache import LSACSACache, build_lsa_cache, install_lsa_compressors
@@ -454,13 +455,7 @@ class Session:
         return out.logits[0, -1]
 
     def _chunk_length(self, start: int) -> int:
-        """Prefill chunk at ``start``: ``chunk_size``, halved while the fp32 [S, H, T] scores exceed the budget."""
-        heads = max(self.config.index_n_heads, self.config.num_attention_heads)
-        length = self.chunk_size
-        while length > 16 and length * heads * ((start + length) // self.rate + self.config.sliding_window) * 4 \
-                > self.max_score_bytes:
-            length //= 2
-        return max(1, length)
+        return prefill_chunk_length(self.config, start, self.chunk_size, self.max_score_bytes)
 
     # ---- triggers -----------------------------------------------------------------------------------------
 
