@@ -163,6 +163,7 @@ def _backbone_block(name: str, config) -> dict:
         "index_topk": geo.index_topk,
         "rope": config.rope_parameters["compress"],
         "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
     }
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .errors import FmIndexError
-from .kernels.gated_score import fused_gated_logits, gated_logits_torch
+from .kernels.gated_score import fused_gated_logits
 
 EXPORT_FORMAT = "fm-index-lsa/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -216,10 +216,7 @@ class MemoryIndexerLayer(nn.Module):
         t_len = keys.shape[0]
         if t_len == 0:
             return q.new_zeros(q.shape[0], 0, dtype=torch.float32)
-        # the fused Triton kernel needs a power-of-two head_dim >= 16 (tl.dot / tl.arange); else the torch path
-        dh = q.shape[-1]
-        gated = fused_gated_logits if dh >= 16 and dh & (dh - 1) == 0 else gated_logits_torch
-        parts = [gated(q, w, keys[start : start + chunk_size], self.softmax_scale)
+        parts = [fused_gated_logits(q, w, keys[start : start + chunk_size], self.softmax_scale)
                  for start in range(0, t_len, max(1, int(chunk_size)))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

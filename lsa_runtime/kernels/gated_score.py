@@ -25,10 +25,14 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def triton_available(device: torch.device | str) -> bool:
+def triton_available(device: torch.device | str, head_dim: int | None = None) -> bool:
+    """Whether the Triton kernels can run: a CUDA device (or the CPU interpreter) and, for tl.dot/tl.arange,
+    a power-of-two head_dim >= 16 (the V4 indexer's 128 is; other sizes take the torch path)."""
     import os
 
     if triton is None:
+        return False
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
         return False
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -120,7 +124,7 @@ def _launch(kernel, grid, *args, **kwargs):
 
 def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
     """Fused forward: q [R, H, D], w [R, H], keys [T, D] -> fp32 [R, T]. Torch path where Triton cannot run."""
-    if not triton_available(q.device):
+    if not triton_available(q.device, q.shape[-1]):
         return gated_logits_torch(q, w, keys, scale)
     q, w, keys = q.contiguous(), w.contiguous(), keys.to(q.dtype).contiguous()
     rows, heads, dim = q.shape
@@ -134,7 +138,7 @@ def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
 
 def gated_logits_backward(q, w, keys, grad_z, scale: float):
     """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen)."""
-    if not triton_available(q.device):
+    if not triton_available(q.device, q.shape[-1]):
         with torch.enable_grad():
             qq, ww = q.detach().requires_grad_(), w.detach().float().requires_grad_()
             z = gated_logits_torch(qq, ww, keys, scale)
