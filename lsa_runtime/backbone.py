@@ -131,18 +131,9 @@ def csa_layers(config) -> list[int]:
     return [i for i, t in enumerate(config.layer_types) if t == CSA]
 
 
-def hca_layers(config) -> list[int]:
-    return [i for i, t in enumerate(config.layer_types) if t == HCA]
-
-
 def csa_rate(config) -> int:
     """m: source tokens per CSA compressed entry (4 in every released V4)."""
     return int(config.compress_rates[CSA])
-
-
-def visible_entries(position: int | torch.Tensor, rate: int):
-    """Number of compressed entries a query at ``position`` may use: s < (t + 1) // m."""
-    return (position + 1) // rate
 
 
 def default_memory_layers(config) -> list[int]:
@@ -198,16 +189,6 @@ def config_hash(config) -> str:
         fields.pop(volatile, None)
     blob = json.dumps(fields, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def weights_fingerprint(model) -> str:
-    """Hash of the indexer-side weights: two checkpoints with one config but other weights differ here."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if ".compressor.indexer." in name or name.endswith("embed_tokens.weight"):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:1 << 16])
-    return digest.hexdigest()[:16]
 
 
 def cache_kwarg() -> str:
