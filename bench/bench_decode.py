@@ -1,0 +1,185 @@
+"""Decode-step latency and resident KV bytes at DeepSeek-V4-Flash dimensions: full vs LSA vs per-step fetch.
+
+    python bench/bench_decode.py [--contexts 32768,131072,524288] [--resident 4096] [--tau 64] [--json out.json]
+
+The backbone is ``bench/flash_model.py`` (V4-Flash attention and KV layout, shrunk MoE, random bf16). Its
+cache is filled synthetically, not by prefilling 512K tokens: every layer's sliding window (127 tokens), and
+per CSA/HCA layer random compressed entries of the right shapes (context/4 resp. context/128), with the
+position counters set to the context length. Then single-token decode steps run through the real model:
+
+* ``full``: the stock ``DynamicCache`` (every CSA entry and indexer key on the device);
+* ``lsa``: ``LSACSACache`` layers (``lsa_runtime/lsa_cache.py``) over a filled cold pool; a trigger every tau
+  steps scores all entries with the three memory indexers (random weights: scores are not meaningful, so the
+  resident set is the ``--resident`` highest-scoring entries, the budget cap) and fetches the new ones;
+  the native top-k scans only resident entries;
+* ``hisparse``: the lossless per-step scheme, native top-k over all entries every step, picks served by a
+  device buffer of ``--resident`` rows with misses fetched from the pool.
+
+Reported per context and mode: median step time over non-trigger steps, mean over all steps (triggers
+included), resident device KV bytes and their ratio to what full decoding holds for the same tokens (both
+from ``lsa_runtime.session.measure_cache``).
+``--small`` shrinks the model for a CPU smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.flash_model import FLASH_LAYER_TYPES, flash_config  # noqa: E402
+from lsa_runtime.backbone import CSA, HCA, cache_kwarg, csa_layers, default_memory_layers  # noqa: E402
+from lsa_runtime.cold_pool import ColdPool  # noqa: E402
+from lsa_runtime.lsa_cache import LSACSACache, build_lsa_cache, install_lsa_compressors  # noqa: E402
+from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig  # noqa: E402
+from lsa_runtime.session import measure_cache  # noqa: E402
+
+
+def small_config():
+    from transformers import DeepseekV4Config
+
+    n = 12
+    return DeepseekV4Config(num_hidden_layers=n, layer_types=FLASH_LAYER_TYPES[:n], hidden_size=256, head_dim=128,
+                            num_attention_heads=4, q_lora_rank=64, o_groups=2, o_lora_rank=64, index_n_heads=16,
+                            index_head_dim=64, index_topk=64, n_routed_experts=2, num_local_experts=2,
+                            num_experts_per_tok=1, moe_intermediate_size=64, intermediate_size=64, vocab_size=512)
+
+
+def fill_stock_layer(layer, kind: str, context: int, config, gen, device, dtype):
+    """Sliding window + (for CSA/HCA) compressed entries of a stock cache layer, as after ``context`` tokens."""
+    window = config.sliding_window - 1
+    kv = torch.randn(1, 1, window, config.head_dim, generator=gen, device=device).to(dtype)
+    layer.update(kv, kv)
+    layer.cumulative_length = context
+    if kind in (CSA, HCA) and not isinstance(layer, LSACSACache):
+        n = context // config.compress_rates[kind]
+        layer.compressed_kv["compressor"] = torch.randn(1, n, config.head_dim, generator=gen, device=device).to(dtype)
+        layer.entry_count["compressor"] = n
+        if kind == CSA:
+            layer.compressed_kv["indexer"] = torch.randn(1, n, config.index_head_dim, generator=gen,
+                                                         device=device).to(dtype)
+            layer.entry_count["indexer"] = n
+
+
+def fill_lsa_layer(layer: LSACSACache, context: int, config, gen, device, dtype):
+    """An LSA CSA layer after ``context`` tokens: all entries in the pool, decoding state, empty resident set."""
+    n = context // config.compress_rates[CSA]
+    for name, width in layer.widths.items():
+        rows = torch.randn(1, n, width, generator=gen, device=device).to(dtype)
+        layer.update_compressor_states(name, rows)  # prefill semantics: pool + all index keys where kept
+    layer.end_prefill()
+
+
+def step_times(model, cache, context, steps, trigger=None, tau=64):
+    kw = cache_kwarg()
+    device = next(model.parameters()).device
+    times, trigger_steps = [], set()
+    token = torch.tensor([[5]], device=device)
+    for i in range(steps):
+        if trigger is not None and i % tau == 0:
+            trigger_steps.add(i)
+        start = time.perf_counter()
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        if i in trigger_steps:
+            trigger(context + i)
+        with torch.no_grad():
+            model(input_ids=token, position_ids=torch.tensor([[context + i]], device=device), use_cache=True,
+                  **{kw: cache})
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times, trigger_steps
+
+
+def main():
+    from transformers import DeepseekV4ForCausalLM, DynamicCache
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="32768,131072,524288")
+    ap.add_argument("--resident", type=int, default=4096, help="resident entries (lsa) / buffer rows (hisparse)")
+    ap.add_argument("--tau", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=130)
+    ap.add_argument("--modes", default="full,lsa,hisparse")
+    ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = small_config() if args.small else flash_config()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DeepseekV4ForCausalLM(config)
+    model = model.to(dtype).eval()
+    install_lsa_compressors(model)  # stock behaviour with a stock cache
+    layers = default_memory_layers(config)
+    mcfg = MemoryIndexerConfig.from_backbone_config(config, layers, rank=2048 if not args.small else 128,
+                                                    tau=args.tau)
+    indexer = MemoryIndexer(mcfg).to(device)
+    for module in indexer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.to(dtype)
+    rows = []
+    for context in [int(x) for x in args.contexts.split(",")]:
+        for mode in args.modes.split(","):
+            gen = torch.Generator(device=device).manual_seed(context)
+            trigger = None
+            if mode == "full":
+                cache = DynamicCache(config=config)
+            else:
+                pool = ColdPool(csa_layers(config), {"compressor": config.head_dim, "indexer": config.index_head_dim},
+                                dtype, initial_entries=context // 4 + args.steps)
+                cache = build_lsa_cache(config, pool, layers if mode == "lsa" else [],
+                                        buffer_entries=args.resident if mode == "hisparse" else None)
+            for idx, kind in enumerate(config.layer_types):
+                layer = cache.layers[idx]
+                if isinstance(layer, LSACSACache):
+                    fill_lsa_layer(layer, context, config, gen, device, dtype)
+                fill_stock_layer(layer, kind, context, config, gen, device, dtype)
+            if mode == "lsa":
+                lsa_layers = [cache.layers[i] for i in csa_layers(config)]
+                hidden = {L: torch.randn(config.hidden_size, generator=gen, device=device).to(dtype) for L in layers}
+
+                def trigger(position, lsa_layers=lsa_layers, hidden=hidden):
+                    n = lsa_layers[0].n_entries
+                    keys = {L: cache.layers[L].all_index_keys.view() for L in layers}
+                    best = None
+                    for L in layers:
+                        probs = indexer.score(L, hidden[L].unsqueeze(0), torch.tensor([position]), keys[L][:n])[0]
+                        best = probs if best is None else torch.maximum(best, probs)
+                    ids = best.topk(min(args.resident, n)).indices.sort().values.cpu()
+                    for layer in lsa_layers:
+                        layer.set_resident(ids, args.tau // 4 + 2)
+            times, trigger_steps = step_times(model, cache, context, args.steps, trigger, args.tau)
+            held, full, _, _ = measure_cache(cache, config)
+            device_bytes, full_bytes = sum(held.values()), sum(full.values())
+            plain = sorted(t for i, t in enumerate(times[2:], start=2) if i not in trigger_steps)
+            row = {"context": context, "mode": mode, "median_step_ms": plain[len(plain) // 2],
+                   "mean_step_ms": sum(times[2:]) / len(times[2:]),
+                   "trigger_step_ms": [times[i] for i in sorted(trigger_steps) if i >= 2],
+                   "resident_bytes": device_bytes, "ratio_to_full": device_bytes / full_bytes}
+            rows.append(row)
+            print(f"{context:>8,} {mode:9s} median step {row['median_step_ms']:8.2f} ms  mean (with triggers) "
+                  f"{row['mean_step_ms']:8.2f} ms  resident KV {device_bytes / 2**20:9.1f} MiB  "
+                  f"ratio {row['ratio_to_full']:.3f}", flush=True)
+            del cache
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda"
+                       else "cpu", "resident": args.resident, "tau": args.tau, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
