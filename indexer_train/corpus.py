@@ -124,9 +124,10 @@ class Corpus:
 
 
 def tokenize(doc: Document, tokenizer) -> list[int]:
-    """Token ids of a document (``input_ids`` as given, or ``text`` through the backbone's tokenizer)."""
+    """Token ids of a document: ``input_ids`` as given, or ``text`` through the backbone's tokenizer with its
+    special tokens (a BOS where the tokenizer adds one), exactly as ``lsa_runtime.Session`` encodes a prompt."""
     if doc.input_ids is not None:
         return doc.input_ids
     if tokenizer is None:
         raise CorpusError(f"document '{doc.id}' has text but the model has no tokenizer; give input_ids")
-    return tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+    return tokenizer(doc.text)["input_ids"]
