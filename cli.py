@@ -489,6 +489,8 @@ def pipeline_command(
                                "modules)."),
     tau: int = typer.Option(64, "--tau", help="Trigger period tau (labels and decoding)."),
     epochs: float = typer.Option(3.0, "--epochs", help="Training epochs."),
+    eval_fraction: float = typer.Option(0.25, "--eval-fraction", help="Share of documents held out for the "
+                                        "indexer's evaluation (the sample corpus has 12)."),
     rank: int = typer.Option(256, "--rank", help="Inner rank r of the memory indexer (2048 at Flash scale)."),
     lengths: str = typer.Option("1024,2048", "--lengths", help="Evaluation prompt lengths in tokens."),
     tasks: str = typer.Option("niah_single_1,niah_multikey_1,vt", "--tasks", help="Evaluation tasks."),
@@ -517,7 +519,7 @@ def pipeline_command(
         ("1/4 build-labels", ["build-labels", "--model", model, "--corpus", corpus, "--out", str(run / "labels"),
                               "--tau", str(tau), "--device", device, *again]),
         ("2/4 train", ["train", "--labels", str(run / "labels"), "--out", str(run / "train"), "--rank", str(rank),
-                       "--epochs", str(epochs), "--model", model, *again]),
+                       "--epochs", str(epochs), "--eval-fraction", str(eval_fraction), "--model", model, *again]),
         ("3/4 export", ["export", "--model", str(run / "train"), "--out", str(run / "export")]),
         ("4/4 evaluate", ["evaluate", "--model", model, "--indexer", str(run / "export"), "--modes",
                           "full,lsa,recent", "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),
