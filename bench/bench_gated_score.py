@@ -19,24 +19,23 @@ import torch
 
 from lsa_runtime.kernels.gated_score import fused_gated_logits, gated_logits_torch
 
+try:
+    from bench.timing import median_ms
+except ImportError:  # run as a script: bench/ is on sys.path
+    from timing import median_ms
+
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def time_ms(fn, warmup=3, reps=10):
+def time_ms(fn):
+    """triton.testing.do_bench (median over 300 ms after 50 ms of warm-up) on a GPU; median of 10 runs on CPU."""
     if torch.cuda.is_available():
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, reps=10)
 
 
 def workload_flops(n_docs=10_000, lo=16_384, hi=524_288, layers=3, heads=64, dim=128, tau=64, rate=4):

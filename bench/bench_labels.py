@@ -24,27 +24,10 @@ import torch
 
 from indexer_train.labels import WindowLabeler, nucleus_mask, visible_softmax
 
-
-def cuda_time_ms(fn, reps=5):
-    if torch.cuda.is_available():
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+try:
+    from bench.timing import median_ms
+except ImportError:  # run as a script: bench/ is on sys.path
+    from timing import median_ms
 
 
 def oracle_row(probs_row, p):
@@ -107,8 +90,8 @@ def main():
                 labeler.add_logits(logits)
             labeler.end_chunk()
 
-        t_indexer = cuda_time_ms(indexer_pass, reps=3)
-        t_label = cuda_time_ms(label_pass, reps=3)
+        t_indexer = median_ms(indexer_pass, reps=3)
+        t_label = median_ms(label_pass, reps=3)
         rows.append({"sharpness": sharp, "nucleus_mean": nucleus_size,
                      "indexer_ms_per_1k_tokens": t_indexer * 1024 / S, "labels_ms_per_1k_tokens": t_label * 1024 / S,
                      "ratio": t_label / t_indexer})

@@ -24,26 +24,10 @@ from lsa_runtime.cold_pool import ColdPool
 from lsa_runtime.kernels.pool_gather import gather_rows, zero_copy_available
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 
-
-def timed_ms(fn, reps=10):
-    cuda = torch.cuda.is_available()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+try:
+    from bench.timing import median_ms
+except ImportError:  # run as a script: bench/ is on sys.path
+    from timing import median_ms
 
 
 def main():
@@ -74,7 +58,7 @@ def main():
     keys = {L: torch.randn(T, cfg.index_head_dim, device=device, dtype=dtype, generator=gen) for L in layers}
     hidden = {L: torch.randn(cfg.hidden_size, device=device, dtype=dtype, generator=gen) for L in layers}
     position = args.context - 1
-    t_score = timed_ms(lambda: indexer.fetch(hidden, position, keys, T, chunk_size=T))
+    t_score = median_ms(lambda: indexer.fetch(hidden, position, keys, T, chunk_size=T))
     result["score_ms"] = t_score
 
     # 2. fetch from the pinned pool
@@ -110,14 +94,14 @@ def main():
         target.copy_(contiguous, non_blocking=True)
 
     result["fetch"] = {"entries_per_layer": n, "bytes": total}
-    result["fetch"]["staged_ms"] = timed_ms(staged, reps=5)
-    result["fetch"]["ceiling_ms"] = timed_ms(ceiling, reps=5)
+    result["fetch"]["staged_ms"] = median_ms(staged, reps=5)
+    result["fetch"]["ceiling_ms"] = median_ms(ceiling, reps=5)
     if zero_copy_available(pool.host_rows(0, "compressor"), device):
         zero_copy()
         for L in (0, args.csa_layers - 1):  # same rows as the staged path, bit for bit
             for name in pool.widths:
                 assert torch.equal(outs[(L, name)].cpu(), pool.gather(L, name, ids, "cpu")), (L, name)
-        result["fetch"]["zero_copy_ms"] = timed_ms(zero_copy, reps=5)
+        result["fetch"]["zero_copy_ms"] = median_ms(zero_copy, reps=5)
     for key in ("staged", "zero_copy", "ceiling"):
         ms = result["fetch"].get(f"{key}_ms")
         if ms:
