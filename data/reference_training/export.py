@@ -26,6 +26,8 @@ def main(argv=None):
     parser.add_argument("--ckpt", type=Path, required=True, help="training checkpoint folder (state.json)")
     parser.add_argument("--out", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--note", default="", help="one line for fm_index.json")
+    parser.add_argument("--default", action="store_true",
+                        help="make it the default backbone of every command (only once it meets its retrieval targets)")
     args = parser.parse_args(argv)
     model, state = load_checkpoint(args.ckpt)
     tmp = args.out.with_name(args.out.name + ".export-tmp")
@@ -36,7 +38,8 @@ def main(argv=None):
             (tmp / name).replace(args.out / name)
     shutil.rmtree(tmp)
     meta = {"name": "reference", "trained": True, "step": state["step"], "parameters": state["parameters"],
-            "card": "README.md", "training": "data/reference_training/", "note": args.note}
+            "card": "README.md", "training": "data/reference_training/", "note": args.note,
+            "default": bool(args.default)}
     (args.out / "fm_index.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.out} from {args.ckpt} (step {state['step']})")
 

@@ -47,8 +47,9 @@ class BatchSampler:
 
     MIX = (("niah_single", 0.4), ("niah_multikey", 0.2), ("niah_multivalue", 0.2), ("vt", 0.2))
 
-    def __init__(self, tokenizer, train_tokens: np.ndarray, code_frac: float, seed: int):
+    def __init__(self, tokenizer, train_tokens: np.ndarray, code_frac: float, seed: int, mix=None):
         self.tokens = train_tokens
+        self.mix = tuple(mix) if mix else self.MIX
         self.builder = TaskBuilder(tokenizer, train_tokens, tokenizer.bos_token_id)
         self.bos = tokenizer.bos_token_id
         self.code_frac = code_frac
@@ -62,10 +63,13 @@ class BatchSampler:
             start = int(rng.integers(0, len(self.tokens) - length))
             ids = np.concatenate([[self.bos], self.tokens[start:start + length - 1]]).astype(np.int64)
             return ids, answer
-        tasks, probs = zip(*self.MIX)
-        task = tasks[rng.choice(len(tasks), p=np.asarray(probs))]
+        tasks, probs = zip(*self.mix)
+        task = tasks[rng.choice(len(tasks), p=np.asarray(probs) / sum(probs))]
         kind = "number" if task == "niah_multivalue" else None  # 4 uuids (~100 tokens) are not a useful target
-        sample = self.builder.build(rng, task, length, kind=kind)
+        try:
+            sample = self.builder.build(rng, task, length, kind=kind)
+        except ValueError:  # a multi-needle task does not fit a short curriculum stage: one needle instead
+            sample = self.builder.build(rng, "niah_single", length, kind=kind)
         answer[sample.answer_start - 1:sample.answer_start - 1 + sample.answer_len] = True
         return sample.input_ids, answer
 
@@ -124,11 +128,23 @@ def load_checkpoint(ckpt: Path):
     from safetensors.torch import load_file
     from transformers import DeepseekV4Config
 
-    state = json.loads((ckpt / "state.json").read_text())
+    if (ckpt / "state.json").is_file():
+        state = json.loads((ckpt / "state.json").read_text())
+        files = sorted(ckpt.glob("weights-*.safetensors"))
+    elif (ckpt / "model.safetensors").is_file():  # an exported model folder such as data/reference
+        from transformers import DeepseekV4ForCausalLM
+
+        # save_pretrained wrote the official checkpoint names: let transformers map them back
+        model = DeepseekV4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        meta = json.loads((ckpt / "fm_index.json").read_text()) if (ckpt / "fm_index.json").is_file() else {}
+        return model, {"step": int(meta.get("step", 0)), "config": model.config.to_dict(), "args": {"seed": 0},
+                       "log": []}
+    else:
+        raise SystemExit(f"{ckpt} is neither a training checkpoint (state.json) nor a model folder")
     config = DeepseekV4Config(**state["config"])
     model = new_model(config, state["args"]["seed"])
     weights = {}
-    for f in sorted(ckpt.glob("weights-*.safetensors")):
+    for f in files:
         weights.update(load_file(f))
     params = model.state_dict()
     missing = set(params) - set(weights)
@@ -150,6 +166,22 @@ def lr_at(step: int, args) -> float:
     if step >= decay_start:
         scale *= 1.0 - 0.9 * (step - decay_start) / max(1, args.decay_steps)
     return args.lr * scale
+
+
+def parse_mix(text: str | None):
+    """``"niah_single=0.5,vt=0.5"`` -> ((task, weight), ...); None keeps ``BatchSampler.MIX``."""
+    if not text:
+        return None
+    mix = []
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in TaskBuilder.TASKS:
+            raise SystemExit(f"bad --mix task '{name}': one of {', '.join(TaskBuilder.TASKS)}")
+        try:
+            mix.append((name, float(weight)))
+        except ValueError:
+            raise SystemExit(f"bad --mix weight in '{part}': use TASK=WEIGHT") from None
+    return tuple(mix)
 
 
 def parse_stages(text: str) -> list[tuple[int, int, str]]:
@@ -222,6 +254,8 @@ def main(argv=None):
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint folder (written, and read by --resume)")
     parser.add_argument("--resume", action="store_true", help="continue from --ckpt (or --init) instead of scratch")
     parser.add_argument("--init", type=Path, default=None, help="resume from this checkpoint, save to --ckpt")
+    parser.add_argument("--reset-step", action="store_true",
+                        help="with --resume: take only the weights; step, schedule and log start again at 0")
     parser.add_argument("--corpus", type=Path, default=WORK / "corpus.npz")
     parser.add_argument("--tokenizer", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--toy", action="store_true", help="tiny config for CPU smoke tests")
@@ -244,6 +278,9 @@ def main(argv=None):
     parser.add_argument("--decay-steps", type=int, default=400)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--code-frac", type=float, default=0.3)
+    parser.add_argument("--mix", default=None,
+                        help="task mixture of the synthetic sequences, TASK=WEIGHT,... (default: "
+                             "niah_single=0.4,niah_multikey=0.2,niah_multivalue=0.2,vt=0.2)")
     parser.add_argument("--answer-weight", type=float, default=1.0)
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -265,9 +302,10 @@ def main(argv=None):
     args.resumed_at = 0
     if args.resume:
         model, state = load_checkpoint(source)
-        start = state["step"]
-        log_history = state.get("log", [])
-        print(f"resumed from {source} at step {start}")
+        start = 0 if args.reset_step else state["step"]
+        log_history = [] if args.reset_step else state.get("log", [])
+        print(f"resumed from {source} at step {state['step']}" + (" (weights only, schedule from step 0)"
+                                                                   if args.reset_step else ""))
     else:
         config = (toy_config if args.toy else reference_config)(len(tokenizer))
         model, start = new_model(config, args.seed), 0
@@ -285,7 +323,7 @@ def main(argv=None):
         optimizer.load_state_dict(torch.load(source / "optimizer.pt", map_location=device))
     elif args.resume:
         args.resumed_at = start
-    sampler = BatchSampler(tokenizer, train_tokens, args.code_frac, args.seed)
+    sampler = BatchSampler(tokenizer, train_tokens, args.code_frac, args.seed, parse_mix(args.mix))
     stop_at = min(args.stop_at or args.steps, args.steps)
     micro_tokens = args.micro_tokens
     state = {}
