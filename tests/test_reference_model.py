@@ -48,16 +48,30 @@ def test_card_states_the_measured_numbers():
     meta = json.loads((REFERENCE / "fm_index.json").read_text())
     results = json.loads((REFERENCE / "training_results.json").read_text())
     card = (REFERENCE / "README.md").read_text()
-    assert meta["trained"] is True and meta["step"] == results["run1"]["steps"]
-    assert f"{results['run1']['steps']:,}" in card and f"{results['run1']['tokens']:,}" in card
+    total, run1, pieces = results["total"], results["run1"], results["curriculum"]["pieces"]
+    assert meta["trained"] is True and meta["step"] == total["steps"]
+    assert total["steps"] == run1["steps"] + sum(p["steps"] for p in pieces)
+    assert total["tokens"] == run1["tokens"] + sum(p["tokens"] for p in pieces)
+    assert f"{total['steps']:,}" in card and f"{total['tokens'] / 1e6:.1f}M tokens" in card
     for phase in ("dense_last_100_steps", "sparse_last_100_steps"):
         for key in ("lm", "answer_ce", "kl"):
-            assert f"{results['run1']['loss_summary'][phase][key]:.3f}" in card
+            assert f"{run1['loss_summary'][phase][key]:.3f}" in card
+    for piece in pieces:  # every curriculum stage's row: length, losses, exact match
+        for stage in piece["stages"]:
+            last = stage["last_100_steps"]
+            row = (f"| {piece['piece']} | {stage['first_step']:,}-{stage['last_step'] if stage is not piece['stages'][-1] else piece['steps']:,}"
+                   f" | {stage['seq_len']:,} |")
+            assert row in card, row
+            for value in (f"{last['lm']:.3f}", f"{last['answer_ce']:.3f}", f"{100 * last['answer_acc']:.1f}%"):
+                assert value in card
     rows = dict(re.findall(r"^\| (\w+@\d+) \| [^|]+ \| ([\d.]+)%", card, flags=re.M))
     needles = results["needles_gpu"]["results"]["topk64"]
-    assert needles and set(needles) <= set(rows)
+    assert needles and set(needles) == set(rows)
     for name, row in needles.items():
         assert float(rows[name]) == pytest.approx(100 * row["accuracy"], abs=0.05)
+    single = [row["accuracy"] for name, row in needles.items() if name.startswith("single_number") and "@4096" in name]
+    assert single and min(single) >= 0.9  # the target, which made it the default backbone
+    assert meta["default"] is True
     for layer, row in results["indexer_cpu"]["results"]["layers"].items():
         assert f"{100 * row['indexer_topk_share']:.1f}%" in card
 
