@@ -75,6 +75,7 @@ def main():
     total = n * row_bytes * args.csa_layers
 
     def staged():
+        pool.zero_copy = False  # the CPU-gather path (ColdPool's default on a GPU is the zero-copy one)
         for L in pool_layers:
             for name in pool.widths:
                 pool.gather(L, name, ids, device)

@@ -8,14 +8,22 @@ FlashMemory (DESIGN.md, "Session") keeps on the device only the compressed entri
 
 Rows are appended as the backbone emits entries (one per m = 4 tokens) and gathered back by entry index when a
 trigger fetches them. Host memory is pinned when CUDA is available (page-locked memory makes the host->device
-copy asynchronous and about twice as fast); on a CPU-only machine it is ordinary memory, but the code path is
-the same: the gather goes through a staging buffer and a copy to ``device`` either way, and the bytes are
-counted either way.
+copy asynchronous and about twice as fast); on a CPU-only machine it is ordinary memory.
+
+Two gather paths, the bytes counted either way:
+
+* zero-copy (the default on a GPU with Triton): the device reads the scattered rows straight from the pinned
+  pool (``kernels/pool_gather.py``); measured 47.8 GB/s on the H200, 87% of its 55.0 GB/s pinned ceiling
+  (``bench/bench_trigger.py``, docs/BENCHMARKS.md);
+* staged (CPU, or ``zero_copy=False``): a CPU ``index_select`` into a staging buffer, then one copy to the
+  device (19.7 GB/s on the same machine: the CPU gather bounds it).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .kernels.pool_gather import gather_rows, zero_copy_available
 
 
 def pinning_available() -> bool:
@@ -95,7 +103,7 @@ class ColdPool:
     NAMES = ("compressor", "indexer")
 
     def __init__(self, layers, widths: dict[str, int], dtype: torch.dtype, pin: bool | None = None,
-                 initial_entries: int = 0):
+                 initial_entries: int = 0, zero_copy: bool = True):
         self.layers = [int(x) for x in layers]
         self.widths = dict(widths)
         self.dtype = dtype
@@ -108,6 +116,8 @@ class ColdPool:
         self._staging: dict[str, torch.Tensor] = {}
         self._staging_ready: dict[str, object] = {}
         self._appended = None  # CUDA event after the last asynchronous device->host append
+        self.zero_copy = bool(zero_copy)  # device-side gather from pinned rows where available
+        self._read = None  # CUDA event after the last zero-copy gather (it reads the host rows asynchronously)
         self.bytes_to_device = 0
         self.rows_to_device = 0
 
@@ -122,10 +132,16 @@ class ColdPool:
         asynchronous = self.pin and entries.device.type == "cuda"
         if rows.needs_growth(entries.shape[0]):
             self._wait_appends()  # growing copies the host rows: pending copies into them must have landed
+            self._wait_reads()  # ... and frees the old rows, which a zero-copy gather may still be reading
         rows.append(entries.detach(), non_blocking=asynchronous)
         if asynchronous:
             self._appended = torch.cuda.Event()
             self._appended.record()
+
+    def _wait_reads(self) -> None:
+        if self._read is not None:
+            self._read.synchronize()
+            self._read = None
 
     def _wait_appends(self) -> None:
         if self._appended is not None:
@@ -140,20 +156,29 @@ class ColdPool:
     def gather(self, layer: int, name: str, ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """Rows ``ids`` (int64, any device) of ``layer``/``name`` copied to ``device``: ``[len(ids), width]``.
 
-        The rows are gathered into a (pinned, when CUDA is present) staging buffer, then copied to ``device``
-        asynchronously. The staging buffer is reused only after that copy has completed.
+        On a CUDA ``device`` with a pinned pool (and ``zero_copy``), the device gathers the rows itself from
+        the pinned host rows (zero-copy, asynchronous on the current stream). Otherwise the rows are gathered
+        into a (pinned, when CUDA is present) staging buffer, then copied to ``device`` asynchronously; the
+        staging buffer is reused only after that copy has completed.
         """
-        ids = ids.to("cpu", torch.long).reshape(-1)
-        n = ids.numel()
-        width = self.widths[name]
-        staging = self._staging_buffer(name, n, width)
+        device = torch.device(device)
         source = self.host_rows(layer, name)
-        if n and int(ids.max()) >= source.shape[0]:
+        width = self.widths[name]
+        if ids.numel() and int(ids.max()) >= source.shape[0]:
             raise IndexError(f"entry {int(ids.max())} is not in the cold pool of layer {layer} "
                              f"({source.shape[0]} entries)")
+        if self.zero_copy and device.type == "cuda" and zero_copy_available(source, device):
+            out = gather_rows(source, ids, device)
+            self._read = torch.cuda.Event()
+            self._read.record()
+            self.bytes_to_device += out.shape[0] * width * source.element_size()
+            self.rows_to_device += out.shape[0]
+            return out
+        ids = ids.to("cpu", torch.long).reshape(-1)
+        n = ids.numel()
+        staging = self._staging_buffer(name, n, width)
         rows = staging[:n]
         torch.index_select(source, 0, ids, out=rows)
-        device = torch.device(device)
         # copy=True: on a CPU "device" the result must not alias the staging buffer, which is reused.
         out = rows.to(device, non_blocking=self.pin, copy=True)
         if self.pin and device.type == "cuda":

@@ -44,3 +44,27 @@ def test_pool_gather_refuses_entries_not_stored():
     pool.append(2, "compressor", torch.ones(3, 4))
     with pytest.raises(IndexError, match="not in the cold pool"):
         pool.gather(2, "compressor", torch.tensor([3]), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the zero-copy gather reads pinned host memory from a GPU")
+def test_pool_zero_copy_gather_equals_staged_gather_across_growth():
+    from lsa_runtime.kernels.pool_gather import zero_copy_available
+
+    gen = torch.Generator().manual_seed(0)
+    pool = ColdPool([2], {"compressor": 512, "indexer": 128}, dtype=torch.bfloat16, initial_entries=64)
+    if not zero_copy_available(pool.host_rows(2, "compressor"), "cuda"):
+        pytest.skip("Triton is not installed: ColdPool uses the staged path")
+    reference = []
+    for n in (40, 100, 3000):  # the last appends grow (reallocate) the pinned rows while a gather may be reading
+        chunk = torch.randn(n, 512, generator=gen).to(torch.bfloat16)
+        reference.append(chunk)
+        pool.append(2, "compressor", chunk.cuda())
+        everything = torch.cat(reference)
+        ids = torch.randint(0, everything.shape[0], (777,), generator=gen)
+        fast = pool.gather(2, "compressor", ids, "cuda")
+        pool.zero_copy = False
+        staged = pool.gather(2, "compressor", ids, "cuda")
+        pool.zero_copy = True
+        assert torch.equal(fast.cpu(), everything[ids]) and torch.equal(staged.cpu(), everything[ids])
+    assert pool.rows_to_device == 6 * 777
