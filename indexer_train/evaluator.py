@@ -12,6 +12,11 @@ triggers of P(score of a golden entry > score of a non-golden one), ties counted
 layer and by max_L I_L for the union. Two baselines fetch, per trigger, exactly as many
 entries as the trained union (same retrieval ratio): **recency** (the |F| most recent visible entries) and
 **chance** (|F| entries uniformly at random; its expected counts are used, E|F n G| = |F| |G| / n_visible).
+
+The threshold decides how many entries the trained indexer fetches, and a weak indexer trained with focal loss
+fetches few (its scores stay under 0.5), where recency is hard to beat: the most recent entries are nearly
+always needed. So the table also compares the three at the golden set's own size, per trigger |F| = |G|
+(**top-|G|** rows; the indexer's top |G| by max_L I_L): there precision = recall = F1 (R-precision).
 """
 
 from __future__ import annotations
@@ -67,18 +72,19 @@ class Counts:
         self.native_hits += float(native_hits)
         self.triggers += 1
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | None]:
         p = self.hits / self.fetched if self.fetched else 0.0
         r = self.hits / self.positives if self.positives else 0.0
         return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
                 "retrieval_ratio": self.fetched / self.visible if self.visible else 0.0,
                 "native_coverage": self.native_hits / self.native if self.native else 0.0,
-                "auc": self.auc_sum / self.auc_triggers if self.auc_triggers else 0.5}
+                "auc": self.auc_sum / self.auc_triggers if self.auc_triggers else None}  # None: not ranked
 
 
 @dataclass
 class EvalReport:
-    """Per-method counts: ``layer {L}``, ``union``, ``recency (same ratio)``, ``chance (same ratio)``."""
+    """Per-method counts: ``layer {L}``, ``union``, ``recency (same ratio)``, ``chance (same ratio)``, and
+    ``union top-|G|``, ``recency top-|G|``, ``chance top-|G|``."""
 
     counts: dict[str, Counts] = field(default_factory=dict)
     documents: int = 0
@@ -90,9 +96,10 @@ class EvalReport:
         """Loggable scalars, e.g. ``union_f1``, ``layer2_recall``, ``recency_native_coverage``."""
         out = {}
         for name, c in self.counts.items():
-            key = name.split(" (")[0].replace(" ", "")
+            key = name.replace(" (same ratio)", "").replace(" top-|G|", "_at_golden").replace(" ", "")
             for metric, value in c.metrics().items():
-                out[f"{key}_{metric}"] = value
+                if value is not None:
+                    out[f"{key}_{metric}"] = value
         out["triggers"] = float(self.counts["union"].triggers) if "union" in self.counts else 0.0
         return out
 
@@ -109,7 +116,8 @@ def evaluate_indexer(indexer: MemoryIndexer, shards, documents, threshold: float
     layers = list(indexer.config.layers)
     device = next(indexer.parameters()).device
     report = EvalReport(counts={**{f"layer {L}": Counts() for L in layers}, "union": Counts(),
-                                "recency (same ratio)": Counts(), "chance (same ratio)": Counts()})
+                                "recency (same ratio)": Counts(), "chance (same ratio)": Counts(),
+                                "union top-|G|": Counts(), "recency top-|G|": Counts(), "chance top-|G|": Counts()})
     was_training = indexer.training
     indexer.eval()
     for doc in documents:
@@ -157,6 +165,18 @@ def evaluate_indexer(indexer: MemoryIndexer, shards, documents, threshold: float
             share = k / nv if nv else 0.0
             report.counts["chance (same ratio)"].add(k, share * float(gold.sum()), gold.sum(), nv, native.sum(),
                                                      share * float(native.sum()))
+            g = int(gold.sum())  # the same comparison at |F| = |G|
+            top = torch.zeros(nv, dtype=torch.bool)
+            if g:
+                top[torch.topk(best, g, sorted=False).indices] = True
+            report.counts["union top-|G|"].add(g, (top & gold).sum(), g, nv, native.sum(), (top & native).sum())
+            recent = torch.zeros(nv, dtype=torch.bool)
+            if g:
+                recent[nv - g:] = True
+            report.counts["recency top-|G|"].add(g, (recent & gold).sum(), g, nv, native.sum(),
+                                                 (recent & native).sum())
+            share = g / nv if nv else 0.0
+            report.counts["chance top-|G|"].add(g, share * g, g, nv, native.sum(), share * float(native.sum()))
         report.documents += 1
         if progress is not None:
             progress(1)

@@ -24,7 +24,7 @@ from .dual_encoder import key_side, query_tower
 
 
 def elementwise_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "focal", gamma: float = 2.0,
-                     alpha: float = 0.25) -> torch.Tensor:
+                     alpha: float = 0.5) -> torch.Tensor:
     """Per-entry BCE or focal loss from logits (fp32, numerically stable through log-sigmoid)."""
     logits, targets = logits.float(), targets.float()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # = -log p_t
@@ -55,7 +55,7 @@ class MemoryIndexerLoss(nn.Module):
     :class:`~indexer_train.collator.LabelRowCollator`; ``labels``: padded positives [B, P].
     """
 
-    def __init__(self, model, loss: str = "focal", gamma: float = 2.0, alpha: float = 0.25, chunk_size: int = 8192):
+    def __init__(self, model, loss: str = "focal", gamma: float = 2.0, alpha: float = 0.5, chunk_size: int = 8192):
         super().__init__()
         if loss not in ("focal", "bce"):
             raise ValueError(f"unknown loss '{loss}' (use focal or bce)")

@@ -46,7 +46,7 @@ class TrainOptions:
     rank: int = 2048
     loss: str = "focal"
     gamma: float = 2.0
-    alpha: float = 0.25
+    alpha: float = 0.5
     epochs: float = 3.0
     batch_size: int = 16
     lr: float = 1e-3

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .backbone import (CSA, HCA, cache_kwarg, config_hash, csa_layers, csa_rate, load_backbone,
-                       validate_memory_layers)
+from .backbone import (CSA, HCA, cache_kwarg, config_hash, csa_layers, csa_rate, default_model_name,
+                       load_backbone, validate_memory_layers)
 from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
 from .errors import FmIndexError
@@ -256,10 +256,11 @@ class Session:
     # ---- construction ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model: str | Path = "tiny", indexer=None, mode: str = "lsa", tau: int | None = None,
+    def from_pretrained(cls, model: str | Path | None = None, indexer=None, mode: str = "lsa", tau: int | None = None,
                         threshold: float | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, **options) -> "Session":
-        """Load a backbone (bundled name or DeepSeek-V4 checkpoint directory) and build a Session on it."""
+        """Load a backbone (bundled name or DeepSeek-V4 checkpoint directory; default: the bundled default,
+        ``reference``) and build a Session on it."""
         if mode not in MODES:
             raise SessionError(f"unknown mode '{mode}' (use one of {', '.join(MODES)})")
         if mode == "lsa" and indexer is None and options.get("policy") is None:
@@ -271,6 +272,8 @@ class Session:
             _check_threshold(threshold)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if model is None:
+            model = default_model_name()
         try:
             backbone, tokenizer = load_backbone(model, device=device, dtype=dtype)
         except _oom_errors() as exc:

@@ -59,7 +59,7 @@ def test_train_eval_export_happy_path(labels, finished_run, tmp_path):
     of_export = invoke("eval", "--indexer", tmp_path / "export", "--labels", labels)
     of_run = invoke("eval", "--indexer", out, "--labels", labels)
     assert of_export.exit_code == 0 and "held-out documents (2)" in of_export.output
-    assert table_lines(of_export.output) == table_lines(of_run.output) and len(table_lines(of_run.output)) == 5
+    assert table_lines(of_export.output) == table_lines(of_run.output) and len(table_lines(of_run.output)) == 8
 
 
 def table_lines(output: str) -> list[str]:

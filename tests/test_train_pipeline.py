@@ -45,6 +45,12 @@ def test_learns_the_planted_structure_better_than_baselines(trained):
     assert union["f1"] > recency["f1"] + 0.05 and union["f1"] > chance["f1"] + 0.05
     assert union["native_coverage"] > chance["native_coverage"] + 0.05
     assert union["auc"] > 0.7 and chance["auc"] == 0.5 and abs(recency["auc"] - 0.5) < 0.1
+    # at the golden set's own size (|F| = |G| per trigger): precision = recall (R-precision)
+    top, recent_top, chance_top = table["union top-|G|"], table["recency top-|G|"], table["chance top-|G|"]
+    for row in (top, recent_top, chance_top):
+        assert row["precision"] == pytest.approx(row["recall"]) == pytest.approx(row["f1"])
+    assert top["retrieval_ratio"] == pytest.approx(recent_top["retrieval_ratio"])
+    assert top["f1"] > recent_top["f1"] + 0.05 and top["f1"] > chance_top["f1"] + 0.05
     state = json.loads((run / "train_state.json").read_text())
     assert state["complete"] and state["metrics"]["union_f1"] == pytest.approx(union["f1"])
     # logged during training: the held-out metrics of each epoch (the Trainer's log history)
