@@ -109,7 +109,8 @@ def main():
     ap.add_argument("--contexts", default="32768,131072,524288")
     ap.add_argument("--resident", type=int, default=4096, help="resident entries (lsa) / buffer rows (hisparse)")
     ap.add_argument("--tau", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=130)
+    ap.add_argument("--steps", type=int, default=130,
+                    help="decode steps per context and mode (66 = one trigger window plus one step)")
     ap.add_argument("--modes", default="full,lsa,hisparse")
     ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
     ap.add_argument("--json", default=None)
@@ -175,10 +176,13 @@ def main():
             del cache
             if device == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda"
-                       else "cpu", "resident": args.resident, "tau": args.tau, "rows": rows}, f, indent=2)
+            if args.json:  # after every row: a run cut by a time limit keeps what it measured
+                tmp = args.json + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name()
+                               if device == "cuda" else "cpu", "resident": args.resident, "tau": args.tau,
+                               "steps": args.steps, "rows": rows}, f, indent=2)
+                Path(tmp).replace(args.json)
 
 
 if __name__ == "__main__":
