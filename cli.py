@@ -75,7 +75,8 @@ def build_labels_command(
                                "or a saved Hugging Face dataset directory."),
     out: str = typer.Option(..., "--out", help="Output directory for the label shards."),
     model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
-                              "checkpoint directory. Default: reference (the bundled trained model; tiny is the random one for fast tests)."),
+                              "checkpoint directory. Default: reference (the bundled trained model; tiny is the "
+                              "random one for fast tests)."),
     layers: str = typer.Option(None, "--layers", help="Memory-indexer layers, comma-separated CSA layers. "
                                "Default 10,12,20 on V4-Flash, the same relative depths on other models."),
     tau: int = typer.Option(64, "--tau", help="Trigger period tau in tokens: one label row per tau tokens."),
@@ -339,7 +340,8 @@ def generate_command(
     prompt: str = typer.Option(None, "--prompt", help="The prompt text."),
     prompt_file: str = typer.Option(None, "--prompt-file", help="Read the prompt from this UTF-8 text file."),
     model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
-                              "checkpoint directory. Default: reference (the bundled trained model; tiny is the random one for fast tests)."),
+                              "checkpoint directory. Default: reference (the bundled trained model; tiny is the "
+                              "random one for fast tests)."),
     indexer: str = typer.Option(None, "--indexer", help="Memory-indexer export directory (`fm-index export`); "
                                 "needed by --mode lsa."),
     mode: str = typer.Option(None, "--mode", help="lsa (FlashMemory: memory indexer + cold pool), full (plain "
@@ -398,7 +400,8 @@ def generate_command(
 @user_errors_exit_2
 def evaluate_command(
     model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
-                              "checkpoint directory. Default: reference (the bundled trained model; tiny is the random one for fast tests)."),
+                              "checkpoint directory. Default: reference (the bundled trained model; tiny is the "
+                              "random one for fast tests)."),
     indexer: str = typer.Option(None, "--indexer", help="Memory-indexer export directory (`fm-index export`); "
                                 "needed by mode lsa."),
     modes: str = typer.Option(None, "--modes",

@@ -59,8 +59,8 @@ def test_card_states_the_measured_numbers():
     for piece in pieces:  # every curriculum stage's row: length, losses, exact match
         for stage in piece["stages"]:
             last = stage["last_100_steps"]
-            row = (f"| {piece['piece']} | {stage['first_step']:,}-{stage['last_step'] if stage is not piece['stages'][-1] else piece['steps']:,}"
-                   f" | {stage['seq_len']:,} |")
+            last_step = piece["steps"] if stage is piece["stages"][-1] else stage["last_step"]
+            row = f"| {piece['piece']} | {stage['first_step']:,}-{last_step:,} | {stage['seq_len']:,} |"
             assert row in card, row
             for value in (f"{last['lm']:.3f}", f"{last['answer_ce']:.3f}", f"{100 * last['answer_acc']:.1f}%"):
                 assert value in card
