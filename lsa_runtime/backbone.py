@@ -112,10 +112,41 @@ def load_backbone(
     kwargs = {"dtype": dtype}
     model = DeepseekV4ForCausalLM.from_pretrained(path, config=config, **kwargs)
     model.eval().to(device)
+    fix_fp32_norms(model)
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def _norm_casts_once(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers >= 5.2x computes it for DeepSeek-V4: fp32 statistics, fp32 weight, one cast."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(x.dtype)
+
+
+def fix_fp32_norms(model) -> int:
+    """Work around transformers 5.17's ``DeepseekV4RMSNorm`` in reduced precision; returns how many norms were fixed.
+
+    ``from_pretrained(dtype=bf16)`` keeps the norm weights in fp32 (``_keep_in_fp32_modules_strict``); 5.17's norm
+    multiplies that fp32 weight by the bf16-cast activations, so its output is fp32 and the next bf16 projection
+    (``q_a_proj``) raises "expected m1 and m2 to have the same dtype". Later releases multiply in fp32 and cast
+    once at the end. Where a norm returns a dtype other than its input's, this replaces that instance's forward
+    with the later releases' computation (no weight or class is changed; fp32 models are untouched).
+    """
+    fixed = 0
+    for module in model.modules():
+        if type(module).__name__ != "DeepseekV4RMSNorm" or module.weight.dtype != torch.float32:
+            continue
+        probe = torch.ones(1, module.weight.shape[-1], dtype=torch.bfloat16, device=module.weight.device)
+        with torch.no_grad():
+            if module(probe).dtype == probe.dtype:
+                continue
+        eps = module.variance_epsilon
+        module.forward = lambda x, _m=module, _eps=eps: _norm_casts_once(_m.weight, x, _eps)
+        fixed += 1
+    return fixed
 
 
 def parse_dtype(name: str) -> torch.dtype:
