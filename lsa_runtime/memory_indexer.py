@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .errors import FmIndexError
-from .kernels.gated_score import fused_gated_logits
+from .kernels.gated_score import fused_gated_logits, triton_available
 
 EXPORT_FORMAT = "fm-index-lsa/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -209,13 +209,16 @@ class MemoryIndexerLayer(nn.Module):
                           chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
         """Raw scores sum_h w_h relu(q_h . k_s) dh^-1/2 of R queries over T keys: fp32 [R, T].
 
-        Scored ``chunk_size`` entries at a time (fused kernel on GPU), so at most [R, H, chunk_size] is alive
-        in the forward and in the backward (only q, w, keys are saved for autograd).
+        The fused kernel (GPU) never materialises [R, H, T] and scores all entries in one launch; the torch
+        path scores ``chunk_size`` entries at a time, so at most [R, H, chunk_size] is alive in the forward and
+        in the backward (only q, w, keys are saved for autograd).
         """
         keys = keys.to(device=q.device, dtype=q.dtype)
         t_len = keys.shape[0]
         if t_len == 0:
             return q.new_zeros(q.shape[0], 0, dtype=torch.float32)
+        if triton_available(q.device, q.shape[-1]):
+            chunk_size = t_len
         parts = [fused_gated_logits(q, w, keys[start : start + chunk_size], self.softmax_scale)
                  for start in range(0, t_len, max(1, int(chunk_size)))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

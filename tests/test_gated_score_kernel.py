@@ -61,3 +61,22 @@ def test_triton_kernels_equal_torch_path():
     qb, wb = q.float().requires_grad_(), w.clone().requires_grad_()
     (gated_logits_torch(qb, wb, k.float(), 0.1) * g).sum().backward()
     assert rel(qa.grad, qb.grad) <= tol and rel(wa.grad, wb.grad) <= tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels need a CUDA device (or TRITON_INTERPRET=1 with triton installed)")
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_few_rows_kernel_equals_formula(rows):
+    """A trigger's scoring (1..FEW_ROWS query rows, power-of-two heads) takes the few-rows kernel; it equals
+    the float64 formula, including a ragged last entry tile."""
+    pytest.importorskip("triton")
+    from lsa_runtime.kernels.gated_score import FEW_ROWS
+
+    assert rows <= FEW_ROWS
+    cuda = torch.cuda.is_available()
+    device, dtype, tol = ("cuda", torch.bfloat16, 5e-3) if cuda else ("cpu", torch.float32, 1e-5)
+    q, w, k = _inputs(11 + rows, rows=rows, heads=16, dim=32, entries=300)
+    z = gated_logits(q.to(device, dtype), w.to(device), k.to(device, dtype), 0.2).cpu().double()
+    # the oracle sees the operands as the kernel does (bf16-rounded on a GPU)
+    want = torch.from_numpy(direct(q.to(dtype).float(), w, k.to(dtype).float(), 0.2))
+    assert ((z - want).norm() / want.norm()).item() <= tol

@@ -6,6 +6,10 @@ matmul per head followed by a ReLU and a weighted sum over heads. Written naivel
 
 * :func:`gated_logits` (forward): per (rows-block, entries-block) tile, loop over heads, one
   ``[BLOCK_R, D] @ [D, BLOCK_T]`` tensor-core product each, ReLU, scale by w_h, accumulate in fp32.
+* the same forward for a few rows (a decode-time trigger scores ONE hidden state per layer): per entries-block,
+  one ``[BLOCK_T, D] @ [D, H]`` product per row (all heads at once), ReLU, dot with w over heads. A one-row
+  score is a matrix-vector shape bound by reading the keys; the many-rows tile would multiply 64-128 rows of
+  which one is real.
 * :func:`gated_logits_backward`: per (rows-block, head), loop over entry tiles; recompute the head's
   product, ``dW[r, h] = scale * sum_s dz * relu(s)`` and ``dQ[r, h] = scale * w_h * sum_s dz * [s > 0] k_s``.
   Keys are frozen (the document side of the dual encoder): no dK.
@@ -17,6 +21,8 @@ run a chunked torch path (:func:`gated_logits_torch`), which is also the referen
 from __future__ import annotations
 
 import torch
+
+FEW_ROWS = 8  # at most this many query rows take the few-rows forward kernel
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch path.
     import triton
@@ -80,6 +86,29 @@ if triton is not None:
         tl.store(Z + offs_r[:, None] * stride_zr + offs_t[None, :], acc * scale,
                  mask=row_ok[:, None] & (offs_t[None, :] < T))
 
+    _FEW_ROWS_CONFIGS = [
+        triton.Config({"BLOCK_T": bt}, num_warps=nw, num_stages=ns)
+        for bt, nw, ns in [(64, 4, 2), (128, 4, 2), (128, 8, 3), (256, 8, 2)]
+    ]
+
+    @triton.autotune(configs=_FEW_ROWS_CONFIGS, key=["H", "D"])
+    @triton.jit
+    def _gated_fwd_few_rows_kernel(Q, W, K, Z, R, T, scale,
+                                   stride_qr, stride_qh, stride_wr, stride_kt, stride_zr,
+                                   H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        pid_t = tl.program_id(0)
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_h = tl.arange(0, H)
+        offs_d = tl.arange(0, D)
+        t_ok = offs_t < T
+        k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        for r in range(R):  # each key tile is read once for all rows
+            q = tl.load(Q + r * stride_qr + offs_h[:, None] * stride_qh + offs_d[None, :])  # [H, D]
+            s = tl.dot(k, tl.trans(q))  # [BLOCK_T, H], fp32 accumulate
+            w = tl.load(W + r * stride_wr + offs_h).to(tl.float32)
+            z = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1)
+            tl.store(Z + r * stride_zr + offs_t, z * scale, mask=t_ok)
+
     @triton.autotune(configs=_CONFIGS, key=["H", "D"], reset_to_zero=[])
     @triton.jit
     def _gated_bwd_kernel(Q, W, K, DZ, DQ, DW, R, T, scale,
@@ -111,12 +140,12 @@ if triton is not None:
         tl.store(DW + offs_r * stride_wr + h, dw * scale, mask=row_ok)
 
 
-def _launch(kernel, grid, *args, **kwargs):
+def _launch(kernel, grid, *args, interpret_meta=None, **kwargs):
     """Autotuned launch on a GPU; under TRITON_INTERPRET (CPU checks) the plain kernel with one small config."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") == "1":
-        meta = {"BLOCK_R": 64, "BLOCK_T": 64}
+        meta = interpret_meta or {"BLOCK_R": 64, "BLOCK_T": 64}
         kernel.fn[grid(meta)](*args, **kwargs, **meta)
     else:
         kernel[grid](*args, **kwargs)
@@ -130,6 +159,12 @@ def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
     rows, heads, dim = q.shape
     t_len = keys.shape[0]
     out = torch.empty(rows, t_len, dtype=torch.float32, device=q.device)
+    if rows <= FEW_ROWS and heads >= 16 and not heads & (heads - 1):  # tl.dot needs a power-of-two N >= 16
+        grid = lambda meta: (triton.cdiv(t_len, meta["BLOCK_T"]),)  # noqa: E731
+        _launch(_gated_fwd_few_rows_kernel, grid, q, w, keys, out, rows, t_len, float(scale), q.stride(0),
+                q.stride(1), w.stride(0), keys.stride(0), out.stride(0), H=heads, D=dim,
+                interpret_meta={"BLOCK_T": 64})
+        return out
     grid = lambda meta: (triton.cdiv(t_len, meta["BLOCK_T"]), triton.cdiv(rows, meta["BLOCK_R"]))  # noqa: E731
     _launch(_gated_fwd_kernel, grid, q, w, keys, out, rows, t_len, float(scale), q.stride(0), q.stride(1), w.stride(0),
                             keys.stride(0), out.stride(0), H=heads, D=dim)
