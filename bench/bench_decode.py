@@ -102,6 +102,22 @@ def step_times(model, cache, context, steps, trigger=None, tau=64):
     return times, trigger_steps
 
 
+def profile_steps(model, cache, position, steps, title):
+    """torch.profiler over ``steps`` non-trigger decode steps: the operators that take the most device and host
+    time, to show what a step of this eager model is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step_times(model, cache, position, steps)
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"--- profile, {title}, {steps} steps, by {sort}", flush=True)
+    print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40), flush=True)
+    print(f"--- by self cpu time", flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40),
+          flush=True)
+
+
 def main():
     from transformers import DeepseekV4ForCausalLM, DynamicCache
 
@@ -114,6 +130,9 @@ def main():
     ap.add_argument("--modes", default="full,lsa,hisparse")
     ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after the timed steps of the largest context, profile this many more steps per mode and "
+                         "print the top operators")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -162,6 +181,8 @@ def main():
                     for layer in lsa_layers:
                         layer.set_resident(ids, args.tau // 4 + 2)
             times, trigger_steps = step_times(model, cache, context, args.steps, trigger, args.tau)
+            if args.profile and context == max(int(x) for x in args.contexts.split(",")):
+                profile_steps(model, cache, context + args.steps, args.profile, f"{context:,} {mode}")
             held, full, _, _ = measure_cache(cache, config)
             device_bytes, full_bytes = sum(held.values()), sum(full.values())
             plain = sorted(t for i, t in enumerate(times[2:], start=2) if i not in trigger_steps)

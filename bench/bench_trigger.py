@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--csa-layers", type=int, default=21)
     ap.add_argument("--rank", type=int, default=2048)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--score-only", action="store_true", help="measure the scoring, skip the fetch")
+    ap.add_argument("--profile", action="store_true", help="print the operators of one scoring (torch.profiler)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
@@ -58,8 +60,47 @@ def main():
     keys = {L: torch.randn(T, cfg.index_head_dim, device=device, dtype=dtype, generator=gen) for L in layers}
     hidden = {L: torch.randn(cfg.hidden_size, device=device, dtype=dtype, generator=gen) for L in layers}
     position = args.context - 1
-    t_score = median_ms(lambda: indexer.fetch(hidden, position, keys, T, chunk_size=T))
+    t_score = median_ms(lambda: indexer.fetch(hidden, position, keys, T), reps=21)
     result["score_ms"] = t_score
+    # where the time goes: the three query towers (W_DQ, W_IUQ, W_w, RoPE) and the three scoring launches
+    pos = torch.tensor([position], device=device)
+    qw = {L: indexer.layer(L).query(hidden[L].reshape(1, -1), pos) for L in layers}
+    result["query_ms"] = median_ms(lambda: [indexer.layer(L).query(hidden[L].reshape(1, -1), pos) for L in layers],
+                                   reps=21)
+    result["kernel_ms"] = median_ms(lambda: [indexer.layer(L).logits_from_query(*qw[L], keys[L]) for L in layers],
+                                    reps=21)
+    # correctness in the same run: fused scores vs the chunked torch path on the same bf16 operands, and the
+    # fetched set vs the set the torch scores give (entries within 1e-3 of the threshold's logit may differ)
+    from lsa_runtime.kernels.gated_score import gated_logits_torch
+
+    fused = {L: indexer.layer(L).logits_from_query(*qw[L], keys[L])[0] for L in layers}
+    ref = {L: gated_logits_torch(qw[L][0].float(), qw[L][1], keys[L].float(), indexer.layer(L).softmax_scale)[0]
+           for L in layers}
+    result["score_rel_err"] = max(((fused[L] - ref[L]).norm() / ref[L].norm()).item() for L in layers)
+    got = set(indexer.fetch(hidden, position, keys, T).tolist())
+    want = torch.zeros(T, dtype=torch.bool, device=device)
+    near = torch.zeros(T, dtype=torch.bool, device=device)
+    for L in layers:
+        want |= torch.sigmoid(ref[L]) >= 0.5
+        near |= ref[L].abs() < 1e-3
+    want_set = set(torch.nonzero(want).reshape(-1).tolist())
+    differ = got ^ want_set
+    result["fetched"] = len(got)
+    result["fetch_set_differences"] = len(differ)
+    result["fetch_set_differences_not_near_threshold"] = len(differ - set(torch.nonzero(near).reshape(-1).tolist()))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(5):
+                indexer.fetch(hidden, position, keys, T)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=45))
+    if args.score_only:
+        print(f"scoring 3 memory indexers + OR: {t_score:.3f} ms (query towers {result['query_ms']:.3f} ms, "
+              f"scoring launches {result['kernel_ms']:.3f} ms)")
+        return
 
     # 2. fetch from the pinned pool
     pool_layers = list(range(args.csa_layers))
@@ -110,7 +151,10 @@ def main():
 
     f = result["fetch"]
     print(f"trigger at {args.context:,} tokens ({T:,} entries), {result['device']}")
-    print(f"scoring 3 memory indexers + OR: {t_score:.3f} ms")
+    print(f"scoring 3 memory indexers + OR: {t_score:.3f} ms (query towers {result['query_ms']:.3f} ms, scoring "
+          f"launches {result['kernel_ms']:.3f} ms); fused vs torch rel. err {result['score_rel_err']:.1e}, "
+          f"fetched {result['fetched']:,}, set differences {result['fetch_set_differences']} "
+          f"({result['fetch_set_differences_not_near_threshold']} not near the threshold)")
     print(f"fetch {n:,} entries x {args.csa_layers} CSA layers = {total / 1e6:.1f} MB:")
     for key in ("staged", "zero_copy", "ceiling"):
         if f.get(f"{key}_ms"):
