@@ -291,11 +291,13 @@ class MemoryIndexer(nn.Module):
         threshold = self.config.threshold if threshold is None else float(threshold)
         if n_visible is None:
             n_visible = (int(position) + 1) // self.config.compress_rate
-        selected = None
+        selected, positions = None, None
         for L in self.config.layers:
             keys = keys_by_layer[L][:n_visible]
             hidden = torch.as_tensor(hiddens_by_layer[L]).reshape(1, -1)
-            probs = self.score(L, hidden, torch.tensor([int(position)]), keys, chunk_size)[0]
+            if positions is None:  # filled on the device: no synchronising host->device copy per layer
+                positions = torch.full((1,), int(position), dtype=torch.long, device=hidden.device)
+            probs = self.score(L, hidden, positions, keys, chunk_size)[0]
             hit = probs >= threshold
             selected = hit if selected is None else selected | hit.to(selected.device)
         if selected is None or selected.numel() == 0:
