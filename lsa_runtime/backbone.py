@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,11 +120,12 @@ def load_backbone(
     return model, tokenizer
 
 
-def _norm_casts_once(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers >= 5.2x computes it for DeepSeek-V4: fp32 statistics, fp32 weight, one cast."""
+def _norm_casts_once(self, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm as later transformers releases compute it for DeepSeek-V4: fp32 statistics, fp32 weight, one cast.
+    Bound to a ``DeepseekV4RMSNorm`` instance as its ``forward`` (a bound method: deepcopy rebinds it)."""
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * h).to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return (self.weight * h).to(x.dtype)
 
 
 def fix_fp32_norms(model) -> int:
@@ -143,8 +145,7 @@ def fix_fp32_norms(model) -> int:
         with torch.no_grad():
             if module(probe).dtype == probe.dtype:
                 continue
-        eps = module.variance_epsilon
-        module.forward = lambda x, _m=module, _eps=eps: _norm_casts_once(_m.weight, x, _eps)
+        module.forward = types.MethodType(_norm_casts_once, module)
         fixed += 1
     return fixed
 

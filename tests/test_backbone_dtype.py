@@ -23,3 +23,17 @@ def test_bf16_backbone_norms_cast_once_and_forward_runs():
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 7, 9]])).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_fixed_norms_survive_deepcopy():
+    """A copied model's norms use the copy's weights (the fix is a bound method, rebound by deepcopy)."""
+    import copy
+
+    model, _ = load_backbone("tiny", dtype="bfloat16")
+    twin = copy.deepcopy(model)
+    norm = next(m for m in twin.modules() if type(m).__name__ == "DeepseekV4RMSNorm")
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+    x = torch.randn(1, 2, norm.weight.shape[-1]).to(torch.bfloat16)
+    original = next(m for m in model.modules() if type(m).__name__ == "DeepseekV4RMSNorm")
+    torch.testing.assert_close(norm(x).float(), (2.0 * original(x).float()).to(torch.bfloat16).float())
