@@ -24,6 +24,7 @@ Public API (stable; the decoding Session uses it)::
     indexer = MemoryIndexer.from_export(export_dir, expected_config_hash=None, device="cpu")
     probs = indexer.score(layer, hidden[R, d], positions[R], keys[T, dh], chunk_size=8192)   # [R, T] fp32
     ids = indexer.fetch({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible, threshold=None)  # LongTensor
+    logits = indexer.trigger_logits({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible)  # {L: [T] fp32}
 """
 
 from __future__ import annotations
@@ -284,24 +285,63 @@ class MemoryIndexer(nn.Module):
         return torch.sigmoid(self.logits(layer, hidden, positions, keys, chunk_size))
 
     @torch.no_grad()
+    def trigger_queries(self, hiddens_by_layer: dict, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The towers of all memory layers on their trigger states h_t (one per layer, same t), batched.
+
+        Returns q [n_layers, H, dh] (after RoPE_t) and w [n_layers, H] fp32, rows in ``config.layers`` order;
+        row i is ``layer(L_i).query(h_{L_i}, [t])`` computed by the same operations (bit for bit on CPU; a GPU
+        reduction over more rows may round differently): the projections run per layer (their weights
+        differ), while the RMSNorm, RoPE and scaling, ~30 small kernels per layer, run once over all rows. One trigger thus launches about a third of the kernels, and builds the position on the device
+        (no synchronising host->device copy).
+        """
+        layers = [self.layer(L) for L in self.config.layers]
+        hidden = [torch.as_tensor(hiddens_by_layer[L]).reshape(1, -1).to(layers[0].W_DQ.weight.dtype)
+                  for L in self.config.layers]
+        latent = torch.cat([m.W_DQ(h) for m, h in zip(layers, hidden)])  # [n, r]
+        x = latent.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layers[0].latent_norm.eps)
+        norm_w = torch.stack([m.latent_norm.weight for m in layers]).float()
+        latent = (norm_w * x).to(latent.dtype)  # the LatentRMSNorm of each layer, row by row
+        first = layers[0]
+        q = torch.cat([m.W_IUQ(c) for m, c in zip(layers, latent.unsqueeze(1))])
+        q = q.view(len(layers), first.n_heads, first.head_dim)
+        positions = torch.full((len(layers),), int(position), dtype=torch.long, device=q.device)
+        q = first.rotary(q, positions)  # shared rotary module, same t for every row
+        w = torch.cat([m.W_w(h) for m, h in zip(layers, hidden)]).float() * first.weights_scaling
+        return q, w
+
+    @torch.no_grad()
+    def trigger_logits(self, hiddens_by_layer: dict, position: int, keys_by_layer: dict,
+                       n_visible: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> dict[int, torch.Tensor]:
+        """sigmoid^-1 I_L[t, s] of every memory layer L at trigger ``position``: {L: fp32 [n_visible]}.
+
+        ``hiddens_by_layer[L]``: h_t [d]; ``keys_by_layer[L]``: K^IComp [>= n_visible, dh]. One batched tower
+        pass (:meth:`trigger_queries`), then one scoring launch per layer (its own keys)."""
+        if n_visible is None:
+            n_visible = (int(position) + 1) // self.config.compress_rate
+        q, w = self.trigger_queries(hiddens_by_layer, position)
+        out = {}
+        for i, L in enumerate(self.config.layers):
+            layer = self.layer(L)
+            out[int(L)] = layer.logits_from_query(q[i : i + 1], w[i : i + 1], keys_by_layer[L][:n_visible],
+                                                  chunk_size)[0]
+        return out
+
+    @torch.no_grad()
     def fetch(self, hiddens_by_layer: dict, position: int, keys_by_layer: dict, n_visible: int | None = None,
               threshold: float | None = None, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
         """Entries to fetch at trigger ``position``: sorted LongTensor of s < n_visible with I[t, s] >= threshold
-        at ANY memory layer (OR-union). ``hiddens_by_layer[L]``: h_t [d]; ``keys_by_layer[L]``: [>= n_visible, dh]."""
+        at ANY memory layer (OR-union). ``hiddens_by_layer[L]``: h_t [d]; ``keys_by_layer[L]``: [>= n_visible, dh].
+        ``chunk_size`` bounds memory on the torch (CPU) path only."""
         threshold = self.config.threshold if threshold is None else float(threshold)
         if n_visible is None:
             n_visible = (int(position) + 1) // self.config.compress_rate
-        selected, positions = None, None
-        for L in self.config.layers:
-            keys = keys_by_layer[L][:n_visible]
-            hidden = torch.as_tensor(hiddens_by_layer[L]).reshape(1, -1)
-            if positions is None:  # filled on the device: no synchronising host->device copy per layer
-                positions = torch.full((1,), int(position), dtype=torch.long, device=hidden.device)
-            probs = self.score(L, hidden, positions, keys, chunk_size)[0]
-            hit = probs >= threshold
-            selected = hit if selected is None else selected | hit.to(selected.device)
-        if selected is None or selected.numel() == 0:
+        if not self.config.layers or n_visible <= 0:
             return torch.zeros(0, dtype=torch.long)
+        selected = None
+        for logits in self.trigger_logits(hiddens_by_layer, position, keys_by_layer, n_visible, chunk_size).values():
+            hit = torch.sigmoid(logits) >= threshold
+            selected = hit if selected is None else selected | hit.to(selected.device)
         return torch.nonzero(selected, as_tuple=False).reshape(-1).cpu()
 
     # -- export -----------------------------------------------------------------------------------------

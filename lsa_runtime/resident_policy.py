@@ -208,11 +208,14 @@ class MemoryIndexerPolicy(ResidentPolicy):
 
     def select(self, state: TriggerState) -> torch.Tensor:
         best = None
-        for layer in self.memory_layers:
-            keys = state.index_keys[layer][: state.n_visible]
-            score = score_entries(self.memory_indexer, layer, state.hidden[layer], state.position, keys)
-            state.scores[layer] = score
-            best = score if best is None else torch.maximum(best, score)
+        if state.n_visible > 0 and self.memory_layers:
+            # all memory layers' towers in one batched pass, then one scoring launch per layer
+            logits = self.memory_indexer.trigger_logits(state.hidden, state.position, state.index_keys,
+                                                        state.n_visible)
+            for layer in self.memory_layers:
+                score = torch.sigmoid(logits[layer])
+                state.scores[layer] = score
+                best = score if best is None else torch.maximum(best, score)
         if best is None or best.numel() == 0:
             return torch.zeros(0, dtype=torch.long)
         chosen = torch.nonzero(best >= self.threshold).reshape(-1)
@@ -229,11 +232,3 @@ class MemoryIndexerPolicy(ResidentPolicy):
 def memory_indexer_layers(memory_indexer) -> tuple[int, ...]:
     """The layers of a :class:`~.memory_indexer.MemoryIndexer` (its config's sorted layer list)."""
     return tuple(int(x) for x in memory_indexer.config.layers)
-
-
-def score_entries(memory_indexer, layer: int, hidden: torch.Tensor, position: int, keys: torch.Tensor) -> torch.Tensor:
-    """I_L[t0, s] in (0, 1) for every row of ``keys`` ([T, d]) -> fp32 [T] (the memory indexer's gated score)."""
-    if keys.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.float32, device=keys.device)
-    scores = memory_indexer.score(layer, hidden.reshape(1, -1), torch.tensor([int(position)]), keys)  # [1, T]
-    return scores[0].float()

@@ -107,6 +107,29 @@ def test_fetch_is_the_or_union_of_layers_over_visible_entries():
     assert indexer.fetch(hidden, position, keys, threshold=0.999999).numel() <= len(expected)
 
 
+def test_batched_trigger_towers_equal_per_layer_towers_bit_for_bit():
+    """trigger_queries (RMSNorm/RoPE/scaling once over all layers' rows) == each layer's own query(), exactly,
+    and trigger_logits == logits() per layer; three layers, bf16 weights as in serving, and float32."""
+    for dtype in (torch.float32, torch.bfloat16):
+        indexer = random_indexer(7, layers=(2, 4, 6)).to(dtype)
+        gen = torch.Generator().manual_seed(8)
+        hidden = {L: (torch.randn(10, generator=gen) * 3).to(dtype) for L in (2, 4, 6)}
+        keys = {L: torch.randn(40, 8, generator=gen).to(dtype) for L in (2, 4, 6)}
+        position = 517
+        q, w = indexer.trigger_queries(hidden, position)
+        logits = indexer.trigger_logits(hidden, position, keys, n_visible=33)
+        assert list(logits) == [2, 4, 6]
+        for i, L in enumerate((2, 4, 6)):
+            q1, w1 = indexer.layer(L).query(hidden[L].reshape(1, -1), torch.tensor([position]))
+            assert torch.equal(q[i], q1[0]) and torch.equal(w[i], w1[0]), (dtype, L)
+            want = indexer.logits(L, hidden[L].reshape(1, -1), [position], keys[L][:33])[0]
+            assert torch.equal(logits[L], want), (dtype, L)
+        if dtype == torch.float32:  # and the formula itself
+            for L in (2, 4, 6):
+                p = direct_scores(indexer, L, hidden[L].reshape(1, -1), [position], keys[L][:33])[0]
+                np.testing.assert_allclose(torch.sigmoid(logits[L]).double().numpy(), p, rtol=1e-5, atol=1e-6)
+
+
 def test_export_round_trip_and_bad_exports(tmp_path):
     indexer = random_indexer(7)
     out = indexer.save_export(tmp_path / "export", metrics={"union_f1": 0.5})
