@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.flash_model import FLASH_LAYER_TYPES, flash_config  # noqa: E402
 from lsa_runtime.backbone import CSA, HCA, cache_kwarg, csa_layers, default_memory_layers  # noqa: E402
 from lsa_runtime.cold_pool import ColdPool  # noqa: E402
-from lsa_runtime.lsa_cache import LSACSACache, build_lsa_cache, install_lsa_compressors  # noqa: E402
+from lsa_runtime.lsa_cache import (LSACSACache, build_lsa_cache, install_lsa_compressors,  # noqa: E402
+                                   set_resident_all)
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig  # noqa: E402
 from lsa_runtime.session import measure_cache  # noqa: E402
 
@@ -178,8 +179,7 @@ def main():
                         probs = indexer.score(L, hidden[L].unsqueeze(0), torch.tensor([position]), keys[L][:n])[0]
                         best = probs if best is None else torch.maximum(best, probs)
                     ids = best.topk(min(args.resident, n)).indices.sort().values.cpu()
-                    for layer in lsa_layers:
-                        layer.set_resident(ids, args.tau // 4 + 2)
+                    set_resident_all(lsa_layers, ids, args.tau // 4 + 2)
             times, trigger_steps = step_times(model, cache, context, args.steps, trigger, args.tau)
             if args.profile and context == max(int(x) for x in args.contexts.split(",")):
                 profile_steps(model, cache, context + args.steps, args.profile, f"{context:,} {mode}")

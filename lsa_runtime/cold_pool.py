@@ -153,8 +153,10 @@ class ColdPool:
         self._wait_appends()
         return self.rows[(layer, name)].view()
 
-    def gather(self, layer: int, name: str, ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    def gather(self, layer: int, name: str, ids: torch.Tensor, device: torch.device | str,
+               device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``ids`` (int64, any device) of ``layer``/``name`` copied to ``device``: ``[len(ids), width]``.
+        ``device_ids``: the same ids already on ``device`` (a caller gathering many layers moves them once).
 
         On a CUDA ``device`` with a pinned pool (and ``zero_copy``), the device gathers the rows itself from
         the pinned host rows (zero-copy, asynchronous on the current stream). Otherwise the rows are gathered
@@ -168,7 +170,7 @@ class ColdPool:
             raise IndexError(f"entry {int(ids.max())} is not in the cold pool of layer {layer} "
                              f"({source.shape[0]} entries)")
         if self.zero_copy and device.type == "cuda" and zero_copy_available(source, device):
-            out = gather_rows(source, ids, device)
+            out = gather_rows(source, ids if device_ids is None else device_ids, device)
             self._read = torch.cuda.Event()
             self._read.record()
             self.bytes_to_device += out.shape[0] * width * source.element_size()

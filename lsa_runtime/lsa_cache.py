@@ -173,35 +173,32 @@ class LSACSACache(DeepseekV4CSACache):
             self.buffer = EntryBuffer(self.buffer_entries, self.widths["compressor"], self.dtype, self.device,
                                       self.pool, self.layer_idx)
 
-    def set_resident(self, ids: torch.Tensor, headroom: int) -> tuple[int, int]:
+    def set_resident(self, ids: torch.Tensor, headroom: int, plan: "ResidentPlan | None" = None) -> tuple[int, int]:
         """Make ``ids`` (sorted unique entry indices) the resident set: keep rows already resident, fetch the
         others from the pool, release the rest. Room for ``headroom`` entries born before the next trigger.
+        ``plan``: :class:`ResidentPlan` of this change, when the caller shares one across layers.
 
         Returns ``(entries fetched, bytes fetched)`` for this layer.
         """
-        ids = ids.to("cpu", torch.long)
         if self.resident is None:  # no entry emitted yet: nothing to hold
             return 0, 0
-        old = self.resident_ids
-        keep_mask = torch.isin(ids, old)
-        fetch_ids = ids[~keep_mask]
-        old_rows = torch.searchsorted(old, ids[keep_mask])  # positions of kept entries in the old rows
-        new_pos_keep = torch.nonzero(keep_mask).reshape(-1)
-        new_pos_fetch = torch.nonzero(~keep_mask).reshape(-1)
+        if plan is None or not plan.applies_to(self.resident_ids):
+            plan = ResidentPlan(self.resident_ids, ids)
+        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(self.device)
         before = self.pool.bytes_to_device
         resident = {}
         for name, width in self.widths.items():
-            rows = GrowingRows(width, self.dtype, self.device, capacity=ids.numel() + headroom)
-            rows.length = ids.numel()
+            rows = GrowingRows(width, self.dtype, self.device, capacity=plan.ids.numel() + headroom)
+            rows.length = plan.ids.numel()
             data = rows.view()
-            if new_pos_keep.numel():
-                data[new_pos_keep.to(self.device)] = self.resident[name].view()[old_rows.to(self.device)]
-            if new_pos_fetch.numel():
-                data[new_pos_fetch.to(self.device)] = self.pool.gather(self.layer_idx, name, fetch_ids, self.device)
+            if keep_to is not None:
+                data[keep_to] = self.resident[name].view()[keep_from]
+            if fetch_to is not None:
+                data[fetch_to] = self.pool.gather(self.layer_idx, name, plan.fetch_ids, self.device, fetch_ids_dev)
             resident[name] = rows
         self.resident = resident
-        self.resident_ids = ids.clone()
-        return int(fetch_ids.numel()), self.pool.bytes_to_device - before
+        self.resident_ids = plan.ids
+        return int(plan.fetch_ids.numel()), self.pool.bytes_to_device - before
 
     # ---- accounting ---------------------------------------------------------------------------------
 
@@ -216,6 +213,50 @@ class LSACSACache(DeepseekV4CSACache):
         if self.all_index_keys is not None:
             kinds["memory_index_keys"].append(self.all_index_keys.data)
         return kinds
+
+
+class ResidentPlan:
+    """How the resident set changes from ``old`` to ``ids`` (both sorted unique host int64): which new rows are
+    kept (and where they sit in the old rows) and which are fetched. Every CSA layer of a Session holds the
+    same resident entries, so one plan serves all of them (:func:`set_resident_all`); its index tensors are
+    moved to a device once."""
+
+    def __init__(self, old: torch.Tensor, ids: torch.Tensor):
+        self.old = old
+        self.ids = ids.to("cpu", torch.long).clone()
+        keep_mask = torch.isin(self.ids, old)
+        self.fetch_ids = self.ids[~keep_mask]
+        self.keep_from = torch.searchsorted(old, self.ids[keep_mask])  # positions of kept entries in the old rows
+        self.keep_to = torch.nonzero(keep_mask).reshape(-1)
+        self.fetch_to = torch.nonzero(~keep_mask).reshape(-1)
+        self._on: dict[torch.device, tuple] = {}
+
+    def applies_to(self, old: torch.Tensor) -> bool:
+        return old is self.old or torch.equal(old, self.old)
+
+    def on(self, device: torch.device) -> tuple:
+        """(keep_to, keep_from, fetch_to, fetch_ids) on ``device``; None where nothing is kept / fetched."""
+        device = torch.device(device)
+        if device not in self._on:
+            keep = (self.keep_to.to(device), self.keep_from.to(device)) if self.keep_to.numel() else (None, None)
+            fetch = (self.fetch_to.to(device), self.fetch_ids.to(device)) if self.fetch_to.numel() else (None, None)
+            self._on[device] = keep + fetch
+        return self._on[device]
+
+
+def set_resident_all(layers, ids: torch.Tensor, headroom: int) -> tuple[int, int]:
+    """:meth:`LSACSACache.set_resident` on every layer with one shared :class:`ResidentPlan` (layers whose
+    resident set differs get their own). Returns (entries fetched, bytes fetched) summed over the layers."""
+    ids = ids.to("cpu", torch.long)
+    plan, fetched, moved = None, 0, 0
+    for layer in layers:
+        if layer.resident is None:
+            continue
+        if plan is None or not plan.applies_to(layer.resident_ids):
+            plan = ResidentPlan(layer.resident_ids, ids)
+        n, b = layer.set_resident(ids, headroom, plan)
+        fetched, moved = fetched + n, moved + b
+    return fetched, moved
 
 
 class EntryBuffer:

@@ -30,7 +30,7 @@ from .backbone import (CSA, HCA, cache_kwarg, config_hash, csa_layers, csa_rate,
 from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
 from .errors import FmIndexError
-from .lsa_cache import LSACSACache, build_lsa_cache, install_lsa_compressors
+from .lsa_cache import LSACSACache, build_lsa_cache, install_lsa_compressors, set_resident_all
 from .resident_policy import (AllEntriesPolicy, HiSparsePolicy, MemoryIndexerPolicy, RandomPolicy, RecentPolicy,
                               ResidentPolicy, TriggerState, check_budget, memory_indexer_layers)
 
@@ -500,9 +500,8 @@ class Session:
             raise SessionError(f"policy '{self.policy.name}' selected entry {bad}, outside the {n_visible} "
                                "visible entries")
         headroom = self.tau // self.rate + 2  # entries born before the next trigger
-        for layer in layers:
-            fetched, moved = layer.set_resident(ids, headroom)
-            stats.fetch_bytes_to_device += moved
+        _, moved = set_resident_all(layers, ids, headroom)  # one plan for all layers: they hold the same entries
+        stats.fetch_bytes_to_device += moved
         stats.entries_fetched += int((~torch.isin(ids, state.resident)).sum())
         stats.triggers += 1
         self._since_trigger = 0
