@@ -358,6 +358,9 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (and the random policy's)."),
     chunk_size: int = typer.Option(512, "--chunk-size", help="Prefill chunk in tokens; bounds prefill memory."),
+    memory_keys: str = typer.Option("device", "--memory-keys", help="Where the memory layers' indexer keys of "
+                                    "every entry live between triggers: device (resident, fastest trigger) or pool "
+                                    "(CPU cold pool, streamed to the device at each trigger: less device memory)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     dtype: str = typer.Option(None, "--dtype", help="Backbone dtype: float32, bfloat16 or float16 (default: "
                               "float32 on CPU, the checkpoint's on a GPU)."),
@@ -383,7 +386,8 @@ def generate_command(
     mode = mode or ("lsa" if indexer else "full")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, mode=mode, tau=tau,
                                       threshold=threshold, device=device or _default_device(), dtype=dtype,
-                                      max_resident=max_resident, chunk_size=chunk_size, seed=seed)
+                                      max_resident=max_resident, chunk_size=chunk_size, seed=seed,
+                                      memory_keys=memory_keys)
     out = Console()
     for piece in session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed):

@@ -103,6 +103,18 @@ def step_times(model, cache, context, steps, trigger=None, tau=64):
     return times, trigger_steps
 
 
+def write_json(args, rows, device) -> None:
+    """After every row: a run cut by a time limit keeps what it measured (temp file, then rename)."""
+    if not args.json:
+        return
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name()
+                   if device == "cuda" else "cpu", "resident": args.resident, "tau": args.tau, "steps": args.steps,
+                   "memory_keys": args.memory_keys, "bytes_only": args.bytes_only, "rows": rows}, f, indent=2)
+    Path(tmp).replace(args.json)
+
+
 def profile_steps(model, cache, position, steps, title):
     """torch.profiler over ``steps`` non-trigger decode steps: the operators that take the most device and host
     time, to show what a step of this eager model is made of."""
@@ -134,15 +146,23 @@ def main():
     ap.add_argument("--profile", type=int, default=0,
                     help="after the timed steps of the largest context, profile this many more steps per mode and "
                          "print the top operators")
+    ap.add_argument("--memory-keys", choices=["device", "pool"], default="device",
+                    help="lsa: the memory layers' keys of every entry resident on the device, or kept in the pool "
+                         "and streamed at each trigger (Session(memory_keys=...))")
+    ap.add_argument("--bytes-only", action="store_true",
+                    help="no model and no decode steps: fill the caches (bf16), run one trigger, report resident "
+                         "bytes (runs on a CPU at Flash dimensions)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" or args.bytes_only else torch.float32
     config = small_config() if args.small else flash_config()
     torch.manual_seed(0)
-    with torch.device(device):
-        model = DeepseekV4ForCausalLM(config)
-    model = model.to(dtype).eval()
-    install_lsa_compressors(model)  # stock behaviour with a stock cache
+    model = None
+    if not args.bytes_only:
+        with torch.device(device):
+            model = DeepseekV4ForCausalLM(config)
+        model = model.to(dtype).eval()
+        install_lsa_compressors(model)  # stock behaviour with a stock cache
     layers = default_memory_layers(config)
     mcfg = MemoryIndexerConfig.from_backbone_config(config, layers, rank=2048 if not args.small else 128,
                                                     tau=args.tau)
@@ -160,7 +180,8 @@ def main():
             else:
                 pool = ColdPool(csa_layers(config), {"compressor": config.head_dim, "indexer": config.index_head_dim},
                                 dtype, initial_entries=context // 4 + args.steps)
-                cache = build_lsa_cache(config, pool, layers if mode == "lsa" else [],
+                keys_resident = layers if mode == "lsa" and args.memory_keys == "device" else []
+                cache = build_lsa_cache(config, pool, keys_resident,
                                         buffer_entries=args.resident if mode == "hisparse" else None)
             for idx, kind in enumerate(config.layer_types):
                 layer = cache.layers[idx]
@@ -171,15 +192,30 @@ def main():
                 lsa_layers = [cache.layers[i] for i in csa_layers(config)]
                 hidden = {L: torch.randn(config.hidden_size, generator=gen, device=device).to(dtype) for L in layers}
 
-                def trigger(position, lsa_layers=lsa_layers, hidden=hidden):
+                def trigger(position, lsa_layers=lsa_layers, hidden=hidden, cache=cache, pool=pool):
                     n = lsa_layers[0].n_entries
-                    keys = {L: cache.layers[L].all_index_keys.view() for L in layers}
+                    keys = {L: cache.layers[L].all_index_keys.view() if cache.layers[L].all_index_keys is not None
+                            else pool.stream_prefix(L, "indexer", n, device) for L in layers}
                     best = None
                     for L in layers:
                         probs = indexer.score(L, hidden[L].unsqueeze(0), torch.tensor([position]), keys[L][:n])[0]
                         best = probs if best is None else torch.maximum(best, probs)
                     ids = best.topk(min(args.resident, n)).indices.sort().values.cpu()
                     set_resident_all(lsa_layers, ids, args.tau // 4 + 2)
+            if args.bytes_only:
+                if trigger is not None:
+                    trigger(context)
+                held, full, _, _ = measure_cache(cache, config)
+                row = {"context": context, "mode": mode, "memory_keys": args.memory_keys,
+                       "resident_bytes": sum(held.values()), "ratio_to_full": sum(held.values()) / sum(full.values()),
+                       "by_kind": held}
+                rows.append(row)
+                print(f"{context:>9,} {mode:9s} resident KV {row['resident_bytes'] / 2**20:9.1f} MiB  ratio "
+                      f"{row['ratio_to_full']:.4f}  " + "  ".join(f"{k} {v / 2**20:.1f}" for k, v in held.items()),
+                      flush=True)
+                del cache
+                write_json(args, rows, device)
+                continue
             times, trigger_steps = step_times(model, cache, context, args.steps, trigger, args.tau)
             if args.profile and context == max(int(x) for x in args.contexts.split(",")):
                 profile_steps(model, cache, context + args.steps, args.profile, f"{context:,} {mode}")
@@ -197,13 +233,7 @@ def main():
             del cache
             if device == "cuda":
                 torch.cuda.empty_cache()
-            if args.json:  # after every row: a run cut by a time limit keeps what it measured
-                tmp = args.json + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name()
-                               if device == "cuda" else "cpu", "resident": args.resident, "tau": args.tau,
-                               "steps": args.steps, "rows": rows}, f, indent=2)
-                Path(tmp).replace(args.json)
+            write_json(args, rows, device)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ class ColdPool:
         self._wait_appends()
         return self.rows[(layer, name)].view()
 
+    def stream_prefix(self, layer: int, name: str, n: int, device: torch.device | str) -> torch.Tensor:
+        """The first ``n`` rows of ``layer``/``name`` on ``device`` (counted as moved): a trigger reads the memory
+        layers' K^IComp of every entry this way when they are kept in the pool (``Session(memory_keys="pool")``).
+        From a pinned pool the copy is asynchronous on the current stream, ordered after pending appends."""
+        rows = self.host_rows(layer, name)[: int(n)]
+        out = rows.to(device, non_blocking=self.pin)
+        self.bytes_to_device += rows.shape[0] * rows.shape[1] * rows.element_size()
+        self.rows_to_device += rows.shape[0]
+        return out
+
     def gather(self, layer: int, name: str, ids: torch.Tensor, device: torch.device | str,
                device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``ids`` (int64, any device) of ``layer``/``name`` copied to ``device``: ``[len(ids), width]``.

@@ -199,7 +199,7 @@ class Session:
     def __init__(self, model, tokenizer=None, *, mode: str = "lsa", indexer=None, tau: int | None = None,
                  threshold: float | None = None, max_resident: int | None = None, budget: int | None = None,
                  policy: ResidentPolicy | None = None, chunk_size: int = 512, seed: int = 0,
-                 max_score_bytes: int = 1 << 30):
+                 max_score_bytes: int = 1 << 30, memory_keys: str = "device"):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -233,6 +233,9 @@ class Session:
             mode = policy.name
         if threshold is not None:
             _check_threshold(threshold)
+        if memory_keys not in ("device", "pool"):
+            raise SessionError(f"memory_keys must be 'device' or 'pool', got {memory_keys!r}")
+        self.memory_keys = memory_keys
         self.mode = mode
         self.policy = policy
         if policy is not None and policy.memory_layers:
@@ -309,8 +312,10 @@ class Session:
             return DynamicCache(config=self.config)
         widths = {"compressor": self.config.head_dim, "indexer": self.config.index_head_dim}
         self._pool = ColdPool(self.csa_layers, widths, dtype=self._kv_dtype())
-        return build_lsa_cache(self.config, self._pool, self.policy.memory_layers,
-                               buffer_entries=self.policy.per_step_buffer)
+        # memory_keys="pool": the memory layers' K^IComp of every entry stays in the cold pool after prefill and
+        # each trigger streams it to the device (ColdPool.stream_prefix) instead of holding it resident
+        keys_resident = self.policy.memory_layers if self.memory_keys == "device" else ()
+        return build_lsa_cache(self.config, self._pool, keys_resident, buffer_entries=self.policy.per_step_buffer)
 
     def _kv_dtype(self) -> torch.dtype:
         return self.decoder.layers[self.csa_layers[0]].self_attn.compressor.kv_proj.weight.dtype
@@ -486,12 +491,20 @@ class Session:
         layers = self._lsa_layers()
         n_visible = max((layer.n_entries for layer in layers), default=0)
         stats = self._stats
+        pool_before = self._pool.bytes_to_device if self._pool else 0
+        index_keys = {}
+        for layer in layers:
+            if layer.layer_idx not in self.policy.memory_layers:
+                continue
+            if layer.all_index_keys is not None:  # resident on the device (memory_keys="device")
+                index_keys[layer.layer_idx] = layer.all_index_keys.view()
+            else:  # kept in the pool: streamed for this trigger, freed after it
+                index_keys[layer.layer_idx] = self._pool.stream_prefix(layer.layer_idx, "indexer", n_visible,
+                                                                       self.device)
         state = TriggerState(
             position=self._position - 1, n_visible=n_visible, trigger_index=stats.triggers,
             resident=layers[0].resident_ids if layers else torch.zeros(0, dtype=torch.long),
-            hidden=dict(self._hidden),
-            index_keys={layer.layer_idx: layer.all_index_keys.view() for layer in layers
-                        if layer.keep_all_index_keys and layer.all_index_keys is not None},
+            hidden=dict(self._hidden), index_keys=index_keys,
         )
         ids = torch.as_tensor(self.policy.select(state), dtype=torch.long).reshape(-1).cpu()
         ids = torch.unique(ids)  # sorted
@@ -500,8 +513,8 @@ class Session:
             raise SessionError(f"policy '{self.policy.name}' selected entry {bad}, outside the {n_visible} "
                                "visible entries")
         headroom = self.tau // self.rate + 2  # entries born before the next trigger
-        _, moved = set_resident_all(layers, ids, headroom)  # one plan for all layers: they hold the same entries
-        stats.fetch_bytes_to_device += moved
+        set_resident_all(layers, ids, headroom)  # one plan for all layers: they hold the same entries
+        stats.fetch_bytes_to_device += (self._pool.bytes_to_device if self._pool else 0) - pool_before
         stats.entries_fetched += int((~torch.isin(ids, state.resident)).sum())
         stats.triggers += 1
         self._since_trigger = 0

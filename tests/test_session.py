@@ -9,7 +9,7 @@ import torch
 from lsa_runtime.backbone import config_hash, default_memory_layers, load_backbone
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 from lsa_runtime.resident_policy import GivenEntriesPolicy, MemoryIndexerPolicy
-from lsa_runtime.session import Session
+from lsa_runtime.session import Session, SessionError
 
 PROMPT_TOKENS = 640  # 20 sliding windows, 160 CSA entries, 20 HCA entries
 NEW_TOKENS = 48
@@ -150,6 +150,38 @@ def test_lsa_with_exported_indexer_saves_memory(backbone, prompt_ids, native_exp
     assert stats.device_bytes["csa_kv"] < stats.full_bytes["csa_kv"]
     assert stats.footprint_ratio < 1.0
     assert stats.entries_fetched > 0 and stats.fetch_bytes_to_device > 0 and stats.trigger_seconds > 0
+
+
+def test_memory_keys_in_the_pool_decode_the_same_with_less_device_memory(backbone, prompt_ids, native_export):
+    """memory_keys="pool": the memory layers' keys of every entry stay in the cold pool and each trigger streams
+    them; tokens and every trigger's resident set are those of memory_keys="device", the device holds no
+    memory keys, and the bytes moved grow by exactly the streamed keys."""
+    model, tokenizer = backbone
+    runs = {}
+    for where in ("device", "pool"):
+        session = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=0.9, tau=TAU,
+                          chunk_size=CHUNK, memory_keys=where)
+        chosen, visible = [], []
+        original = session.policy.select
+
+        def select(state, original=original, chosen=chosen, visible=visible):
+            ids = original(state)
+            chosen.append(ids.clone())
+            visible.append(state.n_visible)
+            return ids
+
+        session.policy.select = select
+        out = session.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+        runs[where] = (out.token_ids, chosen, visible, session.stats)
+    (tok_d, ids_d, vis_d, st_d), (tok_p, ids_p, vis_p, st_p) = runs["device"], runs["pool"]
+    assert tok_d == tok_p and len(ids_d) == len(ids_p) == st_d.triggers
+    assert all(torch.equal(a, b) for a, b in zip(ids_d, ids_p)) and vis_d == vis_p
+    assert st_d.device_bytes["memory_index_keys"] > 0 and st_p.device_bytes["memory_index_keys"] == 0
+    assert st_p.device_total == st_d.device_total - st_d.device_bytes["memory_index_keys"]
+    key_bytes = model.config.index_head_dim * 4 * 3  # fp32 K^IComp row, 3 memory layers
+    assert st_p.fetch_bytes_to_device - st_d.fetch_bytes_to_device == key_bytes * sum(vis_p)
+    with pytest.raises(SessionError, match="memory_keys"):
+        Session(model, tokenizer, mode="lsa", indexer=native_export, memory_keys="disk")
 
 
 def test_max_resident_caps_the_resident_set(backbone, prompt_ids, native_export):
