@@ -184,12 +184,15 @@ class Evaluation:
     """Runs (or resumes) one evaluation into ``out``; :meth:`run` returns the results dictionary."""
 
     def __init__(self, config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-                 backbone=None):
+                 backbone=None, workers: int = 1):
         self.config = config.check()
         self.out = Path(out)
         self.reporter = reporter or Reporter()
         self.resume = resume
         self._backbone = backbone
+        if int(workers) < 1:
+            raise EvaluationError(f"--workers must be >= 1, got {workers}")
+        self.workers = int(workers)
         self.done: dict[tuple, dict] = {}
 
     # ---- output directory -----------------------------------------------------------------------------
@@ -224,6 +227,7 @@ class Evaluation:
 
     def _append(self, record: dict) -> None:
         with (self.out / "runs.jsonl").open("a") as f:
+            _lock(f)  # worker processes append to the same file
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -242,12 +246,57 @@ class Evaluation:
             self.reporter.run_done({})
         pending = [(task, length) for length in cfg.lengths for task in cfg.tasks
                    if any((task, length, i, mode) not in self.done for i in range(cfg.samples) for mode in cfg.modes)]
-        if pending:
+        if pending and self.workers > 1 and len(pending) > 1:
+            self._run_workers(pending)
+        elif pending:
             self._load()
             for task, length in pending:
                 self._run_cell(task, length)
                 self.finish(complete=False)  # results so far, readable while a long evaluation runs
         return self.finish()
+
+    def _run_workers(self, pending: list[tuple[str, int]]) -> None:
+        """Decode the pending (task, length) cells in ``workers`` processes on the same device.
+
+        A small backbone decodes one token at a time, bound by host time (kernel launches, Python), so
+        processes scale until the CPU cores or the accelerator are busy. Cells go longest first, round-robin;
+        every worker appends its runs to ``runs.jsonl`` (locked), so an interrupted run resumes as usual.
+        """
+        import multiprocessing
+        import time
+
+        n = min(self.workers, len(pending))
+        order = sorted(pending, key=lambda cell: -cell[1])
+        shares = [order[k::n] for k in range(n)]
+        threads = max(1, (os.cpu_count() or 1) // n) if torch.device(self.config.device).type == "cpu" else 1
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        procs = [context.Process(target=_worker_main, args=(self.config, str(self.out), share, threads),
+                                 name=f"fm-index-eval-{k}") for k, share in enumerate(shares)]
+        for proc in procs:
+            proc.start()
+        runs = self.out / "runs.jsonl"
+        try:
+            while True:
+                alive = sum(proc.is_alive() for proc in procs)
+                self.reporter.phase(f"{alive} of {n} workers decoding")
+                for record in _read_runs(runs).values():
+                    if _key(record) not in self.done:
+                        self.done[_key(record)] = record
+                        self.reporter.run_done(record)
+                if not alive:
+                    break
+                time.sleep(1.0)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+        failed = [(proc.name, proc.exitcode) for proc in procs if proc.exitcode != 0]
+        if failed:
+            self.finish(complete=False)
+            raise EvaluationError(f"evaluation worker {failed[0][0]} failed (exit code {failed[0][1]}, its error "
+                                  f"is printed above); finished runs are kept: --resume continues")
+        self.done.update(_read_runs(runs))
 
     def _load(self) -> None:
         from lsa_runtime.session import load_memory_indexer
@@ -385,9 +434,42 @@ class Evaluation:
 
 
 def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-             backbone=None) -> dict:
-    """Run (or resume) the evaluation of ``config`` into ``out``; returns the results dictionary."""
-    return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone).run()
+             backbone=None, workers: int = 1) -> dict:
+    """Run (or resume) the evaluation of ``config`` into ``out``; returns the results dictionary. ``workers``:
+    decode in that many processes on the same device (see :meth:`Evaluation._run_workers`)."""
+    return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers).run()
+
+
+def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int) -> None:
+    """One worker process: load the backbone (and indexer), decode ``cells``, append runs to out/runs.jsonl."""
+    torch.set_num_threads(threads)
+    evaluation = Evaluation(config, out, resume=True)
+    evaluation.done = _read_runs(Path(out) / "runs.jsonl")  # read only: the parent owns the directory
+    evaluation._load()
+    for task, length in cells:
+        evaluation._run_cell(task, length)
+
+
+def _read_runs(path: Path) -> dict[tuple, dict]:
+    """Complete records of a runs.jsonl by key (a line being written, or cut, is skipped)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[_key(record)] = record
+    return done
+
+
+def _lock(f) -> None:
+    """Exclusive lock on an open file until it is closed (POSIX; elsewhere appends are unlocked)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
 
 
 # ---- summaries, table, plots ------------------------------------------------------------------------------

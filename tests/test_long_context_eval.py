@@ -206,3 +206,22 @@ def test_cli_evaluate(tmp_path):
     assert bad.exit_code == 2
     assert "error:" in bad.output and "budget" in bad.output
     assert not Path(tmp_path / "b").exists()
+
+
+def test_workers_decode_the_same_runs_as_one_process(backbone, export_dir, tmp_path):
+    """--workers 2: two spawned processes share the cells; every run's prediction and score equal the
+    single-process evaluation's, and the merged runs.jsonl holds each run once."""
+    config = EvalConfig(model="tiny", modes=("full", "lsa", "recent"), tasks=(TASK, "vt"), lengths=(256, 320),
+                        samples=1, indexer=str(export_dir), max_new_tokens=NEW, tau=TAU)
+    one = evaluate(config, tmp_path / "one", backbone=backbone)
+    two = evaluate(config, tmp_path / "two", workers=2)
+
+    def by_key(results):
+        return {(r["task"], r["length"], r["index"], r["mode"]): (r["prediction"], r["score"], r["selected_mean"])
+                for r in results["runs"]}
+
+    assert len(one["runs"]) == 2 * 2 * 3 and by_key(two) == by_key(one)
+    lines = (tmp_path / "two" / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == len(one["runs"]) and two["complete"] is True
+    with pytest.raises(EvaluationError, match="workers"):
+        evaluate(config, tmp_path / "bad", workers=0)
