@@ -156,9 +156,13 @@ class ColdPool:
     def stream_prefix(self, layer: int, name: str, n: int, device: torch.device | str) -> torch.Tensor:
         """The first ``n`` rows of ``layer``/``name`` on ``device`` (counted as moved): a trigger reads the memory
         layers' K^IComp of every entry this way when they are kept in the pool (``Session(memory_keys="pool")``).
-        From a pinned pool the copy is asynchronous on the current stream, ordered after pending appends."""
+        From a pinned pool the copy is asynchronous on the current stream, ordered after pending appends; a pool
+        growth waits for it as for a zero-copy gather."""
         rows = self.host_rows(layer, name)[: int(n)]
         out = rows.to(device, non_blocking=self.pin)
+        if self.pin and torch.device(device).type == "cuda":  # a growth must not free rows this copy still reads
+            self._read = torch.cuda.Event()
+            self._read.record()
         self.bytes_to_device += rows.shape[0] * rows.shape[1] * rows.element_size()
         self.rows_to_device += rows.shape[0]
         return out
