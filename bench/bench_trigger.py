@@ -62,7 +62,8 @@ def main():
     position = args.context - 1
     t_score = median_ms(lambda: indexer.fetch(hidden, position, keys, T), reps=21)
     result["score_ms"] = t_score
-    # where the time goes: the three query towers (W_DQ, W_IUQ, W_w, RoPE) and the three scoring launches
+    # where the time goes: the three query towers one layer at a time (MemoryIndexerLayer.query; fetch batches
+    # their norm/RoPE/scaling, see MemoryIndexer.trigger_queries) and the three scoring launches
     pos = torch.tensor([position], device=device)
     qw = {L: indexer.layer(L).query(hidden[L].reshape(1, -1), pos) for L in layers}
     result["query_ms"] = median_ms(lambda: [indexer.layer(L).query(hidden[L].reshape(1, -1), pos) for L in layers],
@@ -100,6 +101,9 @@ def main():
     if args.score_only:
         print(f"scoring 3 memory indexers + OR: {t_score:.3f} ms (query towers {result['query_ms']:.3f} ms, "
               f"scoring launches {result['kernel_ms']:.3f} ms)")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
         return
 
     # 2. fetch from the pinned pool
