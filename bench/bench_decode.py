@@ -196,10 +196,9 @@ def main():
                     n = lsa_layers[0].n_entries
                     keys = {L: cache.layers[L].all_index_keys.view() if cache.layers[L].all_index_keys is not None
                             else pool.stream_prefix(L, "indexer", n, device) for L in layers}
-                    best = None
-                    for L in layers:
-                        probs = indexer.score(L, hidden[L].unsqueeze(0), torch.tensor([position]), keys[L][:n])[0]
-                        best = probs if best is None else torch.maximum(best, probs)
+                    # the Session's lsa scoring (MemoryIndexerPolicy): batched towers, one launch per layer
+                    logits = indexer.trigger_logits(hidden, position, keys, n)
+                    best = torch.stack([logits[L] for L in layers]).max(0).values
                     ids = best.topk(min(args.resident, n)).indices.sort().values.cpu()
                     set_resident_all(lsa_layers, ids, args.tau // 4 + 2)
             if args.bytes_only:
