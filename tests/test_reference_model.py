@@ -167,3 +167,35 @@ def test_length_curriculum_stages():
     args.stages = None
     args.dense_steps = 1
     assert [phase_at(step, args, config) for step in range(2)] == [(2048, 512), (4096, 64)]
+
+
+def test_multikey_training_sequences_vary_their_key_count():
+    """``--multikey-keys 2-6``: multi-key sequences hold 2..6 needles with distinct keys, the asked one among them,
+    and the answer mask covers exactly its value; a stage too short for the drawn count holds fewer keys."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from data.reference_training.train import BatchSampler, parse_keys
+
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE)
+    text = (REPO / "lsa_runtime" / "backbone.py").read_text() * 3
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    assert parse_keys("4") == (4, 4) and parse_keys("2-6") == (2, 6)
+    sampler = BatchSampler(tokenizer, ids, 0.0, 3, (("niah_multikey", 1.0),), parse_keys("2-6"))
+    counts = set()
+    for length in (1024, 192):
+        for j in range(30):
+            seq, answer, task = sampler.sequence(0, j, length)
+            assert task == "niah_multikey" and len(seq) == length
+            decoded = tokenizer.decode(seq)
+            needles = re.findall(r"magic (?:number|uuid)s for (\S+) is: (\S+)\.\n", decoded)
+            asked = re.findall(r"magic (?:number|uuid) for (\S+) mentioned", decoded)[0]
+            keys = [k for k, _ in needles]
+            assert len(set(keys)) == len(keys) and asked in keys
+            value = dict(needles)[asked]
+            targets = seq[1:][answer]
+            assert tokenizer.decode(targets).strip() == value
+            counts.add((length, len(keys)))
+    assert {n for length, n in counts if length == 1024} >= {2, 3, 4, 5, 6}
+    assert {n for length, n in counts if length == 192} <= {2, 3, 4}  # at most four 7-digit needles fit

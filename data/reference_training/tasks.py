@@ -127,8 +127,10 @@ class TaskBuilder:
         return self.haystack[start:start + n].astype(np.int64)
 
     def build(self, rng: np.random.Generator, task: str, length: int, kind: str | None = None,
-              source: str | None = None) -> Sample:
-        """One sample of ``task`` with exactly ``length`` tokens (``kind``/``source`` random when None)."""
+              source: str | None = None, n_multi: int | None = None) -> Sample:
+        """One sample of ``task`` with exactly ``length`` tokens (``kind``/``source`` random when None;
+        ``n_multi`` overrides the number of keys / values of the multi-needle tasks)."""
+        n_multi = n_multi or self.n_multi
         kind = kind or VALUE_KINDS[rng.integers(2)]
         source = source or ("code", "noise")[rng.integers(2)]
         if task == "niah_single":
@@ -137,7 +139,7 @@ class TaskBuilder:
             question, answer = question_text(kind, key), f" {value}"
         elif task == "niah_multikey":
             keys = []
-            while len(keys) < self.n_multi:
+            while len(keys) < n_multi:
                 k = random_key(rng)
                 if k not in keys:
                     keys.append(k)
@@ -147,7 +149,7 @@ class TaskBuilder:
             question, answer = question_text(kind, keys[pick]), f" {values[pick]}"
         elif task == "niah_multivalue":
             key = random_key(rng)
-            values = [random_value(rng, kind) for _ in range(self.n_multi)]
+            values = [random_value(rng, kind) for _ in range(n_multi)]
             needles = [needle_text(kind, key, v) for v in values]
             question, answer = question_text(kind, key, multi=True), " " + ", ".join(values)
         elif task == "vt":

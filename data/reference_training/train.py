@@ -47,35 +47,47 @@ class BatchSampler:
 
     MIX = (("niah_single", 0.4), ("niah_multikey", 0.2), ("niah_multivalue", 0.2), ("vt", 0.2))
 
-    def __init__(self, tokenizer, train_tokens: np.ndarray, code_frac: float, seed: int, mix=None):
+    def __init__(self, tokenizer, train_tokens: np.ndarray, code_frac: float, seed: int, mix=None,
+                 multikey_keys: tuple[int, int] = (4, 4)):
         self.tokens = train_tokens
+        self.multikey_keys = multikey_keys
         self.mix = tuple(mix) if mix else self.MIX
         self.builder = TaskBuilder(tokenizer, train_tokens, tokenizer.bos_token_id)
         self.bos = tokenizer.bos_token_id
         self.code_frac = code_frac
         self.seed = seed
 
-    def sequence(self, step: int, j: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids [length], answer_mask over targets [length - 1])."""
+    def sequence(self, step: int, j: int, length: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """(input_ids [length], answer_mask over targets [length - 1], task name or "code")."""
         rng = np.random.default_rng([self.seed, step, j])
         answer = np.zeros(length - 1, dtype=bool)
         if rng.random() < self.code_frac:
             start = int(rng.integers(0, len(self.tokens) - length))
             ids = np.concatenate([[self.bos], self.tokens[start:start + length - 1]]).astype(np.int64)
-            return ids, answer
+            return ids, answer, "code"
         tasks, probs = zip(*self.mix)
         task = tasks[rng.choice(len(tasks), p=np.asarray(probs) / sum(probs))]
         kind = "number" if task == "niah_multivalue" else None  # 4 uuids (~100 tokens) are not a useful target
-        try:
-            sample = self.builder.build(rng, task, length, kind=kind)
-        except ValueError:  # a multi-needle task does not fit a short curriculum stage: one needle instead
+        n_multi = None
+        if task == "niah_multikey" and self.multikey_keys != (4, 4):  # numbers: uuid needles crowd short stages
+            n_multi, kind = int(rng.integers(self.multikey_keys[0], self.multikey_keys[1] + 1)), "number"
+        sample = None
+        for n in (range(n_multi, 1, -1) if n_multi else [None]):  # as many keys as the stage holds
+            try:
+                sample = self.builder.build(rng, task, length, kind=kind, n_multi=n)
+                break
+            except ValueError:  # too many needles for a short curriculum stage
+                pass
+        if sample is None:  # a multi-needle task does not fit a short curriculum stage: one needle instead
             sample = self.builder.build(rng, "niah_single", length, kind=kind)
         answer[sample.answer_start - 1:sample.answer_start - 1 + sample.answer_len] = True
-        return sample.input_ids, answer
+        return sample.input_ids, answer, sample.task
 
     def batch(self, step: int, batch_size: int, length: int):
+        """(ids [batch, length], answer masks [batch, length - 1], task of each row)."""
         seqs = [self.sequence(step, j, length) for j in range(batch_size)]
-        return torch.as_tensor(np.stack([s[0] for s in seqs])), torch.as_tensor(np.stack([s[1] for s in seqs]))
+        return (torch.as_tensor(np.stack([s[0] for s in seqs])), torch.as_tensor(np.stack([s[1] for s in seqs])),
+                [s[2] for s in seqs])
 
 
 # ---------------------------------------------------------------- model and checkpoints
@@ -184,6 +196,18 @@ def parse_mix(text: str | None):
     return tuple(mix)
 
 
+def parse_keys(text: str) -> tuple[int, int]:
+    """``"4"`` -> (4, 4); ``"2-8"`` -> (2, 8)."""
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise SystemExit(f"bad --multikey-keys '{text}': use N or LO-HI") from None
+    if not 2 <= lo <= hi:
+        raise SystemExit(f"bad --multikey-keys '{text}': need 2 <= LO <= HI")
+    return lo, hi
+
+
 def parse_stages(text: str) -> list[tuple[int, int, str]]:
     """``"512:300:all,1024:300:all,4096:0:64"`` -> [(length, steps, topk)]; the last stage runs to the end."""
     stages = []
@@ -211,10 +235,13 @@ def phase_at(step: int, args, config) -> tuple[int, int]:
     return args.seq_len, config.index_topk
 
 
-def train_step(model, distill, ids, answer, kl_weight, answer_weight, micro: int):
-    """Forward/backward over micro-batches; returns averaged metrics (gradients accumulate in .grad)."""
+def train_step(model, distill, ids, answer, kl_weight, answer_weight, micro: int, multikey=None):
+    """Forward/backward over micro-batches; returns averaged metrics (gradients accumulate in .grad).
+
+    ``multikey`` (bool per row) also reports ``multikey_acc``: answer exact match over those rows only."""
     device = next(model.parameters()).device
     metrics = {"lm": 0.0, "answer": 0.0, "kl": 0.0, "answer_acc": 0.0}
+    mk_hits, mk_rows = 0, 0
     n_micro = math.ceil(ids.shape[0] / micro)
     kl_layers: dict[int, float] = {}
     for m in range(n_micro):
@@ -236,6 +263,10 @@ def train_step(model, distill, ids, answer, kl_weight, answer_weight, micro: int
             hit = (logits.argmax(-1) == targets) | ~a
             seq_has = a.any(-1)
             acc = (hit.all(-1) & seq_has).sum() / seq_has.sum().clamp_min(1)
+            if multikey is not None:
+                mk = multikey[m * micro:(m + 1) * micro].to(device)
+                mk_hits += int((hit.all(-1) & mk).sum())
+                mk_rows += int(mk.sum())
         metrics["lm"] += float(lm.detach()) / n_micro
         metrics["answer"] += float(answer_ce.detach()) / n_micro
         metrics["kl"] += (float(kl.detach()) if kl is not None else 0.0) / n_micro
@@ -244,6 +275,8 @@ def train_step(model, distill, ids, answer, kl_weight, answer_weight, micro: int
             kl_layers[k] = kl_layers.get(k, 0.0) + v / n_micro
         del logits, ce, loss
     metrics["kl_layers"] = {str(k): round(v, 4) for k, v in kl_layers.items()}
+    if mk_rows:
+        metrics["multikey_acc"] = mk_hits / mk_rows
     return metrics
 
 
@@ -281,6 +314,9 @@ def main(argv=None):
     parser.add_argument("--mix", default=None,
                         help="task mixture of the synthetic sequences, TASK=WEIGHT,... (default: "
                              "niah_single=0.4,niah_multikey=0.2,niah_multivalue=0.2,vt=0.2)")
+    parser.add_argument("--multikey-keys", default="4",
+                        help="keys per multi-key training sequence: N, or LO-HI drawn uniformly (fewer when a short "
+                             "stage cannot hold them); evaluation always uses 4")
     parser.add_argument("--answer-weight", type=float, default=1.0)
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -323,7 +359,8 @@ def main(argv=None):
         optimizer.load_state_dict(torch.load(source / "optimizer.pt", map_location=device))
     elif args.resume:
         args.resumed_at = start
-    sampler = BatchSampler(tokenizer, train_tokens, args.code_frac, args.seed, parse_mix(args.mix))
+    sampler = BatchSampler(tokenizer, train_tokens, args.code_frac, args.seed, parse_mix(args.mix),
+                           parse_keys(args.multikey_keys))
     stop_at = min(args.stop_at or args.steps, args.steps)
     micro_tokens = args.micro_tokens
     state = {}
@@ -348,14 +385,15 @@ def main(argv=None):
         seq_len, topk = phase_at(step, args, config)
         distill.set_topk(model, topk)
         batch = max(1, args.batch_tokens // seq_len)
-        ids, answer = sampler.batch(step, batch, seq_len)
+        ids, answer, tasks = sampler.batch(step, batch, seq_len)
+        multikey = torch.tensor([t == "niah_multikey" for t in tasks])
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         while True:
             try:
                 metrics = train_step(model, distill, ids, answer, args.kl_weight, args.answer_weight,
-                                     max(1, micro_tokens // seq_len))
+                                     max(1, micro_tokens // seq_len), multikey)
                 break
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
@@ -379,6 +417,8 @@ def main(argv=None):
                    "answer_ce": round(metrics["answer"], 4), "answer_acc": round(metrics["answer_acc"], 3),
                    "kl": round(metrics["kl"], 4), "grad_norm": round(grad_norm, 3), "tok_s": round(tps),
                    "minutes": round((time.time() - t_start) / 60, 2)}
+            if "multikey_acc" in metrics:
+                row["multikey_acc"] = round(metrics["multikey_acc"], 3)
             if device.type == "cuda":
                 row["mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             if step % (args.log_every * 10) == 0:
