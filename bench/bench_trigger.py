@@ -60,8 +60,18 @@ def main():
     keys = {L: torch.randn(T, cfg.index_head_dim, device=device, dtype=dtype, generator=gen) for L in layers}
     hidden = {L: torch.randn(cfg.hidden_size, device=device, dtype=dtype, generator=gen) for L in layers}
     position = args.context - 1
+    # the default path (the towers replayed as one CUDA graph on a GPU) and the eager one, alternated in one run
+    indexer.cuda_graphs = False
+    eager_fetch = indexer.fetch(hidden, position, keys, T)
+    eager_q = indexer.trigger_queries(hidden, position)
+    result["score_eager_ms"] = median_ms(lambda: indexer.fetch(hidden, position, keys, T), reps=21)
+    result["query_eager_ms"] = median_ms(lambda: indexer.trigger_queries(hidden, position), reps=21)
+    indexer.cuda_graphs = True
     t_score = median_ms(lambda: indexer.fetch(hidden, position, keys, T), reps=21)
     result["score_ms"] = t_score
+    graph_q = indexer.trigger_queries(hidden, position)
+    result["graph_equals_eager"] = bool(torch.equal(indexer.fetch(hidden, position, keys, T), eager_fetch)
+                                        and all(torch.equal(a, b) for a, b in zip(graph_q, eager_q)))
     # where the time goes: the three query towers (MemoryIndexer.trigger_queries, what fetch and the Session's
     # lsa policy run) and the three scoring launches
     q, w = indexer.trigger_queries(hidden, position)
@@ -99,7 +109,8 @@ def main():
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=45))
     if args.score_only:
         print(f"scoring 3 memory indexers + OR: {t_score:.3f} ms (query towers {result['query_ms']:.3f} ms, "
-              f"scoring launches {result['kernel_ms']:.3f} ms)")
+              f"scoring launches {result['kernel_ms']:.3f} ms); eager towers: {result['score_eager_ms']:.3f} ms "
+              f"(towers {result['query_eager_ms']:.3f} ms); graph == eager: {result['graph_equals_eager']}")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=2)

@@ -251,6 +251,8 @@ class MemoryIndexer(nn.Module):
         self.config = config
         rotary = IndexerRotary(config)  # shared: it holds only non-persistent rope buffers
         self.layers = nn.ModuleDict({str(L): MemoryIndexerLayer(config, rotary) for L in config.layers})
+        self.cuda_graphs = True  # replay the trigger towers as one CUDA graph on a GPU (trigger_queries)
+        self._tower_graph = None  # (key, TriggerTowerGraph) once captured
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -291,13 +293,23 @@ class MemoryIndexer(nn.Module):
         Returns q [n_layers, H, dh] (after RoPE_t) and w [n_layers, H] fp32, rows in ``config.layers`` order;
         row i is ``layer(L_i).query(h_{L_i}, [t])`` computed by the same operations (bit for bit on CPU; a GPU
         reduction over more rows may round differently): the projections run per layer (their weights
-        differ), while the RMSNorm, RoPE and scaling, ~30 small kernels per layer, run once over all rows. One trigger thus launches about a third of the kernels, and builds the position on the device
-        (no synchronising host->device copy).
+        differ), while the RMSNorm, RoPE and scaling run once over all rows, and the position is built on the
+        device (no synchronising host->device copy). On a GPU the whole tower pass is replayed as one CUDA graph
+        (:mod:`lsa_runtime.tower_graph`; same kernels, bit-identical results) unless ``cuda_graphs`` is False.
         """
+        first = self.layer(self.config.layers[0])
+        dtype = first.W_DQ.weight.dtype
+        hidden = torch.stack([torch.as_tensor(hiddens_by_layer[L]).reshape(-1) for L in self.config.layers])
+        hidden = hidden.to(device=first.W_DQ.weight.device, dtype=dtype)
+        if hidden.device.type == "cuda" and self.cuda_graphs:
+            return self._tower_graph_for(hidden)(hidden, position)
+        positions = torch.full((hidden.shape[0],), int(position), dtype=torch.long, device=hidden.device)
+        return self._towers(hidden, positions)
+
+    def _towers(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [n_layers, d] (row i = h_t of layer L_i), positions [n_layers] -> (q [n, H, dh], w [n, H])."""
         layers = [self.layer(L) for L in self.config.layers]
-        hidden = [torch.as_tensor(hiddens_by_layer[L]).reshape(1, -1).to(layers[0].W_DQ.weight.dtype)
-                  for L in self.config.layers]
-        latent = torch.cat([m.W_DQ(h) for m, h in zip(layers, hidden)])  # [n, r]
+        latent = torch.cat([m.W_DQ(hidden[i : i + 1]) for i, m in enumerate(layers)])  # [n, r]
         x = latent.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layers[0].latent_norm.eps)
         norm_w = torch.stack([m.latent_norm.weight for m in layers]).float()
@@ -305,10 +317,25 @@ class MemoryIndexer(nn.Module):
         first = layers[0]
         q = torch.cat([m.W_IUQ(c) for m, c in zip(layers, latent.unsqueeze(1))])
         q = q.view(len(layers), first.n_heads, first.head_dim)
-        positions = torch.full((len(layers),), int(position), dtype=torch.long, device=q.device)
         q = first.rotary(q, positions)  # shared rotary module, same t for every row
-        w = torch.cat([m.W_w(h) for m, h in zip(layers, hidden)]).float() * first.weights_scaling
+        w = torch.cat([m.W_w(hidden[i : i + 1]) for i, m in enumerate(layers)]).float() * first.weights_scaling
         return q, w
+
+    def _tower_graph_for(self, hidden: torch.Tensor):
+        from .tower_graph import TriggerTowerGraph, graph_key
+
+        key = graph_key(self, hidden.device, hidden.dtype)
+        if self._tower_graph is None or self._tower_graph[0] != key:
+            self._tower_graph = None  # free the old graph's memory first
+            graph = TriggerTowerGraph(self._towers, hidden.shape[0], hidden.shape[1], hidden.dtype, hidden.device)
+            self._tower_graph = (key, graph)
+        return self._tower_graph[1]
+
+    def __getstate__(self):  # deepcopy / pickle: a captured graph does not travel
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_tower_graph"] = None
+        return state
 
     @torch.no_grad()
     def trigger_logits(self, hiddens_by_layer: dict, position: int, keys_by_layer: dict,
