@@ -224,11 +224,17 @@ def main():
             row = {"context": context, "mode": mode, "median_step_ms": plain[len(plain) // 2],
                    "mean_step_ms": sum(times[2:]) / len(times[2:]),
                    "trigger_step_ms": [times[i] for i in sorted(trigger_steps) if i >= 2],
+                   "plain_steps": len(plain),
                    "resident_bytes": device_bytes, "ratio_to_full": device_bytes / full_bytes}
+            trig = sorted(row["trigger_step_ms"])
+            if trig:  # how much longer a trigger step takes than a plain one (medians of this run)
+                row["median_trigger_step_ms"] = trig[len(trig) // 2]
+                row["trigger_stall"] = row["median_trigger_step_ms"] / row["median_step_ms"] - 1
             rows.append(row)
             print(f"{context:>8,} {mode:9s} median step {row['median_step_ms']:8.2f} ms  mean (with triggers) "
                   f"{row['mean_step_ms']:8.2f} ms  resident KV {device_bytes / 2**20:9.1f} MiB  "
-                  f"ratio {row['ratio_to_full']:.3f}", flush=True)
+                  f"ratio {row['ratio_to_full']:.3f}" + (f"  trigger step +{100 * row['trigger_stall']:.1f}% "
+                                                          f"(n={len(trig)})" if trig else ""), flush=True)
             del cache
             if device == "cuda":
                 torch.cuda.empty_cache()
