@@ -176,10 +176,15 @@ class LatentRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x).to(dtype)
+        return latent_rms_norm(x, self.weight, self.eps)
+
+
+def latent_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, times the fp32 ``weight`` (``[r]``, or ``[n, r]`` row by row), cast back."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x).to(dtype)
 
 
 class MemoryIndexerLayer(nn.Module):
@@ -310,10 +315,8 @@ class MemoryIndexer(nn.Module):
         """hidden [n_layers, d] (row i = h_t of layer L_i), positions [n_layers] -> (q [n, H, dh], w [n, H])."""
         layers = [self.layer(L) for L in self.config.layers]
         latent = torch.cat([m.W_DQ(hidden[i : i + 1]) for i, m in enumerate(layers)])  # [n, r]
-        x = latent.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layers[0].latent_norm.eps)
-        norm_w = torch.stack([m.latent_norm.weight for m in layers]).float()
-        latent = (norm_w * x).to(latent.dtype)  # the LatentRMSNorm of each layer, row by row
+        norm_w = torch.stack([m.latent_norm.weight for m in layers])
+        latent = latent_rms_norm(latent, norm_w, layers[0].latent_norm.eps)  # each layer's norm, row by row
         first = layers[0]
         q = torch.cat([m.W_IUQ(c) for m, c in zip(layers, latent.unsqueeze(1))])
         q = q.view(len(layers), first.n_heads, first.head_dim)
@@ -332,10 +335,7 @@ class MemoryIndexer(nn.Module):
         return self._tower_graph[1]
 
     def __getstate__(self):  # deepcopy / pickle: a captured graph does not travel
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_tower_graph"] = None
-        return state
+        return {**self.__dict__, "_tower_graph": None}
 
     @torch.no_grad()
     def trigger_logits(self, hiddens_by_layer: dict, position: int, keys_by_layer: dict,
