@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from lsa_runtime.kernels import gated_score
 from lsa_runtime.kernels.gated_score import fused_gated_logits, gated_logits_torch
 
 try:
@@ -78,13 +79,22 @@ def main():
     zb = gated_logits_torch(qb, wb, k.float(), scale)
     (zb * g).sum().backward()
     errors = {"z": rel_err(za, zb), "dq": rel_err(qa.grad, qb.grad), "dw": rel_err(wa.grad, wb.grad)}
+    if device == "cuda":  # the other backward kernel on the same inputs
+        for other in ("single", "pair", "flat"):
+            if other != gated_score.BACKWARD_VARIANT:
+                dq, dw = gated_score.gated_logits_backward(q, w, k, g, scale, variant=other)
+                errors[f"dq_{other}"], errors[f"dw_{other}"] = rel_err(dq, qb.grad), rel_err(dw, wb.grad)
 
     q, w, k = fresh()
     g = torch.randn(R, T, device=device, generator=gen)
     flops_fwd, flops_all = 2 * R * H * D * T, 6 * R * H * D * T
     results = {}
-    for name, fn in [("fused (Triton)" if device == "cuda" else "fused (CPU fallback)", fused_gated_logits),
-                     ("chunked torch", lambda q, w, k, s: gated_logits_torch(q, w, k, s, chunk=8192))]:
+    paths = [("fused (CPU fallback)", fused_gated_logits, None)] if device != "cuda" else [
+        (f"fused (Triton), backward '{v}'", fused_gated_logits, v) for v in ("single", "pair", "flat")]
+    paths.append(("chunked torch", lambda q, w, k, s: gated_logits_torch(q, w, k, s, chunk=8192), None))
+    default_variant = gated_score.BACKWARD_VARIANT
+    for name, fn, variant in paths:
+        gated_score.BACKWARD_VARIANT = variant or default_variant
         qq, ww = q.clone().requires_grad_(), w.clone().requires_grad_()
 
         def fwd():
@@ -98,6 +108,11 @@ def main():
         t_f, t_fb = time_ms(fwd), time_ms(fwd_bwd)
         results[name] = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "fwd_tflops": flops_fwd / t_f / 1e9,
                          "fwd_bwd_tflops": flops_all / t_fb / 1e9, "rows_per_s": R / t_fb * 1e3}
+        if variant is not None:
+            kernel = getattr(gated_score, {"pair": "_gated_bwd_pair_kernel", "flat": "_gated_bwd_flat_kernel"}.get(
+                variant, "_gated_bwd_kernel"))
+            results[name]["backward_config"] = str(getattr(kernel, "best_config", None))
+    gated_score.BACKWARD_VARIANT = default_variant
     best = max(r["fwd_bwd_tflops"] for r in results.values())
     workload = workload_flops(heads=H, dim=D)
     summary = {
@@ -106,10 +121,11 @@ def main():
         "workload_flops": workload, "workload_minutes_at_best": workload / (best * 1e12) / 60,
     }
     print(f"gated score + backward, rows={R} heads={H} dim={D} entries={T}, {summary['device']}")
-    print(f"rel. error fused vs torch: z {errors['z']:.2e}  dq {errors['dq']:.2e}  dw {errors['dw']:.2e}")
-    print(f"{'path':24s} {'fwd ms':>9s} {'fwd TFLOP/s':>12s} {'fwd+bwd ms':>11s} {'fwd+bwd TFLOP/s':>16s} {'rows/s':>9s}")
+    print("rel. error fused vs torch: " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(f"{'path':34s} {'fwd ms':>9s} {'fwd TFLOP/s':>12s} {'fwd+bwd ms':>11s} {'fwd+bwd TFLOP/s':>16s} "
+          f"{'rows/s':>9s}")
     for name, r in results.items():
-        print(f"{name:24s} {r['fwd_ms']:9.2f} {r['fwd_tflops']:12.1f} {r['fwd_bwd_ms']:11.2f} "
+        print(f"{name:34s} {r['fwd_ms']:9.2f} {r['fwd_tflops']:12.1f} {r['fwd_bwd_ms']:11.2f} "
               f"{r['fwd_bwd_tflops']:16.1f} {r['rows_per_s']:9.0f}")
     print(f"method's workload (10,000 docs of 16K-512K tokens, 3 layers, 1 epoch): {workload:.2e} FLOP "
           f"-> {summary['workload_minutes_at_best']:.1f} min at the best rate above")
