@@ -12,12 +12,22 @@ position counters set to the context length. Then single-token decode steps run 
   steps scores all entries with the three memory indexers (random weights: scores are not meaningful, so the
   resident set is the ``--resident`` highest-scoring entries, the budget cap) and fetches the new ones;
   the native top-k scans only resident entries;
+* ``lsa-perlayer``: ``lsa`` with the rows of each CSA layer moved by its own launches (the path before the
+  multi-layer gather, ``set_resident_all(batched=False)``), for comparison;
+* ``lsa-prefetch``: ``lsa``, but each trigger after the first starts ``--prefetch-steps`` steps before the
+  window boundary on a helper thread (``lsa_runtime/prefetch.py``, what ``Session(prefetch_steps=d)`` runs) and
+  is swapped in at the boundary;
 * ``hisparse``: the lossless per-step scheme, native top-k over all entries every step, picks served by a
   device buffer of ``--resident`` rows with misses fetched from the pool.
 
-Reported per context and mode: median step time over non-trigger steps, mean over all steps (triggers
-included), resident device KV bytes and their ratio to what full decoding holds for the same tokens (both
-from ``lsa_runtime.session.measure_cache``).
+Reported per context and mode: median step time over plain steps (no trigger work in them), mean over all
+steps (triggers included), resident device KV bytes and their ratio to what full decoding holds for the same
+tokens (both from ``lsa_runtime.session.measure_cache``). For the trigger modes, per trigger after the first:
+the steps it touches (``lsa``: the trigger step; ``lsa-prefetch``: the start step, the steps the helper runs
+beside, the swap step), their slowest step against the median plain step of the same kind (``trigger_stall``:
+the goal is <= 5%) and their extra time summed (``trigger_extra_ms``); medians over triggers. "Kind": every 4th
+step emits a compressed entry in each CSA layer and costs ~15% more, so steps that emit are compared with plain
+steps that emit. Every step's device ms, host ms, label and emission flag go to the JSON as well.
 ``--small`` shrinks the model for a CPU smoke test.
 """
 
@@ -39,6 +49,7 @@ from lsa_runtime.cold_pool import ColdPool  # noqa: E402
 from lsa_runtime.lsa_cache import (LSACSACache, build_lsa_cache, install_lsa_compressors,  # noqa: E402
                                    set_resident_all)
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig  # noqa: E402
+from lsa_runtime.prefetch import ResidentPrefetcher  # noqa: E402
 from lsa_runtime.session import measure_cache  # noqa: E402
 
 
@@ -77,30 +88,48 @@ def fill_lsa_layer(layer: LSACSACache, context: int, config, gen, device, dtype)
     layer.end_prefill()
 
 
-def step_times(model, cache, context, steps, trigger=None, tau=64):
+def step_times(model, cache, context, steps, before_step=None):
+    """Time ``steps`` single-token decode steps (CUDA events on a GPU). ``before_step(i, position)`` runs inside
+    step i's timing (trigger work) and returns a label for the step (None: a plain step).
+
+    Returns (device ms, labels, host ms to issue the step, whether the step emitted a CSA entry). Every 4th
+    step emits one in each CSA layer (compression, pool append), which costs more: a fair baseline compares
+    emitting steps with emitting steps."""
     kw = cache_kwarg()
     device = next(model.parameters()).device
-    times, trigger_steps = [], set()
+    times, labels, host, emitted = [], [], [], []
+    csa = cache.layers[csa_layers(model.config)[0]]
     token = torch.tensor([[5]], device=device)
     for i in range(steps):
-        if trigger is not None and i % tau == 0:
-            trigger_steps.add(i)
         start = time.perf_counter()
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        if i in trigger_steps:
-            trigger(context + i)
+        labels.append(before_step(i, context + i) if before_step is not None else None)
+        entries = csa.entry_count["compressor"]
         with torch.no_grad():
             model(input_ids=token, position_ids=torch.tensor([[context + i]], device=device), use_cache=True,
                   **{kw: cache})
+        emitted.append(csa.entry_count["compressor"] > entries)
+        host.append((time.perf_counter() - start) * 1e3)  # the host's time to issue the step
         if device.type == "cuda":
             end.record()
             torch.cuda.synchronize()
             times.append(begin.elapsed_time(end))
         else:
             times.append((time.perf_counter() - start) * 1e3)
-    return times, trigger_steps
+    return times, labels, host, emitted
+
+
+def trigger_windows(labels, tau: int, prefetch_steps: int) -> list[list[int]]:
+    """The steps each trigger after the first touches: its own step (synchronous), or start .. swap (prefetch)."""
+    windows = []
+    for i, label in enumerate(labels):
+        if label == "trigger" and i > 0:
+            windows.append([i])
+        elif label == "swap":
+            windows.append(list(range(i - prefetch_steps, i + 1)))
+    return windows
 
 
 def write_json(args, rows, device) -> None:
@@ -140,7 +169,10 @@ def main():
     ap.add_argument("--tau", type=int, default=64)
     ap.add_argument("--steps", type=int, default=130,
                     help="decode steps per context and mode (66 = one trigger window plus one step)")
-    ap.add_argument("--modes", default="full,lsa,hisparse")
+    ap.add_argument("--modes", default="full,lsa,hisparse",
+                    help="full, lsa, lsa-perlayer, lsa-prefetch, hisparse (repeat a mode to sample it again)")
+    ap.add_argument("--prefetch-steps", type=int, default=2,
+                    help="lsa-prefetch: steps before the window boundary at which the next set is prepared")
     ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", type=int, default=0,
@@ -174,13 +206,13 @@ def main():
     for context in [int(x) for x in args.contexts.split(",")]:
         for mode in args.modes.split(","):
             gen = torch.Generator(device=device).manual_seed(context)
-            trigger = None
+            prefetcher = None
             if mode == "full":
                 cache = DynamicCache(config=config)
             else:
                 pool = ColdPool(csa_layers(config), {"compressor": config.head_dim, "indexer": config.index_head_dim},
                                 dtype, initial_entries=context // 4 + args.steps)
-                keys_resident = layers if mode == "lsa" and args.memory_keys == "device" else []
+                keys_resident = layers if mode.startswith("lsa") and args.memory_keys == "device" else []
                 cache = build_lsa_cache(config, pool, keys_resident,
                                         buffer_entries=args.resident if mode == "hisparse" else None)
             for idx, kind in enumerate(config.layer_types):
@@ -188,53 +220,106 @@ def main():
                 if isinstance(layer, LSACSACache):
                     fill_lsa_layer(layer, context, config, gen, device, dtype)
                 fill_stock_layer(layer, kind, context, config, gen, device, dtype)
-            if mode == "lsa":
+            before_step = None
+            if mode.startswith("lsa"):
                 lsa_layers = [cache.layers[i] for i in csa_layers(config)]
                 hidden = {L: torch.randn(config.hidden_size, generator=gen, device=device).to(dtype) for L in layers}
+                headroom = args.tau // 4 + 2 + args.prefetch_steps // 4 + 1
 
-                def trigger(position, lsa_layers=lsa_layers, hidden=hidden, cache=cache, pool=pool):
+                def selection(position, lsa_layers=lsa_layers, hidden=hidden, cache=cache, pool=pool):
+                    """Snapshot now (decode thread); the returned function scores and selects (any thread)."""
                     n = lsa_layers[0].n_entries
                     keys = {L: cache.layers[L].all_index_keys.view() if cache.layers[L].all_index_keys is not None
-                            else pool.stream_prefix(L, "indexer", n, device) for L in layers}
-                    # the Session's lsa scoring (MemoryIndexerPolicy): batched towers, one launch per layer
-                    logits = indexer.trigger_logits(hidden, position, keys, n)
-                    best = torch.stack([logits[L] for L in layers]).max(0).values
-                    ids = best.topk(min(args.resident, n)).indices.sort().values.cpu()
-                    set_resident_all(lsa_layers, ids, args.tau // 4 + 2)
+                            else None for L in layers}
+
+                    def select():
+                        streamed = {L: k if k is not None else pool.stream_prefix(L, "indexer", n, device)
+                                    for L, k in keys.items()}
+                        # the Session's lsa scoring (MemoryIndexerPolicy): batched towers, one launch per layer
+                        logits = indexer.trigger_logits(hidden, position, streamed, n)
+                        best = torch.stack([logits[L] for L in layers]).max(0).values
+                        return best.topk(min(args.resident, n)).indices.sort().values.cpu()
+
+                    return select
+
+                def trigger(position, lsa_layers=lsa_layers, selection=selection,
+                            batched=False if mode == "lsa-perlayer" else None):
+                    set_resident_all(lsa_layers, selection(position)(), headroom, batched=batched)
+
+                prefetcher = ResidentPrefetcher() if mode == "lsa-prefetch" else None
+                swaps = []  # per prefetched trigger: helper-thread ms, ms the decode thread waited at the swap
+
+                def before_step(i, position, trigger=trigger, prefetcher=prefetcher, lsa_layers=lsa_layers,
+                                selection=selection, swaps=swaps):
+                    if prefetcher is None or i == 0:  # synchronous (the first trigger always is)
+                        if i % args.tau == 0:
+                            trigger(position)
+                            return "trigger"
+                        return None
+                    if i % args.tau == 0 and prefetcher.pending:
+                        swap = prefetcher.finish(lsa_layers)
+                        swaps.append((swap.prefetch_seconds * 1e3, swap.wait_seconds * 1e3))
+                        return "swap"
+                    if (i + args.prefetch_steps) % args.tau == 0:
+                        prefetcher.start(lsa_layers, selection(position), headroom, torch.device(device))
+                        return "start"
+                    return "helper" if prefetcher.pending else None
             if args.bytes_only:
-                if trigger is not None:
-                    trigger(context)
+                if before_step is not None:
+                    before_step(0, context)
                 held, full, _, _ = measure_cache(cache, config)
                 row = {"context": context, "mode": mode, "memory_keys": args.memory_keys,
                        "resident_bytes": sum(held.values()), "ratio_to_full": sum(held.values()) / sum(full.values()),
                        "by_kind": held}
                 rows.append(row)
-                print(f"{context:>9,} {mode:9s} resident KV {row['resident_bytes'] / 2**20:9.1f} MiB  ratio "
+                print(f"{context:>9,} {mode:12s} resident KV {row['resident_bytes'] / 2**20:9.1f} MiB  ratio "
                       f"{row['ratio_to_full']:.4f}  " + "  ".join(f"{k} {v / 2**20:.1f}" for k, v in held.items()),
                       flush=True)
                 del cache
                 write_json(args, rows, device)
                 continue
-            times, trigger_steps = step_times(model, cache, context, args.steps, trigger, args.tau)
+            times, labels, host, emitted = step_times(model, cache, context, args.steps, before_step)
+            if prefetcher is not None:
+                prefetcher.close()
             if args.profile and context == max(int(x) for x in args.contexts.split(",")):
                 profile_steps(model, cache, context + args.steps, args.profile, f"{context:,} {mode}")
             held, full, _, _ = measure_cache(cache, config)
             device_bytes, full_bytes = sum(held.values()), sum(full.values())
-            plain = sorted(t for i, t in enumerate(times[2:], start=2) if i not in trigger_steps)
-            row = {"context": context, "mode": mode, "median_step_ms": plain[len(plain) // 2],
-                   "mean_step_ms": sum(times[2:]) / len(times[2:]),
-                   "trigger_step_ms": [times[i] for i in sorted(trigger_steps) if i >= 2],
-                   "plain_steps": len(plain),
+            windows = trigger_windows(labels, args.tau, args.prefetch_steps)
+            touched = {i for window in windows for i in window}
+            plain = [i for i in range(2, len(times)) if labels[i] is None and i not in touched]
+
+            def median_of(values):
+                values = sorted(values)
+                return values[len(values) // 2] if values else float("nan")
+
+            # baseline per kind of step: plain steps that emitted a CSA entry vs plain steps that did not
+            base = {e: median_of(times[i] for i in plain if emitted[i] == e) for e in (False, True)}
+            median = median_of(times[i] for i in plain)
+            row = {"context": context, "mode": mode, "median_step_ms": median,
+                   "median_plain_ms_by_emission": {"no_entry": base[False], "entry": base[True]},
+                   "mean_step_ms": sum(times[2:]) / len(times[2:]), "plain_steps": len(plain),
+                   "trigger_windows_ms": [[times[i] for i in window] for window in windows],
+                   "trigger_windows_emitted": [[emitted[i] for i in window] for window in windows],
+                   "median_host_ms": median_of(host[i] for i in plain),
+                   "step_ms": times, "step_host_ms": host, "step_emitted": emitted, "step_labels": labels,
                    "resident_bytes": device_bytes, "ratio_to_full": device_bytes / full_bytes}
-            trig = sorted(row["trigger_step_ms"])
-            if trig:  # how much longer a trigger step takes than a plain one (medians of this run)
-                row["median_trigger_step_ms"] = trig[len(trig) // 2]
-                row["trigger_stall"] = row["median_trigger_step_ms"] / row["median_step_ms"] - 1
+            if mode == "lsa-prefetch":
+                row["prefetch_steps"] = args.prefetch_steps
+                row["helper_ms"] = [h for h, _ in swaps]
+                row["swap_wait_ms"] = [w for _, w in swaps]
+            trig = len(windows)
+            if windows:  # per trigger: its slowest step vs the plain steps of its kind, and its summed extra time
+                stalls = sorted(max(times[i] / base[emitted[i]] - 1 for i in window) for window in windows)
+                extras = sorted(sum(times[i] - base[emitted[i]] for i in window) for window in windows)
+                row["trigger_stall"] = stalls[len(stalls) // 2]
+                row["trigger_extra_ms"] = extras[len(extras) // 2]
             rows.append(row)
-            print(f"{context:>8,} {mode:9s} median step {row['median_step_ms']:8.2f} ms  mean (with triggers) "
+            print(f"{context:>8,} {mode:12s} median step {row['median_step_ms']:8.2f} ms  mean (with triggers) "
                   f"{row['mean_step_ms']:8.2f} ms  resident KV {device_bytes / 2**20:9.1f} MiB  "
                   f"ratio {row['ratio_to_full']:.3f}" + (f"  trigger step +{100 * row['trigger_stall']:.1f}% "
-                                                          f"(n={len(trig)})" if trig else ""), flush=True)
+                                                          f"extra {row['trigger_extra_ms']:.1f} ms (n={trig})"
+                                                          if trig else ""), flush=True)
             del cache
             if device == "cuda":
                 torch.cuda.empty_cache()

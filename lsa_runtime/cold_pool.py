@@ -17,13 +17,19 @@ Two gather paths, the bytes counted either way:
   (``bench/bench_trigger.py``, docs/BENCHMARKS.md);
 * staged (CPU, or ``zero_copy=False``): a CPU ``index_select`` into a staging buffer, then one copy to the
   device (19.7 GB/s on the same machine: the CPU gather bounds it).
+
+Thread safety: the decode thread appends while a prefetch thread (:mod:`~.prefetch`) gathers. A lock makes
+"launch a read of the host rows, record its event" and "wait for the last read, grow (move) the rows" atomic
+with respect to each other; the byte counters are updated under it too.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
-from .kernels.pool_gather import gather_rows, zero_copy_available
+from .kernels.pool_gather import gather_rows, gather_rows_layers, zero_copy_available
 
 
 def pinning_available() -> bool:
@@ -48,6 +54,16 @@ class GrowingRows:
         self.min_growth = min_growth
         self.length = 0
         self.data = self._allocate(int(capacity))
+
+    @classmethod
+    def over(cls, data: torch.Tensor, length: int) -> "GrowingRows":
+        """Rows kept in ``data`` (e.g. one layer's slice of a store shared by several layers), ``length`` filled;
+        appends past its capacity move them to a tensor of their own."""
+        rows = cls.__new__(cls)
+        rows.width, rows.dtype, rows.device = data.shape[1], data.dtype, data.device
+        rows.pin, rows.growth, rows.min_growth = False, 0.25, 64
+        rows.length, rows.data = int(length), data
+        return rows
 
     def _allocate(self, capacity: int) -> torch.Tensor:
         return torch.empty((capacity, self.width), dtype=self.dtype, device=self.device, pin_memory=self.pin)
@@ -120,6 +136,7 @@ class ColdPool:
         self._read = None  # CUDA event after the last zero-copy gather (it reads the host rows asynchronously)
         self.bytes_to_device = 0
         self.rows_to_device = 0
+        self._lock = threading.RLock()
 
     def count(self, layer: int, name: str = "compressor") -> int:
         """Entries stored for ``layer`` (the same for both names once a forward has finished)."""
@@ -130,13 +147,15 @@ class ColdPool:
         asynchronous (no stall per emitted entry); readers of the pool wait for it (:meth:`_wait_appends`)."""
         rows = self.rows[(layer, name)]
         asynchronous = self.pin and entries.device.type == "cuda"
-        if rows.needs_growth(entries.shape[0]):
-            self._wait_appends()  # growing copies the host rows: pending copies into them must have landed
-            self._wait_reads()  # ... and frees the old rows, which a zero-copy gather may still be reading
-        rows.append(entries.detach(), non_blocking=asynchronous)
-        if asynchronous:
-            self._appended = torch.cuda.Event()
-            self._appended.record()
+        with self._lock:
+            if rows.needs_growth(entries.shape[0]):
+                self._wait_appends()  # growing copies the host rows: pending copies into them must have landed
+                self._wait_reads()  # ... and frees the old rows, which a zero-copy gather may still be reading
+            rows.append(entries.detach(), non_blocking=asynchronous)
+            if asynchronous:
+                event = torch.cuda.Event()
+                event.record()
+                self._appended = event
 
     def _wait_reads(self) -> None:
         if self._read is not None:
@@ -144,9 +163,9 @@ class ColdPool:
             self._read = None
 
     def _wait_appends(self) -> None:
-        if self._appended is not None:
-            self._appended.synchronize()
-            self._appended = None
+        event = self._appended  # the newest append's event; earlier appends ran before it on the same stream
+        if event is not None:
+            event.synchronize()
 
     def host_rows(self, layer: int, name: str) -> torch.Tensor:
         """All rows of ``layer``/``name`` on the host, ``[count, width]`` (a view)."""
@@ -158,13 +177,15 @@ class ColdPool:
         layers' K^IComp of every entry this way when they are kept in the pool (``Session(memory_keys="pool")``).
         From a pinned pool the copy is asynchronous on the current stream, ordered after pending appends; a pool
         growth waits for it as for a zero-copy gather."""
-        rows = self.host_rows(layer, name)[: int(n)]
-        out = rows.to(device, non_blocking=self.pin)
-        if self.pin and torch.device(device).type == "cuda":  # a growth must not free rows this copy still reads
-            self._read = torch.cuda.Event()
-            self._read.record()
-        self.bytes_to_device += rows.shape[0] * rows.shape[1] * rows.element_size()
-        self.rows_to_device += rows.shape[0]
+        self._wait_appends()  # outside the lock: the decode thread's appends need not wait for this wait
+        with self._lock:
+            rows = self.rows[(layer, name)].view()[: int(n)]
+            out = rows.to(device, non_blocking=self.pin)
+            if self.pin and torch.device(device).type == "cuda":  # a growth must not free rows this copy reads
+                self._read = torch.cuda.Event()
+                self._read.record()
+            self.bytes_to_device += rows.shape[0] * rows.shape[1] * rows.element_size()
+            self.rows_to_device += rows.shape[0]
         return out
 
     def gather(self, layer: int, name: str, ids: torch.Tensor, device: torch.device | str,
@@ -177,8 +198,12 @@ class ColdPool:
         into a (pinned, when CUDA is present) staging buffer, then copied to ``device`` asynchronously; the
         staging buffer is reused only after that copy has completed.
         """
-        device = torch.device(device)
-        source = self.host_rows(layer, name)
+        self._wait_appends()  # outside the lock: the decode thread's appends need not wait for this wait
+        with self._lock:
+            return self._gather(layer, name, ids, torch.device(device), device_ids)
+
+    def _gather(self, layer, name, ids, device, device_ids):
+        source = self.rows[(layer, name)].view()
         width = self.widths[name]
         if ids.numel() and int(ids.max()) >= source.shape[0]:
             raise IndexError(f"entry {int(ids.max())} is not in the cold pool of layer {layer} "
@@ -204,6 +229,37 @@ class ColdPool:
         self.bytes_to_device += n * width * source.element_size()
         self.rows_to_device += n
         return out
+
+    def gather_layers_available(self, device: torch.device | str | None) -> bool:
+        """Whether :meth:`gather_layers` can run: the zero-copy gather to a CUDA ``device`` from a pinned pool
+        (or the Triton interpreter on the CPU, for checks)."""
+        import os
+
+        if device is None or not self.zero_copy:
+            return False
+        source = self.rows[(self.layers[0], self.NAMES[0])].data
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return zero_copy_available(source, device)
+        return torch.device(device).type == "cuda" and zero_copy_available(source, device)
+
+    def gather_layers(self, layers, name: str, ids: torch.Tensor, device_ids: torch.Tensor, dst_rows: torch.Tensor,
+                      out: torch.Tensor) -> None:
+        """``out[j, dst_rows] = rows ids of layers[j]`` for all ``layers`` in one zero-copy launch (see
+        :func:`~.kernels.pool_gather.gather_rows_layers`). ``ids``: host int64 (checked against the pool),
+        ``device_ids`` / ``dst_rows``: int64 on ``out``'s device. Only where :meth:`gather_layers_available`."""
+        self._wait_appends()  # outside the lock, as in gather
+        with self._lock:
+            sources = [self.rows[(layer, name)].view() for layer in layers]
+            count = min(source.shape[0] for source in sources)
+            if ids.numel() and int(ids.max()) >= count:
+                raise IndexError(f"entry {int(ids.max())} is not in the cold pool of every layer ({count} entries)")
+            gather_rows_layers(sources, device_ids, dst_rows, out)
+            if out.device.type == "cuda":
+                self._read = torch.cuda.Event()
+                self._read.record()
+            moved = ids.numel() * len(layers)
+            self.bytes_to_device += moved * self.widths[name] * out.element_size()
+            self.rows_to_device += moved
 
     def _staging_buffer(self, name: str, n: int, width: int) -> torch.Tensor:
         ready = self._staging_ready.pop(name, None)

@@ -184,21 +184,56 @@ class LSACSACache(DeepseekV4CSACache):
             return 0, 0
         if plan is None or not plan.applies_to(self.resident_ids):
             plan = ResidentPlan(self.resident_ids, ids)
-        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(self.device)
         before = self.pool.bytes_to_device
-        resident = {}
-        for name, width in self.widths.items():
-            rows = GrowingRows(width, self.dtype, self.device, capacity=plan.ids.numel() + headroom)
-            rows.length = plan.ids.numel()
-            data = rows.view()
-            if keep_to is not None:
-                data[keep_to] = self.resident[name].view()[keep_from]
-            if fetch_to is not None:
-                data[fetch_to] = self.pool.gather(self.layer_idx, name, plan.fetch_ids, self.device, fetch_ids_dev)
-            resident[name] = rows
-        self.resident = resident
+        self.resident = self.build_resident(plan, headroom)
         self.resident_ids = plan.ids
         return int(plan.fetch_ids.numel()), self.pool.bytes_to_device - before
+
+    def resident_snapshot(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """(resident entry ids, their rows by name): what :meth:`build_resident` needs to plan from the current
+        set later, on another thread. The row views stay valid while held: later appends write past them, and
+        a growth moves the rows to a new tensor without freeing these."""
+        if self.resident is None:
+            return self.resident_ids, None
+        return self.resident_ids, {name: rows.view() for name, rows in self.resident.items()}
+
+    def build_resident(self, plan: "ResidentPlan", headroom: int,
+                       rows: dict[str, torch.Tensor] | None = None) -> dict[str, GrowingRows]:
+        """New resident rows for ``plan.ids`` without changing this layer: rows kept from ``rows`` (the current
+        resident rows, or a :meth:`resident_snapshot`'s) and rows fetched from the pool, on the current stream,
+        with room for ``headroom`` more."""
+        rows = rows if rows is not None else {name: r.view() for name, r in self.resident.items()}
+        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(self.device)
+        resident = {}
+        for name, width in self.widths.items():
+            new = GrowingRows(width, self.dtype, self.device, capacity=plan.ids.numel() + headroom)
+            new.length = plan.ids.numel()
+            data = new.view()
+            if keep_to is not None:
+                data[keep_to] = rows[name][keep_from]
+            if fetch_to is not None:
+                data[fetch_to] = self.pool.gather(self.layer_idx, name, plan.fetch_ids, self.device, fetch_ids_dev)
+            resident[name] = new
+        return resident
+
+    def install_resident(self, ids: torch.Tensor, rows: dict[str, GrowingRows], born_from: int) -> int:
+        """Swap in resident rows built off the decode path (:mod:`~.prefetch`) for the entries ``ids``.
+
+        ``born_from``: how many resident entries the layer held when the rows were planned; the ones resident
+        since (entries born during decoding meanwhile, all newer than ``ids``) are appended to the new rows.
+        Returns how many were appended.
+        """
+        if self.device is not None and self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            for name in self.widths:  # built on a side stream, used (and later freed) on this one
+                rows[name].data.record_stream(stream)
+        born_ids = self.resident_ids[born_from:]
+        if born_ids.numel():
+            for name in self.widths:
+                rows[name].append(self.resident[name].view()[born_from:])
+        self.resident = rows
+        self.resident_ids = torch.cat([ids, born_ids])
+        return int(born_ids.numel())
 
     # ---- accounting ---------------------------------------------------------------------------------
 
@@ -244,19 +279,68 @@ class ResidentPlan:
         return self._on[device]
 
 
-def set_resident_all(layers, ids: torch.Tensor, headroom: int) -> tuple[int, int]:
+def set_resident_all(layers, ids: torch.Tensor, headroom: int, batched: bool | None = None) -> tuple[int, int]:
     """:meth:`LSACSACache.set_resident` on every layer with one shared :class:`ResidentPlan` (layers whose
-    resident set differs get their own). Returns (entries fetched, bytes fetched) summed over the layers."""
-    ids = ids.to("cpu", torch.long)
-    plan, fetched, moved = None, 0, 0
-    for layer in layers:
-        if layer.resident is None:
-            continue
-        if plan is None or not plan.applies_to(layer.resident_ids):
-            plan = ResidentPlan(layer.resident_ids, ids)
-        n, b = layer.set_resident(ids, headroom, plan)
-        fetched, moved = fetched + n, moved + b
-    return fetched, moved
+    resident set differs get their own), batched across layers where possible (:func:`build_resident_all`,
+    ``batched``). Returns (entries fetched, bytes fetched) summed over the layers."""
+    ids = torch.unique(ids.to("cpu", torch.long))
+    pool = layers[0].pool if layers else None
+    before = pool.bytes_to_device if pool is not None else 0
+    rows, fetched = build_resident_all(layers, ids, headroom, batched=batched)
+    for layer, new in zip(layers, rows):
+        if new is not None:
+            layer.resident, layer.resident_ids = new, ids
+    return fetched, (pool.bytes_to_device if pool is not None else 0) - before
+
+
+def build_resident_all(layers, ids: torch.Tensor, headroom: int, snapshots=None,
+                       batched: bool | None = None) -> tuple[list, int]:
+    """New resident rows of every layer for the sorted unique entries ``ids``, without changing the layers.
+
+    ``snapshots``: the layers' :meth:`~LSACSACache.resident_snapshot` (default: taken now). Returns (per layer a
+    ``{name: GrowingRows}`` or None where the layer holds nothing yet, entries fetched summed over layers).
+
+    Batched (default where the pool's zero-copy gather runs, i.e. on a GPU): when every layer holds the same
+    entries, the rows of all layers go into one ``[layers, n + headroom, width]`` store per row kind, filled by
+    two launches of a multi-layer gather (kept rows from the old device rows, fetched rows from the pinned
+    pool): four launches per trigger instead of ~4 per layer, so the host work no longer grows with the number
+    of CSA layers. Otherwise one plan per distinct old set and :meth:`LSACSACache.build_resident` per layer.
+    """
+    from .kernels.pool_gather import gather_rows_layers
+
+    snapshots = snapshots if snapshots is not None else [layer.resident_snapshot() for layer in layers]
+    held = [i for i, (_, old_rows) in enumerate(snapshots) if old_rows is not None]
+    rows: list = [None] * len(layers)
+    if not held:
+        return rows, 0
+    first_ids = snapshots[held[0]][0]
+    plan = ResidentPlan(first_ids, ids)
+    same = all(plan.applies_to(snapshots[i][0]) for i in held)
+    layer0 = layers[held[0]]
+    if batched is None:
+        batched = layer0.pool.gather_layers_available(layer0.device)
+    if not (batched and same):
+        fetched = 0
+        for i in held:
+            if not plan.applies_to(snapshots[i][0]):
+                plan = ResidentPlan(snapshots[i][0], ids)
+            rows[i] = layers[i].build_resident(plan, headroom, snapshots[i][1])
+            fetched += int(plan.fetch_ids.numel())
+        return rows, fetched
+    keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(layer0.device)
+    n = plan.ids.numel()
+    for name, width in layer0.widths.items():
+        store = torch.empty((len(held), n + headroom, width), dtype=layer0.dtype, device=layer0.device)
+        if keep_to is not None:  # device -> device, from the rows the layers hold now
+            gather_rows_layers([snapshots[i][1][name] for i in held], keep_from, keep_to, store)
+        if fetch_to is not None:  # pinned pool -> device, zero-copy
+            layer0.pool.gather_layers([layers[i].layer_idx for i in held], name, plan.fetch_ids, fetch_ids_dev,
+                                      fetch_to, store)
+        for j, i in enumerate(held):
+            if rows[i] is None:
+                rows[i] = {}
+            rows[i][name] = GrowingRows.over(store[j], n)
+    return rows, len(held) * int(plan.fetch_ids.numel())
 
 
 class EntryBuffer:

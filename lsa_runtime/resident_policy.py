@@ -42,12 +42,15 @@ class TriggerState:
     ``hidden[L]``: h_t0, the attention input of memory layer L at t0 ([hidden_size], device).
     ``index_keys[L]``: K^IComp of all ``n_visible`` entries at memory layer L ([n_visible, index_head_dim], device).
     ``resident``: the current resident entry indices (sorted, host int64).
+    ``lead``: decode steps between t0 and the window the set serves (0, or ``prefetch_steps`` when the trigger
+    fires ahead of the boundary): the set is used for positions t0 + lead + 1 .. t0 + lead + tau.
     """
 
     position: int
     n_visible: int
     trigger_index: int
     resident: torch.Tensor
+    lead: int = 0
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     index_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # filled by policies that score (diagnostics)
@@ -137,8 +140,9 @@ class GivenEntriesPolicy(ResidentPolicy):
 
 class OraclePolicy(ResidentPolicy):
     """The entries full decoding's native top-k will read: union over the queries t0+1 .. t0+tau that the trigger
-    at t0 serves, and over all CSA layers, of the recorded picks (restricted to s < n_visible(t0); entries born
-    later are resident anyway). Lossless by construction when decoding follows the recorded tokens (greedy).
+    at t0 serves (shifted by ``state.lead`` when it fires ahead), and over all CSA layers, of the recorded picks
+    (restricted to s < n_visible(t0); entries born later are resident anyway). Lossless by construction when
+    decoding follows the recorded tokens (greedy).
 
     ``picks_by_position[t]``: int64 entry indices picked for the query at position t (all CSA layers).
     ``budget`` keeps the entries picked most often (by most layers and queries), ties to the more recent.
@@ -152,8 +156,8 @@ class OraclePolicy(ResidentPolicy):
         self.budget = check_budget(budget)
 
     def select(self, state: TriggerState) -> torch.Tensor:
-        window = [self.picks_by_position[t] for t in range(state.position + 1, state.position + 1 + self.tau)
-                  if t in self.picks_by_position]
+        first = state.position + state.lead + 1
+        window = [self.picks_by_position[t] for t in range(first, first + self.tau) if t in self.picks_by_position]
         if not window:
             return torch.zeros(0, dtype=torch.long)
         picks = torch.cat(window)

@@ -9,7 +9,9 @@ resident-set policy, the trigger counter. Per ``generate`` call:
 2. the first trigger fires when prefill ends: the policy (FlashMemory's memory indexer for ``mode="lsa"``)
    selects the resident set from h_t0 of its layers; only entries not yet resident are copied in;
 3. decode; every tau steps another trigger. Between triggers, entries born during decoding stay resident; in
-   every CSA layer the native Lightning Indexer picks its top-k among resident entries only.
+   every CSA layer the native Lightning Indexer picks its top-k among resident entries only. With
+   ``prefetch_steps=d`` each later trigger fires d steps before the window boundary and is prepared on a helper
+   thread while decoding goes on; the new set is swapped in at the boundary (:mod:`~.prefetch`).
 
 ``mode="full"`` runs the same loop with the stock ``DynamicCache`` (plain DeepSeek-V4: the baseline).
 See docs/DESIGN.md, "Session", for the contracts and the accounting.
@@ -31,6 +33,7 @@ from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
 from .errors import FmIndexError
 from .lsa_cache import LSACSACache, build_lsa_cache, install_lsa_compressors, set_resident_all
+from .prefetch import ResidentPrefetcher
 from .resident_policy import (AllEntriesPolicy, HiSparsePolicy, MemoryIndexerPolicy, RandomPolicy, RecentPolicy,
                               ResidentPolicy, TriggerState, check_budget, memory_indexer_layers)
 
@@ -103,6 +106,8 @@ class SessionStats:
     fetch_bytes_to_device: int = 0
     prefill_bytes_to_device: int = 0
     trigger_seconds: float = 0.0
+    prefetch_seconds: float = 0.0
+    prefetch_wait_seconds: float = 0.0
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
@@ -158,7 +163,9 @@ class SessionStats:
             ("entries fetched (host->device)", f"{self.entries_fetched:,}"),
             ("bytes moved by triggers / by prefill", f"{_human(self.fetch_bytes_to_device)} / "
                                                     f"{_human(self.prefill_bytes_to_device)}"),
-            ("time in trigger + fetch", f"{self.trigger_seconds * 1000:,.1f} ms"),
+            ("time in trigger + fetch (decode thread)", f"{self.trigger_seconds * 1000:,.1f} ms"),
+            ("prefetch: helper thread / decode thread waited", f"{self.prefetch_seconds * 1000:,.1f} ms / "
+                                                               f"{self.prefetch_wait_seconds * 1000:,.1f} ms"),
             ("prefill", f"{self.prefill_tokens:,} tok, {self.prefill_tokens_per_second:,.0f} tok/s"),
             ("decode", f"{self.decode_tokens:,} tok, {self.decode_tokens_per_second:,.1f} tok/s"),
             ("cold pool (host)", _human(self.cold_pool_bytes)),
@@ -194,12 +201,15 @@ class Session:
     native top-k, ``budget`` buffer entries per CSA layer). ``policy=`` takes any
     :class:`~.resident_policy.ResidentPolicy` instead of a mode (e.g. ``OraclePolicy``, see
     :func:`record_native_picks`). ``tau`` and ``threshold`` default to the export's values (else 64 and 0.5).
+    ``prefetch_steps=d`` (0 <= d < tau; default 0, synchronous): each trigger after the first fires d steps before
+    the window boundary and is prepared on a helper thread while decoding continues (:mod:`~.prefetch`); the
+    new set takes effect at the boundary, as without prefetch, but is chosen from the state d steps earlier.
     """
 
     def __init__(self, model, tokenizer=None, *, mode: str = "lsa", indexer=None, tau: int | None = None,
                  threshold: float | None = None, max_resident: int | None = None, budget: int | None = None,
                  policy: ResidentPolicy | None = None, chunk_size: int = 512, seed: int = 0,
-                 max_score_bytes: int = 1 << 30, memory_keys: str = "device"):
+                 max_score_bytes: int = 1 << 30, memory_keys: str = "device", prefetch_steps: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -246,6 +256,11 @@ class Session:
                                f"top-k ({self.config.index_topk} entries)")
         default_tau = (export or {}).get("tau", 64)
         self.tau = _check_tau(default_tau if tau is None else tau)
+        if not isinstance(prefetch_steps, int) or not 0 <= prefetch_steps < self.tau:
+            raise SessionError(f"prefetch_steps must be an integer in 0..tau-1 = 0..{self.tau - 1} (decode steps "
+                               f"before the window boundary at which the next set is prepared), got {prefetch_steps!r}")
+        self.prefetch_steps = prefetch_steps
+        self._prefetcher = ResidentPrefetcher() if prefetch_steps else None
         if int(chunk_size) < 1:
             raise SessionError(f"chunk_size must be >= 1 token, got {chunk_size}")
         self.chunk_size = int(chunk_size)
@@ -297,6 +312,7 @@ class Session:
         self.finish_reason: str | None = None  # of the last generate/stream: "length", "eos", "max_position"
         self._context: list[int] = []  # tokens run through the backbone
         self._since_trigger = 0
+        self._prefetch_resident: torch.Tensor | None = None  # resident ids when the in-flight prefetch started
         self._hidden: dict[int, torch.Tensor] = {}
         self._stats = SessionStats(mode=self.mode, policy=self.policy.describe() if self.policy else "full")
 
@@ -446,9 +462,16 @@ class Session:
                 self._context.append(token)
                 logits = self._forward(torch.tensor([token]))
                 self._since_trigger += 1
+                if triggers and self.prefetch_steps and self._since_trigger == self.tau - self.prefetch_steps:
+                    self._start_prefetch()
                 if triggers and self._since_trigger >= self.tau:
-                    self._trigger()
+                    if self._prefetcher is not None and self._prefetcher.pending:
+                        self._swap_prefetched()
+                    else:
+                        self._trigger()
         finally:
+            if self._prefetcher is not None:
+                self._prefetcher.cancel()  # a set prepared for a window that will not be decoded
             self._synchronize()
             stats.decode_seconds += time.perf_counter() - start
 
@@ -485,40 +508,73 @@ class Session:
             handles.append(self.decoder.layers[idx].self_attn.register_forward_pre_hook(keep_last, with_kwargs=True))
         return handles
 
-    def _trigger(self) -> None:
-        """Select the resident set from the state at the last processed token and make every CSA layer hold it."""
-        start = time.perf_counter()
+    def _trigger_state(self) -> tuple[list[LSACSACache], TriggerState]:
+        """What a trigger at the last processed token looks at (views and references, no copies; memory keys
+        kept in the pool are streamed later, by :meth:`_select`)."""
         layers = self._lsa_layers()
         n_visible = max((layer.n_entries for layer in layers), default=0)
-        stats = self._stats
-        pool_before = self._pool.bytes_to_device if self._pool else 0
-        index_keys = {}
-        for layer in layers:
-            if layer.layer_idx not in self.policy.memory_layers:
-                continue
-            if layer.all_index_keys is not None:  # resident on the device (memory_keys="device")
-                index_keys[layer.layer_idx] = layer.all_index_keys.view()
-            else:  # kept in the pool: streamed for this trigger, freed after it
-                index_keys[layer.layer_idx] = self._pool.stream_prefix(layer.layer_idx, "indexer", n_visible,
-                                                                       self.device)
+        index_keys = {layer.layer_idx: layer.all_index_keys.view() for layer in layers
+                      if layer.layer_idx in self.policy.memory_layers and layer.all_index_keys is not None}
         state = TriggerState(
-            position=self._position - 1, n_visible=n_visible, trigger_index=stats.triggers,
+            position=self._position - 1, n_visible=n_visible, trigger_index=self._stats.triggers,
             resident=layers[0].resident_ids if layers else torch.zeros(0, dtype=torch.long),
             hidden=dict(self._hidden), index_keys=index_keys,
         )
+        return layers, state
+
+    def _select(self, state: TriggerState) -> torch.Tensor:
+        """The policy's entries for ``state`` (sorted unique host int64), checked against ``n_visible``."""
+        for layer in self.policy.memory_layers:
+            if layer not in state.index_keys:  # memory_keys="pool": streamed for this trigger, freed after it
+                state.index_keys[layer] = self._pool.stream_prefix(layer, "indexer", state.n_visible, self.device)
         ids = torch.as_tensor(self.policy.select(state), dtype=torch.long).reshape(-1).cpu()
         ids = torch.unique(ids)  # sorted
-        if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= n_visible):
+        if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= state.n_visible):
             bad = int(ids[0]) if int(ids[0]) < 0 else int(ids[-1])
-            raise SessionError(f"policy '{self.policy.name}' selected entry {bad}, outside the {n_visible} "
+            raise SessionError(f"policy '{self.policy.name}' selected entry {bad}, outside the {state.n_visible} "
                                "visible entries")
-        headroom = self.tau // self.rate + 2  # entries born before the next trigger
-        set_resident_all(layers, ids, headroom)  # one plan for all layers: they hold the same entries
+        return ids
+
+    def _headroom(self) -> int:
+        return self.tau // self.rate + 2  # entries born before the next trigger
+
+    def _trigger(self) -> None:
+        """Select the resident set from the state at the last processed token and make every CSA layer hold it."""
+        start = time.perf_counter()
+        stats = self._stats
+        pool_before = self._pool.bytes_to_device if self._pool else 0
+        layers, state = self._trigger_state()
+        ids = self._select(state)
+        set_resident_all(layers, ids, self._headroom())  # one plan for all layers: they hold the same entries
         stats.fetch_bytes_to_device += (self._pool.bytes_to_device if self._pool else 0) - pool_before
         stats.entries_fetched += int((~torch.isin(ids, state.resident)).sum())
         stats.triggers += 1
         self._since_trigger = 0
         self._synchronize()
+        stats.trigger_seconds += time.perf_counter() - start
+
+    def _start_prefetch(self) -> None:
+        """Fire the next window's trigger now, on the helper thread; decoding goes on with the current set."""
+        start = time.perf_counter()
+        layers, state = self._trigger_state()
+        state.lead = self.prefetch_steps
+        self._prefetch_resident = state.resident
+        # entries born in the prefetch_steps before the boundary join the set at the swap: room for them too
+        headroom = self._headroom() + self.prefetch_steps // self.rate + 1
+        self._prefetcher.start(layers, lambda: self._select(state), headroom, self.device)
+        self._stats.trigger_seconds += time.perf_counter() - start
+
+    def _swap_prefetched(self) -> None:
+        """At the window boundary: make the prepared set resident (waiting for the helper if it is not done)."""
+        start = time.perf_counter()
+        stats = self._stats
+        swap = self._prefetcher.finish(self._lsa_layers())
+        stats.fetch_bytes_to_device += swap.bytes_to_device
+        stats.entries_fetched += int((~torch.isin(swap.ids, self._prefetch_resident)).sum())
+        stats.prefetch_seconds += swap.prefetch_seconds
+        stats.prefetch_wait_seconds += swap.wait_seconds
+        stats.triggers += 1
+        self._since_trigger = 0
         stats.trigger_seconds += time.perf_counter() - start
 
     def _synchronize(self) -> None:

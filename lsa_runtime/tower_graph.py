@@ -33,7 +33,9 @@ class TriggerTowerGraph:
                     towers(self.hidden, self.positions)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: a capture on the prefetch thread (lsa_runtime/prefetch.py) is not invalidated by the
+            # decode thread's own CUDA calls meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.q, self.w = towers(self.hidden, self.positions)
 
     def __call__(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,3 +66,49 @@ def gather_rows(source: torch.Tensor, ids: torch.Tensor, device: torch.device | 
     _gather_rows_kernel[grid](source, ids, out, n, width, source.stride(0), out.stride(0),
                               ROWS=rows_per_program, BLOCK_W=block_w)
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_layers_kernel(SRC_PTRS, IDS, DST_ROWS, DST, n_rows, width, stride_src, stride_dl, stride_dr,
+                              ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        pid = tl.program_id(0)
+        layer = tl.program_id(1)
+        src = tl.load(SRC_PTRS + layer).to(tl.pointer_type(DST.dtype.element_ty))  # this layer's row store
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        src_rows = tl.load(IDS + rows, mask=row_ok, other=0).to(tl.int64)
+        dst_rows = tl.load(DST_ROWS + rows, mask=row_ok, other=0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_W)
+        for c0 in range(0, width, BLOCK_W):
+            col_ok = (c0 + cols) < width
+            mask = row_ok[:, None] & col_ok[None, :]
+            values = tl.load(src + src_rows[:, None] * stride_src + (c0 + cols)[None, :], mask=mask)
+            tl.store(DST + layer.to(tl.int64) * stride_dl + dst_rows[:, None] * stride_dr + (c0 + cols)[None, :],
+                     values, mask=mask)
+
+
+def gather_rows_layers(sources: list[torch.Tensor], ids: torch.Tensor, dst_rows: torch.Tensor,
+                       out: torch.Tensor) -> torch.Tensor:
+    """``out[l, dst_rows[i]] = sources[l][ids[i]]`` for every layer l, in ONE launch: a trigger moves the same
+    entries in all 21 CSA layers, and per-layer launches cost more host time than the copies themselves.
+
+    ``sources``: one ``[N_l, W]`` row-contiguous tensor per layer, all pinned host (zero-copy reads over PCIe)
+    or all on ``out``'s device, same dtype and row stride; ``ids`` / ``dst_rows``: int64 on ``out``'s device
+    (ids < every N_l); ``out``: ``[L, R, W]`` with row-contiguous layers. Call only where
+    :func:`zero_copy_available` is true for the sources."""
+    n = ids.numel()
+    if n == 0 or not sources:
+        return out
+    width, stride = sources[0].shape[1], sources[0].stride(0)
+    if any(s.stride(0) != stride or s.stride(1) != 1 or s.dtype != out.dtype for s in sources) or out.stride(2) != 1:
+        raise ValueError("gather_rows_layers needs row-contiguous sources of one dtype and row stride")
+    if out.shape[0] != len(sources) or out.shape[2] != width:
+        raise ValueError(f"out {tuple(out.shape)} does not fit {len(sources)} layers of width {width}")
+    pointers = torch.tensor([s.data_ptr() for s in sources], dtype=torch.int64).to(out.device)
+    rows_per_program, block_w = 16, min(256, triton.next_power_of_2(width))
+    grid = (triton.cdiv(n, rows_per_program), len(sources))
+    _gather_layers_kernel[grid](pointers, ids, dst_rows, out, n, width, stride, out.stride(0), out.stride(1),
+                                ROWS=rows_per_program, BLOCK_W=block_w)
+    return out
