@@ -350,6 +350,9 @@ def generate_command(
                              "with --indexer, else full."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
     tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
+    prefetch_steps: int = typer.Option(0, "--prefetch-steps", help="Prepare each trigger after the first this many "
+                                       "decode steps before its window on a helper thread (Session(prefetch_steps=); "
+                                       "0: at the window boundary)."),
     threshold: float = typer.Option(None, "--threshold", help="Memory-indexer score an entry needs to be fetched, "
                                     "in (0, 1) (default: the export's, else 0.5)."),
     max_resident: int = typer.Option(None, "--max-resident", "--budget", help="Cap on resident CSA entries per "
@@ -387,7 +390,7 @@ def generate_command(
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, mode=mode, tau=tau,
                                       threshold=threshold, device=device or _default_device(), dtype=dtype,
                                       max_resident=max_resident, chunk_size=chunk_size, seed=seed,
-                                      memory_keys=memory_keys)
+                                      memory_keys=memory_keys, prefetch_steps=prefetch_steps)
     out = Console()
     for piece in session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed):
@@ -429,6 +432,9 @@ def evaluate_command(
     budget: int = typer.Option(None, "--budget", help="Resident entries for recent/random/oracle when lsa is not "
                                "among --modes."),
     tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
+    prefetch_steps: int = typer.Option(0, "--prefetch-steps", help="Prepare each trigger after the first this many "
+                                       "decode steps before its window on a helper thread (Session(prefetch_steps=); "
+                                       "0: at the window boundary)."),
     threshold: float = typer.Option(None, "--threshold", help="Memory-indexer score threshold (default: the "
                                     "export's, else 0.5)."),
     haystack: str = typer.Option(None, "--haystack-packages", help="Held-out stdlib packages whose code fills "
@@ -454,7 +460,7 @@ def evaluate_command(
                                                              else "full"),
         tasks=tasks, lengths=lengths, samples=samples, indexer=indexer, max_new_tokens=max_new_tokens, seed=seed,
         device=device or _default_device(), dtype=dtype, haystack_packages=packages, tau=tau, threshold=threshold,
-        budget=budget).check()
+        budget=budget, prefetch_steps=prefetch_steps).check()
     progress = _progress()
 
     class RichReporter(Reporter):

@@ -54,7 +54,7 @@ BUDGETED = ("recent", "random", "oracle")
 NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
-                     "threshold", "budget", "dtype", "chunk_size")
+                     "threshold", "budget", "dtype", "chunk_size", "prefetch_steps")
 
 
 class EvaluationError(FmIndexError):
@@ -80,6 +80,7 @@ class EvalConfig:
     threshold: float | None = None  # None: the export's (else 0.5)
     budget: int | None = None  # resident budget of recent/random/oracle when lsa is not run
     chunk_size: int = 512
+    prefetch_steps: int = 0  # Session(prefetch_steps=...): triggers prepared this many steps ahead, off-thread
 
     def check(self) -> "EvalConfig":
         modes = parse_modes(self.modes)
@@ -97,6 +98,9 @@ class EvalConfig:
                                   "(with --indexer) or give --budget N")
         if self.budget is not None and int(self.budget) < 1:
             raise EvaluationError(f"--budget must be >= 1 entries, got {self.budget}")
+        if int(self.prefetch_steps) < 0 or (self.tau is not None and int(self.prefetch_steps) >= int(self.tau)):
+            raise EvaluationError(f"--prefetch-steps must be in 0..tau-1, got {self.prefetch_steps}"
+                                  + (f" with --tau {self.tau}" if self.tau is not None else ""))
         if not self.haystack_packages:
             raise EvaluationError("no haystack package given")
         return replace(self, modes=modes, tasks=tasks, lengths=lengths, samples=int(self.samples),
@@ -104,6 +108,8 @@ class EvalConfig:
 
     def fingerprint(self) -> dict:
         blob = asdict(self)
+        if not blob["prefetch_steps"]:  # 0, the default: absent, so evaluations from before the option resume
+            del blob["prefetch_steps"]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in blob.items() if k in _FINGERPRINT_KEYS}
 
 
@@ -318,6 +324,8 @@ class Evaluation:
             self.memory_indexer, self.export = load_memory_indexer(cfg.indexer, self.model)
         self.tau = int(cfg.tau if cfg.tau is not None else self.export.get("tau", 64))
         self.threshold = float(cfg.threshold if cfg.threshold is not None else self.export.get("threshold", 0.5))
+        if cfg.prefetch_steps >= self.tau:
+            raise EvaluationError(f"--prefetch-steps {cfg.prefetch_steps} must be below tau ({self.tau}, the export's)")
 
     def _run_cell(self, task: str, length: int) -> None:
         cfg = self.config
@@ -383,8 +391,9 @@ class Evaluation:
         from lsa_runtime.session import Session, record_native_picks
 
         policy = self._policy(mode, budget, picks or {})
-        session = Session(self.model, self.tokenizer, mode="full", policy=policy,
-                          tau=self.tau, chunk_size=self.config.chunk_size, seed=self.config.seed)
+        session = Session(self.model, self.tokenizer, mode="full", policy=policy, tau=self.tau,
+                          chunk_size=self.config.chunk_size, seed=self.config.seed,
+                          prefetch_steps=self.config.prefetch_steps)
         recorded = None
         if want_picks:  # the full run, with the native top-k picks of every decode query (the oracle's input)
             generation, recorded = record_native_picks(session, sample.prompt, max_new, temperature=0.0)

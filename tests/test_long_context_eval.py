@@ -139,6 +139,19 @@ def test_oracle_with_room_for_every_pick_decodes_like_full(backbone, tmp_path):
     assert oracle["stats"]["footprint_ratio"] <= 1.0
 
 
+def test_oracle_with_prefetch_decodes_like_full(backbone, tmp_path):
+    """--prefetch-steps: each trigger after the first is prepared ahead on a helper thread; the oracle, told
+    which window its set serves, stays lossless. The option is part of the resume fingerprint (0: absent)."""
+    config = EvalConfig(model="tiny", modes=("full", "oracle"), tasks=("vt",), lengths=(256,), samples=1,
+                        max_new_tokens=12, tau=4, budget=10_000, prefetch_steps=2)
+    results = evaluate(config, tmp_path / "p", backbone=backbone)
+    (full,), (oracle,) = _runs(results, "full"), _runs(results, "oracle")
+    assert oracle["prediction"] == full["prediction"] and oracle["stats"]["triggers"] >= 3
+    assert oracle["stats"]["prefetch_seconds"] > 0
+    assert config.fingerprint()["prefetch_steps"] == 2
+    assert "prefetch_steps" not in EvalConfig(model="tiny").fingerprint()
+
+
 def test_resume_skips_finished_runs_and_redoes_a_cut_one(backbone, tmp_path, monkeypatch):
     out = tmp_path / "r"
     config = EvalConfig(model="tiny", modes=("full", "random"), tasks=(TASK,), lengths=(256,), samples=1,
@@ -185,7 +198,8 @@ def test_option_errors_are_user_errors(export_dir):
     for bad, match in [(dict(modes="full,fast"), "unknown mode"), (dict(modes="lsa"), "--indexer"),
                        (dict(modes="recent"), "budget"), (dict(lengths="1k,abc"), "--lengths"),
                        (dict(lengths="32"), "too short"), (dict(samples=0), "--samples"),
-                       (dict(tasks="niah"), "unknown task")]:
+                       (dict(tasks="niah"), "unknown task"), (dict(prefetch_steps=-1), "--prefetch-steps"),
+                       (dict(prefetch_steps=4, tau=4), "--prefetch-steps")]:
         with pytest.raises(EvaluationError if match != "unknown task" else Exception, match=match):
             EvalConfig(model="tiny", **bad).check()
     EvalConfig(model="tiny", modes="lsa,recent", indexer=str(export_dir)).check()

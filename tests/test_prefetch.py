@@ -66,6 +66,25 @@ def test_oracle_with_lead_is_lossless(backbone, prompt_ids, full_tokens):
     assert session.stats.resident_entries < session.stats.csa_entries
 
 
+def test_memory_indexer_with_pool_keys_and_prefetch_is_lossless_when_it_fetches_everything(backbone, prompt_ids,
+                                                                                           full_tokens):
+    """lsa with the memory keys kept in the pool: the helper thread streams them for its trigger. Threshold ~0
+    fetches every entry, so the tokens must be full decoding's."""
+    from lsa_runtime.backbone import default_memory_layers
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    model, tokenizer = backbone
+    config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
+                                                      rank=model.config.q_lora_rank, tau=8)
+    indexer = MemoryIndexer.init_from_native(model, config)
+    session = Session(model, tokenizer, mode="lsa", indexer=indexer, threshold=1e-6, tau=8, prefetch_steps=3,
+                      memory_keys="pool", chunk_size=CHUNK)
+    assert session.generate(prompt_ids, NEW_TOKENS).token_ids == full_tokens
+    stats = session.stats
+    assert stats.resident_entries == stats.csa_entries and stats.triggers == 1 + (NEW_TOKENS - 1) // 8
+    assert stats.device_bytes["memory_index_keys"] == 0  # streamed per trigger, not held
+
+
 def every_third(state):
     return torch.arange(0, state.n_visible, 3)
 
