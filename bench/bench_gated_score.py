@@ -18,6 +18,7 @@ import time
 import torch
 
 from lsa_runtime.kernels import gated_score
+from lsa_runtime.kernels.gated_loss import entry_loss, fused_gated_loss, fused_loss_available, gated_loss_torch
 from lsa_runtime.kernels.gated_score import fused_gated_logits, gated_logits_torch
 
 try:
@@ -115,10 +116,45 @@ def main():
     gated_score.BACKWARD_VARIANT = default_variant
     best = max(r["fwd_bwd_tflops"] for r in results.values())
     workload = workload_flops(heads=H, dim=D)
+    scores = workload / (6 * H * D)  # entry-scores of the workload (each 6 H D FLOPs as fwd + bwd)
+
+    # The whole training step of the loss (scores, focal loss over the visible entries, gradients of q and w):
+    # three steps (fused forward, torch loss, fused backward) vs the loss computed in the forward kernel's
+    # epilogue (kernels/gated_loss.py) then the backward. Rows see all T entries.
+    targets = (torch.rand(R, T, device=device, generator=gen) < 0.01).float()
+    n_visible = torch.full((R,), T, device=device, dtype=torch.long)
+    step = {}
+    qq, ww = q.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def three_steps():
+        qq.grad = ww.grad = None
+        z = fused_gated_logits(qq, ww, k, scale)
+        (entry_loss(z, targets, "focal", 2.0, 0.5).sum(dim=1) / T).sum().backward()
+
+    def loss_in_forward():
+        qq.grad = ww.grad = None
+        fused_gated_loss(qq, ww, k, targets, n_visible, scale, "focal", 2.0, 0.5).sum().backward()
+
+    candidates = [("scores, torch loss, backward (3 steps)", three_steps, 6)]
+    if fused_loss_available(q):
+        candidates.append(("loss in the forward's epilogue, backward", loss_in_forward, 6))
+        # its gradients against the three steps' on the same inputs
+        loss_in_forward()
+        g1 = (qq.grad.clone(), ww.grad.clone())
+        three_steps()
+        errors["loss_fwd_dq"], errors["loss_fwd_dw"] = rel_err(g1[0], qq.grad), rel_err(g1[1], ww.grad)
+        loss1 = fused_gated_loss(q, w, k, targets, n_visible, scale).sum()
+        loss3 = gated_loss_torch(q.float(), w, k.float(), targets, n_visible, scale).sum()
+        errors["loss_fwd_loss"] = rel_err(loss1, loss3)
+    for name, fn, per_score in candidates:
+        t = time_ms(fn)
+        step[name] = {"ms": t, "executed_tflops": per_score * R * H * D * T / t / 1e9, "rows_per_s": R / t * 1e3,
+                      "workload_minutes": scores * (t / 1e3) / (R * T) / 60}
     summary = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "shape": {"rows": R, "heads": H, "dim": D, "entries": T}, "rel_errors": errors, "results": results,
         "workload_flops": workload, "workload_minutes_at_best": workload / (best * 1e12) / 60,
+        "training_step": step,
     }
     print(f"gated score + backward, rows={R} heads={H} dim={D} entries={T}, {summary['device']}")
     print("rel. error fused vs torch: " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items()))
@@ -129,6 +165,9 @@ def main():
               f"{r['fwd_bwd_tflops']:16.1f} {r['rows_per_s']:9.0f}")
     print(f"method's workload (10,000 docs of 16K-512K tokens, 3 layers, 1 epoch): {workload:.2e} FLOP "
           f"-> {summary['workload_minutes_at_best']:.1f} min at the best rate above")
+    print(f"{'training step with the focal loss':42s} {'ms':>8s} {'executed TFLOP/s':>17s} {'workload min':>13s}")
+    for name, r in step.items():
+        print(f"{name:42s} {r['ms']:8.2f} {r['executed_tflops']:17.1f} {r['workload_minutes']:13.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
