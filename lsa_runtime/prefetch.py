@@ -95,16 +95,18 @@ class ResidentPrefetcher:
         with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
             if stream is not None:
                 stream.wait_event(ready)
-            pool = layers[0].pool if layers else None
-            before = pool.bytes_to_device if pool is not None else 0
-            ids = torch.unique(torch.as_tensor(select(), dtype=torch.long).reshape(-1).cpu())  # sorted
-            born_from = [int(old_ids.numel()) for old_ids, _ in snapshots]
-            rows, fetched = build_resident_all(layers, ids, headroom, snapshots)
-            moved = (pool.bytes_to_device if pool is not None else 0) - before
-            if stream is not None:  # all reads of the snapshot done before its views are let go
-                done = torch.cuda.Event()
-                done.record(stream)
-                done.synchronize()
+            try:
+                pool = layers[0].pool if layers else None
+                before = pool.bytes_to_device if pool is not None else 0
+                ids = torch.unique(torch.as_tensor(select(), dtype=torch.long).reshape(-1).cpu())  # sorted
+                born_from = [int(old_ids.numel()) for old_ids, _ in snapshots]
+                rows, fetched = build_resident_all(layers, ids, headroom, snapshots)
+                moved = (pool.bytes_to_device if pool is not None else 0) - before
+            finally:
+                if stream is not None:  # all reads of the snapshot done before its views are let go (errors too)
+                    done = torch.cuda.Event()
+                    done.record(stream)
+                    done.synchronize()
         return PreparedSet(ids, rows, born_from, fetched, moved, time.perf_counter() - start)
 
     def finish(self, layers: list[LSACSACache]) -> SwapResult:
