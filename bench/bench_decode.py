@@ -155,7 +155,7 @@ def profile_steps(model, cache, position, steps, title):
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(f"--- profile, {title}, {steps} steps, by {sort}", flush=True)
     print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40), flush=True)
-    print(f"--- by self cpu time", flush=True)
+    print("--- by self cpu time", flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40),
           flush=True)
 

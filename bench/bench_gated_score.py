@@ -81,7 +81,7 @@ def main():
     (zb * g).sum().backward()
     errors = {"z": rel_err(za, zb), "dq": rel_err(qa.grad, qb.grad), "dw": rel_err(wa.grad, wb.grad)}
     if device == "cuda":  # the other backward kernel on the same inputs
-        for other in ("single", "pair", "flat"):
+        for other in ("single", "flat"):
             if other != gated_score.BACKWARD_VARIANT:
                 dq, dw = gated_score.gated_logits_backward(q, w, k, g, scale, variant=other)
                 errors[f"dq_{other}"], errors[f"dw_{other}"] = rel_err(dq, qb.grad), rel_err(dw, wb.grad)
@@ -91,7 +91,7 @@ def main():
     flops_fwd, flops_all = 2 * R * H * D * T, 6 * R * H * D * T
     results = {}
     paths = [("fused (CPU fallback)", fused_gated_logits, None)] if device != "cuda" else [
-        (f"fused (Triton), backward '{v}'", fused_gated_logits, v) for v in ("single", "pair", "flat")]
+        (f"fused (Triton), backward '{v}'", fused_gated_logits, v) for v in ("single", "flat")]
     paths.append(("chunked torch", lambda q, w, k, s: gated_logits_torch(q, w, k, s, chunk=8192), None))
     default_variant = gated_score.BACKWARD_VARIANT
     for name, fn, variant in paths:
@@ -110,8 +110,7 @@ def main():
         results[name] = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "fwd_tflops": flops_fwd / t_f / 1e9,
                          "fwd_bwd_tflops": flops_all / t_fb / 1e9, "rows_per_s": R / t_fb * 1e3}
         if variant is not None:
-            kernel = getattr(gated_score, {"pair": "_gated_bwd_pair_kernel", "flat": "_gated_bwd_flat_kernel"}.get(
-                variant, "_gated_bwd_kernel"))
+            kernel = getattr(gated_score, "_gated_bwd_flat_kernel" if variant == "flat" else "_gated_bwd_kernel")
             results[name]["backward_config"] = str(getattr(kernel, "best_config", None))
     gated_score.BACKWARD_VARIANT = default_variant
     best = max(r["fwd_bwd_tflops"] for r in results.values())

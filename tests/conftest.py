@@ -40,3 +40,22 @@ def small_corpus(tmp_path):
             ids = torch.randint(3, 1024, (n,), generator=gen).tolist()
             f.write(json.dumps({"id": f"doc{i}", "input_ids": ids}) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """(model, tokenizer) of the bundled tiny backbone in float32: one copy per test module (Sessions swap its
+    CSA compressors)."""
+    from lsa_runtime.backbone import load_backbone
+
+    return load_backbone("tiny", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the tiny model is latency-bound, and with 2 shared cores one thread is
+    several times faster (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

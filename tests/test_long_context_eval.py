@@ -13,12 +13,6 @@ from indexer_train.ruler_tasks import generate_sample, score_prediction
 TASK, LENGTH, SAMPLES, NEW, TAU = "niah_single_2", 256, 2, 4, 2
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    from lsa_runtime.backbone import load_backbone
-
-    return load_backbone("tiny", dtype=torch.float32)  # its own copy: Sessions swap the CSA compressors
-
 
 @pytest.fixture(scope="module")
 def export_dir(backbone, tmp_path_factory):

@@ -17,17 +17,8 @@ NEW_TOKENS = 40
 CHUNK = 160
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("tiny", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lsa_runtime.backbone import config_hash, default_memory_layers, load_backbone
+from lsa_runtime.backbone import config_hash, default_memory_layers
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 from lsa_runtime.resident_policy import GivenEntriesPolicy, MemoryIndexerPolicy
 from lsa_runtime.session import Session, SessionError
@@ -17,18 +17,8 @@ TAU = 16
 CHUNK = 128  # 5 prefill chunks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model is latency-bound: with 2 shared cores, one intra-op thread is several times faster
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("tiny", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

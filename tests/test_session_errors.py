@@ -5,24 +5,12 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from lsa_runtime.backbone import load_backbone
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.session import DeviceMemoryError, Session
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is latency-bound; 2 shared cores oversubscribe
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("tiny", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -12,11 +12,9 @@ matmul per head followed by a ReLU and a weighted sum over heads. Written naivel
   which one is real.
 * :func:`gated_logits_backward`: per (rows-block, head), loop over entry tiles; recompute the head's
   product, ``dW[r, h] = scale * sum_s dz * relu(s)`` and ``dQ[r, h] = scale * w_h * sum_s dz * [s > 0] k_s``.
-  Keys are frozen (the document side of the dual encoder): no dK. Variant ``"pair"``: one program per
-  (rows-block, pair of heads), so each dz and key tile it loads serves two heads (dz is fp32 [rows, entries]
-  and re-read once per program: per head, it is most of the kernel's memory traffic). Variant ``"flat"``: the
-  tile's M dimension runs over flattened (row, head) pairs, so 64 heads of one row share one dz row, the dz
-  traffic falls by the number of heads and each key tile feeds a 128-wide product.
+  Keys are frozen (the document side of the dual encoder): no dK. That per-head kernel ("single") re-reads
+  the fp32 dz tile of its rows once per head. Variant ``"flat"`` (the default): the tile's M dimension runs
+  over flattened (row, head) pairs, so the H heads of a row share one dz row and dz traffic falls H-fold.
 
 FLOPs: forward 2*R*H*D*T, backward 4*R*H*D*T. On CPU (and wherever Triton is missing) the same functions
 run a chunked torch path (:func:`gated_logits_torch`), which is also the reference in the tests.
@@ -113,49 +111,6 @@ if triton is not None:
             z = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1)
             tl.store(Z + r * stride_zr + offs_t, z * scale, mask=t_ok)
 
-    _PAIR_CONFIGS = [
-        triton.Config({"BLOCK_R": br, "BLOCK_T": bt}, num_warps=nw, num_stages=ns)
-        for br, bt, nw, ns in [(64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 4)]
-    ]
-
-    @triton.autotune(configs=_PAIR_CONFIGS, key=["H", "D"], reset_to_zero=[])
-    @triton.jit
-    def _gated_bwd_pair_kernel(Q, W, K, DZ, DQ, DW, R, T, scale,
-                               stride_qr, stride_qh, stride_wr, stride_kt, stride_dzr,
-                               H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
-        pid_r = tl.program_id(0)
-        h0 = tl.program_id(1) * 2
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_d = tl.arange(0, D)
-        row_ok = offs_r < R
-        q_ptr = Q + offs_r[:, None] * stride_qr + offs_d[None, :]
-        q0 = tl.load(q_ptr + h0 * stride_qh, mask=row_ok[:, None], other=0.0)
-        q1 = tl.load(q_ptr + (h0 + 1) * stride_qh, mask=row_ok[:, None], other=0.0)
-        w0 = tl.load(W + offs_r * stride_wr + h0, mask=row_ok, other=0.0).to(tl.float32)
-        w1 = tl.load(W + offs_r * stride_wr + h0 + 1, mask=row_ok, other=0.0).to(tl.float32)
-        dq0 = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        dq1 = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        dw0 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        dw1 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        n_tiles = tl.cdiv(T, BLOCK_T)
-        for tile in range(0, n_tiles):
-            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-            t_ok = offs_t < T
-            k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
-            dz = tl.load(DZ + offs_r[:, None] * stride_dzr + offs_t[None, :], mask=row_ok[:, None] & t_ok[None, :],
-                         other=0.0).to(tl.float32)
-            s0 = tl.dot(q0, tl.trans(k))
-            dw0 += tl.sum(dz * tl.maximum(s0, 0.0), axis=1)
-            dq0 += tl.dot(tl.where(s0 > 0, dz * w0[:, None], 0.0).to(k.dtype), k)
-            s1 = tl.dot(q1, tl.trans(k))
-            dw1 += tl.sum(dz * tl.maximum(s1, 0.0), axis=1)
-            dq1 += tl.dot(tl.where(s1 > 0, dz * w1[:, None], 0.0).to(k.dtype), k)
-        dq_ptr = DQ + offs_r[:, None] * stride_qr + offs_d[None, :]
-        tl.store(dq_ptr + h0 * stride_qh, (dq0 * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(dq_ptr + (h0 + 1) * stride_qh, (dq1 * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(DW + offs_r * stride_wr + h0, dw0 * scale, mask=row_ok)
-        tl.store(DW + offs_r * stride_wr + h0 + 1, dw1 * scale, mask=row_ok)
-
     _FLAT_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_T": bt}, num_warps=nw, num_stages=ns)
         for bm, bt, nw, ns in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3),
@@ -251,15 +206,14 @@ def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
 
 
 # "flat": a program per block of flattened (row, head) pairs (the default: fastest measured, H200 2026-11-29:
-# fwd+bwd 3.04 ms vs "pair" 3.06 and "single" 3.18 in one run, same errors); "pair": per (rows-block, two
-# heads); "single": per (rows-block, head)
+# fwd+bwd 3.03-3.07 ms vs 3.16-3.18 for "single" in four runs, same errors; a "pair of heads" kernel measured
+# 3.06-3.07 and was removed); "single": a program per (rows-block, head)
 BACKWARD_VARIANT = "flat"
 
 
 def gated_logits_backward(q, w, keys, grad_z, scale: float, variant: str | None = None):
     """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen).
-    ``variant``: the Triton kernel, ``"single"``, ``"pair"`` or ``"flat"`` (default :data:`BACKWARD_VARIANT`;
-    "pair" needs an even number of heads, else "single" runs)."""
+    ``variant``: the Triton kernel, ``"single"`` or ``"flat"`` (default :data:`BACKWARD_VARIANT`)."""
     if not triton_available(q.device, q.shape[-1]):
         with torch.enable_grad():
             qq, ww = q.detach().requires_grad_(), w.detach().float().requires_grad_()
@@ -272,17 +226,15 @@ def gated_logits_backward(q, w, keys, grad_z, scale: float, variant: str | None 
     dq = torch.empty_like(q)
     dw = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
     variant = variant or BACKWARD_VARIANT
-    if variant not in ("single", "pair", "flat"):
-        raise ValueError(f"unknown backward variant {variant!r} (use 'single', 'pair' or 'flat')")
+    if variant not in ("single", "flat"):
+        raise ValueError(f"unknown backward variant {variant!r} (use 'single' or 'flat')")
     if variant == "flat":
         grid = lambda meta: (triton.cdiv(rows * heads, meta["BLOCK_M"]),)  # noqa: E731
         _launch(_gated_bwd_flat_kernel, grid, q, w, keys, grad_z, dq, dw, rows * heads, keys.shape[0], float(scale),
                 keys.stride(0), grad_z.stride(0), H=heads, D=dim, interpret_meta={"BLOCK_M": 64, "BLOCK_T": 64})
         return dq, dw.to(w.dtype)
-    pair = variant == "pair" and heads % 2 == 0
-    kernel = _gated_bwd_pair_kernel if pair else _gated_bwd_kernel
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), heads // 2 if pair else heads)  # noqa: E731
-    _launch(kernel, grid, q, w, keys, grad_z, dq, dw, rows, keys.shape[0], float(scale), q.stride(0), q.stride(1),
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), heads)  # noqa: E731
+    _launch(_gated_bwd_kernel, grid, q, w, keys, grad_z, dq, dw, rows, keys.shape[0], float(scale), q.stride(0), q.stride(1),
             w.stride(0), keys.stride(0), grad_z.stride(0), H=heads, D=dim)
     return dq, dw.to(w.dtype)
 
