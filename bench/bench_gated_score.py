@@ -80,22 +80,14 @@ def main():
     zb = gated_logits_torch(qb, wb, k.float(), scale)
     (zb * g).sum().backward()
     errors = {"z": rel_err(za, zb), "dq": rel_err(qa.grad, qb.grad), "dw": rel_err(wa.grad, wb.grad)}
-    if device == "cuda":  # the other backward kernel on the same inputs
-        for other in ("single", "flat"):
-            if other != gated_score.BACKWARD_VARIANT:
-                dq, dw = gated_score.gated_logits_backward(q, w, k, g, scale, variant=other)
-                errors[f"dq_{other}"], errors[f"dw_{other}"] = rel_err(dq, qb.grad), rel_err(dw, wb.grad)
 
     q, w, k = fresh()
     g = torch.randn(R, T, device=device, generator=gen)
     flops_fwd, flops_all = 2 * R * H * D * T, 6 * R * H * D * T
     results = {}
-    paths = [("fused (CPU fallback)", fused_gated_logits, None)] if device != "cuda" else [
-        (f"fused (Triton), backward '{v}'", fused_gated_logits, v) for v in ("single", "flat")]
-    paths.append(("chunked torch", lambda q, w, k, s: gated_logits_torch(q, w, k, s, chunk=8192), None))
-    default_variant = gated_score.BACKWARD_VARIANT
-    for name, fn, variant in paths:
-        gated_score.BACKWARD_VARIANT = variant or default_variant
+    paths = [("fused (Triton)" if device == "cuda" else "fused (CPU fallback)", fused_gated_logits),
+             ("chunked torch", lambda q, w, k, s: gated_logits_torch(q, w, k, s, chunk=8192))]
+    for name, fn in paths:
         qq, ww = q.clone().requires_grad_(), w.clone().requires_grad_()
 
         def fwd():
@@ -109,10 +101,8 @@ def main():
         t_f, t_fb = time_ms(fwd), time_ms(fwd_bwd)
         results[name] = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "fwd_tflops": flops_fwd / t_f / 1e9,
                          "fwd_bwd_tflops": flops_all / t_fb / 1e9, "rows_per_s": R / t_fb * 1e3}
-        if variant is not None:
-            kernel = getattr(gated_score, "_gated_bwd_flat_kernel" if variant == "flat" else "_gated_bwd_kernel")
-            results[name]["backward_config"] = str(getattr(kernel, "best_config", None))
-    gated_score.BACKWARD_VARIANT = default_variant
+        if fn is fused_gated_logits and device == "cuda":
+            results[name]["backward_config"] = str(getattr(gated_score._gated_bwd_flat_kernel, "best_config", None))
     best = max(r["fwd_bwd_tflops"] for r in results.values())
     workload = workload_flops(heads=H, dim=D)
     scores = workload / (6 * H * D)  # entry-scores of the workload (each 6 H D FLOPs as fwd + bwd)

@@ -471,7 +471,7 @@ class Session:
                         self._trigger()
         finally:
             if self._prefetcher is not None:
-                self._prefetcher.cancel()  # a set prepared for a window that will not be decoded
+                self._prefetcher.close()  # drop a set for a window that will not be decoded; no idle thread left
             self._synchronize()
             stats.decode_seconds += time.perf_counter() - start
 

@@ -50,14 +50,8 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         row_ok = offs_r < R
         k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=offs_t[:, None] < T, other=0.0)
-        acc = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
-        for h in range(H):  # the gated-score forward (gated_score._gated_fwd_kernel)
-            q = tl.load(Q + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k))
-            w = tl.load(W + offs_r * stride_wr + h, mask=row_ok, other=0.0).to(tl.float32)
-            acc += w[:, None] * tl.maximum(s, 0.0)
-        z = acc * scale
+        z = gated_score.gated_tile(Q, W, k, offs_r, row_ok, offs_d, stride_qr, stride_qh, stride_wr, H, BLOCK_R,
+                                   BLOCK_T) * scale  # the gated-score forward's tile
         # epilogue: the loss and dl/dz of every entry of the tile, where it is visible to its row
         n = tl.load(NV + offs_r, mask=row_ok, other=0)
         inv_n = 1.0 / tl.maximum(n, 1).to(tl.float32)

@@ -10,11 +10,12 @@ matmul per head followed by a ReLU and a weighted sum over heads. Written naivel
   one ``[BLOCK_T, D] @ [D, H]`` product per row (all heads at once), ReLU, dot with w over heads. A one-row
   score is a matrix-vector shape bound by reading the keys; the many-rows tile would multiply 64-128 rows of
   which one is real.
-* :func:`gated_logits_backward`: per (rows-block, head), loop over entry tiles; recompute the head's
-  product, ``dW[r, h] = scale * sum_s dz * relu(s)`` and ``dQ[r, h] = scale * w_h * sum_s dz * [s > 0] k_s``.
-  Keys are frozen (the document side of the dual encoder): no dK. That per-head kernel ("single") re-reads
-  the fp32 dz tile of its rows once per head. Variant ``"flat"`` (the default): the tile's M dimension runs
-  over flattened (row, head) pairs, so the H heads of a row share one dz row and dz traffic falls H-fold.
+* :func:`gated_logits_backward`: per block of (row, head) pairs, loop over entry tiles; recompute the
+  products, ``dW[r, h] = scale * sum_s dz * relu(s)`` and ``dQ[r, h] = scale * w_h * sum_s dz * [s > 0] k_s``.
+  Keys are frozen (the document side of the dual encoder): no dK. The tile's M dimension runs over flattened
+  (row, head) pairs, so the H heads of a row share one dz row. (A first kernel with one program per
+  (rows-block, head) re-read the fp32 dz tile once per head: 3.16-3.18 ms fwd+bwd vs 3.03-3.07 on the H200,
+  docs/BENCHMARKS.md; it and a two-heads variant were removed.)
 
 FLOPs: forward 2*R*H*D*T, backward 4*R*H*D*T. On CPU (and wherever Triton is missing) the same functions
 run a chunked torch path (:func:`gated_logits_torch`), which is also the reference in the tests.
@@ -66,6 +67,20 @@ if triton is not None:
         for br, bt, nw, ns in [(64, 128, 4, 2), (64, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2)]
     ]
 
+    @triton.jit
+    def gated_tile(Q, W, k, offs_r, row_ok, offs_d, stride_qr, stride_qh, stride_wr,
+                   H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        """sum_h w_h relu(q_h . k) of a [BLOCK_R rows, BLOCK_T entries] tile, unscaled, fp32 (inlined by Triton
+        into the kernels that call it: this forward and the training loss's, kernels/gated_loss.py)."""
+        acc = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+        for h in range(H):
+            q = tl.load(Q + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))  # [BLOCK_R, BLOCK_T], fp32 accumulate
+            w = tl.load(W + offs_r * stride_wr + h, mask=row_ok, other=0.0).to(tl.float32)
+            acc += w[:, None] * tl.maximum(s, 0.0)
+        return acc
+
     @triton.autotune(configs=_CONFIGS, key=["H", "D"])
     @triton.jit
     def _gated_fwd_kernel(Q, W, K, Z, R, T, scale,
@@ -78,13 +93,7 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         row_ok = offs_r < R
         k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=offs_t[:, None] < T, other=0.0)
-        acc = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
-        for h in range(H):
-            q = tl.load(Q + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k))  # [BLOCK_R, BLOCK_T], fp32 accumulate
-            w = tl.load(W + offs_r * stride_wr + h, mask=row_ok, other=0.0).to(tl.float32)
-            acc += w[:, None] * tl.maximum(s, 0.0)
+        acc = gated_tile(Q, W, k, offs_r, row_ok, offs_d, stride_qr, stride_qh, stride_wr, H, BLOCK_R, BLOCK_T)
         tl.store(Z + offs_r[:, None] * stride_zr + offs_t[None, :], acc * scale,
                  mask=row_ok[:, None] & (offs_t[None, :] < T))
 
@@ -143,36 +152,6 @@ if triton is not None:
         tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
         tl.store(DW + offs_m, dw * scale, mask=m_ok)
 
-    @triton.autotune(configs=_CONFIGS, key=["H", "D"], reset_to_zero=[])
-    @triton.jit
-    def _gated_bwd_kernel(Q, W, K, DZ, DQ, DW, R, T, scale,
-                          stride_qr, stride_qh, stride_wr, stride_kt, stride_dzr,
-                          H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
-        pid_r = tl.program_id(0)
-        h = tl.program_id(1)
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_d = tl.arange(0, D)
-        row_ok = offs_r < R
-        q = tl.load(Q + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
-                    other=0.0)
-        w = tl.load(W + offs_r * stride_wr + h, mask=row_ok, other=0.0).to(tl.float32)
-        dq = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        dw = tl.zeros([BLOCK_R], dtype=tl.float32)
-        n_tiles = tl.cdiv(T, BLOCK_T)
-        for tile in range(0, n_tiles):
-            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-            t_ok = offs_t < T
-            k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k))
-            dz = tl.load(DZ + offs_r[:, None] * stride_dzr + offs_t[None, :], mask=row_ok[:, None] & t_ok[None, :],
-                         other=0.0).to(tl.float32)
-            dw += tl.sum(dz * tl.maximum(s, 0.0), axis=1)
-            p = tl.where(s > 0, dz * w[:, None], 0.0).to(k.dtype)
-            dq += tl.dot(p, k)
-        tl.store(DQ + offs_r[:, None] * stride_qr + h * stride_qh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                 mask=row_ok[:, None])
-        tl.store(DW + offs_r * stride_wr + h, dw * scale, mask=row_ok)
-
 
 def _launch(kernel, grid, *args, interpret_meta=None, **kwargs):
     """Autotuned launch on a GPU; under TRITON_INTERPRET (CPU checks) the plain kernel with one small config."""
@@ -205,15 +184,8 @@ def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
     return out
 
 
-# "flat": a program per block of flattened (row, head) pairs (the default: fastest measured, H200 2026-11-29:
-# fwd+bwd 3.03-3.07 ms vs 3.16-3.18 for "single" in four runs, same errors; a "pair of heads" kernel measured
-# 3.06-3.07 and was removed); "single": a program per (rows-block, head)
-BACKWARD_VARIANT = "flat"
-
-
-def gated_logits_backward(q, w, keys, grad_z, scale: float, variant: str | None = None):
-    """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen).
-    ``variant``: the Triton kernel, ``"single"`` or ``"flat"`` (default :data:`BACKWARD_VARIANT`)."""
+def gated_logits_backward(q, w, keys, grad_z, scale: float):
+    """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen)."""
     if not triton_available(q.device, q.shape[-1]):
         with torch.enable_grad():
             qq, ww = q.detach().requires_grad_(), w.detach().float().requires_grad_()
@@ -225,17 +197,9 @@ def gated_logits_backward(q, w, keys, grad_z, scale: float, variant: str | None 
     rows, heads, dim = q.shape
     dq = torch.empty_like(q)
     dw = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
-    variant = variant or BACKWARD_VARIANT
-    if variant not in ("single", "flat"):
-        raise ValueError(f"unknown backward variant {variant!r} (use 'single' or 'flat')")
-    if variant == "flat":
-        grid = lambda meta: (triton.cdiv(rows * heads, meta["BLOCK_M"]),)  # noqa: E731
-        _launch(_gated_bwd_flat_kernel, grid, q, w, keys, grad_z, dq, dw, rows * heads, keys.shape[0], float(scale),
-                keys.stride(0), grad_z.stride(0), H=heads, D=dim, interpret_meta={"BLOCK_M": 64, "BLOCK_T": 64})
-        return dq, dw.to(w.dtype)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), heads)  # noqa: E731
-    _launch(_gated_bwd_kernel, grid, q, w, keys, grad_z, dq, dw, rows, keys.shape[0], float(scale), q.stride(0), q.stride(1),
-            w.stride(0), keys.stride(0), grad_z.stride(0), H=heads, D=dim)
+    grid = lambda meta: (triton.cdiv(rows * heads, meta["BLOCK_M"]),)  # noqa: E731
+    _launch(_gated_bwd_flat_kernel, grid, q, w, keys, grad_z, dq, dw, rows * heads, keys.shape[0], float(scale),
+            keys.stride(0), grad_z.stride(0), H=heads, D=dim, interpret_meta={"BLOCK_M": 64, "BLOCK_T": 64})
     return dq, dw.to(w.dtype)
 
 
