@@ -99,6 +99,22 @@ def main():
     result["fetch_set_differences"] = len(differ)
     result["fetch_set_differences_not_near_threshold"] = len(differ - set(torch.nonzero(near).reshape(-1).tolist()))
 
+    # the same trigger with the memory keys kept in the pinned cold pool (Session(memory_keys="pool")): the three
+    # layers' K^IComp of every entry streamed to the device (ColdPool.stream_prefix), then scored; checked equal
+    key_pool = ColdPool(list(layers), {"compressor": cfg.head_dim, "indexer": cfg.index_head_dim}, dtype,
+                        initial_entries=T)
+    for L in layers:
+        key_pool.append(L, "indexer", keys[L].cpu())
+
+    def pool_keys_fetch():
+        return indexer.fetch(hidden, position, {L: key_pool.stream_prefix(L, "indexer", T, device) for L in layers},
+                             T)
+
+    result["score_pool_keys_ms"] = median_ms(pool_keys_fetch, reps=11)
+    result["pool_keys_equal"] = bool(torch.equal(pool_keys_fetch(), indexer.fetch(hidden, position, keys, T)))
+    result["pool_keys_bytes"] = 3 * T * cfg.index_head_dim * 2
+    result["pool_keys_pinned"] = bool(key_pool.pin)
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -111,6 +127,8 @@ def main():
         print(f"scoring 3 memory indexers + OR: {t_score:.3f} ms (query towers {result['query_ms']:.3f} ms, "
               f"scoring launches {result['kernel_ms']:.3f} ms); eager towers: {result['score_eager_ms']:.3f} ms "
               f"(towers {result['query_eager_ms']:.3f} ms); graph == eager: {result['graph_equals_eager']}")
+        print(f"with the memory keys in the pool (streamed, {result['pool_keys_bytes'] / 1e6:.0f} MB): "
+              f"{result['score_pool_keys_ms']:.3f} ms; same set: {result['pool_keys_equal']}")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=2)

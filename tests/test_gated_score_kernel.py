@@ -105,3 +105,38 @@ def test_backward_kernel_equals_float64_gradients(heads):
         return ((a.cpu().double() - b).norm() / b.norm()).item()
 
     assert rel(dq, qd.grad) <= tol and rel(dw, wd.grad) <= tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton kernels need a CUDA device (or TRITON_INTERPRET=1 with triton installed)")
+@pytest.mark.parametrize("heads,chunk", [(16, 8192), (4, 8192), (16, 128), (4, 128)])
+def test_backward_kernel_skips_what_rows_do_not_see(heads, chunk):
+    """With n_visible, the backward (16 heads: one row per program; 4: programs straddle rows) gives the float64
+    gradients of the visible entries only, however grad_z is filled past them (NaN there: never read), for rows
+    in any order (the kernel takes them longest first) and some that see nothing; with one chunk of entries per
+    program or three (partial sums added after)."""
+    pytest.importorskip("triton")
+    from lsa_runtime.kernels.gated_score import gated_logits_backward
+
+    cuda = torch.cuda.is_available()
+    device, dtype, tol = ("cuda", torch.bfloat16, 5e-3) if cuda else ("cpu", torch.float32, 1e-5)
+    rows, entries = 37, 300
+    q, w, k = _inputs(31, rows=rows, heads=heads, dim=32, entries=entries)
+    q, k = q.to(dtype).float(), k.to(dtype).float()
+    gen = torch.Generator().manual_seed(4)
+    nv = torch.randint(0, entries + 1, (rows,), generator=gen)
+    nv[3], nv[7] = 0, entries
+    g = torch.randn(rows, entries, generator=gen)
+    visible = torch.arange(entries)[None, :] < nv[:, None]
+    dq, dw = gated_logits_backward(q.to(device, dtype), w.to(device), k.to(device, dtype),
+                                   g.masked_fill(~visible, float("nan")).to(device), 0.1, n_visible=nv.to(device),
+                                   chunk=chunk)
+    qd, wd = q.double().requires_grad_(), w.double().requires_grad_()
+    s = torch.einsum("rhd,td->rht", qd, k.double()).relu()
+    (0.1 * torch.einsum("rht,rh->rt", s, wd) * (g * visible).double()).sum().backward()
+
+    def rel(a, b):
+        return ((a.cpu().double() - b).norm() / b.norm()).item()
+
+    assert rel(dq, qd.grad) <= tol and rel(dw, wd.grad) <= tol
+    assert dq[3].abs().max().item() == 0 and dw[3].abs().max().item() == 0  # a row that sees nothing

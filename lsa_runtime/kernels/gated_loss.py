@@ -6,7 +6,9 @@ forward writes z [rows, entries], torch computes the loss and dl/dz over that te
 kernels, the gated-score backward) the middle step costs as much as the backward itself at 100K entries (H200,
 docs/BENCHMARKS.md). Here the forward kernel finishes each [rows, entries] tile with the loss: z never leaves
 the registers, the kernel writes dl/dz (what the backward reads) and adds the rows' losses; the backward is
-:func:`~.gated_score.gated_logits_backward`. Nothing of shape [rows, heads, entries] is materialised.
+:func:`~.gated_score.gated_logits_backward`. Nothing of shape [rows, heads, entries] is materialised. Both
+kernels take the rows longest first and skip what a row does not see (s >= n_visible): a training batch of
+triggers along documents costs its visible entries, not the [rows, max n_visible] rectangle.
 
 Per row r (n = n_visible[r] entries, y the 0/1 targets), as ``indexer_train.loss`` defines it:
 
@@ -37,45 +39,55 @@ if triton is not None:
     def _softplus(x):
         return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
-    @triton.autotune(configs=gated_score._CONFIGS, key=["H", "D", "FOCAL", "CLASS_WEIGHT"], reset_to_zero=["LOSS"])
+    _LOSS_CONFIGS = gated_score._CONFIGS + [
+        triton.Config({"BLOCK_R": br, "BLOCK_T": bt}, num_warps=nw, num_stages=ns)
+        for br, bt, nw, ns in [(64, 128, 8, 2), (64, 128, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 256, 8, 2)]
+    ]
+
+    @triton.autotune(configs=_LOSS_CONFIGS, key=["H", "D", "FOCAL", "CLASS_WEIGHT"], reset_to_zero=["LOSS"])
     @triton.jit
-    def _gated_fwd_loss_kernel(Q, W, K, Y, NV, DZ, LOSS, R, T, scale, gamma, alpha,
+    def _gated_fwd_loss_kernel(Q, W, K, Y, NV, ORDER, DZ, LOSS, R, T, scale, gamma, alpha,
                                stride_qr, stride_qh, stride_wr, stride_kt, stride_yr, stride_dzr,
                                H: tl.constexpr, D: tl.constexpr, FOCAL: tl.constexpr, CLASS_WEIGHT: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        # The block's rows are ORDER[pid_r * BLOCK_R:...] (longest first, so a block's rows see similar counts);
+        # a tile past every row's visible entries does nothing: dz there is never read (the backward stops at
+        # each row's NV), so a causal batch costs its visible entries.
         pid_t = tl.program_id(0)
         pid_r = tl.program_id(1)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, D)
         row_ok = offs_r < R
-        k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=offs_t[:, None] < T, other=0.0)
-        z = gated_score.gated_tile(Q, W, k, offs_r, row_ok, offs_d, stride_qr, stride_qh, stride_wr, H, BLOCK_R,
-                                   BLOCK_T) * scale  # the gated-score forward's tile
-        # epilogue: the loss and dl/dz of every entry of the tile, where it is visible to its row
-        n = tl.load(NV + offs_r, mask=row_ok, other=0)
-        inv_n = 1.0 / tl.maximum(n, 1).to(tl.float32)
-        ok = row_ok[:, None] & (offs_t[None, :] < n[:, None])
-        y = tl.load(Y + offs_r[:, None] * stride_yr + offs_t[None, :], mask=ok, other=0).to(tl.float32)
-        sign = 2.0 * y - 1.0
-        u = sign * z
-        neg_log_pt = _softplus(-u)  # -log p_t
-        neg_log_1m_pt = _softplus(u)  # -log (1 - p_t)
-        one_minus = tl.exp(-neg_log_1m_pt)
-        if CLASS_WEIGHT:
-            alpha_t = alpha * y + (1.0 - alpha) * (1.0 - y)
-        else:
-            alpha_t = tl.full([BLOCK_R, BLOCK_T], 1.0, tl.float32)
-        if FOCAL:
-            modulator = tl.exp(-gamma * neg_log_1m_pt)  # (1 - p_t)^gamma
-            dl_dz = sign * alpha_t * modulator * (gamma * tl.exp(-neg_log_pt) * (-neg_log_pt) - one_minus)
-        else:
-            modulator = tl.full([BLOCK_R, BLOCK_T], 1.0, tl.float32)
-            dl_dz = sign * alpha_t * (-one_minus)
-        tl.store(DZ + offs_r[:, None] * stride_dzr + offs_t[None, :], tl.where(ok, dl_dz * inv_n[:, None], 0.0),
-                 mask=row_ok[:, None] & (offs_t[None, :] < T))
-        part = tl.sum(tl.where(ok, alpha_t * modulator * neg_log_pt, 0.0), axis=1) * inv_n
-        tl.atomic_add(LOSS + offs_r, part, mask=row_ok)
+        rows = tl.load(ORDER + offs_r, mask=row_ok, other=0)
+        n = tl.load(NV + rows, mask=row_ok, other=0)
+        if pid_t * BLOCK_T < tl.max(n, axis=0):
+            offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+            offs_d = tl.arange(0, D)
+            k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=offs_t[:, None] < T, other=0.0)
+            z = gated_score.gated_tile(Q, W, k, rows, row_ok, offs_d, stride_qr, stride_qh, stride_wr, H, BLOCK_R,
+                                       BLOCK_T) * scale  # the gated-score forward's tile
+            # epilogue: the loss and dl/dz of every entry of the tile, where it is visible to its row
+            inv_n = 1.0 / tl.maximum(n, 1).to(tl.float32)
+            ok = row_ok[:, None] & (offs_t[None, :] < n[:, None])
+            y = tl.load(Y + rows[:, None] * stride_yr + offs_t[None, :], mask=ok, other=0)
+            pos = y.to(tl.float32) > 0.5
+            u = tl.where(pos, z, -z)  # p_t = sigmoid(u)
+            nlp = _softplus(-u)  # -log p_t
+            nl1mp = nlp + u  # -log (1 - p_t) = softplus(u)
+            one_minus = tl.exp(-nl1mp)  # 1 - p_t
+            if CLASS_WEIGHT:
+                alpha_t = tl.where(pos, alpha, 1.0 - alpha)
+            else:
+                alpha_t = 1.0
+            if FOCAL:
+                weight = alpha_t * tl.exp(-gamma * nl1mp)  # alpha_t (1 - p_t)^gamma
+                dl_du = weight * (-gamma * tl.exp(-nlp) * nlp - one_minus)  # dl/du; u = +-z
+            else:
+                weight = alpha_t
+                dl_du = -weight * one_minus
+            tl.store(DZ + rows[:, None] * stride_dzr + offs_t[None, :],
+                     tl.where(pos, dl_du, -dl_du) * inv_n[:, None], mask=ok)
+            part = tl.sum(tl.where(ok, weight * nlp, 0.0), axis=1) * inv_n
+            tl.atomic_add(LOSS + rows, part, mask=row_ok)
 
 
 def entry_loss(z: torch.Tensor, y: torch.Tensor, kind: str = "focal", gamma: float = 2.0,
@@ -119,16 +131,18 @@ class _FusedGatedLoss(torch.autograd.Function):
         dw = torch.zeros(rows, heads, dtype=torch.float32, device=q.device)
         if rows:
             nv = n_visible.to(device=q.device, dtype=torch.int32).clamp(max=keys.shape[0]).contiguous()
+            order = torch.argsort(nv, descending=True, stable=True).to(torch.int32)
             t_len = keys.shape[0]
             loss.zero_()
-            grad_z = torch.empty(rows, t_len, dtype=torch.float32, device=q.device)  # d loss_r / d z_s
+            # d loss_r / d z_s, written (and read by the backward) only where s < n_visible[r]
+            grad_z = torch.empty(rows, t_len, dtype=torch.float32, device=q.device)
             grid = lambda meta: (triton.cdiv(t_len, meta["BLOCK_T"]), triton.cdiv(rows, meta["BLOCK_R"]))  # noqa
-            _launch(_gated_fwd_loss_kernel, grid, q_c, w_c, keys, targets, nv, grad_z, loss, rows, t_len,
+            _launch(_gated_fwd_loss_kernel, grid, q_c, w_c, keys, targets, nv, order, grad_z, loss, rows, t_len,
                     float(scale), float(gamma), float(alpha if alpha is not None else -1.0), q_c.stride(0),
                     q_c.stride(1), w_c.stride(0), keys.stride(0), targets.stride(0), grad_z.stride(0), H=heads,
                     D=dim, FOCAL=kind == "focal", CLASS_WEIGHT=kind == "focal" and alpha is not None and alpha >= 0,
                     interpret_meta={"BLOCK_R": 16, "BLOCK_T": 32})
-            dq, dw = gated_logits_backward(q_c, w_c, keys, grad_z, scale)  # the gated-score backward
+            dq, dw = gated_logits_backward(q_c, w_c, keys, grad_z, scale, n_visible=nv)  # the gated-score backward
             dw = dw.float()
         ctx.save_for_backward(dq, dw)
         ctx.w_dtype = w.dtype

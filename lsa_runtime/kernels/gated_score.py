@@ -10,12 +10,15 @@ matmul per head followed by a ReLU and a weighted sum over heads. Written naivel
   one ``[BLOCK_T, D] @ [D, H]`` product per row (all heads at once), ReLU, dot with w over heads. A one-row
   score is a matrix-vector shape bound by reading the keys; the many-rows tile would multiply 64-128 rows of
   which one is real.
-* :func:`gated_logits_backward`: per block of (row, head) pairs, loop over entry tiles; recompute the
-  products, ``dW[r, h] = scale * sum_s dz * relu(s)`` and ``dQ[r, h] = scale * w_h * sum_s dz * [s > 0] k_s``.
-  Keys are frozen (the document side of the dual encoder): no dK. The tile's M dimension runs over flattened
-  (row, head) pairs, so the H heads of a row share one dz row. (A first kernel with one program per
-  (rows-block, head) re-read the fp32 dz tile once per head: 3.16-3.18 ms fwd+bwd vs 3.03-3.07 on the H200,
-  docs/BENCHMARKS.md; it and a two-heads variant were removed.)
+* :func:`gated_logits_backward`: per block of (row, head) pairs and chunk of ``BWD_CHUNK`` entries, loop over
+  entry tiles; recompute the products, ``dW[r, h] = scale * sum_s dz * relu(s)`` and
+  ``dQ[r, h] = scale * w_h * sum_s dz * [s > 0] k_s`` (w_h applied once at the end); the chunks' partial sums
+  are added after. Keys are frozen (the document side of the dual encoder): no dK. The tile's M dimension
+  runs over flattened (row, head) pairs; when a block holds the heads of one row (H a multiple of BLOCK_M, as
+  at V4's 64 heads) it reads that row's dz as one vector. With ``n_visible`` a row's programs stop at its
+  visible entries, and rows are taken longest first, so a causal batch costs what it sees. (The previous
+  kernel read dz as a 2D gather per pair and weighted every tile by w: 2.16 ms vs 1.60 ms for this one's
+  one-chunk form, backward alone, same H200 run, docs/BENCHMARKS.md.)
 
 FLOPs: forward 2*R*H*D*T, backward 4*R*H*D*T. On CPU (and wherever Triton is missing) the same functions
 run a chunked torch path (:func:`gated_logits_torch`), which is also the reference in the tests.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import torch
 
 FEW_ROWS = 8  # at most this many query rows take the few-rows forward kernel
+BWD_CHUNK = 8192  # entries per backward program (a multiple of every BLOCK_T); its partial sums are added after
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch path.
     import triton
@@ -120,37 +124,57 @@ if triton is not None:
             z = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1)
             tl.store(Z + r * stride_zr + offs_t, z * scale, mask=t_ok)
 
-    _FLAT_CONFIGS = [
+    _BWD_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_T": bt}, num_warps=nw, num_stages=ns)
-        for bm, bt, nw, ns in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3),
-                               (128, 32, 4, 4)]  # (64, 64, 4, 3) won on the H200; six more tried there did not
+        for bm, bt, nw, ns in [(64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3),
+                               (64, 128, 4, 3), (64, 64, 4, 4)]
     ]
 
-    @triton.autotune(configs=_FLAT_CONFIGS, key=["H", "D"], reset_to_zero=[])
+    @triton.autotune(configs=_BWD_CONFIGS, key=["H", "D"])
     @triton.jit
-    def _gated_bwd_flat_kernel(Q, W, K, DZ, DQ, DW, M, T, scale, stride_kt, stride_dzr,
-                               H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
-        # q [R, H, D], w [R, H], dq, dw contiguous: seen flat as [R*H, D] and [R*H]; m = r * H + h
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _gated_bwd_kernel(Q, W, K, DZ, NV, ORDER, DQP, DWP, M, T, scale, stride_kt, stride_dzr,
+                          H: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+        # q [R, H, D], w [R, H] contiguous: seen flat as [R*H, D] and [R*H]. Program (i, c) takes the (row, head)
+        # pairs i*BLOCK_M.. of the rows in ORDER (longest first) and the entries [c*CHUNK, (c+1)*CHUNK) that its
+        # rows see (s < NV[row]; dz beyond is never read); it writes its partial dq, dw to slot c of DQP
+        # [C, R*H, D] and DWP [C, R*H] (zeros where it sees nothing), summed afterwards. Chunks keep a causal
+        # batch balanced: without them the longest row's program alone sets the kernel's time.
+        pid_c = tl.program_id(1)
+        offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
-        m_ok = offs_m < M
-        rows = offs_m // H
-        q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        w = tl.load(W + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+        i_ok = offs_i < M
+        rows = tl.load(ORDER + offs_i // H, mask=i_ok, other=0)
+        offs_m = rows * H + offs_i % H  # the pairs' places in q, w and the partial slots
+        q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :], mask=i_ok[:, None], other=0.0)
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        dw = tl.zeros([BLOCK_M], dtype=tl.float32)
-        n_tiles = tl.cdiv(T, BLOCK_T)
-        for tile in range(0, n_tiles):
-            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-            t_ok = offs_t < T
-            k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
-            dz = tl.load(DZ + rows[:, None] * stride_dzr + offs_t[None, :], mask=m_ok[:, None] & t_ok[None, :],
-                         other=0.0).to(tl.float32)  # one dz row serves the H heads of its row
-            s = tl.dot(q, tl.trans(k))
-            dw += tl.sum(dz * tl.maximum(s, 0.0), axis=1)
-            dq += tl.dot(tl.where(s > 0, dz * w[:, None], 0.0).to(k.dtype), k)
-        tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
-        tl.store(DW + offs_m, dw * scale, mask=m_ok)
+        dw = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)  # summed over entries once, after the loop
+        lo = pid_c * CHUNK
+        if H % BLOCK_M == 0:  # compile time: every pair of the block belongs to one row, which shares one dz row
+            row = tl.load(ORDER + (tl.program_id(0) * BLOCK_M) // H)
+            n = tl.minimum(tl.load(NV + row), T)
+            for tile in range(lo // BLOCK_T, tl.cdiv(tl.minimum(n, lo + CHUNK), BLOCK_T)):
+                offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+                t_ok = offs_t < n
+                k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+                dz = tl.load(DZ + row * stride_dzr + offs_t, mask=t_ok, other=0.0).to(tl.float32)[None, :]
+                s = tl.dot(q, tl.trans(k))
+                dw += tl.maximum(s, 0.0) * dz
+                dq += tl.dot(tl.where(s > 0, dz, 0.0).to(k.dtype), k)
+        else:  # blocks straddle rows (H not a multiple of BLOCK_M): a dz row per pair
+            n = tl.minimum(tl.load(NV + rows, mask=i_ok, other=0), T)
+            for tile in range(lo // BLOCK_T, tl.cdiv(tl.minimum(tl.max(n, axis=0), lo + CHUNK), BLOCK_T)):
+                offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+                k = tl.load(K + offs_t[:, None] * stride_kt + offs_d[None, :], mask=offs_t[:, None] < T, other=0.0)
+                dz = tl.load(DZ + rows[:, None] * stride_dzr + offs_t[None, :],
+                             mask=i_ok[:, None] & (offs_t[None, :] < n[:, None]), other=0.0).to(tl.float32)
+                s = tl.dot(q, tl.trans(k))
+                dw += tl.maximum(s, 0.0) * dz
+                dq += tl.dot(tl.where(s > 0, dz, 0.0).to(k.dtype), k)
+        w = tl.load(W + offs_m, mask=i_ok, other=0.0).to(tl.float32)
+        tl.store(DQP + pid_c * M * D + offs_m[:, None] * D + offs_d[None, :], dq * (w * scale)[:, None],
+                 mask=i_ok[:, None])
+        tl.store(DWP + pid_c * M + offs_m, tl.sum(dw, axis=1) * scale, mask=i_ok)
 
 
 def _launch(kernel, grid, *args, interpret_meta=None, **kwargs):
@@ -184,22 +208,47 @@ def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
     return out
 
 
-def gated_logits_backward(q, w, keys, grad_z, scale: float):
-    """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen)."""
+def gated_logits_backward(q, w, keys, grad_z, scale: float, n_visible: torch.Tensor | None = None,
+                          chunk: int = BWD_CHUNK):
+    """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen).
+
+    ``n_visible`` [R] (optional): row r sees entries s < n_visible[r] only; grad_z beyond them is ignored (never
+    read) and their gradient contribution is zero. The kernel then skips the entry tiles a row does not see,
+    so a causal batch (rows of triggers along a document) costs the visible entries, not the rectangle.
+    ``chunk``: entries per kernel program (a multiple of 128), so long and short rows spread over the GPU.
+    """
+    if chunk <= 0 or chunk % 128:
+        raise ValueError(f"chunk must be a positive multiple of 128 entries, got {chunk}")
+    rows, heads, dim = q.shape
+    t_len = keys.shape[0]
     if not triton_available(q.device, q.shape[-1]):
+        if n_visible is not None:
+            visible = torch.arange(t_len, device=grad_z.device)[None, :] < n_visible.to(grad_z.device)[:, None]
+            grad_z = grad_z[:, :t_len] * visible
         with torch.enable_grad():
             qq, ww = q.detach().requires_grad_(), w.detach().float().requires_grad_()
             z = gated_logits_torch(qq, ww, keys, scale)
-            dq, dw = torch.autograd.grad(z, (qq, ww), grad_z)
+            dq, dw = torch.autograd.grad(z, (qq, ww), grad_z[:, :t_len])
         return dq, dw.to(w.dtype)
     q, w, keys = q.contiguous(), w.contiguous(), keys.to(q.dtype).contiguous()
-    grad_z = grad_z.contiguous()
-    rows, heads, dim = q.shape
-    dq = torch.empty_like(q)
-    dw = torch.empty(rows, heads, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(rows * heads, meta["BLOCK_M"]),)  # noqa: E731
-    _launch(_gated_bwd_flat_kernel, grid, q, w, keys, grad_z, dq, dw, rows * heads, keys.shape[0], float(scale),
-            keys.stride(0), grad_z.stride(0), H=heads, D=dim, interpret_meta={"BLOCK_M": 64, "BLOCK_T": 64})
+    if grad_z.stride(-1) != 1:
+        grad_z = grad_z.contiguous()
+    if n_visible is None:
+        nv = torch.full((rows,), t_len, dtype=torch.int32, device=q.device)
+        order = torch.arange(rows, dtype=torch.int32, device=q.device)
+    else:
+        nv = n_visible.to(device=q.device, dtype=torch.int32).clamp(max=t_len).contiguous()
+        order = torch.argsort(nv, descending=True, stable=True).to(torch.int32)
+    chunks = triton.cdiv(t_len, chunk)
+    dq_parts = torch.empty(chunks, rows * heads, dim, dtype=torch.float32, device=q.device)
+    dw_parts = torch.empty(chunks, rows * heads, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(rows * heads, meta["BLOCK_M"]), chunks)  # noqa: E731
+    block_m = heads if heads >= 16 and not heads & (heads - 1) else 64  # both of the kernel's paths get tested
+    _launch(_gated_bwd_kernel, grid, q, w, keys, grad_z, nv, order, dq_parts, dw_parts, rows * heads, t_len,
+            float(scale), keys.stride(0), grad_z.stride(0), H=heads, D=dim, CHUNK=chunk,
+            interpret_meta={"BLOCK_M": min(block_m, 64), "BLOCK_T": 64})
+    dq = dq_parts.sum(dim=0).view(rows, heads, dim).to(q.dtype)
+    dw = dw_parts.sum(dim=0).view(rows, heads)
     return dq, dw.to(w.dtype)
 
 
