@@ -18,7 +18,10 @@ position counters set to the context length. Then single-token decode steps run 
   window boundary on a helper thread (``lsa_runtime/prefetch.py``, what ``Session(prefetch_steps=d)`` runs) and
   is swapped in at the boundary;
 * ``hisparse``: the lossless per-step scheme, native top-k over all entries every step, picks served by a
-  device buffer of ``--resident`` rows with misses fetched from the pool.
+  device buffer of ``--resident`` rows with misses fetched from the pool;
+* any mode ``+graphs`` (``full+graphs``, ``lsa+graphs``): the same with the backbone's stateless modules (mHC
+  hyper-connections, MoE blocks) replayed as CUDA graphs (``lsa_runtime/decode_graphs.py``, what a Session
+  does by default on a GPU); attention and the cache stay eager.
 
 Reported per context and mode: median step time over plain steps (no trigger work in them), mean over all
 steps (triggers included), resident device KV bytes and their ratio to what full decoding holds for the same
@@ -28,7 +31,8 @@ beside, the swap step), their slowest step against the median plain step of the 
 the goal is <= 5%) and their extra time summed (``trigger_extra_ms``); medians over triggers. "Kind": every 4th
 step emits a compressed entry in each CSA layer and costs ~15% more, so steps that emit are compared with plain
 steps that emit. Every step's device ms, host ms, label and emission flag go to the JSON as well.
-``--small`` shrinks the model for a CPU smoke test.
+``--small`` shrinks the model for a CPU smoke test; ``--count-ops`` counts the operators a decode step
+dispatches, by module, in the Flash layout at small widths (CPU).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -46,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.flash_model import FLASH_LAYER_TYPES, flash_config  # noqa: E402
 from lsa_runtime.backbone import CSA, HCA, cache_kwarg, csa_layers, default_memory_layers  # noqa: E402
 from lsa_runtime.cold_pool import ColdPool  # noqa: E402
+from lsa_runtime.decode_graphs import install_decode_graphs  # noqa: E402
 from lsa_runtime.lsa_cache import (LSACSACache, build_lsa_cache, install_lsa_compressors,  # noqa: E402
                                    set_resident_all)
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig  # noqa: E402
@@ -53,10 +59,10 @@ from lsa_runtime.prefetch import ResidentPrefetcher  # noqa: E402
 from lsa_runtime.session import measure_cache  # noqa: E402
 
 
-def small_config():
+def small_config(n: int = 12):
+    """Small dimensions (a CPU smoke test), the first ``n`` layers of V4-Flash's layout (43: all of it)."""
     from transformers import DeepseekV4Config
 
-    n = 12
     return DeepseekV4Config(num_hidden_layers=n, layer_types=FLASH_LAYER_TYPES[:n], hidden_size=256, head_dim=128,
                             num_attention_heads=4, q_lora_rank=64, o_groups=2, o_lora_rank=64, index_n_heads=16,
                             index_head_dim=64, index_topk=64, n_routed_experts=2, num_local_experts=2,
@@ -160,6 +166,47 @@ def profile_steps(model, cache, position, steps, title):
           flush=True)
 
 
+def count_ops(model, device) -> None:
+    """Operators (non-view aten calls) one decode step dispatches, by the module that issues them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import DynamicCache
+
+    groups = {"DeepseekV4HyperConnection": "mHC", "DeepseekV4HyperHead": "mHC", "DeepseekV4Attention": "attention",
+              "DeepseekV4SparseMoeBlock": "MoE"}
+    stack, counts = [], Counter()
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "view" not in func.__name__ and not func.__name__.startswith("detach"):  # views launch nothing
+                counts[stack[-1] if stack else "rest"] += 1
+            return func(*args, **(kwargs or {}))
+
+    handles = []
+    for module in model.modules():
+        group = groups.get(type(module).__name__)
+        if group is not None:
+            handles.append(module.register_forward_pre_hook(lambda m, a, g=group: stack.append(g)))
+            handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+    cache = DynamicCache(config=model.config)
+    steps = []
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 500, (1, 64), device=device), use_cache=True, **{cache_kwarg(): cache})
+        for i in range(4):  # the 4th step emits a CSA entry
+            counts.clear()
+            with Counting():
+                model(input_ids=torch.tensor([[5]], device=device),
+                      position_ids=torch.tensor([[64 + i]], device=device), use_cache=True, **{cache_kwarg(): cache})
+            steps.append(dict(counts))
+    for h in handles:
+        h.remove()
+    layers = model.config.num_hidden_layers
+    print(f"operators per decode step, {layers} layers (by the module that dispatches them):")
+    for i, step in enumerate(steps):
+        total = sum(step.values())
+        print(f"  step {i}: {total:6d}  " + "  ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in
+                                                    sorted(step.items(), key=lambda kv: -kv[1])))
+
+
 def main():
     from transformers import DeepseekV4ForCausalLM, DynamicCache
 
@@ -170,7 +217,9 @@ def main():
     ap.add_argument("--steps", type=int, default=130,
                     help="decode steps per context and mode (66 = one trigger window plus one step)")
     ap.add_argument("--modes", default="full,lsa,hisparse",
-                    help="full, lsa, lsa-perlayer, lsa-prefetch, hisparse (repeat a mode to sample it again)")
+                    help="full, lsa, lsa-perlayer, lsa-prefetch, hisparse (repeat a mode to sample it again); a mode "
+                         "+graphs (e.g. lsa+graphs) replays the backbone's stateless modules as CUDA graphs "
+                         "(lsa_runtime/decode_graphs.py)")
     ap.add_argument("--prefetch-steps", type=int, default=2,
                     help="lsa-prefetch: steps before the window boundary at which the next set is prepared")
     ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
@@ -181,13 +230,17 @@ def main():
     ap.add_argument("--memory-keys", choices=["device", "pool"], default="device",
                     help="lsa: the memory layers' keys of every entry resident on the device, or kept in the pool "
                          "and streamed at each trigger (Session(memory_keys=...))")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count the operators one decode step dispatches, by module (mHC, attention, MoE, rest), "
+                         "in V4-Flash's 43-layer layout at small widths, and exit (runs on a CPU)")
     ap.add_argument("--bytes-only", action="store_true",
                     help="no model and no decode steps: fill the caches (bf16), run one trigger, report resident "
                          "bytes (runs on a CPU at Flash dimensions)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" or args.bytes_only else torch.float32
-    config = small_config() if args.small else flash_config()
+    # operator counts depend on the layer layout, not the widths: all 43 Flash layers at small widths
+    config = small_config(43) if args.count_ops else small_config() if args.small else flash_config()
     torch.manual_seed(0)
     model = None
     if not args.bytes_only:
@@ -203,8 +256,12 @@ def main():
         if isinstance(module, torch.nn.Linear):
             module.weight.data = module.weight.data.to(dtype)
     rows = []
+    if args.count_ops:
+        count_ops(model, device)
+        return
     for context in [int(x) for x in args.contexts.split(",")]:
-        for mode in args.modes.split(","):
+        for mode_name in args.modes.split(","):
+            mode = mode_name.removesuffix("+graphs")  # "+graphs": the backbone's stateless modules as CUDA graphs
             gen = torch.Generator(device=device).manual_seed(context)
             prefetcher = None
             if mode == "full":
@@ -278,11 +335,17 @@ def main():
                 del cache
                 write_json(args, rows, device)
                 continue
+            graphs = install_decode_graphs(model) if mode_name.endswith("+graphs") else None
             times, labels, host, emitted = step_times(model, cache, context, args.steps, before_step)
             if prefetcher is not None:
                 prefetcher.close()
             if args.profile and context == max(int(x) for x in args.contexts.split(",")):
-                profile_steps(model, cache, context + args.steps, args.profile, f"{context:,} {mode}")
+                profile_steps(model, cache, context + args.steps, args.profile, f"{context:,} {mode_name}")
+            graph_info = None
+            if graphs is not None:
+                graph_info = {"modules": len(graphs.wrapped), "graphs": graphs.graphs, "replays": graphs.replays,
+                              "skipped": graphs.skipped}
+                graphs.remove()
             held, full, _, _ = measure_cache(cache, config)
             device_bytes, full_bytes = sum(held.values()), sum(full.values())
             windows = trigger_windows(labels, args.tau, args.prefetch_steps)
@@ -296,7 +359,7 @@ def main():
             # baseline per kind of step: plain steps that emitted a CSA entry vs plain steps that did not
             base = {e: median_of(times[i] for i in plain if emitted[i] == e) for e in (False, True)}
             median = median_of(times[i] for i in plain)
-            row = {"context": context, "mode": mode, "median_step_ms": median,
+            row = {"context": context, "mode": mode_name, "decode_graphs": graph_info, "median_step_ms": median,
                    "median_plain_ms_by_emission": {"no_entry": base[False], "entry": base[True]},
                    "mean_step_ms": sum(times[2:]) / len(times[2:]), "plain_steps": len(plain),
                    "trigger_windows_ms": [[times[i] for i in window] for window in windows],
@@ -315,7 +378,7 @@ def main():
                 row["trigger_stall"] = stalls[len(stalls) // 2]
                 row["trigger_extra_ms"] = extras[len(extras) // 2]
             rows.append(row)
-            print(f"{context:>8,} {mode:12s} median step {row['median_step_ms']:8.2f} ms  mean (with triggers) "
+            print(f"{context:>8,} {mode_name:12s} median step {row['median_step_ms']:8.2f} ms  mean (with triggers) "
                   f"{row['mean_step_ms']:8.2f} ms  resident KV {device_bytes / 2**20:9.1f} MiB  "
                   f"ratio {row['ratio_to_full']:.3f}" + (f"  trigger step +{100 * row['trigger_stall']:.1f}% "
                                                           f"extra {row['trigger_extra_ms']:.1f} ms (n={trig})"

@@ -31,6 +31,7 @@ from .backbone import (CSA, HCA, cache_kwarg, config_hash, csa_layers, csa_rate,
                        load_backbone, validate_memory_layers)
 from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
+from .decode_graphs import install_decode_graphs
 from .errors import FmIndexError
 from .lsa_cache import LSACSACache, build_lsa_cache, install_lsa_compressors, set_resident_all
 from .prefetch import ResidentPrefetcher
@@ -204,12 +205,17 @@ class Session:
     ``prefetch_steps=d`` (0 <= d < tau; default 0, synchronous): each trigger after the first fires d steps before
     the window boundary and is prepared on a helper thread while decoding continues (:mod:`~.prefetch`); the
     new set takes effect at the boundary, as without prefetch, but is chosen from the state d steps earlier.
+    ``decode_graphs`` (default: on where the model is on a CUDA device): the backbone's stateless modules (the
+    mHC hyper-connections, the MoE blocks when their experts implementation allows it) replay CUDA graphs in
+    one-token decode steps (:mod:`~.decode_graphs`; bit-identical outputs, far fewer kernel launches);
+    installed once per model and kept. False leaves the model eager.
     """
 
     def __init__(self, model, tokenizer=None, *, mode: str = "lsa", indexer=None, tau: int | None = None,
                  threshold: float | None = None, max_resident: int | None = None, budget: int | None = None,
                  policy: ResidentPolicy | None = None, chunk_size: int = 512, seed: int = 0,
-                 max_score_bytes: int = 1 << 30, memory_keys: str = "device", prefetch_steps: int = 0):
+                 max_score_bytes: int = 1 << 30, memory_keys: str = "device", prefetch_steps: int = 0,
+                 decode_graphs: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -268,6 +274,9 @@ class Session:
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
         if self.policy is not None:
             install_lsa_compressors(model)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        self.decode_graphs = install_decode_graphs(model) if (on_cuda if decode_graphs is None else decode_graphs) \
+            else None
         self._cache_kw = cache_kwarg()
         self._reset_state()
 
