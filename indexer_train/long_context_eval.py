@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from lsa_runtime.backbone import csa_layers, load_backbone
+from lsa_runtime.backbone import load_backbone
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.resident_policy import (HiSparsePolicy, MemoryIndexerPolicy, OraclePolicy, RandomPolicy, RecentPolicy,
                                          ResidentPolicy, TriggerState)

@@ -13,7 +13,6 @@ from cli import app
 from indexer_train.build_labels import LabelParams, build_labels, label_document, merge_shards
 from indexer_train.corpus import Document
 from indexer_train.shards import LabelShards
-from lsa_runtime.backbone import csa_layers
 from lsa_runtime.capture import IndexerCapture, IndexerObserver
 from tests.test_labels import oracle_document
 
