@@ -4,7 +4,10 @@ The training step of the memory indexer is dominated by the gated score of every
 z[r, s] = scale * sum_h w_h * relu(q_h . k_s), and its backward (dQ, dW; the keys are frozen).
 FLOPs per row and entry: 2*H*D forward, 4*H*D backward. This script checks the fused kernel against the
 torch path on fresh random inputs (relative error), then times both (CUDA events, medians after warm-up)
-and prints a table; with --json it also writes the figures.
+and prints a table; then the whole training step with the focal loss (three steps vs the loss in the
+forward's epilogue), for rows that see all entries and for a causal batch (rows see 1/R..R/R of them, as
+triggers along a document do: the workload estimate comes from this one). With --json it also writes the
+figures.
 
     python bench/bench_gated_score.py [--rows 256] [--entries 100000] [--json out.json]
 """
@@ -179,7 +182,8 @@ def main():
         print(f"{name:34s} {r['fwd_ms']:9.2f} {r['fwd_tflops']:12.1f} {r['fwd_bwd_ms']:11.2f} "
               f"{r['fwd_bwd_tflops']:16.1f} {r['rows_per_s']:9.0f}")
     print(f"method's workload (10,000 docs of 16K-512K tokens, 3 layers, 1 epoch): {workload:.2e} FLOP "
-          f"-> {summary['workload_minutes_at_best']:.1f} min at the best rate above")
+          f"-> {summary['workload_minutes_at_best']:.1f} min at the best rate above (gated score alone, rows that "
+          "see every entry; the training steps below include the loss, the causal one is the workload's shape)")
     print(f"{'training step with the focal loss':42s} {'ms':>8s} {'TFLOP/s on visible':>19s} {'workload min':>13s}")
     for name, r in step.items():
         print(f"{name:42s} {r['ms']:8.2f} {r['tflops_on_visible']:19.1f} {r['workload_minutes']:13.1f}")
