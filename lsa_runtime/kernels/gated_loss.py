@@ -142,7 +142,7 @@ class _FusedGatedLoss(torch.autograd.Function):
                     q_c.stride(1), w_c.stride(0), keys.stride(0), targets.stride(0), grad_z.stride(0), H=heads,
                     D=dim, FOCAL=kind == "focal", CLASS_WEIGHT=kind == "focal" and alpha is not None and alpha >= 0,
                     interpret_meta={"BLOCK_R": 16, "BLOCK_T": 32})
-            dq, dw = gated_logits_backward(q_c, w_c, keys, grad_z, scale, n_visible=nv)  # the gated-score backward
+            dq, dw = gated_logits_backward(q_c, w_c, keys, grad_z, scale, n_visible=nv, order=order)  # the backward
             dw = dw.float()
         ctx.save_for_backward(dq, dw)
         ctx.w_dtype = w.dtype

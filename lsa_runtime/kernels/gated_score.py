@@ -209,13 +209,14 @@ def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: fl
 
 
 def gated_logits_backward(q, w, keys, grad_z, scale: float, n_visible: torch.Tensor | None = None,
-                          chunk: int = BWD_CHUNK):
+                          chunk: int = BWD_CHUNK, order: torch.Tensor | None = None):
     """Gradients of sum(grad_z * gated_logits(q, w, keys)) w.r.t. q and w (keys are frozen).
 
     ``n_visible`` [R] (optional): row r sees entries s < n_visible[r] only; grad_z beyond them is ignored (never
     read) and their gradient contribution is zero. The kernel then skips the entry tiles a row does not see,
     so a causal batch (rows of triggers along a document) costs the visible entries, not the rectangle.
     ``chunk``: entries per kernel program (a multiple of 128), so long and short rows spread over the GPU.
+    ``order``: the rows by n_visible, longest first (int32), where the caller already has it.
     """
     if chunk <= 0 or chunk % 128:
         raise ValueError(f"chunk must be a positive multiple of 128 entries, got {chunk}")
@@ -238,7 +239,8 @@ def gated_logits_backward(q, w, keys, grad_z, scale: float, n_visible: torch.Ten
         order = torch.arange(rows, dtype=torch.int32, device=q.device)
     else:
         nv = n_visible.to(device=q.device, dtype=torch.int32).clamp(max=t_len).contiguous()
-        order = torch.argsort(nv, descending=True, stable=True).to(torch.int32)
+        if order is None:
+            order = torch.argsort(nv, descending=True, stable=True).to(torch.int32)
     chunks = triton.cdiv(t_len, chunk)
     dq_parts = torch.empty(chunks, rows * heads, dim, dtype=torch.float32, device=q.device)
     dw_parts = torch.empty(chunks, rows * heads, dtype=torch.float32, device=q.device)
