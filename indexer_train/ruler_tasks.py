@@ -40,7 +40,7 @@ from lsa_runtime.errors import FmIndexError
 
 # RULER's "repeat" haystack.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-# The stdlib packages the reference model never saw in training (data/reference_training/build_corpus.py).
+# The stdlib packages the reference model never saw in training (reference/build_corpus.py).
 DEFAULT_HAYSTACK_PACKAGES = ("email", "json", "http", "wsgiref", "xmlrpc")
 
 # Keys of needles are "adjective-noun" pairs, as RULER's word keys.

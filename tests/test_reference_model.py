@@ -77,7 +77,7 @@ def test_card_states_the_measured_numbers():
 
 
 def test_indexer_kl_matches_a_brute_force_oracle():
-    from data.reference_training.distillation import indexer_kl
+    from reference.distillation import indexer_kl
 
     gen = torch.Generator().manual_seed(0)
     B, H, S, T = 2, 3, 24, 6
@@ -102,9 +102,9 @@ def test_indexer_kl_matches_a_brute_force_oracle():
 
 
 def test_indexer_learns_only_from_the_distillation_loss():
-    from data.reference_training.distillation import IndexerDistillation
-    from data.reference_training.model_config import csa_layer_indices, toy_config
-    from data.reference_training.train import new_model
+    from reference.distillation import IndexerDistillation
+    from reference.model_config import csa_layer_indices, toy_config
+    from reference.train import new_model
 
     config = toy_config(256)
     model = new_model(config, 0)
@@ -129,7 +129,7 @@ def test_indexer_learns_only_from_the_distillation_loss():
 def test_training_step_runs_saves_and_resumes(tmp_path):
     from transformers import AutoTokenizer
 
-    from data.reference_training import train
+    from reference import train
 
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE)
     text = (REPO / "lsa_runtime" / "backbone.py").read_text() * 3
@@ -156,8 +156,8 @@ def test_training_step_runs_saves_and_resumes(tmp_path):
 def test_length_curriculum_stages():
     from types import SimpleNamespace
 
-    from data.reference_training.model_config import reference_config
-    from data.reference_training.train import phase_at
+    from reference.model_config import reference_config
+    from reference.train import phase_at
 
     config = reference_config()
     args = SimpleNamespace(stages="256:2:all,1024:3:all,4096:0:64", dense_steps=10**9, dense_seq_len=2048,
@@ -176,7 +176,7 @@ def test_multikey_training_sequences_vary_their_key_count():
 
     from transformers import AutoTokenizer
 
-    from data.reference_training.train import BatchSampler, parse_keys
+    from reference.train import BatchSampler, parse_keys
 
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE)
     text = (REPO / "lsa_runtime" / "backbone.py").read_text() * 3

@@ -1,6 +1,6 @@
 """Build the bundled ``tiny`` DeepSeek-V4: random weights (seed 0), a small byte-level BPE tokenizer, a sample corpus.
 
-Run ``python -m data.build_tiny`` to re-create ``data/tiny/`` and ``data/sample/corpus.jsonl`` byte for byte.
+Run ``python -m reference.build_tiny`` to re-create ``data/tiny/`` and ``data/sample/corpus.jsonl`` byte for byte.
 The model keeps V4-Flash's layout in miniature: two sliding layers, then CSA/HCA alternating (CSA at
 2, 4, ..., 10: five CSA layers so a 3-of-5 vote means something), 16 indexer heads, a few MoE experts.
 ``position_bias``, ``sinks`` and the hash-routing table are perturbed so those paths are exercised, and the
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-TINY_DIR = HERE / "tiny"
-SAMPLE = HERE / "sample" / "corpus.jsonl"
+DATA_DIR = HERE.parent / "data"
+TINY_DIR = DATA_DIR / "tiny"
+SAMPLE = DATA_DIR / "sample" / "corpus.jsonl"
 
 # Standard-library modules used for the sample corpus (present in every CPython install).
 SAMPLE_MODULES = ["argparse.py", "textwrap.py", "difflib.py", "heapq.py", "fractions.py", "shlex.py",

@@ -5,7 +5,7 @@ checkpoint's bf16 values load exactly into float32 for CPU use) and ``fm_index.j
 step, where the numbers are). The tokenizer is already there (``build_corpus``); the model card
 ``README.md`` is written by hand from the logs. Files are written to a temporary folder first, then moved.
 
-Run: ``python -m data.reference_training.export --ckpt data/reference_training/work/run1/ckpt``.
+Run: ``python -m reference.export --ckpt reference/work/run1/ckpt``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv=None):
             (tmp / name).replace(args.out / name)
     shutil.rmtree(tmp)
     meta = {"name": "reference", "trained": True, "step": state["step"], "parameters": state["parameters"],
-            "card": "README.md", "training": "data/reference_training/", "note": args.note,
+            "card": "README.md", "training": "reference/", "note": args.note,
             "default": bool(args.default)}
     (args.out / "fm_index.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.out} from {args.ckpt} (step {state['step']})")

@@ -6,7 +6,7 @@ per CSA layer, the share of the main attention's compressed-entry mass (summed o
 indexer's top-k entries, against the best possible share (the attention's own top-k) and a recency baseline
 (the k most recent visible entries); and the KL of the distillation loss. Also the mean next-token loss.
 
-Run: ``python -m data.reference_training.evaluate_indexer --model data/reference --length 2048 --windows 2``.
+Run: ``python -m reference.evaluate_indexer --model data/reference --length 2048 --windows 2``.
 """
 
 from __future__ import annotations

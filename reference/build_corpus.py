@@ -9,10 +9,10 @@ of consecutive files (sorted) of at least 64 KB. Left out: ``site-packages``, ``
 Outputs (deterministic for a given stdlib):
   ``data/reference/tokenizer.json`` (+ ``tokenizer_config.json``): byte-level BPE, 4,096 ids, trained on the
   training documents plus synthetic task lines;
-  ``data/reference_training/work/corpus.npz``: ``train``/``eval`` uint16 token arrays (documents separated by
+  ``reference/work/corpus.npz``: ``train``/``eval`` uint16 token arrays (documents separated by
   ``<eos>``); ``corpus.json`` beside it: Python version, documents, counts, SHA-256 of the arrays.
 
-Run ``python -m data.reference_training.build_corpus`` (about 2 minutes on 2 CPU cores).
+Run ``python -m reference.build_corpus`` (about 2 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .tasks import sample_texts
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
-REFERENCE_DIR = HERE.parent / "reference"
+REFERENCE_DIR = HERE.parent / "data" / "reference"
 HELD_OUT = ("email", "json", "http", "wsgiref", "xmlrpc")
 SKIPPED = ("site-packages", "encodings", "__pycache__", "lib-dynload", "__phello__")
 VOCAB_SIZE = 4096

@@ -16,7 +16,7 @@ Checkpoints (``--ckpt DIR``): ``weights-*.safetensors`` shards of at most 15 MB 
 ``optimizer.pt``, ``state.json`` (step, config, arguments, log). ``--resume`` continues from it; without a saved
 optimizer the Adam moments restart (with a short re-warm-up). ``--max-minutes`` stops cleanly and saves.
 
-Run: ``python -m data.reference_training.train --ckpt data/reference_training/work/ckpt --steps 2000 ...``
+Run: ``python -m reference.train --ckpt reference/work/ckpt --steps 2000 ...``
 (the exact commands used for the bundled model are in ``data/reference/README.md``).
 """
 

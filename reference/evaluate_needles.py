@@ -10,7 +10,7 @@ attention: each CSA query reads its ``index_topk`` best compressed entries plus 
 Chance levels: single needle ~0 (a 7-digit number or a 32-hex uuid); multi-key 25% (copying one of the 4
 needles at random); multi-value ~0 (all 4 values in order); variable tracking ~0 (every variable of the chain).
 
-Run: ``python -m data.reference_training.evaluate_needles --model data/reference --lengths 4096 8192 16384``.
+Run: ``python -m reference.evaluate_needles --model data/reference --lengths 4096 8192 16384``.
 """
 
 from __future__ import annotations
