@@ -50,7 +50,7 @@ def user_errors_exit_2(fn):
     return wrapper
 
 
-# ---- build-labels (foundation issue) ----------------------------------------------------------------
+# ---- build-labels -------------------------------------------------------------------------------------
 
 
 def _progress():
@@ -182,7 +182,7 @@ def merge_labels_command(
 
 
 
-# ---- train / eval / export (train/export issue) -----------------------------------------------------
+# ---- train / eval / export ------------------------------------------------------------------------------
 
 
 def _print_eval_table(report_rows, title: str):
@@ -239,13 +239,9 @@ def train_command(
     """
     from indexer_train.trainer import TrainOptions, TrainReporter, is_main_process, train_memory_indexer
 
-    parsed_layers = None
-    if layers:
-        try:
-            parsed_layers = tuple(int(x) for x in layers.split(",") if x.strip())
-        except ValueError:
-            raise FmIndexError(f"--layers must be comma-separated integers, got '{layers}'") from None
-    options = TrainOptions(layers=parsed_layers, rank=rank, loss=loss, gamma=gamma, alpha=alpha, epochs=epochs,
+    from lsa_runtime.backbone import parse_layer_list
+
+    options = TrainOptions(layers=parse_layer_list(layers), rank=rank, loss=loss, gamma=gamma, alpha=alpha, epochs=epochs,
                            batch_size=batch_size, lr=lr, bf16=bf16, eval_fraction=eval_fraction, seed=seed,
                            threshold=threshold, chunk_size=chunk_size, init=init, model=model)
     progress = _progress()
@@ -287,7 +283,7 @@ def eval_command(
     and for the OR-union, next to recency and chance baselines at the same retrieval ratio."""
     from rich.progress import Progress
 
-    from indexer_train.evaluator import evaluate_indexer
+    from indexer_train.evaluator import choose_documents, evaluate_indexer
     from indexer_train.export import load_trained_indexer
     from indexer_train.shards import LabelShards, ShardError
     from indexer_train.trainer import check_shards
@@ -298,15 +294,7 @@ def eval_command(
         raise ShardError(f"the label shards in {labels} were built for another backbone (config "
                          f"{shards.config_hash}) than the indexer ({memory_indexer.config.backbone_config_hash})")
     check_shards(shards, memory_indexer.config.layers)
-    if documents not in ("auto", "heldout", "all"):
-        raise FmIndexError(f"--documents must be auto, heldout or all, got '{documents}'")
-    heldout = (state or {}).get("eval_documents")
-    if documents == "heldout" and not heldout:
-        raise FmIndexError(f"{indexer} does not record held-out documents; use --documents all")
-    use_heldout = documents == "heldout" or (documents == "auto" and heldout and
-                                             (state or {}).get("labels_config_hash") == shards.config_hash and
-                                             set(heldout) <= set(shards.documents))
-    docs = sorted(heldout) if use_heldout else shards.documents
+    docs, use_heldout = choose_documents(documents, state, shards)
     with Progress(console=console) as progress:
         task = progress.add_task("scoring documents", total=len(docs))
         report = evaluate_indexer(memory_indexer, shards, docs, threshold, chunk_size,
@@ -331,7 +319,7 @@ def export_command(
     console.print(f"exported to [bold]{path}[/]; load with lsa_runtime.memory_indexer.MemoryIndexer.from_export")
 
 
-# ---- generate (Session issue) -----------------------------------------------------------------------
+# ---- generate -----------------------------------------------------------------------------------------
 
 
 @app.command("generate")
@@ -355,8 +343,9 @@ def generate_command(
                                        "0: at the window boundary)."),
     threshold: float = typer.Option(None, "--threshold", help="Memory-indexer score an entry needs to be fetched, "
                                     "in (0, 1) (default: the export's, else 0.5)."),
-    max_resident: int = typer.Option(None, "--max-resident", "--budget", help="Cap on resident CSA entries per "
-                                     "trigger (lsa: the highest-scoring are kept; recent/random: the budget)."),
+    budget: int = typer.Option(None, "--budget", "--max-resident", help="Resident CSA entries per trigger (lsa: "
+                               "a cap keeping the highest-scoring; recent/random: the set's size) or buffer entries "
+                               "per CSA layer (hisparse)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (and the random policy's)."),
@@ -377,7 +366,7 @@ def generate_command(
     from pathlib import Path
 
     from lsa_runtime.backbone import default_model_name
-    from lsa_runtime.session import Session
+    from lsa_runtime.session import Session, SessionConfig
 
     if (prompt is None) == (prompt_file is None):
         raise FmIndexError("give exactly one of --prompt TEXT or --prompt-file FILE")
@@ -386,11 +375,10 @@ def generate_command(
             prompt = Path(prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise FmIndexError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
-    mode = mode or ("lsa" if indexer else "full")
-    session = Session.from_pretrained(model or default_model_name(), indexer=indexer, mode=mode, tau=tau,
-                                      threshold=threshold, device=device or _default_device(), dtype=dtype,
-                                      max_resident=max_resident, chunk_size=chunk_size, seed=seed,
-                                      memory_keys=memory_keys, prefetch_steps=prefetch_steps)
+    config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
+                           chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps)
+    session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
+                                      device=device or _default_device(), dtype=dtype)
     out = Console()
     for piece in session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed):
@@ -400,7 +388,7 @@ def generate_command(
 
 
 
-# ---- evaluate (reference-backbone issue) ------------------------------------------------------------
+# ---- evaluate -----------------------------------------------------------------------------------------
 
 
 @app.command("evaluate")
@@ -450,8 +438,8 @@ def evaluate_command(
     at each length, decodes them greedily with lsa_runtime.Session in every mode, scores them with RULER's
     string match and writes every run (results.json), a markdown table (results.md) and plots to --out.
     """
-    from indexer_train.long_context_eval import EvalConfig, Reporter, evaluate
-    from indexer_train.ruler_tasks import DEFAULT_HAYSTACK_PACKAGES
+    from fm_eval.runner import EvalConfig, Reporter, evaluate
+    from fm_eval.tasks import DEFAULT_HAYSTACK_PACKAGES
     from lsa_runtime.backbone import default_model_name
 
     packages = tuple(p.strip() for p in haystack.split(",") if p.strip()) if haystack else DEFAULT_HAYSTACK_PACKAGES

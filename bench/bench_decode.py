@@ -8,24 +8,24 @@ per CSA/HCA layer random compressed entries of the right shapes (context/4 resp.
 position counters set to the context length. Then single-token decode steps run through the real model:
 
 * ``full``: the stock ``DynamicCache`` (every CSA entry and indexer key on the device);
-* ``lsa``: ``LSACSACache`` layers (``lsa_runtime/lsa_cache.py``) over a filled cold pool; a trigger every tau
-  steps scores all entries with the three memory indexers (random weights: scores are not meaningful, so the
-  resident set is the ``--resident`` highest-scoring entries, the budget cap) and fetches the new ones;
-  the native top-k scans only resident entries;
-* ``lsa-perlayer``: ``lsa`` with the rows of each CSA layer moved by its own launches (the path before the
-  multi-layer gather, ``set_resident_all(batched=False)``), for comparison;
+* ``lsa``: ``LSACSACache`` layers (``lsa_runtime/lsa_cache.py``) over a filled cold pool and one
+  ``ResidentSet``; a trigger every tau steps scores all entries with the three memory indexers (random weights:
+  scores are not meaningful, so the resident set is the ``--resident`` highest-scoring entries, the budget cap)
+  and fetches the new ones; the native top-k scans only resident entries;
+* ``lsa-perlayer``: ``lsa`` with the rows of each CSA layer moved by its own copies (``ResidentSet(batched=False)``,
+  the path without the multi-layer gather), for comparison;
 * ``lsa-prefetch``: ``lsa``, but each trigger after the first starts ``--prefetch-steps`` steps before the
   window boundary on a helper thread (``lsa_runtime/prefetch.py``, what ``Session(prefetch_steps=d)`` runs) and
-  is swapped in at the boundary;
-* ``hisparse``: the lossless per-step scheme, native top-k over all entries every step, picks served by a
-  device buffer of ``--resident`` rows with misses fetched from the pool;
+  is installed at the boundary;
+* ``hisparse``: the lossless per-step scheme (``lsa_runtime/hisparse.py``), native top-k over all entries every
+  step, picks served by a device buffer of ``--resident`` rows with misses fetched from the pool;
 * any mode ``+graphs`` (``full+graphs``, ``lsa+graphs``): the same with the backbone's stateless modules (mHC
   hyper-connections, MoE blocks) replayed as CUDA graphs (``lsa_runtime/decode_graphs.py``, what a Session
   does by default on a GPU); attention and the cache stay eager.
 
 Reported per context and mode: median step time over plain steps (no trigger work in them), mean over all
 steps (triggers included), resident device KV bytes and their ratio to what full decoding holds for the same
-tokens (both from ``lsa_runtime.session.measure_cache``). For the trigger modes, per trigger after the first:
+tokens (both from ``lsa_runtime.stats.measure_cache``). For the trigger modes, per trigger after the first:
 the steps it touches (``lsa``: the trigger step; ``lsa-prefetch``: the start step, the steps the helper runs
 beside, the swap step), their slowest step against the median plain step of the same kind (``trigger_stall``:
 the goal is <= 5%) and their extra time summed (``trigger_extra_ms``); medians over triggers. "Kind": every 4th
@@ -52,11 +52,12 @@ from bench.flash_model import FLASH_LAYER_TYPES, flash_config  # noqa: E402
 from lsa_runtime.backbone import CSA, HCA, cache_kwarg, csa_layers, default_memory_layers  # noqa: E402
 from lsa_runtime.cold_pool import ColdPool  # noqa: E402
 from lsa_runtime.decode_graphs import install_decode_graphs  # noqa: E402
-from lsa_runtime.lsa_cache import (LSACSACache, build_lsa_cache, install_lsa_compressors,  # noqa: E402
-                                   set_resident_all)
+from lsa_runtime.hisparse import build_hisparse_cache  # noqa: E402
+from lsa_runtime.lsa_cache import PooledCSACache, build_lsa_cache, install_lsa_compressors  # noqa: E402
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig  # noqa: E402
 from lsa_runtime.prefetch import ResidentPrefetcher  # noqa: E402
-from lsa_runtime.session import measure_cache  # noqa: E402
+from lsa_runtime.residency import ResidentSet  # noqa: E402
+from lsa_runtime.stats import measure_cache  # noqa: E402
 
 
 def small_config(n: int = 12):
@@ -75,7 +76,7 @@ def fill_stock_layer(layer, kind: str, context: int, config, gen, device, dtype)
     kv = torch.randn(1, 1, window, config.head_dim, generator=gen, device=device).to(dtype)
     layer.update(kv, kv)
     layer.cumulative_length = context
-    if kind in (CSA, HCA) and not isinstance(layer, LSACSACache):
+    if kind in (CSA, HCA) and not isinstance(layer, PooledCSACache):
         n = context // config.compress_rates[kind]
         layer.compressed_kv["compressor"] = torch.randn(1, n, config.head_dim, generator=gen, device=device).to(dtype)
         layer.entry_count["compressor"] = n
@@ -85,8 +86,8 @@ def fill_stock_layer(layer, kind: str, context: int, config, gen, device, dtype)
             layer.entry_count["indexer"] = n
 
 
-def fill_lsa_layer(layer: LSACSACache, context: int, config, gen, device, dtype):
-    """An LSA CSA layer after ``context`` tokens: all entries in the pool, decoding state, empty resident set."""
+def fill_lsa_layer(layer: PooledCSACache, context: int, config, gen, device, dtype):
+    """A cold-pool CSA layer after ``context`` tokens: all entries in the pool, decoding state, nothing resident."""
     n = context // config.compress_rates[CSA]
     for name, width in layer.widths.items():
         rows = torch.randn(1, n, width, generator=gen, device=device).to(dtype)
@@ -267,14 +268,18 @@ def main():
             if mode == "full":
                 cache = DynamicCache(config=config)
             else:
-                pool = ColdPool(csa_layers(config), {"compressor": config.head_dim, "indexer": config.index_head_dim},
-                                dtype, initial_entries=context // 4 + args.steps)
-                keys_resident = layers if mode.startswith("lsa") and args.memory_keys == "device" else []
-                cache = build_lsa_cache(config, pool, keys_resident,
-                                        buffer_entries=args.resident if mode == "hisparse" else None)
+                widths = {"compressor": config.head_dim, "indexer": config.index_head_dim}
+                pool = ColdPool(csa_layers(config), widths, dtype, initial_entries=context // 4 + args.steps)
+                if mode == "hisparse":
+                    cache = build_hisparse_cache(config, pool, args.resident)
+                else:
+                    residency = ResidentSet(csa_layers(config), widths, pool, device, dtype,
+                                            batched=False if mode == "lsa-perlayer" else None)
+                    keys_resident = layers if args.memory_keys == "device" else []
+                    cache = build_lsa_cache(config, pool, residency, keys_resident)
             for idx, kind in enumerate(config.layer_types):
                 layer = cache.layers[idx]
-                if isinstance(layer, LSACSACache):
+                if isinstance(layer, PooledCSACache):
                     fill_lsa_layer(layer, context, config, gen, device, dtype)
                 fill_stock_layer(layer, kind, context, config, gen, device, dtype)
             before_step = None
@@ -299,14 +304,13 @@ def main():
 
                     return select
 
-                def trigger(position, lsa_layers=lsa_layers, selection=selection,
-                            batched=False if mode == "lsa-perlayer" else None):
-                    set_resident_all(lsa_layers, selection(position)(), headroom, batched=batched)
+                def trigger(position, residency=residency, selection=selection):
+                    residency.change_to(selection(position)(), headroom)
 
                 prefetcher = ResidentPrefetcher() if mode == "lsa-prefetch" else None
                 swaps = []  # per prefetched trigger: helper-thread ms, ms the decode thread waited at the swap
 
-                def before_step(i, position, trigger=trigger, prefetcher=prefetcher, lsa_layers=lsa_layers,
+                def before_step(i, position, trigger=trigger, prefetcher=prefetcher, residency=residency,
                                 selection=selection, swaps=swaps):
                     if prefetcher is None or i == 0:  # synchronous (the first trigger always is)
                         if i % args.tau == 0:
@@ -314,11 +318,13 @@ def main():
                             return "trigger"
                         return None
                     if i % args.tau == 0 and prefetcher.pending:
-                        swap = prefetcher.finish(lsa_layers)
-                        swaps.append((swap.prefetch_seconds * 1e3, swap.wait_seconds * 1e3))
+                        done = prefetcher.finish()
+                        residency.install(done.result)
+                        swaps.append((done.helper_seconds * 1e3, done.wait_seconds * 1e3))
                         return "swap"
                     if (i + args.prefetch_steps) % args.tau == 0:
-                        prefetcher.start(lsa_layers, selection(position), headroom, torch.device(device))
+                        select, snapshot = selection(position), residency.snapshot()
+                        prefetcher.start(lambda: residency.prepare(snapshot, select(), headroom), device)
                         return "start"
                     return "helper" if prefetcher.pending else None
             if args.bytes_only:

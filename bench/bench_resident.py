@@ -1,15 +1,14 @@
-"""Host cost of a trigger's resident-set change on all 21 CSA layers: per-layer plans, one shared plan, batched.
+"""Host cost of a trigger's resident-set change on all 21 CSA layers: per-layer copies vs batched launches.
 
     python bench/bench_resident.py [--entries 131072] [--resident 4096] [--width 8] [--reps 7]
 
-Every CSA layer of a Session holds the same resident entries, so the set arithmetic (which entries are
-kept, where they sit, which are fetched) and its host->device index copies can be done once per trigger
-(``lsa_cache.set_resident_all``) instead of once per layer (``LSACSACache.set_resident`` in a loop); on a GPU
-the row moves of all layers can also be batched into two multi-layer gather launches per row kind
-(``lsa_cache.build_resident_all``, the default there; "batched" below). Rows are
-``--width`` wide (default 8) so that the row copies, which a GPU does in microseconds, do not hide the host
-work this measures. Each repetition changes ~10% of the set (the rest is kept) and is checked equal between
-the paths. Median wall time over ``--reps``.
+Every CSA layer holds the same resident entries (one ``residency.ResidentSet``), so the set arithmetic (which
+entries are kept, where they sit, which are fetched) and its host->device index copies happen once per trigger.
+The row moves are then either done per layer (``ResidentSet(batched=False)``: a few copies per layer and row
+kind) or, on a GPU, batched into two multi-layer gather launches per row kind (the default there). Rows are
+``--width`` wide (default 8) so that the row copies, which a GPU does in microseconds, do not hide the host work
+this measures. Each repetition changes ~10% of the set (the rest is kept) and is checked equal between the paths
+and against the pool's rows. Median wall time over ``--reps``.
 """
 
 from __future__ import annotations
@@ -26,21 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.flash_model import flash_config  # noqa: E402
 from lsa_runtime.backbone import csa_layers  # noqa: E402
 from lsa_runtime.cold_pool import ColdPool  # noqa: E402
-from lsa_runtime.lsa_cache import LSACSACache, build_lsa_cache, set_resident_all  # noqa: E402
+from lsa_runtime.residency import ResidentSet  # noqa: E402
 
 
-def filled_layers(config, entries: int, width: int, device: str):
+def filled_set(config, entries: int, width: int, device: str, batched: bool) -> ResidentSet:
     torch.manual_seed(0)
-    pool = ColdPool(csa_layers(config), {"compressor": width, "indexer": width}, torch.bfloat16,
-                    initial_entries=entries)
-    cache = build_lsa_cache(config, pool, [])
-    layers = [layer for layer in cache.layers if isinstance(layer, LSACSACache)]
-    for layer in layers:
-        layer.widths = {"compressor": width, "indexer": width}
-        for name in layer.widths:
-            layer.update_compressor_states(name, torch.randn(1, entries, width, device=device).to(torch.bfloat16))
-        layer.end_prefill()
-    return layers
+    widths = {"compressor": width, "indexer": width}
+    pool = ColdPool(csa_layers(config), widths, torch.bfloat16, initial_entries=entries)
+    for layer in csa_layers(config):
+        for name in widths:
+            pool.append(layer, name, torch.randn(entries, width, device=device).to(torch.bfloat16))
+    return ResidentSet(csa_layers(config), widths, pool, device, torch.bfloat16, batched=batched)
 
 
 def main():
@@ -52,39 +47,34 @@ def main():
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = flash_config()
-    per_layer, shared, batched = (filled_layers(config, args.entries, args.width, device) for _ in range(3))
+    sets = {"per-layer copies": filled_set(config, args.entries, args.width, device, batched=False),
+            "batched launches": filled_set(config, args.entries, args.width, device, batched=True)}
+    if not sets["batched launches"].pool.gather_layers_available(device):
+        del sets["batched launches"]  # needs the zero-copy gather (a GPU, or the Triton interpreter)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randperm(args.entries, generator=gen)[: args.resident].sort().values
-    times = {"per-layer plans": [], "one shared plan": [], "one shared plan, batched launches": []}
+    times = {name: [] for name in sets}
     for rep in range(args.reps + 1):
         keep = ids[torch.randperm(ids.numel(), generator=gen)[: int(0.9 * ids.numel())]]
-        ids = torch.cat([keep, torch.randperm(args.entries, generator=gen)[: args.resident - keep.numel()]])
-        ids = ids.unique()
-        for name, run in (("per-layer plans", lambda: [la.set_resident(ids, 18) for la in per_layer]),
-                          ("one shared plan", lambda: set_resident_all(shared, ids, 18, batched=False)),
-                          ("one shared plan, batched launches",
-                           lambda: set_resident_all(batched, ids, 18, batched=True))):
-            if name.endswith("batched launches") and not batched[0].pool.gather_layers_available(device):
-                continue  # needs the zero-copy gather (a GPU, or the Triton interpreter)
+        ids = torch.cat([keep, torch.randperm(args.entries, generator=gen)[: args.resident - keep.numel()]]).unique()
+        for name, residency in sets.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            run()
+            residency.change_to(ids, 18)
             if device == "cuda":
                 torch.cuda.synchronize()
             if rep:  # the first repetition warms up
                 times[name].append((time.perf_counter() - start) * 1e3)
-        for la, lb, lc in zip(per_layer, shared, batched):
-            for name in ("compressor", "indexer"):
-                assert torch.equal(la.resident[name].view(), lb.resident[name].view())
-                if times["one shared plan, batched launches"]:
-                    assert torch.equal(la.resident[name].view(), lc.resident[name].view())
-    print(f"{len(per_layer)} CSA layers, {args.entries:,} entries, {ids.numel():,} resident, rows {args.width} wide, "
-          f"{device}")
+        first = next(iter(sets.values()))
+        for layer in first.layers:
+            for row_kind in ("compressor", "indexer"):
+                want = first.pool.host_rows(layer, row_kind)[first.ids].to(device)
+                assert all(torch.equal(r.rows(layer, row_kind), want) for r in sets.values())
+    print(f"{len(first.layers)} CSA layers, {args.entries:,} entries, {ids.numel():,} resident, rows {args.width} "
+          f"wide, {device}")
     print("| path | median ms | min ms |\n| --- | ---: | ---: |")
     for name, ts in times.items():
-        if not ts:
-            continue
         print(f"| {name} | {sorted(ts)[len(ts) // 2]:.1f} | {min(ts):.1f} |")
 
 

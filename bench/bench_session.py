@@ -1,7 +1,7 @@
 """KV footprint and tokens/s of full vs LSA decoding (and the control modes) on one prompt.
 
     python bench/bench_session.py --model tiny --indexer runs/demo/export [--prompt-tokens 3072]
-        [--new-tokens 64] [--tau 64] [--max-resident 128] [--threads 1]
+        [--new-tokens 64] [--tau 64] [--budget 128] [--threads 1]
 
 Each mode decodes the same random-token prompt greedily (best decode/prefill rate of two runs after a
 warm-up: the CPU is shared). Prints a markdown table: footprint ratio (device KV bytes / full decoding's),
@@ -27,7 +27,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=3072)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--tau", type=int, default=64)
-    ap.add_argument("--max-resident", type=int, default=128)
+    ap.add_argument("--budget", "--max-resident", type=int, default=128,
+                    help="resident entries per trigger (lsa cap, recent) and hisparse buffer entries per layer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -38,11 +39,10 @@ def main():
     runs = [("full", dict(mode="full"))]
     if args.indexer:
         runs += [("lsa (threshold 0.5)", dict(mode="lsa", indexer=args.indexer)),
-                 (f"lsa, max_resident {args.max_resident}",
-                  dict(mode="lsa", indexer=args.indexer, max_resident=args.max_resident))]
-    runs += [(f"recent, budget {args.max_resident}", dict(mode="recent", budget=args.max_resident)),
+                 (f"lsa, budget {args.budget}", dict(mode="lsa", indexer=args.indexer, budget=args.budget))]
+    runs += [(f"recent, budget {args.budget}", dict(mode="recent", budget=args.budget)),
              ("all (lossless)", dict(mode="all")),
-             (f"hisparse, buffer {args.max_resident} (lossless)", dict(mode="hisparse", budget=args.max_resident))]
+             (f"hisparse, buffer {args.budget} (lossless)", dict(mode="hisparse", budget=args.budget))]
     print(f"{time.strftime('%Y-%m-%d')} {args.model} on {args.device} ({args.threads} threads): prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, tau {args.tau}")
     print("| mode | footprint ratio | device KiB | full KiB | resident / entries | triggers | fetched | "

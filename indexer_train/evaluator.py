@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from sentence_transformers.base.evaluation import BaseEvaluator
 
+from lsa_runtime.errors import FmIndexError
 from lsa_runtime.memory_indexer import MemoryIndexer
 
 METRICS = ("precision", "recall", "f1", "retrieval_ratio", "native_coverage", "auc")
@@ -102,6 +103,24 @@ class EvalReport:
                     out[f"{key}_{metric}"] = value
         out["triggers"] = float(self.counts["union"].triggers) if "union" in self.counts else 0.0
         return out
+
+
+DOCUMENT_CHOICES = ("auto", "heldout", "all")
+
+
+def choose_documents(choice: str, state: dict | None, shards) -> tuple[list, bool]:
+    """The documents ``fm-index eval`` scores: ``heldout`` (the training run's held-out documents), ``all``, or
+    ``auto`` (held-out when ``shards`` are the labels the run was trained on, else all). Returns (documents,
+    whether they are the held-out ones)."""
+    if choice not in DOCUMENT_CHOICES:
+        raise FmIndexError(f"--documents must be auto, heldout or all, got '{choice}'")
+    heldout = (state or {}).get("eval_documents")
+    if choice == "heldout" and not heldout:
+        raise FmIndexError("the indexer does not record held-out documents; use --documents all")
+    trained_on_these = bool(heldout) and (state or {}).get("labels_config_hash") == shards.config_hash and \
+        set(heldout) <= set(shards.documents)
+    use_heldout = choice == "heldout" or (choice == "auto" and trained_on_these)
+    return (sorted(heldout) if use_heldout else shards.documents), use_heldout
 
 
 def _as_index(values) -> torch.Tensor:

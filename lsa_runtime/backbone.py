@@ -199,15 +199,20 @@ def validate_memory_layers(config, layers) -> list[int]:
     return layers
 
 
-def parse_layers(text: str | None, config) -> list[int]:
-    """Parse ``"10,12,20"`` (or None for the model's default) and validate against the config."""
+def parse_layer_list(text: str | None) -> tuple[int, ...] | None:
+    """``"10,12,20"`` -> (10, 12, 20); None or empty -> None (the caller's default). Not checked against a model."""
     if text is None or str(text).strip() == "":
-        return default_memory_layers(config)
+        return None
     try:
-        layers = [int(part) for part in str(text).split(",") if part.strip()]
+        return tuple(int(part) for part in str(text).split(",") if part.strip())
     except ValueError:
         raise BackboneError(f"--layers must be comma-separated integers, got '{text}'") from None
-    return validate_memory_layers(config, layers)
+
+
+def parse_layers(text: str | None, config) -> list[int]:
+    """Parse ``"10,12,20"`` (or None for the model's default) and validate against the config."""
+    layers = parse_layer_list(text)
+    return default_memory_layers(config) if layers is None else validate_memory_layers(config, layers)
 
 
 def config_hash(config) -> str:

@@ -10,17 +10,21 @@ Rows are appended as the backbone emits entries (one per m = 4 tokens) and gathe
 trigger fetches them. Host memory is pinned when CUDA is available (page-locked memory makes the host->device
 copy asynchronous and about twice as fast); on a CPU-only machine it is ordinary memory.
 
-Two gather paths, the bytes counted either way:
+Two gather paths (their speeds: docs/BENCHMARKS.md, "Trigger cost"):
 
 * zero-copy (the default on a GPU with Triton): the device reads the scattered rows straight from the pinned
-  pool (``kernels/pool_gather.py``); measured 47.8 GB/s on the H200, 87% of its 55.0 GB/s pinned ceiling
-  (``bench/bench_trigger.py``, docs/BENCHMARKS.md);
+  pool (``kernels/pool_gather.py``), one pass over the bus;
 * staged (CPU, or ``zero_copy=False``): a CPU ``index_select`` into a staging buffer, then one copy to the
-  device (19.7 GB/s on the same machine: the CPU gather bounds it).
+  device.
+
+Every transfer to the device is counted here, and only here, by purpose (:data:`PURPOSES`): ``"prefill"`` (rows
+the prefill's native top-k picked, index keys restaged for a continued conversation) or ``"fetch"`` (what
+decoding fetches: trigger fetches, memory keys streamed to a trigger, per-step buffer misses). Readers ask
+:meth:`ColdPool.moved_bytes`; nobody else writes the counts.
 
 Thread safety: the decode thread appends while a prefetch thread (:mod:`~.prefetch`) gathers. A lock makes
 "launch a read of the host rows, record its event" and "wait for the last read, grow (move) the rows" atomic
-with respect to each other; the byte counters are updated under it too.
+with respect to each other; the transfer counts are updated under it too.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import threading
 import torch
 
 from .kernels.pool_gather import gather_rows, gather_rows_layers, zero_copy_available
+
+PURPOSES = ("prefill", "fetch")
 
 
 def pinning_available() -> bool:
@@ -134,9 +140,24 @@ class ColdPool:
         self._appended = None  # CUDA event after the last asynchronous device->host append
         self.zero_copy = bool(zero_copy)  # device-side gather from pinned rows where available
         self._read = None  # CUDA event after the last zero-copy gather (it reads the host rows asynchronously)
-        self.bytes_to_device = 0
-        self.rows_to_device = 0
+        self._moved = {purpose: [0, 0] for purpose in PURPOSES}  # purpose -> [bytes, rows] sent to a device
         self._lock = threading.RLock()
+
+    def _count(self, purpose: str, rows: int, width: int, itemsize: int) -> None:
+        if purpose not in self._moved:
+            raise ValueError(f"unknown transfer purpose {purpose!r} (one of {', '.join(PURPOSES)})")
+        self._moved[purpose][0] += rows * width * itemsize
+        self._moved[purpose][1] += rows
+
+    def moved_bytes(self, purpose: str | None = None) -> int:
+        """Bytes sent to a device for ``purpose`` (None: all purposes)."""
+        with self._lock:
+            return sum(b for p, (b, _) in self._moved.items() if purpose in (None, p))
+
+    def moved_rows(self, purpose: str | None = None) -> int:
+        """Rows sent to a device for ``purpose`` (None: all purposes; a row of several layers counts per layer)."""
+        with self._lock:
+            return sum(r for p, (_, r) in self._moved.items() if purpose in (None, p))
 
     def count(self, layer: int, name: str = "compressor") -> int:
         """Entries stored for ``layer`` (the same for both names once a forward has finished)."""
@@ -172,26 +193,28 @@ class ColdPool:
         self._wait_appends()
         return self.rows[(layer, name)].view()
 
-    def stream_prefix(self, layer: int, name: str, n: int, device: torch.device | str) -> torch.Tensor:
-        """The first ``n`` rows of ``layer``/``name`` on ``device`` (counted as moved): a trigger reads the memory
-        layers' K^IComp of every entry this way when they are kept in the pool (``Session(memory_keys="pool")``).
-        From a pinned pool the copy is asynchronous on the current stream, ordered after pending appends; a pool
-        growth waits for it as for a zero-copy gather."""
+    def stream_prefix(self, layer: int, name: str, n: int, device: torch.device | str,
+                      purpose: str = "fetch") -> torch.Tensor:
+        """The first ``n`` rows of ``layer``/``name`` on ``device`` (counted for ``purpose``): a trigger reads the
+        memory layers' K^IComp of every entry this way when they are kept in the pool
+        (``Session(memory_keys="pool")``), a continued prefill restages all index keys. From a pinned pool the copy
+        is asynchronous on the current stream, ordered after pending appends; a pool growth waits for it as for a
+        zero-copy gather."""
         self._wait_appends()  # outside the lock: the decode thread's appends need not wait for this wait
         with self._lock:
             rows = self.rows[(layer, name)].view()[: int(n)]
-            out = rows.to(device, non_blocking=self.pin)
+            out = rows.to(device, non_blocking=self.pin, copy=True)  # never a view of the pool (CPU)
             if self.pin and torch.device(device).type == "cuda":  # a growth must not free rows this copy reads
                 self._read = torch.cuda.Event()
                 self._read.record()
-            self.bytes_to_device += rows.shape[0] * rows.shape[1] * rows.element_size()
-            self.rows_to_device += rows.shape[0]
+            self._count(purpose, rows.shape[0], rows.shape[1], rows.element_size())
         return out
 
     def gather(self, layer: int, name: str, ids: torch.Tensor, device: torch.device | str,
-               device_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``ids`` (int64, any device) of ``layer``/``name`` copied to ``device``: ``[len(ids), width]``.
-        ``device_ids``: the same ids already on ``device`` (a caller gathering many layers moves them once).
+               device_ids: torch.Tensor | None = None, purpose: str = "fetch") -> torch.Tensor:
+        """Rows ``ids`` (int64, any device) of ``layer``/``name`` copied to ``device``: ``[len(ids), width]``,
+        counted for ``purpose``. ``device_ids``: the same ids already on ``device`` (a caller gathering many layers
+        moves them once).
 
         On a CUDA ``device`` with a pinned pool (and ``zero_copy``), the device gathers the rows itself from
         the pinned host rows (zero-copy, asynchronous on the current stream). Otherwise the rows are gathered
@@ -200,9 +223,9 @@ class ColdPool:
         """
         self._wait_appends()  # outside the lock: the decode thread's appends need not wait for this wait
         with self._lock:
-            return self._gather(layer, name, ids, torch.device(device), device_ids)
+            return self._gather(layer, name, ids, torch.device(device), device_ids, purpose)
 
-    def _gather(self, layer, name, ids, device, device_ids):
+    def _gather(self, layer, name, ids, device, device_ids, purpose):
         source = self.rows[(layer, name)].view()
         width = self.widths[name]
         if ids.numel() and int(ids.max()) >= source.shape[0]:
@@ -212,8 +235,7 @@ class ColdPool:
             out = gather_rows(source, ids if device_ids is None else device_ids, device)
             self._read = torch.cuda.Event()
             self._read.record()
-            self.bytes_to_device += out.shape[0] * width * source.element_size()
-            self.rows_to_device += out.shape[0]
+            self._count(purpose, out.shape[0], width, source.element_size())
             return out
         ids = ids.to("cpu", torch.long).reshape(-1)
         n = ids.numel()
@@ -226,8 +248,7 @@ class ColdPool:
             event = torch.cuda.Event()
             event.record()
             self._staging_ready[name] = event
-        self.bytes_to_device += n * width * source.element_size()
-        self.rows_to_device += n
+        self._count(purpose, n, width, source.element_size())
         return out
 
     def gather_layers_available(self, device: torch.device | str | None) -> bool:
@@ -243,7 +264,7 @@ class ColdPool:
         return torch.device(device).type == "cuda" and zero_copy_available(source, device)
 
     def gather_layers(self, layers, name: str, ids: torch.Tensor, device_ids: torch.Tensor, dst_rows: torch.Tensor,
-                      out: torch.Tensor) -> None:
+                      out: torch.Tensor, purpose: str = "fetch") -> None:
         """``out[j, dst_rows] = rows ids of layers[j]`` for all ``layers`` in one zero-copy launch (see
         :func:`~.kernels.pool_gather.gather_rows_layers`). ``ids``: host int64 (checked against the pool),
         ``device_ids`` / ``dst_rows``: int64 on ``out``'s device. Only where :meth:`gather_layers_available`."""
@@ -257,9 +278,7 @@ class ColdPool:
             if out.device.type == "cuda":
                 self._read = torch.cuda.Event()
                 self._read.record()
-            moved = ids.numel() * len(layers)
-            self.bytes_to_device += moved * self.widths[name] * out.element_size()
-            self.rows_to_device += moved
+            self._count(purpose, ids.numel() * len(layers), self.widths[name], out.element_size())
 
     def _staging_buffer(self, name: str, n: int, width: int) -> torch.Tensor:
         ready = self._staging_ready.pop(name, None)

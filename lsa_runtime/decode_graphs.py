@@ -1,11 +1,10 @@
 """CUDA graphs for the stateless modules of DeepSeek-V4's one-token decode step.
 
-An eager V4 decode step is host-bound: ~290 ms at V4-Flash's dimensions and 512K tokens whatever the KV cache
-holds, kernel launches and operator dispatch, not arithmetic (docs/BENCHMARKS.md). In V4-Flash's 43-layer
-layout a step dispatches ~22,100 operators (``bench/bench_decode.py --count-ops``): 55% in the
-manifold-constrained hyper-connections (mHC, paper section 2.2; each ``DeepseekV4HyperConnection`` computes its
-pre/post/comb weights with a hc_sinkhorn_iters = 20 step Sinkhorn-Knopp loop, two per layer, on a
-[1, 1, hc_mult, hidden] input), 30% in attention, 9% in the MoE blocks. The mHC and MoE modules hold no state
+An eager V4 decode step is host-bound at small batch: kernel launches and operator dispatch, not arithmetic
+(docs/BENCHMARKS.md). Most of a step's operators are in the manifold-constrained hyper-connections (mHC, paper
+section 2.2; each ``DeepseekV4HyperConnection`` computes its pre/post/comb weights with a hc_sinkhorn_iters =
+20 step Sinkhorn-Knopp loop, two per layer, on a [1, 1, hc_mult, hidden] input), then attention and the MoE
+blocks (counts by module: ``bench/bench_decode.py --count-ops``). The mHC and MoE modules hold no state
 and at decode always see the same shapes: each one is captured once as a CUDA graph and replayed with one
 launch (plus the copy of its inputs into static buffers).
 

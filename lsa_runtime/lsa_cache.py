@@ -1,32 +1,28 @@
-"""DeepSeek-V4 CSA cache layer and compressor that keep the compressed history in the cold pool.
+"""DeepSeek-V4 CSA cache layers and compressor that keep the compressed history in the cold pool.
 
-The stock ``DeepseekV4CSACache`` keeps every compressed entry of a CSA layer on the device (C^Comp and
-K^IComp, DeepSeek-V4 paper section 2.3.1) and the stock ``DeepseekV4CSACompressor`` lets the Lightning
-Indexer pick its top-k over all of them. Lookahead Sparse Attention changes only *where entries live* and
-*which entries the indexer may pick*:
+The stock ``DeepseekV4CSACache`` keeps every compressed entry of a CSA layer on the device (C^Comp and K^IComp,
+DeepSeek-V4 paper section 2.3.1) and the stock ``DeepseekV4CSACompressor`` lets the Lightning Indexer pick its
+top-k among all of them. Lookahead Sparse Attention changes only *where entries live* and *which entries the
+indexer may pick* (its *candidates*):
 
-* :class:`LSACSACache` (a ``DeepseekV4CSACache``) sends every emitted entry to the :class:`~.cold_pool.ColdPool`
-  and hands the compressor / indexer a *candidate* view instead of the whole history:
+* :class:`PooledCSACache` (a ``DeepseekV4CSACache``): every emitted entry goes to the
+  :class:`~.cold_pool.ColdPool`. During prefill the candidates are every entry, as in the stock model: K^IComp of
+  all entries is on the device (the exact native top-k needs it); C^Comp is not, only the rows the chunk's queries
+  picked are gathered from the pool. Memory-indexer layers keep K^IComp of all entries on the device after
+  prefill too (the memory indexer scores them at each trigger).
+* :class:`LSACSACache`: while decoding, the candidates are the resident set, read from the
+  :class:`~.residency.ResidentSet` that every CSA layer shares; entries the layer emits while decoding join it.
+  (The per-step alternative, HiSparse, is :class:`~.hisparse.HiSparseCSACache`.)
+* :class:`LSACSACompressor` (a ``DeepseekV4CSACompressor``) runs the stock compression + indexer unchanged over
+  the candidates, then hands the attention only the picked rows and their block-bias columns, so attention runs
+  over window + picks (``DeepseekV4Attention`` needs no change: it concatenates whatever the compressor returns).
+  With any other cache it is the stock forward.
 
-  - decoding: the resident set (entries the last trigger selected, plus entries born since), whose C^Comp and
-    K^IComp rows live on the device. The native indexer scores only these rows, so its top-k is restricted
-    to resident entries;
-  - prefill (``score_all``): every entry, as in the stock model. K^IComp of all entries is on the device during
-    prefill (the native top-k needs it to be exact); C^Comp is not: only the rows picked by the chunk's
-    queries are gathered from the pool;
-  - per-step (HiSparse) decoding (``score_all`` too): every entry is scored at every step; the picks' C^Comp
-    comes from an :class:`EntryBuffer`, a fixed device buffer with least-recently-used eviction.
+The restriction of the native top-k to the resident set is therefore one line: in decoding,
+:meth:`LSACSACache.update_compressor_states` returns the resident rows, and the unchanged indexer scores those.
+Batch size 1 (a Session decodes one sequence).
 
-  Memory-indexer layers also keep K^IComp of *all* entries on the device (the memory indexer scores them).
-* :class:`LSACSACompressor` (a ``DeepseekV4CSACompressor``) runs the stock compression + indexer unchanged and
-  then replaces the candidate rows and the ``[B, 1, S, R]`` block bias by the picked rows only, so the
-  attention runs over window + picks (``DeepseekV4Attention`` needs no change: it concatenates whatever the
-  compressor returns). Its override falls back to the stock forward for any other cache.
-
-The indexer's scorer needs no subclass: it multiplies whatever K^IComp rows the cache layer returns.
-Batch size 1 only (a Session decodes one sequence).
-
-Traps handled here (see the DeepSeek-V4 note): subclassing a cache layer class auto-registers it for every
+Trap handled here (see the DeepSeek-V4 note): subclassing a cache layer class auto-registers it for every
 ``DynamicCache``; ``_layer_type = None`` prevents that, and :func:`build_lsa_cache` inserts the layers itself.
 """
 
@@ -37,62 +33,36 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACa
 
 from .backbone import CSA, csa_layers
 from .cold_pool import ColdPool, GrowingRows
+from .residency import ResidentSet
 
 
-class LSACSACache(DeepseekV4CSACache):
-    """CSA cache layer whose compressed entries live in the cold pool; the device holds the resident set.
+class PooledCSACache(DeepseekV4CSACache):
+    """A CSA cache layer whose compressed entries live in the cold pool (prefill semantics; subclasses decode).
 
-    State on the device: the sliding window and the open-window / overlap state (inherited, unchanged), the
-    resident entries' C^Comp and K^IComp rows and their entry indices, and (memory-indexer layers, or any
-    layer during prefill) K^IComp of all entries.
+    State on the device: the sliding window and the open-window / overlap state (inherited, unchanged) and,
+    during prefill or where ``keep_all_index_keys``, K^IComp of every entry.
     """
 
     _layer_type = None  # never auto-register: a stock DynamicCache must keep building stock layers
 
-    def __init__(self, config, layer_idx: int, pool: ColdPool, keep_all_index_keys: bool,
-                 buffer_entries: int | None = None):
+    def __init__(self, config, layer_idx: int, pool: ColdPool, keep_all_index_keys: bool):
         super().__init__(config)
         self.layer_idx = layer_idx
         self.pool = pool
-        # per-step (HiSparse) mode: the native top-k scores every entry at every step; C^Comp of the picks is
-        # served from a fixed device buffer of ``buffer_entries`` rows, misses fetched from the pool
-        self.buffer_entries = buffer_entries
-        self.buffer: EntryBuffer | None = None
-        self.keep_all_index_keys = keep_all_index_keys or buffer_entries is not None
-        self.in_prefill = True  # prefill semantics until the first trigger
-        self.device: torch.device | None = None
+        self.keep_all_index_keys = keep_all_index_keys
+        self.in_prefill = True  # prefill semantics until end_prefill
+        self.storing = False  # whether the entries' device and dtype are known (set by the first emitted entries)
+        self.device: torch.device | None = None  # also set by the stock layer from the window's keys
         self.dtype: torch.dtype | None = None
         self.widths = {"compressor": config.head_dim, "indexer": config.index_head_dim}
-        self.resident_ids = torch.zeros(0, dtype=torch.long)  # sorted entry indices, host
-        self.resident: dict[str, GrowingRows] | None = None
         self.all_index_keys: GrowingRows | None = None
-        # diagnostics of the last forward (see last_picks / last_candidates); kept on the device, read lazily
+        # the last forward's picks (candidate positions) and the entries they index; kept as they are, read lazily
         self._last_chosen: torch.Tensor | None = None
         self._last_candidates: torch.Tensor | None = None
-
-    # ---- storage ------------------------------------------------------------------------------------
-
-    def _init_storage(self, entries: torch.Tensor) -> None:
-        self.device, self.dtype = entries.device, entries.dtype
-        self.resident = {name: GrowingRows(w, self.dtype, self.device) for name, w in self.widths.items()}
-        if self.score_all or self.keep_all_index_keys:
-            self.all_index_keys = GrowingRows(self.widths["indexer"], self.dtype, self.device)
 
     @property
     def n_entries(self) -> int:
         return self.entry_count["compressor"]
-
-    @property
-    def score_all(self) -> bool:
-        """Candidates = every entry: during prefill, and at every step in per-step (HiSparse) mode."""
-        return self.in_prefill or self.buffer_entries is not None
-
-    @property
-    def resident_count(self) -> int:
-        """CSA entries whose C^Comp is on the device (resident set, or the per-step buffer's occupancy)."""
-        if self.buffer is not None:
-            return self.buffer.occupancy
-        return int(self.resident_ids.numel())
 
     def update_compressor_states(self, name: str, compressed: torch.Tensor) -> torch.Tensor:
         """Store freshly emitted entries ``[1, n, width]`` in the pool; return the candidate rows ``[1, R, width]``.
@@ -101,40 +71,53 @@ class LSACSACache(DeepseekV4CSACache):
         """
         if compressed.shape[0] != 1:
             raise ValueError("LSA decoding supports batch size 1")
-        if self.resident is None:
-            self._init_storage(compressed)
+        if not self.storing:
+            self.storing, self.device, self.dtype = True, compressed.device, compressed.dtype
+            if self.keep_all_index_keys or self.in_prefill:
+                self.all_index_keys = GrowingRows(self.widths["indexer"], self.dtype, self.device)
         new = compressed[0]  # [n, width]
-        n = new.shape[0]
         first = self.entry_count[name]
-        if n:
+        if new.shape[0]:
             self.pool.append(self.layer_idx, name, new)
             if name == "indexer" and self.all_index_keys is not None:
                 self.all_index_keys.append(new)
-            if not self.score_all:  # entries born during decoding stay resident until the next trigger
-                self.resident[name].append(new)
-                if name == "compressor":
-                    born = torch.arange(first, first + n, dtype=torch.long)
-                    self.resident_ids = torch.cat([self.resident_ids, born])
-        self.entry_count[name] += n
-        if self.score_all:
-            if name == "indexer":
-                return self.all_index_keys.view().unsqueeze(0)  # [1, T, d]
-            # C^Comp stays in the pool: a zero-cost [1, T, D] stand-in; LSACSACompressor gathers the picked rows.
-            return new.new_zeros(()).expand(1, self.entry_count[name], new.shape[-1])
-        return self.resident[name].view().unsqueeze(0)  # [1, R, width]
+            if not self.in_prefill:
+                self.decoded(name, new, first)
+        self.entry_count[name] += new.shape[0]
+        if self.in_prefill:
+            return self.every_entry(name, new)
+        return self.decode_candidates(name, new)
+
+    def every_entry(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """Candidates = every entry: all K^IComp rows, and for C^Comp a zero-cost ``[1, T, D]`` stand-in (it stays
+        in the pool; :class:`LSACSACompressor` gathers only the picked rows)."""
+        if name == "indexer":
+            return self.all_index_keys.view().unsqueeze(0)  # [1, T, d]
+        return new.new_zeros(()).expand(1, self.entry_count[name], new.shape[-1])
+
+    def decoded(self, name: str, new: torch.Tensor, first: int) -> None:
+        """Entries ``first ..`` emitted while decoding (already in the pool). Subclasses keep them where needed."""
+
+    def decode_candidates(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chosen_candidates(self, top_k: torch.Tensor) -> torch.Tensor:
+        """The union of the forward's picks ``top_k`` [1, S, k] (candidate positions, -1 where invalid), ascending."""
+        return torch.unique(top_k[top_k >= 0])
 
     def picked_rows(self, candidates: torch.Tensor) -> torch.Tensor:
-        """C^Comp rows of ``candidates`` (indices into the current candidate view) on the device: ``[n, D]``."""
-        if self.in_prefill:
-            return self.pool.gather(self.layer_idx, "compressor", candidates, self.device)
-        if self.buffer is not None:
-            return self.buffer.rows(candidates.cpu())
-        return self.resident["compressor"].view().index_select(0, candidates)
+        """C^Comp rows of ``candidates`` (positions in the candidate view): ``[n, D]`` on the device. In prefill the
+        candidates are every entry, gathered from the pool."""
+        return self.pool.gather(self.layer_idx, "compressor", candidates, self.device, purpose="prefill")
+
+    def candidate_ids(self) -> torch.Tensor | None:
+        """Entry indices of the candidate rows (None: every entry, in order)."""
+        return None
 
     def record_picks(self, chosen: torch.Tensor) -> None:
-        """Remember the last forward's picks (candidate positions) without a device->host sync."""
-        self._last_chosen = chosen
-        self._last_candidates = None if self.score_all else self.resident_ids
+        """Remember the last forward's picks (candidate positions) and the candidates they index, without a
+        device->host sync."""
+        self._last_chosen, self._last_candidates = chosen, self.candidate_ids()
 
     @property
     def last_picks(self) -> torch.Tensor | None:
@@ -149,261 +132,83 @@ class LSACSACache(DeepseekV4CSACache):
         """Entry indices the last forward's top-k chose among (None: every entry, i.e. prefill)."""
         return self._last_candidates
 
-    # ---- phases -------------------------------------------------------------------------------------
-
     def begin_prefill(self) -> None:
-        """Candidates = every entry (stock semantics). K^IComp of all entries must be on the device."""
+        """Candidates = every entry (stock semantics): K^IComp of all entries must be on the device."""
         self.in_prefill = True
-        if self.resident is not None:
-            self.resident = {name: GrowingRows(w, self.dtype, self.device) for name, w in self.widths.items()}
-            self.resident_ids = torch.zeros(0, dtype=torch.long)
-            if self.all_index_keys is None:  # released after the last prefill: restage from the pool
-                self.all_index_keys = GrowingRows(self.widths["indexer"], self.dtype, self.device,
-                                                  capacity=self.n_entries)
-                self.all_index_keys.append(self.pool.host_rows(self.layer_idx, "indexer").to(self.device))
-                self.pool.bytes_to_device += self.all_index_keys.nbytes
+        if self.all_index_keys is None and self.storing:  # released after the last prefill: restage
+            keys = self.pool.stream_prefix(self.layer_idx, "indexer", self.n_entries, self.device, purpose="prefill")
+            self.all_index_keys = GrowingRows.over(keys, self.n_entries)
 
     def end_prefill(self) -> None:
-        """Switch to decoding: candidates = resident set (empty until :meth:`set_resident`), or every entry
-        with the picks' C^Comp served by the per-step buffer."""
+        """Switch to decoding; layers that do not keep every entry's K^IComp release it."""
         self.in_prefill = False
         if not self.keep_all_index_keys:
             self.all_index_keys = None
-        if self.buffer_entries is not None and self.buffer is None and self.dtype is not None:
-            self.buffer = EntryBuffer(self.buffer_entries, self.widths["compressor"], self.dtype, self.device,
-                                      self.pool, self.layer_idx)
-
-    def set_resident(self, ids: torch.Tensor, headroom: int, plan: "ResidentPlan | None" = None) -> tuple[int, int]:
-        """Make ``ids`` (sorted unique entry indices) the resident set: keep rows already resident, fetch the
-        others from the pool, release the rest. Room for ``headroom`` entries born before the next trigger.
-        ``plan``: :class:`ResidentPlan` of this change, when the caller shares one across layers.
-
-        Returns ``(entries fetched, bytes fetched)`` for this layer.
-        """
-        if self.resident is None:  # no entry emitted yet: nothing to hold
-            return 0, 0
-        if plan is None or not plan.applies_to(self.resident_ids):
-            plan = ResidentPlan(self.resident_ids, ids)
-        before = self.pool.bytes_to_device
-        self.resident = self.build_resident(plan, headroom)
-        self.resident_ids = plan.ids
-        return int(plan.fetch_ids.numel()), self.pool.bytes_to_device - before
-
-    def resident_snapshot(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """(resident entry ids, their rows by name): what :meth:`build_resident` needs to plan from the current
-        set later, on another thread. The row views stay valid while held: later appends write past them, and
-        a growth moves the rows to a new tensor without freeing these."""
-        if self.resident is None:
-            return self.resident_ids, None
-        return self.resident_ids, {name: rows.view() for name, rows in self.resident.items()}
-
-    def build_resident(self, plan: "ResidentPlan", headroom: int,
-                       rows: dict[str, torch.Tensor] | None = None) -> dict[str, GrowingRows]:
-        """New resident rows for ``plan.ids`` without changing this layer: rows kept from ``rows`` (the current
-        resident rows, or a :meth:`resident_snapshot`'s) and rows fetched from the pool, on the current stream,
-        with room for ``headroom`` more."""
-        rows = rows if rows is not None else {name: r.view() for name, r in self.resident.items()}
-        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(self.device)
-        resident = {}
-        for name, width in self.widths.items():
-            new = GrowingRows(width, self.dtype, self.device, capacity=plan.ids.numel() + headroom)
-            new.length = plan.ids.numel()
-            data = new.view()
-            if keep_to is not None:
-                data[keep_to] = rows[name][keep_from]
-            if fetch_to is not None:
-                data[fetch_to] = self.pool.gather(self.layer_idx, name, plan.fetch_ids, self.device, fetch_ids_dev)
-            resident[name] = new
-        return resident
-
-    def install_resident(self, ids: torch.Tensor, rows: dict[str, GrowingRows], born_from: int) -> int:
-        """Swap in resident rows built off the decode path (:mod:`~.prefetch`) for the entries ``ids``.
-
-        ``born_from``: how many resident entries the layer held when the rows were planned; the ones resident
-        since (entries born during decoding meanwhile, all newer than ``ids``) are appended to the new rows.
-        Returns how many were appended.
-        """
-        if self.device is not None and self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device)
-            for name in self.widths:  # built on a side stream, used (and later freed) on this one
-                rows[name].data.record_stream(stream)
-        born_ids = self.resident_ids[born_from:]
-        if born_ids.numel():
-            for name in self.widths:
-                rows[name].append(self.resident[name].view()[born_from:])
-        self.resident = rows
-        self.resident_ids = torch.cat([ids, born_ids])
-        return int(born_ids.numel())
-
-    # ---- accounting ---------------------------------------------------------------------------------
 
     def device_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """Tensors this layer holds on the device, by kind (see :class:`~.session.SessionStats`)."""
+        """Tensors this layer holds on the device beyond the stock state, by kind (see :mod:`~.stats`)."""
         kinds = {"resident_kv": [], "resident_index_keys": [], "memory_index_keys": []}
-        if self.resident is not None:
-            kinds["resident_kv"].append(self.resident["compressor"].data)
-            kinds["resident_index_keys"].append(self.resident["indexer"].data)
-        if self.buffer is not None:
-            kinds["resident_kv"].append(self.buffer.data)
         if self.all_index_keys is not None:
             kinds["memory_index_keys"].append(self.all_index_keys.data)
         return kinds
 
-
-class ResidentPlan:
-    """How the resident set changes from ``old`` to ``ids`` (both sorted unique host int64): which new rows are
-    kept (and where they sit in the old rows) and which are fetched. Every CSA layer of a Session holds the
-    same resident entries, so one plan serves all of them (:func:`set_resident_all`); its index tensors are
-    moved to a device once."""
-
-    def __init__(self, old: torch.Tensor, ids: torch.Tensor):
-        self.old = old
-        self.ids = ids.to("cpu", torch.long).clone()
-        keep_mask = torch.isin(self.ids, old)
-        self.fetch_ids = self.ids[~keep_mask]
-        self.keep_from = torch.searchsorted(old, self.ids[keep_mask])  # positions of kept entries in the old rows
-        self.keep_to = torch.nonzero(keep_mask).reshape(-1)
-        self.fetch_to = torch.nonzero(~keep_mask).reshape(-1)
-        self._on: dict[torch.device, tuple] = {}
-
-    def applies_to(self, old: torch.Tensor) -> bool:
-        return old is self.old or torch.equal(old, self.old)
-
-    def on(self, device: torch.device) -> tuple:
-        """(keep_to, keep_from, fetch_to, fetch_ids) on ``device``; None where nothing is kept / fetched."""
-        device = torch.device(device)
-        if device not in self._on:
-            keep = (self.keep_to.to(device), self.keep_from.to(device)) if self.keep_to.numel() else (None, None)
-            fetch = (self.fetch_to.to(device), self.fetch_ids.to(device)) if self.fetch_to.numel() else (None, None)
-            self._on[device] = keep + fetch
-        return self._on[device]
+    @property
+    def resident_count(self) -> int:
+        """CSA entries whose C^Comp is on the device."""
+        return 0
 
 
-def set_resident_all(layers, ids: torch.Tensor, headroom: int, batched: bool | None = None) -> tuple[int, int]:
-    """:meth:`LSACSACache.set_resident` on every layer with one shared :class:`ResidentPlan` (layers whose
-    resident set differs get their own), batched across layers where possible (:func:`build_resident_all`,
-    ``batched``). Returns (entries fetched, bytes fetched) summed over the layers."""
-    ids = torch.unique(ids.to("cpu", torch.long))
-    pool = layers[0].pool if layers else None
-    before = pool.bytes_to_device if pool is not None else 0
-    rows, fetched = build_resident_all(layers, ids, headroom, batched=batched)
-    for layer, new in zip(layers, rows):
-        if new is not None:
-            layer.resident, layer.resident_ids = new, ids
-    return fetched, (pool.bytes_to_device if pool is not None else 0) - before
+class LSACSACache(PooledCSACache):
+    """CSA cache layer of trigger-based LSA decoding: the candidates are the shared resident set's rows."""
 
+    def __init__(self, config, layer_idx: int, pool: ColdPool, residency: ResidentSet, keep_all_index_keys: bool):
+        super().__init__(config, layer_idx, pool, keep_all_index_keys)
+        self.residency = residency
 
-def build_resident_all(layers, ids: torch.Tensor, headroom: int, snapshots=None,
-                       batched: bool | None = None) -> tuple[list, int]:
-    """New resident rows of every layer for the sorted unique entries ``ids``, without changing the layers.
+    def decoded(self, name: str, new: torch.Tensor, first: int) -> None:
+        self.residency.append_born(self.layer_idx, name, new, first)  # resident until the next trigger
 
-    ``snapshots``: the layers' :meth:`~LSACSACache.resident_snapshot` (default: taken now). Returns (per layer a
-    ``{name: GrowingRows}`` or None where the layer holds nothing yet, entries fetched summed over layers).
+    def decode_candidates(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        return self.residency.rows(self.layer_idx, name).unsqueeze(0)  # [1, R, width]: the native top-k's choice
 
-    Batched (default where the pool's zero-copy gather runs, i.e. on a GPU): when every layer holds the same
-    entries, the rows of all layers go into one ``[layers, n + headroom, width]`` store per row kind, filled by
-    two launches of a multi-layer gather (kept rows from the old device rows, fetched rows from the pinned
-    pool): four launches per trigger instead of ~4 per layer, so the host work no longer grows with the number
-    of CSA layers. Otherwise one plan per distinct old set and :meth:`LSACSACache.build_resident` per layer.
-    """
-    from .kernels.pool_gather import gather_rows_layers
+    def chosen_candidates(self, top_k: torch.Tensor) -> torch.Tensor:
+        if top_k.shape[1] == 1 and not self.in_prefill:
+            # one decode query: every resident entry is visible to it, so no pick is invalid
+            return top_k.reshape(-1).sort().values
+        return super().chosen_candidates(top_k)
 
-    snapshots = snapshots if snapshots is not None else [layer.resident_snapshot() for layer in layers]
-    held = [i for i, (_, old_rows) in enumerate(snapshots) if old_rows is not None]
-    rows: list = [None] * len(layers)
-    if not held:
-        return rows, 0
-    first_ids = snapshots[held[0]][0]
-    plan = ResidentPlan(first_ids, ids)
-    same = all(plan.applies_to(snapshots[i][0]) for i in held)
-    layer0 = layers[held[0]]
-    if batched is None:
-        batched = layer0.pool.gather_layers_available(layer0.device)
-    if not (batched and same):
-        fetched = 0
-        for i in held:
-            if not plan.applies_to(snapshots[i][0]):
-                plan = ResidentPlan(snapshots[i][0], ids)
-            rows[i] = layers[i].build_resident(plan, headroom, snapshots[i][1])
-            fetched += int(plan.fetch_ids.numel())
-        return rows, fetched
-    keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(layer0.device)
-    n = plan.ids.numel()
-    for name, width in layer0.widths.items():
-        store = torch.empty((len(held), n + headroom, width), dtype=layer0.dtype, device=layer0.device)
-        if keep_to is not None:  # device -> device, from the rows the layers hold now
-            gather_rows_layers([snapshots[i][1][name] for i in held], keep_from, keep_to, store)
-        if fetch_to is not None:  # pinned pool -> device, zero-copy
-            layer0.pool.gather_layers([layers[i].layer_idx for i in held], name, plan.fetch_ids, fetch_ids_dev,
-                                      fetch_to, store)
-        for j, i in enumerate(held):
-            if rows[i] is None:
-                rows[i] = {}
-            rows[i][name] = GrowingRows.over(store[j], n)
-    return rows, len(held) * int(plan.fetch_ids.numel())
+    def picked_rows(self, candidates: torch.Tensor) -> torch.Tensor:
+        if self.in_prefill:
+            return super().picked_rows(candidates)
+        return self.residency.rows(self.layer_idx, "compressor").index_select(0, candidates)
 
+    def candidate_ids(self) -> torch.Tensor | None:
+        return None if self.in_prefill else self.residency.ids
 
-class EntryBuffer:
-    """A fixed device buffer of ``capacity`` C^Comp rows for per-step (HiSparse-style) decoding.
-
-    ``rows(ids)`` serves the rows of entries ``ids`` (the native top-k of one step): hits are read in place,
-    misses are fetched from the cold pool into the least recently used slots (free slots first).
-    """
-
-    def __init__(self, capacity: int, width: int, dtype: torch.dtype, device, pool: ColdPool, layer: int):
-        self.capacity = int(capacity)
-        self.data = torch.empty((self.capacity, width), dtype=dtype, device=device)
-        self.pool, self.layer, self.device = pool, layer, device
-        self.entry_in_slot = torch.full((self.capacity,), -1, dtype=torch.long)
-        self.last_used = torch.full((self.capacity,), -1, dtype=torch.long)
-        self.slot_of: dict[int, int] = {}
-        self.clock = 0
-        self.misses = 0
-        self.bytes_fetched = 0
+    def device_tensors(self) -> dict[str, list[torch.Tensor]]:
+        kinds = super().device_tensors()
+        held = self.residency.device_tensors(self.layer_idx)
+        kinds["resident_kv"].append(held["compressor"])
+        kinds["resident_index_keys"].append(held["indexer"])
+        return kinds
 
     @property
-    def occupancy(self) -> int:
-        return len(self.slot_of)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """C^Comp rows of entries ``ids`` (host int64, unique) on the device: ``[len(ids), D]``."""
-        ids = ids.reshape(-1)
-        if ids.numel() > self.capacity:
-            raise ValueError(f"{ids.numel()} picks do not fit a buffer of {self.capacity} entries")
-        self.clock += 1
-        slots = torch.tensor([self.slot_of.get(int(e), -1) for e in ids], dtype=torch.long)
-        hit = slots >= 0
-        self.last_used[slots[hit]] = self.clock
-        if not bool(hit.all()):
-            missing = ids[~hit]
-            # the least recently used slots; this step's hits carry the newest clock, so they are never chosen
-            victims = torch.argsort(self.last_used, stable=True)[: missing.numel()]
-            for old in self.entry_in_slot[victims].tolist():
-                if old >= 0:
-                    del self.slot_of[old]
-            before = self.pool.bytes_to_device
-            self.data[victims.to(self.device)] = self.pool.gather(self.layer, "compressor", missing, self.device)
-            self.bytes_fetched += self.pool.bytes_to_device - before
-            self.misses += missing.numel()
-            self.entry_in_slot[victims] = missing
-            self.last_used[victims] = self.clock
-            self.slot_of.update(zip(missing.tolist(), victims.tolist()))
-            slots[~hit] = victims
-        return self.data.index_select(0, slots.to(self.device))
+    def resident_count(self) -> int:
+        return self.residency.count
 
 
 class LSACSACompressor(DeepseekV4CSACompressor):
     """CSA compressor that returns only the rows the native top-k picked (window + picks attention).
 
     The stock forward (compression, overlap windows, Lightning Indexer top-k, block bias) runs unchanged over
-    the candidate rows that :class:`LSACSACache` provides; this override then keeps the union of the picks
-    of the forward's queries: C^Comp rows gathered from the resident set (decoding) or the cold pool
-    (prefill), and the matching columns of the block bias. With a stock cache it is the stock forward.
+    the candidate rows the :class:`PooledCSACache` layer provides; this override then keeps the union of the
+    picks of the forward's queries: their C^Comp rows (from the resident set, the per-step buffer or the cold
+    pool) and the matching columns of the block bias. With a stock cache it is the stock forward.
     """
 
     def forward(self, hidden_states, q_residual, position_ids, cache, layer_idx):  # positional in 5.17 and 5.24
         cache_layer = cache.layers[layer_idx] if cache is not None else None
-        if not isinstance(cache_layer, LSACSACache):
+        if not isinstance(cache_layer, PooledCSACache):
             return super().forward(hidden_states, q_residual, position_ids, cache, layer_idx)
         picks: list[torch.Tensor] = []
         handle = self.indexer.register_forward_hook(lambda module, args, output: picks.append(output))
@@ -411,12 +216,7 @@ class LSACSACompressor(DeepseekV4CSACompressor):
             _, block_bias = super().forward(hidden_states, q_residual, position_ids, cache, layer_idx)
         finally:
             handle.remove()
-        top_k = picks[0]  # [1, S, k] candidate positions, -1 where invalid
-        if top_k.shape[1] == 1 and not cache_layer.score_all:
-            # decoding: every resident entry is visible to the query, so no pick is invalid
-            chosen = top_k.reshape(-1).sort().values
-        else:
-            chosen = torch.unique(top_k[top_k >= 0])  # sorted
+        chosen = cache_layer.chosen_candidates(picks[0])  # [n] candidate positions, ascending
         cache_layer.record_picks(chosen)
         rows = cache_layer.picked_rows(chosen)  # [n, D]
         bias = block_bias.index_select(-1, chosen.to(block_bias.device))  # [1, 1, S, n]
@@ -435,17 +235,19 @@ def install_lsa_compressors(model) -> None:
             compressor.__class__ = LSACSACompressor
 
 
-def build_lsa_cache(config, pool: ColdPool, memory_layers, buffer_entries: int | None = None) -> "object":
-    """A ``DynamicCache`` for ``config`` whose CSA layers are :class:`LSACSACache` (HCA/sliding stay stock).
-
-    ``buffer_entries``: per-step (HiSparse) mode with a device buffer of that many entries per CSA layer.
-    """
+def build_lsa_cache(config, pool: ColdPool, residency: ResidentSet, memory_layers) -> "object":
+    """A ``DynamicCache`` for ``config`` whose CSA layers are :class:`LSACSACache` over ``residency`` (HCA and
+    sliding layers stay stock). ``memory_layers``: layers that keep K^IComp of every entry on the device."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     memory_layers = set(memory_layers)
     for idx, layer_type in enumerate(config.layer_types):
         if layer_type == CSA:
-            cache.layers[idx] = LSACSACache(config, idx, pool, keep_all_index_keys=idx in memory_layers,
-                                            buffer_entries=buffer_entries)
+            cache.layers[idx] = LSACSACache(config, idx, pool, residency, keep_all_index_keys=idx in memory_layers)
     return cache
+
+
+def pooled_layers(cache) -> list[PooledCSACache]:
+    """The cold-pool CSA layers of ``cache`` (none in a stock cache)."""
+    return [layer for layer in cache.layers if isinstance(layer, PooledCSACache)] if cache is not None else []

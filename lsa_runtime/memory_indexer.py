@@ -21,7 +21,8 @@ sentence-transformers, datasets or ``indexer_train``. The export format (``model
 
 Public API (stable; the decoding Session uses it)::
 
-    indexer = MemoryIndexer.from_export(export_dir, expected_config_hash=None, device="cpu")
+    indexer = MemoryIndexer.from_export(export_dir, device="cpu", backbone_config=None)   # the only export reader
+    indexer = load_memory_indexer(export_dir_or_indexer, model)   # checked against the serving backbone
     probs = indexer.score(layer, hidden[R, d], positions[R], keys[T, dh], chunk_size=8192)   # [R, T] fp32
     ids = indexer.fetch({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible, threshold=None)  # LongTensor
     logits = indexer.trigger_logits({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible)  # {L: [T] fp32}
@@ -314,14 +315,17 @@ class MemoryIndexer(nn.Module):
     def _towers(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [n_layers, d] (row i = h_t of layer L_i), positions [n_layers] -> (q [n, H, dh], w [n, H])."""
         layers = [self.layer(L) for L in self.config.layers]
-        latent = torch.cat([m.W_DQ(hidden[i : i + 1]) for i, m in enumerate(layers)])  # [n, r]
+        # each row in a tensor of its own, as query() sees it: a CPU GEMM may sum in another order for a row that
+        # starts at an unaligned offset inside a larger tensor, and the towers must equal query() bit for bit
+        rows = [hidden[i : i + 1].clone() for i in range(len(layers))]
+        latent = torch.cat([m.W_DQ(rows[i]) for i, m in enumerate(layers)])  # [n, r]
         norm_w = torch.stack([m.latent_norm.weight for m in layers])
         latent = latent_rms_norm(latent, norm_w, layers[0].latent_norm.eps)  # each layer's norm, row by row
         first = layers[0]
         q = torch.cat([m.W_IUQ(c) for m, c in zip(layers, latent.unsqueeze(1))])
         q = q.view(len(layers), first.n_heads, first.head_dim)
         q = first.rotary(q, positions)  # shared rotary module, same t for every row
-        w = torch.cat([m.W_w(hidden[i : i + 1]) for i, m in enumerate(layers)]).float() * first.weights_scaling
+        w = torch.cat([m.W_w(rows[i]) for i, m in enumerate(layers)]).float() * first.weights_scaling
         return q, w
 
     def _tower_graph_for(self, hidden: torch.Tensor):
@@ -403,29 +407,36 @@ class MemoryIndexer(nn.Module):
 
     @classmethod
     def from_export(cls, directory: str | Path, expected_config_hash: str | None = None,
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "MemoryIndexer":
-        """Load an export (torch + safetensors only). ``expected_config_hash``: the serving backbone's
-        ``lsa_runtime.backbone.config_hash``; a mismatch is an :class:`ExportError`."""
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    backbone_config=None) -> "MemoryIndexer":
+        """Load an export (torch + safetensors only): the only export reader. ``expected_config_hash``: the serving
+        backbone's ``lsa_runtime.backbone.config_hash``; ``backbone_config``: the serving backbone's config, which
+        the export must fit (config hash, CSA layers, indexer geometry: :func:`check_fits`). Any problem is an
+        :class:`ExportError` naming it."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        directory = Path(directory).expanduser()
         cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not cfg_path.is_file() or not weights_path.is_file():
-            raise ExportError(f"{directory} is not a memory-indexer export (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                              "run fm-index export")
+        if not directory.is_dir():
+            raise ExportError(f"indexer export {directory} is not a directory")
+        for path in (cfg_path, weights_path):
+            if not path.is_file():
+                raise ExportError(f"{directory} is not a memory-indexer export: no {path.name} (run `fm-index export`)")
         try:
             config = MemoryIndexerConfig.from_json(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ExportError(f"corrupt {cfg_path}: {exc}") from None
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise ExportError(f"corrupt {cfg_path}: {_first_line(exc)}") from None
         if expected_config_hash is not None and config.backbone_config_hash != expected_config_hash:
-            raise ExportError(f"the memory indexer in {directory} was trained for backbone config "
-                              f"{config.backbone_config_hash}, not this backbone ({expected_config_hash})")
+            raise ExportError(f"the memory indexer in {directory} was exported for another backbone (config hash "
+                              f"{config.backbone_config_hash}), not this backbone ({expected_config_hash})")
+        if backbone_config is not None:
+            check_fits(config, backbone_config, where=str(cfg_path))
         indexer = cls(config)
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:
-            raise ExportError(f"corrupt {weights_path}: {exc}") from None
+            raise ExportError(f"corrupt {weights_path}: {_first_line(exc)}") from None
         expected = set(indexer.state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -442,6 +453,43 @@ class MemoryIndexer(nn.Module):
         return indexer.eval()
 
 
+def check_fits(config: MemoryIndexerConfig, backbone_config, where: str = "the memory indexer") -> None:
+    """Refuse (:class:`ExportError`) a memory indexer made for another backbone: another config hash, a layer that
+    is not a CSA layer of this backbone, or another indexer geometry (heads, head dim, hidden size)."""
+    from .backbone import config_hash, validate_memory_layers
+
+    have = config_hash(backbone_config)
+    if config.backbone_config_hash and config.backbone_config_hash != have:
+        raise ExportError(f"{where} was exported for another backbone (config hash {config.backbone_config_hash}, "
+                          f"this model has {have})")
+    try:
+        validate_memory_layers(backbone_config, config.layers)
+    except FmIndexError as exc:
+        raise ExportError(f"{where}: {exc}") from None
+    for key, value in (("index_n_heads", backbone_config.index_n_heads),
+                       ("index_head_dim", backbone_config.index_head_dim),
+                       ("hidden_size", backbone_config.hidden_size)):
+        if int(getattr(config, key)) != int(value):
+            raise ExportError(f"{where}: {key} is {getattr(config, key)}, the backbone has {value}")
+
+
+def load_memory_indexer(source, model) -> "MemoryIndexer":
+    """The memory indexer serving ``model``: an ``fm-index export`` directory, or a :class:`MemoryIndexer` already
+    loaded; checked against the backbone (:func:`check_fits`) and moved to the model's device."""
+    device = next(model.parameters()).device
+    if isinstance(source, MemoryIndexer):
+        check_fits(source.config, model.config)
+        return source.to(device).eval()
+    if not isinstance(source, (str, Path)):
+        raise ExportError("indexer must be an export directory or a MemoryIndexer")
+    return MemoryIndexer.from_export(source, device=device, backbone_config=model.config)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def sigmoid_inverse(p: torch.Tensor) -> torch.Tensor:
     """logit(p) = log(p / (1 - p)); used to compare memory scores with native raw logits."""
     p = p.double()
@@ -449,4 +497,4 @@ def sigmoid_inverse(p: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["MemoryIndexer", "MemoryIndexerLayer", "MemoryIndexerConfig", "IndexerRotary", "ExportError",
-           "sigmoid_inverse", "EXPORT_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "check_fits", "load_memory_indexer", "sigmoid_inverse", "EXPORT_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -31,7 +31,9 @@ def test_pool_gather_returns_rows_by_entry_index_and_counts_bytes():
     ids = torch.tensor([16, 0, 7, 7, 3])
     got = pool.gather(4, "compressor", ids, "cpu")
     assert torch.equal(got, everything[ids])
-    assert pool.bytes_to_device == 5 * 8 * 4 and pool.rows_to_device == 5
+    assert pool.moved_bytes() == pool.moved_bytes("fetch") == 5 * 8 * 4 and pool.moved_rows("fetch") == 5
+    pool.gather(4, "compressor", ids[:2], "cpu", purpose="prefill")
+    assert pool.moved_bytes("prefill") == 2 * 8 * 4 and pool.moved_bytes() == 7 * 8 * 4
     # the staging buffer is reused: an earlier result must not change when the next gather runs
     second = pool.gather(4, "compressor", torch.tensor([1, 2, 3, 4, 5]), "cpu")
     assert torch.equal(got, everything[ids])
@@ -67,4 +69,4 @@ def test_pool_zero_copy_gather_equals_staged_gather_across_growth():
         staged = pool.gather(2, "compressor", ids, "cuda")
         pool.zero_copy = True
         assert torch.equal(fast.cpu(), everything[ids]) and torch.equal(staged.cpu(), everything[ids])
-    assert pool.rows_to_device == 6 * 777
+    assert pool.moved_rows() == 6 * 777

@@ -68,33 +68,34 @@ def test_gather_rows_layers_equals_per_layer_indexing(width):
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs a CUDA device with pinned memory, or TRITON_INTERPRET=1 with triton installed")
 def test_batched_resident_rows_equal_per_layer_rows():
-    """lsa_cache.build_resident_all, batched (a shared store, two multi-layer gathers per row kind) == per layer."""
+    """ResidentSet.change_to, batched (a shared store, two multi-layer gathers per row kind) == per layer, and both
+    hold the pool's rows of the resident entries."""
     pytest.importorskip("triton")
     from lsa_runtime.backbone import csa_layers, load_config
     from lsa_runtime.cold_pool import ColdPool
-    from lsa_runtime.lsa_cache import LSACSACache, build_lsa_cache, build_resident_all
+    from lsa_runtime.residency import ResidentSet
 
     config = load_config("tiny")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    widths = {"compressor": config.head_dim, "indexer": config.index_head_dim}
     results = []
     for batched in (False, True):
-        pool = ColdPool(csa_layers(config), {"compressor": config.head_dim, "indexer": config.index_head_dim},
-                        torch.float32, initial_entries=64)
-        cache = build_lsa_cache(config, pool, [])
+        pool = ColdPool(csa_layers(config), widths, torch.float32, initial_entries=64)
         gen = torch.Generator().manual_seed(0)
-        layers = [layer for layer in cache.layers if isinstance(layer, LSACSACache)]
-        for layer in layers:
-            for name, width in layer.widths.items():
-                layer.update_compressor_states(name, torch.randn(1, 200, width, generator=gen).to(device))
-            layer.end_prefill()
-            layer.set_resident(torch.arange(0, 200, 3), 4)
-        before = pool.bytes_to_device
-        rows, fetched = build_resident_all(layers, torch.tensor([0, 1, 3, 4, 99, 150, 151, 199]), 4, batched=batched)
-        assert fetched == len(layers) * 4  # 1, 4, 151, 199 are not resident (0, 3, 99, 150 are)
-        results.append(([{k: v.view().cpu() for k, v in r.items()} for r in rows], pool.bytes_to_device - before))
-        assert all(r["compressor"].capacity == 8 + 4 for r in rows)
+        for layer in csa_layers(config):
+            for name, width in widths.items():
+                pool.append(layer, name, torch.randn(200, width, generator=gen).to(device))
+        residency = ResidentSet(csa_layers(config), widths, pool, device, torch.float32, batched=batched)
+        residency.change_to(torch.arange(0, 200, 3), 4)
+        before = pool.moved_bytes("fetch")
+        change = residency.change_to(torch.tensor([0, 1, 3, 4, 99, 150, 151, 199]), 4)
+        assert change.fetched == 4  # 1, 4, 151, 199 are not resident (0, 3, 99, 150 are)
+        rows = {(layer, name): residency.rows(layer, name).cpu() for layer in residency.layers for name in widths}
+        for (layer, name), got in rows.items():
+            assert torch.equal(got, pool.host_rows(layer, name)[residency.ids])
+        assert all(t.shape[0] == 8 + 4 for layer in residency.layers for t in residency.device_tensors(layer).values())
+        results.append((rows, pool.moved_bytes("fetch") - before))
     (unbatched, moved_a), (batched_rows, moved_b) = results
-    assert moved_a == moved_b
-    for a, b in zip(unbatched, batched_rows):
-        for name in a:
-            assert torch.equal(a[name], b[name])
+    assert moved_a == moved_b == 4 * len(csa_layers(config)) * sum(widths.values()) * 4
+    for key in unbatched:
+        assert torch.equal(unbatched[key], batched_rows[key])

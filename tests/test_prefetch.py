@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lsa_runtime.backbone import load_backbone
-from lsa_runtime.resident_policy import GivenEntriesPolicy, OraclePolicy
-from lsa_runtime.session import Session, SessionError, record_native_picks
+from lsa_runtime.policies import GivenEntriesPolicy, OraclePolicy, record_native_picks
+from lsa_runtime.session import Session, SessionError
 
 PROMPT_TOKENS = 480
 NEW_TOKENS = 40
@@ -95,15 +95,14 @@ def test_swapped_rows_are_the_pool_rows_of_selected_and_newborn_entries(backbone
     session.generate(prompt_ids, steps + 1)
     assert [lead for _, lead in seen] == [0, d, d]
     n_start = seen[-1][0]  # entries visible when the last prefetch started
-    layers = session._lsa_layers()
-    n_now = layers[0].n_entries
+    residency, pool = session.residency, session.cold_pool
+    n_now = pool.count(residency.layers[0])
     assert n_now > n_start  # entries were born during the lead (the test's premise)
     want = torch.cat([torch.arange(0, n_start, 3), torch.arange(n_start, n_now)])
-    pool = session._pool
-    for layer in layers:
-        assert torch.equal(layer.resident_ids, want)
+    assert torch.equal(residency.ids, want)
+    for layer in residency.layers:
         for name in ("compressor", "indexer"):
-            assert torch.equal(layer.resident[name].view(), pool.host_rows(layer.layer_idx, name)[want])
+            assert torch.equal(residency.rows(layer, name), pool.host_rows(layer, name)[want])
 
 
 def test_a_slow_helper_changes_timing_not_tokens(backbone, prompt_ids):
@@ -170,8 +169,9 @@ def test_prefetch_on_a_gpu_is_lossless_and_holds_the_pool_rows(prompt_ids):
                       chunk_size=CHUNK)
     session.generate(prompt_ids, 2 + 2 * 8)  # ends right after the second swap
     torch.cuda.synchronize()
-    for layer in session._lsa_layers():
+    residency, pool = session.residency, session.cold_pool
+    for layer in residency.layers:
         for name in ("compressor", "indexer"):
-            want = session._pool.host_rows(layer.layer_idx, name)[layer.resident_ids]
-            assert torch.equal(layer.resident[name].view().cpu(), want)
-        assert layer.resident_ids.numel() < layer.n_entries
+            want = pool.host_rows(layer, name)[residency.ids]
+            assert torch.equal(residency.rows(layer, name).cpu(), want)
+        assert residency.count < pool.count(layer)

@@ -8,7 +8,7 @@ import torch
 
 from lsa_runtime.backbone import config_hash, default_memory_layers
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
-from lsa_runtime.resident_policy import GivenEntriesPolicy, MemoryIndexerPolicy
+from lsa_runtime.policies import GivenEntriesPolicy, MemoryIndexerPolicy
 from lsa_runtime.session import Session, SessionError
 
 PROMPT_TOKENS = 640  # 20 sliding windows, 160 CSA entries, 20 HCA entries
@@ -119,10 +119,13 @@ def test_native_topk_is_restricted_to_resident_entries(backbone, prompt_ids):
     assert not torch.equal(scores.topk(k).indices.sort().values, expected)
 
     # at every later step and every CSA layer the picks stay inside the candidates, which are the resident set
+    # (unless a trigger changed the set after that forward)
+    changes = len(session.residency.changes)
     for _ in stream:
+        changed, changes = len(session.residency.changes) != changes, len(session.residency.changes)
         for layer, (picks, candidates) in session.last_picks().items():
             assert candidates is not None and torch.isin(picks, candidates).all()
-            assert torch.equal(candidates, session.resident_entries()[layer]) or session._since_trigger == 0
+            assert torch.equal(candidates, session.residency.ids) or changed
             assert picks.numel() == min(k, candidates.numel())
 
 
@@ -174,9 +177,9 @@ def test_memory_keys_in_the_pool_decode_the_same_with_less_device_memory(backbon
         Session(model, tokenizer, mode="lsa", indexer=native_export, memory_keys="disk")
 
 
-def test_max_resident_caps_the_resident_set(backbone, prompt_ids, native_export):
+def test_budget_caps_the_lsa_resident_set(backbone, prompt_ids, native_export):
     model, tokenizer = backbone
-    session = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=0.5, max_resident=20,
+    session = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=0.5, budget=20,
                       tau=TAU, chunk_size=CHUNK)
     seen = []
     original = session.policy.select
@@ -252,8 +255,7 @@ def test_export_metadata_is_checked(backbone, native_export, tmp_path):
 def test_oracle_policy_is_lossless_with_few_resident_entries(backbone, prompt_ids, full_run):
     """Resident = exactly what full decoding's native top-k reads in each trigger window: the restricted top-k
     then equals the full one, so the tokens must too, with a fraction of the entries resident."""
-    from lsa_runtime.resident_policy import OraclePolicy
-    from lsa_runtime.session import record_native_picks
+    from lsa_runtime.policies import OraclePolicy, record_native_picks
 
     model, tokenizer = backbone
     recorder = Session(model, tokenizer, mode="full", chunk_size=CHUNK)
@@ -300,3 +302,26 @@ def test_long_prompt_fidelity(backbone, native_export):
     for options in lossless:
         session = Session(model, tokenizer, chunk_size=256, **options)
         assert session.generate(ids, max_new_tokens=96).token_ids == expected, options
+
+
+def test_with_config_reuses_the_loaded_backbone_and_stats_report_each_triggers_set(backbone, prompt_ids):
+    """with_config: another mode on the same model object; stats.selected_per_trigger equals what the policy
+    returned at each trigger (counted here by a wrapper), and reading stats twice changes nothing."""
+    model, tokenizer = backbone
+    full = Session(model, tokenizer, mode="full", chunk_size=CHUNK)
+    sizes = []
+
+    def every_fifth(state):
+        ids = torch.arange(0, state.n_visible, 5)
+        sizes.append(ids.numel())
+        return ids
+
+    lsa = full.with_config(mode="all", tau=TAU, policy=GivenEntriesPolicy(every_fifth))
+    assert lsa.model is full.model and lsa.config.tau == TAU and full.config.mode == "full"
+    lsa.generate(prompt_ids[:320], max_new_tokens=2 * TAU + 2)
+    stats = lsa.stats
+    assert stats.selected_per_trigger == tuple(sizes) and stats.triggers == len(sizes) == 3
+    assert stats.selected_mean == sum(sizes) / 3 and lsa.stats == stats
+    recent = lsa.with_config(mode="recent", budget=8)
+    recent.generate(prompt_ids[:320], max_new_tokens=TAU + 1)
+    assert recent.stats.selected_per_trigger == (8, 8)

@@ -110,7 +110,7 @@ def test_cli_generate_bad_input_exits_2(args, message):
 
 
 def test_a_policy_selecting_invisible_entries_is_refused(backbone):
-    from lsa_runtime.resident_policy import GivenEntriesPolicy
+    from lsa_runtime.policies import GivenEntriesPolicy
 
     model, tokenizer = backbone
     session = Session(model, tokenizer, policy=GivenEntriesPolicy(lambda state: [0, state.n_visible]), tau=4)
@@ -125,3 +125,31 @@ def test_decoding_stops_at_the_model_maximum(backbone):
     out = session.generate(list(range(3, 43)), max_new_tokens=30, stop_at_eos=False)
     assert len(out.token_ids) == 11 and out.finish_reason == session.finish_reason == "max_position"
     assert out.stats.context_tokens == 50
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"mode": "all", "budget": 2.5}, "budget must be >= 1 entries"),
+    ({"mode": "all", "memory_keys": "disk"}, "memory_keys must be 'device' or 'pool'"),
+    ({"mode": "all", "tau": 8, "prefetch_steps": 8}, r"prefetch_steps must be an integer in 0..tau-1 = 0..7"),
+    ({"mode": "hisparse"}, "mode 'hisparse' needs budget=N"),
+])
+def test_session_config_is_validated_when_built(fields, message):
+    from lsa_runtime.config import SessionConfig
+
+    with pytest.raises(FmIndexError, match=message):
+        SessionConfig(**fields)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_k": -2}, "top_k must be >= 0"),
+])
+def test_sampling_params_are_validated_when_built(backbone, fields, message):
+    from lsa_runtime.config import SamplingParams
+
+    with pytest.raises(FmIndexError, match=message):
+        SamplingParams(**fields)
+    model, tokenizer = backbone
+    with pytest.raises(FmIndexError, match=message):  # the keyword shortcuts of generate build the same object
+        Session(model, tokenizer, mode="full").generate([5, 6], max_new_tokens=1, **fields)

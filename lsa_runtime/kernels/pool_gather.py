@@ -1,16 +1,12 @@
 """Zero-copy gather of scattered cold-pool rows straight from pinned host memory into device memory.
 
 A trigger fetches entries scattered over the cold pool. The staged path (``ColdPool.gather``) gathers them on
-the CPU into a pinned staging buffer and then copies that buffer to the device: the CPU gather bounds it
-(~18 GB/s measured on the H200 host). Here the GPU does the gather itself: pinned host memory is mapped into
-the device's address space (CUDA unified addressing), so a kernel can read row ``ids[i]`` of the host pool
-over PCIe and write it to row ``i`` of a device tensor, with thousands of rows in flight. Goal: >= 80% of the
-pinned host->device ceiling (55.2 GB/s measured).
-
-Measured (H200, 2026-11-29, ``bench/bench_trigger.py``): 47.8 GB/s gathering 6,553 scattered entries x 21 CSA
-layers (176 MB), 87% of the 55.0 GB/s pinned ceiling, vs 19.7 GB/s for the staged path; the rows were checked
-equal to the staged path's in the same run. ``ColdPool.gather`` uses it by default on a GPU. On the CPU it is
-tested under the Triton interpreter.
+the CPU into a pinned staging buffer and then copies that buffer to the device, so the CPU gather bounds it.
+Here the GPU does the gather itself: pinned host memory is mapped into the device's address space (CUDA unified
+addressing), so a kernel can read row ``ids[i]`` of the host pool over PCIe and write it to row ``i`` of a
+device tensor, with thousands of rows in flight: one pass over the bus, near the pinned host->device ceiling
+(figures: docs/BENCHMARKS.md, "Trigger cost"; ``bench/bench_trigger.py``). ``ColdPool.gather`` uses it by
+default on a GPU. On the CPU it is tested under the Triton interpreter.
 """
 
 from __future__ import annotations

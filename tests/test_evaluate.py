@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from indexer_train.long_context_eval import (EvalConfig, Evaluation, EvaluationError, Reporter, evaluate,
-                                             parse_lengths, parse_modes)
-from indexer_train.ruler_tasks import generate_sample, score_prediction
+from fm_eval.runner import EvalConfig, Evaluation, EvaluationError, Reporter, evaluate, parse_lengths, parse_modes
+from fm_eval.tasks import generate_sample, score_prediction
 
 TASK, LENGTH, SAMPLES, NEW, TAU = "niah_single_2", 256, 2, 4, 2
 

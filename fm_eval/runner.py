@@ -1,7 +1,8 @@
 """The long-context evaluation behind ``fm-index evaluate``: RULER-style tasks x lengths x resident-set modes.
 
-For every (task, length) cell, ``samples`` prompts from :mod:`indexer_train.ruler_tasks` are decoded greedily
-by :class:`lsa_runtime.Session` in each mode and scored with RULER's string match. Modes:
+For every (task, length) cell, ``samples`` prompts from :mod:`fm_eval.tasks` are decoded greedily by
+:class:`lsa_runtime.Session` in each mode and scored with RULER's string match. Modes (the Session's, see
+``lsa_runtime.config.SessionConfig``):
 
 * ``full``     -- plain DeepSeek-V4: every compressed entry on the device (footprint ratio 1);
 * ``lsa``      -- FlashMemory: the trained memory indexer picks the resident set every tau steps;
@@ -10,20 +11,19 @@ by :class:`lsa_runtime.Session` in each mode and scored with RULER's string matc
 * ``oracle``   -- exactly the entries the full model's native top-k reads in the tau steps after each trigger
   (union over steps and CSA layers, most-read first when capped by ``budget``; ``OraclePolicy`` fed by
   ``record_native_picks`` of the full run): the upper bound of any trigger-time selection;
-* ``hisparse`` -- a lossless per-step scheme in the spirit of SGLang's HiSparse (Session mode ``hisparse``):
-  the native top-k scores all entries every step (indexer keys of all entries stay on the device) and the
-  picked KV rows missing from a fixed device buffer of ``max(budget, index_topk)`` rows per CSA layer are
-  fetched from the host at that step. Compare its bytes moved and tokens/s with lsa's.
+* ``hisparse`` -- a lossless per-step scheme in the spirit of SGLang's HiSparse: the native top-k scores all
+  entries every step (indexer keys of all entries stay on the device) and the picked KV rows missing from a
+  fixed device buffer of ``max(budget, index_topk)`` rows per CSA layer are fetched from the host at that step.
+  Compare its bytes moved and tokens/s with lsa's.
 
 The same resident budget: in each cell ``lsa`` runs first; the mean number of entries its triggers selected
-(over the cell's samples) is the ``budget`` of recent, random and oracle (and hisparse's buffer, at least one
-step's top-k). Without
-``lsa`` among the modes, ``budget`` must be given.
+(over the cell's samples; ``SessionStats.selected_per_trigger``) is the ``budget`` of recent, random and oracle
+(and hisparse's buffer, at least one step's top-k). Without ``lsa`` among the modes, ``budget`` must be given.
 
 Output in ``out``: ``runs.jsonl`` (one line per decoded sample and mode, appended as they finish, so an
 interrupted run resumes), ``config.json``, ``results.json`` (every run plus the summaries), ``results.md``
 (accuracy per task and length, footprint ratio, bytes moved and tokens/s per mode) and two plots
-(``accuracy_vs_footprint.png``, ``footprint_vs_length.png``).
+(``accuracy_vs_footprint.png``, ``footprint_vs_length.png``), written by :mod:`fm_eval.report`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import platform
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,14 +40,15 @@ from pathlib import Path
 import torch
 
 from lsa_runtime.backbone import load_backbone
+from lsa_runtime.config import SessionConfig
 from lsa_runtime.errors import FmIndexError
-from lsa_runtime.resident_policy import (HiSparsePolicy, MemoryIndexerPolicy, OraclePolicy, RandomPolicy, RecentPolicy,
-                                         ResidentPolicy, TriggerState)
+from lsa_runtime.policies import make_policy, record_native_picks
 
-from .ruler_tasks import DEFAULT_HAYSTACK_PACKAGES, TASKS, Sample, generate_samples, parse_tasks, score_prediction
+from . import MODES
+from .report import markdown_report, summarize, write_plots
+from .tasks import DEFAULT_HAYSTACK_PACKAGES, TASKS, Sample, generate_samples, parse_tasks, score_prediction
 
 FORMAT = "fm-index-evaluate/1"
-MODES = ("full", "lsa", "hisparse", "recent", "random", "oracle")  # the order they run in within a cell
 BUDGETED = ("recent", "random", "oracle")
 NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
@@ -142,28 +141,6 @@ def parse_lengths(text: str | Sequence[int]) -> tuple[int, ...]:
     if not lengths:
         raise EvaluationError("no length given")
     return tuple(sorted(set(lengths)))
-
-
-# ---- policies -----------------------------------------------------------------------------------------
-
-
-class CountingPolicy(ResidentPolicy):
-    """Wraps a policy and records how many entries each of its triggers selected (the resident budget)."""
-
-    def __init__(self, inner: ResidentPolicy):
-        self.inner = inner
-        self.name = inner.name
-        self.memory_layers = tuple(inner.memory_layers)
-        self.per_step_buffer = inner.per_step_buffer
-        self.selected: list[int] = []
-
-    def select(self, state: TriggerState) -> torch.Tensor:
-        ids = torch.as_tensor(self.inner.select(state), dtype=torch.long).reshape(-1)
-        self.selected.append(int(torch.unique(ids).numel()))
-        return ids
-
-    def describe(self) -> str:
-        return self.inner.describe()
 
 
 # ---- progress -------------------------------------------------------------------------------------------
@@ -305,7 +282,7 @@ class Evaluation:
         self.done.update(_read_runs(runs))
 
     def _load(self) -> None:
-        from lsa_runtime.session import load_memory_indexer
+        from lsa_runtime.memory_indexer import load_memory_indexer
 
         cfg = self.config
         if self._backbone is None:
@@ -319,11 +296,10 @@ class Evaluation:
         if limit and longest > limit:
             raise EvaluationError(f"length {max(cfg.lengths)} plus the generated tokens exceeds the model's maximum "
                                   f"of {limit} positions (max_position_embeddings)")
-        self.memory_indexer, self.export = (None, {})
-        if "lsa" in cfg.modes:
-            self.memory_indexer, self.export = load_memory_indexer(cfg.indexer, self.model)
-        self.tau = int(cfg.tau if cfg.tau is not None else self.export.get("tau", 64))
-        self.threshold = float(cfg.threshold if cfg.threshold is not None else self.export.get("threshold", 0.5))
+        self.memory_indexer = load_memory_indexer(cfg.indexer, self.model) if "lsa" in cfg.modes else None
+        export = self.memory_indexer.config if self.memory_indexer is not None else None
+        self.tau = int(cfg.tau if cfg.tau is not None else (export.tau if export else 64))
+        self.threshold = float(cfg.threshold if cfg.threshold is not None else (export.threshold if export else 0.5))
         if cfg.prefetch_steps >= self.tau:
             raise EvaluationError(f"--prefetch-steps {cfg.prefetch_steps} must be below tau ({self.tau}, the export's)")
 
@@ -371,41 +347,32 @@ class Evaluation:
                     if (r := self.done.get((task, length, i, "lsa"))) and r.get("selected_mean") is not None]
         return max(1, round(sum(selected) / len(selected))) if selected else 1
 
-    def _policy(self, mode: str, budget: int | None, picks: dict | None) -> ResidentPolicy | None:
-        if mode == "full":
-            return None
-        if mode == "lsa":
-            return CountingPolicy(MemoryIndexerPolicy(self.memory_indexer, threshold=self.threshold))
-        if mode == "recent":
-            return CountingPolicy(RecentPolicy(budget))
-        if mode == "random":
-            return CountingPolicy(RandomPolicy(budget, seed=self.config.seed))
-        if mode == "oracle":
-            return CountingPolicy(OraclePolicy(picks, tau=self.tau, budget=budget))
-        if mode == "hisparse":
-            return CountingPolicy(HiSparsePolicy(self._buffer_rows(budget)))
-        raise EvaluationError(f"mode {mode} has no resident policy")
+    def _session_config(self, mode: str, budget: int | None) -> SessionConfig:
+        cfg = self.config
+        return SessionConfig(mode=mode, tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
+                             seed=cfg.seed, prefetch_steps=cfg.prefetch_steps,
+                             budget=self._buffer_rows(budget) if mode == "hisparse" else
+                             budget if mode in BUDGETED else None)
 
     def _decode(self, sample: Sample, index: int, mode: str, budget: int | None, max_new: int,
                 want_picks: bool = False, picks: dict | None = None) -> tuple[dict, dict | None]:
-        from lsa_runtime.session import Session, record_native_picks
+        from lsa_runtime.session import Session
 
-        policy = self._policy(mode, budget, picks or {})
-        session = Session(self.model, self.tokenizer, mode="full", policy=policy, tau=self.tau,
-                          chunk_size=self.config.chunk_size, seed=self.config.seed,
-                          prefetch_steps=self.config.prefetch_steps)
+        config = self._session_config(mode, budget)
+        policy = make_policy(config, self.memory_indexer, picks or {})
+        session = Session(self.model, self.tokenizer, config, policy=policy)
         recorded = None
         if want_picks:  # the full run, with the native top-k picks of every decode query (the oracle's input)
             generation, recorded = record_native_picks(session, sample.prompt, max_new, temperature=0.0)
         else:
             generation = session.generate(sample.prompt, max_new_tokens=max_new, temperature=0.0)
-        stats = generation.stats.as_dict()
-        selected = policy.selected if policy is not None and policy.per_step_buffer is None else None
-        record = self._record(sample, index, mode, budget, generation.text, stats)
+        stats = generation.stats
+        selected = list(stats.selected_per_trigger) if stats.triggers else None
+        record = self._record(sample, index, mode, budget, generation.text, stats.as_dict())
         record.update(new_tokens=len(generation.token_ids), finish_reason=generation.finish_reason,
                       prompt_tokens=generation.prompt_tokens, selected_per_trigger=selected,
-                      selected_mean=(sum(selected) / len(selected)) if selected else None,
-                      buffer_entries=policy.per_step_buffer if policy is not None else None)
+                      selected_mean=stats.selected_mean,
+                      buffer_entries=config.budget if mode == "hisparse" else None)
         return record, recorded
 
     def _buffer_rows(self, budget: int | None) -> int:
@@ -481,169 +448,6 @@ def _lock(f) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
 
 
-# ---- summaries, table, plots ------------------------------------------------------------------------------
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _rate(runs, tokens_key: str, seconds_key: str) -> float | None:
-    tokens = sum(r["stats"].get(tokens_key) or 0 for r in runs)
-    seconds = sum(r["stats"].get(seconds_key) or 0 for r in runs)
-    return tokens / seconds if seconds > 0 else None
-
-
-def _group_summary(runs: list[dict]) -> dict:
-    return {
-        "n": len(runs),
-        "accuracy": 100.0 * _mean(r["score"] for r in runs),
-        "footprint_ratio": _mean(r["stats"].get("footprint_ratio") for r in runs),
-        "device_bytes": _mean(r["stats"].get("device_total") for r in runs),
-        "full_bytes": _mean(r["stats"].get("full_total") for r in runs),
-        "csa_entries": _mean(r["stats"].get("csa_entries") for r in runs),
-        "selected_entries": _mean(r.get("selected_mean") if r.get("selected_mean") is not None
-                                  else r.get("buffer_entries") for r in runs),
-        "budget": _mean(r.get("budget") for r in runs),
-        "triggers": _mean(r["stats"].get("triggers") for r in runs),
-        "entries_fetched": _mean(r["stats"].get("entries_fetched") for r in runs),
-        "bytes_moved": _mean(r["stats"].get("fetch_bytes_to_device") for r in runs),
-        "prefill_bytes_moved": _mean(r["stats"].get("prefill_bytes_to_device") for r in runs),
-        "trigger_seconds": _mean(r["stats"].get("trigger_seconds") for r in runs),
-        "decode_tokens_per_second": _rate(runs, "decode_tokens", "decode_seconds"),
-        "prefill_tokens_per_second": _rate(runs, "prefill_tokens", "prefill_seconds"),
-    }
-
-
-def summarize(runs: list[dict]) -> dict:
-    """Per (mode, task, length) cell and per (mode, length) over tasks (accuracy = mean of task accuracies)."""
-    cells: dict[tuple, list] = defaultdict(list)
-    for r in runs:
-        cells[(r["mode"], r["task"], r["length"])].append(r)
-    by_cell = [{"mode": m, "task": t, "length": n, **_group_summary(rs)} for (m, t, n), rs in sorted(
-        cells.items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][2], list(TASKS).index(kv[0][1])
-                                       if kv[0][1] in TASKS else 99))]
-    by_mode_length = []
-    groups: dict[tuple, list] = defaultdict(list)
-    for r in runs:
-        groups[(r["mode"], r["length"])].append(r)
-    for (mode, length), rs in sorted(groups.items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])):
-        row = {"mode": mode, "length": length, **_group_summary(rs)}
-        row["accuracy"] = _mean(c["accuracy"] for c in by_cell if c["mode"] == mode and c["length"] == length)
-        by_mode_length.append(row)
-    return {"cells": by_cell, "modes": by_mode_length}
-
-
-def _fmt(value, spec: str = ".1f", missing: str = "-") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return missing
-    return format(value, spec)
-
-
-def markdown_report(results: dict) -> str:
-    cfg, summary = results["config"], results["summary"]
-    modes = [m for m in MODES if m in cfg["modes"]]
-    cells = {(c["mode"], c["task"], c["length"]): c for c in summary["cells"]}
-    per_mode = {(c["mode"], c["length"]): c for c in summary["modes"]}
-    env = results["environment"]
-    lines = [
-        f"# fm-index evaluate: {cfg['model']}",
-        "",
-        ("" if results.get("complete", True) else "**Partial: the evaluation is still running or was "
-                                                   "interrupted (`--resume` continues it).**\n\n") +
-        f"{results['created']} on {env['device_name']} (torch {env['torch']}, transformers {env['transformers']}). "
-        f"{cfg['samples']} samples per task and length, seed {cfg['seed']}, greedy decoding, RULER string match "
-        f"(fraction of the answers found in the prediction). Lengths are prompt tokens. Haystack code: "
-        f"{', '.join(cfg['haystack_packages'])}.",
-        "",
-        "## Accuracy (%) per task and length",
-        "",
-        "| task | length | " + " | ".join(modes) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in modes) + " |",
-    ]
-    for length in cfg["lengths"]:
-        for task in cfg["tasks"]:
-            row = [_fmt(cells.get((m, task, length), {}).get("accuracy")) for m in modes]
-            lines.append(f"| {task} | {length:,} | " + " | ".join(row) + " |")
-        row = [_fmt(per_mode.get((m, length), {}).get("accuracy")) for m in modes]
-        lines.append(f"| **average** | {length:,} | " + " | ".join(f"**{v}**" for v in row) + " |")
-    lines += [
-        "",
-        "## Cost per mode and length",
-        "",
-        "Footprint ratio: device KV bytes / full decoding's at the end of generation (mean over samples). "
-        "Selected: entries a trigger made resident (lsa's mean is the budget of recent/random/oracle). "
-        "Bytes moved: host->device bytes fetched after prefill per sample (by triggers; hisparse: at every "
-        "decode step, into its buffer of max(budget, top-k) entries per CSA layer).",
-        "",
-        "| mode | length | accuracy % | footprint ratio | device KV MiB | CSA entries | selected | budget "
-        "| triggers | entries fetched | bytes moved MiB | decode tok/s | prefill tok/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    mib = 1024 * 1024
-    for mode in modes:
-        for length in cfg["lengths"]:
-            c = per_mode.get((mode, length))
-            if c is None:
-                continue
-            lines.append(
-                f"| {mode} | {length:,} | {_fmt(c['accuracy'])} | {_fmt(c['footprint_ratio'], '.3f')} | "
-                f"{_fmt(c['device_bytes'] / mib if c['device_bytes'] is not None else None, '.2f')} | "
-                f"{_fmt(c['csa_entries'], '.0f')} | {_fmt(c['selected_entries'], '.1f')} | "
-                f"{_fmt(c['budget'], '.0f')} | {_fmt(c['triggers'], '.1f')} | {_fmt(c['entries_fetched'], '.1f')} | "
-                f"{_fmt(c['bytes_moved'] / mib if c['bytes_moved'] is not None else None, '.3f')} | "
-                f"{_fmt(c['decode_tokens_per_second'], '.1f')} | {_fmt(c['prefill_tokens_per_second'], '.0f')} |")
-    lines += ["", "Plots: `accuracy_vs_footprint.png`, `footprint_vs_length.png`. Every run: `results.json`.", ""]
-    return "\n".join(lines)
-
-
-def write_plots(results: dict, out: Path) -> list[Path]:
-    """accuracy vs footprint ratio (one point per mode and length) and footprint ratio vs context length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["summary"]["modes"]
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    # distinct markers and dashes: controls at one budget often coincide in footprint
-    style = {m: dict(marker=mk, linestyle=ls) for m, mk, ls in zip(MODES, "os^vDx", ("-", "--", "-.", ":", "-", "--"))}
-    paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for mode in modes:
-        pts = [(r["footprint_ratio"], r["accuracy"], r["length"]) for r in rows
-               if r["mode"] == mode and r["footprint_ratio"] is not None]
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=mode, **style[mode])
-        for x, y, length in pts:
-            ax.annotate(f"{length // 1024}K" if length >= 1024 else str(length), (x, y), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("KV footprint ratio (device / full)")
-    ax.set_ylabel("accuracy, mean over tasks (%)")
-    ax.set_ylim(-3, 103)
-    ax.set_title("Accuracy vs KV footprint")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, out / "accuracy_vs_footprint.png"))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for mode in modes:
-        pts = sorted((r["length"], r["footprint_ratio"]) for r in rows
-                     if r["mode"] == mode and r["footprint_ratio"] is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=mode, **style[mode])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (prompt tokens)")
-    ax.set_ylabel("KV footprint ratio (device / full)")
-    ax.set_title("KV footprint vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, out / "footprint_vs_length.png"))
-    plt.close("all")
-    return paths
-
-
 # ---- small helpers ----------------------------------------------------------------------------------------
 
 
@@ -678,11 +482,3 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_json(path: Path, blob: dict) -> None:
     _write_text(path, json.dumps(blob, indent=1) + "\n")
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from indexer_train.ruler_tasks import (DEFAULT_HAYSTACK_PACKAGES, TASKS, Sample, generate_sample, generate_samples,
+from fm_eval.tasks import (DEFAULT_HAYSTACK_PACKAGES, TASKS, Sample, generate_sample, generate_samples,
                                        length_tolerance, mean_percent, parse_tasks, postprocess_prediction,
                                        score_prediction, spread_depths, stdlib_code_lines, string_match_all,
                                        string_match_part)

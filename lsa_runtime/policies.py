@@ -1,27 +1,26 @@
-"""Resident-set policies: which compressed entries a trigger makes resident on the device.
+"""Trigger policies: which compressed entries a trigger makes resident on the device, and the one map from a
+Session mode to its policy (:func:`make_policy`).
 
 Every tau decode steps (and when prefill ends) a :class:`~.session.Session` fires a *trigger*: it hands the
-policy a :class:`TriggerState` and makes the returned entries the resident set of every CSA layer (entries
-already resident are kept, the others fetched from the cold pool, the rest released). Between triggers,
-entries born during decoding stay resident; the native Lightning Indexer picks its top-k among resident
-entries only.
+policy a :class:`TriggerState` and makes the returned entries the resident set
+(:class:`~.residency.ResidentSet`: entries already resident are kept, the others fetched from the cold pool, the
+rest released). Between triggers, entries born during decoding stay resident; the native Lightning Indexer of
+every CSA layer picks its top-k among resident entries only.
 
-Policies (``Session(mode=...)`` names in brackets):
+Policies (``SessionConfig.mode`` names in brackets):
 
 * :class:`MemoryIndexerPolicy` [``lsa``] -- FlashMemory: entries whose memory-indexer score
-  I[t0, s] >= threshold at any memory layer (OR); ``max_resident`` keeps the highest-scoring ones;
+  I[t0, s] >= threshold at any memory layer (OR); a budget keeps the highest-scoring ones;
 * :class:`AllEntriesPolicy` [``all``] -- every visible entry (lossless; equals full decoding);
 * :class:`RecentPolicy` [``recent``] -- the ``budget`` most recent entries;
 * :class:`RandomPolicy` [``random``] -- ``budget`` entries drawn uniformly (seeded);
 * :class:`OraclePolicy` [``oracle``] -- exactly the entries the full model's native top-k uses (any CSA layer)
-  in the window the trigger serves, replayed from a full-decoding run (:func:`~.session.record_native_picks`);
-* :class:`GivenEntriesPolicy` -- entries from a function of the trigger state (replayed sets, experiments);
-* :class:`HiSparsePolicy` [``hisparse``] -- no triggers: the native top-k scores every entry at every step
-  (K^IComp of all entries on the device) and the picks' C^Comp comes from a fixed device buffer of
-  ``budget`` entries per CSA layer, misses fetched from the pool (lossless).
+  in the window the trigger serves, replayed from a full-decoding run (:func:`record_native_picks`);
+* :class:`GivenEntriesPolicy` -- entries from a function of the trigger state (replayed sets, experiments).
 
-A new policy is a subclass with ``name``, optionally ``memory_layers`` (layers whose h_t0 and K^IComp of all
-entries it needs on the device) and ``select``.
+Modes ``full`` (the stock cache) and ``hisparse`` (per-step fetches, :mod:`~.hisparse`) have no triggers, hence
+no policy. A new policy is a subclass with ``name``, optionally ``memory_layers`` (layers whose h_t0 and K^IComp
+of all entries it needs on the device) and ``select``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FmIndexError
+from .config import SessionConfig, SessionError, check_budget, check_threshold
 
 
 @dataclass
@@ -61,21 +60,12 @@ class ResidentPolicy(ABC):
 
     name: str = "policy"
     memory_layers: tuple[int, ...] = ()
-    per_step_buffer: int | None = None  # set by per-step policies (HiSparse): no triggers, a device buffer
 
     @abstractmethod
     def select(self, state: TriggerState) -> torch.Tensor: ...
 
     def describe(self) -> str:
         return self.name
-
-
-def check_budget(budget: int | None, what: str = "budget") -> int | None:
-    if budget is None:
-        return None
-    if int(budget) < 1:
-        raise FmIndexError(f"{what} must be >= 1 entries, got {budget}")
-    return int(budget)
 
 
 class AllEntriesPolicy(ResidentPolicy):
@@ -175,40 +165,21 @@ class OraclePolicy(ResidentPolicy):
         return f"oracle (native top-k of full decoding{cap})"
 
 
-class HiSparsePolicy(ResidentPolicy):
-    """Lossless per-step scheme: every step the native top-k runs over all entries; a fixed device buffer of
-    ``budget`` C^Comp rows per CSA layer (least recently used eviction) serves the picks, misses are fetched.
-    ``select`` is never called (there are no triggers)."""
-
-    name = "hisparse"
-
-    def __init__(self, budget: int):
-        self.per_step_buffer = check_budget(budget)
-
-    def select(self, state: TriggerState) -> torch.Tensor:  # pragma: no cover - no triggers in per-step mode
-        raise RuntimeError("HiSparsePolicy has no triggers")
-
-    def describe(self) -> str:
-        return f"hisparse (buffer {self.per_step_buffer} entries)"
-
-
 class MemoryIndexerPolicy(ResidentPolicy):
     """FlashMemory's selection: fetched(t0) = { s < n_visible : I_L[t0, s] >= threshold for some memory layer L }.
 
     I_L is the memory indexer's gated score (DESIGN.md, "Memory indexer math"): sigmoid of the native formula
     with its own W_DQ, W_IUQ and W_w applied to h_t0 of layer L, against layer L's frozen K^IComp.
-    ``max_resident`` caps the set: the entries with the highest score (max over layers) are kept.
+    ``budget`` caps the set: the entries with the highest score (max over layers) are kept.
     """
 
     name = "lsa"
 
-    def __init__(self, memory_indexer, threshold: float = 0.5, max_resident: int | None = None):
-        if not 0.0 < float(threshold) < 1.0:
-            raise FmIndexError(f"threshold must be in (0, 1), got {threshold}")
+    def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None):
         self.memory_indexer = memory_indexer
-        self.threshold = float(threshold)
-        self.max_resident = check_budget(max_resident, "max_resident")
-        self.memory_layers = memory_indexer_layers(memory_indexer)
+        self.threshold = check_threshold(threshold)
+        self.budget = check_budget(budget)
+        self.memory_layers = tuple(int(x) for x in memory_indexer.config.layers)
 
     def select(self, state: TriggerState) -> torch.Tensor:
         best = None
@@ -223,16 +194,61 @@ class MemoryIndexerPolicy(ResidentPolicy):
         if best is None or best.numel() == 0:
             return torch.zeros(0, dtype=torch.long)
         chosen = torch.nonzero(best >= self.threshold).reshape(-1)
-        if self.max_resident is not None and chosen.numel() > self.max_resident:
-            top = best[chosen].topk(self.max_resident).indices
+        if self.budget is not None and chosen.numel() > self.budget:
+            top = best[chosen].topk(self.budget).indices
             chosen = chosen[top]
         return chosen.cpu()
 
     def describe(self) -> str:
-        cap = f", max_resident {self.max_resident}" if self.max_resident else ""
+        cap = f", budget {self.budget}" if self.budget else ""
         return f"lsa (threshold {self.threshold:g}, layers {list(self.memory_layers)}{cap})"
 
 
-def memory_indexer_layers(memory_indexer) -> tuple[int, ...]:
-    """The layers of a :class:`~.memory_indexer.MemoryIndexer` (its config's sorted layer list)."""
-    return tuple(int(x) for x in memory_indexer.config.layers)
+def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict | None = None) -> ResidentPolicy | None:
+    """The trigger policy of ``config.mode`` (None for ``full`` and ``hisparse``: no triggers).
+
+    ``memory_indexer``: a loaded :class:`~.memory_indexer.MemoryIndexer` (mode ``lsa``); ``native_picks``: the
+    native top-k picks of a full run by query position (mode ``oracle``, from :func:`record_native_picks`).
+    ``config`` must be resolved (tau and threshold set, :meth:`SessionConfig.resolved`).
+    """
+    mode, budget = config.mode, config.budget
+    if mode in ("full", "hisparse"):
+        return None
+    if mode == "lsa":
+        if memory_indexer is None:
+            raise SessionError("mode 'lsa' needs an exported memory indexer: pass indexer=DIR (the output of "
+                               "`fm-index export`), or use mode='full'")
+        return MemoryIndexerPolicy(memory_indexer, threshold=config.threshold, budget=budget)
+    if mode == "all":
+        return AllEntriesPolicy()
+    if mode == "recent":
+        return RecentPolicy(budget)
+    if mode == "random":
+        return RandomPolicy(budget, seed=config.seed)
+    if native_picks is None:  # mode == "oracle"
+        raise SessionError("mode 'oracle' needs the native top-k picks of a full run (record_native_picks)")
+    return OraclePolicy(native_picks, tau=config.tau, budget=budget)
+
+
+def record_native_picks(session, prompt, max_new_tokens: int, **generate_options):
+    """Decode with ``session`` (a ``mode="full"`` Session) and record, for every decode query position t, the
+    entries the native top-k picked at any CSA layer. Returns ``(Generation, {t: int64 entry indices})``: the
+    input of :class:`OraclePolicy`."""
+    if session.config.mode != "full" or session.policy is not None:
+        raise SessionError("record_native_picks needs a mode='full' Session (the stock model's own picks)")
+    picks: dict[int, list[torch.Tensor]] = {}
+
+    def on_picks(module, args, output):
+        if output.shape[1] == 1:  # decode queries only; prefill queries are served by prefill itself
+            position = int(args[2].reshape(-1)[-1])
+            chosen = output.reshape(-1)
+            picks.setdefault(position, []).append(chosen[chosen >= 0].cpu())
+
+    handles = [session.decoder.layers[idx].self_attn.compressor.indexer.register_forward_hook(on_picks)
+               for idx in session.csa_layers]
+    try:
+        out = session.generate(prompt, max_new_tokens=max_new_tokens, **generate_options)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, {t: torch.unique(torch.cat(parts)) for t, parts in picks.items()}

@@ -1,0 +1,157 @@
+"""The options of a decoding :class:`~.session.Session` and of its sampling, as frozen dataclasses validated once.
+
+``SessionConfig`` says how a Session keeps the KV state (the mode, FlashMemory's trigger period tau and fetch
+threshold, the resident budget, where the memory layers' keys live, prefetch, CUDA graphs); ``SamplingParams``
+says how a token is drawn from the logits. Every field is checked in ``__post_init__`` with a message that names
+the option, so nothing downstream re-validates; :meth:`SessionConfig.resolved` fills tau and the threshold from a
+memory-indexer export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import FmIndexError
+
+# Session modes: how the CSA entries are kept (see policies.make_policy and docs/DESIGN.md, "Session").
+MODES = ("lsa", "full", "all", "recent", "random", "oracle", "hisparse")
+BUDGETED_MODES = ("recent", "random", "hisparse")  # modes that need a budget
+DEFAULT_TAU = 64
+DEFAULT_THRESHOLD = 0.5
+MEMORY_KEYS = ("device", "pool")
+
+
+class SessionError(FmIndexError):
+    """A Session option or input the user can fix (mode, tau, threshold, prompt, indexer export)."""
+
+
+def check_tau(tau) -> int:
+    """tau: decode steps between triggers, an integer >= 1."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or int(tau) != tau or int(tau) < 1:
+        raise SessionError(f"tau must be an integer >= 1 (decode steps between triggers), got {tau}")
+    return int(tau)
+
+
+def check_threshold(threshold) -> float:
+    """The memory-indexer score I[t, s] an entry needs to be fetched, in (0, 1)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) < 1.0:
+        raise SessionError(f"threshold must be in (0, 1), got {threshold}")
+    return float(threshold)
+
+
+def check_budget(budget, what: str = "budget") -> int | None:
+    """A number of resident entries (None: no cap)."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or int(budget) != budget or int(budget) < 1:
+        raise SessionError(f"{what} must be >= 1 entries, got {budget}")
+    return int(budget)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How a Session decodes. Fields (all validated here):
+
+    * ``mode``: ``lsa`` (FlashMemory's memory indexer selects the resident set every tau steps; needs an indexer),
+      ``full`` (plain DeepSeek-V4, every entry on the device: the baseline), ``all`` (every visible entry resident
+      through the LSA path: lossless), ``recent`` / ``random`` (``budget`` entries per trigger), ``oracle`` (the
+      entries full decoding's native top-k reads, replayed from a recorded full run), ``hisparse`` (no triggers:
+      the native top-k over every entry at every step, the picks' KV served by a device buffer of ``budget``
+      entries per CSA layer);
+    * ``tau``: decode steps between triggers (None: the export's, else 64);
+    * ``threshold``: the memory-indexer score an entry needs, in (0, 1) (None: the export's, else 0.5);
+    * ``budget``: resident entries per trigger (lsa: a cap keeping the highest scores; recent/random/oracle: the
+      set's size) or buffer entries per CSA layer (hisparse);
+    * ``chunk_size``: prefill chunk in tokens (chunks shrink as the context grows, see ``max_score_bytes``);
+    * ``seed``: the random policy's seed;
+    * ``memory_keys``: where the memory layers' K^IComp of every entry lives between triggers, ``device`` or
+      ``pool`` (streamed to the device at each trigger);
+    * ``prefetch_steps``: d in 0..tau-1; each trigger after the first is prepared d steps before its window on a
+      helper thread (0: at the window boundary, synchronously);
+    * ``decode_graphs``: replay the backbone's stateless decode modules as CUDA graphs (None: where the model is
+      on a CUDA device).
+    """
+
+    mode: str = "lsa"
+    tau: int | None = None
+    threshold: float | None = None
+    budget: int | None = None
+    chunk_size: int = 512
+    seed: int = 0
+    max_score_bytes: int = 1 << 30
+    memory_keys: str = "device"
+    prefetch_steps: int = 0
+    decode_graphs: bool | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise SessionError(f"unknown mode '{self.mode}' (use one of {', '.join(MODES)})")
+        if self.tau is not None:
+            object.__setattr__(self, "tau", check_tau(self.tau))
+        if self.threshold is not None:
+            object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "budget", check_budget(self.budget))
+        if self.mode in BUDGETED_MODES and self.budget is None:
+            unit = "buffer entries per CSA layer" if self.mode == "hisparse" else "resident entries per trigger"
+            raise SessionError(f"mode '{self.mode}' needs budget=N ({unit})")
+        if isinstance(self.chunk_size, bool) or int(self.chunk_size) != self.chunk_size or int(self.chunk_size) < 1:
+            raise SessionError(f"chunk_size must be >= 1 token, got {self.chunk_size}")
+        object.__setattr__(self, "chunk_size", int(self.chunk_size))
+        if self.memory_keys not in MEMORY_KEYS:
+            raise SessionError(f"memory_keys must be 'device' or 'pool', got {self.memory_keys!r}")
+        tau = self.tau if self.tau is not None else DEFAULT_TAU
+        if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
+                or not 0 <= self.prefetch_steps < tau:
+            raise SessionError(f"prefetch_steps must be an integer in 0..tau-1 = 0..{tau - 1} (decode steps before "
+                               f"the window boundary at which the next set is prepared), got {self.prefetch_steps!r}")
+
+    @property
+    def triggers(self) -> bool:
+        """Whether this mode changes the resident set at triggers (every mode but full and hisparse)."""
+        return self.mode not in ("full", "hisparse")
+
+    def resolved(self, tau: int | None = None, threshold: float | None = None) -> "SessionConfig":
+        """This config with tau / threshold filled from an export's values (or the defaults) where not given."""
+        return replace(self, tau=self.tau if self.tau is not None else (tau or DEFAULT_TAU),
+                       threshold=self.threshold if self.threshold is not None else (threshold or DEFAULT_THRESHOLD))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each token is drawn from the logits: ``temperature`` 0 is greedy; otherwise softmax sampling at that
+    temperature, restricted to the ``top_k`` most likely tokens (0: all) and the smallest set reaching ``top_p``
+    of the mass. ``seed`` makes sampling repeatable; ``stop_at_eos`` ends generation at an end-of-sequence token."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if not float(self.temperature) >= 0:
+            raise SessionError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise SessionError(f"top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) < 0:
+            raise SessionError(f"top_k must be >= 0, got {self.top_k}")
+
+    def generator(self) -> torch.Generator | None:
+        return torch.Generator().manual_seed(int(self.seed)) if self.seed is not None else None
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """One token id from ``logits`` [vocab]."""
+        if self.temperature == 0.0:
+            return int(torch.argmax(logits))
+        scores = logits.float().cpu() / self.temperature
+        if self.top_k > 0:
+            kth = torch.topk(scores, min(self.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= self.top_p  # keep the prefix that reaches top_p
+            scores[order[drop]] = float("-inf")
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
