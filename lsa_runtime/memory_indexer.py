@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import check_threshold
 from .errors import FmIndexError
 from .kernels.gated_score import fused_gated_logits, triton_available
 
@@ -84,8 +85,7 @@ class MemoryIndexerConfig:
             raise FmIndexError("the memory indexer needs at least one layer")
         if self.rank < 1:
             raise FmIndexError(f"rank must be >= 1, got {self.rank}")
-        if not 0.0 < self.threshold < 1.0:
-            raise FmIndexError(f"threshold must be in (0, 1), got {self.threshold}")
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
 
     @classmethod
     def from_backbone_config(cls, config, layers, rank: int = 2048, tau: int = 64, threshold: float = 0.5):
@@ -337,6 +337,12 @@ class MemoryIndexer(nn.Module):
             graph = TriggerTowerGraph(self._towers, hidden.shape[0], hidden.shape[1], hidden.dtype, hidden.device)
             self._tower_graph = (key, graph)
         return self._tower_graph[1]
+
+    @property
+    def tower_graph(self):
+        """The captured :class:`~.tower_graph.TriggerTowerGraph` (None until a trigger ran on a GPU with
+        ``cuda_graphs``)."""
+        return self._tower_graph[1] if self._tower_graph is not None else None
 
     def __getstate__(self):  # deepcopy / pickle: a captured graph does not travel
         return {**self.__dict__, "_tower_graph": None}

@@ -21,21 +21,21 @@ def test_graph_replay_equals_eager_towers_and_follows_weight_updates():
         indexer.cuda_graphs = False
         q_eager, w_eager = indexer.trigger_queries(hidden, position)
         assert torch.equal(q, q_eager) and torch.equal(w, w_eager), position
-    graph = indexer._tower_graph[1]
+    graph = indexer.tower_graph
     with torch.no_grad():  # in-place weight update: the same graph reads the new weights
         indexer.layer(4).W_IUQ.weight.mul_(2)
     indexer.cuda_graphs = True
     q, w = indexer.trigger_queries(hidden, position)
-    assert indexer._tower_graph[1] is graph
+    assert indexer.tower_graph is graph
     indexer.cuda_graphs = False
     q_eager, _ = indexer.trigger_queries(hidden, position)
     assert torch.equal(q, q_eager)
     indexer.cuda_graphs = True
     indexer.float()  # weights moved: a new graph
     q32, _ = indexer.trigger_queries({L: h.float() for L, h in hidden.items()}, position)
-    assert indexer._tower_graph[1] is not graph and q32.dtype == torch.float32
+    assert indexer.tower_graph is not graph and q32.dtype == torch.float32
     clone = copy.deepcopy(indexer)  # a captured graph does not travel
-    assert clone._tower_graph is None and torch.equal(clone.trigger_queries(hidden, position)[0], q32)
+    assert clone.tower_graph is None and torch.equal(clone.trigger_queries(hidden, position)[0], q32)
 
 
 def test_fetch_with_graph_equals_fetch_without():
@@ -49,5 +49,5 @@ def test_fetch_with_graph_equals_fetch_without():
     want = indexer.fetch(hidden, 20003, keys, threshold=threshold)
     indexer.cuda_graphs = True
     got = indexer.fetch(hidden, 20003, keys, threshold=threshold)
-    assert indexer._tower_graph is not None  # the graph path ran
+    assert indexer.tower_graph is not None  # the graph path ran
     assert torch.equal(got, want) and 0 < got.numel() < 5000
