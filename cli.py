@@ -18,9 +18,14 @@ import functools
 import sys
 
 import typer
+import typer.core
 from rich.console import Console
 
 from lsa_runtime.errors import FmIndexError
+
+# typer 0.29's rich help gives boolean flags a type column ("--resume <bool>"), as if they took a value
+_display_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
 
 app = typer.Typer(
     name="fm-index",
@@ -28,8 +33,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings are paragraphs: their line breaks are not kept
 )
 console = Console(stderr=True)
+_IN_PIPELINE = False  # set by `fm-index pipeline` while it runs its steps: the steps then print no next-step hints
+
+
+@app.callback()
+def _quiet_libraries():
+    """Progress and warnings come from fm-index itself: the libraries' own bars ("Loading weights") and
+    notices (e.g. the Trainer's checkpoint-ordering warning) are turned off for the command line."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
 
 def user_errors_exit_2(fn):
@@ -263,10 +280,13 @@ def train_command(
     with progress:
         summary = train_memory_indexer(labels, out, options, resume=resume,
                                        reporter=RichReporter() if is_main_process() else None)
+    if summary.get("already_complete"):
+        console.print(f"{out} already holds this finished run (same labels and options): nothing to train")
     if summary.get("complete"):
-        _print_eval_table(summary["report"].table(), f"held-out documents ({summary['report'].documents}), "
+        _print_eval_table(summary["eval_table"], f"held-out documents ({summary['eval_documents']}), "
                           f"threshold {threshold}")
-        console.print(f"model: [bold]{summary['model']}[/]; next: fm-index export --model {out} --out EXPORT_DIR")
+        console.print(f"model: [bold]{summary['model']}[/]" + ("" if _IN_PIPELINE else
+                      f"; next: fm-index export --train-dir {out} --out EXPORT_DIR"))
 
 
 @app.command("eval")
@@ -307,15 +327,22 @@ def eval_command(
 @app.command("export")
 @user_errors_exit_2
 def export_command(
-    model: str = typer.Option(..., "--model", help="A finished fm-index train --out directory (or its model/)."),
+    train_dir: str = typer.Option(None, "--train-dir", help="A finished `fm-index train --out` directory (or its "
+                                  "model/ folder)."),
     out: str = typer.Option(..., "--out", help="Export directory (must not exist): model.safetensors + "
                             "lsa_config.json."),
+    model: str = typer.Option(None, "--model", hidden=True, help="Old name of --train-dir."),
 ):
     """Write the trained memory indexer for lsa_runtime: model.safetensors (W_DQ, W_IUQ, W_w per layer) and
     lsa_config.json (layers, rank, heads, head_dim, rope, threshold, tau, backbone config hash, metrics)."""
     from indexer_train.export import export_indexer
 
-    path = export_indexer(model, out)
+    if model is not None:
+        console.print("[yellow]note:[/] `export --model` is now `export --train-dir` (everywhere else --model names "
+                      "a backbone); the old name still works")
+    if (train_dir is None) == (model is None):
+        raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
+    path = export_indexer(train_dir or model, out)
     console.print(f"exported to [bold]{path}[/]; load with lsa_runtime.memory_indexer.MemoryIndexer.from_export")
 
 
@@ -334,8 +361,9 @@ def generate_command(
                                 "needed by --mode lsa."),
     mode: str = typer.Option(None, "--mode", help="lsa (FlashMemory: memory indexer + cold pool), full (plain "
                              "DeepSeek-V4, the baseline), all (every entry resident), recent or random (--budget "
-                             "entries), hisparse (per-step top-k, --budget buffer entries per layer). Default: lsa "
-                             "with --indexer, else full."),
+                             "entries), oracle (replays a full run's native picks: decodes twice), hisparse "
+                             "(per-step top-k, --budget buffer entries per layer). Default: lsa with --indexer, "
+                             "else full."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
     tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
     prefetch_steps: int = typer.Option(0, "--prefetch-steps", help="Prepare each trigger after the first this many "
@@ -356,6 +384,8 @@ def generate_command(
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     dtype: str = typer.Option(None, "--dtype", help="Backbone dtype: float32, bfloat16 or float16 (default: "
                               "float32 on CPU, the checkpoint's on a GPU)."),
+    unconditional: bool = typer.Option(False, "--unconditional", help="Generate from the start token alone (no "
+                                       "--prompt); an empty prompt is refused otherwise."),
 ):
     """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
 
@@ -368,8 +398,10 @@ def generate_command(
     from lsa_runtime.backbone import default_model_name
     from lsa_runtime.session import Session, SessionConfig
 
+    if unconditional and prompt is None and prompt_file is None:
+        prompt = ""
     if (prompt is None) == (prompt_file is None):
-        raise FmIndexError("give exactly one of --prompt TEXT or --prompt-file FILE")
+        raise FmIndexError("give exactly one of --prompt TEXT or --prompt-file FILE (or --unconditional)")
     if prompt_file is not None:
         try:
             prompt = Path(prompt_file).read_text(encoding="utf-8")
@@ -381,7 +413,7 @@ def generate_command(
                                       device=device or _default_device(), dtype=dtype)
     out = Console()
     for piece in session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed):
+                                seed=seed, unconditional=unconditional):
         out.print(piece.text, end="", highlight=False, markup=False, soft_wrap=True)
     out.print()
     out.print(session.stats.table())
@@ -452,8 +484,8 @@ def evaluate_command(
     progress = _progress()
 
     class RichReporter(Reporter):
-        def start(self, total_runs):
-            self.bar = progress.add_task("runs", total=total_runs, info="")
+        def start(self, total_runs, done=0):  # runs finished before a --resume: not part of the speed estimate
+            self.bar = progress.add_task("runs", total=total_runs, completed=done, info="")
 
         def phase(self, text):
             progress.update(self.bar, info=text)
@@ -511,42 +543,53 @@ def pipeline_command(
 ):
     """Run the whole method on a bundled backbone: build-labels -> train -> export -> a short evaluate.
 
-    Each step is the command of the same name, run with --resume when --resume is given, so an interrupted
-    pipeline continues where it stopped. Ends with the footprint / accuracy table of full, LSA and recency
-    decoding at the same resident budget.
+    Each step is the command of the same name. With --resume each step continues where it stopped: a finished
+    step is checked (same options) and skipped, an interrupted one is resumed, a missing one is started. Ends
+    with the footprint / accuracy table of full, LSA and recency decoding at the same resident budget.
     """
     from pathlib import Path
 
     from lsa_runtime.backbone import DATA_DIR, default_model_name
+    from lsa_runtime.outputs import OutputLock, check_output_dir
 
+    global _IN_PIPELINE
     model = model or default_model_name()
     corpus = corpus or str(DATA_DIR / "sample" / "corpus.jsonl")
     run = Path(out)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise FmIndexError(f"{run} already holds a pipeline run; pass --resume or choose another --out")
+    check_output_dir(run)
     device = device or _default_device()
     again = ["--resume"] if resume else []
     steps = [
         ("1/4 build-labels", ["build-labels", "--model", model, "--corpus", corpus, "--out", str(run / "labels"),
                               "--tau", str(tau), "--nucleus", str(nucleus), "--device", device, *again]),
         ("2/4 train", ["train", "--labels", str(run / "labels"), "--out", str(run / "train"), "--rank", str(rank),
-                       "--epochs", str(epochs), "--eval-fraction", str(eval_fraction), "--model", model, *again]),
-        ("3/4 export", ["export", "--model", str(run / "train"), "--out", str(run / "export")]),
+                       "--epochs", str(epochs), "--eval-fraction", str(eval_fraction), "--model", model]),
+        ("3/4 export", ["export", "--train-dir", str(run / "train"), "--out", str(run / "export")]),
         ("4/4 evaluate", ["evaluate", "--model", model, "--indexer", str(run / "export"), "--modes",
                           "full,lsa,recent", "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),
                           "--tau", str(tau), "--device", device, "--out", str(run / "evaluation"), *again]),
     ]
     command = typer.main.get_command(app)
-    for title, argv in steps:
-        if title.endswith("export") and (run / "export" / "lsa_config.json").is_file():
-            console.rule(f"[bold]{title}[/]: already done")
-            continue
-        console.rule(f"[bold]{title}[/]: fm-index {' '.join(argv)}")
+    with OutputLock(run, "pipeline"):
+        if not resume and any(p for p in run.iterdir() if not p.name.startswith(".fm-index")):
+            raise FmIndexError(f"{run} already holds a pipeline run; pass --resume to continue (or re-check) it, "
+                               "or choose another --out")
+        _IN_PIPELINE = True
         try:
-            command.main(argv, prog_name="fm-index", standalone_mode=False)
-        except SystemExit as exc:
-            if exc.code:
-                raise
+            for title, argv in steps:
+                if title.endswith("export") and (run / "export" / "lsa_config.json").is_file():
+                    console.rule(f"[bold]{title}[/]: already done ({run / 'export'})")
+                    continue
+                if title.endswith("train") and resume and (run / "train").is_dir():
+                    argv = [*argv, "--resume"]  # train --resume needs a run to continue; the others start if absent
+                console.rule(f"[bold]{title}[/]: fm-index {' '.join(argv)}")
+                try:
+                    command.main(argv, prog_name="fm-index", standalone_mode=False)
+                except SystemExit as exc:
+                    if exc.code:
+                        raise
+        finally:
+            _IN_PIPELINE = False
     console.print(f"done: {run}/evaluation/results.md holds the table; plots beside it")
 
 

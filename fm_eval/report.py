@@ -12,6 +12,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from lsa_runtime.outputs import temp_path
+
 from . import MODES
 from .tasks import TASKS
 
@@ -177,7 +179,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
+    tmp = temp_path(path)
     fig.tight_layout()
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)

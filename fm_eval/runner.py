@@ -39,9 +39,10 @@ from pathlib import Path
 
 import torch
 
-from lsa_runtime.backbone import load_backbone
+from lsa_runtime.backbone import load_backbone, parse_device, parse_dtype
 from lsa_runtime.config import SessionConfig
 from lsa_runtime.errors import FmIndexError
+from lsa_runtime.outputs import OutputLock, write_text_atomic
 from lsa_runtime.policies import make_policy, record_native_picks
 
 from . import MODES
@@ -102,6 +103,9 @@ class EvalConfig:
                                   + (f" with --tau {self.tau}" if self.tau is not None else ""))
         if not self.haystack_packages:
             raise EvaluationError("no haystack package given")
+        parse_device(self.device)
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
         return replace(self, modes=modes, tasks=tasks, lengths=lengths, samples=int(self.samples),
                        haystack_packages=tuple(self.haystack_packages))
 
@@ -149,7 +153,7 @@ def parse_lengths(text: str | Sequence[int]) -> tuple[int, ...]:
 class Reporter:
     """Progress callbacks (the CLI draws them with rich); the default does nothing."""
 
-    def start(self, total_runs: int) -> None: ...
+    def start(self, total_runs: int, done: int = 0) -> None: ...
 
     def phase(self, text: str) -> None: ...
 
@@ -190,11 +194,17 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         fingerprint = self.config.fingerprint()
         if config_file.exists() and self.resume:
-            previous = json.loads(config_file.read_text()).get("fingerprint", {})
+            try:
+                previous = json.loads(config_file.read_text()).get("fingerprint", {})
+            except json.JSONDecodeError as exc:
+                raise EvaluationError(f"corrupt {config_file} (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                                      "choose another --out") from None
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             if changed:
-                raise EvaluationError(f"cannot resume {self.out}: it was run with other {', '.join(changed)} "
-                                      f"(choose another --out)")
+                key = changed[0]
+                raise EvaluationError(f"cannot resume {self.out}: it was run with --{key.replace('_', '-')} "
+                                      f"{_show(previous.get(key))}, this run asks for {_show(fingerprint.get(key))} "
+                                      f"(use the same options, or another --out)")
         _write_json(config_file, {"format": FORMAT, "fingerprint": fingerprint, "config": _jsonable(self.config)})
         if runs.exists():
             lines = runs.read_text().splitlines()
@@ -220,13 +230,18 @@ class Evaluation:
     # ---- loop -------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """Run (or resume) the evaluation, holding the output directory's lock."""
+        if self.out.exists() and not self.out.is_dir():
+            raise EvaluationError(f"--out {self.out} exists and is not a directory")
+        with OutputLock(self.out, "evaluate"):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
         self._prepare_out()
         total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples * len(cfg.modes)
-        self.reporter.start(total)
-        for _ in range(len([k for k in self.done if k[3] in cfg.modes and k[0] in cfg.tasks
-                            and k[1] in cfg.lengths and k[2] < cfg.samples])):
-            self.reporter.run_done({})
+        self.reporter.start(total, done=len([k for k in self.done if k[3] in cfg.modes and k[0] in cfg.tasks
+                                             and k[1] in cfg.lengths and k[2] < cfg.samples]))
         pending = [(task, length) for length in cfg.lengths for task in cfg.tasks
                    if any((task, length, i, mode) not in self.done for i in range(cfg.samples) for mode in cfg.modes)]
         if pending and self.workers > 1 and len(pending) > 1:
@@ -302,6 +317,18 @@ class Evaluation:
         self.threshold = float(cfg.threshold if cfg.threshold is not None else (export.threshold if export else 0.5))
         if cfg.prefetch_steps >= self.tau:
             raise EvaluationError(f"--prefetch-steps {cfg.prefetch_steps} must be below tau ({self.tau}, the export's)")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decode a few tokens, plain and through the cold-pool path, before any measured run: the first decode in
+        a process pays one-time costs (kernel selection, allocator growth) that would count against the first
+        cell's tokens/s."""
+        from lsa_runtime.session import Session
+
+        self.reporter.phase("warming up")
+        prompt = list(range(3, 3 + 96))
+        for config in (SessionConfig(mode="full"), SessionConfig(mode="all", tau=4)):
+            Session(self.model, self.tokenizer, config).generate(prompt, max_new_tokens=8, stop_at_eos=False)
 
     def _run_cell(self, task: str, length: int) -> None:
         cfg = self.config
@@ -475,9 +502,11 @@ def _environment(device: str) -> dict:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
+
+
+def _show(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _write_json(path: Path, blob: dict) -> None:

@@ -25,10 +25,13 @@ from lsa_runtime.backbone import (
     csa_layers,
     load_backbone,
     load_config,
+    parse_device,
+    parse_dtype,
     validate_memory_layers,
 )
 from lsa_runtime.capture import ChunkInfo, IndexerCapture, IndexerObserver
 from lsa_runtime.errors import FmIndexError
+from lsa_runtime.outputs import OutputLock, check_output_dir, remove_stale_temps
 
 from .corpus import Corpus, Document, tokenize
 from .labels import WindowLabeler, trigger_positions
@@ -60,6 +63,7 @@ class LabelParams:
             raise FmIndexError(f"--chunk-size must be >= 1, got {self.chunk_size}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise FmIndexError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        parse_dtype(self.dtype)
         validate_memory_layers(config, self.layers)
         return self
 
@@ -207,50 +211,85 @@ class Reporter:
     def document_done(self, doc: Document, skipped: bool) -> None: ...
 
 
+PARAM_FLAGS = {"layers": "--layers", "tau": "--tau", "nucleus": "--nucleus", "min_votes": "--min-votes",
+               "max_tokens": "--max-tokens", "chunk_size": "--chunk-size", "dtype": "--dtype"}
+
+
+def resume_mismatch(old: dict, new: dict, out: Path) -> str | None:
+    """The first difference between a stored run's header and this run's, said in the user's terms."""
+    if old.get("backbone", {}).get("config_hash") != new["backbone"]["config_hash"]:
+        return (f"{out} was built from another backbone (config hash {old.get('backbone', {}).get('config_hash')}, "
+                f"this run's model has {new['backbone']['config_hash']})")
+    for key, flag in PARAM_FLAGS.items():
+        was, now = old.get("params", {}).get(key), json.loads(json.dumps(new["params"][key]))
+        if was != now:
+            return f"{out} was built with {flag} {_show(was)}, this run asks for {flag} {_show(now)}"
+    if old.get("shard") != new["shard"]:
+        was, now = old.get("shard", {}), new["shard"]
+        return f"{out} was built as --shard {was.get('index')}/{was.get('count')}, this run is {now['index']}/{now['count']}"
+    was, now = old.get("corpus", {}), new["corpus"]
+    if "fingerprint" in was and was["fingerprint"] != now["fingerprint"]:
+        a, b = was["fingerprint"], now["fingerprint"]
+        what = (f"{a['documents']} documents, this corpus has {b['documents']}" if a["documents"] != b["documents"]
+                else "documents with other ids or contents")
+        return f"{out} was built from another corpus ({was.get('path')}: {what})"
+    return None
+
+
+def _show(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
 def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelParams, device: str = "cpu",
                  shard: tuple[int, int] = (0, 1), resume: bool = False, reporter: Reporter | None = None) -> dict:
-    """Build (or resume) the label shards of ``corpus`` in ``out``; returns the run summary."""
+    """Build (or resume) the label shards of ``corpus`` in ``out``; returns the run summary.
+
+    Every option and the corpus are checked before anything is written; ``out`` is locked for the run (per
+    shard when ``shard`` splits the corpus), so a second writer is refused."""
     reporter = reporter or Reporter()
     config = load_config(model)
     params.check(config)
-    docs = Corpus(corpus)
+    device = parse_device(device)
     out = Path(out)
+    check_output_dir(out)
+    docs = Corpus(corpus)
     backbone = _backbone_block(model, config)
     manifest_path = out / manifest_name(shard)
     header = {"format": FORMAT, "backbone": backbone, "params": asdict(params),
-              "shard": {"index": shard[0], "count": shard[1]}, "corpus": {"path": str(corpus), "documents": len(docs)}}
-    if manifest_path.exists():
-        if not resume:
-            raise FmIndexError(f"{out} already holds labels ({manifest_path.name}); pass --resume to continue "
-                               "or choose another --out")
-        try:
-            old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            raise ShardError(f"corrupt manifest {manifest_path}") from None
-        for key in ("backbone", "params", "shard"):
-            if old.get(key) != json.loads(json.dumps(header[key])):
-                raise FmIndexError(f"--resume: {out} was built with other {key} "
-                                   f"({json.dumps(old.get(key), sort_keys=True)[:200]}); use the same options or "
-                                   "another --out")
-    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith("manifest.shard")) and shard[1] == 1:
+              "shard": {"index": shard[0], "count": shard[1]},
+              "corpus": {"path": str(corpus), "documents": len(docs), "fingerprint": docs.fingerprint}}
+    if not manifest_path.exists() and out.exists() and shard[1] == 1 and \
+            any(p for p in out.iterdir() if not p.name.startswith(("manifest.shard", ".fm-index"))):
         raise FmIndexError(f"output directory {out} exists and is not an fm-index label directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.rglob("*.tmp"):
-        stale.unlink()
-    write_json(manifest_path, {**header, "complete": False, "versions": _versions()})
+    lock = OutputLock(out, "build-labels", part=None if shard[1] == 1 else f"shard-{shard[0]}-of-{shard[1]}")
+    with lock:
+        if manifest_path.exists():
+            if not resume:
+                raise FmIndexError(f"{out} already holds labels ({manifest_path.name}); pass --resume to continue "
+                                   "or choose another --out")
+            try:
+                old = json.loads(manifest_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ShardError(f"corrupt manifest {manifest_path} (line {exc.lineno}, column {exc.colno}: "
+                                 f"{exc.msg})") from None
+            mismatch = resume_mismatch(old, header, out)
+            if mismatch:
+                raise FmIndexError(f"--resume: {mismatch}; use the same options and corpus, or another --out")
+        remove_stale_temps(out)
+        write_json(manifest_path, {**header, "complete": False, "versions": _versions()})
+        return _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter)
 
+
+def _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter) -> dict:
     done = completed_documents(out)
     mine = [d for d in docs if d.index % shard[1] == shard[0]]
     todo = [d for d in mine if d.index not in done]
     reporter.start(len(todo))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(params.dtype)
-    if dtype is None:
-        raise FmIndexError(f"--dtype must be float32, bfloat16 or float16, got {params.dtype}")
     writer = ShardWriter(out, config.hidden_size, list(params.layers), config.index_head_dim)
     backbone_model = tokenizer = None
     tokens_this_run, started = 0, time.perf_counter()
     if todo:
-        backbone_model, tokenizer = load_backbone(model, device=device, dtype=dtype)
+        backbone_model, tokenizer = load_backbone(model, device=device, dtype=params.dtype)
     for doc in todo:
         ids = tokenize(doc, tokenizer)
         if ids and max(ids) >= config.vocab_size:
@@ -275,6 +314,12 @@ def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelP
     if missing:
         raise RuntimeError(f"internal error: documents {missing[:5]} not written")
     summary = _summarise(mine_done)
+    if summary["documents"] == 0 and shard[1] == 1:  # shards: merge_shards judges the whole corpus
+        longest = max(s["tokens"] for s in mine_done.values())
+        raise FmIndexError(f"no document was labelled: all {len(mine_done)} are shorter than 2 * tau = "
+                           f"{2 * params.tau} tokens (the longest has {longest}"
+                           + (f" after --max-tokens {params.max_tokens}" if params.max_tokens else "")
+                           + "); lower --tau or give longer documents. The labels stay incomplete")
     summary["tokens_per_second"] = tokens_this_run / elapsed if elapsed > 0 and tokens_this_run else None
     write_json(manifest_path, {**header, "complete": True, "counts": summary, "versions": _versions()})
     return summary
@@ -307,6 +352,9 @@ def merge_shards(out: str | Path) -> dict:
         missing = sorted(set(range(n_docs)) - set(done))
         raise ShardError(f"documents missing after merge: {missing[:10]}")
     summary = _summarise(done)
+    if summary["documents"] == 0:
+        raise ShardError(f"no document was labelled in any shard: all {len(done)} are shorter than 2 * tau = "
+                         f"{2 * manifests[0]['params']['tau']} tokens")
     header = {k: manifests[0][k] for k in ("format", "backbone", "params", "corpus")}
     write_json(out / "manifest.json", {**header, "shard": {"index": 0, "count": 1}, "merged_from": count,
                                        "complete": True, "counts": summary, "versions": _versions()})

@@ -7,6 +7,7 @@ line number instead of after hours of work.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ def _check_record(record, where: str, index: int) -> Document:
 
 
 class Corpus:
-    """A validated, re-iterable corpus. ``len(corpus)`` is the number of documents."""
+    """A validated, re-iterable corpus. ``len(corpus)`` is the number of documents; ``fingerprint`` their count
+    and a hash of every document's id and content (a resumed run must see the same corpus)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -69,9 +71,15 @@ class Corpus:
         raise CorpusError(f"unknown corpus format '{suffix}' for {self.path} (use .jsonl, .parquet or a dataset dir)")
 
     def _validate(self) -> int:
+        """Read every record once: count them and fingerprint their ids and contents."""
+        digest = hashlib.sha256()
         count = 0
-        for _ in self._records():
+        for doc in self._records():
+            content = doc.text if doc.text is not None else json.dumps(doc.input_ids)
+            digest.update(f"{doc.id}\0{len(content)}\0".encode())
+            digest.update(hashlib.sha256(content.encode()).digest())
             count += 1
+        self.fingerprint = {"documents": count, "sha256": digest.hexdigest()[:16]}
         return count
 
     def _records(self) -> Iterator[Document]:
@@ -88,7 +96,8 @@ class Corpus:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise CorpusError(f"{self.path} line {lineno}: invalid JSON ({exc.msg})") from None
+                        raise CorpusError(f"{self.path} line {lineno}: invalid JSON ({exc.msg} at column "
+                                          f"{exc.colno})") from None
                     yield _check_record(record, f"{self.path} line {lineno}", index)
                     index += 1
         elif self.kind == "parquet":

@@ -1,7 +1,7 @@
 """Label shards on disk: per-document Arrow files (memory-mappable) and ``manifest.json``.
 
-Layout and schemas are fixed in docs/DESIGN.md ("Label shards"). Every file is written under a ``.tmp``
-name and renamed when complete; ``done/{doc}.json`` is written last, so a document counts as finished only
+Layout and schemas are fixed in docs/DESIGN.md ("Label shards"). Every file is written under a temporary name
+unique to the writing process (``lsa_runtime.outputs.temp_path``) and renamed when complete; ``done/{doc}.json`` is written last, so a document counts as finished only
 when its rows and keys are both in place. A crashed run therefore never leaves a half document that a
 reader or a ``--resume`` would take as complete.
 """
@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from lsa_runtime.errors import FmIndexError
+from lsa_runtime.outputs import temp_path
 
 FORMAT = "fm-index-labels/1"
 
@@ -50,7 +51,7 @@ def _fixed_list(matrix: np.ndarray, dtype=pa.float16()) -> pa.FixedSizeListArray
 
 
 def write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -65,7 +66,7 @@ def write_json(path: Path, obj) -> None:
 def _write_table(path: Path, table: pa.Table, stream: bool) -> None:
     """Arrow IPC: the stream format for rows (what ``datasets.Dataset.from_file`` memory-maps), the random-access
     file format for keys."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     opener = pa.ipc.new_stream if stream else pa.ipc.new_file
     with pa.OSFile(str(tmp), "wb") as sink, opener(sink, table.schema) as writer:
         writer.write_table(table)

@@ -15,6 +15,7 @@ Output directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from transformers import TrainerCallback
 
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.memory_indexer import MemoryIndexerConfig
+from lsa_runtime.outputs import OutputLock, check_output_dir, temp_path
 
 from .collator import ROW_COLUMNS, DocumentBatchSampler, LabelRowCollator
 from .dual_encoder import MODEL_SUBDIR, build_dual_encoder, key_side, query_tower
@@ -66,14 +68,16 @@ class TrainOptions:
             raise FmIndexError(f"--loss must be focal or bce, got '{self.loss}'")
         if self.init not in ("random", "native"):
             raise FmIndexError(f"--init must be random or native, got '{self.init}'")
-        for name, value, ok in [("--rank", self.rank, self.rank >= 1), ("--epochs", self.epochs, self.epochs > 0),
-                                ("--batch-size", self.batch_size, self.batch_size >= 1),
-                                ("--lr", self.lr, self.lr > 0), ("--gamma", self.gamma, self.gamma >= 0),
-                                ("--alpha", self.alpha, self.alpha < 1),
-                                ("--eval-fraction", self.eval_fraction, 0 < self.eval_fraction < 1),
-                                ("--threshold", self.threshold, 0 < self.threshold < 1)]:
+        for name, value, ok, allowed in [
+                ("--rank", self.rank, self.rank >= 1, ">= 1"), ("--epochs", self.epochs, self.epochs > 0, "> 0"),
+                ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                ("--lr", self.lr, self.lr > 0, "> 0"), ("--gamma", self.gamma, self.gamma >= 0, ">= 0"),
+                ("--alpha", self.alpha, self.alpha < 1, "< 1 (a negative value turns the weighting off)"),
+                ("--eval-fraction", self.eval_fraction, 0 < self.eval_fraction < 1, "in (0, 1)"),
+                ("--threshold", self.threshold, 0 < self.threshold < 1, "in (0, 1)"),
+                ("--chunk-size", self.chunk_size, self.chunk_size >= 1, ">= 1")]:
             if not ok:
-                raise FmIndexError(f"{name} has an invalid value: {value}")
+                raise FmIndexError(f"{name} must be {allowed}, got {value}")
         return self
 
     def identity(self) -> dict:
@@ -250,21 +254,55 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
     train_docs, eval_docs = split_documents(shards.documents, options.eval_fraction, options.seed)
 
     out = Path(out)
-    state = read_state(out)
+    check_output_dir(out)
     header = {"labels": str(Path(labels).resolve()), "labels_config_hash": labels_hash,
               "options": options.identity(), "train_documents": train_docs, "eval_documents": eval_docs}
+    with OutputLock(out, "train") if is_main_process() else contextlib.nullcontext():
+        state = _check_run_dir(out, header, resume)
+        if state is not None and state.get("complete"):  # --resume of a finished run with the same options
+            return {"model": str(out / MODEL_SUBDIR), "complete": True, "steps": state.get("steps"),
+                    "metrics": state.get("metrics"), "eval_table": state.get("eval_table"),
+                    "eval_documents": len(eval_docs), "already_complete": True}
+        return _train(shards, labels, layers, options, out, header, train_docs, eval_docs, resume, reporter)
+
+
+def run_status(out: str | Path) -> str:
+    """``"absent"`` (nothing there), ``"partial"`` (an interrupted run: ``--resume`` continues it) or
+    ``"complete"`` (the model is written) for a train directory."""
+    state = read_state(Path(out))
+    if state is None:
+        return "absent"
+    return "complete" if state.get("complete") and (Path(out) / MODEL_SUBDIR).is_dir() else "partial"
+
+
+def _check_run_dir(out: Path, header: dict, resume: bool) -> dict | None:
+    """Refuse an output directory this run cannot write; returns the stored state of a run it continues."""
+    state = read_state(out)
     if resume:
         if state is None:
             raise FmIndexError(f"--resume: {out} holds no interrupted fm-index training run ({STATE_NAME} missing)")
-        if state.get("complete"):
-            raise FmIndexError(f"--resume: the run in {out} is already complete; its model is in {out / MODEL_SUBDIR}")
-        for key in ("labels_config_hash", "options", "train_documents", "eval_documents"):
-            if state.get(key) != json.loads(json.dumps(header[key])):
-                raise FmIndexError(f"--resume: {out} was trained with other {key.replace('_', ' ')}; "
-                                   "use the same --labels and options, or another --out")
-    elif out.exists() and any(out.iterdir()):
+        if state.get("complete") and not (out / MODEL_SUBDIR).is_dir():
+            raise FmIndexError(f"--resume: {out} says its run is complete but has no {MODEL_SUBDIR}/ folder; "
+                               "train again into another --out")
+        if state.get("labels_config_hash") != header["labels_config_hash"]:
+            raise FmIndexError(f"--resume: {out} was trained on labels of another backbone (config hash "
+                               f"{state.get('labels_config_hash')}, these labels: {header['labels_config_hash']})")
+        for key, now in header["options"].items():
+            was = state.get("options", {}).get(key)
+            if was != json.loads(json.dumps(now)):
+                raise FmIndexError(f"--resume: {out} was trained with --{key.replace('_', '-')} {was}, this run asks "
+                                   f"for {now}; use the same options, or another --out")
+        for key in ("train_documents", "eval_documents"):
+            if state.get(key) != header[key]:
+                raise FmIndexError(f"--resume: {out} was trained with another split of the labelled documents "
+                                   f"(--labels {header['labels']} changed?); use the same --labels, or another --out")
+    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".fm-index")):
         raise FmIndexError(f"output directory {out} exists and is not empty; pass --resume to continue a run there "
                            "or choose another --out")
+    return state
+
+
+def _train(shards, labels, layers, options, out, header, train_docs, eval_docs, resume, reporter) -> dict:
 
     cfg = MemoryIndexerConfig.from_label_manifest(shards.manifest, layers, rank=options.rank,
                                                   threshold=options.threshold)
@@ -325,7 +363,7 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
     report = evaluate_indexer(tower.indexer, shards, eval_docs, options.threshold, options.chunk_size)
     metrics = report.flat()
     final = out / MODEL_SUBDIR
-    tmp = out / f".{MODEL_SUBDIR}.tmp"
+    tmp = temp_path(out / f".{MODEL_SUBDIR}")
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(str(tmp), create_model_card=False)
     if final.exists():
@@ -334,6 +372,7 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
     history = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
     write_json(out / STATE_NAME, {**header, "complete": True, "steps": trainer.state.global_step,
                                   "metrics": metrics, "eval_table": report.table(), "eval_history": history})
-    summary.update(complete=True, metrics=metrics, report=report)
+    summary.update(complete=True, metrics=metrics, report=report, eval_table=report.table(),
+                   eval_documents=report.documents)
     return summary
 

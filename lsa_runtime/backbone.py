@@ -106,10 +106,11 @@ def load_backbone(
 
     path = resolve_model_path(name_or_path)
     config = load_config(path)
-    if isinstance(dtype, str):
+    device = parse_device(device)
+    if dtype is not None:
         dtype = parse_dtype(dtype)
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    else:
+        dtype = torch.float32 if device.type == "cpu" else "auto"
     kwargs = {"dtype": dtype}
     model = DeepseekV4ForCausalLM.from_pretrained(path, config=config, **kwargs)
     model.eval().to(device)
@@ -150,12 +151,37 @@ def fix_fp32_norms(model) -> int:
     return fixed
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-    if name not in table:
-        raise BackboneError(f"unknown dtype '{name}' (use one of {', '.join(table)})")
-    return table[name]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """--dtype: float32, bfloat16 or float16 (fp32 / bf16 / fp16); anything else is refused with one line."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if name not in DTYPES:
+        raise BackboneError(f"--dtype {name} is not supported: use float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def parse_device(text: str | torch.device | None) -> torch.device:
+    """--device: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda where available, else cpu). A name torch does not
+    know, or a CUDA device this machine does not have, is refused with one line."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackboneError(f"--device {text} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackboneError(f"--device {text}: this machine has no CUDA device (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BackboneError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise BackboneError(f"--device {text}: fm-index runs on cpu or cuda devices")
+    return device
 
 
 def csa_layers(config) -> list[int]:

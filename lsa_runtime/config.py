@@ -24,29 +24,30 @@ MEMORY_KEYS = ("device", "pool")
 
 
 class SessionError(FmIndexError):
-    """A Session option or input the user can fix (mode, tau, threshold, prompt, indexer export)."""
+    """A Session option or input the user can fix (mode, tau, threshold, prompt, indexer export). Messages name
+    the option as ``SessionConfig`` does and, in brackets, as ``fm-index generate`` does."""
 
 
 def check_tau(tau) -> int:
     """tau: decode steps between triggers, an integer >= 1."""
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or int(tau) != tau or int(tau) < 1:
-        raise SessionError(f"tau must be an integer >= 1 (decode steps between triggers), got {tau}")
+        raise SessionError(f"tau (--tau) must be an integer >= 1 (decode steps between triggers), got {tau}")
     return int(tau)
 
 
 def check_threshold(threshold) -> float:
     """The memory-indexer score I[t, s] an entry needs to be fetched, in (0, 1)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) < 1.0:
-        raise SessionError(f"threshold must be in (0, 1), got {threshold}")
+        raise SessionError(f"threshold (--threshold) must be in (0, 1), got {threshold}")
     return float(threshold)
 
 
-def check_budget(budget, what: str = "budget") -> int | None:
+def check_budget(budget) -> int | None:
     """A number of resident entries (None: no cap)."""
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or int(budget) != budget or int(budget) < 1:
-        raise SessionError(f"{what} must be >= 1 entries, got {budget}")
+        raise SessionError(f"budget (--budget) must be >= 1 entries, got {budget}")
     return int(budget)
 
 
@@ -95,17 +96,18 @@ class SessionConfig:
         object.__setattr__(self, "budget", check_budget(self.budget))
         if self.mode in BUDGETED_MODES and self.budget is None:
             unit = "buffer entries per CSA layer" if self.mode == "hisparse" else "resident entries per trigger"
-            raise SessionError(f"mode '{self.mode}' needs budget=N ({unit})")
+            raise SessionError(f"mode '{self.mode}' needs a budget: budget=N (--budget N), the {unit}")
         if isinstance(self.chunk_size, bool) or int(self.chunk_size) != self.chunk_size or int(self.chunk_size) < 1:
-            raise SessionError(f"chunk_size must be >= 1 token, got {self.chunk_size}")
+            raise SessionError(f"chunk_size (--chunk-size) must be >= 1 token, got {self.chunk_size}")
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
         if self.memory_keys not in MEMORY_KEYS:
-            raise SessionError(f"memory_keys must be 'device' or 'pool', got {self.memory_keys!r}")
+            raise SessionError(f"memory_keys (--memory-keys) must be 'device' or 'pool', got {self.memory_keys!r}")
         tau = self.tau if self.tau is not None else DEFAULT_TAU
         if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
                 or not 0 <= self.prefetch_steps < tau:
-            raise SessionError(f"prefetch_steps must be an integer in 0..tau-1 = 0..{tau - 1} (decode steps before "
-                               f"the window boundary at which the next set is prepared), got {self.prefetch_steps!r}")
+            raise SessionError(f"prefetch_steps (--prefetch-steps) must be an integer in 0..tau-1 = 0..{tau - 1} "
+                               f"(decode steps before the window boundary at which the next set is prepared), got "
+                               f"{self.prefetch_steps!r}")
 
     @property
     def triggers(self) -> bool:
@@ -132,9 +134,9 @@ class SamplingParams:
 
     def __post_init__(self):
         if not float(self.temperature) >= 0:
-            raise SessionError(f"temperature must be >= 0, got {self.temperature}")
+            raise SessionError(f"temperature (--temperature) must be >= 0, got {self.temperature}")
         if not 0.0 < float(self.top_p) <= 1.0:
-            raise SessionError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SessionError(f"top_p (--top-p) must be in (0, 1], got {self.top_p}")
         if int(self.top_k) < 0:
             raise SessionError(f"top_k must be >= 0, got {self.top_k}")
 

@@ -216,8 +216,8 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
         return None
     if mode == "lsa":
         if memory_indexer is None:
-            raise SessionError("mode 'lsa' needs an exported memory indexer: pass indexer=DIR (the output of "
-                               "`fm-index export`), or use mode='full'")
+            raise SessionError("mode 'lsa' needs an exported memory indexer: indexer=DIR (--indexer DIR), the output "
+                               "of `fm-index export`; or use mode 'full'")
         return MemoryIndexerPolicy(memory_indexer, threshold=config.threshold, budget=budget)
     if mode == "all":
         return AllEntriesPolicy()

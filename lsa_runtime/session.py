@@ -142,7 +142,9 @@ class Session:
                                       threshold=export.threshold if export else None)
         if policy is not None and not isinstance(policy, ResidentPolicy):
             raise SessionError(f"policy must be a ResidentPolicy, got {type(policy).__name__}")
-        self.policy = policy if policy is not None else make_policy(self.config, self.memory_indexer)
+        # mode "oracle" replays the native picks of a full run of each prompt: its policy is made per call
+        self.oracle = policy is None and self.config.mode == "oracle"
+        self.policy = policy if policy is not None or self.oracle else make_policy(self.config, self.memory_indexer)
         self.mode = policy.name if policy is not None else self.config.mode
         if self.policy is not None and self.policy.memory_layers:
             validate_memory_layers(self.backbone_config, self.policy.memory_layers)
@@ -151,13 +153,14 @@ class Session:
             raise SessionError(f"the per-step buffer ({self.config.budget} entries) must hold one step's top-k "
                                f"({self.backbone_config.index_topk} entries)")
         self.max_positions = int(getattr(self.backbone_config, "max_position_embeddings", 0) or 0)
-        if self.policy is not None or self.hisparse:
+        if self.policy is not None or self.hisparse or self.oracle:
             install_lsa_compressors(model)
         on_cuda = next(model.parameters()).device.type == "cuda"
         wants_graphs = on_cuda if self.config.decode_graphs is None else self.config.decode_graphs
         self.decode_graphs = install_decode_graphs(model) if wants_graphs else None
         self._cache_kw = cache_kwarg()
-        self._prefetcher = ResidentPrefetcher() if self.config.prefetch_steps and self.policy is not None else None
+        triggers = self.policy is not None or self.oracle
+        self._prefetcher = ResidentPrefetcher() if self.config.prefetch_steps and triggers else None
         self._state: DecodeState | None = None
         self.finish_reason: str | None = None  # of the last generate/stream: "length", "eos", "max_position"
         self.last_prompt_tokens = 0
@@ -202,7 +205,7 @@ class Session:
     def _new_state(self) -> DecodeState:
         from transformers import DynamicCache
 
-        if self.policy is None and not self.hisparse:
+        if self.policy is None and not self.hisparse and not self.oracle:
             return DecodeState(cache=DynamicCache(config=self.backbone_config))
         widths = {"compressor": self.backbone_config.head_dim, "indexer": self.backbone_config.index_head_dim}
         dtype = self.decoder.layers[self.csa_layers[0]].self_attn.compressor.kv_proj.weight.dtype
@@ -212,7 +215,8 @@ class Session:
         residency = ResidentSet(self.csa_layers, widths, pool, self.device, dtype)
         # memory_keys="pool": the memory layers' K^IComp of every entry stays in the cold pool after prefill and
         # each trigger streams it to the device (ColdPool.stream_prefix) instead of holding it resident
-        keys_resident = self.policy.memory_layers if self.config.memory_keys == "device" else ()
+        memory_layers = self.policy.memory_layers if self.policy is not None else ()
+        keys_resident = memory_layers if self.config.memory_keys == "device" else ()
         return DecodeState(cache=build_lsa_cache(self.backbone_config, pool, residency, keys_resident), pool=pool,
                            residency=residency)
 
@@ -221,22 +225,26 @@ class Session:
     def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop_at_eos: bool = True, keep_context: bool = False,
-                 sampling: SamplingParams | None = None) -> Generation:
+                 sampling: SamplingParams | None = None, unconditional: bool = False) -> Generation:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids).
 
         ``temperature`` 0 is greedy decoding; otherwise sampling with optional ``top_k``/``top_p`` (``seed``
         makes it repeatable); or pass them as one ``sampling=SamplingParams(...)``. Each call starts from a clean
-        state unless ``keep_context=True``, which appends ``prompt`` to the previous call's prompt and output.
+        state unless ``keep_context=True``, which appends ``prompt`` to the previous call's prompt and output. An
+        empty text prompt is refused unless ``unconditional=True``: then generation starts from the tokenizer's
+        start token alone. Mode ``oracle`` first decodes the prompt in full mode to record the native picks it
+        replays (exact for greedy decoding).
         """
         tokens = [piece.token_id for piece in self.stream(
-            prompt, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, keep_context, sampling)]
+            prompt, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, keep_context, sampling,
+            unconditional)]
         return Generation(token_ids=tokens, text=self._text(tokens), prompt_tokens=self.last_prompt_tokens,
                           finish_reason=self.finish_reason, stats=self.stats)
 
     def stream(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop_at_eos: bool = True, keep_context: bool = False,
-               sampling: SamplingParams | None = None) -> Iterator[StreamToken]:
+               sampling: SamplingParams | None = None, unconditional: bool = False) -> Iterator[StreamToken]:
         """Like :meth:`generate`, but yields each token (id and text piece) as soon as it is sampled.
         Bad input is reported here, before the first token."""
         shortcuts = SamplingParams(temperature, top_p, top_k, seed, stop_at_eos)
@@ -245,15 +253,33 @@ class Session:
         sampling = sampling if sampling is not None else shortcuts
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or int(max_new_tokens) < 0:
             raise SessionError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-        ids = self._begin(prompt, keep_context)
+        ids = self._begin(prompt, keep_context, unconditional)
+        if self.oracle:
+            self.policy = self._oracle_policy(ids, int(max_new_tokens), sampling)
         return self._decode_loop(ids, int(max_new_tokens), sampling)
 
-    def _begin(self, prompt, keep_context: bool) -> list[int]:
+    def _oracle_policy(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> ResidentPolicy:
+        """The oracle of this prompt: the native top-k picks of a full-mode run of it, replayed per window."""
+        from .policies import record_native_picks
+
+        recorder = Session(self.model, self.tokenizer, replace(self.config, mode="full", budget=None))
+        _, picks = record_native_picks(recorder, ids, max_new_tokens, sampling=sampling)
+        return make_policy(self.config, native_picks=picks)
+
+    def _begin(self, prompt, keep_context: bool, unconditional: bool = False) -> list[int]:
         """Check the prompt against the model and the state; start a new conversation unless ``keep_context``.
         Returns the token ids to prefill."""
         if keep_context and self._state is None:
             raise SessionError("keep_context=True needs a previous generate() call on this Session")
-        ids = self._encode(prompt, add_special_tokens=not keep_context)
+        if keep_context and self.oracle:
+            raise SessionError("mode 'oracle' replays one full run per prompt: keep_context is not available")
+        if isinstance(prompt, str) and prompt == "":
+            if not unconditional:
+                raise SessionError("the prompt is empty: pass unconditional=True (--unconditional) to generate from "
+                                   "the start token alone")
+            ids = self._start_ids()
+        else:
+            ids = self._encode(prompt, add_special_tokens=not keep_context)
         if keep_context and self._state.pending is not None:
             ids = [self._state.pending] + ids  # the previous call's last token was never run through the model
         total = (self._state.position if keep_context else 0) + len(ids)
@@ -470,6 +496,9 @@ class Session:
         """The resident-set rule in words (the stats table's title)."""
         if self.policy is not None:
             return self.policy.describe()
+        if self.oracle:
+            return "oracle (native top-k of full decoding" + (f", budget {self.config.budget})" if self.config.budget
+                                                               else ")")
         return f"hisparse (buffer {self.config.budget} entries)" if self.hisparse else "full"
 
     @property
@@ -511,6 +540,14 @@ class Session:
         if bad:
             raise SessionError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return ids
+
+    def _start_ids(self) -> list[int]:
+        """The start token alone (unconditional generation)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+        bos = bos if bos is not None else getattr(self.backbone_config, "bos_token_id", None)
+        if bos is None:
+            raise SessionError("unconditional generation needs a start token, and this model defines none")
+        return [int(bos)]
 
     def _text(self, ids: list[int]) -> str:
         if self.tokenizer is None or not ids:

@@ -107,6 +107,9 @@ class SessionStats:
                           human_bytes(self.full_bytes.get(kind, 0)))
         table.add_row("[bold]total[/]", f"[bold]{human_bytes(self.device_total)}[/]", human_bytes(self.full_total))
         table.add_row("[bold]footprint ratio[/]", f"[bold]{self.footprint_ratio:.3f}[/]", "1.000")
+        if self.footprint_ratio > 1:
+            table.add_row("[dim]above 1: on a short context the room kept for entries born before the next trigger "
+                          "and for index-key growth outweighs the entries left out[/]", "", "")
         table.add_section()
         selected = f"{self.selected_mean:,.1f}" if self.selected_mean is not None else "-"
         for label, value in [

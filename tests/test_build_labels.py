@@ -188,6 +188,10 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, small_corpus):
     cases["not CSA"] = ["--corpus", str(small_corpus), "--layers", "3"]
     cases["does not exist"] = ["--corpus", str(small_corpus), "--layers", "40"]
     cases["--tau must be"] = ["--corpus", str(small_corpus), "--tau", "0"]
+    cases["--dtype float64 is not supported"] = ["--corpus", str(small_corpus), "--dtype", "float64"]
+    cases["--device gpu0 is not a device"] = ["--corpus", str(small_corpus), "--device", "gpu0"]
+    if not torch.cuda.is_available():
+        cases["this machine has no CUDA device"] = ["--corpus", str(small_corpus), "--device", "cuda"]
     for message, args in cases.items():
         result = _cli(*args, "--out", str(out))
         assert result.exit_code == 2, (message, result.output)
@@ -207,6 +211,98 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, small_corpus):
     assert _cli(*args).exit_code == 0
     before = _files(out)
     result = _cli(*args[:-4], "--tau", "32", "--chunk-size", "64", "--resume")
-    assert result.exit_code == 2 and "other params" in result.output
+    assert result.exit_code == 2 and "was built with --tau 16, this run asks for --tau 32" in result.output
     assert sorted(_files(out)) == sorted(before)
     shutil.rmtree(out)
+
+    # --out naming a file: refused, the file untouched
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    result = _cli("--corpus", str(small_corpus), "--out", str(a_file))
+    assert result.exit_code == 2 and "exists and is not a directory" in result.output
+    assert a_file.read_text() == "keep me"
+
+
+def test_resume_with_another_corpus_is_refused(small_corpus, tmp_path):
+    out = tmp_path / "out"
+    build_labels("tiny", small_corpus, out, PARAMS)
+    lines = small_corpus.read_text().splitlines()
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("\n".join(lines[:3]) + "\n")
+    with pytest.raises(Exception, match="another corpus .*5 documents, this corpus has 3"):
+        build_labels("tiny", fewer, out, PARAMS, resume=True)
+    changed = tmp_path / "changed.jsonl"  # as many documents, one token changed
+    record = json.loads(lines[0])
+    record["input_ids"][5] += 1
+    changed.write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
+    with pytest.raises(Exception, match="another corpus .*other ids or contents"):
+        build_labels("tiny", changed, out, PARAMS, resume=True)
+    same_elsewhere = tmp_path / "copy.jsonl"  # the same documents at another path resume fine
+    same_elsewhere.write_text(small_corpus.read_text())
+    assert build_labels("tiny", same_elsewhere, out, PARAMS, resume=True)["documents"] == 4
+
+
+def test_a_run_that_labels_nothing_fails_and_stays_incomplete(small_corpus, tmp_path):
+    out = tmp_path / "out"
+    result = _cli("--corpus", str(small_corpus), "--out", str(out), "--layers", "2,4,6", "--tau", "16",
+                  "--max-tokens", "20")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "no document was labelled: all 5 are shorter than 2 * tau = 32 tokens" in message
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    with pytest.raises(Exception, match="unfinished"):
+        LabelShards(out)
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(small_corpus, tmp_path):
+    """A process holding the output's lock (as a running build-labels does): the CLI refuses to write there,
+    naming that process; another shard of the same directory is a different writer and may run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lsa_runtime.outputs import OutputLock\n"
+         f"lock = OutputLock({str(out)!r}, 'build-labels').__enter__()\nprint('locked', flush=True)\n"
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = _cli("--corpus", str(small_corpus), "--out", str(out), "--layers", "2,4,6", "--tau", "16")
+        assert result.exit_code == 2, result.output
+        assert f"being written by another fm-index process (PID {holder.pid}, build-labels)" in \
+            " ".join(result.output.split())
+        assert sorted(p.name for p in out.iterdir()) == [".fm-index.lock"]  # nothing else written
+        shard = _cli("--corpus", str(small_corpus), "--out", str(out), "--layers", "2,4,6", "--tau", "16",
+                     "--chunk-size", "64", "--shard", "1/2")
+        assert shard.exit_code == 0, shard.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli("--corpus", str(small_corpus), "--out", str(out), "--layers", "2,4,6", "--tau", "16",
+                "--chunk-size", "64", "--shard", "0/2").exit_code == 0  # the lock went with the killed holder
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_one_shot(small_corpus, tmp_path):
+    """A build-labels process killed with SIGKILL mid-run: --resume finishes it, the same dataset as one shot."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    one = tmp_path / "one"
+    build_labels("tiny", small_corpus, one, PARAMS)
+    two = tmp_path / "two"
+    args = ["--model", "tiny", "--corpus", str(small_corpus), "--out", str(two), "--layers", "2,4,6", "--tau", "16",
+            "--chunk-size", "64", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "build-labels", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((two / "done").glob("*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not json.loads((two / "manifest.json").read_text())["complete"]
+    result = _cli(*args[2:], "--resume")
+    assert result.exit_code == 0, result.output
+    _assert_same_dataset(one, two)

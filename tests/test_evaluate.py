@@ -168,12 +168,16 @@ def test_resume_skips_finished_runs_and_redoes_a_cut_one(backbone, tmp_path, mon
 
     class Counting(Reporter):
         decoded = 0
+        started = None
+
+        def start(self, total_runs, done=0):  # the progress bar starts at the finished runs: no burst of them
+            Counting.started = (total_runs, done)
 
         def run_done(self, record):
-            Counting.decoded += bool(record)
+            Counting.decoded += 1
 
     resumed = evaluate(config, out, resume=True, reporter=Counting(), backbone=backbone)
-    assert Counting.decoded == 1
+    assert Counting.decoded == 1 and Counting.started == (2, 1)
     strip = lambda runs: [{k: v for k, v in r.items() if k != "stats"} for r in runs]  # noqa: E731
     assert strip(resumed["runs"]) == strip(first["runs"])
 
@@ -213,6 +217,38 @@ def test_cli_evaluate(tmp_path):
     assert bad.exit_code == 2
     assert "error:" in bad.output and "budget" in bad.output
     assert not Path(tmp_path / "b").exists()
+    for args, message in ((["--dtype", "float64"], "--dtype float64 is not supported"),
+                          (["--device", "gpu0"], "--device gpu0 is not a device")):
+        bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full", "--out", str(tmp_path / "b"),
+                                       *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert not Path(tmp_path / "b").exists()
+
+
+def test_a_second_writer_is_refused(backbone, tmp_path):
+    """While one evaluation writes --out, another one there is refused, naming the first (its PID)."""
+    from lsa_runtime.errors import FmIndexError
+    from lsa_runtime.outputs import OutputLock
+
+    out = tmp_path / "e"
+    config = EvalConfig(model="tiny", modes=("full",), tasks=(TASK,), lengths=(256,), samples=1, max_new_tokens=1)
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom lsa_runtime.outputs import OutputLock\n"
+                               f"lock = OutputLock({str(out)!r}, 'evaluate').__enter__()\nprint('locked', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FmIndexError, match=f"PID {holder.pid}, evaluate"):
+            evaluate(config, out, backbone=backbone)
+        assert not (out / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputLock(out, "test"):  # the lock went with the killed holder
+        pass
+    assert evaluate(config, out, backbone=backbone)["complete"]
 
 
 def test_workers_decode_the_same_runs_as_one_process(backbone, export_dir, tmp_path):

@@ -28,3 +28,37 @@ def test_pipeline_end_to_end(tmp_path, small_corpus):
     assert (out / "export" / "lsa_config.json").is_file() and (out / "export" / "model.safetensors").is_file()
     results = json.loads((out / "evaluation" / "results.json").read_text())
     assert {run["mode"] for run in results["runs"]} == {"full", "lsa", "recent"}
+
+
+def _pipeline(out, small_corpus, *extra):
+    return runner.invoke(app, ["pipeline", "--out", str(out), "--model", "tiny", "--corpus", str(small_corpus),
+                               "--tau", "16", "--epochs", "1", "--rank", "32", "--lengths", "512",
+                               "--tasks", "niah_single_1", "--samples", "1", "--device", "cpu", *extra])
+
+
+def test_resume_skips_finished_steps_and_redoes_missing_ones(tmp_path, small_corpus):
+    """pipeline --resume after every step finished: each step is checked and skipped (nothing retrained); with a
+    step's output removed, that step runs again; the refusal without --resume stays."""
+    import shutil
+
+    out = tmp_path / "run"
+    first = _pipeline(out, small_corpus)
+    assert first.exit_code == 0, first.output
+    state = (out / "train" / "train_state.json").read_text()
+    results = json.loads((out / "evaluation" / "results.json").read_text())["runs"]
+    assert _pipeline(out, small_corpus).exit_code == 2  # no --resume: refused
+    again = _pipeline(out, small_corpus, "--resume")
+    assert again.exit_code == 0, again.output
+    assert "nothing to train" in again.output and "next: fm-index export" not in again.output
+    assert (out / "train" / "train_state.json").read_text() == state
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "stats"} for r in runs]  # noqa: E731
+    assert strip(json.loads((out / "evaluation" / "results.json").read_text())["runs"]) == strip(results)
+    shutil.rmtree(out / "export")
+    shutil.rmtree(out / "evaluation")
+    redo = _pipeline(out, small_corpus, "--resume")
+    assert redo.exit_code == 0, redo.output
+    assert (out / "export" / "lsa_config.json").is_file()
+    assert strip(json.loads((out / "evaluation" / "results.json").read_text())["runs"]) == strip(results)
+    changed = _pipeline(out, small_corpus, "--resume", "--nucleus", "0.5")  # finished labels, other options
+    assert changed.exit_code == 2 and "--nucleus 0.3, this run asks for --nucleus 0.5" in " ".join(
+        changed.output.split())

@@ -142,7 +142,7 @@ def test_helper_errors_reach_the_caller(backbone, prompt_ids):
 @pytest.mark.parametrize("bad", [-1, 8, 1.5])
 def test_prefetch_steps_must_be_below_tau(backbone, bad):
     model, tokenizer = backbone
-    with pytest.raises(SessionError, match="prefetch_steps must be an integer in 0..tau-1"):
+    with pytest.raises(SessionError, match=r"prefetch_steps \(--prefetch-steps\) must be an integer in 0..tau-1"):
         Session(model, tokenizer, mode="all", tau=8, prefetch_steps=bad)
 
 

@@ -325,3 +325,26 @@ def test_with_config_reuses_the_loaded_backbone_and_stats_report_each_triggers_s
     recent = lsa.with_config(mode="recent", budget=8)
     recent.generate(prompt_ids[:320], max_new_tokens=TAU + 1)
     assert recent.stats.selected_per_trigger == (8, 8)
+
+
+def test_oracle_mode_records_the_full_run_and_replays_it(backbone, prompt_ids, full_run):
+    """Session(mode="oracle"): each generate first decodes the prompt in full mode, then replays its native picks;
+    lossless under greedy decoding, with fewer entries resident (the same as OraclePolicy fed by hand)."""
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="oracle", tau=4, chunk_size=CHUNK)
+    out = session.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert out.token_ids == full_run[0].token_ids
+    assert session.stats.triggers == 1 + (NEW_TOKENS - 1) // 4
+    assert session.stats.resident_entries < 0.75 * session.stats.csa_entries
+    assert session.describe().startswith("oracle")
+    with pytest.raises(SessionError, match="keep_context is not available"):
+        session.generate(prompt_ids[:8], max_new_tokens=2, keep_context=True)
+
+
+def test_an_empty_text_prompt_needs_unconditional(backbone):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="full")
+    with pytest.raises(SessionError, match="the prompt is empty: pass unconditional=True"):
+        session.generate("", max_new_tokens=2)
+    out = session.generate("", max_new_tokens=3, unconditional=True, stop_at_eos=False)
+    assert out.prompt_tokens == 1 and session.context_ids[0] == tokenizer.bos_token_id and len(out.token_ids) == 3

@@ -14,19 +14,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"mode": "all", "tau": 0}, "tau must be an integer >= 1"),
-    ({"mode": "all", "tau": -3}, "tau must be an integer >= 1"),
-    ({"mode": "all", "tau": 2.5}, "tau must be an integer >= 1"),
-    ({"mode": "all", "threshold": 0.0}, r"threshold must be in \(0, 1\)"),
-    ({"mode": "all", "threshold": 1.0}, r"threshold must be in \(0, 1\)"),
-    ({"mode": "all", "threshold": 1.5}, r"threshold must be in \(0, 1\)"),
+    ({"mode": "all", "tau": 0}, r"tau \(--tau\) must be an integer >= 1"),
+    ({"mode": "all", "tau": -3}, r"tau \(--tau\) must be an integer >= 1"),
+    ({"mode": "all", "tau": 2.5}, r"tau \(--tau\) must be an integer >= 1"),
+    ({"mode": "all", "threshold": 0.0}, r"threshold \(--threshold\) must be in \(0, 1\)"),
+    ({"mode": "all", "threshold": 1.0}, r"threshold \(--threshold\) must be in \(0, 1\)"),
+    ({"mode": "all", "threshold": 1.5}, r"threshold \(--threshold\) must be in \(0, 1\)"),
     ({"mode": "sparse"}, "unknown mode 'sparse'"),
     ({"mode": "lsa"}, "mode 'lsa' needs an exported memory indexer"),
-    ({"mode": "recent"}, "mode 'recent' needs budget=N"),
-    ({"mode": "random", "budget": 0}, "budget must be >= 1"),
+    ({"mode": "recent"}, r"mode 'recent' needs a budget: budget=N \(--budget N\)"),
+    ({"mode": "random", "budget": 0}, r"budget \(--budget\) must be >= 1"),
     ({"mode": "hisparse", "budget": 8}, "must hold one step.s top-k"),
     ({"mode": "lsa", "indexer": "/nonexistent/export"}, "is not a directory"),
-    ({"mode": "all", "chunk_size": 0}, "chunk_size must be >= 1"),
+    ({"mode": "all", "chunk_size": 0}, r"chunk_size \(--chunk-size\) must be >= 1"),
 ])
 def test_bad_options_are_one_line_errors(backbone, options, message):
     model, tokenizer = backbone
@@ -96,8 +96,8 @@ def test_cli_generate_prints_text_and_stats():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--tau", "0"], "tau must be an integer >= 1"),
-    (["--prompt", "x", "--threshold", "2"], "threshold must be in (0, 1)"),
+    (["--prompt", "x", "--tau", "0"], "tau (--tau) must be an integer >= 1"),
+    (["--prompt", "x", "--threshold", "2"], "threshold (--threshold) must be in (0, 1)"),
     (["--prompt", "x", "--indexer", "/nonexistent/export"], "is not a directory"),
     (["--prompt", "x", "--mode", "lsa"], "needs an exported memory indexer"),
     (["--prompt", "x", "--prompt-file", "f.txt"], "exactly one of --prompt"),
@@ -128,10 +128,10 @@ def test_decoding_stops_at_the_model_maximum(backbone):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"mode": "all", "budget": 2.5}, "budget must be >= 1 entries"),
-    ({"mode": "all", "memory_keys": "disk"}, "memory_keys must be 'device' or 'pool'"),
-    ({"mode": "all", "tau": 8, "prefetch_steps": 8}, r"prefetch_steps must be an integer in 0..tau-1 = 0..7"),
-    ({"mode": "hisparse"}, "mode 'hisparse' needs budget=N"),
+    ({"mode": "all", "budget": 2.5}, r"budget \(--budget\) must be >= 1 entries"),
+    ({"mode": "all", "memory_keys": "disk"}, r"memory_keys \(--memory-keys\) must be 'device' or 'pool'"),
+    ({"mode": "all", "tau": 8, "prefetch_steps": 8}, r"prefetch_steps \(--prefetch-steps\) must be an integer in 0..tau-1 = 0..7"),
+    ({"mode": "hisparse"}, "mode 'hisparse' needs a budget"),
 ])
 def test_session_config_is_validated_when_built(fields, message):
     from lsa_runtime.config import SessionConfig
@@ -141,8 +141,8 @@ def test_session_config_is_validated_when_built(fields, message):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"temperature": -1.0}, "temperature must be >= 0"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"temperature": -1.0}, r"temperature \(--temperature\) must be >= 0"),
+    ({"top_p": 0.0}, r"top_p \(--top-p\) must be in \(0, 1\]"),
     ({"top_k": -2}, "top_k must be >= 0"),
 ])
 def test_sampling_params_are_validated_when_built(backbone, fields, message):
@@ -153,3 +153,14 @@ def test_sampling_params_are_validated_when_built(backbone, fields, message):
     model, tokenizer = backbone
     with pytest.raises(FmIndexError, match=message):  # the keyword shortcuts of generate build the same object
         Session(model, tokenizer, mode="full").generate([5, 6], max_new_tokens=1, **fields)
+
+
+def test_cli_generate_empty_prompt_and_unconditional():
+    empty = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--prompt", ""])
+    assert empty.exit_code == 2 and "the prompt is empty" in empty.output and "--unconditional" in empty.output
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--unconditional",
+                                 "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    oracle = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--mode", "oracle", "--tau", "4",
+                                 "--prompt", "The cold pool keeps every entry. " * 8, "--max-new-tokens", "6"])
+    assert oracle.exit_code == 0 and "oracle (native top-k of full decoding)" in oracle.output, oracle.output

@@ -48,7 +48,7 @@ def test_train_eval_export_happy_path(labels, finished_run, tmp_path):
     assert "held-out documents (2)" in result.output and "union" in result.output
     result = invoke("eval", "--indexer", out, "--labels", labels, "--documents", "all")
     assert result.exit_code == 0 and "all documents (6)" in result.output
-    result = invoke("export", "--model", out, "--out", tmp_path / "export")
+    result = invoke("export", "--train-dir", out, "--out", tmp_path / "export")
     assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "export" / "lsa_config.json").read_text())
     assert cfg["layers"] == [2, 4] and cfg["rank"] == 16 and cfg["index_n_heads"] == 8 and cfg["tau"] == 16
@@ -125,15 +125,44 @@ def test_export_of_unfinished_run_and_existing_outputs(labels, finished_run, tmp
     run = tmp_path / "run"
     run.mkdir()
     (run / "train_state.json").write_text(json.dumps({"complete": False}))
-    assert_user_error(invoke("export", "--model", run, "--out", tmp_path / "export"), "unfinished")
+    assert_user_error(invoke("export", "--train-dir", run, "--out", tmp_path / "export"), "unfinished")
     assert not (tmp_path / "export").exists()
-    assert_user_error(invoke("export", "--model", tmp_path / "nothing", "--out", tmp_path / "export"), "does not exist")
+    assert_user_error(invoke("export", "--train-dir", tmp_path / "nothing", "--out", tmp_path / "export"),
+                      "does not exist")
     # an occupied --out is refused, for train and export alike
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    assert_user_error(invoke("export", "--model", finished_run[0], "--out", tmp_path / "busy"), "not empty")
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "busy"), "not empty")
     assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "busy", *TRAIN), "not empty")
     assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "busy", "--resume", *TRAIN),
                       "no interrupted")
-    assert_user_error(invoke("train", "--labels", labels, "--out", finished_run[0], "--resume", *TRAIN),
-                      "already complete")
+    assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "busy" / "file", *TRAIN),
+                      "exists and is not a directory")
+    # the old name of --train-dir still works, with a note
+    old = invoke("export", "--model", finished_run[0], "--out", tmp_path / "old")
+    assert old.exit_code == 0 and "now `export --train-dir`" in old.output and (tmp_path / "old").is_dir()
+
+
+def test_resume_of_a_finished_run(labels, finished_run):
+    """Same options: nothing to do, the stored table is printed (exit 0). Another option: refused, naming it."""
+    state = (finished_run[0] / "train_state.json").read_text()
+    again = invoke("train", "--labels", labels, "--out", finished_run[0], "--resume", *TRAIN)
+    assert again.exit_code == 0 and "nothing to train" in again.output and "held-out documents (2)" in again.output
+    assert (finished_run[0] / "train_state.json").read_text() == state
+    other = [*TRAIN]
+    other[other.index("--lr") + 1] = "1e-2"
+    assert_user_error(invoke("train", "--labels", labels, "--out", finished_run[0], "--resume", *other),
+                      "was trained with --lr 0.03, this run asks for 0.01")
+
+
+@pytest.mark.parametrize("option, value, message", [("--eval-fraction", "0", "--eval-fraction must be in (0, 1), got 0.0"),
+                                                    ("--lr", "-1", "--lr must be > 0, got -1.0"),
+                                                    ("--threshold", "1", "--threshold must be in (0, 1), got 1.0")])
+def test_option_ranges_are_named(labels, tmp_path, option, value, message):
+    args = [*TRAIN]
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "o", *args), message)
+    assert not (tmp_path / "o").exists()
