@@ -157,11 +157,14 @@ def profile_steps(model, cache, position, steps, title):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step_times(model, cache, position, steps)
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(f"--- profile, {title}, {steps} steps, by {sort}", flush=True)
     print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40), flush=True)
+    print("--- the same by operator and input shapes (attribute time by shape, not by name)", flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=12, max_name_column_width=30,
+                                                              max_shapes_column_width=90), flush=True)
     print("--- by self cpu time", flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40),
           flush=True)
