@@ -12,7 +12,15 @@ model only from its own (the native top-k is not differentiable).
 Hooks: a forward pre-hook on ``self_attn.compressor.indexer`` (detach inputs), a forward hook on it (the
 top-k picks, -1 = invalid), on ``...indexer.scorer`` (raw logits [B, S, T] with grad) and on ``self_attn``
 (``DeepseekV4Attention.forward`` returns ``(output, attn_weights)``; the compressed entries are the last T
-columns of attn_weights [B, H, S, S + T]).
+columns of attn_weights: [B, H, S, S + T] from the eager attention, [B, 1, S, T] head-summed from
+``attention.py``).
+
+Activation checkpointing: a checkpointed decoder layer runs its forward again during the backward pass, and
+these hooks fire again there. Only hook calls made while the model's own forward runs are collected (a
+pre-hook and a hook on ``model.model`` open and close that span); the hooks keep just a reference to the
+scorer's logits and compute the (detached) target without autograd, and the KL itself is computed in
+:meth:`pop_loss`, outside the checkpointed region. So each layer's loss is collected once per forward, and the
+replay saves exactly the tensors the first pass saved: loss and gradients equal those without checkpointing.
 """
 
 from __future__ import annotations
@@ -27,18 +35,28 @@ class IndexerDistillation:
     def __init__(self, model, csa_layers: list[int], detach_inputs: bool = True):
         self.csa_layers = list(csa_layers)
         self.enabled = True
-        self.losses: dict[int, torch.Tensor] = {}
+        self._in_forward = False
+        self._entries: dict[int, tuple] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._picks: dict[int, torch.Tensor] = {}
-        self._handles = []
+        self._handles = [model.model.register_forward_pre_hook(self._begin),
+                         model.model.register_forward_hook(self._end)]
         for i in self.csa_layers:
             attn = model.model.layers[i].self_attn
             indexer = attn.compressor.indexer
-            if detach_inputs:
+            if detach_inputs:  # also during a checkpoint replay, so the replay builds the same graph
                 self._handles.append(indexer.register_forward_pre_hook(_detach_tensor_args, with_kwargs=True))
             self._handles.append(indexer.register_forward_hook(self._keep_picks(i)))
             self._handles.append(indexer.scorer.register_forward_hook(self._keep_logits(i)))
             self._handles.append(attn.register_forward_hook(self._distill(i)))
+
+    @property
+    def losses(self) -> dict[int, tuple]:
+        return self._entries
+
+    @losses.setter
+    def losses(self, value) -> None:  # ``distill.losses = {}`` drops what a failed forward left
+        self._entries = dict(value)
 
     def set_topk(self, model, topk: int) -> None:
         for i in self.csa_layers:
@@ -50,32 +68,41 @@ class IndexerDistillation:
 
     def pop_loss(self) -> tuple[torch.Tensor | None, dict[int, float]]:
         """Mean KL over the CSA layers of the last forward pass, and the per-layer values."""
-        if not self.losses:
+        if not self._entries:
             return None, {}
-        per_layer = {i: float(v.detach()) for i, v in self.losses.items()}
-        total = torch.stack(list(self.losses.values())).mean()
-        self.losses = {}
-        return total, per_layer
+        losses = {i: kl_at_picks(*entry) for i, entry in self._entries.items()}
+        self._entries = {}
+        return torch.stack(list(losses.values())).mean(), {i: float(v.detach()) for i, v in losses.items()}
+
+    def _collecting(self) -> bool:
+        return self.enabled and self._in_forward
+
+    def _begin(self, module, args):
+        self._in_forward = True
+        self._entries, self._logits, self._picks = {}, {}, {}
+
+    def _end(self, module, args, output):
+        self._in_forward = False
+        self._logits, self._picks = {}, {}
 
     def _keep_logits(self, i):
         def hook(module, args, output):
-            if self.enabled:
+            if self._collecting():
                 self._logits[i] = output  # [B, S, T] fp32, with grad
         return hook
 
     def _keep_picks(self, i):
         def hook(module, args, output):
-            if self.enabled:
+            if self._collecting():
                 self._picks[i] = output  # [B, S, k], -1 = invalid
         return hook
 
     def _distill(self, i):
         def hook(module, args, output):
-            if not self.enabled or i not in self._logits:
-                return
+            if not self._collecting() or i not in self._logits or output[1] is None:
+                return  # (attention.py returns no weights without autograd: nothing to train then)
             logits, picks = self._logits.pop(i), self._picks.pop(i)
-            attn_weights = output[1]  # [B, H, S, S_kv + T]
-            self.losses[i] = indexer_kl(logits, picks, attn_weights)
+            self._entries[i] = (logits, *kl_target(picks, output[1], logits.shape[-1]))
         return hook
 
 
@@ -93,23 +120,39 @@ def selected_mask(picks: torch.Tensor, n_entries: int) -> torch.Tensor:
     return mask[..., :n_entries]
 
 
+@torch.no_grad()
+def kl_target(picks: torch.Tensor, attn_weights: torch.Tensor, n_entries: int):
+    """The detached target at the picks: (index [B, S, k], valid [B, S, k], p [B, S, k], rows [B, S]).
+
+    ``attn_weights``: main attention probabilities whose last ``n_entries`` columns are the compressed entries,
+    [B, H, S, S_kv + T] (eager) or head-summed [B, 1, S, T]; ``picks``: native top-k [B, S, k], -1 = none."""
+    valid = picks >= 0
+    index = torch.where(valid, picks, torch.zeros_like(picks))
+    if n_entries == 0 or picks.shape[-1] == 0:
+        return index, valid, torch.zeros(picks.shape, device=picks.device), valid.any(-1)
+    mass = attn_weights[..., -n_entries:].float().sum(dim=1)  # [B, S, T]
+    mass = mass.gather(-1, index) * valid
+    total = mass.sum(-1, keepdim=True)
+    rows = (total.squeeze(-1) > 0) & valid.any(-1)
+    return index, valid, mass / total.clamp_min(1e-30), rows
+
+
+def kl_at_picks(logits: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(I over the picks)) averaged over ``rows``; differentiable in ``logits`` [B, S, T]."""
+    if logits.shape[-1] == 0 or index.shape[-1] == 0:
+        return logits.sum() * 0.0
+    # A large finite fill (not -inf) keeps rows with no selected entry finite in the backward pass.
+    log_q = F.log_softmax(logits.float().gather(-1, index).masked_fill(~valid, -1e9), dim=-1)
+    log_target = torch.where(target > 0, target.clamp_min(1e-30).log(), torch.zeros_like(target))
+    kl = torch.where(target > 0, target * (log_target - log_q), torch.zeros_like(log_q)).sum(-1)  # [B, S]
+    return (kl * rows).sum() / rows.sum().clamp_min(1)
+
+
 def indexer_kl(logits: torch.Tensor, picks: torch.Tensor, attn_weights: torch.Tensor) -> torch.Tensor:
     """KL(p || softmax(I)) over the selected entries, p = head-summed attention mass renormalised (detached).
 
-    logits: raw indexer scores I[t, s] [B, S, T]; picks: native top-k [B, S, k]; attn_weights: main attention
-    probabilities [B, H, S, S_kv + T] whose last T columns are the compressed entries.
+    logits: raw indexer scores I[t, s] [B, S, T]; picks: native top-k [B, S, k] (distinct entries, -1 = none);
+    attn_weights: main attention probabilities whose last T columns are the compressed entries.
     """
-    n_entries = logits.shape[-1]
-    if n_entries == 0:
-        return logits.sum() * 0.0
-    mask = selected_mask(picks, n_entries)  # [B, S, T]
-    with torch.no_grad():
-        mass = attn_weights[..., -n_entries:].float().sum(dim=1) * mask  # [B, S, T]
-        total = mass.sum(-1, keepdim=True)
-        rows = (total.squeeze(-1) > 0) & mask.any(-1)  # [B, S]
-        target = mass / total.clamp_min(1e-30)
-        log_target = torch.where(target > 0, target.clamp_min(1e-30).log(), torch.zeros_like(target))
-    # A large finite fill (not -inf) keeps rows with no selected entry finite in the backward pass.
-    log_q = F.log_softmax(logits.float().masked_fill(~mask, -1e9), dim=-1)
-    kl = torch.where(target > 0, target * (log_target - log_q), torch.zeros_like(log_q)).sum(-1)  # [B, S]
-    return (kl * rows).sum() / rows.sum().clamp_min(1)
+    return kl_at_picks(logits, *kl_target(picks, attn_weights, logits.shape[-1]))

@@ -8,6 +8,9 @@ is Flash's 128 tokens, so anything further back is reachable only through compre
 
 from __future__ import annotations
 
+# Plain RoPE (no YaRN), so this is only the range the config declares: evaluation goes to 128K tokens plus answers.
+MAX_POSITIONS = 262144
+
 CSA = "compressed_sparse_attention"
 HCA = "heavily_compressed_attention"
 SLIDING = "sliding_attention"
@@ -46,7 +49,7 @@ def reference_config(vocab_size: int = 4096):
         index_topk=64,
         hc_mult=2,
         hc_sinkhorn_iters=4,
-        max_position_embeddings=65536,
+        max_position_embeddings=MAX_POSITIONS,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
@@ -65,7 +68,8 @@ def toy_config(vocab_size: int = 4096):
         o_groups=2, o_lora_rank=16, partial_rotary_factor=0.25, n_routed_experts=2, num_local_experts=2,
         num_experts_per_tok=1, layer_types=flash_layout(n_layers), compress_rates={CSA: 4, HCA: 16},
         sliding_window=16, index_n_heads=16, index_head_dim=16, index_topk=4, hc_mult=2, hc_sinkhorn_iters=2,
-        max_position_embeddings=65536, bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+        max_position_embeddings=MAX_POSITIONS, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        tie_word_embeddings=False,
     )
 
 

@@ -5,10 +5,12 @@ the answer's span (the tokens a greedy decoder must reproduce). Haystacks are st
 tokenised corpus) or repeated noise sentences; needles are inserted at uniformly random depths.
 
 Tasks (RULER names): ``niah_single`` (one needle), ``niah_multikey`` (one needle among needles with other keys),
-``niah_multivalue`` (one key, several values: all of them, in order), ``vt`` (variable tracking: follow a chain
+``niah_multivalue`` (one key, several values: all of them, in order), ``niah_multiquery`` (several keys, each with
+its own value, all asked at once: their values in the order the question names the keys, which is independent
+of the order the needles appear in), ``vt`` (variable tracking: follow a chain
 of assignments ``VAR A = 12345``, ``VAR B = VAR A``, ...: name every variable that holds the value). Values are
 7-digit numbers or uuid-like hex strings (vt: 5-digit numbers). Wording, preambles and queries follow RULER as
-``indexer_train/ruler_tasks.py`` writes them, so the model is trained on the prompts it is evaluated with.
+``fm_eval/tasks.py`` writes them, so the model is trained on the prompts it is evaluated with.
 """
 
 from __future__ import annotations
@@ -61,7 +63,13 @@ def niah_preamble(kind: str) -> str:
 VT_PREAMBLE = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 
 
+def join_keys(keys: list[str]) -> str:
+    """RULER's list of asked keys: ``a``; ``a, and b``; ``a, b, and c``."""
+    return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + ", and " + keys[-1]
+
+
 def question_text(kind: str, key: str, multi: bool = False) -> str:
+    """``key`` may be several keys joined by :func:`join_keys` (multi-query, with ``multi=True``)."""
     if multi:
         return (f"\n# Question: What are all the special magic {kind}s for {key} mentioned in the provided text?"
                 f"\n# Answer: The special magic {kind}s for {key} mentioned in the provided text are:")
@@ -105,7 +113,7 @@ class Sample:
 class TaskBuilder:
     """Builds samples from a tokenizer and a haystack token array (documents separated by ``eos``)."""
 
-    TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
+    TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
 
     def __init__(self, tokenizer, haystack_tokens: np.ndarray, bos_id: int, n_multi: int = 4):
         self.tokenizer = tokenizer
@@ -147,6 +155,18 @@ class TaskBuilder:
             needles = [needle_text(kind, k, v) for k, v in zip(keys, values)]
             pick = int(rng.integers(len(keys)))
             question, answer = question_text(kind, keys[pick]), f" {values[pick]}"
+        elif task == "niah_multiquery":
+            # RULER's niah_multiquery: n keys with one value each, all asked; the needles go into the haystack in
+            # a shuffled order, so the answer order (the question's) cannot be read off the needle order.
+            keys = []
+            while len(keys) < n_multi:
+                k = random_key(rng)
+                if k not in keys:
+                    keys.append(k)
+            values = [random_value(rng, kind) for _ in keys]
+            order = rng.permutation(len(keys))
+            needles = [needle_text(kind, keys[j], values[j]) for j in order]
+            question, answer = question_text(kind, join_keys(keys), multi=True), " " + ", ".join(values)
         elif task == "niah_multivalue":
             key = random_key(rng)
             values = [random_value(rng, kind) for _ in range(n_multi)]

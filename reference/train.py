@@ -2,7 +2,8 @@
 
 Data per sequence (seeded by (seed, step), so a resumed run sees exactly the data it would have seen): with
 probability ``--code-frac`` a window of the stdlib token stream, otherwise a synthetic retrieval task from
-``tasks.py`` (single needle, multi-key, multi-value, variable tracking) on a stdlib or noise haystack.
+``tasks.py`` (single needle, multi-key, multi-value, multi-query, variable tracking; ``--mix``) on a stdlib or
+noise haystack.
 Loss = next-token cross-entropy over all tokens + ``--answer-weight`` x cross-entropy over the answer tokens
 + ``--kl-weight`` x the indexer distillation KL (``distillation.py``) averaged over the CSA layers.
 
@@ -14,7 +15,14 @@ entries). LR: linear warm-up, constant, linear decay to 10% over the last ``--de
 
 Checkpoints (``--ckpt DIR``): ``weights-*.safetensors`` shards of at most 15 MB (``--ckpt-dtype``), optional
 ``optimizer.pt``, ``state.json`` (step, config, arguments, log). ``--resume`` continues from it; without a saved
-optimizer the Adam moments restart (with a short re-warm-up). ``--max-minutes`` stops cleanly and saves.
+optimizer the Adam moments restart (with a short re-warm-up). ``--max-minutes`` stops cleanly and saves;
+``--decay-minutes`` decays the lr linearly to 10% over the last minutes of that budget.
+
+Long sequences (16K-64K tokens): ``--attention window`` (the default) computes the model's exact attention
+without the dense [S, S + S/4] score matrix (``attention.py``), and ``--checkpointing`` recomputes each decoder
+layer in the backward pass (activation checkpointing), so one 32K sequence fits a micro-batch.
+``--max-positions`` raises ``max_position_embeddings`` of a warm-started model (plain RoPE: nothing else
+changes), so evaluation prompts of 64K tokens and more are within the config's range.
 
 Run: ``python -m reference.train --ckpt reference/work/ckpt --steps 2000 ...``
 (the exact commands used for the bundled model are in ``data/reference/README.md``).
@@ -25,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,9 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import set_attention
 from .build_corpus import REFERENCE_DIR, WORK
 from .distillation import IndexerDistillation
-from .model_config import csa_layer_indices, reference_config, toy_config
+from .model_config import MAX_POSITIONS, csa_layer_indices, reference_config, toy_config
 from .tasks import TaskBuilder
 
 SHARD_BYTES = 15 * 1024 * 1024
@@ -67,7 +75,8 @@ class BatchSampler:
             return ids, answer, "code"
         tasks, probs = zip(*self.mix)
         task = tasks[rng.choice(len(tasks), p=np.asarray(probs) / sum(probs))]
-        kind = "number" if task == "niah_multivalue" else None  # 4 uuids (~100 tokens) are not a useful target
+        # 4 uuids (~100 tokens) are not a useful target: multi-value and multi-query answers are numbers
+        kind = "number" if task in ("niah_multivalue", "niah_multiquery") else None
         n_multi = None
         if task == "niah_multikey" and self.multikey_keys != (4, 4):  # numbers: uuid needles crowd short stages
             n_multi, kind = int(rng.integers(self.multikey_keys[0], self.multikey_keys[1] + 1)), "number"
@@ -167,7 +176,8 @@ def load_checkpoint(ckpt: Path):
 
 
 # ---------------------------------------------------------------- training
-def lr_at(step: int, args) -> float:
+def lr_at(step: int, args, minutes: float | None = None) -> float:
+    """Learning rate of ``step``; ``minutes`` (elapsed wall time) drives ``--decay-minutes``."""
     if step < args.warmup:
         scale = (step + 1) / args.warmup
     elif args.resumed_at and step < args.resumed_at + args.rewarmup:
@@ -177,6 +187,11 @@ def lr_at(step: int, args) -> float:
     decay_start = args.steps - args.decay_steps
     if step >= decay_start:
         scale *= 1.0 - 0.9 * (step - decay_start) / max(1, args.decay_steps)
+    decay_minutes = getattr(args, "decay_minutes", None)
+    if decay_minutes and args.max_minutes and minutes is not None:
+        begin = args.max_minutes - decay_minutes
+        if minutes > begin:
+            scale *= 1.0 - 0.9 * min(1.0, (minutes - begin) / decay_minutes)
     return args.lr * scale
 
 
@@ -208,15 +223,20 @@ def parse_keys(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def parse_stages(text: str) -> list[tuple[int, int, str]]:
-    """``"512:300:all,1024:300:all,4096:0:64"`` -> [(length, steps, topk)]; the last stage runs to the end."""
+def parse_stages(text: str) -> list[tuple[tuple[int, ...], int, str]]:
+    """``"512:300:all,1024:300:all,4096:0:64"`` -> [(lengths, steps, topk)]; the last stage runs to the end.
+
+    A stage's LENGTH may be several lengths joined by ``/`` (``"32768/8192:0:64"``): its steps cycle through
+    them, one length per step, so long sequences are trained without leaving the short ones."""
     stages = []
     for part in text.split(","):
         try:
             length, steps, topk = part.split(":")
-            stages.append((int(length), int(steps), topk if topk == "all" else str(int(topk))))
+            lengths = tuple(int(x) for x in length.split("/"))
+            stages.append((lengths, int(steps), topk if topk == "all" else str(int(topk))))
         except ValueError:
-            raise SystemExit(f"bad --stages item '{part}': use LENGTH:STEPS:TOPK (TOPK a number or 'all')") from None
+            raise SystemExit(f"bad --stages item '{part}': use LENGTH[/LENGTH...]:STEPS:TOPK (TOPK a number or "
+                             f"'all')") from None
     return stages
 
 
@@ -226,13 +246,23 @@ def phase_at(step: int, args, config) -> tuple[int, int]:
     if args.stages:
         begin = 0
         stages = parse_stages(args.stages)
-        for i, (length, steps, topk) in enumerate(stages):
+        for i, (lengths, steps, topk) in enumerate(stages):
             if step < begin + steps or i == len(stages) - 1:
+                length = lengths[(step - begin) % len(lengths)]
                 return length, length // rate if topk == "all" else int(topk)
             begin += steps
     if step < args.dense_steps:
         return args.dense_seq_len, args.dense_seq_len // config.compress_rates["compressed_sparse_attention"]
     return args.seq_len, config.index_topk
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant), in transformers 5.17 and later."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def train_step(model, distill, ids, answer, kl_weight, answer_weight, micro: int, multikey=None):
@@ -313,7 +343,8 @@ def main(argv=None):
     parser.add_argument("--code-frac", type=float, default=0.3)
     parser.add_argument("--mix", default=None,
                         help="task mixture of the synthetic sequences, TASK=WEIGHT,... (default: "
-                             "niah_single=0.4,niah_multikey=0.2,niah_multivalue=0.2,vt=0.2)")
+                             "niah_single=0.4,niah_multikey=0.2,niah_multivalue=0.2,vt=0.2; niah_multiquery "
+                             "is available too)")
     parser.add_argument("--multikey-keys", default="4",
                         help="keys per multi-key training sequence: N, or LO-HI drawn uniformly (fewer when a short "
                              "stage cannot hold them); evaluation always uses 4")
@@ -321,6 +352,15 @@ def main(argv=None):
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this wall time")
+    parser.add_argument("--decay-minutes", type=float, default=None,
+                        help="with --max-minutes: decay the lr linearly to 10%% over these last minutes")
+    parser.add_argument("--attention", choices=["window", "eager"], default="window",
+                        help="window: exact attention without the dense score matrix (attention.py); eager: "
+                             "transformers' dense path (the runs before 2026-12-01 used it)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing per decoder layer (long sequences: 16K tokens and more)")
+    parser.add_argument("--max-positions", type=int, default=MAX_POSITIONS,
+                        help="raise the config's max_position_embeddings to at least this")
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--ckpt-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no-optimizer-state", action="store_true", help="leave optimizer.pt out of the checkpoint")
@@ -346,9 +386,15 @@ def main(argv=None):
         config = (toy_config if args.toy else reference_config)(len(tokenizer))
         model, start = new_model(config, args.seed), 0
     config = model.config
+    if config.max_position_embeddings < args.max_positions:
+        config.max_position_embeddings = args.max_positions
+    set_attention(model, args.attention)
+    if args.checkpointing:
+        enable_checkpointing(model)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f}M parameters, CSA layers {csa_layer_indices(config)}, device {device}")
+    print(f"{n_params / 1e6:.2f}M parameters, CSA layers {csa_layer_indices(config)}, device {device}, "
+          f"attention {args.attention}, checkpointing {args.checkpointing}", flush=True)
     distill = IndexerDistillation(model, csa_layer_indices(config))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -374,7 +420,7 @@ def main(argv=None):
                         torch.float32 if args.ckpt_dtype == "float32" else torch.bfloat16,
                         not args.no_optimizer_state)
 
-    step, window_tokens, window_t = start, 0, time.time()
+    step, window_tokens, window_t, last_len = start, 0, time.time(), None
     while step < stop_at:
         if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
             print(f"time budget reached at step {step}")
@@ -383,11 +429,14 @@ def main(argv=None):
             print(f"dense warm-up ends at step {step} (--dense-minutes)")
             args.dense_steps = step
         seq_len, topk = phase_at(step, args, config)
+        if seq_len != last_len and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # mem_gb is the peak of the current length
+        last_len = seq_len
         distill.set_topk(model, topk)
         batch = max(1, args.batch_tokens // seq_len)
         ids, answer, tasks = sampler.batch(step, batch, seq_len)
         multikey = torch.tensor([t == "niah_multikey" for t in tasks])
-        lr = lr_at(step, args)
+        lr = lr_at(step, args, (time.time() - t_start) / 60)
         for group in optimizer.param_groups:
             group["lr"] = lr
         while True:
@@ -400,7 +449,10 @@ def main(argv=None):
                 distill.losses = {}
                 torch.cuda.empty_cache()
                 if micro_tokens // seq_len <= 1:
-                    raise
+                    print(f"out of memory with one {seq_len}-token sequence per micro-batch: saving step {step}, "
+                          "stopping", flush=True)
+                    save(step)
+                    raise SystemExit(3)
                 micro_tokens //= 2
                 print(f"out of memory: micro-batch now {micro_tokens} tokens")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))

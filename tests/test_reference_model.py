@@ -146,9 +146,12 @@ def test_training_step_runs_saves_and_resumes(tmp_path):
     assert [row["topk"] for row in state["log"]] == [128, 4]  # dense warm-up (every entry), then sparse top-k
     assert all(np.isfinite(row["lm"]) and row["kl"] > 0 for row in state["log"])
     before = train.load_checkpoint(ckpt)[0].state_dict()
-    train.main(common + ["--resume"])
+    # The resumed piece: activation checkpointing and a mixture with the multi-query task.
+    train.main(common + ["--resume", "--checkpointing", "--mix", "niah_multiquery=1,niah_single=1"])
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 3 and len(state["log"]) == 3
+    assert state["args"]["checkpointing"] and state["args"]["attention"] == "window"
+    assert state["config"]["max_position_embeddings"] == 262144 and np.isfinite(state["log"][-1]["lm"])
     after = train.load_checkpoint(ckpt)[0].state_dict()
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
 
@@ -164,6 +167,9 @@ def test_length_curriculum_stages():
                            seq_len=4096)
     got = [phase_at(step, args, config) for step in range(7)]
     assert got == [(256, 64), (256, 64), (1024, 256), (1024, 256), (1024, 256), (4096, 64), (4096, 64)]
+    args.stages = "1024:2:all,16384/4096:0:64"  # a last stage that cycles through two lengths
+    got = [phase_at(step, args, config) for step in range(6)]
+    assert got == [(1024, 256), (1024, 256), (16384, 64), (4096, 64), (16384, 64), (4096, 64)]
     args.stages = None
     args.dense_steps = 1
     assert [phase_at(step, args, config) for step in range(2)] == [(2048, 512), (4096, 64)]
@@ -199,3 +205,209 @@ def test_multikey_training_sequences_vary_their_key_count():
             counts.add((length, len(keys)))
     assert {n for length, n in counts if length == 1024} >= {2, 3, 4, 5, 6}
     assert {n for length, n in counts if length == 192} <= {2, 3, 4}  # at most four 7-digit needles fit
+
+
+def _toy_model(seed: int = 0, vocab: int = 256):
+    """The toy config with its sinks and compressor position biases perturbed, so those paths carry weight."""
+    from reference.model_config import toy_config
+    from reference.train import new_model
+
+    model = new_model(toy_config(vocab), seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks") or name.endswith("position_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            if name == "lm_head.weight":
+                p.mul_(20.0)  # sharper next-token distributions: argmax comparisons are not decided by round-off
+    return model
+
+
+def _loss_and_grads(model, distill, ids):
+    """LM loss + distillation KL of one forward/backward; returns (loss, per-layer KL, {param: grad})."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    kl, per_layer = distill.pop_loss()
+    loss = lm + kl
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), per_layer, grads
+
+
+def _assert_grads_close(a: dict, b: dict, rtol: float):
+    """Per tensor, relative to its largest entry (floored at 1e-3 of the largest gradient anywhere: some
+    gradients are round-off, e.g. the router of hash-routed layers)."""
+    assert set(a) == set(b)
+    top = max(float(g.abs().max()) for g in a.values())
+    for name in a:
+        scale = max(float(a[name].abs().max()), 1e-3 * top)
+        assert float((a[name] - b[name]).abs().max()) <= rtol * scale, name
+
+
+@pytest.mark.parametrize("topk", [4, 1000])  # 4: CSA picks gathered per query; 1000: every entry (dense block)
+def test_window_attention_equals_eager_in_logits_and_gradients(topk):
+    """attention.py computes transformers' eager DeepSeek-V4 attention (sliding window + compressed entries +
+    sinks) without the dense score matrix: same logits, same distillation loss, same gradients (fp32)."""
+    from reference.attention import set_attention
+    from reference.distillation import IndexerDistillation
+    from reference.model_config import csa_layer_indices
+
+    model = _toy_model()
+    distill = IndexerDistillation(model, csa_layer_indices(model.config))
+    distill.set_topk(model, topk)
+    ids = torch.randint(3, 256, (2, 141), generator=torch.Generator().manual_seed(1))  # not a multiple of 16
+    out = {}
+    for name in ("eager", "window"):
+        set_attention(model, name)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+        distill.pop_loss()
+        out[name] = (logits, *_loss_and_grads(model, distill, ids))
+    (le, loss_e, kl_e, g_e), (lw, loss_w, kl_w, g_w) = out["eager"], out["window"]
+    assert float((le - lw).abs().max()) < 1e-5 * float(le.abs().max())
+    assert loss_w == pytest.approx(loss_e, rel=1e-5)
+    assert set(kl_e) == {2} and kl_w[2] == pytest.approx(kl_e[2], rel=1e-4, abs=1e-7)
+    _assert_grads_close(g_e, g_w, 1e-4)
+
+
+@pytest.mark.parametrize("attention", ["window", "eager"])
+def test_activation_checkpointing_keeps_distillation_loss_and_gradients(attention):
+    """With every decoder layer checkpointed, the backward replays the layers and the distillation hooks fire
+    again: the loss is still collected once per forward, and loss and gradients equal those without."""
+    from reference.attention import set_attention
+    from reference.distillation import IndexerDistillation
+    from reference.model_config import csa_layer_indices
+    from reference.train import enable_checkpointing
+
+    model = _toy_model(seed=3).train()
+    set_attention(model, attention)
+    distill = IndexerDistillation(model, csa_layer_indices(model.config))
+    ids = torch.randint(3, 256, (2, 160), generator=torch.Generator().manual_seed(2))
+    plain = _loss_and_grads(model, distill, ids)
+    enable_checkpointing(model)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    replayed = _loss_and_grads(model, distill, ids)
+    assert distill.pop_loss() == (None, {})  # the replay during backward collected nothing
+    assert replayed[0] == pytest.approx(plain[0], rel=1e-5)
+    assert replayed[1] == pytest.approx(plain[1], rel=1e-5)
+    _assert_grads_close(plain[2], replayed[2], 1e-5)
+
+
+def test_chunked_prefill_gives_the_one_pass_logits():
+    """evaluate_needles' chunked prefill through the DynamicCache (chunks of 48 tokens) reproduces the one-pass
+    eager logits and argmax with either attention, and so does cached decoding (one token per step) after it."""
+    from transformers import DynamicCache
+
+    from reference.attention import set_attention
+    from reference.evaluate_needles import _cache_kwarg, chunk_length, chunked_logits
+
+    model = _toy_model(seed=5).eval()
+    ids = torch.randint(3, 256, (1, 130), generator=torch.Generator().manual_seed(4))
+    set_attention(model, "eager")
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits[0]
+    scale = float(full.abs().max())
+    for attention in ("window", "eager"):
+        set_attention(model, attention)
+        got = chunked_logits(model, ids[0].numpy(), 0, 130, 48, 2**30, torch.device("cpu"))
+        assert float((got - full).abs().max()) < 1e-4 * scale, attention
+        assert torch.equal(got.argmax(-1), full.argmax(-1))
+    set_attention(model, "window")
+    cache = DynamicCache(config=model.config)
+    kwarg = _cache_kwarg(model)
+    with torch.no_grad():
+        steps = [model(input_ids=ids[:, :112], use_cache=True, **{kwarg: cache}).logits[0, -1]]
+        steps += [model(input_ids=ids[:, t:t + 1], use_cache=True, **{kwarg: cache}).logits[0, -1]
+                  for t in range(112, 130)]
+    decoded = torch.stack(steps)
+    assert float((decoded - full[111:]).abs().max()) < 1e-4 * scale
+    # The chunk rule: halved while chunk x heads x (entries + window) x 4 bytes exceeds the budget.
+    config = model.config  # 16 indexer heads, CSA rate 4, window 16
+    assert chunk_length(config, 0, 4096, 2**30) == 4096
+    assert chunk_length(config, 60000, 4096, 2**30) == 1024
+    assert 1024 * 16 * ((60000 + 1024) // 4 + 16) * 4 <= 2**30 < 2048 * 16 * ((60000 + 2048) // 4 + 16) * 4
+
+
+def test_multiquery_task_asks_every_key_and_answers_in_question_order():
+    """niah_multiquery (RULER): 4 keys with one value each, all asked; the answer lists their values in the order
+    the question names the keys, while the needles sit in the haystack in a shuffled order."""
+    from transformers import AutoTokenizer
+
+    from reference.tasks import TaskBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE)
+    text = (REPO / "lsa_runtime" / "backbone.py").read_text() * 3
+    hay = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    builder = TaskBuilder(tokenizer, hay, tokenizer.bos_token_id)
+    rng = np.random.default_rng(0)
+    shuffled = 0
+    for _ in range(12):
+        s = builder.build(rng, "niah_multiquery", 600, kind="number", source="code")
+        assert len(s.input_ids) == 600
+        decoded = tokenizer.decode(s.input_ids)
+        needles = re.findall(r"magic numbers for (\S+) is: (\d+)\.\n", decoded)
+        asked = re.findall(r"What are all the special magic numbers for (.+) mentioned", decoded)[0]
+        keys = re.split(r", (?:and )?", asked)
+        assert len(needles) == 4 and sorted(keys) == sorted(k for k, _ in needles)
+        value_of = dict(needles)
+        answer = tokenizer.decode(s.input_ids[s.answer_start:s.answer_start + s.answer_len])
+        assert answer == " " + ", ".join(value_of[k] for k in keys)
+        shuffled += [k for k, _ in needles] != keys
+    assert shuffled >= 6  # 23 of 24 orders differ from the question's
+
+
+def test_card_states_the_long_context_attempt():
+    """The long-context pieces (not adopted) and the 4K-64K evaluation: the card's rows and table cells agree
+    with training_results.json, whose per-length summaries are recomputed here from the per-step logs."""
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    card = (REFERENCE / "README.md").read_text()
+    attempt = results["attempts_not_adopted"][-1]
+    pieces = attempt["pieces"]
+    assert [p["piece"] for p in pieces] == ["L1", "L2"] and "NOT adopted" in attempt["what"]
+    assert attempt["steps"] == sum(p["steps"] for p in pieces) == sum(len(p["log"]) for p in pieces)
+    assert attempt["tokens"] == sum(p["tokens"] for p in pieces)
+    assert f"{attempt['steps']} steps, {attempt['tokens'] / 1e6:.1f}M tokens" in card
+    for piece in pieces:
+        log = piece["log"]
+        assert [row["step"] for row in log] == list(range(1, piece["steps"] + 1))
+        assert piece["tokens"] == sum(row["seq_len"] * (65536 // row["seq_len"]) for row in log)
+        for entry in piece["lengths"]:
+            rows = [row for row in log if row["seq_len"] == entry["seq_len"]]
+            last = rows[-10:]
+            assert entry["steps"] == len(rows) and entry["last_step"] == rows[-1]["step"]
+            for key in ("lm", "answer_ce", "answer_acc", "kl"):
+                assert entry["last_10_steps"][key] == pytest.approx(sum(r[key] for r in last) / len(last), abs=1e-4)
+            m = entry["last_10_steps"]
+            row = (f"| {piece['piece']} (not adopted) | {entry['first_step']:,}-{entry['last_step']:,} | "
+                   f"{entry['seq_len']:,} | {entry['index_topk']} | {m['lm']:.3f} | {m['answer_ce']:.3f} | "
+                   f"{100 * m['answer_acc']:.1f}% | {m['kl']:.4f} | {m['tok_s']:,} | {entry['peak_gpu_memory_gb']} |")
+            assert row in card, row
+    reference = results["needles_gpu_long"]["results"]["topk64"]
+    candidate = attempt["needles_full"]
+    assert attempt["needles"] == {k: v["accuracy"] for k, v in candidate.items()}
+    table = dict(re.findall(r"^\| ([a-z_]+) \| [\d.]+% \| (.+ -> .+) \|$", card, flags=re.M))
+    lengths = (4096, 8192, 16384, 32768, 65536)
+    assert set(table) == {k.split("@")[0] for k in candidate}
+    for task, cells in table.items():
+        for length, cell in zip(lengths, cells.split(" | ")):
+            ref, cand = cell.split(" -> ")
+            key = f"{task}@{length}"
+            assert float(cand) == pytest.approx(100 * candidate[key]["accuracy"], abs=0.05)
+            assert ref == "not run" if key not in reference else float(ref) == pytest.approx(
+                100 * reference[key]["accuracy"], abs=0.05)
+            if key in reference:  # same seeds, same samples: the same n
+                assert reference[key]["n"] == candidate[key]["n"]
+            assert len(candidate[key]["hits"]) == candidate[key]["n"]
+            assert candidate[key]["accuracy"] == pytest.approx(candidate[key]["hits"].count("1") / candidate[key]["n"])
+
+
+def test_card_states_the_chunked_prefill_check():
+    """The CPU chunked-prefill check at 16K reports the same hits as the GPU's one-pass run on those samples."""
+    long = json.loads((REFERENCE / "training_results.json").read_text())["needles_gpu_long"]
+    card = (REFERENCE / "README.md").read_text()
+    check = long["chunked_prefill_check_cpu"]["results"]
+    for key, row in check.items():
+        one_pass = long["results"]["topk64"][key]["hits"][:row["n"]]
+        assert row["hits"] == one_pass and row["chunked_prefill"] == 4096
+        assert f"{row['hits']} {row['task']}" in card
