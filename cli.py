@@ -94,12 +94,22 @@ def build_labels_command(
     model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
                               "checkpoint directory. Default: reference (the bundled trained model; tiny is the "
                               "random one for fast tests)."),
-    layers: str = typer.Option(None, "--layers", help="Memory-indexer layers, comma-separated CSA layers. "
-                               "Default 10,12,20 on V4-Flash, the same relative depths on other models."),
+    layers: str = typer.Option(None, "--layers", help="Memory-indexer layers: model layer ids (22,26,42) or CSA "
+                               "indices as the authors' release numbers them (csa:10,12,20). Default: CSA indices "
+                               "10, 12, 20 of V4-Flash's 21 (model layers 22, 26, 42); on other backbones the CSA "
+                               "layers at the same positions in their CSA list."),
     tau: int = typer.Option(64, "--tau", help="Trigger period tau in tokens: one label row per tau tokens."),
     nucleus: float = typer.Option(0.6, "--nucleus", help="Nucleus mass p kept per token and CSA layer."),
     min_votes: int = typer.Option(3, "--min-votes", help="An entry is golden if in the nucleus at >= this "
                                   "many CSA layers."),
+    softmax_over: str = typer.Option("topk", "--softmax-over", help="topk (the authors' release): the nucleus is "
+                                     "taken over each layer's native top-k picks, softmax of their logits; visible: "
+                                     "over every visible entry (this toolkit's definition before 2026-12)."),
+    source: str = typer.Option("document", "--source", help="document: label the corpus text itself (teacher "
+                               "forcing); generate: label the backbone's own greedy continuation of each document, "
+                               "as the authors' release labels its dumps (needs --new-tokens)."),
+    new_tokens: int = typer.Option(None, "--new-tokens", help="With --source generate: tokens to generate and "
+                                   "label after each document (at least --tau)."),
     chunk_size: int = typer.Option(512, "--chunk-size", help="Prefill chunk (tokens); bounds memory."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Optional crop of each document (default: none)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; "
@@ -112,8 +122,8 @@ def build_labels_command(
     """Run the frozen backbone over a corpus and write FlashMemory training labels (Arrow shards).
 
     Per trigger (every tau tokens) and memory-indexer layer: the hidden state h_t0, the golden entries
-    (nucleus p at each CSA layer, voted over all CSA layers, united over the tau tokens after the trigger)
-    and the native top-k union; per document, the compressed indexer keys.
+    (nucleus p of each CSA layer's native top-k, voted over all CSA layers, united over the tau tokens after
+    the trigger) and the native top-k union; per document, the compressed indexer keys.
     """
     import os
 
@@ -123,7 +133,8 @@ def build_labels_command(
     model = model or default_model_name()
     config = load_config(model)
     params = LabelParams(layers=tuple(parse_layers(layers, config)), tau=tau, nucleus=nucleus,
-                         min_votes=min_votes, max_tokens=max_tokens, chunk_size=chunk_size, dtype=dtype)
+                         min_votes=min_votes, max_tokens=max_tokens, chunk_size=chunk_size, dtype=dtype,
+                         softmax_over=softmax_over, source=source, new_tokens=new_tokens)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     shard_pair = parse_shard(shard) if shard or world == 1 else (int(os.environ.get("RANK", "0")), world)
     if device is None:
@@ -171,7 +182,7 @@ def _print_label_summary(summary: dict, out: str, params=None):
     tps = summary.get("tokens_per_second")
     for what, value in [
         ("documents labelled", f"{summary['documents']:,}"),
-        ("documents skipped (shorter than 2 * tau)", f"{summary['skipped']:,}"),
+        ("documents skipped (too short to label)", f"{summary['skipped']:,}"),
         ("tokens", f"{summary['tokens']:,}"),
         ("triggers", f"{summary['triggers']:,}"),
         ("label rows (triggers x memory layers)", f"{summary['rows']:,}"),
@@ -223,7 +234,7 @@ def train_command(
     labels: str = typer.Option(..., "--labels", help="Label shards written by fm-index build-labels."),
     out: str = typer.Option(..., "--out", help="Run directory: checkpoints, train_state.json, and the final "
                             "SentenceTransformer folder in OUT/model."),
-    layers: str = typer.Option(None, "--layers", help="Memory-indexer layers to train, comma-separated "
+    layers: str = typer.Option(None, "--layers", help="Memory-indexer layers to train: model layer ids or csa:I,J "
                                "(default: every layer in the labels)."),
     rank: int = typer.Option(2048, "--rank", help="Inner rank r of W_DQ (d -> r) and W_IUQ (r -> heads x head_dim)."),
     loss: str = typer.Option("focal", "--loss", help="focal (default, as the method found best) or bce."),
@@ -306,13 +317,14 @@ def eval_command(
     from indexer_train.evaluator import choose_documents, evaluate_indexer
     from indexer_train.export import load_trained_indexer
     from indexer_train.shards import LabelShards, ShardError
-    from indexer_train.trainer import check_shards
+    from indexer_train.trainer import check_same_definition, check_shards
 
     memory_indexer, state = load_trained_indexer(indexer)
     shards = LabelShards(labels)
     if shards.config_hash != memory_indexer.config.backbone_config_hash:
         raise ShardError(f"the label shards in {labels} were built for another backbone (config "
                          f"{shards.config_hash}) than the indexer ({memory_indexer.config.backbone_config_hash})")
+    check_same_definition((state or {}).get("labels_definition"), shards.manifest, f"the indexer {indexer}")
     check_shards(shards, memory_indexer.config.layers)
     docs, use_heldout = choose_documents(documents, state, shards)
     with Progress(console=console) as progress:

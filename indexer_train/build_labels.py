@@ -22,6 +22,7 @@ import torch
 from lsa_runtime.backbone import (
     IndexerGeometry,
     config_hash,
+    csa_index,
     csa_layers,
     load_backbone,
     load_config,
@@ -34,7 +35,11 @@ from lsa_runtime.errors import FmIndexError
 from lsa_runtime.outputs import OutputLock, check_output_dir, remove_stale_temps
 
 from .corpus import Corpus, Document, tokenize
-from .labels import WindowLabeler, trigger_positions
+from .labels import SOFTMAX_OVER, WindowLabeler, trigger_positions
+
+SOURCES = ("document", "generate")
+# What a manifest written before a parameter existed was built with.
+LEGACY_PARAMS = {"softmax_over": "visible", "source": "document", "new_tokens": None}
 from .shards import FORMAT, LabelRow, ShardError, ShardWriter, completed_documents, write_json
 
 
@@ -49,10 +54,22 @@ class LabelParams:
     max_tokens: int | None = None
     chunk_size: int = 512
     dtype: str = "float32"
+    softmax_over: str = "topk"  # "topk": the release's definition; "visible": every visible entry
+    source: str = "document"  # "document": label the corpus text; "generate": label a greedy continuation
+    new_tokens: int | None = None  # source="generate": tokens generated after each document (the prompt)
 
     def check(self, config) -> "LabelParams":
         if self.tau < 1:
             raise FmIndexError(f"--tau must be >= 1, got {self.tau}")
+        if self.softmax_over not in SOFTMAX_OVER:
+            raise FmIndexError(f"--softmax-over must be topk or visible, got '{self.softmax_over}'")
+        if self.source not in SOURCES:
+            raise FmIndexError(f"--source must be document or generate, got '{self.source}'")
+        if self.source == "generate" and (self.new_tokens is None or self.new_tokens < self.tau):
+            raise FmIndexError(f"--source generate needs --new-tokens N with N >= --tau ({self.tau}): the "
+                               f"generated tokens are what gets labelled, one trigger per tau of them")
+        if self.source == "document" and self.new_tokens is not None:
+            raise FmIndexError("--new-tokens is for --source generate")
         if not 0.0 < self.nucleus <= 1.0:
             raise FmIndexError(f"--nucleus must be in (0, 1], got {self.nucleus}")
         n_csa = len(csa_layers(config))
@@ -115,13 +132,16 @@ class _DocumentObserver(IndexerObserver):
         self.closed.extend(self.labeler.end_chunk())
 
 
-def label_document(model, doc: Document, input_ids: list[int], params: LabelParams, progress=None):
-    """Labels of one document: (rows, keys by layer, stats). Requires len(input_ids) >= 2 * tau."""
+def label_document(model, doc: Document, input_ids: list[int], params: LabelParams, progress=None,
+                   first_trigger: int | None = None):
+    """Labels of one document: (rows, keys by layer, stats). Triggers at ``first_trigger`` (default tau) + k *
+    tau whose window fits; ``label_generated`` sets it to the prompt's length."""
     rate = model.config.compress_rates["compressed_sparse_attention"]
     n = len(input_ids)
-    triggers = trigger_positions(n, params.tau)
+    triggers = trigger_positions(n, params.tau, first_trigger)
     labeler = WindowLabeler(n_tokens=n, tau=params.tau, rate=rate, nucleus=params.nucleus,
-                            min_votes=params.min_votes)
+                            min_votes=params.min_votes, softmax_over=params.softmax_over,
+                            first_trigger=first_trigger)
     observer = _DocumentObserver(labeler, params.layers, triggers)
     capture = IndexerCapture(model, memory_layers=params.layers, chunk_size=params.chunk_size)
     cache = capture.prefill(torch.tensor(input_ids, dtype=torch.long), observer, progress=progress)
@@ -149,6 +169,27 @@ def label_document(model, doc: Document, input_ids: list[int], params: LabelPara
         "native_topk_sum": int(sum(by_position[t].native_topk_union.numel() for t in triggers)),
         "visible_sum": int(sum(by_position[t].n_visible for t in triggers)),
     }
+    return rows, keys, stats
+
+
+def continuation(model, prompt_ids: list[int], new_tokens: int, chunk_size: int) -> list[int]:
+    """The backbone's own greedy continuation of ``prompt_ids``: ``new_tokens`` tokens (end-of-sequence tokens
+    included, so that every document yields the same number of windows)."""
+    from lsa_runtime.session import Session, SessionConfig
+
+    session = Session(model, None, SessionConfig(mode="full", chunk_size=chunk_size))
+    return session.generate(prompt_ids, max_new_tokens=new_tokens, stop_at_eos=False).token_ids
+
+
+def label_generated(model, doc: Document, prompt_ids: list[int], params: LabelParams, progress=None):
+    """``--source generate``: labels of the tokens the backbone generates after the document, as the authors'
+    release labels its dumps. The continuation is decoded greedily, then the prompt and continuation are run
+    once more with the capture hooks (teacher forcing reproduces the decode steps' indexer logits and hidden
+    states) and only the windows inside the continuation become triggers."""
+    generated = continuation(model, prompt_ids, params.new_tokens, params.chunk_size)
+    rows, keys, stats = label_document(model, doc, prompt_ids + generated, params, progress=progress,
+                                       first_trigger=len(prompt_ids))
+    stats.update(prompt_tokens=len(prompt_ids), generated_tokens=len(generated))
     return rows, keys, stats
 
 
@@ -212,7 +253,8 @@ class Reporter:
 
 
 PARAM_FLAGS = {"layers": "--layers", "tau": "--tau", "nucleus": "--nucleus", "min_votes": "--min-votes",
-               "max_tokens": "--max-tokens", "chunk_size": "--chunk-size", "dtype": "--dtype"}
+               "max_tokens": "--max-tokens", "chunk_size": "--chunk-size", "dtype": "--dtype",
+               "softmax_over": "--softmax-over", "source": "--source", "new_tokens": "--new-tokens"}
 
 
 def resume_mismatch(old: dict, new: dict, out: Path) -> str | None:
@@ -221,7 +263,8 @@ def resume_mismatch(old: dict, new: dict, out: Path) -> str | None:
         return (f"{out} was built from another backbone (config hash {old.get('backbone', {}).get('config_hash')}, "
                 f"this run's model has {new['backbone']['config_hash']})")
     for key, flag in PARAM_FLAGS.items():
-        was, now = old.get("params", {}).get(key), json.loads(json.dumps(new["params"][key]))
+        was = old.get("params", {}).get(key, LEGACY_PARAMS.get(key))
+        now = json.loads(json.dumps(new["params"][key]))
         if was != now:
             return f"{out} was built with {flag} {_show(was)}, this run asks for {flag} {_show(now)}"
     if old.get("shard") != new["shard"]:
@@ -256,6 +299,8 @@ def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelP
     backbone = _backbone_block(model, config)
     manifest_path = out / manifest_name(shard)
     header = {"format": FORMAT, "backbone": backbone, "params": asdict(params),
+              "memory_layers": {"layers": list(params.layers),
+                                "csa_indices": [csa_index(config, L) for L in params.layers]},
               "shard": {"index": shard[0], "count": shard[1]},
               "corpus": {"path": str(corpus), "documents": len(docs), "fingerprint": docs.fingerprint}}
     if not manifest_path.exists() and out.exists() and shard[1] == 1 and \
@@ -296,14 +341,18 @@ def _label_documents(model, docs, out, params, device, shard, header, manifest_p
             raise FmIndexError(f"document '{doc.id}' has token id {max(ids)} >= vocab size {config.vocab_size}")
         if params.max_tokens is not None:
             ids = ids[: params.max_tokens]
-        reporter.document(doc, len(ids))
-        if len(ids) < 2 * params.tau:
+        generate = params.source == "generate"
+        reporter.document(doc, len(ids) + (params.new_tokens if generate else 0))
+        too_short = len(ids) < 1 if generate else len(ids) < 2 * params.tau
+        if too_short:
+            reason = ("an empty prompt" if generate else
+                      f"{len(ids)} tokens < 2 * tau = {2 * params.tau}: no full trigger window")
             write_json(out / "done" / f"{doc.index:08d}.json",
-                       {"doc_id": doc.id, "tokens": len(ids), "skipped": True,
-                        "reason": f"{len(ids)} tokens < 2 * tau = {2 * params.tau}: no full trigger window"})
+                       {"doc_id": doc.id, "tokens": len(ids), "skipped": True, "reason": reason})
             reporter.document_done(doc, skipped=True)
             continue
-        rows, keys, stats = label_document(backbone_model, doc, ids, params, progress=reporter.tokens)
+        label = label_generated if generate else label_document
+        rows, keys, stats = label(backbone_model, doc, ids, params, progress=reporter.tokens)
         writer.write_document(doc.index, rows, keys, stats)
         tokens_this_run += len(ids)
         reporter.document_done(doc, skipped=False)
@@ -355,7 +404,8 @@ def merge_shards(out: str | Path) -> dict:
     if summary["documents"] == 0:
         raise ShardError(f"no document was labelled in any shard: all {len(done)} are shorter than 2 * tau = "
                          f"{2 * manifests[0]['params']['tau']} tokens")
-    header = {k: manifests[0][k] for k in ("format", "backbone", "params", "corpus")}
+    header = {k: manifests[0][k] for k in ("format", "backbone", "params", "memory_layers", "corpus")
+              if k in manifests[0]}
     write_json(out / "manifest.json", {**header, "shard": {"index": 0, "count": 1}, "merged_from": count,
                                        "complete": True, "counts": summary, "versions": _versions()})
     return summary

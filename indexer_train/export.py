@@ -48,7 +48,7 @@ def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash:
     metrics = dict(indexer.config.metrics)
     if state is not None and (Path(model_dir) / STATE_NAME).is_file():
         metrics = {"heldout": state.get("metrics", {}),
-                   "training": {k: state.get(k) for k in ("labels", "labels_config_hash", "options", "steps",
-                                                          "eval_documents")}}
+                   "training": {k: state.get(k) for k in ("labels", "labels_config_hash", "labels_definition",
+                                                          "options", "steps", "eval_documents")}}
     json.dumps(metrics)  # must be serialisable before anything is written
     return indexer.save_export(out, metrics=metrics)

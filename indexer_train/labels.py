@@ -1,17 +1,27 @@
 """FlashMemory's golden labels, as pure tensor functions and one streaming accumulator.
 
-For every token t and every CSA layer (definitions fixed in docs/DESIGN.md):
+For every token t and every CSA layer (definitions fixed in docs/DESIGN.md, "Triggers and labels"):
 
-1. probabilities: softmax of the raw indexer logits I[t, s] over the visible entries s < n_visible(t);
-2. nucleus: the shortest prefix of entries sorted by probability (descending, ties by lower index) whose
-   mass reaches p (default 0.6); if rounding keeps the total below p, every entry with probability > 0;
+1. probabilities, by ``softmax_over``:
+
+   * ``"topk"`` (the authors' release, the default): softmax of the raw indexer logits I[t, s] over the entries
+     the layer's native top-k picked for t (k = min(index_topk, n_visible(t)));
+   * ``"visible"``: softmax over every visible entry s < n_visible(t);
+
+2. nucleus, entries sorted by probability (descending, ties by lower entry index):
+
+   * ``"topk"``, the release's rule: entry i is kept when the mass of the entries before it is <= p (so the
+     entry that crosses p is kept, and one more when the mass hits p exactly);
+   * ``"visible"``: the shortest prefix whose mass reaches p; if rounding keeps the total below p, every entry
+     with probability > 0;
+
 3. vote: an entry is golden for t if it is in the nucleus at >= min_votes CSA layers (default 3);
-4. window union: the label of the trigger at t0 (t0 = k * tau, k >= 1, t0 + tau <= N) is the union of
-   Golden(t) for t in [t0, t0 + tau), restricted to s < n_visible(t0).
+4. window union: the label of the trigger at t0 is the union of Golden(t) for t in [t0, t0 + tau), restricted
+   to s < n_visible(t0).
 
-The nucleus avoids a full sort: a top-k pass (k grows x4 until every row's mass is reached, exact full-sort
-fallback at the end), then the cut value v* is located and ties at v* are broken by entry index, so the
-result equals a brute-force stable sort exactly.
+The visible nucleus avoids a full sort: a top-k pass (k grows x4 until every row's mass is reached, exact
+full-sort fallback at the end), then the cut value v* is located and ties at v* are broken by entry index, so
+the result equals a brute-force stable sort exactly. The top-k nucleus sorts at most k values per row.
 """
 
 from __future__ import annotations
@@ -70,9 +80,37 @@ def nucleus_mask_for_logits(logits: torch.Tensor, n_visible: torch.Tensor, p: fl
     return nucleus_mask(visible_softmax(logits, n_visible), p, first_k)
 
 
-def trigger_positions(n_tokens: int, tau: int) -> list[int]:
-    """Trigger positions t0 = k * tau (k >= 1) whose window t0 .. t0 + tau - 1 lies inside the document."""
-    return list(range(tau, n_tokens - tau + 1, tau))
+SOFTMAX_OVER = ("topk", "visible")
+
+
+def topk_nucleus_mask(logits: torch.Tensor, picks: torch.Tensor, p: float) -> torch.Tensor:
+    """The release's nucleus over the native top-k: logits [S, T] (raw I[t, s]), picks [S, k] (entry indices,
+    -1 = no pick) -> [S, T] bool. Per row: softmax over the picked entries' logits, entries sorted by probability
+    (descending, ties by lower index), entry i kept when the float64 mass before it is <= p."""
+    s_len, t_len = logits.shape
+    out = torch.zeros((s_len, t_len), dtype=torch.bool, device=logits.device)
+    if s_len == 0 or picks.shape[-1] == 0:
+        return out
+    valid = picks >= 0
+    safe = picks.clamp(min=0)
+    values = logits.float().gather(1, safe).masked_fill(~valid, float("-inf"))  # [S, k], in pick order
+    probs = torch.nan_to_num(torch.softmax(values, dim=-1), nan=0.0)
+    by_index = torch.argsort(safe.masked_fill(~valid, t_len), dim=-1, stable=True)  # ascending entry index
+    probs, entries, valid = probs.gather(1, by_index), safe.gather(1, by_index), valid.gather(1, by_index)
+    order = torch.argsort(-probs, dim=-1, stable=True)  # descending probability, ties by lower index
+    probs, entries, valid = probs.gather(1, order), entries.gather(1, order), valid.gather(1, order)
+    mass = probs.double().cumsum(-1)
+    before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)
+    keep = valid & (before <= p)
+    rows = torch.arange(s_len, device=logits.device).unsqueeze(1).expand_as(entries)
+    out[rows[keep], entries[keep]] = True
+    return out
+
+
+def trigger_positions(n_tokens: int, tau: int, first: int | None = None) -> list[int]:
+    """Trigger positions t0 = first + k * tau (k >= 0; ``first`` defaults to tau) whose window t0 .. t0 + tau - 1
+    lies inside the document."""
+    return list(range(tau if first is None else first, n_tokens - tau + 1, tau))
 
 
 @dataclass
@@ -111,11 +149,16 @@ class WindowLabeler:
     nucleus: float = 0.6
     min_votes: int = 3
     first_k: int = 64
+    softmax_over: str = "topk"
+    first_trigger: int | None = None  # triggers start here (default tau); generated continuations start later
     _open: dict = field(default_factory=dict)
     _chunk: tuple | None = None
+    _pending_logits: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.triggers = set(trigger_positions(self.n_tokens, self.tau))
+        if self.softmax_over not in SOFTMAX_OVER:
+            raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {self.softmax_over!r}")
+        self.triggers = set(trigger_positions(self.n_tokens, self.tau, self.first_trigger))
 
     def start_chunk(self, start: int, length: int):
         self._chunk = (start, length, None, None, None)
@@ -133,13 +176,14 @@ class WindowLabeler:
         return (torch.arange(start, start + length, device=device) + 1) // self.rate
 
     def add_logits(self, logits: torch.Tensor):
-        """One CSA layer's raw logits for the chunk: [S, T]."""
+        """One CSA layer's raw logits for the chunk: [S, T]. With ``softmax_over="topk"`` they wait for the same
+        layer's picks (:meth:`add_topk`, called next)."""
+        if self.softmax_over == "topk":
+            self._pending_logits = logits
+            return
         start, length = self._chunk[:2]
-        votes, cand, _ = self._buffers(logits.shape[1], logits.device)
-        mask = nucleus_mask_for_logits(logits, self._n_visible(start, length, logits.device), self.nucleus,
-                                       self.first_k)
-        votes[:, : mask.shape[1]] += mask
-        cand[:, : mask.shape[1]] |= mask
+        self._vote(nucleus_mask_for_logits(logits, self._n_visible(start, length, logits.device), self.nucleus,
+                                           self.first_k))
 
     def add_topk(self, picks: torch.Tensor, t_len: int):
         """One CSA layer's native top-k picks for the chunk: [S, k], -1 = invalid."""
@@ -147,6 +191,16 @@ class WindowLabeler:
         valid = picks >= 0
         rows = torch.arange(picks.shape[0], device=picks.device).unsqueeze(1).expand_as(picks)
         topk[rows[valid], picks[valid]] = True
+        if self.softmax_over == "topk":
+            if self._pending_logits is None:
+                raise RuntimeError("softmax_over='topk' needs each layer's logits (add_logits) before its picks")
+            logits, self._pending_logits = self._pending_logits, None
+            self._vote(topk_nucleus_mask(logits, picks, self.nucleus))
+
+    def _vote(self, mask: torch.Tensor) -> None:
+        votes, cand, _ = self._buffers(mask.shape[1], mask.device)
+        votes[:, : mask.shape[1]] += mask
+        cand[:, : mask.shape[1]] |= mask
 
     def end_chunk(self) -> list[TriggerLabel]:
         start, length, votes, cand, topk = self._chunk
@@ -156,10 +210,11 @@ class WindowLabeler:
             return closed
         golden = votes >= self.min_votes
         end = start + length
-        first_window = start - start % self.tau
-        for t0 in range(first_window, end, self.tau):
-            if t0 not in self.triggers:
+        for t0 in sorted(self.triggers):  # windows that overlap this chunk
+            if t0 + self.tau <= start:
                 continue
+            if t0 >= end:
+                break
             lo, hi = max(t0, start), min(t0 + self.tau, end)
             if lo >= hi:
                 continue

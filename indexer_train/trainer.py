@@ -97,8 +97,16 @@ def _barrier() -> None:
 
 
 def check_shards(shards: LabelShards, layers) -> list[int]:
-    """The requested layers must all be in the shards (rows and keys); every file must open. Returns the layers."""
+    """The requested layers (model layer ids, or ``"csa:I,J"`` CSA indices) must all be in the shards (rows and
+    keys); every file must open. Returns the model layer ids."""
     have = [int(x) for x in shards.layers]
+    if isinstance(layers, str):  # csa:... -> model layers, by the backbone's CSA list in the manifest
+        csa = shards.manifest["backbone"]["csa_layers"]
+        indices = [int(x) for x in layers[4:].split(",") if x.strip()]
+        bad = [i for i in indices if not 0 <= i < len(csa)]
+        if bad:
+            raise ShardError(f"CSA index {bad[0]} does not exist: the labels' backbone has {len(csa)} CSA layers")
+        layers = [csa[i] for i in indices]
     layers = sorted(int(x) for x in (layers or have))
     missing = [L for L in layers if L not in have]
     if missing:
@@ -256,6 +264,7 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
     out = Path(out)
     check_output_dir(out)
     header = {"labels": str(Path(labels).resolve()), "labels_config_hash": labels_hash,
+              "labels_definition": label_definition(shards.manifest),
               "options": options.identity(), "train_documents": train_docs, "eval_documents": eval_docs}
     with OutputLock(out, "train") if is_main_process() else contextlib.nullcontext():
         state = _check_run_dir(out, header, resume)
@@ -264,6 +273,27 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
                     "metrics": state.get("metrics"), "eval_table": state.get("eval_table"),
                     "eval_documents": len(eval_docs), "already_complete": True}
         return _train(shards, labels, layers, options, out, header, train_docs, eval_docs, resume, reporter)
+
+
+def label_definition(manifest: dict) -> dict:
+    """How a label set was made, as far as training and evaluation must not mix them: the softmax's support
+    (``topk`` or ``visible``) and the labelled tokens (``document`` or ``generate``). Manifests from before
+    those options record neither: they were ``visible`` / ``document``."""
+    params = manifest.get("params", {})
+    return {"softmax_over": params.get("softmax_over", "visible"), "source": params.get("source", "document"),
+            "nucleus": params.get("nucleus"), "min_votes": params.get("min_votes")}
+
+
+def check_same_definition(trained: dict | None, manifest: dict, what: str) -> None:
+    """Refuse to evaluate (or continue training) an indexer on labels made another way than its training labels."""
+    if not trained:
+        return  # an indexer without a training record (e.g. imported): nothing to compare
+    now = label_definition(manifest)
+    for key in ("softmax_over", "source"):
+        if key in trained and trained[key] != now[key]:
+            flag = "--" + key.replace("_", "-")
+            raise FmIndexError(f"{what} was trained on labels built with {flag} {trained[key]}; these labels use "
+                               f"{flag} {now[key]}: evaluate on labels of the same definition")
 
 
 def run_status(out: str | Path) -> str:
@@ -284,6 +314,8 @@ def _check_run_dir(out: Path, header: dict, resume: bool) -> dict | None:
         if state.get("complete") and not (out / MODEL_SUBDIR).is_dir():
             raise FmIndexError(f"--resume: {out} says its run is complete but has no {MODEL_SUBDIR}/ folder; "
                                "train again into another --out")
+        check_same_definition(state.get("labels_definition"), {"params": header["labels_definition"]},
+                              f"--resume: the run in {out}")
         if state.get("labels_config_hash") != header["labels_config_hash"]:
             raise FmIndexError(f"--resume: {out} was trained on labels of another backbone (config hash "
                                f"{state.get('labels_config_hash')}, these labels: {header['labels_config_hash']})")

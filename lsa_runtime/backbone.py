@@ -27,8 +27,10 @@ CSA = "compressed_sparse_attention"
 HCA = "heavily_compressed_attention"
 SLIDING = "sliding_attention"
 
-# FlashMemory's memory-indexer layers on DeepSeek-V4-Flash (43 layers).
-FLASH_MEMORY_LAYERS = (10, 12, 20)
+# FlashMemory's memory-indexer layers, as the authors' release numbers them: indices into the list of CSA layers
+# (21 on DeepSeek-V4-Flash, where they are model layers 22, 26, 42).
+FLASH_MEMORY_CSA_INDICES = (10, 12, 20)
+FLASH_CSA_LAYERS = 21
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Bundled models by name; see default_model_name() for which one commands use without --model.
@@ -195,18 +197,23 @@ def csa_rate(config) -> int:
 
 
 def default_memory_layers(config) -> list[int]:
-    """FlashMemory's layers 10, 12, 20 where they are CSA layers; else the CSA layers at the same relative depth."""
+    """FlashMemory's layers: CSA indices 10, 12 and 20 of V4-Flash's 21 CSA layers (model layers 22, 26, 42); on a
+    backbone with another number of CSA layers, the CSA layers at the same positions in the CSA list (10/21,
+    12/21 and 20/21 of the way through it, rounded, distinct)."""
     csa = csa_layers(config)
-    if all(layer in csa for layer in FLASH_MEMORY_LAYERS):
-        return list(FLASH_MEMORY_LAYERS)
     chosen: list[int] = []
-    for layer in FLASH_MEMORY_LAYERS:
-        target = layer / 43 * config.num_hidden_layers
-        for candidate in sorted(csa, key=lambda c: (abs(c - target), c)):
-            if candidate not in chosen:
-                chosen.append(candidate)
-                break
+    for index in FLASH_MEMORY_CSA_INDICES:
+        position = min(len(csa) - 1, round(index * len(csa) / FLASH_CSA_LAYERS))
+        while csa[position] in chosen and position + 1 < len(csa):  # few CSA layers: keep the three distinct
+            position += 1
+        if csa[position] not in chosen:
+            chosen.append(csa[position])
     return sorted(chosen)
+
+
+def csa_index(config, layer: int) -> int:
+    """The position of model layer ``layer`` in the list of CSA layers (the authors' release numbering)."""
+    return csa_layers(config).index(int(layer))
 
 
 def validate_memory_layers(config, layers) -> list[int]:
@@ -225,20 +232,50 @@ def validate_memory_layers(config, layers) -> list[int]:
     return layers
 
 
-def parse_layer_list(text: str | None) -> tuple[int, ...] | None:
-    """``"10,12,20"`` -> (10, 12, 20); None or empty -> None (the caller's default). Not checked against a model."""
+LAYERS_HELP = ("model layer ids (22,26,42), or CSA indices as the authors' release numbers them (csa:10,12,20: "
+               "the 11th, 13th and 21st CSA layer)")
+
+
+def parse_layer_list(text: str | None) -> tuple[int, ...] | str | None:
+    """``"22,26,42"`` -> (22, 26, 42); ``"csa:10,12,20"`` -> the same text (CSA indices, resolved against a model by
+    :func:`parse_layers`); None or empty -> None (the caller's default)."""
     if text is None or str(text).strip() == "":
         return None
+    text = str(text).strip()
+    body = text[4:] if text.startswith("csa:") else text
     try:
-        return tuple(int(part) for part in str(text).split(",") if part.strip())
+        values = tuple(int(part) for part in body.split(",") if part.strip())
     except ValueError:
-        raise BackboneError(f"--layers must be comma-separated integers, got '{text}'") from None
+        raise BackboneError(f"--layers must be comma-separated integers ({LAYERS_HELP}), got '{text}'") from None
+    if not values:
+        raise BackboneError(f"--layers names no layer: {LAYERS_HELP}")
+    return text if text.startswith("csa:") else values
+
+
+def resolve_csa_indices(config, indices) -> list[int]:
+    """CSA indices (the release's numbering) -> model layer ids, checked."""
+    csa = csa_layers(config)
+    bad = [i for i in indices if not 0 <= int(i) < len(csa)]
+    if bad:
+        raise BackboneError(f"CSA index {bad[0]} does not exist: the model has {len(csa)} CSA layers (csa:0 to "
+                            f"csa:{len(csa) - 1})")
+    return [csa[int(i)] for i in indices]
 
 
 def parse_layers(text: str | None, config) -> list[int]:
-    """Parse ``"10,12,20"`` (or None for the model's default) and validate against the config."""
+    """``--layers``: model layer ids (``"22,26,42"``), CSA indices (``"csa:10,12,20"``), or None for the model's
+    default (:func:`default_memory_layers`); validated against the config. Returns model layer ids, sorted."""
     layers = parse_layer_list(text)
-    return default_memory_layers(config) if layers is None else validate_memory_layers(config, layers)
+    if layers is None:
+        return default_memory_layers(config)
+    if isinstance(layers, str):
+        layers = resolve_csa_indices(config, [int(x) for x in layers[4:].split(",") if x.strip()])
+    return validate_memory_layers(config, layers)
+
+
+def describe_layers(config, layers) -> str:
+    """``"22, 26, 42 (CSA indices 10, 12, 20)"``: both numberings, for tables and messages."""
+    return f"{', '.join(str(x) for x in layers)} (CSA indices {', '.join(str(csa_index(config, x)) for x in layers)})"
 
 
 def config_hash(config) -> str:

@@ -78,9 +78,11 @@ class MemoryIndexerConfig:
     tau: int = 64
     backbone_config_hash: str = ""
     metrics: dict = field(default_factory=dict, compare=False)
+    csa_indices: tuple[int, ...] = field(default=(), compare=False)  # ``layers`` in the release's CSA numbering
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(int(x) for x in self.layers)))
+        object.__setattr__(self, "csa_indices", tuple(int(x) for x in self.csa_indices))
         if not self.layers:
             raise FmIndexError("the memory indexer needs at least one layer")
         if self.rank < 1:
@@ -90,10 +92,10 @@ class MemoryIndexerConfig:
     @classmethod
     def from_backbone_config(cls, config, layers, rank: int = 2048, tau: int = 64, threshold: float = 0.5):
         """From a ``DeepseekV4Config`` (its config only: no weights are loaded)."""
-        from .backbone import config_hash, csa_rate
+        from .backbone import config_hash, csa_index, csa_rate
 
         rope = dict(config.rope_parameters["compress"])
-        return cls(layers=tuple(layers), rank=rank, hidden_size=config.hidden_size,
+        return cls(layers=tuple(layers), csa_indices=tuple(csa_index(config, L) for L in sorted(layers)), rank=rank, hidden_size=config.hidden_size,
                    index_n_heads=config.index_n_heads, index_head_dim=config.index_head_dim,
                    rope_dim=int(config.head_dim * rope.get("partial_rotary_factor", 1.0)), rope=rope,
                    rope_head_dim_base=int(config.head_dim), max_position_embeddings=config.max_position_embeddings,
@@ -106,7 +108,9 @@ class MemoryIndexerConfig:
         bb = manifest["backbone"]
         rope = dict(bb["rope"])
         prf = float(rope.get("partial_rotary_factor", 1.0))
-        return cls(layers=tuple(layers), rank=rank, hidden_size=int(bb["hidden_size"]),
+        csa = [int(x) for x in bb.get("csa_layers", [])]
+        indices = tuple(csa.index(int(L)) for L in sorted(layers)) if all(int(L) in csa for L in layers) else ()
+        return cls(layers=tuple(layers), csa_indices=indices, rank=rank, hidden_size=int(bb["hidden_size"]),
                    index_n_heads=int(bb["index_n_heads"]), index_head_dim=int(bb["index_head_dim"]),
                    rope_dim=int(bb["rope_dim"]), rope=rope, rope_head_dim_base=int(round(bb["rope_dim"] / prf)),
                    max_position_embeddings=int(bb.get("max_position_embeddings", 1 << 20)),
@@ -117,6 +121,7 @@ class MemoryIndexerConfig:
         """The ``lsa_config.json`` dict (docs/DESIGN.md, "Export")."""
         out = asdict(self)
         out["layers"] = list(self.layers)
+        out["csa_indices"] = list(self.csa_indices)
         return {"format": EXPORT_FORMAT, **out}
 
     @classmethod

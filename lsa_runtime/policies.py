@@ -201,7 +201,9 @@ class MemoryIndexerPolicy(ResidentPolicy):
 
     def describe(self) -> str:
         cap = f", budget {self.budget}" if self.budget else ""
-        return f"lsa (threshold {self.threshold:g}, layers {list(self.memory_layers)}{cap})"
+        indices = self.memory_indexer.config.csa_indices
+        csa = f" = CSA indices {', '.join(map(str, indices))}" if indices else ""
+        return f"lsa (threshold {self.threshold:g}, layers {', '.join(map(str, self.memory_layers))}{csa}{cap})"
 
 
 def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict | None = None) -> ResidentPolicy | None:

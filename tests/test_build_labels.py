@@ -31,27 +31,26 @@ class FullRecorder(IndexerObserver):
         full[chunk.start : chunk.start + chunk.length, : logits.shape[1]] = logits.numpy()
 
     def on_topk(self, layer, chunk, picks):
-        padded = np.full((picks.shape[0], 64), -1, np.int64)  # top-k width shrinks when few entries exist
-        padded[:, : picks.shape[1]] = picks.numpy()
-        self.picks.setdefault(layer, []).append(padded)
+        self.picks.setdefault(layer, []).extend(picks.numpy())  # one row per token, as wide as the model made it
 
     def on_hidden(self, layer, chunk, hidden):
         self.hidden.setdefault(layer, []).append(hidden.clone())
 
 
+@pytest.mark.parametrize("softmax_over", ["topk", "visible"])
 @pytest.mark.parametrize("tau,p,votes,chunk", [(16, 0.6, 3, 64), (32, 0.3, 2, 50), (16, 0.9, 5, 128)])
-def test_document_labels_equal_bruteforce_oracle(tiny_model, sample_ids, tau, p, votes, chunk):
+def test_document_labels_equal_bruteforce_oracle(tiny_model, sample_ids, tau, p, votes, chunk, softmax_over):
     ids = sample_ids[:200].tolist()
     rate = 4
     n, t_total = len(ids), len(ids) // rate
     layers = (2, 4)
-    params = LabelParams(layers=layers, tau=tau, nucleus=p, min_votes=votes, chunk_size=chunk)
+    params = LabelParams(layers=layers, tau=tau, nucleus=p, min_votes=votes, chunk_size=chunk,
+                         softmax_over=softmax_over)
     rows, keys, stats = label_document(tiny_model, Document(0, "d", None, ids), ids, params)
 
     rec = FullRecorder(n, t_total)
     cache = IndexerCapture(tiny_model, memory_layers=layers, chunk_size=chunk).prefill(torch.tensor(ids), rec)
-    picks = {L: np.concatenate(v) for L, v in rec.picks.items()}
-    expect = oracle_document(rec.logits, picks, n, tau, rate, p, votes)
+    expect = oracle_document(rec.logits, rec.picks, n, tau, rate, p, votes, softmax_over)
 
     assert stats["triggers"] == len(expect) and len(rows) == len(expect) * len(layers)
     for row in rows:
@@ -306,3 +305,40 @@ def test_kill_9_then_resume_equals_one_shot(small_corpus, tmp_path):
     result = _cli(*args[2:], "--resume")
     assert result.exit_code == 0, result.output
     _assert_same_dataset(one, two)
+
+
+def test_generate_source_labels_the_backbones_own_continuation(tiny_model, sample_ids):
+    """--source generate: the continuation is transformers' greedy one, triggers start at the prompt's end, and
+    the rows equal the brute-force oracle over prompt + continuation with windows only in the continuation."""
+    from indexer_train.build_labels import label_generated
+
+    prompt = sample_ids[:70].tolist()
+    params = LabelParams(layers=(2, 4), tau=16, nucleus=0.6, min_votes=3, chunk_size=64, source="generate",
+                         new_tokens=40)
+    rows, _, stats = label_generated(tiny_model, Document(0, "d", None, prompt), prompt, params)
+    hf = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
+    full = hf[0].tolist()
+    assert stats["prompt_tokens"] == 70 and stats["generated_tokens"] == 40 and stats["tokens"] == len(full) == 110
+    assert sorted({r.position for r in rows}) == [70, 86]  # windows 70..85 and 86..101 fit, 102.. does not
+    rec = FullRecorder(len(full), len(full) // 4)
+    IndexerCapture(tiny_model, memory_layers=(2, 4), chunk_size=64).prefill(torch.tensor(full), rec)
+    expect = oracle_document(rec.logits, rec.picks, len(full), 16, 4, 0.6, 3, "topk", first=70)
+    for row in rows:
+        assert row.positives.tolist() == expect[row.position][0]
+        assert row.native_topk_union.tolist() == expect[row.position][1]
+
+
+def test_training_and_evaluation_refuse_labels_of_another_definition(small_corpus, tmp_path):
+    """An indexer trained on top-k-softmax labels is not evaluated on visible-softmax labels (and back)."""
+    topk, visible = tmp_path / "topk", tmp_path / "visible"
+    build_labels("tiny", small_corpus, topk, PARAMS)
+    build_labels("tiny", small_corpus, visible, LabelParams(**{**PARAMS.__dict__, "softmax_over": "visible"}))
+    assert LabelShards(topk).manifest["params"]["softmax_over"] == "topk"
+    result = runner.invoke(app, ["train", "--labels", str(topk), "--out", str(tmp_path / "run"), "--rank", "16",
+                                 "--epochs", "1", "--eval-fraction", "0.34"])
+    assert result.exit_code == 0, result.output
+    bad = runner.invoke(app, ["eval", "--indexer", str(tmp_path / "run"), "--labels", str(visible)])
+    assert bad.exit_code == 2 and "trained on labels built with --softmax-over topk; these labels use " \
+                                  "--softmax-over visible" in " ".join(bad.output.split()), bad.output
+    good = runner.invoke(app, ["eval", "--indexer", str(tmp_path / "run"), "--labels", str(topk)])
+    assert good.exit_code == 0, good.output

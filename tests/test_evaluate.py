@@ -74,6 +74,7 @@ def test_every_run_is_scored_against_its_sample(all_modes):
 def test_lsa_selection_equals_the_native_logits_and_sets_the_budget(all_modes, backbone):
     """With init_from_native, sigmoid^-1 of the memory score is the native logit: the first trigger selects every
     visible entry with native logit >= 0 at any memory layer (checked with an independent capture)."""
+    from lsa_runtime.backbone import default_memory_layers
     from lsa_runtime.capture import collect_logits
 
     model, tokenizer = backbone
@@ -83,7 +84,8 @@ def test_lsa_selection_equals_the_native_logits_and_sets_the_budget(all_modes, b
         ids = torch.tensor(tokenizer(_sample(run["index"]).prompt)["input_ids"])
         logits = collect_logits(model, ids, chunk_size=64)
         n_visible = ids.numel() // 4
-        best = torch.stack([logits[layer][-1, :n_visible] for layer in (2, 4, 6)]).amax(0)
+        layers = default_memory_layers(model.config)  # the export's layers
+        best = torch.stack([logits[layer][-1, :n_visible] for layer in layers]).amax(0)
         assert run["selected_per_trigger"][0] == int((best >= 0).sum())
     budget = max(1, round(sum(r["selected_mean"] for r in lsa) / len(lsa)))
     for mode in ("recent", "oracle"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer_train.labels import WindowLabeler, nucleus_mask, trigger_positions, visible_softmax
+from indexer_train.labels import WindowLabeler, nucleus_mask, topk_nucleus_mask, trigger_positions, visible_softmax
 
 
 def oracle_nucleus(probs_row: np.ndarray, p: float) -> set[int]:
@@ -18,7 +18,24 @@ def oracle_nucleus(probs_row: np.ndarray, p: float) -> set[int]:
     return set(order)
 
 
-def oracle_document(logits: dict, picks: dict, n_tokens: int, tau: int, rate: int, p: float, votes: int):
+def oracle_topk_nucleus(logits_row: np.ndarray, picks_row: np.ndarray, p: float) -> set[int]:
+    """The release's rule, by loops: softmax over the picked entries' logits (the same vector torch sees, -inf at
+    empty picks), sorted by (-probability, entry), entry kept while the float64 mass before it is <= p."""
+    values = np.array([logits_row[s] if s >= 0 else -np.inf for s in picks_row], dtype=np.float32)
+    if not np.isfinite(values).any():
+        return set()
+    probs = torch.softmax(torch.from_numpy(values), -1).numpy()
+    ranked = sorted((float(-probs[i]), int(s), i) for i, s in enumerate(picks_row) if s >= 0)
+    kept, before = set(), 0.0
+    for _, s, i in ranked:
+        if before <= p:
+            kept.add(s)
+        before += float(np.float64(probs[i]))
+    return kept
+
+
+def oracle_document(logits: dict, picks: dict, n_tokens: int, tau: int, rate: int, p: float, votes: int,
+                    softmax_over: str = "visible", first: int | None = None):
     """Per trigger: (positives, native_topk_union, n_candidates) from full [N, T] logits, by plain loops."""
     golden, topk_sets, cand = {}, {}, {}
     for t in range(n_tokens):
@@ -26,17 +43,20 @@ def oracle_document(logits: dict, picks: dict, n_tokens: int, tau: int, rate: in
         counts: dict[int, int] = {}
         cand[t], topk_sets[t] = set(), set()
         for layer in logits:
-            row = logits[layer][t, :nv].astype(np.float32)
-            if nv == 0:
-                continue
-            probs = torch.softmax(torch.from_numpy(row), -1).numpy()
-            for s in oracle_nucleus(probs, p):
+            if softmax_over == "topk":
+                nucleus = oracle_topk_nucleus(logits[layer][t], picks[layer][t], p)
+            else:
+                row = logits[layer][t, :nv].astype(np.float32)
+                if nv == 0:
+                    continue
+                nucleus = oracle_nucleus(torch.softmax(torch.from_numpy(row), -1).numpy(), p)
+            for s in nucleus:
                 counts[s] = counts.get(s, 0) + 1
                 cand[t].add(s)
             topk_sets[t] |= {int(s) for s in picks[layer][t] if s >= 0}
         golden[t] = {s for s, c in counts.items() if c >= votes}
     out = {}
-    for t0 in trigger_positions(n_tokens, tau):
+    for t0 in trigger_positions(n_tokens, tau, first):
         nv0 = (t0 + 1) // rate
         window = range(t0, t0 + tau)
         pos = sorted({s for t in window for s in golden[t] if s < nv0})
@@ -85,8 +105,32 @@ def test_trigger_positions():
     assert trigger_positions(300, 64) == [64, 128, 192]
 
 
-@pytest.mark.parametrize("tau,p,votes,chunk", [(8, 0.6, 3, 13), (16, 0.3, 1, 16), (12, 0.9, 5, 50), (8, 0.6, 2, 7)])
-def test_window_labeler_equals_oracle(tau, p, votes, chunk):
+def test_topk_nucleus_of_a_hand_checked_row():
+    """Picks 3, 0, 4 of a row; their softmax over logits ln(5), ln(3), ln(2) is 0.5, 0.3, 0.2."""
+    logits = torch.tensor([[np.log(3.0), 9.0, 9.0, np.log(5.0), np.log(2.0)]])
+    picks = torch.tensor([[3, 0, 4, -1]])
+    for p, kept in [(0.4, [3]), (0.5, [0, 3]), (0.79, [0, 3]), (0.81, [0, 3, 4]), (1.0, [0, 3, 4])]:
+        assert topk_nucleus_mask(logits, picks, p)[0].nonzero().flatten().tolist() == kept, p
+    assert not topk_nucleus_mask(logits, torch.full((1, 3), -1), 0.6).any()  # no pick: nothing golden
+
+
+@pytest.mark.parametrize("p", [0.1, 0.6, 0.9, 1.0])
+def test_topk_nucleus_equals_oracle_with_ties(p):
+    gen = torch.Generator().manual_seed(int(p * 100))
+    logits = torch.randint(-3, 4, (40, 57), generator=gen).float() * 0.5  # many exact ties
+    picks = torch.stack([torch.randperm(57, generator=gen)[:12] for _ in range(40)])
+    picks[::5, -4:] = -1  # rows with fewer valid picks (early queries)
+    mask = topk_nucleus_mask(logits, picks, p)
+    for r in range(40):
+        expect = oracle_topk_nucleus(logits[r].numpy(), picks[r].numpy(), p)
+        assert set(torch.nonzero(mask[r]).flatten().tolist()) == expect, r
+
+
+@pytest.mark.parametrize("tau,p,votes,chunk,softmax_over,first", [
+    (8, 0.6, 3, 13, "visible", None), (16, 0.3, 1, 16, "visible", None), (12, 0.9, 5, 50, "visible", None),
+    (8, 0.6, 2, 7, "visible", None), (8, 0.6, 3, 13, "topk", None), (16, 0.3, 1, 16, "topk", None),
+    (12, 0.9, 2, 50, "topk", None), (8, 0.6, 2, 7, "topk", 37)])
+def test_window_labeler_equals_oracle(tau, p, votes, chunk, softmax_over, first):
     gen = torch.Generator().manual_seed(tau * 100 + votes)
     n, rate, n_layers, k = 90, 4, 5, 3
     t_total = n // rate
@@ -96,7 +140,8 @@ def test_window_labeler_equals_oracle(tau, p, votes, chunk):
         pk = torch.randint(0, t_total, (n, k), generator=gen)
         nv = ((torch.arange(n) + 1) // rate).unsqueeze(1)
         picks[L] = torch.where(pk < nv, pk, torch.full_like(pk, -1))
-    labeler = WindowLabeler(n_tokens=n, tau=tau, rate=rate, nucleus=p, min_votes=votes, first_k=2)
+    labeler = WindowLabeler(n_tokens=n, tau=tau, rate=rate, nucleus=p, min_votes=votes, first_k=2,
+                            softmax_over=softmax_over, first_trigger=first)
     got = {}
     for start in range(0, n, chunk):
         length = min(chunk, n - start)
@@ -108,6 +153,6 @@ def test_window_labeler_equals_oracle(tau, p, votes, chunk):
         for trig in labeler.end_chunk():
             got[trig.position] = (trig.positives.tolist(), trig.native_topk_union.tolist(), trig.n_candidates)
     expect = oracle_document({L: v.numpy() for L, v in logits.items()}, {L: v.numpy() for L, v in picks.items()},
-                             n, tau, rate, p, votes)
-    assert got == expect
+                             n, tau, rate, p, votes, softmax_over, first)
+    assert got == expect and sorted(got) == trigger_positions(n, tau, first)
     assert any(len(v[0]) for v in got.values())

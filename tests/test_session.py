@@ -133,7 +133,8 @@ def test_lsa_with_exported_indexer_saves_memory(backbone, prompt_ids, native_exp
     model, tokenizer = backbone
     session = Session.from_pretrained("tiny", indexer=native_export, mode="lsa", threshold=0.9, tau=TAU,
                                       chunk_size=CHUNK, device="cpu", dtype=torch.float32)
-    assert isinstance(session.policy, MemoryIndexerPolicy) and session.policy.memory_layers == (2, 4, 6)
+    assert isinstance(session.policy, MemoryIndexerPolicy) and session.policy.memory_layers == (6, 8, 10)
+    assert "layers 6, 8, 10 = CSA indices 2, 3, 4" in session.describe()
     out = session.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
     stats = session.stats
     assert len(out.token_ids) == NEW_TOKENS
