@@ -36,6 +36,12 @@ app = typer.Typer(
     rich_markup_mode="markdown",  # docstrings are paragraphs: their line breaks are not kept
 )
 console = Console(stderr=True)
+KEEP_RECENT_HELP = ("lsa: the recency tail, the newest entries kept resident at every trigger (default: the "
+                    "export's; exports made by fm-index set 4 x the backbone's top-k, the release's 2,048 on "
+                    "V4-Flash).")
+KEEP_FIRST_HELP = "lsa: the sink, the first entries kept resident at every trigger (default: the export's, 0)."
+ENSEMBLE_HELP = ("lsa: how the memory layers' scores combine before the threshold: max (the OR rule) or mean "
+                 "(default: the export's, max).")
 _IN_PIPELINE = False  # set by `fm-index pipeline` while it runs its steps: the steps then print no next-step hints
 
 
@@ -344,6 +350,11 @@ def export_command(
     out: str = typer.Option(..., "--out", help="Export directory (must not exist): model.safetensors + "
                             "lsa_config.json."),
     model: str = typer.Option(None, "--model", hidden=True, help="Old name of --train-dir."),
+    keep_recent: int = typer.Option(None, "--keep-recent", help="The resident set's recency tail written into the "
+                                    "export (default: 4 x the backbone's native top-k, the release's 2,048 on "
+                                    "V4-Flash)."),
+    keep_first: int = typer.Option(None, "--keep-first", help="The resident set's sink (default 0)."),
+    ensemble: str = typer.Option(None, "--ensemble", help="max (OR over layers, default) or mean."),
 ):
     """Write the trained memory indexer for lsa_runtime: model.safetensors (W_DQ, W_IUQ, W_w per layer) and
     lsa_config.json (layers, rank, heads, head_dim, rope, threshold, tau, backbone config hash, metrics)."""
@@ -354,7 +365,8 @@ def export_command(
                       "a backbone); the old name still works")
     if (train_dir is None) == (model is None):
         raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
-    path = export_indexer(train_dir or model, out)
+    path = export_indexer(train_dir or model, out, resident={"keep_recent": keep_recent, "keep_first": keep_first,
+                                                             "ensemble": ensemble})
     console.print(f"exported to [bold]{path}[/]; load with lsa_runtime.memory_indexer.MemoryIndexer.from_export")
 
 
@@ -398,6 +410,9 @@ def generate_command(
                               "float32 on CPU, the checkpoint's on a GPU)."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Generate from the start token alone (no "
                                        "--prompt); an empty prompt is refused otherwise."),
+    keep_recent: int = typer.Option(None, "--keep-recent", help=KEEP_RECENT_HELP),
+    keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
+    ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
 ):
     """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
 
@@ -420,7 +435,8 @@ def generate_command(
         except (OSError, UnicodeDecodeError) as exc:
             raise FmIndexError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
-                           chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps)
+                           chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
+                           keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble)
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
                                       device=device or _default_device(), dtype=dtype)
     out = Console()
@@ -475,6 +491,9 @@ def evaluate_command(
     workers: int = typer.Option(1, "--workers", help="Decode in this many processes on the same device (cells of "
                                 "task x length are shared out). A small model decodes bound by host time, so "
                                 "2-8 workers speed it up on a GPU or a many-core CPU."),
+    keep_recent: int = typer.Option(None, "--keep-recent", help=KEEP_RECENT_HELP),
+    keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
+    ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
 ):
     """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
 
@@ -492,7 +511,8 @@ def evaluate_command(
                                                              else "full"),
         tasks=tasks, lengths=lengths, samples=samples, indexer=indexer, max_new_tokens=max_new_tokens, seed=seed,
         device=device or _default_device(), dtype=dtype, haystack_packages=packages, tau=tau, threshold=threshold,
-        budget=budget, prefetch_steps=prefetch_steps).check()
+        budget=budget, prefetch_steps=prefetch_steps, keep_recent=keep_recent, keep_first=keep_first,
+        ensemble=ensemble).check()
     progress = _progress()
 
     class RichReporter(Reporter):
@@ -514,12 +534,14 @@ def _print_evaluation(results: dict, out: str):
     from rich.table import Table
 
     table = Table(title=f"evaluation in {out} (accuracy % averaged over tasks)")
-    for column in ("mode", "length", "accuracy %", "footprint ratio", "bytes moved / sample", "decode tok/s"):
+    for column in ("mode", "length", "accuracy %", "CSA-KV ratio", "total KV ratio", "bytes moved / sample",
+                   "decode tok/s"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for row in results["summary"]["modes"]:
         moved = row["bytes_moved"]
         tps = row["decode_tokens_per_second"]
         table.add_row(row["mode"], f"{row['length']:,}", f"{row['accuracy']:.1f}",
+                      f"{row['csa_kv_ratio']:.3f}" if row.get("csa_kv_ratio") is not None else "-",
                       f"{row['footprint_ratio']:.3f}" if row["footprint_ratio"] is not None else "-",
                       f"{moved / 1024 / 1024:,.2f} MiB" if moved is not None else "-",
                       f"{tps:,.1f}" if tps else "-")
@@ -539,10 +561,9 @@ def pipeline_command(
     corpus: str = typer.Option(None, "--corpus", help="Training corpus (default: the bundled sample, 12 stdlib "
                                "modules)."),
     tau: int = typer.Option(64, "--tau", help="Trigger period tau (labels and decoding)."),
-    nucleus: float = typer.Option(0.3, "--nucleus", help="Nucleus mass p of the labels. The method uses 0.6 on "
-                                  "V4-Flash; the small bundled reference model's indexers are flatter, and at 0.6 "
-                                  "nearly every entry is golden (405 of 423 per trigger on the sample), at 0.3 about "
-                                  "a third."),
+    nucleus: float = typer.Option(0.6, "--nucleus", help="Nucleus mass p of the labels (the method's 0.6; with "
+                                  "the release's top-k softmax about 1 in 10 visible entries is golden on the "
+                                  "sample corpus)."),
     epochs: float = typer.Option(6.0, "--epochs", help="Training epochs."),
     eval_fraction: float = typer.Option(0.25, "--eval-fraction", help="Share of documents held out for the "
                                         "indexer's evaluation (the sample corpus has 12)."),
@@ -550,6 +571,11 @@ def pipeline_command(
     lengths: str = typer.Option("1024,2048", "--lengths", help="Evaluation prompt lengths in tokens."),
     tasks: str = typer.Option("niah_single_1,niah_multikey_1,vt", "--tasks", help="Evaluation tasks."),
     samples: int = typer.Option(2, "--samples", help="Evaluation prompts per task and length."),
+    keep_recent: int = typer.Option(32, "--keep-recent", help="The resident set's recency tail in entries, written "
+                                    "into the export. The release keeps 4 x its native top-k (2,048 entries = 8,192 "
+                                    "tokens on V4-Flash); scaled so (256 entries = 1,024 tokens on the reference "
+                                    "model) it would hold every entry at this demo's 1K-2K tokens, so the demo keeps "
+                                    "32 (128 tokens, one sliding window)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda ... (default: cuda if available)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted pipeline run in --out."),
 ):
@@ -576,7 +602,8 @@ def pipeline_command(
                               "--tau", str(tau), "--nucleus", str(nucleus), "--device", device, *again]),
         ("2/4 train", ["train", "--labels", str(run / "labels"), "--out", str(run / "train"), "--rank", str(rank),
                        "--epochs", str(epochs), "--eval-fraction", str(eval_fraction), "--model", model]),
-        ("3/4 export", ["export", "--train-dir", str(run / "train"), "--out", str(run / "export")]),
+        ("3/4 export", ["export", "--train-dir", str(run / "train"), "--out", str(run / "export"),
+                        "--keep-recent", str(keep_recent)]),
         ("4/4 evaluate", ["evaluate", "--model", model, "--indexer", str(run / "export"), "--modes",
                           "full,lsa,recent", "--tasks", tasks, "--lengths", lengths, "--samples", str(samples),
                           "--tau", str(tau), "--device", device, "--out", str(run / "evaluation"), *again]),

@@ -54,7 +54,8 @@ BUDGETED = ("recent", "random", "oracle")
 NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
-                     "threshold", "budget", "dtype", "chunk_size", "prefetch_steps")
+                     "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
+                     "ensemble")
 
 
 class EvaluationError(FmIndexError):
@@ -81,6 +82,9 @@ class EvalConfig:
     budget: int | None = None  # resident budget of recent/random/oracle when lsa is not run
     chunk_size: int = 512
     prefetch_steps: int = 0  # Session(prefetch_steps=...): triggers prepared this many steps ahead, off-thread
+    keep_recent: int | None = None  # lsa's recency tail, entries (None: the export's)
+    keep_first: int | None = None  # lsa's sink, entries (None: the export's)
+    ensemble: str | None = None  # lsa's combination of the memory layers' scores: max or mean (None: the export's)
 
     def check(self) -> "EvalConfig":
         modes = parse_modes(self.modes)
@@ -103,6 +107,7 @@ class EvalConfig:
                                   + (f" with --tau {self.tau}" if self.tau is not None else ""))
         if not self.haystack_packages:
             raise EvaluationError("no haystack package given")
+        SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble)
         parse_device(self.device)
         if self.dtype is not None:
             parse_dtype(self.dtype)
@@ -113,6 +118,9 @@ class EvalConfig:
         blob = asdict(self)
         if not blob["prefetch_steps"]:  # 0, the default: absent, so evaluations from before the option resume
             del blob["prefetch_steps"]
+        for key in ("keep_recent", "keep_first", "ensemble"):  # likewise for the export's defaults
+            if blob[key] is None:
+                del blob[key]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in blob.items() if k in _FINGERPRINT_KEYS}
 
 
@@ -377,7 +385,8 @@ class Evaluation:
     def _session_config(self, mode: str, budget: int | None) -> SessionConfig:
         cfg = self.config
         return SessionConfig(mode=mode, tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
-                             seed=cfg.seed, prefetch_steps=cfg.prefetch_steps,
+                             seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
+                             keep_first=cfg.keep_first, ensemble=cfg.ensemble,
                              budget=self._buffer_rows(budget) if mode == "hisparse" else
                              budget if mode in BUDGETED else None)
 

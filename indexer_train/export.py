@@ -36,12 +36,20 @@ def load_trained_indexer(directory: str | Path) -> tuple[MemoryIndexer, dict | N
     return load_query_tower(directory).indexer, state
 
 
-def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash: str | None = None) -> Path:
-    """Write the export of the trained indexer in ``model_dir`` to ``out`` (atomically; ``out`` must not exist)."""
+def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash: str | None = None,
+                   resident: dict | None = None) -> Path:
+    """Write the export of the trained indexer in ``model_dir`` to ``out`` (atomically; ``out`` must not exist).
+    ``resident``: ``keep_recent`` / ``keep_first`` / ``ensemble`` to store instead of the trained config's (None
+    values keep it)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FmIndexError(f"export directory {out} exists and is not empty; choose another --out")
     indexer, state = load_trained_indexer(model_dir)
+    changes = {k: v for k, v in (resident or {}).items() if v is not None}
+    if changes:
+        from dataclasses import replace
+
+        indexer.config = replace(indexer.config, **changes)
     if expected_config_hash is not None and indexer.config.backbone_config_hash != expected_config_hash:
         raise FmIndexError(f"the indexer in {model_dir} was trained for backbone config "
                            f"{indexer.config.backbone_config_hash}, not {expected_config_hash}")

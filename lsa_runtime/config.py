@@ -42,6 +42,13 @@ def check_threshold(threshold) -> float:
     return float(threshold)
 
 
+def check_count(value, what: str) -> int:
+    """A number of entries >= 0 (the recency tail, the sink)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or int(value) < 0:
+        raise SessionError(f"{what} (--{what.replace('_', '-')}) must be >= 0 entries, got {value}")
+    return int(value)
+
+
 def check_budget(budget) -> int | None:
     """A number of resident entries (None: no cap)."""
     if budget is None:
@@ -72,7 +79,10 @@ class SessionConfig:
     * ``prefetch_steps``: d in 0..tau-1; each trigger after the first is prepared d steps before its window on a
       helper thread (0: at the window boundary, synchronously);
     * ``decode_graphs``: replay the backbone's stateless decode modules as CUDA graphs (None: where the model is
-      on a CUDA device).
+      on a CUDA device);
+    * ``keep_recent`` / ``keep_first`` / ``ensemble`` (mode lsa; None: the export's): the recency tail (the newest
+      entries, always resident), the sink (the first entries, always resident), and how the memory layers'
+      scores combine (``max``: the OR rule; ``mean``), as the authors' release builds the resident set.
     """
 
     mode: str = "lsa"
@@ -85,6 +95,9 @@ class SessionConfig:
     memory_keys: str = "device"
     prefetch_steps: int = 0
     decode_graphs: bool | None = None
+    keep_recent: int | None = None
+    keep_first: int | None = None
+    ensemble: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -100,6 +113,11 @@ class SessionConfig:
         if isinstance(self.chunk_size, bool) or int(self.chunk_size) != self.chunk_size or int(self.chunk_size) < 1:
             raise SessionError(f"chunk_size (--chunk-size) must be >= 1 token, got {self.chunk_size}")
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
+        for name in ("keep_recent", "keep_first"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_count(getattr(self, name), name))
+        if self.ensemble not in (None, "max", "mean"):
+            raise SessionError(f"ensemble (--ensemble) must be max or mean, got {self.ensemble!r}")
         if self.memory_keys not in MEMORY_KEYS:
             raise SessionError(f"memory_keys (--memory-keys) must be 'device' or 'pool', got {self.memory_keys!r}")
         tau = self.tau if self.tau is not None else DEFAULT_TAU

@@ -50,6 +50,15 @@ CONFIG_NAME = "lsa_config.json"
 DEFAULT_CHUNK = 8192
 
 
+ENSEMBLES = ("max", "mean")
+
+
+def release_keep_recent(index_topk: int) -> int:
+    """The authors' recency tail scaled to a backbone: 2,048 entries on V4-Flash, 4 x its native top-k of 512;
+    4 x index_topk elsewhere (the bundled models' top-64: 256 entries = 1,024 tokens)."""
+    return 4 * int(index_topk)
+
+
 class ExportError(FmIndexError):
     """A memory-indexer export that is missing, corrupt, or made for another backbone."""
 
@@ -79,6 +88,9 @@ class MemoryIndexerConfig:
     backbone_config_hash: str = ""
     metrics: dict = field(default_factory=dict, compare=False)
     csa_indices: tuple[int, ...] = field(default=(), compare=False)  # ``layers`` in the release's CSA numbering
+    keep_recent: int = 0  # the resident set's recency tail: the newest entries, always resident
+    keep_first: int = 0  # its sink: the first entries, always resident
+    ensemble: str = "max"  # how the layers' scores combine: max (the OR rule) or mean
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(int(x) for x in self.layers)))
@@ -88,6 +100,11 @@ class MemoryIndexerConfig:
         if self.rank < 1:
             raise FmIndexError(f"rank must be >= 1, got {self.rank}")
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        if int(self.keep_recent) < 0 or int(self.keep_first) < 0:
+            raise FmIndexError(f"keep_recent and keep_first must be >= 0 entries, got {self.keep_recent}, "
+                               f"{self.keep_first}")
+        if self.ensemble not in ENSEMBLES:
+            raise FmIndexError(f"ensemble must be max or mean, got {self.ensemble!r}")
 
     @classmethod
     def from_backbone_config(cls, config, layers, rank: int = 2048, tau: int = 64, threshold: float = 0.5):
@@ -95,7 +112,8 @@ class MemoryIndexerConfig:
         from .backbone import config_hash, csa_index, csa_rate
 
         rope = dict(config.rope_parameters["compress"])
-        return cls(layers=tuple(layers), csa_indices=tuple(csa_index(config, L) for L in sorted(layers)), rank=rank, hidden_size=config.hidden_size,
+        return cls(layers=tuple(layers), csa_indices=tuple(csa_index(config, L) for L in sorted(layers)),
+                   keep_recent=release_keep_recent(config.index_topk), rank=rank, hidden_size=config.hidden_size,
                    index_n_heads=config.index_n_heads, index_head_dim=config.index_head_dim,
                    rope_dim=int(config.head_dim * rope.get("partial_rotary_factor", 1.0)), rope=rope,
                    rope_head_dim_base=int(config.head_dim), max_position_embeddings=config.max_position_embeddings,
@@ -110,7 +128,8 @@ class MemoryIndexerConfig:
         prf = float(rope.get("partial_rotary_factor", 1.0))
         csa = [int(x) for x in bb.get("csa_layers", [])]
         indices = tuple(csa.index(int(L)) for L in sorted(layers)) if all(int(L) in csa for L in layers) else ()
-        return cls(layers=tuple(layers), csa_indices=indices, rank=rank, hidden_size=int(bb["hidden_size"]),
+        return cls(layers=tuple(layers), csa_indices=indices, keep_recent=release_keep_recent(int(bb["index_topk"])),
+                   rank=rank, hidden_size=int(bb["hidden_size"]),
                    index_n_heads=int(bb["index_n_heads"]), index_head_dim=int(bb["index_head_dim"]),
                    rope_dim=int(bb["rope_dim"]), rope=rope, rope_head_dim_base=int(round(bb["rope_dim"] / prf)),
                    max_position_embeddings=int(bb.get("max_position_embeddings", 1 << 20)),

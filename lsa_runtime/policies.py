@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SessionConfig, SessionError, check_budget, check_threshold
+from .config import SessionConfig, SessionError, check_budget, check_count, check_threshold
 
 
 @dataclass
@@ -166,44 +166,64 @@ class OraclePolicy(ResidentPolicy):
 
 
 class MemoryIndexerPolicy(ResidentPolicy):
-    """FlashMemory's selection: fetched(t0) = { s < n_visible : I_L[t0, s] >= threshold for some memory layer L }.
+    """FlashMemory's selection, as the authors' release builds it:
+
+        resident(t0) = { s < n_visible : E(I_L[t0, s] over memory layers L) >= threshold }
+                       + the newest ``keep_recent`` entries (recency tail) + the first ``keep_first`` (sink)
 
     I_L is the memory indexer's gated score (DESIGN.md, "Memory indexer math"): sigmoid of the native formula
-    with its own W_DQ, W_IUQ and W_w applied to h_t0 of layer L, against layer L's frozen K^IComp.
-    ``budget`` caps the set: the entries with the highest score (max over layers) are kept.
+    with its own W_DQ, W_IUQ and W_w applied to h_t0 of layer L, against layer L's frozen K^IComp. E is the max
+    over layers (``ensemble="max"``: the OR rule) or their mean. ``budget`` caps the set: the tail and the sink
+    stay, and of the other selected entries those with the highest E fill the rest.
     """
 
     name = "lsa"
 
-    def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None):
+    def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None, keep_recent: int = 0,
+                 keep_first: int = 0, ensemble: str = "max"):
         self.memory_indexer = memory_indexer
         self.threshold = check_threshold(threshold)
         self.budget = check_budget(budget)
+        self.keep_recent, self.keep_first = check_count(keep_recent, "keep_recent"), check_count(keep_first,
+                                                                                                "keep_first")
+        if ensemble not in ("max", "mean"):
+            raise SessionError(f"ensemble (--ensemble) must be max or mean, got {ensemble!r}")
+        self.ensemble = ensemble
         self.memory_layers = tuple(int(x) for x in memory_indexer.config.layers)
 
     def select(self, state: TriggerState) -> torch.Tensor:
-        best = None
-        if state.n_visible > 0 and self.memory_layers:
-            # all memory layers' towers in one batched pass, then one scoring launch per layer
-            logits = self.memory_indexer.trigger_logits(state.hidden, state.position, state.index_keys,
-                                                        state.n_visible)
-            for layer in self.memory_layers:
-                score = torch.sigmoid(logits[layer])
-                state.scores[layer] = score
-                best = score if best is None else torch.maximum(best, score)
-        if best is None or best.numel() == 0:
+        n = state.n_visible
+        if n <= 0:
             return torch.zeros(0, dtype=torch.long)
-        chosen = torch.nonzero(best >= self.threshold).reshape(-1)
-        if self.budget is not None and chosen.numel() > self.budget:
-            top = best[chosen].topk(self.budget).indices
-            chosen = chosen[top]
-        return chosen.cpu()
+        scores = None
+        if self.memory_layers:
+            # all memory layers' towers in one batched pass, then one scoring launch per layer
+            logits = self.memory_indexer.trigger_logits(state.hidden, state.position, state.index_keys, n)
+            for layer in self.memory_layers:
+                state.scores[layer] = torch.sigmoid(logits[layer])
+            stacked = torch.stack([state.scores[layer] for layer in self.memory_layers])
+            scores = stacked.amax(0) if self.ensemble == "max" else stacked.mean(0)
+        selected = scores >= self.threshold if scores is not None else torch.zeros(n, dtype=torch.bool)
+        forced = torch.zeros(n, dtype=torch.bool, device=selected.device)
+        forced[max(0, n - self.keep_recent):] = True
+        forced[: min(self.keep_first, n)] = True
+        keep = selected | forced
+        if self.budget is not None and int(keep.sum()) > self.budget:
+            extra = torch.nonzero(selected & ~forced).reshape(-1)
+            room = max(0, self.budget - int(forced.sum()))
+            keep = forced.clone()
+            keep[extra[scores[extra].topk(min(room, extra.numel())).indices]] = True
+        return torch.nonzero(keep).reshape(-1).cpu()
 
     def describe(self) -> str:
         cap = f", budget {self.budget}" if self.budget else ""
         indices = self.memory_indexer.config.csa_indices
         csa = f" = CSA indices {', '.join(map(str, indices))}" if indices else ""
-        return f"lsa (threshold {self.threshold:g}, layers {', '.join(map(str, self.memory_layers))}{csa}{cap})"
+        tail = f", recency tail {self.keep_recent}" if self.keep_recent else ""
+        sink = f", sink {self.keep_first}" if self.keep_first else ""
+        rule = "" if self.ensemble == "max" else ", mean over layers"
+        return (f"lsa (threshold {self.threshold:g}{rule}, layers {', '.join(map(str, self.memory_layers))}{csa}"
+                f"{tail}{sink}{cap})")
 
 
 def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict | None = None) -> ResidentPolicy | None:
@@ -220,7 +240,12 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
         if memory_indexer is None:
             raise SessionError("mode 'lsa' needs an exported memory indexer: indexer=DIR (--indexer DIR), the output "
                                "of `fm-index export`; or use mode 'full'")
-        return MemoryIndexerPolicy(memory_indexer, threshold=config.threshold, budget=budget)
+        export = memory_indexer.config
+        return MemoryIndexerPolicy(
+            memory_indexer, threshold=config.threshold, budget=budget,
+            keep_recent=export.keep_recent if config.keep_recent is None else config.keep_recent,
+            keep_first=export.keep_first if config.keep_first is None else config.keep_first,
+            ensemble=export.ensemble if config.ensemble is None else config.ensemble)
     if mode == "all":
         return AllEntriesPolicy()
     if mode == "recent":

@@ -60,5 +60,5 @@ def test_resume_skips_finished_steps_and_redoes_missing_ones(tmp_path, small_cor
     assert (out / "export" / "lsa_config.json").is_file()
     assert strip(json.loads((out / "evaluation" / "results.json").read_text())["runs"]) == strip(results)
     changed = _pipeline(out, small_corpus, "--resume", "--nucleus", "0.5")  # finished labels, other options
-    assert changed.exit_code == 2 and "--nucleus 0.3, this run asks for --nucleus 0.5" in " ".join(
+    assert changed.exit_code == 2 and "--nucleus 0.6, this run asks for --nucleus 0.5" in " ".join(
         changed.output.split())

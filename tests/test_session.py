@@ -143,6 +143,10 @@ def test_lsa_with_exported_indexer_saves_memory(backbone, prompt_ids, native_exp
     assert stats.device_bytes["memory_index_keys"] >= 3 * stats.csa_entries * 32 * 4  # all entries, 3 layers
     assert stats.device_bytes["csa_kv"] < stats.full_bytes["csa_kv"]
     assert stats.footprint_ratio < 1.0
+    # the paper's footprint counts the CSA attention KV only: the rows the last trigger allocated (its selection
+    # + room for tau/m + 2 newborn entries) over every entry
+    assert stats.csa_kv_ratio == stats.device_bytes["csa_kv"] / stats.full_bytes["csa_kv"]
+    assert stats.csa_kv_ratio == (stats.selected_per_trigger[-1] + TAU // 4 + 2) / stats.csa_entries
     assert stats.entries_fetched > 0 and stats.fetch_bytes_to_device > 0 and stats.trigger_seconds > 0
 
 
@@ -181,7 +185,7 @@ def test_memory_keys_in_the_pool_decode_the_same_with_less_device_memory(backbon
 def test_budget_caps_the_lsa_resident_set(backbone, prompt_ids, native_export):
     model, tokenizer = backbone
     session = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=0.5, budget=20,
-                      tau=TAU, chunk_size=CHUNK)
+                      tau=TAU, chunk_size=CHUNK, keep_recent=0)
     seen = []
     original = session.policy.select
 

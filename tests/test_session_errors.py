@@ -92,7 +92,7 @@ def test_cli_generate_prints_text_and_stats():
                                  "--prompt", "The cold pool keeps every entry. " * 3, "--max-new-tokens", "8",
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "footprint ratio" in result.output and "triggers" in result.output
+    assert "CSA-KV ratio" in result.output and "total KV ratio" in result.output and "triggers" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
