@@ -243,6 +243,8 @@ def train_command(
     layers: str = typer.Option(None, "--layers", help="Memory-indexer layers to train: model layer ids or csa:I,J "
                                "(default: every layer in the labels)."),
     rank: int = typer.Option(2048, "--rank", help="Inner rank r of W_DQ (d -> r) and W_IUQ (r -> heads x head_dim)."),
+    heads: int = typer.Option(None, "--heads", help="Query heads of the memory indexer (default: the backbone's "
+                              "index heads, 64 on V4-Flash; the authors' release uses 128 with rank 2048)."),
     loss: str = typer.Option("focal", "--loss", help="focal (default, as the method found best) or bce."),
     gamma: float = typer.Option(2.0, "--gamma", help="Focal loss focusing parameter gamma."),
     alpha: float = typer.Option(0.5, "--alpha", help="Focal loss positive-class weight alpha (< 0: none). 0.5 "
@@ -259,9 +261,10 @@ def train_command(
                                 "checkpoint."),
     model: str = typer.Option(None, "--model", help="Optional backbone (bundled name or directory) the labels "
                               "must have been built from; only its config is read unless --init native."),
-    init: str = typer.Option("random", "--init", help="random (default) or native: copy the backbone's own "
-                             "q_a_proj / q_a_norm / indexer q_b_proj / weights_proj (ablation; needs --model and "
-                             "--rank = q_lora_rank)."),
+    init: str = typer.Option("random", "--init", help="random (default, the paper's text) or native: copy the "
+                             "backbone's own q_a_proj / q_a_norm / indexer q_b_proj / weights_proj into the leading "
+                             "rank and heads, the rest random, as the release initialises its retriever (needs "
+                             "--model; --rank >= q_lora_rank, --heads >= the index heads)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Fetch threshold on I[t,s] used in evaluation."),
     chunk_size: int = typer.Option(8192, "--chunk-size", help="Entries scored at once (bounds memory)."),
 ):
@@ -275,7 +278,7 @@ def train_command(
 
     from lsa_runtime.backbone import parse_layer_list
 
-    options = TrainOptions(layers=parse_layer_list(layers), rank=rank, loss=loss, gamma=gamma, alpha=alpha, epochs=epochs,
+    options = TrainOptions(layers=parse_layer_list(layers), rank=rank, heads=heads, loss=loss, gamma=gamma, alpha=alpha, epochs=epochs,
                            batch_size=batch_size, lr=lr, bf16=bf16, eval_fraction=eval_fraction, seed=seed,
                            threshold=threshold, chunk_size=chunk_size, init=init, model=model)
     progress = _progress()

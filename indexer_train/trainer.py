@@ -46,6 +46,7 @@ class TrainOptions:
 
     layers: tuple[int, ...] | None = None
     rank: int = 2048
+    heads: int | None = None  # query heads of the tower (default: the backbone's index heads; the release: 128)
     loss: str = "focal"
     gamma: float = 2.0
     alpha: float = 0.5
@@ -70,6 +71,7 @@ class TrainOptions:
             raise FmIndexError(f"--init must be random or native, got '{self.init}'")
         for name, value, ok, allowed in [
                 ("--rank", self.rank, self.rank >= 1, ">= 1"), ("--epochs", self.epochs, self.epochs > 0, "> 0"),
+                ("--heads", self.heads, self.heads is None or self.heads >= 1, ">= 1"),
                 ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
                 ("--lr", self.lr, self.lr > 0, "> 0"), ("--gamma", self.gamma, self.gamma >= 0, ">= 0"),
                 ("--alpha", self.alpha, self.alpha < 1, "< 1 (a negative value turns the weighting off)"),
@@ -82,7 +84,7 @@ class TrainOptions:
 
     def identity(self) -> dict:
         """What a resumed run must share with the interrupted one."""
-        keep = ("layers", "rank", "loss", "gamma", "alpha", "epochs", "batch_size", "lr", "weight_decay", "bf16",
+        keep = ("layers", "rank", "heads", "loss", "gamma", "alpha", "epochs", "batch_size", "lr", "weight_decay", "bf16",
                 "eval_fraction", "seed", "threshold", "init")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
 
@@ -336,7 +338,7 @@ def _check_run_dir(out: Path, header: dict, resume: bool) -> dict | None:
 
 def _train(shards, labels, layers, options, out, header, train_docs, eval_docs, resume, reporter) -> dict:
 
-    cfg = MemoryIndexerConfig.from_label_manifest(shards.manifest, layers, rank=options.rank,
+    cfg = MemoryIndexerConfig.from_label_manifest(shards.manifest, layers, rank=options.rank, heads=options.heads,
                                                   threshold=options.threshold)
     torch.manual_seed(options.seed)
     indexer = None

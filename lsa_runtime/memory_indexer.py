@@ -12,8 +12,8 @@ and the entries fetched at t are { s < n_visible(t) : I[t, s] >= threshold at AN
 The keys k_s are the backbone's own compressed indexer keys (after RoPE), exactly what the native Lightning
 Indexer scores (DeepSeek-V4 paper, section 2.3.1, eq. 13); only W_DQ (+ its RMSNorm weight), W_IUQ and W_w
 are learned. With ``init_from_native`` the four weights are copied from the backbone's ``q_a_proj``,
-``q_a_norm``, ``indexer.q_b_proj`` and ``scorer.weights_proj``, and then sigmoid^-1(I[t, s]) equals the
-native raw indexer logit.
+``q_a_norm``, ``indexer.q_b_proj`` and ``scorer.weights_proj`` (into the leading heads and rank of a wider
+tower), and at the native shape sigmoid^-1(I[t, s]) equals the native raw indexer logit.
 
 This module is pure torch (+ transformers' DeepSeek-V4 rotary, + safetensors): it never imports
 sentence-transformers, datasets or ``indexer_train``. The export format (``model.safetensors`` +
@@ -121,8 +121,10 @@ class MemoryIndexerConfig:
                    tau=tau, backbone_config_hash=config_hash(config))
 
     @classmethod
-    def from_label_manifest(cls, manifest: dict, layers, rank: int = 2048, threshold: float = 0.5):
-        """From a label-shard ``manifest.json`` (docs/DESIGN.md, "Label shards"): training never loads the backbone."""
+    def from_label_manifest(cls, manifest: dict, layers, rank: int = 2048, threshold: float = 0.5,
+                            heads: int | None = None):
+        """From a label-shard ``manifest.json`` (docs/DESIGN.md, "Label shards"): training never loads the backbone.
+        ``heads``: the tower's query heads (default: the backbone's index heads; the release uses 128)."""
         bb = manifest["backbone"]
         rope = dict(bb["rope"])
         prf = float(rope.get("partial_rotary_factor", 1.0))
@@ -130,7 +132,7 @@ class MemoryIndexerConfig:
         indices = tuple(csa.index(int(L)) for L in sorted(layers)) if all(int(L) in csa for L in layers) else ()
         return cls(layers=tuple(layers), csa_indices=indices, keep_recent=release_keep_recent(int(bb["index_topk"])),
                    rank=rank, hidden_size=int(bb["hidden_size"]),
-                   index_n_heads=int(bb["index_n_heads"]), index_head_dim=int(bb["index_head_dim"]),
+                   index_n_heads=int(heads or bb["index_n_heads"]), index_head_dim=int(bb["index_head_dim"]),
                    rope_dim=int(bb["rope_dim"]), rope=rope, rope_head_dim_base=int(round(bb["rope_dim"] / prf)),
                    max_position_embeddings=int(bb.get("max_position_embeddings", 1 << 20)),
                    compress_rate=int(bb["compress_rate"]), rms_norm_eps=float(bb.get("rms_norm_eps", 1e-6)),
@@ -261,16 +263,20 @@ class MemoryIndexerLayer(nn.Module):
 
     @torch.no_grad()
     def copy_native(self, attention) -> None:
-        """Copy W_DQ, latent_norm, W_IUQ, W_w from a backbone layer's ``self_attn`` (a CSA layer)."""
+        """Copy W_DQ, latent_norm, W_IUQ, W_w from a backbone layer's ``self_attn`` (a CSA layer). A tower wider
+        than the native indexer (more heads, a larger rank) gets the native weights in its leading heads and rank
+        and keeps its own initialisation elsewhere, as the authors' release initialises its 128-head,
+        rank-2,048 retriever from the native 64 heads and rank 1,024."""
         indexer = attention.compressor.indexer
         for mine, theirs in [(self.W_DQ.weight, attention.q_a_proj.weight),
                              (self.latent_norm.weight, attention.q_a_norm.weight),
                              (self.W_IUQ.weight, indexer.q_b_proj.weight),
                              (self.W_w.weight, indexer.scorer.weights_proj.weight)]:
-            if mine.shape != theirs.shape:
-                raise FmIndexError(f"init_from_native: shape {tuple(theirs.shape)} does not fit {tuple(mine.shape)} "
-                                   "(the rank must equal the backbone's q_lora_rank)")
-            mine.copy_(theirs.to(mine.dtype))
+            if any(m < t for m, t in zip(mine.shape, theirs.shape)):
+                raise FmIndexError(f"init native: the tower's {tuple(mine.shape)} is smaller than the backbone's "
+                                   f"{tuple(theirs.shape)}: --rank must be >= the backbone's q_lora_rank and "
+                                   "--heads >= its index heads")
+            mine[tuple(slice(0, n) for n in theirs.shape)] = theirs.to(mine.dtype)
 
 
 class MemoryIndexer(nn.Module):
@@ -485,7 +491,8 @@ class MemoryIndexer(nn.Module):
 
 def check_fits(config: MemoryIndexerConfig, backbone_config, where: str = "the memory indexer") -> None:
     """Refuse (:class:`ExportError`) a memory indexer made for another backbone: another config hash, a layer that
-    is not a CSA layer of this backbone, or another indexer geometry (heads, head dim, hidden size)."""
+    is not a CSA layer of this backbone, or another key geometry (head dim, hidden size). The number of query
+    heads is the tower's own (the release's retriever has 128 against the native 64)."""
     from .backbone import config_hash, validate_memory_layers
 
     have = config_hash(backbone_config)
@@ -496,9 +503,8 @@ def check_fits(config: MemoryIndexerConfig, backbone_config, where: str = "the m
         validate_memory_layers(backbone_config, config.layers)
     except FmIndexError as exc:
         raise ExportError(f"{where}: {exc}") from None
-    for key, value in (("index_n_heads", backbone_config.index_n_heads),
-                       ("index_head_dim", backbone_config.index_head_dim),
-                       ("hidden_size", backbone_config.hidden_size)):
+    for key, value in (("index_head_dim", backbone_config.index_head_dim),
+                       ("hidden_size", backbone_config.hidden_size)):  # the tower's heads are its own
         if int(getattr(config, key)) != int(value):
             raise ExportError(f"{where}: {key} is {getattr(config, key)}, the backbone has {value}")
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lsa_runtime.errors import FmIndexError
 from lsa_runtime.memory_indexer import ExportError, MemoryIndexer, MemoryIndexerConfig, sigmoid_inverse
 
 ROPE = {"rope_type": "default", "rope_theta": 160000.0, "partial_rotary_factor": 0.25}
@@ -199,3 +200,29 @@ def test_init_from_native_equals_native_scorer_logits(tiny_model):
         probs = indexer.score(L, hidden[60:62], positions[60:62], keys[0])
         torch.testing.assert_close(sigmoid_inverse(probs).float(), native[0, 60:62].float(), rtol=1e-3, atol=1e-3)
         assert native[0].abs().max() > 1.0  # non-trivial scores
+
+
+def test_native_init_of_a_wider_tower_copies_the_native_weights_into_its_leading_heads_and_rank(tiny_model):
+    """The release's init: 128 heads / rank 2048 from the native 64 / 1024; here 2x the tiny backbone's."""
+    from lsa_runtime.backbone import default_memory_layers
+    from lsa_runtime.memory_indexer import check_fits
+
+    config = tiny_model.config
+    H, r = 2 * config.index_n_heads, 2 * config.q_lora_rank
+    base = MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config), rank=r)
+    wide = MemoryIndexerConfig(**{**base.__dict__, "index_n_heads": H})
+    torch.manual_seed(0)
+    indexer = MemoryIndexer.init_from_native(tiny_model, wide)
+    check_fits(wide, config)  # more query heads than the backbone's indexer: allowed
+    for L in wide.layers:
+        mine, attn = indexer.layer(L), tiny_model.model.layers[L].self_attn
+        q_rank, hd = config.q_lora_rank, config.index_n_heads * config.index_head_dim
+        assert torch.equal(mine.W_DQ.weight[:q_rank], attn.q_a_proj.weight)
+        assert torch.equal(mine.latent_norm.weight[:q_rank], attn.q_a_norm.weight)
+        assert torch.equal(mine.latent_norm.weight[q_rank:], torch.ones(r - q_rank))
+        assert torch.equal(mine.W_IUQ.weight[:hd, :q_rank], attn.compressor.indexer.q_b_proj.weight)
+        assert torch.equal(mine.W_w.weight[: config.index_n_heads], attn.compressor.indexer.scorer.weights_proj.weight)
+        assert mine.W_IUQ.weight[hd:].abs().sum() > 0 and mine.W_w.weight[config.index_n_heads:].abs().sum() > 0
+    narrow = MemoryIndexerConfig(**{**base.__dict__, "rank": config.q_lora_rank - 1})
+    with pytest.raises(FmIndexError, match="smaller than the backbone's"):
+        MemoryIndexer.init_from_native(tiny_model, narrow)

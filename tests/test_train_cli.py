@@ -166,3 +166,13 @@ def test_option_ranges_are_named(labels, tmp_path, option, value, message):
         args += [option, value]
     assert_user_error(invoke("train", "--labels", labels, "--out", tmp_path / "o", *args), message)
     assert not (tmp_path / "o").exists()
+
+
+def test_heads_option_sets_the_towers_query_heads(labels, tmp_path):
+    result = invoke("train", "--labels", labels, "--out", tmp_path / "run", *TRAIN, "--heads", "16")
+    assert result.exit_code == 0, result.output
+    assert invoke("export", "--train-dir", tmp_path / "run", "--out", tmp_path / "export").exit_code == 0
+    cfg = json.loads((tmp_path / "export" / "lsa_config.json").read_text())
+    assert cfg["index_n_heads"] == 16 and cfg["index_head_dim"] == 8  # the keys' geometry is the backbone's
+    indexer = MemoryIndexer.from_export(tmp_path / "export")
+    assert indexer.layer(2).W_IUQ.weight.shape == (16 * 8, 16) and indexer.layer(2).W_w.weight.shape[0] == 16
