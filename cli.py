@@ -312,8 +312,10 @@ def train_command(
 @app.command("eval")
 @user_errors_exit_2
 def eval_command(
-    indexer: str = typer.Option(..., "--indexer", help="A train --out directory, its model/ folder, or an export."),
+    indexer: str = typer.Option(..., "--indexer", help="A train --out directory, its model/ folder, an export, or "
+                                "the authors' joint checkpoint (.pt; needs --model)."),
     labels: str = typer.Option(..., "--labels", help="Label shards to evaluate on (same backbone)."),
+    model: str = typer.Option(None, "--model", help="The backbone, for an --indexer in the authors' .pt format."),
     documents: str = typer.Option("auto", "--documents", help="auto: the run's held-out documents when --labels "
                                   "are the ones it was trained on, else all; heldout; or all."),
     threshold: float = typer.Option(None, "--threshold", help="Fetch threshold (default: the indexer's, 0.5)."),
@@ -328,7 +330,7 @@ def eval_command(
     from indexer_train.shards import LabelShards, ShardError
     from indexer_train.trainer import check_same_definition, check_shards
 
-    memory_indexer, state = load_trained_indexer(indexer)
+    memory_indexer, state = load_trained_indexer(indexer, backbone=model)
     shards = LabelShards(labels)
     if shards.config_hash != memory_indexer.config.backbone_config_hash:
         raise ShardError(f"the label shards in {labels} were built for another backbone (config "
@@ -345,6 +347,38 @@ def eval_command(
                       f"{threshold if threshold is not None else memory_indexer.config.threshold}")
 
 
+@app.command("import-dump")
+@user_errors_exit_2
+def import_dump_command(
+    dump_dir: str = typer.Argument(..., help="Directory of the authors' doc_*.pkl label dumps (their SGLang fork, "
+                                   "dump mode)."),
+    out: str = typer.Option(..., "--out", help="Output directory for the label shards (as build-labels writes)."),
+    model: str = typer.Option(..., "--model", help="The backbone the dumps came from (a DeepSeek-V4 checkpoint "
+                              "directory; only its config is read)."),
+    tau: int = typer.Option(64, "--tau", help="Trigger period tau in decode tokens (the release's label_interval)."),
+    layers: str = typer.Option(None, "--layers", help="Layers to import: model layer ids or csa:I,J (default: every "
+                               "layer in the dumps)."),
+    nucleus: float = typer.Option(0.6, "--nucleus", help="The nucleus mass the dumps were made with (recorded)."),
+    min_votes: int = typer.Option(3, "--min-votes", help="The vote the dumps were made with (recorded)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted import in --out."),
+):
+    """Convert the authors' label dumps into label shards for `fm-index train`.
+
+    Each doc_*.pkl (read by a restricted unpickler: tensors only, anything else is refused) gives a row per
+    trigger (every tau decode tokens) and layer: the hidden state, the union of the window's golden entries,
+    and the document's index keys, dequantised from FP8 and rotated back from the Hadamard basis.
+    """
+    from indexer_train.release_dump import import_dumps
+
+    progress = _progress()
+    with progress:
+        bar = progress.add_task("dumps", total=None, info="")
+        summary = import_dumps(dump_dir, model, out, tau=tau, layers=layers, nucleus=nucleus, min_votes=min_votes,
+                               resume=resume, progress=lambda done, total: progress.update(bar, completed=done,
+                                                                                           total=total))
+    _print_label_summary(summary, out)
+
+
 @app.command("export")
 @user_errors_exit_2
 def export_command(
@@ -358,10 +392,23 @@ def export_command(
                                     "V4-Flash)."),
     keep_first: int = typer.Option(None, "--keep-first", help="The resident set's sink (default 0)."),
     ensemble: str = typer.Option(None, "--ensemble", help="max (OR over layers, default) or mean."),
+    fmt: str = typer.Option("fm-index", "--format", help="fm-index (a directory: model.safetensors + "
+                               "lsa_config.json) or flashmemory (one .pt file: the authors' joint checkpoint, "
+                               "retrievers.l{csa index}.*, loadable by their SGLang fork)."),
 ):
     """Write the trained memory indexer for lsa_runtime: model.safetensors (W_DQ, W_IUQ, W_w per layer) and
-    lsa_config.json (layers, rank, heads, head_dim, rope, threshold, tau, backbone config hash, metrics)."""
-    from indexer_train.export import export_indexer
+    lsa_config.json (layers, rank, heads, head_dim, rope, threshold, tau, backbone config hash, metrics); or, with
+    --format flashmemory, the authors' joint checkpoint."""
+    from indexer_train.export import export_indexer, export_release_checkpoint
+
+    if fmt not in ("fm-index", "flashmemory"):
+        raise FmIndexError(f"--format must be fm-index or flashmemory, got '{fmt}'")
+    if fmt == "flashmemory":
+        if (train_dir is None) == (model is None):
+            raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
+        path = export_release_checkpoint(train_dir or model, out)
+        console.print(f"exported to [bold]{path}[/] (the authors' joint-checkpoint format)")
+        return
 
     if model is not None:
         console.print("[yellow]note:[/] `export --model` is now `export --train-dir` (everywhere else --model names "

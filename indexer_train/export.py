@@ -18,10 +18,19 @@ from .dual_encoder import MODEL_SUBDIR, load_query_tower
 from .trainer import STATE_NAME, read_state
 
 
-def load_trained_indexer(directory: str | Path) -> tuple[MemoryIndexer, dict | None]:
+def load_trained_indexer(directory: str | Path, backbone: str | None = None) -> tuple[MemoryIndexer, dict | None]:
     """(indexer, train_state or None) from an ``fm-index train --out`` directory, a SentenceTransformer folder
-    holding the dual encoder, or an existing export. An unfinished training run is an error."""
+    holding the dual encoder, an existing export, or the authors' joint checkpoint (a file; ``backbone`` names
+    the model it serves). An unfinished training run is an error."""
     directory = Path(directory)
+    if directory.is_file():
+        from lsa_runtime.backbone import load_config
+        from lsa_runtime.release_format import load_release_checkpoint
+
+        if backbone is None:
+            raise FmIndexError(f"{directory} is a file (the authors' checkpoint format?): give --model, the backbone "
+                               "it serves")
+        return load_release_checkpoint(directory, load_config(backbone)), None
     if not directory.is_dir():
         raise FmIndexError(f"{directory} does not exist")
     if (directory / CONFIG_NAME).is_file():
@@ -60,3 +69,12 @@ def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash:
                                                           "options", "steps", "eval_documents")}}
     json.dumps(metrics)  # must be serialisable before anything is written
     return indexer.save_export(out, metrics=metrics)
+
+
+def export_release_checkpoint(model_dir: str | Path, out: str | Path) -> Path:
+    """The trained indexer in ``model_dir`` as the authors' joint checkpoint (``torch.save`` of
+    ``retrievers.l{csa index}.*``, :mod:`lsa_runtime.release_format`) at ``out``, a file that must not exist."""
+    from lsa_runtime.release_format import write_release_checkpoint
+
+    indexer, _ = load_trained_indexer(model_dir)
+    return write_release_checkpoint(indexer, out)

@@ -510,14 +510,19 @@ def check_fits(config: MemoryIndexerConfig, backbone_config, where: str = "the m
 
 
 def load_memory_indexer(source, model) -> "MemoryIndexer":
-    """The memory indexer serving ``model``: an ``fm-index export`` directory, or a :class:`MemoryIndexer` already
-    loaded; checked against the backbone (:func:`check_fits`) and moved to the model's device."""
+    """The memory indexer serving ``model``: an ``fm-index export`` directory, the authors' release checkpoint (a
+    ``.pt`` file, :mod:`~.release_format`), or a :class:`MemoryIndexer` already loaded; checked against the
+    backbone (:func:`check_fits`) and moved to the model's device."""
     device = next(model.parameters()).device
     if isinstance(source, MemoryIndexer):
         check_fits(source.config, model.config)
         return source.to(device).eval()
     if not isinstance(source, (str, Path)):
-        raise ExportError("indexer must be an export directory or a MemoryIndexer")
+        raise ExportError("indexer must be an export directory, a release checkpoint (.pt) or a MemoryIndexer")
+    if Path(source).expanduser().is_file():
+        from .release_format import load_release_checkpoint
+
+        return load_release_checkpoint(source, model.config, device=device)
     return MemoryIndexer.from_export(source, device=device, backbone_config=model.config)
 
 

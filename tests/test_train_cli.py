@@ -176,3 +176,15 @@ def test_heads_option_sets_the_towers_query_heads(labels, tmp_path):
     assert cfg["index_n_heads"] == 16 and cfg["index_head_dim"] == 8  # the keys' geometry is the backbone's
     indexer = MemoryIndexer.from_export(tmp_path / "export")
     assert indexer.layer(2).W_IUQ.weight.shape == (16 * 8, 16) and indexer.layer(2).W_w.weight.shape[0] == 16
+
+
+def test_flashmemory_format_needs_the_releases_key_geometry(labels, finished_run, tmp_path):
+    """The release's retriever scores 128-dim index keys; these synthetic labels have 8-dim keys: refused, nothing
+    written. (The format itself round-trips in tests/test_release_format.py.)"""
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "joint.pt", "--format",
+                             "flashmemory"), "scores 128-dim index keys")
+    assert not (tmp_path / "joint.pt").exists()
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "x", "--format", "onnx"),
+                      "--format must be fm-index or flashmemory")
+    (tmp_path / "joint.pt").write_bytes(b"")
+    assert_user_error(invoke("eval", "--indexer", tmp_path / "joint.pt", "--labels", labels), "give --model")
