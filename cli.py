@@ -24,8 +24,9 @@ from rich.console import Console
 from lsa_runtime.errors import FmIndexError
 
 # typer 0.29's rich help gives boolean flags a type column ("--resume <bool>"), as if they took a value
-_display_type = typer.core.TyperOption.display_type_rich
-typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+_display_type = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _display_type is not None:
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
 
 app = typer.Typer(
     name="fm-index",
@@ -110,7 +111,7 @@ def build_labels_command(
                                   "many CSA layers."),
     softmax_over: str = typer.Option("topk", "--softmax-over", help="topk (the authors' release): the nucleus is "
                                      "taken over each layer's native top-k picks, softmax of their logits; visible: "
-                                     "over every visible entry (this toolkit's definition before 2026-12)."),
+                                     "softmax over every visible entry (broader labels)."),
     source: str = typer.Option("document", "--source", help="document: label the corpus text itself (teacher "
                                "forcing); generate: label the backbone's own greedy continuation of each document, "
                                "as the authors' release labels its dumps (needs --new-tokens)."),
@@ -173,13 +174,13 @@ def build_labels_command(
     with progress:
         summary = build_labels(model, corpus, out, params, device=device, shard=shard_pair, resume=resume,
                                reporter=RichReporter())
-    _print_label_summary(summary, out, params)
+    _print_label_summary(summary, out)
     if shard_pair[1] > 1:
         console.print(f"shard {shard_pair[0]}/{shard_pair[1]} done; when all shards are done run "
                       f"[bold]fm-index merge-labels --out {out}[/]")
 
 
-def _print_label_summary(summary: dict, out: str, params=None):
+def _print_label_summary(summary: dict, out: str):
     from rich.table import Table
 
     table = Table(title=f"labels in {out}", show_header=False)
@@ -330,7 +331,7 @@ def eval_command(
     from indexer_train.shards import LabelShards, ShardError
     from indexer_train.trainer import check_same_definition, check_shards
 
-    memory_indexer, state = load_trained_indexer(indexer, backbone=model)
+    memory_indexer, state = load_trained_indexer(indexer, backbone=model, files_need="--model")
     shards = LabelShards(labels)
     if shards.config_hash != memory_indexer.config.backbone_config_hash:
         raise ShardError(f"the label shards in {labels} were built for another backbone (config "
@@ -382,10 +383,10 @@ def import_dump_command(
 @app.command("export")
 @user_errors_exit_2
 def export_command(
-    train_dir: str = typer.Option(None, "--train-dir", help="A finished `fm-index train --out` directory (or its "
-                                  "model/ folder)."),
-    out: str = typer.Option(..., "--out", help="Export directory (must not exist): model.safetensors + "
-                            "lsa_config.json."),
+    train_dir: str = typer.Option(None, "--train-dir", help="Required: a finished `fm-index train --out` directory "
+                                  "(or its model/ folder)."),
+    out: str = typer.Option(..., "--out", help="Where to write: a new (or empty) directory for --format fm-index "
+                            "(model.safetensors + lsa_config.json); a new .pt file for --format flashmemory."),
     model: str = typer.Option(None, "--model", hidden=True, help="Old name of --train-dir."),
     keep_recent: int = typer.Option(None, "--keep-recent", help="The resident set's recency tail written into the "
                                     "export (default: 4 x the backbone's native top-k, the release's 2,048 on "
@@ -406,6 +407,11 @@ def export_command(
     if fmt == "flashmemory":
         if (train_dir is None) == (model is None):
             raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
+        given = [flag for flag, value in (("--keep-recent", keep_recent), ("--keep-first", keep_first),
+                                          ("--ensemble", ensemble)) if value is not None]
+        if given:
+            raise FmIndexError(f"{given[0]} has no place in the authors' checkpoint (weights only); their server "
+                               "sets the resident set's options itself")
         path = export_release_checkpoint(train_dir or model, out)
         console.print(f"exported to [bold]{path}[/] (the authors' joint-checkpoint format)")
         return
@@ -431,8 +437,8 @@ def generate_command(
     model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
                               "checkpoint directory. Default: reference (the bundled trained model; tiny is the "
                               "random one for fast tests)."),
-    indexer: str = typer.Option(None, "--indexer", help="Memory-indexer export directory (`fm-index export`); "
-                                "needed by --mode lsa."),
+    indexer: str = typer.Option(None, "--indexer", help="Memory indexer: an `fm-index export` directory or the "
+                                "authors' checkpoint (.pt); needed by --mode lsa."),
     mode: str = typer.Option(None, "--mode", help="lsa (FlashMemory: memory indexer + cold pool), full (plain "
                              "DeepSeek-V4, the baseline), all (every entry resident), recent or random (--budget "
                              "entries), oracle (replays a full run's native picks: decodes twice), hisparse "
@@ -475,7 +481,10 @@ def generate_command(
     from lsa_runtime.backbone import default_model_name
     from lsa_runtime.session import Session, SessionConfig
 
-    if unconditional and prompt is None and prompt_file is None:
+    if unconditional and (prompt is not None or prompt_file is not None):
+        raise FmIndexError("--unconditional generates without a prompt: give it or --prompt / --prompt-file, not "
+                           "both")
+    if unconditional:
         prompt = ""
     if (prompt is None) == (prompt_file is None):
         raise FmIndexError("give exactly one of --prompt TEXT or --prompt-file FILE (or --unconditional)")
@@ -507,8 +516,8 @@ def evaluate_command(
     model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
                               "checkpoint directory. Default: reference (the bundled trained model; tiny is the "
                               "random one for fast tests)."),
-    indexer: str = typer.Option(None, "--indexer", help="Memory-indexer export directory (`fm-index export`); "
-                                "needed by mode lsa."),
+    indexer: str = typer.Option(None, "--indexer", help="Memory indexer: an `fm-index export` directory or the "
+                                "authors' checkpoint (.pt); needed by mode lsa."),
     modes: str = typer.Option(None, "--modes",
                               help="Comma-separated modes: full, lsa, recent, random, oracle, hisparse. In each "
                               "task and length, lsa runs first and its mean resident entries per trigger become "
@@ -607,13 +616,13 @@ def _print_evaluation(results: dict, out: str):
 @user_errors_exit_2
 def pipeline_command(
     out: str = typer.Option("runs/demo", "--out", help="Run directory: labels/, train/, export/, evaluation/."),
-    model: str = typer.Option(None, "--model", help="Backbone (default: the bundled default model)."),
+    model: str = typer.Option(None, "--model", help="Bundled model name (tiny, reference) or a DeepSeek-V4 "
+                              "checkpoint directory. Default: reference."),
     corpus: str = typer.Option(None, "--corpus", help="Training corpus (default: the bundled sample, 12 stdlib "
                                "modules)."),
     tau: int = typer.Option(64, "--tau", help="Trigger period tau (labels and decoding)."),
-    nucleus: float = typer.Option(0.6, "--nucleus", help="Nucleus mass p of the labels (the method's 0.6; with "
-                                  "the release's top-k softmax about 1 in 10 visible entries is golden on the "
-                                  "sample corpus)."),
+    nucleus: float = typer.Option(0.6, "--nucleus", help="Nucleus mass p of the labels (the method's 0.6, over "
+                                  "each CSA layer's native top-k as the authors' release takes it)."),
     epochs: float = typer.Option(6.0, "--epochs", help="Training epochs."),
     eval_fraction: float = typer.Option(0.25, "--eval-fraction", help="Share of documents held out for the "
                                         "indexer's evaluation (the sample corpus has 12)."),
@@ -623,9 +632,9 @@ def pipeline_command(
     samples: int = typer.Option(2, "--samples", help="Evaluation prompts per task and length."),
     keep_recent: int = typer.Option(32, "--keep-recent", help="The resident set's recency tail in entries, written "
                                     "into the export. The release keeps 4 x its native top-k (2,048 entries = 8,192 "
-                                    "tokens on V4-Flash); scaled so (256 entries = 1,024 tokens on the reference "
-                                    "model) it would hold every entry at this demo's 1K-2K tokens, so the demo keeps "
-                                    "32 (128 tokens, one sliding window)."),
+                                    "tokens on V4-Flash). Scaled the same way, the reference model's tail would be "
+                                    "256 entries (1,024 tokens) and would hold every entry at this demo's 1K-2K "
+                                    "tokens; the demo keeps 32 (128 tokens, one sliding window)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda ... (default: cuda if available)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted pipeline run in --out."),
 ):
@@ -637,6 +646,7 @@ def pipeline_command(
     """
     from pathlib import Path
 
+    from indexer_train.trainer import run_status
     from lsa_runtime.backbone import DATA_DIR, default_model_name
     from lsa_runtime.outputs import OutputLock, check_output_dir
 
@@ -667,9 +677,10 @@ def pipeline_command(
         try:
             for title, argv in steps:
                 if title.endswith("export") and (run / "export" / "lsa_config.json").is_file():
+                    _check_pipeline_export(run / "export", keep_recent)
                     console.rule(f"[bold]{title}[/]: already done ({run / 'export'})")
                     continue
-                if title.endswith("train") and resume and (run / "train").is_dir():
+                if title.endswith("train") and resume and run_status(run / "train") != "absent":
                     argv = [*argv, "--resume"]  # train --resume needs a run to continue; the others start if absent
                 console.rule(f"[bold]{title}[/]: fm-index {' '.join(argv)}")
                 try:
@@ -680,6 +691,16 @@ def pipeline_command(
         finally:
             _IN_PIPELINE = False
     console.print(f"done: {run}/evaluation/results.md holds the table; plots beside it")
+
+
+def _check_pipeline_export(export, keep_recent: int) -> None:
+    """A finished export step of a resumed pipeline must have the options asked for now."""
+    import json
+
+    written = json.loads((export / "lsa_config.json").read_text()).get("keep_recent")
+    if written != keep_recent:
+        raise FmIndexError(f"--resume: {export} was exported with --keep-recent {written}, this run asks for "
+                           f"{keep_recent}; use the same value, or another --out")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ tokens (both from ``lsa_runtime.stats.measure_cache``). For the trigger modes, p
 the steps it touches (``lsa``: the trigger step; ``lsa-prefetch``: the start step, the steps the helper runs
 beside, the swap step), their slowest step against the median plain step of the same kind (``trigger_stall``:
 the goal is <= 5%) and their extra time summed (``trigger_extra_ms``); medians over triggers. "Kind": every 4th
-step emits a compressed entry in each CSA layer and costs ~15% more, so steps that emit are compared with plain
+step emits a compressed entry in each CSA layer and costs more, so steps that emit are compared with plain
 steps that emit. Every step's device ms, host ms, label and emission flag go to the JSON as well.
 ``--small`` shrinks the model for a CPU smoke test; ``--count-ops`` counts the operators a decode step
 dispatches, by module, in the Flash layout at small widths (CPU).

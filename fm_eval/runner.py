@@ -189,6 +189,7 @@ class Evaluation:
             raise EvaluationError(f"--workers must be >= 1, got {workers}")
         self.workers = int(workers)
         self.done: dict[tuple, dict] = {}
+        self.identity: dict[str, str] = {}  # set by _preflight
 
     # ---- output directory -----------------------------------------------------------------------------
 
@@ -213,18 +214,17 @@ class Evaluation:
                 raise EvaluationError(f"cannot resume {self.out}: it was run with --{key.replace('_', '-')} "
                                       f"{_show(previous.get(key))}, this run asks for {_show(fingerprint.get(key))} "
                                       f"(use the same options, or another --out)")
-        _write_json(config_file, {"format": FORMAT, "fingerprint": fingerprint, "config": _jsonable(self.config)})
+            was = json.loads(config_file.read_text()).get("identity", {})
+            for key, now in self.identity.items():
+                if key in was and was[key] != now:
+                    what = "--model's config" if key.startswith("model") else "the --indexer files"
+                    raise EvaluationError(f"cannot resume {self.out}: {what} changed since it was run ({key} "
+                                          f"{was[key][:16]}, now {now[:16]}); use another --out")
+        _write_json(config_file, {"format": FORMAT, "fingerprint": fingerprint, "identity": self.identity,
+                                  "config": _jsonable(self.config)})
         if runs.exists():
-            lines = runs.read_text().splitlines()
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption: that run is redone
-                self.done[_key(record)] = record
-            with runs.open("w") as f:  # drop a cut last line, keep complete records
-                for record in self.done.values():
-                    f.write(json.dumps(record) + "\n")
+            self.done.update(_read_runs(runs))  # a line cut by an interruption is dropped: that run is redone
+            write_text_atomic(runs, "".join(json.dumps(record) + "\n" for record in self.done.values()))
 
     def _append(self, record: dict) -> None:
         with (self.out / "runs.jsonl").open("a") as f:
@@ -241,8 +241,33 @@ class Evaluation:
         """Run (or resume) the evaluation, holding the output directory's lock."""
         if self.out.exists() and not self.out.is_dir():
             raise EvaluationError(f"--out {self.out} exists and is not a directory")
+        self._preflight()
         with OutputLock(self.out, "evaluate"):
             return self._run()
+
+    def _preflight(self) -> None:
+        """The checks that need the backbone's config and the memory indexer but not the backbone's weights, made
+        before anything is written (worker processes would otherwise each fail on them after the output exists).
+        Also fixes what identifies the model and indexer beyond their paths: a resumed run must use the same."""
+        from lsa_runtime.backbone import config_hash, load_config
+        from lsa_runtime.memory_indexer import read_memory_indexer
+
+        cfg = self.config
+        backbone_config = load_config(cfg.model)
+        limit = int(getattr(backbone_config, "max_position_embeddings", 0) or 0)
+        longest = max(cfg.lengths) + (cfg.max_new_tokens or max(TASKS[t].max_new_tokens for t in cfg.tasks))
+        if limit and longest > limit:
+            raise EvaluationError(f"length {max(cfg.lengths)} plus the generated tokens exceeds the model's maximum "
+                                  f"of {limit} positions (max_position_embeddings)")
+        self.identity = {"model_config_hash": config_hash(backbone_config)}
+        tau = cfg.tau
+        if "lsa" in cfg.modes:
+            indexer = read_memory_indexer(cfg.indexer, backbone_config)
+            tau = tau if tau is not None else indexer.config.tau
+            self.identity["indexer_sha256"] = indexer_digest(cfg.indexer)
+        tau = int(tau if tau is not None else 64)
+        if cfg.prefetch_steps >= tau:
+            raise EvaluationError(f"--prefetch-steps {cfg.prefetch_steps} must be below tau ({tau}, the export's)")
 
     def _run(self) -> dict:
         cfg = self.config
@@ -314,17 +339,10 @@ class Evaluation:
         self.model, self.tokenizer = self._backbone
         if self.tokenizer is None:
             raise EvaluationError(f"model {cfg.model} has no tokenizer: the tasks are text prompts")
-        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
-        longest = max(cfg.lengths) + (cfg.max_new_tokens or max(TASKS[t].max_new_tokens for t in cfg.tasks))
-        if limit and longest > limit:
-            raise EvaluationError(f"length {max(cfg.lengths)} plus the generated tokens exceeds the model's maximum "
-                                  f"of {limit} positions (max_position_embeddings)")
         self.memory_indexer = load_memory_indexer(cfg.indexer, self.model) if "lsa" in cfg.modes else None
         export = self.memory_indexer.config if self.memory_indexer is not None else None
         self.tau = int(cfg.tau if cfg.tau is not None else (export.tau if export else 64))
         self.threshold = float(cfg.threshold if cfg.threshold is not None else (export.threshold if export else 0.5))
-        if cfg.prefetch_steps >= self.tau:
-            raise EvaluationError(f"--prefetch-steps {cfg.prefetch_steps} must be below tau ({self.tau}, the export's)")
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -460,6 +478,20 @@ def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], thr
     evaluation._load()
     for task, length in cells:
         evaluation._run_cell(task, length)
+
+
+def indexer_digest(source: str | Path) -> str:
+    """sha256 over an indexer's files (an export directory's config and weights, or a checkpoint file)."""
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and
+                                                 not p.name.startswith("."))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_runs(path: Path) -> dict[tuple, dict]:

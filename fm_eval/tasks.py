@@ -122,10 +122,6 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
 ]}
 
 
-def task_names() -> list[str]:
-    return list(TASKS)
-
-
 def parse_tasks(text: str | Sequence[str] | None) -> list[TaskSpec]:
     """``"niah_single_2,vt"`` (or None / "all" for every task) -> specs; unknown names are an FmIndexError."""
     if text is None or (isinstance(text, str) and text.strip() in ("", "all")):
@@ -318,10 +314,6 @@ def _largest_fitting(count_at: Callable[[int], int], target: int, guess: int, hi
         else:
             hi = mid - 1
     return lo
-
-
-class _TooShort(Exception):
-    pass
 
 
 def _fit(render: Callable[[int], str], tokens: PromptTokens, target: int, guess: int, hi: int,

@@ -365,6 +365,9 @@ def _label_documents(model, docs, out, params, device, shard, header, manifest_p
     summary = _summarise(mine_done)
     if summary["documents"] == 0 and shard[1] == 1:  # shards: merge_shards judges the whole corpus
         longest = max(s["tokens"] for s in mine_done.values())
+        if params.source == "generate":
+            raise FmIndexError(f"no document was labelled: all {len(mine_done)} are empty (--source generate "
+                               "continues each document). The labels stay incomplete")
         raise FmIndexError(f"no document was labelled: all {len(mine_done)} are shorter than 2 * tau = "
                            f"{2 * params.tau} tokens (the longest has {longest}"
                            + (f" after --max-tokens {params.max_tokens}" if params.max_tokens else "")
@@ -402,8 +405,10 @@ def merge_shards(out: str | Path) -> dict:
         raise ShardError(f"documents missing after merge: {missing[:10]}")
     summary = _summarise(done)
     if summary["documents"] == 0:
-        raise ShardError(f"no document was labelled in any shard: all {len(done)} are shorter than 2 * tau = "
-                         f"{2 * manifests[0]['params']['tau']} tokens")
+        params = manifests[0]["params"]
+        raise ShardError(f"no document was labelled in any shard: all {len(done)} are "
+                         + ("empty" if params.get("source") == "generate" else
+                            f"shorter than 2 * tau = {2 * params['tau']} tokens"))
     header = {k: manifests[0][k] for k in ("format", "backbone", "params", "memory_layers", "corpus")
               if k in manifests[0]}
     write_json(out / "manifest.json", {**header, "shard": {"index": 0, "count": 1}, "merged_from": count,

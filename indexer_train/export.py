@@ -18,18 +18,22 @@ from .dual_encoder import MODEL_SUBDIR, load_query_tower
 from .trainer import STATE_NAME, read_state
 
 
-def load_trained_indexer(directory: str | Path, backbone: str | None = None) -> tuple[MemoryIndexer, dict | None]:
+def load_trained_indexer(directory: str | Path, backbone: str | None = None,
+                         files_need: str | None = None) -> tuple[MemoryIndexer, dict | None]:
     """(indexer, train_state or None) from an ``fm-index train --out`` directory, a SentenceTransformer folder
     holding the dual encoder, an existing export, or the authors' joint checkpoint (a file; ``backbone`` names
-    the model it serves). An unfinished training run is an error."""
+    the model it serves; ``files_need``: how the caller's user names it, e.g. "--model"; None where a file cannot
+    be read). An unfinished training run is an error."""
     directory = Path(directory)
     if directory.is_file():
         from lsa_runtime.backbone import load_config
         from lsa_runtime.release_format import load_release_checkpoint
 
+        if backbone is None and files_need is None:
+            raise FmIndexError(f"{directory} is a file, not a training run or export directory")
         if backbone is None:
-            raise FmIndexError(f"{directory} is a file (the authors' checkpoint format?): give --model, the backbone "
-                               "it serves")
+            raise FmIndexError(f"{directory} is a file (the authors' checkpoint format?): give {files_need}, the "
+                               "backbone it serves")
         return load_release_checkpoint(directory, load_config(backbone)), None
     if not directory.is_dir():
         raise FmIndexError(f"{directory} does not exist")

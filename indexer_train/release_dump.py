@@ -1,7 +1,7 @@
 """``fm-index import-dump``: the authors' label dumps (``doc_*.pkl`` from their SGLang fork) -> our label shards.
 
-Their server, in dump mode, writes one pickle per request: a dict of CPU torch tensors (release facts in
-``../shared/notes/flashmemory-release.md``; the fields read here, per target layer ``i``, a CSA index):
+Their server, in dump mode, writes one pickle per request: a dict of CPU torch tensors (the fields read here,
+per target layer ``i``, a CSA index):
 
     hidden_layer_{i}     [T, d] bf16     the attention input of layer i at each of the T decode tokens
     positions_layer_{i}  [T] int64       the decode tokens' positions
@@ -118,9 +118,9 @@ def dump_layers(blob: dict) -> list[int]:
     return sorted(int(k.rsplit("_", 1)[1]) for k in blob if re.fullmatch(r"hidden_layer_\d+", k))
 
 
-def dump_rows(blob: dict, doc_id: str, doc_index: int, layers: list[int], indices: list[int], tau: int,
-              rate: int, path: Path) -> tuple[list[LabelRow], dict[int, torch.Tensor], dict]:
-    """Rows, keys (model layer -> [N, D] fp16) and stats of one dump, for model ``layers`` = CSA ``indices``."""
+def dump_fields(blob: dict, layers: list[int], indices: list[int], path: Path, hidden_size: int, key_dim: int):
+    """The tensors :func:`dump_rows` reads, checked (present, shapes agreeing with each other and the backbone):
+    label pointers, label entries, and per model layer its hidden states, positions and packed keys."""
     try:
         pointers = blob["label_pointers"].long()
         entries = blob["label_indices"].long()
@@ -130,9 +130,23 @@ def dump_rows(blob: dict, doc_id: str, doc_index: int, layers: list[int], indice
     except KeyError as exc:
         raise DumpError(f"{path} lacks {exc.args[0]}") from None
     n_tokens = pointers.numel() - 1
-    first = layers[0]
-    if any(h.shape[0] != n_tokens for h in hidden.values()) or any(p.numel() != n_tokens for p in positions.values()):
+    if any(h.dim() != 2 or h.shape[0] != n_tokens for h in hidden.values()) \
+            or any(p.numel() != n_tokens for p in positions.values()):
         raise DumpError(f"{path}: hidden states, positions and labels disagree on the number of decode tokens")
+    if any(h.shape[1] != hidden_size for h in hidden.values()) \
+            or any(c.dim() != 2 or c.shape[1] != key_dim + 4 for c in compk.values()):
+        raise DumpError(f"{path}: hidden states or keys are not {hidden_size}-dim and {key_dim}-dim (+ a scale) as "
+                        "the backbone's")
+    return pointers, entries, hidden, positions, compk
+
+
+def dump_rows(blob: dict, doc_id: str, doc_index: int, layers: list[int], indices: list[int], tau: int,
+              rate: int, path: Path, hidden_size: int, key_dim: int
+              ) -> tuple[list[LabelRow], dict[int, torch.Tensor], dict]:
+    """Rows, keys (model layer -> [N, D] fp16) and stats of one dump, for model ``layers`` = CSA ``indices``."""
+    pointers, entries, hidden, positions, compk = dump_fields(blob, layers, indices, path, hidden_size, key_dim)
+    n_tokens = pointers.numel() - 1
+    first = layers[0]
     keys = {L: dequantize_keys(c).half() for L, c in compk.items()}
     n_entries = min(k.shape[0] for k in keys.values())
     rows = []
@@ -178,19 +192,18 @@ def import_dumps(dump_dir: str | Path, model: str, out: str | Path, tau: int = 6
     if not present:
         raise DumpError(f"{files[0]} has no hidden_layer_{{i}} tensor")
     wanted = parse_layer_list(layers)
+    if isinstance(wanted, tuple) and any(L not in csa for L in wanted):
+        raise DumpError(f"layer {next(L for L in wanted if L not in csa)} is not a CSA layer of {model} (its CSA "
+                        f"layers: {', '.join(map(str, csa))}; or name CSA indices: --layers csa:I,J)")
     indices = present if wanted is None else (
-        [int(x) for x in wanted[4:].split(",")] if isinstance(wanted, str) else [csa.index(L) if L in csa else -1
-                                                                                 for L in wanted])
+        [int(x) for x in wanted[4:].split(",")] if isinstance(wanted, str) else [csa.index(L) for L in wanted])
     indices = sorted(set(indices))
     if any(i not in present for i in indices):
         raise DumpError(f"layers {layers} are not all in the dumps (they hold CSA indices {present})")
     model_layers = resolve_csa_indices(config, indices)
-    width = first[f"compk_layer_{indices[0]}"].shape[1] - 4
-    if width != config.index_head_dim or first[f"hidden_layer_{indices[0]}"].shape[1] != config.hidden_size:
-        raise DumpError(f"the dumps hold {width}-dim keys and {first[f'hidden_layer_{indices[0]}'].shape[1]}-dim "
-                        f"hidden states; {model} has {config.index_head_dim} and {config.hidden_size}")
-    for path in files[1:]:
-        read_dump(path)
+    for path in files:  # the structure of every dump, before anything is written
+        dump_fields(first if path == files[0] else read_dump(path), model_layers, indices, path, config.hidden_size,
+                    config.index_head_dim)
     check_output_dir(out)
     params = LabelParams(layers=tuple(model_layers), tau=tau, nucleus=nucleus, min_votes=min_votes,
                          softmax_over="topk", source="generate", chunk_size=1, dtype="bfloat16")
@@ -205,10 +218,18 @@ def import_dumps(dump_dir: str | Path, model: str, out: str | Path, tau: int = 6
         if manifest.exists():
             if not resume:
                 raise FmIndexError(f"{out} already holds labels; pass --resume to continue, or another --out")
-            old = json.loads(manifest.read_text())
+            try:
+                old = json.loads(manifest.read_text())
+            except json.JSONDecodeError as exc:
+                raise FmIndexError(f"--resume: corrupt {manifest} (line {exc.lineno}: {exc.msg}); import into "
+                                   "another --out") from None
             if old.get("params") != json.loads(json.dumps(header["params"])) or \
                     old.get("corpus", {}).get("fingerprint") != header["corpus"]["fingerprint"]:
                 raise FmIndexError(f"--resume: {out} was imported from other dumps or with other options")
+            if old.get("backbone", {}).get("config_hash") != header["backbone"]["config_hash"]:
+                raise FmIndexError(f"--resume: {out} was imported for another backbone (config "
+                                   f"{old.get('backbone', {}).get('config_hash')}, --model {model}: "
+                                   f"{header['backbone']['config_hash']})")
         elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".fm-index")):
             raise FmIndexError(f"output directory {out} exists and is not empty")
         remove_stale_temps(out)
@@ -219,7 +240,7 @@ def import_dumps(dump_dir: str | Path, model: str, out: str | Path, tau: int = 6
         for doc_index, path in enumerate(files):
             if doc_index not in done:
                 rows, keys, stats = dump_rows(read_dump(path), path.stem, doc_index, model_layers, indices, tau,
-                                              rate, path)
+                                              rate, path, config.hidden_size, config.index_head_dim)
                 if rows:
                     writer.write_document(doc_index, rows, keys, stats)
                 else:

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.memory_indexer import MemoryIndexerConfig
-from lsa_runtime.outputs import OutputLock, check_output_dir, temp_path
+from lsa_runtime.outputs import OutputLock, check_output_dir, remove_stale_temps, temp_path
 
 from .collator import ROW_COLUMNS, DocumentBatchSampler, LabelRowCollator
 from .dual_encoder import MODEL_SUBDIR, build_dual_encoder, key_side, query_tower
@@ -246,8 +246,9 @@ class TrainReporter:
 
 def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOptions, resume: bool = False,
                          reporter: TrainReporter | None = None) -> dict:
-    """Train (or resume) a memory indexer on the label shards in ``labels``; returns the run summary
-    ``{"model": path, "metrics": {...}, "report": EvalReport, "complete": bool}``."""
+    """Train (or resume) a memory indexer on the label shards in ``labels``; returns the run summary: ``model``
+    (path), ``complete``, ``steps``, and when complete ``metrics``, ``eval_table``, ``eval_documents``, plus
+    ``report`` (the EvalReport) for a run finished now or ``already_complete`` for a finished run resumed."""
     options.check()
     reporter = reporter or TrainReporter()
     shards = LabelShards(labels)
@@ -268,8 +269,12 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
     header = {"labels": str(Path(labels).resolve()), "labels_config_hash": labels_hash,
               "labels_definition": label_definition(shards.manifest),
               "options": options.identity(), "train_documents": train_docs, "eval_documents": eval_docs}
+    if resume and read_state(out) is None:  # checked again under the lock; this keeps a wrong --out untouched
+        raise FmIndexError(f"--resume: {out} holds no interrupted fm-index training run ({STATE_NAME} missing)")
     with OutputLock(out, "train") if is_main_process() else contextlib.nullcontext():
         state = _check_run_dir(out, header, resume)
+        if is_main_process():
+            remove_stale_temps(out)  # a model folder of an interrupted finish
         if state is not None and state.get("complete"):  # --resume of a finished run with the same options
             return {"model": str(out / MODEL_SUBDIR), "complete": True, "steps": state.get("steps"),
                     "metrics": state.get("metrics"), "eval_table": state.get("eval_table"),
@@ -277,25 +282,29 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
         return _train(shards, labels, layers, options, out, header, train_docs, eval_docs, resume, reporter)
 
 
+_DEFINITION = ("softmax_over", "source", "nucleus", "min_votes", "tau")  # the build-labels options that set the target
+
+
 def label_definition(manifest: dict) -> dict:
     """How a label set was made, as far as training and evaluation must not mix them: the softmax's support
-    (``topk`` or ``visible``) and the labelled tokens (``document`` or ``generate``). Manifests from before
-    those options record neither: they were ``visible`` / ``document``."""
+    (``topk`` or ``visible``), the labelled tokens (``document`` or ``generate``), the nucleus mass, the votes
+    and tau. Manifests without the first two were made before those options existed: ``visible`` / ``document``."""
     params = manifest.get("params", {})
     return {"softmax_over": params.get("softmax_over", "visible"), "source": params.get("source", "document"),
-            "nucleus": params.get("nucleus"), "min_votes": params.get("min_votes")}
+            "nucleus": params.get("nucleus"), "min_votes": params.get("min_votes"), "tau": params.get("tau")}
 
 
 def check_same_definition(trained: dict | None, manifest: dict, what: str) -> None:
-    """Refuse to evaluate (or continue training) an indexer on labels made another way than its training labels."""
+    """Refuse to evaluate (or continue training) an indexer on labels made another way than its training labels
+    (any of the build-labels options in ``_DEFINITION`` that both records name)."""
     if not trained:
         return  # an indexer without a training record (e.g. imported): nothing to compare
     now = label_definition(manifest)
-    for key in ("softmax_over", "source"):
-        if key in trained and trained[key] != now[key]:
+    for key in _DEFINITION:
+        if trained.get(key) is not None and now[key] is not None and trained[key] != now[key]:
             flag = "--" + key.replace("_", "-")
             raise FmIndexError(f"{what} was trained on labels built with {flag} {trained[key]}; these labels use "
-                               f"{flag} {now[key]}: evaluate on labels of the same definition")
+                               f"{flag} {now[key]}: use labels built the same way")
 
 
 def run_status(out: str | Path) -> str:

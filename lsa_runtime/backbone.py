@@ -203,11 +203,11 @@ def default_memory_layers(config) -> list[int]:
     csa = csa_layers(config)
     chosen: list[int] = []
     for index in FLASH_MEMORY_CSA_INDICES:
-        position = min(len(csa) - 1, round(index * len(csa) / FLASH_CSA_LAYERS))
-        while csa[position] in chosen and position + 1 < len(csa):  # few CSA layers: keep the three distinct
-            position += 1
-        if csa[position] not in chosen:
-            chosen.append(csa[position])
+        target = min(len(csa) - 1, round(index * len(csa) / FLASH_CSA_LAYERS))
+        # few CSA layers: the nearest free position (later first), so that three distinct layers are kept
+        free = [p for p in range(len(csa)) if csa[p] not in chosen]
+        if free:
+            chosen.append(csa[min(free, key=lambda p: (abs(p - target), p < target))])
     return sorted(chosen)
 
 
@@ -243,8 +243,10 @@ def parse_layer_list(text: str | None) -> tuple[int, ...] | str | None:
         return None
     text = str(text).strip()
     body = text[4:] if text.startswith("csa:") else text
+    if not body.strip():
+        raise BackboneError(f"--layers names no layer: {LAYERS_HELP}")
     try:
-        values = tuple(int(part) for part in body.split(",") if part.strip())
+        values = tuple(int(part) for part in body.split(","))
     except ValueError:
         raise BackboneError(f"--layers must be comma-separated integers ({LAYERS_HELP}), got '{text}'") from None
     if not values:

@@ -49,6 +49,15 @@ def check_count(value, what: str) -> int:
     return int(value)
 
 
+ENSEMBLES = ("max", "mean")  # how the memory layers' scores combine: OR of thresholds (max) or their mean
+
+
+def check_ensemble(ensemble) -> str:
+    if ensemble not in ENSEMBLES:
+        raise SessionError(f"ensemble (--ensemble) must be max or mean, got {ensemble!r}")
+    return ensemble
+
+
 def check_budget(budget) -> int | None:
     """A number of resident entries (None: no cap)."""
     if budget is None:
@@ -73,7 +82,9 @@ class SessionConfig:
     * ``budget``: resident entries per trigger (lsa: a cap keeping the highest scores; recent/random/oracle: the
       set's size) or buffer entries per CSA layer (hisparse);
     * ``chunk_size``: prefill chunk in tokens (chunks shrink as the context grows, see ``max_score_bytes``);
-    * ``seed``: the random policy's seed;
+    * ``max_score_bytes``: the most bytes a prefill chunk's score tensors may take; longer contexts get shorter
+      chunks;
+    * ``seed``: the random policy's seed (an integer);
     * ``memory_keys``: where the memory layers' K^IComp of every entry lives between triggers, ``device`` or
       ``pool`` (streamed to the device at each trigger);
     * ``prefetch_steps``: d in 0..tau-1; each trigger after the first is prepared d steps before its window on a
@@ -113,11 +124,18 @@ class SessionConfig:
         if isinstance(self.chunk_size, bool) or int(self.chunk_size) != self.chunk_size or int(self.chunk_size) < 1:
             raise SessionError(f"chunk_size (--chunk-size) must be >= 1 token, got {self.chunk_size}")
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SessionError(f"seed (--seed) must be an integer, got {self.seed!r}")
+        if isinstance(self.max_score_bytes, bool) or not isinstance(self.max_score_bytes, int) \
+                or self.max_score_bytes < 1:
+            raise SessionError(f"max_score_bytes must be a positive integer, got {self.max_score_bytes!r}")
+        if self.decode_graphs not in (None, True, False):
+            raise SessionError(f"decode_graphs must be True, False or None, got {self.decode_graphs!r}")
         for name in ("keep_recent", "keep_first"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_count(getattr(self, name), name))
-        if self.ensemble not in (None, "max", "mean"):
-            raise SessionError(f"ensemble (--ensemble) must be max or mean, got {self.ensemble!r}")
+        if self.ensemble is not None:
+            check_ensemble(self.ensemble)
         if self.memory_keys not in MEMORY_KEYS:
             raise SessionError(f"memory_keys (--memory-keys) must be 'device' or 'pool', got {self.memory_keys!r}")
         tau = self.tau if self.tau is not None else DEFAULT_TAU
@@ -126,11 +144,6 @@ class SessionConfig:
             raise SessionError(f"prefetch_steps (--prefetch-steps) must be an integer in 0..tau-1 = 0..{tau - 1} "
                                f"(decode steps before the window boundary at which the next set is prepared), got "
                                f"{self.prefetch_steps!r}")
-
-    @property
-    def triggers(self) -> bool:
-        """Whether this mode changes the resident set at triggers (every mode but full and hisparse)."""
-        return self.mode not in ("full", "hisparse")
 
     def resolved(self, tau: int | None = None, threshold: float | None = None) -> "SessionConfig":
         """This config with tau / threshold filled from an export's values (or the defaults) where not given."""

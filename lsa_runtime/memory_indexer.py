@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import check_threshold
-from .errors import FmIndexError
+from .config import ENSEMBLES, check_threshold
+from .errors import FmIndexError, first_line
 from .kernels.gated_score import fused_gated_logits, triton_available
 
 EXPORT_FORMAT = "fm-index-lsa/1"
@@ -50,12 +50,9 @@ CONFIG_NAME = "lsa_config.json"
 DEFAULT_CHUNK = 8192
 
 
-ENSEMBLES = ("max", "mean")
-
-
 def release_keep_recent(index_topk: int) -> int:
     """The authors' recency tail scaled to a backbone: 2,048 entries on V4-Flash, 4 x its native top-k of 512;
-    4 x index_topk elsewhere (the bundled models' top-64: 256 entries = 1,024 tokens)."""
+    4 x index_topk elsewhere (``reference``'s top-64: 256 entries = 1,024 tokens; ``tiny``'s top-16: 64)."""
     return 4 * int(index_topk)
 
 
@@ -462,7 +459,7 @@ class MemoryIndexer(nn.Module):
         try:
             config = MemoryIndexerConfig.from_json(json.loads(cfg_path.read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise ExportError(f"corrupt {cfg_path}: {_first_line(exc)}") from None
+            raise ExportError(f"corrupt {cfg_path}: {first_line(exc)}") from None
         if expected_config_hash is not None and config.backbone_config_hash != expected_config_hash:
             raise ExportError(f"the memory indexer in {directory} was exported for another backbone (config hash "
                               f"{config.backbone_config_hash}), not this backbone ({expected_config_hash})")
@@ -472,7 +469,7 @@ class MemoryIndexer(nn.Module):
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:
-            raise ExportError(f"corrupt {weights_path}: {_first_line(exc)}") from None
+            raise ExportError(f"corrupt {weights_path}: {first_line(exc)}") from None
         expected = set(indexer.state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -517,18 +514,19 @@ def load_memory_indexer(source, model) -> "MemoryIndexer":
     if isinstance(source, MemoryIndexer):
         check_fits(source.config, model.config)
         return source.to(device).eval()
+    return read_memory_indexer(source, model.config, device=device)
+
+
+def read_memory_indexer(source: str | Path, backbone_config, device: str | torch.device = "cpu") -> "MemoryIndexer":
+    """An ``fm-index export`` directory or the authors' release checkpoint (a ``.pt`` file), read for a backbone
+    of config ``backbone_config`` (no backbone weights needed); a misfit is an :class:`ExportError`."""
     if not isinstance(source, (str, Path)):
         raise ExportError("indexer must be an export directory, a release checkpoint (.pt) or a MemoryIndexer")
     if Path(source).expanduser().is_file():
         from .release_format import load_release_checkpoint
 
-        return load_release_checkpoint(source, model.config, device=device)
-    return MemoryIndexer.from_export(source, device=device, backbone_config=model.config)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        return load_release_checkpoint(source, backbone_config, device=device)
+    return MemoryIndexer.from_export(source, device=device, backbone_config=backbone_config)
 
 
 def sigmoid_inverse(p: torch.Tensor) -> torch.Tensor:
@@ -538,4 +536,4 @@ def sigmoid_inverse(p: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["MemoryIndexer", "MemoryIndexerLayer", "MemoryIndexerConfig", "IndexerRotary", "ExportError",
-           "check_fits", "load_memory_indexer", "sigmoid_inverse", "EXPORT_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "check_fits", "load_memory_indexer", "read_memory_indexer", "sigmoid_inverse", "EXPORT_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]

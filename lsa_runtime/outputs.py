@@ -54,6 +54,9 @@ class OutputLock:
             handle.close()
             raise OutputLockError(f"{self.directory} is being written by another fm-index process ({holder}); wait "
                                   f"for it to finish or choose another --out") from None
+        except OSError as exc:  # e.g. a file system without locks
+            handle.close()
+            raise OutputLockError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "command": self.command}) + "\n")
@@ -82,8 +85,8 @@ def check_output_dir(out: str | Path, what: str = "--out") -> None:
 
 
 def temp_path(path: str | Path) -> Path:
-    """The temporary name this process writes ``path`` under before renaming it (unique per process; the
-    suffix is kept last so that writers which pick a format by suffix still see it)."""
+    """The temporary name this process writes ``path`` under before renaming it, unique per process:
+    ``NAME.PID.tmp``, or ``STEM.PID.tmp.png`` for images (matplotlib picks the format by the suffix)."""
     path = Path(path)
     return path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}" if path.suffix == ".png"
                           else f"{path.name}.{os.getpid()}.tmp")
@@ -102,10 +105,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def remove_stale_temps(directory: str | Path) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SessionConfig, SessionError, check_budget, check_count, check_threshold
+from .config import SessionConfig, SessionError, check_budget, check_count, check_ensemble, check_threshold
 
 
 @dataclass
@@ -186,9 +186,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         self.budget = check_budget(budget)
         self.keep_recent, self.keep_first = check_count(keep_recent, "keep_recent"), check_count(keep_first,
                                                                                                 "keep_first")
-        if ensemble not in ("max", "mean"):
-            raise SessionError(f"ensemble (--ensemble) must be max or mean, got {ensemble!r}")
-        self.ensemble = ensemble
+        self.ensemble = check_ensemble(ensemble)
         self.memory_layers = tuple(int(x) for x in memory_indexer.config.layers)
 
     def select(self, state: TriggerState) -> torch.Tensor:

@@ -21,12 +21,14 @@ Reading uses ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from .errors import FmIndexError
+from .errors import FmIndexError, first_line
 from .memory_indexer import ExportError, MemoryIndexer, MemoryIndexerConfig, release_keep_recent
 
 RELEASE_HEAD_DIM = 128
@@ -40,11 +42,6 @@ RELEASE_MAX_POSITION = 1 << 20  # their SGLANG_RETRIEVER_MAX_POSITION default
 _KEY = re.compile(r"^retrievers\.l(\d+)\.(wq_a\.weight|q_norm_weight|wq_b\.weight|weights_proj\.weight|freqs_cis)$")
 _OURS = {"wq_a.weight": "W_DQ.weight", "q_norm_weight": "latent_norm.weight", "wq_b.weight": "W_IUQ.weight",
          "weights_proj.weight": "W_w.weight"}
-
-
-def is_release_checkpoint(path: str | Path) -> bool:
-    """A file (not an export directory): the release's ``.pt`` joint checkpoint."""
-    return Path(path).expanduser().is_file()
 
 
 def release_config(backbone_config, csa_indices, rank: int, heads: int) -> MemoryIndexerConfig:
@@ -69,8 +66,14 @@ def load_release_checkpoint(path: str | Path, backbone_config, device: str | tor
     path = Path(path).expanduser()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable, or holds objects weights_only refuses
-        raise ExportError(f"cannot read {path} as a FlashMemory release checkpoint: {_first_line(exc)}") from None
+    except pickle.UnpicklingError as exc:  # torch's text advises the unsafe reader: give only the refusal's reason
+        text = str(exc)
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] \
+            if "WeightsUnpickler error:" in text else first_line(exc)
+        raise ExportError(f"cannot read {path} as a tensors-only checkpoint ({reason}); checkpoints made elsewhere "
+                          "are read only if they hold nothing but tensors") from None
+    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, unreadable
+        raise ExportError(f"cannot read {path} as a FlashMemory release checkpoint: {first_line(exc)}") from None
     if isinstance(state, dict) and "model_state" in state and isinstance(state["model_state"], dict):
         state = state["model_state"]  # an epoch file of their trainer
     if not isinstance(state, dict) or not state:
@@ -83,10 +86,15 @@ def load_release_checkpoint(path: str | Path, backbone_config, device: str | tor
                               "retrievers.l{i}.wq_a.weight, .q_norm_weight, .wq_b.weight, .weights_proj.weight)")
         if match.group(2) != "freqs_cis":
             by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = value
+    if not by_layer:
+        raise ExportError(f"{path} holds no retriever weights (retrievers.l{{i}}.wq_a.weight, ...)")
     for index, weights in sorted(by_layer.items()):
         missing = sorted(set(_OURS) - set(weights))
         if missing:
             raise ExportError(f"{path}: retrievers.l{index} lacks {', '.join(missing)}")
+        for name in ("wq_a.weight", "wq_b.weight", "weights_proj.weight"):
+            if not isinstance(weights[name], torch.Tensor) or weights[name].dim() != 2:
+                raise ExportError(f"{path}: retrievers.l{index}.{name} is not a matrix")
     first = by_layer[min(by_layer)]
     rank, hidden = first["wq_a.weight"].shape
     if first["wq_b.weight"].shape[0] % RELEASE_HEAD_DIM:
@@ -130,19 +138,22 @@ def release_state_dict(indexer: MemoryIndexer) -> dict[str, torch.Tensor]:
 
 
 def write_release_checkpoint(indexer: MemoryIndexer, path: str | Path) -> Path:
-    """``torch.save`` of :func:`release_state_dict` at ``path`` (through a temporary name)."""
+    """``torch.save`` of :func:`release_state_dict` at ``path``: written under a temporary name, then linked to
+    ``path`` only if nothing is there (an existing file is never overwritten)."""
     from .outputs import temp_path
 
     path = Path(path)
     if path.exists():
         raise ExportError(f"{path} exists; choose another --out")
+    state = release_state_dict(indexer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    torch.save(release_state_dict(indexer), tmp)
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        os.link(tmp, path)  # fails if a file appeared at path meanwhile
+    except FileExistsError:
+        raise ExportError(f"{path} exists; choose another --out") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

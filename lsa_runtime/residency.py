@@ -127,7 +127,7 @@ class ResidentSet:
 
     def device_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         """The device tensors holding ``layer``'s rows, by kind (allocated capacity included; a store shared by
-        several layers is the same tensor for each of them)."""
+        several layers gives each a view of the same storage, which ``measure_cache`` counts once)."""
         return {name: rows.data for name, rows in self._rows[layer].items()}
 
     def snapshot(self) -> Snapshot:

@@ -37,7 +37,7 @@ from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
 from .config import SamplingParams, SessionConfig, SessionError
 from .decode_graphs import install_decode_graphs
-from .errors import FmIndexError
+from .errors import FmIndexError, first_line
 from .hisparse import HiSparseCSACache, build_hisparse_cache
 from .lsa_cache import build_lsa_cache, install_lsa_compressors, pooled_layers
 from .memory_indexer import load_memory_indexer
@@ -116,9 +116,10 @@ class Session:
         s_full = s.with_config(mode="full")          # another mode on the same loaded backbone
 
     Options are a :class:`~.config.SessionConfig` (``config=``) or its fields as keywords (``mode``, ``tau``,
-    ``threshold``, ``budget``, ``chunk_size``, ``seed``, ``memory_keys``, ``prefetch_steps``, ``decode_graphs``,
-    ``max_score_bytes``; their meaning is documented there). ``indexer``: an ``fm-index export`` directory or a
-    ``MemoryIndexer`` (mode ``lsa``; its tau and threshold are the defaults). ``policy``: any
+    ``threshold``, ``budget``, ``keep_recent``, ``keep_first``, ``ensemble``, ``chunk_size``, ``seed``,
+    ``memory_keys``, ``prefetch_steps``, ``decode_graphs``, ``max_score_bytes``; their meaning
+    is documented there). ``indexer``: an ``fm-index export`` directory, the authors' release checkpoint (a
+    ``.pt`` file) or a ``MemoryIndexer`` (mode ``lsa``; its tau and threshold are the defaults). ``policy``: any
     :class:`~.policies.ResidentPolicy` instead of the mode's (e.g. an ``OraclePolicy`` fed by
     :func:`~.policies.record_native_picks`). ``decode_graphs`` installs the backbone's stateless decode modules as
     CUDA graphs once per model (:mod:`~.decode_graphs`; bit-identical outputs, far fewer kernel launches).
@@ -181,7 +182,7 @@ class Session:
         try:
             backbone, tokenizer = load_backbone(model or default_model_name(), device=device, dtype=dtype)
         except _oom_errors() as exc:
-            raise DeviceMemoryError(f"out of memory loading the backbone on {device}: {_first_line(exc)}") from None
+            raise DeviceMemoryError(f"out of memory loading the backbone on {device}: {first_line(exc)}") from None
         return cls(backbone, tokenizer, config, indexer=indexer)
 
     def with_config(self, config: SessionConfig | None = None, *, policy: ResidentPolicy | None = None,
@@ -300,13 +301,13 @@ class Session:
         except _oom_errors() as exc:
             self._state = None  # the state is incomplete; the next call starts fresh
             raise DeviceMemoryError(
-                f"out of memory at {state.position:,} tokens ({_first_line(exc)}); try a smaller chunk_size, "
+                f"out of memory at {state.position:,} tokens ({first_line(exc)}); try a smaller chunk_size, "
                 f"a smaller budget, or a lower-precision dtype") from None
         except RuntimeError as exc:
             if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
                 raise
             self._state = None
-            raise DeviceMemoryError(f"out of host memory at {state.position:,} tokens ({_first_line(exc)}); "
+            raise DeviceMemoryError(f"out of host memory at {state.position:,} tokens ({first_line(exc)}); "
                                     "try a smaller chunk_size or a shorter prompt") from None
         finally:
             for handle in handles:
@@ -566,7 +567,3 @@ class Session:
 def _oom_errors() -> tuple[type[BaseException], ...]:
     return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -34,8 +34,8 @@ class SessionStats:
     counted once). ``full_bytes[kind]``: what full decoding holds for the same tokens (every CSA entry's KV
     and indexer keys on the device). Two ratios, never to be confused:
 
-    * ``csa_kv_ratio`` = device / full bytes of the CSA attention KV (C^Comp) alone: the paper's footprint (its
-      "13.5%"), which leaves out the sliding windows, HCA entries, open compression windows and index keys;
+    * ``csa_kv_ratio`` = device / full bytes of the CSA attention KV (C^Comp) alone: the paper's footprint
+      metric, which leaves out the sliding windows, HCA entries, open compression windows and index keys;
     * ``footprint_ratio`` (also ``total_kv_ratio``) = sum(device_bytes) / sum(full_bytes): every kind of KV
       state on the device, memory-indexer keys included.
     ``selected_per_trigger``: the size of the set each trigger selected (born entries not included): the budget
@@ -133,7 +133,7 @@ class SessionStats:
             ("resident CSA entries", f"{self.resident_entries:,}"),
             ("triggers / entries selected per trigger (mean)", f"{self.triggers:,} / {selected}"),
             ("entries fetched (host->device)", f"{self.entries_fetched:,}"),
-            ("bytes moved by triggers / by prefill", f"{human_bytes(self.fetch_bytes_to_device)} / "
+            ("bytes moved after prefill / by prefill", f"{human_bytes(self.fetch_bytes_to_device)} / "
                                                     f"{human_bytes(self.prefill_bytes_to_device)}"),
             ("time in trigger + fetch (decode thread)", f"{self.trigger_seconds * 1000:,.1f} ms"),
             ("prefetch: helper thread / decode thread waited", f"{self.prefetch_seconds * 1000:,.1f} ms / "

@@ -12,7 +12,7 @@ Outputs (deterministic for a given stdlib):
   ``reference/work/corpus.npz``: ``train``/``eval`` uint16 token arrays (documents separated by
   ``<eos>``); ``corpus.json`` beside it: Python version, documents, counts, SHA-256 of the arrays.
 
-Run ``python -m reference.build_corpus`` (about 2 minutes on 2 CPU cores).
+Run ``python -m reference.build_corpus``.
 """
 
 from __future__ import annotations

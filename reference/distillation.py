@@ -112,14 +112,6 @@ def _detach_tensor_args(module, args, kwargs):
     return args, kwargs
 
 
-def selected_mask(picks: torch.Tensor, n_entries: int) -> torch.Tensor:
-    """[B, S, k] top-k picks (-1 = none) -> [B, S, T] boolean mask of selected entries."""
-    safe = torch.where(picks >= 0, picks, torch.full_like(picks, n_entries))
-    mask = torch.zeros(*picks.shape[:-1], n_entries + 1, dtype=torch.bool, device=picks.device)
-    mask.scatter_(-1, safe, True)
-    return mask[..., :n_entries]
-
-
 @torch.no_grad()
 def kl_target(picks: torch.Tensor, attn_weights: torch.Tensor, n_entries: int):
     """The detached target at the picks: (index [B, S, k], valid [B, S, k], p [B, S, k], rows [B, S]).

@@ -356,7 +356,7 @@ def main(argv=None):
                         help="with --max-minutes: decay the lr linearly to 10%% over these last minutes")
     parser.add_argument("--attention", choices=["window", "eager"], default="window",
                         help="window: exact attention without the dense score matrix (attention.py); eager: "
-                             "transformers' dense path (the runs before 2026-12-01 used it)")
+                             "transformers' dense path (the numerical reference; the card says which runs used it)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="activation checkpointing per decoder layer (long sequences: 16K tokens and more)")
     parser.add_argument("--max-positions", type=int, default=MAX_POSITIONS,

@@ -289,16 +289,20 @@ def test_kill_9_then_resume_equals_one_shot(small_corpus, tmp_path):
     import sys
     import time
 
+    corpus = tmp_path / "corpus.jsonl"  # 40 documents: the first finishes long before the last
+    docs = [json.loads(line) for line in small_corpus.read_text().splitlines()]
+    corpus.write_text("".join(json.dumps({**d, "id": f"{d['id']}-{k}"}) + "\n" for k in range(8) for d in docs))
     one = tmp_path / "one"
-    build_labels("tiny", small_corpus, one, PARAMS)
+    build_labels("tiny", corpus, one, PARAMS)
     two = tmp_path / "two"
-    args = ["--model", "tiny", "--corpus", str(small_corpus), "--out", str(two), "--layers", "2,4,6", "--tau", "16",
+    args = ["--model", "tiny", "--corpus", str(corpus), "--out", str(two), "--layers", "2,4,6", "--tau", "16",
             "--chunk-size", "64", "--device", "cpu"]
     proc = subprocess.Popen([sys.executable, "-m", "cli", "build-labels", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((two / "done").glob("*.json")):
         time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not json.loads((two / "manifest.json").read_text())["complete"]
@@ -342,3 +346,8 @@ def test_training_and_evaluation_refuse_labels_of_another_definition(small_corpu
                                   "--softmax-over visible" in " ".join(bad.output.split()), bad.output
     good = runner.invoke(app, ["eval", "--indexer", str(tmp_path / "run"), "--labels", str(topk)])
     assert good.exit_code == 0, good.output
+    other_p = tmp_path / "p03"
+    build_labels("tiny", small_corpus, other_p, LabelParams(**{**PARAMS.__dict__, "nucleus": 0.3}))
+    bad = runner.invoke(app, ["eval", "--indexer", str(tmp_path / "run"), "--labels", str(other_p)])
+    assert bad.exit_code == 2 and f"--nucleus {PARAMS.nucleus}; these labels use --nucleus 0.3" \
+        in " ".join(bad.output.split()), bad.output

@@ -232,6 +232,37 @@ def test_cli_evaluate(tmp_path):
         assert not Path(tmp_path / "b").exists()
 
 
+def test_bad_indexer_is_refused_before_anything_is_written(tmp_path):
+    """With --workers 2 too: the parent checks the indexer, so no worker starts and --out is not created."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "w"
+    bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full,lsa", "--indexer",
+                                   str(tmp_path / "missing"), "--tasks", TASK, "--lengths", "256,512",
+                                   "--workers", "2", "--out", str(out), "--device", "cpu"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output, bad.output
+    assert len([line for line in bad.output.splitlines() if line.strip()]) == 1, bad.output
+    assert not out.exists()
+
+
+def test_resume_refuses_an_indexer_whose_files_changed(backbone, export_dir, tmp_path):
+    import shutil
+
+    indexer = tmp_path / "export"
+    shutil.copytree(export_dir, indexer)
+    out = tmp_path / "e"
+    config = EvalConfig(model="tiny", modes=("lsa",), tasks=(TASK,), lengths=(256,), samples=1, max_new_tokens=1,
+                        indexer=str(indexer), tau=TAU)
+    evaluate(config, out, backbone=backbone)
+    assert evaluate(config, out, resume=True, backbone=backbone)["complete"]  # unchanged: resumes
+    lsa_config = json.loads((indexer / "lsa_config.json").read_text())
+    (indexer / "lsa_config.json").write_text(json.dumps({**lsa_config, "threshold": 0.25}))  # re-exported
+    with pytest.raises(EvaluationError, match="the --indexer files changed"):
+        evaluate(config, out, resume=True, backbone=backbone)
+
+
 def test_a_second_writer_is_refused(backbone, tmp_path):
     """While one evaluation writes --out, another one there is refused, naming the first (its PID)."""
     from lsa_runtime.errors import FmIndexError

@@ -31,6 +31,15 @@ def test_smaller_backbones_take_the_same_positions_in_their_csa_list():
     assert parse_layers(None, config) == [6, 8, 10] and parse_layers("csa:0,4", config) == [2, 10]
 
 
+@pytest.mark.parametrize("n_csa, positions", [(1, [0]), (2, [0, 1]), (3, [0, 1, 2]), (4, [1, 2, 3]), (5, [2, 3, 4])])
+def test_few_csa_layers_still_give_distinct_layers(monkeypatch, n_csa, positions):
+    # hand-checked: 10/21, 12/21, 20/21 of n rounded; a taken position moves to the nearest free one
+    import lsa_runtime.backbone as backbone
+
+    monkeypatch.setattr(backbone, "csa_layers", lambda config: [2 * p + 2 for p in range(n_csa)])
+    assert default_memory_layers(None) == [2 * p + 2 for p in positions]
+
+
 @pytest.mark.parametrize("text, message", [("csa:5", "CSA index 5 does not exist: the model has 5 CSA layers"),
                                            ("3", "layer 3 is a heavily_compressed_attention layer, not CSA"),
                                            ("csa:", "names no layer"), ("a,b", "comma-separated integers")])

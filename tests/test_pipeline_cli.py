@@ -38,7 +38,8 @@ def _pipeline(out, small_corpus, *extra):
 
 def test_resume_skips_finished_steps_and_redoes_missing_ones(tmp_path, small_corpus):
     """pipeline --resume after every step finished: each step is checked and skipped (nothing retrained); with a
-    step's output removed, that step runs again; the refusal without --resume stays."""
+    step's output removed, that step runs again; finished steps with other options and a run without --resume
+    are refused."""
     import shutil
 
     out = tmp_path / "run"
@@ -62,3 +63,14 @@ def test_resume_skips_finished_steps_and_redoes_missing_ones(tmp_path, small_cor
     changed = _pipeline(out, small_corpus, "--resume", "--nucleus", "0.5")  # finished labels, other options
     assert changed.exit_code == 2 and "--nucleus 0.6, this run asks for --nucleus 0.5" in " ".join(
         changed.output.split())
+    changed = _pipeline(out, small_corpus, "--resume", "--keep-recent", "5")  # finished export, other tail
+    assert changed.exit_code == 2 and "exported with --keep-recent 32, this run asks for 5" in " ".join(
+        changed.output.split())
+    # training interrupted before it wrote its state leaves only its lock file: --resume starts training anew
+    for step in ("train", "export", "evaluation"):
+        shutil.rmtree(out / step)
+    (out / "train").mkdir()
+    (out / "train" / ".fm-index.lock").write_text('{"pid": 1, "command": "train"}\n')
+    again = _pipeline(out, small_corpus, "--resume")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "train" / "train_state.json").read_text())["complete"]

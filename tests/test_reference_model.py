@@ -1,4 +1,4 @@
-"""The bundled ``reference`` DeepSeek-V4 and its training code (data/reference, data/reference_training)."""
+"""The bundled ``reference`` DeepSeek-V4 and its training code (data/reference, reference/)."""
 
 import json
 import re

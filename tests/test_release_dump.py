@@ -13,7 +13,7 @@ from cli import app
 from indexer_train.build_labels import LabelParams, label_document
 from indexer_train.corpus import Document
 from indexer_train.labels import topk_nucleus_mask
-from indexer_train.release_dump import dequantize_keys, hadamard, quantize_keys
+from indexer_train.release_dump import dequantize_keys, hadamard, quantize_keys, read_dump
 from indexer_train.shards import LabelShards
 from lsa_runtime.backbone import csa_index, csa_layers
 from lsa_runtime.capture import IndexerCapture, IndexerObserver
@@ -127,3 +127,28 @@ def test_a_malicious_pickle_is_refused_and_nothing_is_written(dump, tmp_path):
     bad = runner.invoke(app, ["import-dump", str(tmp_path / "nothing"), "--model", "tiny", "--out",
                               str(tmp_path / "out")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_malformed_dumps_and_options_are_refused_before_writing(dump, tmp_path):
+    """One line, exit 2, no output directory: a later dump lacking a layer's keys, a non-CSA layer, an empty item
+    in --layers; and a corrupt manifest on --resume."""
+    folder, _, _ = dump
+    blob = read_dump(folder / "doc_00003.pkl")
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "doc_00000.pkl").write_bytes((folder / "doc_00003.pkl").read_bytes())
+    with (bad_dir / "doc_00001.pkl").open("wb") as f:
+        pickle.dump({k: v for k, v in blob.items() if not k.startswith("compk_layer_")}, f)
+    out = tmp_path / "out"
+    cases = [([str(bad_dir)], "lacks compk_layer_"), ([str(folder), "--layers", "3"], "layer 3 is not a CSA layer"),
+             ([str(folder), "--layers", "csa:1,,3"], "--layers must be comma-separated integers")]
+    for args, message in cases:
+        result = runner.invoke(app, ["import-dump", *args, "--model", "tiny", "--out", str(out)])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output and not out.exists()
+    good = runner.invoke(app, ["import-dump", str(folder), "--model", "tiny", "--out", str(out), "--tau", str(TAU)])
+    assert good.exit_code == 0, good.output
+    (out / "manifest.json").write_text("{not json")
+    again = runner.invoke(app, ["import-dump", str(folder), "--model", "tiny", "--out", str(out), "--tau", str(TAU),
+                                "--resume"])
+    assert again.exit_code == 2 and "corrupt" in again.output, again.output

@@ -128,5 +128,15 @@ def test_what_is_not_a_release_checkpoint_is_refused(release_file, tmp_path):
             return (print, ("this must never run",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"retrievers.l1.wq_a.weight": Exploit()}))
-    with pytest.raises(ExportError, match="cannot read"):
+    with pytest.raises(ExportError, match="cannot read .* as a tensors-only checkpoint") as refused:
         load_release_checkpoint(tmp_path / "evil.pt", config)
+    assert "weights_only" not in str(refused.value)  # torch's own text advises the unsafe reader
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(ExportError, match="cannot read"):
+        load_release_checkpoint(tmp_path / "text.pt", config)
+    torch.save({"retrievers.l2.freqs_cis": torch.zeros(4)}, tmp_path / "rope_only.pt")
+    with pytest.raises(ExportError, match="holds no retriever weights"):
+        load_release_checkpoint(tmp_path / "rope_only.pt", config)
+    torch.save({**state, "retrievers.l2.wq_a.weight": torch.zeros(8)}, tmp_path / "vector.pt")
+    with pytest.raises(ExportError, match="retrievers.l2.wq_a.weight is not a matrix"):
+        load_release_checkpoint(tmp_path / "vector.pt", config)

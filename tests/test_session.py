@@ -145,7 +145,6 @@ def test_lsa_with_exported_indexer_saves_memory(backbone, prompt_ids, native_exp
     assert stats.footprint_ratio < 1.0
     # the paper's footprint counts the CSA attention KV only: the rows the last trigger allocated (its selection
     # + room for tau/m + 2 newborn entries) over every entry
-    assert stats.csa_kv_ratio == stats.device_bytes["csa_kv"] / stats.full_bytes["csa_kv"]
     assert stats.csa_kv_ratio == (stats.selected_per_trigger[-1] + TAU // 4 + 2) / stats.csa_entries
     assert stats.entries_fetched > 0 and stats.fetch_bytes_to_device > 0 and stats.trigger_seconds > 0
 

@@ -161,6 +161,8 @@ def test_cli_generate_empty_prompt_and_unconditional():
     result = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--unconditional",
                                  "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
+    both = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--unconditional", "--prompt", "x"])
+    assert both.exit_code == 2 and "--unconditional generates without a prompt" in both.output, both.output
     oracle = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--mode", "oracle", "--tau", "4",
                                  "--prompt", "The cold pool keeps every entry. " * 8, "--max-new-tokens", "6"])
     assert oracle.exit_code == 0 and "oracle (native top-k of full decoding)" in oracle.output, oracle.output

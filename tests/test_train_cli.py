@@ -186,5 +186,7 @@ def test_flashmemory_format_needs_the_releases_key_geometry(labels, finished_run
     assert not (tmp_path / "joint.pt").exists()
     assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "x", "--format", "onnx"),
                       "--format must be fm-index or flashmemory")
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "joint.pt", "--format",
+                             "flashmemory", "--keep-recent", "8"), "--keep-recent has no place in the authors' checkpoint")
     (tmp_path / "joint.pt").write_bytes(b"")
     assert_user_error(invoke("eval", "--indexer", tmp_path / "joint.pt", "--labels", labels), "give --model")

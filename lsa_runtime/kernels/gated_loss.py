@@ -3,8 +3,8 @@
 Training scores every visible entry of a row, z_s = scale * sum_h w_h relu(q_h . k_s), takes a per-entry BCE or
 focal loss l(z_s, y_s) and back-propagates into q and w (the keys are frozen). As three steps (the gated-score
 forward writes z [rows, entries], torch computes the loss and dl/dz over that tensor in a dozen element-wise
-kernels, the gated-score backward) the middle step costs about as much as the backward itself at 100K entries
-(docs/BENCHMARKS.md). Here the forward kernel finishes each [rows, entries] tile with the loss: z never leaves
+kernels, the gated-score backward) the middle step reads and writes the [rows, entries] tensor a dozen times
+(its cost: docs/BENCHMARKS.md). Here the forward kernel finishes each [rows, entries] tile with the loss: z never leaves
 the registers, the kernel writes dl/dz (what the backward reads) and adds the rows' losses; the backward is
 :func:`~.gated_score.gated_logits_backward`. Nothing of shape [rows, heads, entries] is materialised. Both
 kernels take the rows longest first and skip what a row does not see (s >= n_visible): a training batch of

@@ -16,8 +16,8 @@ matmul per head followed by a ReLU and a weighted sum over heads. Written naivel
   are added after. Keys are frozen (the document side of the dual encoder): no dK. The tile's M dimension
   runs over flattened (row, head) pairs; when a block holds the heads of one row (H a multiple of BLOCK_M, as
   at V4's 64 heads) it reads that row's dz as one vector. With ``n_visible`` a row's programs stop at its
-  visible entries, and rows are taken longest first, so a causal batch costs what it sees. Timings of this
-  kernel and of the variants it replaced: docs/BENCHMARKS.md, "Training kernels".
+  visible entries, and rows are taken longest first, so a causal batch costs what it sees. Timings:
+  docs/BENCHMARKS.md, "Training kernels".
 
 FLOPs: forward 2*R*H*D*T, backward 4*R*H*D*T. On CPU (and wherever Triton is missing) the same functions
 run a chunked torch path (:func:`gated_logits_torch`), which is also the reference in the tests.
