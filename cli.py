@@ -102,9 +102,10 @@ def build_labels_command(
                               "checkpoint directory. Default: reference (the bundled trained model; tiny is the "
                               "random one for fast tests)."),
     layers: str = typer.Option(None, "--layers", help="Memory-indexer layers: model layer ids (22,26,42) or CSA "
-                               "indices as the authors' release numbers them (csa:10,12,20). Default: CSA indices "
-                               "10, 12, 20 of V4-Flash's 21 (model layers 22, 26, 42); on other backbones the CSA "
-                               "layers at the same positions in their CSA list."),
+                               "indices as the authors' release numbers them (csa:10,12,20). Default: the model's own "
+                               "choice where its folder names one (fm_index.json; the bundled reference: 2,4,6), "
+                               "else CSA indices 10, 12, 20 of V4-Flash's 21 (model layers 22, 26, 42) and on other "
+                               "backbones the CSA layers at the same positions in their CSA list."),
     tau: int = typer.Option(64, "--tau", help="Trigger period tau in tokens: one label row per tau tokens."),
     nucleus: float = typer.Option(0.6, "--nucleus", help="Nucleus mass p kept per token and CSA layer."),
     min_votes: int = typer.Option(3, "--min-votes", help="An entry is golden if in the nucleus at >= this "
@@ -139,7 +140,7 @@ def build_labels_command(
 
     model = model or default_model_name()
     config = load_config(model)
-    params = LabelParams(layers=tuple(parse_layers(layers, config)), tau=tau, nucleus=nucleus,
+    params = LabelParams(layers=tuple(parse_layers(layers, config, model)), tau=tau, nucleus=nucleus,
                          min_votes=min_votes, max_tokens=max_tokens, chunk_size=chunk_size, dtype=dtype,
                          softmax_over=softmax_over, source=source, new_tokens=new_tokens)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -264,12 +264,26 @@ def resolve_csa_indices(config, indices) -> list[int]:
     return [csa[int(i)] for i in indices]
 
 
-def parse_layers(text: str | None, config) -> list[int]:
-    """``--layers``: model layer ids (``"22,26,42"``), CSA indices (``"csa:10,12,20"``), or None for the model's
-    default (:func:`default_memory_layers`); validated against the config. Returns model layer ids, sorted."""
-    layers = parse_layer_list(text)
+def model_memory_layers(name_or_path: str | Path, config) -> list[int]:
+    """The memory layers a backbone's folder names as its own choice (``fm_index.json``, key ``memory_layers``:
+    model layer ids, chosen by measurement on that model), else :func:`default_memory_layers`."""
+    try:
+        meta = json.loads((resolve_model_path(name_or_path) / "fm_index.json").read_text())
+    except (OSError, json.JSONDecodeError, FmIndexError):
+        return default_memory_layers(config)
+    layers = meta.get("memory_layers")
     if layers is None:
         return default_memory_layers(config)
+    return validate_memory_layers(config, [int(x) for x in layers])
+
+
+def parse_layers(text: str | None, config, model: str | Path | None = None) -> list[int]:
+    """``--layers``: model layer ids (``"22,26,42"``), CSA indices (``"csa:10,12,20"``), or None for the default
+    (``model``'s own choice, :func:`model_memory_layers`, where ``model`` is given; else
+    :func:`default_memory_layers`); validated against the config. Returns model layer ids, sorted."""
+    layers = parse_layer_list(text)
+    if layers is None:
+        return model_memory_layers(model, config) if model is not None else default_memory_layers(config)
     if isinstance(layers, str):
         layers = resolve_csa_indices(config, [int(x) for x in layers[4:].split(",") if x.strip()])
     return validate_memory_layers(config, layers)

@@ -28,6 +28,9 @@ def main(argv=None):
     parser.add_argument("--note", default="", help="one line for fm_index.json")
     parser.add_argument("--default", action="store_true",
                         help="make it the default backbone of every command (only once it meets its retrieval targets)")
+    parser.add_argument("--memory-layers", default="2,4,6",
+                        help="the memory-indexer layers build-labels uses by default on this model (fm_index.json; "
+                             "'' for the backbone-generic positions); 2,4,6 was measured for the current weights")
     args = parser.parse_args(argv)
     model, state = load_checkpoint(args.ckpt)
     tmp = args.out.with_name(args.out.name + ".export-tmp")
@@ -40,6 +43,11 @@ def main(argv=None):
     meta = {"name": "reference", "trained": True, "step": state["step"], "parameters": state["parameters"],
             "card": "README.md", "training": "reference/", "note": args.note,
             "default": bool(args.default)}
+    if args.memory_layers:
+        meta["memory_layers"] = [int(x) for x in args.memory_layers.split(",")]
+        meta["memory_layers_note"] = ("memory-indexer layers for this model, chosen by measurement: with the release's "
+                                      "relative positions (6, 8, 10: the last three CSA layers) the trained indexer "
+                                      "misses needle entries (docs/RESULTS.md, section 6)")
     (args.out / "fm_index.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.out} from {args.ckpt} (step {state['step']})")
 

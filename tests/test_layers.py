@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from lsa_runtime.backbone import (csa_index, csa_layers, default_memory_layers, describe_layers, load_config,
-                                  parse_layers)
+from lsa_runtime.backbone import (DATA_DIR, csa_index, csa_layers, default_memory_layers, describe_layers,
+                                  load_config, model_memory_layers, parse_layers)
 from lsa_runtime.errors import FmIndexError
 
 
@@ -38,6 +38,24 @@ def test_few_csa_layers_still_give_distinct_layers(monkeypatch, n_csa, positions
 
     monkeypatch.setattr(backbone, "csa_layers", lambda config: [2 * p + 2 for p in range(n_csa)])
     assert default_memory_layers(None) == [2 * p + 2 for p in positions]
+
+
+def test_a_model_folder_may_name_its_own_memory_layers(tmp_path):
+    """fm_index.json's memory_layers is the default of that model (validated); without it, the positions."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(DATA_DIR / "tiny" / "config.json", folder / "config.json")
+    config = load_config(folder)
+    assert model_memory_layers(folder, config) == [6, 8, 10] == parse_layers(None, config, folder)
+    (folder / "fm_index.json").write_text(json.dumps({"memory_layers": [4, 2, 6]}))
+    assert model_memory_layers(folder, config) == [2, 4, 6] == parse_layers(None, config, folder)
+    assert parse_layers("csa:4", config, folder) == [10]  # an explicit --layers wins
+    (folder / "fm_index.json").write_text(json.dumps({"memory_layers": [3]}))
+    with pytest.raises(FmIndexError, match="not CSA"):
+        model_memory_layers(folder, config)
+    assert model_memory_layers("reference", load_config("reference")) == [2, 4, 6]
 
 
 @pytest.mark.parametrize("text, message", [("csa:5", "CSA index 5 does not exist: the model has 5 CSA layers"),

@@ -37,6 +37,7 @@ def test_reference_labels_are_selective(trained_on_reference):
     manifest, _ = trained_on_reference
     counts = manifest["counts"]
     assert manifest["params"]["softmax_over"] == "topk"
+    assert manifest["params"]["layers"] == [2, 4, 6]  # the model's own choice (data/reference/fm_index.json)
     assert 0.03 < counts["positives_mean"] / counts["visible_mean"] < 0.5
 
 
