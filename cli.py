@@ -37,6 +37,11 @@ app = typer.Typer(
     rich_markup_mode="markdown",  # docstrings are paragraphs: their line breaks are not kept
 )
 console = Console(stderr=True)
+DEVICE_MAP_OPTION_HELP = ("Spread the backbone's layers over devices instead of --device (for a model larger than one "
+                   "GPU): auto or balanced (over the GPUs), or DEVICE:FIRST-LAST,... with DEVICE a CUDA index, "
+                   "cuda:N or cpu, e.g. 0:0-21,1:22-42 (two GPUs) or 0:0-33,cpu:34-42 (CPU offload: layers 34-42 "
+                   "keep their weights in host memory and run on GPU 0, streamed at every step: slow, a last "
+                   "resort). Run `fm-index plan` first to see what fits.")
 KEEP_RECENT_HELP = ("lsa: the recency tail, the newest entries kept resident at every trigger (default: the "
                     "export's; exports made by fm-index set 4 x the backbone's top-k, the release's 2,048 on "
                     "V4-Flash).")
@@ -122,6 +127,7 @@ def build_labels_command(
     max_tokens: int = typer.Option(None, "--max-tokens", help="Optional crop of each document (default: none)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; "
                                "cuda:LOCAL_RANK under torchrun)."),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_OPTION_HELP),
     dtype: str = typer.Option("float32", "--dtype", help="Backbone dtype: float32, bfloat16 or float16."),
     shard: str = typer.Option(None, "--shard", help="I/N: label only documents with index % N == I "
                               "(default: torchrun's RANK/WORLD_SIZE if set). Then run merge-labels."),
@@ -145,6 +151,8 @@ def build_labels_command(
                          softmax_over=softmax_over, source=source, new_tokens=new_tokens)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     shard_pair = parse_shard(shard) if shard or world == 1 else (int(os.environ.get("RANK", "0")), world)
+    if device is not None and device_map is not None:
+        raise FmIndexError("give --device or --device-map, not both")
     if device is None:
         device = _default_device()
         if device == "cuda" and world > 1:
@@ -174,7 +182,7 @@ def build_labels_command(
 
     with progress:
         summary = build_labels(model, corpus, out, params, device=device, shard=shard_pair, resume=resume,
-                               reporter=RichReporter())
+                               reporter=RichReporter(), device_map=device_map)
     _print_label_summary(summary, out)
     if shard_pair[1] > 1:
         console.print(f"shard {shard_pair[0]}/{shard_pair[1]} done; when all shards are done run "
@@ -463,6 +471,7 @@ def generate_command(
                                     "every entry live between triggers: device (resident, fastest trigger) or pool "
                                     "(CPU cold pool, streamed to the device at each trigger: less device memory)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_OPTION_HELP),
     dtype: str = typer.Option(None, "--dtype", help="Backbone dtype: float32, bfloat16 or float16 (default: "
                               "float32 on CPU, the checkpoint's on a GPU)."),
     unconditional: bool = typer.Option(False, "--unconditional", help="Generate from the start token alone (no "
@@ -497,8 +506,11 @@ def generate_command(
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
                            keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble)
+    if device is not None and device_map is not None:
+        raise FmIndexError("give --device or --device-map, not both")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
-                                      device=device or _default_device(), dtype=dtype)
+                                      device=None if device_map else device or _default_device(), dtype=dtype,
+                                      device_map=device_map)
     out = Console()
     for piece in session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, unconditional=unconditional):
@@ -535,6 +547,7 @@ def evaluate_command(
     out: str = typer.Option("evaluation", "--out", help="Results directory: results.json, results.md, plots."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompts (and of the random mode)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_OPTION_HELP),
     dtype: str = typer.Option(None, "--dtype", help="Backbone dtype: float32, bfloat16 or float16 (default: "
                               "float32 on CPU, the checkpoint's dtype on a GPU)."),
     budget: int = typer.Option(None, "--budget", help="Resident entries for recent/random/oracle when lsa is not "
@@ -566,11 +579,14 @@ def evaluate_command(
     from lsa_runtime.backbone import default_model_name
 
     packages = tuple(p.strip() for p in haystack.split(",") if p.strip()) if haystack else DEFAULT_HAYSTACK_PACKAGES
+    if device is not None and device_map is not None:
+        raise FmIndexError("give --device or --device-map, not both")
     config = EvalConfig(
         model=model or default_model_name(), modes=modes or ("full,lsa,hisparse,recent,random,oracle" if indexer
                                                              else "full"),
         tasks=tasks, lengths=lengths, samples=samples, indexer=indexer, max_new_tokens=max_new_tokens, seed=seed,
-        device=device or _default_device(), dtype=dtype, haystack_packages=packages, tau=tau, threshold=threshold,
+        device=device or _default_device(), device_map=device_map, dtype=dtype, haystack_packages=packages, tau=tau,
+        threshold=threshold,
         budget=budget, prefetch_steps=prefetch_steps, keep_recent=keep_recent, keep_first=keep_first,
         ensemble=ensemble).check()
     progress = _progress()
@@ -608,6 +624,91 @@ def _print_evaluation(results: dict, out: str):
     Console().print(table)
     console.print(f"wrote {out}/results.json, {out}/results.md, {out}/accuracy_vs_footprint.png, "
                   f"{out}/footprint_vs_length.png")
+
+
+# ---- plan: memory from the config alone ----------------------------------------------------------------
+
+
+@app.command("plan")
+@user_errors_exit_2
+def plan_command(
+    model: str = typer.Option("deepseek-v4-flash", "--model", help="A DeepSeek-V4 checkpoint directory (only its "
+                              "config.json is read), a bundled model (tiny, reference), or deepseek-v4-flash: the "
+                              "published V4-Flash config, built in (the default)."),
+    context: str = typer.Option("128K,512K,1M", "--context", help="Context lengths to plan for, comma-separated "
+                                "tokens (K = 1,024, M = 1,048,576): 128K,512K,1M. Every sequence is counted at this "
+                                "length (prompt + generated)."),
+    gpus: int = typer.Option(None, "--gpus", help="Number of GPUs (default 1; needs --gpu-memory). The weights are "
+                             "assumed split evenly over them (expert parallel / device_map)."),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", help="Memory of each GPU, e.g. 96GiB or 141GB (GB = 10^9 "
+                                   "bytes, GiB = 2^30). Gives the concurrency table; without it the plan stops at "
+                                   "bytes per sequence."),
+    host_memory: str = typer.Option(None, "--host-memory", help="Host memory the LSA cold pools may pin, e.g. "
+                                    "2TiB: caps LSA's concurrency (default: not checked)."),
+    reserve: str = typer.Option("10%", "--reserve", help="Kept free on each GPU for activations, the CUDA context "
+                                "and prefill workspace: a share of its memory (10%) or a size (8GiB)."),
+    kv_placement: str = typer.Option("split", "--kv-placement", help="split: each GPU holds the KV of its own "
+                                     "layers (transformers' device_map), so KV room adds up over the GPUs; "
+                                     "replicated: every GPU holds all of it (tensor parallel with V4's single KV "
+                                     "head, as the authors' SGLang TP8)."),
+    kv_dtype: str = typer.Option("bfloat16", "--kv-dtype", help="dtype the backbone runs in, hence of its KV state: "
+                                 "bfloat16, float16 or float32."),
+    resident_fraction: float = typer.Option(0.135, "--resident-fraction", help="LSA: share of the entries older "
+                                            "than the recency tail that stay resident on the GPU (default 0.135, "
+                                            "the paper's 13.5% CSA-KV ratio)."),
+    keep_recent: int = typer.Option(None, "--keep-recent", help="LSA: the recency tail in CSA entries, always "
+                                    "resident (default 4 x the model's index top-k: the release's 2,048 on "
+                                    "V4-Flash)."),
+    memory_layers: int = typer.Option(None, "--memory-layers", help="LSA: number of memory-indexer layers (default "
+                                      "the method's 3)."),
+    memory_keys: str = typer.Option("device", "--memory-keys", help="LSA: where the memory layers' indexer keys of "
+                                    "every entry live: device (counted per sequence) or pool (streamed at each "
+                                    "trigger)."),
+    tau: int = typer.Option(64, "--tau", help="LSA: decode steps between triggers (room for the entries born "
+                            "meanwhile is kept resident)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout instead of tables."),
+):
+    """Plan GPU and host memory for full and LSA decoding from the model's config alone (no weights are read).
+
+    Prints the weights by tensor group (FP8/FP4 storage as the checkpoint's quantization_config says), the state
+    one sequence holds at each --context (sliding windows, open compression windows, HCA entries, CSA compressed
+    KV, indexer keys, memory-indexer keys) in full decoding and in LSA with the given resident fraction, the
+    pinned host pool LSA needs per sequence, and with --gpu-memory how many sequences each mode fits and what
+    limits them. Example: fm-index plan --context 256K --gpus 8 --gpu-memory 96GB --kv-placement replicated.
+    """
+    import json
+
+    from lsa_runtime.memory_plan import (
+        Hardware,
+        LSASettings,
+        PlanError,
+        load_plan_config,
+        parse_contexts,
+        parse_reserve,
+        parse_size,
+        plan_memory,
+    )
+
+    hardware = None
+    if gpu_memory is None:
+        given = [flag for flag, value in (("--gpus", gpus), ("--host-memory", host_memory)) if value is not None]
+        if given:
+            raise PlanError(f"{given[0]} needs --gpu-memory (the memory of each GPU, e.g. 96GiB)")
+    else:
+        fraction, reserve_bytes = parse_reserve(reserve)
+        hardware = Hardware(gpus=1 if gpus is None else gpus, gpu_memory=parse_size(gpu_memory, "--gpu-memory"),
+                            reserve_fraction=fraction, reserve_bytes=reserve_bytes, kv_placement=kv_placement,
+                            host_memory=parse_size(host_memory, "--host-memory") if host_memory else None)
+    settings = LSASettings(resident_fraction=resident_fraction, keep_recent=keep_recent,
+                           memory_layers=memory_layers, memory_keys=memory_keys, tau=tau)
+    contexts = parse_contexts(context)
+    plan = plan_memory(load_plan_config(model), contexts, hardware, settings, kv_dtype, model=model)
+    if as_json:
+        print(json.dumps(plan.as_dict(), indent=2))
+        return
+    out = Console()
+    for table in plan.tables():
+        out.print(table)
 
 
 # ---- pipeline: the whole method in one command (the main job) -------------------------------------

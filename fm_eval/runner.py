@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from lsa_runtime.backbone import load_backbone, parse_device, parse_dtype
+from lsa_runtime.backbone import load_backbone, load_config, parse_device, parse_device_map, parse_dtype
 from lsa_runtime.config import SessionConfig
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.outputs import OutputLock, write_text_atomic
@@ -75,6 +75,7 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None: each task's own (RULER's tokens_to_generate)
     seed: int = 0
     device: str = "cpu"
+    device_map: str | None = None  # instead of device: the backbone's layers spread over devices (load_backbone)
     dtype: str | None = None
     haystack_packages: tuple[str, ...] = DEFAULT_HAYSTACK_PACKAGES
     tau: int | None = None  # None: the export's (else 64)
@@ -109,6 +110,8 @@ class EvalConfig:
             raise EvaluationError("no haystack package given")
         SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble)
         parse_device(self.device)
+        if self.device_map is not None:
+            parse_device_map(self.device_map, load_config(self.model))
         if self.dtype is not None:
             parse_dtype(self.dtype)
         return replace(self, modes=modes, tasks=tasks, lengths=lengths, samples=int(self.samples),
@@ -335,7 +338,7 @@ class Evaluation:
         cfg = self.config
         if self._backbone is None:
             self.reporter.phase(f"loading {cfg.model}")
-            self._backbone = load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype)
+            self._backbone = load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
         self.model, self.tokenizer = self._backbone
         if self.tokenizer is None:
             raise EvaluationError(f"model {cfg.model} has no tokenizer: the tasks are text prompts")

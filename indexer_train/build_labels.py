@@ -27,6 +27,7 @@ from lsa_runtime.backbone import (
     load_backbone,
     load_config,
     parse_device,
+    parse_device_map,
     parse_dtype,
     validate_memory_layers,
 )
@@ -284,15 +285,20 @@ def _show(value) -> str:
 
 
 def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelParams, device: str = "cpu",
-                 shard: tuple[int, int] = (0, 1), resume: bool = False, reporter: Reporter | None = None) -> dict:
+                 shard: tuple[int, int] = (0, 1), resume: bool = False, reporter: Reporter | None = None,
+                 device_map: str | dict | None = None) -> dict:
     """Build (or resume) the label shards of ``corpus`` in ``out``; returns the run summary.
 
-    Every option and the corpus are checked before anything is written; ``out`` is locked for the run (per
-    shard when ``shard`` splits the corpus), so a second writer is refused."""
+    ``device_map`` (instead of ``device``) spreads the backbone's layers over devices (see
+    :func:`lsa_runtime.backbone.parse_device_map`); the labels do not depend on where the layers run, so a resumed
+    run may use another placement. Every option and the corpus are checked before anything is written; ``out`` is
+    locked for the run (per shard when ``shard`` splits the corpus), so a second writer is refused."""
     reporter = reporter or Reporter()
     config = load_config(model)
     params.check(config)
     device = parse_device(device)
+    if device_map is not None:
+        parse_device_map(device_map, config)
     out = Path(out)
     check_output_dir(out)
     docs = Corpus(corpus)
@@ -322,10 +328,12 @@ def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelP
                 raise FmIndexError(f"--resume: {mismatch}; use the same options and corpus, or another --out")
         remove_stale_temps(out)
         write_json(manifest_path, {**header, "complete": False, "versions": _versions()})
-        return _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter)
+        return _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter,
+                                device_map)
 
 
-def _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter) -> dict:
+def _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter,
+                     device_map=None) -> dict:
     done = completed_documents(out)
     mine = [d for d in docs if d.index % shard[1] == shard[0]]
     todo = [d for d in mine if d.index not in done]
@@ -334,7 +342,7 @@ def _label_documents(model, docs, out, params, device, shard, header, manifest_p
     backbone_model = tokenizer = None
     tokens_this_run, started = 0, time.perf_counter()
     if todo:
-        backbone_model, tokenizer = load_backbone(model, device=device, dtype=params.dtype)
+        backbone_model, tokenizer = load_backbone(model, device=device, dtype=params.dtype, device_map=device_map)
     for doc in todo:
         ids = tokenize(doc, tokenizer)
         if ids and max(ids) >= config.vocab_size:

@@ -164,7 +164,11 @@ class WindowLabeler:
         self._chunk = (start, length, None, None, None)
 
     def _buffers(self, t_len: int, device):
+        """The chunk's vote, candidate and top-k buffers, made on the device of the first layer that reports (a
+        backbone spread over devices reports each layer from its own: callers move their masks here)."""
         start, length, votes, cand, topk = self._chunk
+        if votes is not None:
+            device = votes.device
         if votes is None or votes.shape[1] < t_len:
             votes = torch.zeros(length, t_len, dtype=torch.int16, device=device)
             cand = torch.zeros(length, t_len, dtype=torch.bool, device=device)
@@ -188,9 +192,10 @@ class WindowLabeler:
     def add_topk(self, picks: torch.Tensor, t_len: int):
         """One CSA layer's native top-k picks for the chunk: [S, k], -1 = invalid."""
         _, _, topk = self._buffers(t_len, picks.device)
-        valid = picks >= 0
-        rows = torch.arange(picks.shape[0], device=picks.device).unsqueeze(1).expand_as(picks)
-        topk[rows[valid], picks[valid]] = True
+        here = picks.to(topk.device)
+        valid = here >= 0
+        rows = torch.arange(here.shape[0], device=here.device).unsqueeze(1).expand_as(here)
+        topk[rows[valid], here[valid]] = True
         if self.softmax_over == "topk":
             if self._pending_logits is None:
                 raise RuntimeError("softmax_over='topk' needs each layer's logits (add_logits) before its picks")
@@ -199,6 +204,7 @@ class WindowLabeler:
 
     def _vote(self, mask: torch.Tensor) -> None:
         votes, cand, _ = self._buffers(mask.shape[1], mask.device)
+        mask = mask.to(votes.device)
         votes[:, : mask.shape[1]] += mask
         cand[:, : mask.shape[1]] |= mask
 

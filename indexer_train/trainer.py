@@ -194,7 +194,10 @@ class FmIndexTrainer(SentenceTransformerTrainer):
         self.model.save_pretrained(output_dir, create_model_card=False)
 
     def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
-        return DocumentBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, seed=seed)
+        # every batch is trained on: sentence-transformers asks for drop_last under DDP, which dropped the last
+        # batches of each epoch there (12 batches on 2 ranks gave 5 steps, not the 6 steps_per_epoch counts);
+        # accelerate's even_batches already pads the last step across ranks
+        return DocumentBatchSampler(dataset, batch_size=batch_size, drop_last=False, seed=seed)
 
 
 class _StopAfter(TrainerCallback):

@@ -1,9 +1,12 @@
 """The DeepSeek-V4 backbone, loaded through transformers and never forked.
 
 A backbone is named either by a bundled model (``tiny``, ``reference``; see ``data/``) or by a checkpoint
-directory that transformers can load as ``DeepseekV4ForCausalLM`` (official DeepSeek tensor names and
-FP8/FP4 weights are converted by transformers itself). Anything that is not a DeepSeek-V4 model is refused
-with a :class:`BackboneError`.
+directory that transformers can load as ``DeepseekV4ForCausalLM``: its own format, or DeepSeek's release format
+(``layers.{i}.attn.wq_a.weight`` ..., FP8 e4m3 weights with 128 x 128 UE8M0 block scales, FP4 routed experts),
+which transformers renames and, where no FP8/FP4 kernel can run it, dequantizes while loading. Anything that is
+not a DeepSeek-V4 model, or is quantized in another scheme, is refused with a :class:`BackboneError`; so are a
+device map that leaves a layer nowhere or names a missing device, and a dtype whose weights cannot fit where they
+are placed (estimated from the safetensors headers). All of that is checked before a weight is read.
 
 Layer vocabulary (DeepSeek-V4 paper, section 2.3): ``sliding_attention`` layers keep only the sliding
 window; ``compressed_sparse_attention`` (CSA) layers compress every ``m = 4`` tokens into one entry and
@@ -15,13 +18,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import os
+import re
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import FmIndexError
+from .errors import FmIndexError, first_line
 
 CSA = "compressed_sparse_attention"
 HCA = "heavily_compressed_attention"
@@ -88,6 +95,7 @@ def load_config(name_or_path: str | Path):
     model_type = raw.get("model_type")
     if model_type != "deepseek_v4":
         raise BackboneError(f"{path} is a '{model_type}' model, not DeepSeek-V4 (model_type 'deepseek_v4')")
+    check_quantization(raw, path)
     config = AutoConfig.from_pretrained(path)
     if not csa_layers(config):
         raise BackboneError(f"{path} has no compressed sparse attention (CSA) layer: nothing to index")
@@ -98,29 +106,502 @@ def load_backbone(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    dequantize: bool | None = None,
 ):
     """Load ``(model, tokenizer)``: a ``DeepseekV4ForCausalLM`` in eval mode and its tokenizer (or None).
 
-    ``dtype`` defaults to float32 on CPU (exact, and bf16 matmuls are slow there) and to the checkpoint's own
-    dtype on an accelerator.
+    The weights go straight to where they run: ``device``, or ``device_map`` when given (None, "auto",
+    "balanced", ``"DEVICE:FIRST-LAST,..."`` such as ``"0:0-21,1:22-42"``, or a dict of module name -> device; see
+    :func:`parse_device_map`). ``dtype`` defaults to float32 when every weight lands on the CPU (exact, and bf16
+    matmuls are slow there) and to the checkpoint's own dtype otherwise.
+
+    A checkpoint in DeepSeek's FP8/FP4 release format stays quantized where transformers has kernels for it (a
+    CUDA GPU with FP8 support and the kernels loadable, checked with a small probe matmul); elsewhere its
+    weights are dequantized to ``dtype`` while loading, with a one-line notice on stderr saying why.
+    ``dequantize=True`` always dequantizes; ``dequantize=False`` refuses to load where the quantized path cannot run.
     """
     from transformers import AutoTokenizer, DeepseekV4ForCausalLM
 
     path = resolve_model_path(name_or_path)
     config = load_config(path)
-    device = parse_device(device)
-    if dtype is not None:
-        dtype = parse_dtype(dtype)
-    else:
-        dtype = torch.float32 if device.type == "cpu" else "auto"
-    kwargs = {"dtype": dtype}
-    model = DeepseekV4ForCausalLM.from_pretrained(path, config=config, **kwargs)
-    model.eval().to(device)
+    placement = parse_device_map(device_map, config) if device_map is not None else \
+        {"": _map_device(parse_device(device), "device")}
+    on_cpu_only = _placement_devices(placement) == {"cpu"}
+    dtype = parse_dtype(dtype) if dtype is not None else (torch.float32 if on_cpu_only else checkpoint_dtype(config))
+    reason = None
+    if getattr(config, "quantization_config", None) is not None:
+        reason = _dequantize_reason(path, config, placement, dtype, dequantize)
+    check_fits(path, config, placement, dtype, quantized=config_is_quantized(config) and reason is None)
+    if reason is not None:
+        _mark_dequantize(path, config, dtype, reason)
+    kwargs = {"device_map": placement}
+    if isinstance(placement, str) and torch.cuda.is_available():  # "auto" spreads over the GPUs, never CPU or disk
+        kwargs["max_memory"] = {d: device_memory_bytes(d) for d in _placement_devices(placement)}
+    try:
+        model = DeepseekV4ForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+    except ValueError as exc:  # accelerate planned "auto" with a disk part: transformers asks for an offload_folder
+        if isinstance(placement, str) and "offload" in str(exc):
+            raise BackboneError(f"device map '{placement}': the weights do not fit on the GPUs (accelerate would "
+                                "offload part of them to disk); give an explicit map with CPU offload, e.g. "
+                                "'0:0-33,cpu:34-42'") from None
+        raise
+    model.eval()
+    if getattr(config, "quantization_config", None) is not None:
+        match_unquantized_dtypes(model, dtype)
     fix_fp32_norms(model)
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+# ---- DeepSeek's release format: the quantization scheme we can load ------------------------------------------
+
+SUPPORTED_QUANTIZATION = ("DeepSeek's FP8 release format (quant_method fp8, fmt e4m3, scale_fmt ue8m0 or float, "
+                          "expert_dtype fp8 or fp4)")
+
+
+def check_quantization(raw: dict, path: Path) -> None:
+    """Refuse, with one line, a ``quantization_config`` that is not DeepSeek's FP8 release format (what transformers'
+    ``FineGrainedFP8Config`` loads: e4m3 weights, per-block fp32 or UE8M0 scales, FP8 or FP4-packed experts)."""
+    quant = raw.get("quantization_config")
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        raise BackboneError(f"{path / 'config.json'}: quantization_config is not an object")
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise BackboneError(f"{path} is quantized with '{method}': fm-index loads DeepSeek-V4 unquantized or in "
+                            f"{SUPPORTED_QUANTIZATION}")
+    fields = {"fmt": quant.get("fmt", "e4m3"), "scale_fmt": quant.get("scale_fmt", "float"),
+              "expert_dtype": quant.get("expert_dtype", raw.get("expert_dtype", "fp8")),
+              "activation_scheme": quant.get("activation_scheme", "dynamic")}
+    allowed = {"fmt": ("e4m3",), "scale_fmt": ("float", "ue8m0"), "expert_dtype": ("fp8", "fp4"),
+               "activation_scheme": ("dynamic", "static")}
+    problems = [f"{key} '{value}'" for key, value in fields.items() if value not in allowed[key]]
+    block = quant.get("weight_block_size", [128, 128])
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        problems.append(f"weight_block_size {block}")
+    if problems:
+        raise BackboneError(f"{path} uses an FP8 variant fm-index cannot load ({', '.join(problems)}): expected "
+                            f"{SUPPORTED_QUANTIZATION}")
+
+
+def config_is_quantized(config) -> bool:
+    """Whether the weights will stay FP8/FP4 in memory (a quantization config not switched to dequantize)."""
+    quant = getattr(config, "quantization_config", None)
+    return isinstance(quant, dict) and not quant.get("dequantize", False)
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's unquantized tensors are stored in (its config's ``dtype``; bfloat16 if unsaid)."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, torch.bfloat16)
+    return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.bfloat16
+
+
+def _dequantize_reason(path: Path, config, placement, dtype: torch.dtype, dequantize: bool | None) -> str | None:
+    """Why a quantized checkpoint is to be dequantized while loading (None: it stays FP8/FP4); refuses when
+    ``dequantize=False`` and it cannot stay quantized. Changes nothing: see :func:`_mark_dequantize`."""
+    reason = "asked for (dequantize=True)" if dequantize else quantized_kernel_gap(config, placement, dtype)
+    if reason is not None and dequantize is False:
+        raise BackboneError(f"{path} cannot run quantized here: {reason}")
+    return reason
+
+
+def _mark_dequantize(path: Path, config, dtype: torch.dtype, reason: str) -> None:
+    """Mark the config so that transformers folds each weight's scales in as it reads it, straight into ``dtype``
+    (``Fp8Dequantize``), and say so on stderr."""
+    config.quantization_config = {**config.quantization_config, "dequantize": True}
+    name = str(dtype).removeprefix("torch.")
+    print(f"fm-index: {path}: FP8/FP4 weights dequantized to {name} while loading: {reason}", file=sys.stderr)
+
+
+def quantized_kernel_gap(config, placement, dtype: torch.dtype) -> str | None:
+    """Why the FP8/FP4 weights cannot stay quantized where ``placement`` puts them, or None when they can.
+
+    Facts from transformers 5.24: FP8Linear / FP8Experts run through DeepGEMM or the Triton kernel
+    ``kernels-community/finegrained-fp8``, both CUDA-only hub kernels (``integrations/finegrained_fp8.py``
+    ``fp8_linear``); FP4 experts have no DeepGEMM kernel before Blackwell (``integrations/deepgemm.py``
+    ``_assert_sm100_requirements``); DeepGEMM is switched off when a model spans several GPUs
+    (``_disable_deepgemm_on_multi_device``). So on CUDA this runs the same ``fp8_linear`` on a small FP8 (and,
+    for FP4 experts, FP4) weight and compares it with the dequantized matmul.
+    """
+    devices = _placement_devices(placement)
+    if devices == {"cpu"}:
+        return "there are no FP8/FP4 kernels on CPU"
+    cuda = sorted(d for d in devices if d != "cpu")  # "cpu" beside a GPU is offload: those layers compute on a GPU
+    for index in cuda:
+        capability = torch.cuda.get_device_capability(index)
+        if capability < (8, 9):
+            return f"cuda:{index} (compute capability {capability[0]}.{capability[1]}) has no FP8 support (needs 8.9+)"
+    if dtype != torch.bfloat16:
+        return f"the FP8/FP4 kernels compute in bfloat16, and {str(dtype).removeprefix('torch.')} was asked for"
+    expert_fp4 = config.quantization_config.get("expert_dtype") == "fp4"
+    return _probe_fp8_matmul(cuda[0], expert_fp4, allow_deepgemm=len(cuda) == 1)
+
+
+def _unquantized_dtype_rule(model, dtype: torch.dtype):
+    """name -> the dtype transformers' unquantized path gives a floating-point tensor loaded at ``dtype``: the
+    model's keep-in-fp32 plan where it names the tensor (``_get_dtype_plan``, matched as the loader matches it: a
+    regex search, ``*`` as ``.*``), ``dtype`` elsewhere (DeepSeek-V4 creates every floating tensor in ``dtype``)."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    patterns = [(re.compile(key.replace("*", ".*")), want) for key, want in plan.items()]
+    return lambda name: next((want for pattern, want in patterns if pattern.search(name)), dtype)
+
+
+def match_unquantized_dtypes(model, dtype: torch.dtype) -> int:
+    """Give every plain floating-point tensor of a release-format load the dtype the unquantized load gives it;
+    returns how many tensors were cast.
+
+    transformers 5.17.0 loads a pre-quantized checkpoint's renamed tensors in their stored dtype
+    (``core_model_loading.py`` line 1697, ``convert_and_load_state_dict_in_model``: ``_dtype = None`` when
+    ``hf_quantizer.pre_quantized`` and ``original_key != renamed_key``, before the keep-in-fp32 plan is looked at),
+    and every tensor of DeepSeek's release is renamed: in a float32 load its BF16 embeddings, head, norms, router
+    and compressor projections stayed bfloat16 next to float32 dequantized weights (the first projection then
+    raises "expected m1 and m2 to have the same dtype"); in a bfloat16 load its norms stayed bfloat16 where the plan
+    keeps them float32. Later releases (5.24: ``HfQuantizer.get_new_dtype``) cast them as the unquantized path
+    does; this reproduces that and, there, changes nothing. Each cast goes once from the stored value to the
+    target, as transformers' own cast would. FP8/FP4 modules (weights and scales) and integer tables
+    (``tid2eid``, left in its stored int32 by both releases) are left as loaded.
+    """
+    rule = _unquantized_dtype_rule(model, dtype)
+    plain = (torch.float32, torch.bfloat16, torch.float16)
+    cast = 0
+    for module_name, module in model.named_modules():
+        if type(module).__module__.endswith("finegrained_fp8"):  # FP8Linear, FP8Experts: the quantizer's own
+            continue
+        tensors = [(n, p, True) for n, p in module.named_parameters(recurse=False)]
+        tensors += [(n, b, False) for n, b in module.named_buffers(recurse=False)
+                    if n not in module._non_persistent_buffers_set]
+        for name, tensor, is_param in tensors:
+            if tensor is None or tensor.dtype not in plain:
+                continue
+            want = rule(f"{module_name}.{name}" if module_name else name)
+            if tensor.dtype == want:
+                continue
+            if is_param:
+                tensor.data = tensor.data.to(want)  # the same Parameter object: ties and hooks keep it
+            else:
+                setattr(module, name, tensor.to(want))
+            cast += 1
+    return cast
+
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _probe_fp8_matmul(index: int, expert_fp4: bool, allow_deepgemm: bool) -> str | None:
+    """Run transformers' ``fp8_linear`` on cuda:``index`` for a 128 x 256 FP8 block weight (and an FP4 one) and
+    compare with the dequantized matmul; the activations are quantized to FP8 on the fly, hence the 10 % bound."""
+    try:
+        from transformers.integrations.finegrained_fp8 import fp8_linear
+    except ImportError as exc:
+        return f"transformers' FP8 integration does not import ({first_line(exc)})"
+    device = torch.device("cuda", index)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, generator=gen).to(device, torch.bfloat16)
+    fp8 = (torch.randn(128, 256, generator=gen) * 8).to(torch.float8_e4m3fn)
+    fp8_scale = torch.full((1, 2), 127 - 6, dtype=torch.uint8).view(torch.float8_e8m0fnu)  # 2^-6 per block
+    cases = [("FP8", fp8, fp8_scale, fp8.float() * 2.0 ** -6)]
+    if expert_fp4:
+        codes = torch.randint(0, 256, (128, 128), generator=gen, dtype=torch.uint8)
+        lut = torch.tensor(_E2M1)
+        value = torch.stack([lut[(codes & 0xF).long()], lut[(codes >> 4).long()]], dim=-1).reshape(128, 256)
+        fp4_scale = torch.full((128, 8), 127 - 2, dtype=torch.uint8).view(torch.float8_e8m0fnu)  # 2^-2 per 32
+        cases.append(("FP4", codes.view(torch.int8), fp4_scale, value * 2.0 ** -2))
+    for name, weight, scale, value in cases:
+        try:
+            got = fp8_linear(x, weight.to(device), scale.to(device), [128, 128], allow_deepgemm=allow_deepgemm)
+            torch.cuda.synchronize(device)
+        except Exception as exc:  # a missing kernel surfaces as ImportError, RuntimeError, NotImplementedError ...
+            return f"no {name} matmul kernel runs on cuda:{index} ({type(exc).__name__}: {first_line(exc)})"
+        want = x.float() @ value.to(device).T
+        error = float((got.float() - want).norm() / want.norm())
+        if not error < 0.1:
+            return f"the {name} kernel on cuda:{index} disagrees with the dequantized matmul (error {error:.2g})"
+    return None
+
+
+# ---- placement: which device each part of the model goes to ---------------------------------------------------
+
+AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_HELP = ('"auto", "balanced", one device, "DEVICE:FIRST-LAST,..." (e.g. "0:0-21,1:22-42"; DEVICE is a '
+                   'CUDA index, cuda:N or cpu) or a dict of module name -> device')
+
+
+def placement_units(config) -> list[str]:
+    """The parts a device map places, each whole on one device (``_no_split_modules``: a decoder layer is not
+    split). ``model.rotary_emb`` holds only recomputed buffers."""
+    layers = [f"model.layers.{i}" for i in range(config.num_hidden_layers)]
+    return ["model.embed_tokens", "model.rotary_emb", *layers, "model.norm", "model.hc_head", "lm_head"]
+
+
+def parse_device_map(spec, config) -> str | dict[str, int | str]:
+    """Check a device map against the model before any weight is read; return what ``from_pretrained`` takes.
+
+    "auto" / "balanced" (accelerate plans them, over the GPUs) pass through; one device (``"cpu"``, ``"cuda:1"``,
+    ``1``) takes the whole model. ``"0:0-21,1:22-42"`` places layers 0-21 on cuda:0 and 22-42 on cuda:1; the
+    embeddings go with the first layer, the final norm, ``hc_head`` and ``lm_head`` with the last. A dict maps
+    module names (``""``, ``"model.layers.3"``, ``"lm_head"`` ...) to devices, the most specific name winning.
+    Every layer must be placed exactly once, on cpu or an existing CUDA device. "cpu" next to a GPU means CPU
+    offload, as accelerate implements device maps: those weights stay in host memory and are streamed to the map's
+    first GPU, which computes them, at every forward (slow, the last resort for a model larger than the GPUs; their
+    KV state lives on that GPU, see :func:`execution_device`). A map of "cpu" alone runs on the CPU. "auto" spreads
+    over the GPUs only and never offloads.
+    """
+    if isinstance(spec, str) and spec.strip() in AUTO_DEVICE_MAPS:
+        return spec.strip()
+    whole = isinstance(spec, (int, torch.device)) or \
+        (isinstance(spec, str) and re.fullmatch(r"cpu|cuda|cuda:\d+|\d+", spec.strip()))
+    if whole:  # one device: the whole model
+        return _expand_units({"": _map_device(spec, f"'{spec}'")}, config)
+    if isinstance(spec, str):
+        return _expand_units(_layer_ranges(spec, config.num_hidden_layers), config)
+    if isinstance(spec, dict):
+        return _expand_units(_module_map(spec, placement_units(config)), config)
+    raise BackboneError(f"device map {spec!r} is not one of {DEVICE_MAP_HELP}")
+
+
+def _layer_ranges(text: str, n_layers: int) -> dict[str, int | str]:
+    placed: dict[int, int | str] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        device, colon, span = entry.rpartition(":")
+        first, dash, last = span.partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            lo = hi = -1
+        if not colon or not device or lo < 0 or hi < lo:
+            raise BackboneError(f"device map entry '{entry}' is not DEVICE:FIRST-LAST (the map is {DEVICE_MAP_HELP})")
+        target = _map_device(device, f"entry '{entry}'")
+        for layer in range(lo, hi + 1):
+            if layer >= n_layers:
+                raise BackboneError(f"device map entry '{entry}': layer {layer} does not exist (the model has "
+                                    f"{n_layers} layers, 0 to {n_layers - 1})")
+            if layer in placed:
+                raise BackboneError(f"device map places layer {layer} twice (entry '{entry}')")
+            placed[layer] = target
+    _check_every_layer(set(placed), n_layers)
+    units = {f"model.layers.{i}": d for i, d in placed.items()}
+    first, last = placed[0], placed[n_layers - 1]
+    return {"model.embed_tokens": first, "model.rotary_emb": first, **units, "model.norm": last,
+            "model.hc_head": last, "lm_head": last}
+
+
+def _module_map(spec: dict, units: list[str]) -> dict[str, int | str]:
+    chosen: dict[str, tuple[int, int | str]] = {}  # unit -> (length of the key that placed it, device)
+    for key, value in spec.items():
+        if not isinstance(key, str):
+            raise BackboneError(f"device map key {key!r} is not a module name")
+        covered = [u for u in units if key == "" or u == key or u.startswith(key + ".")]
+        if not covered:
+            inside = next((u for u in units if key.startswith(u + ".")), None)
+            if inside is not None:
+                raise BackboneError(f"device map key '{key}' splits {inside}, which stays whole on one device")
+            raise BackboneError(f"device map key '{key}' is no module of this model (place model.embed_tokens, "
+                                "model.layers.N, model.norm, model.hc_head, lm_head, or a prefix of them)")
+        target = _map_device(value, f"key '{key}'")
+        for unit in covered:
+            if unit not in chosen or chosen[unit][0] < len(key):
+                chosen[unit] = (len(key), target)
+    placed = {unit: device for unit, (_, device) in chosen.items()}
+    if "model.rotary_emb" not in placed and "model.embed_tokens" in placed:
+        placed["model.rotary_emb"] = placed["model.embed_tokens"]  # buffers only: it follows the embeddings
+    n_layers = sum(u.startswith("model.layers.") for u in units)
+    _check_every_layer({int(u.rsplit(".", 1)[1]) for u in placed if u.startswith("model.layers.")}, n_layers)
+    missing = [u for u in units if u not in placed]
+    if missing:
+        raise BackboneError(f"device map leaves {', '.join(missing)} nowhere")
+    return placed
+
+
+def _check_every_layer(placed: set[int], n_layers: int) -> None:
+    missing = [i for i in range(n_layers) if i not in placed]
+    if missing:
+        spans = []
+        for i in missing:
+            if spans and spans[-1][1] == i - 1:
+                spans[-1][1] = i
+            else:
+                spans.append([i, i])
+        text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+        raise BackboneError(f"device map leaves layer{'s' if len(missing) > 1 else ''} {text} nowhere (the model "
+                            f"has layers 0 to {n_layers - 1})")
+
+
+def _expand_units(placed: dict[str, int | str], config) -> dict[str, int | str]:
+    return {unit: placed[unit] if unit in placed else placed[""] for unit in placement_units(config)}
+
+
+def _map_device(value, where: str) -> int | str:
+    """A device-map value -> ``"cpu"`` or a CUDA index, refused with one line when this machine has no such device."""
+    if isinstance(value, torch.device):
+        text = str(value)
+    elif isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        text = f"cuda:{int(value)}"
+    else:
+        text = str(value).strip()
+    if text in ("disk", "meta"):
+        raise BackboneError(f"device map {where}: '{text}' offloading is not supported; place weights on cpu or cuda")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackboneError(f"device map {where}: '{value}' is not a device (a CUDA index, cuda:N or cpu)") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise BackboneError(f"device map {where}: fm-index places weights on cpu or cuda devices, not {device.type}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.index if device.index is not None else (torch.cuda.current_device() if count else 0)
+    if index >= count:
+        have = f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+        raise BackboneError(f"device map {where}: cuda:{index} does not exist (this machine has {have})")
+    return index
+
+
+def _placement_devices(placement) -> set:
+    """The devices a placement uses ("auto"-style maps: every CUDA device, or the CPU on a machine without one)."""
+    if isinstance(placement, dict):
+        return set(placement.values())
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return set(range(count)) if count else {"cpu"}
+
+
+# ---- size: does the checkpoint fit where it is placed? --------------------------------------------------------
+
+@dataclass
+class UnitWeights:
+    """Elements of one placement unit's tensors, from the safetensors headers."""
+
+    plain: int = 0  # unquantized floating-point elements
+    quantized: int = 0  # logical elements of FP8 / FP4 weights (an FP4 byte holds two)
+    stored_quantized: int = 0  # bytes those weights and their scales take as stored
+    integer_bytes: int = 0  # integer tables (the hash router's tid2eid): loaded as stored
+
+    def nbytes(self, itemsize: int, quantized: bool) -> int:
+        packed = self.stored_quantized if quantized else self.quantized * itemsize
+        return self.plain * itemsize + packed + self.integer_bytes
+
+
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I64": 8,
+                  "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_SCALE_SUFFIXES = (".scale", ".weight_scale_inv", ".activation_scale", ".qscale_weight")
+
+
+def read_safetensors_headers(path: Path) -> dict[str, dict]:
+    """Every tensor's header entry (dtype, shape) in a checkpoint directory; reads only the headers."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise BackboneError(f"cannot read {index}: {first_line(exc)}") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise BackboneError(f"{path} holds no *.safetensors weights")
+    tensors: dict[str, dict] = {}
+    for name in files:
+        try:
+            with open(path / name, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 1 << 30:
+                    raise ValueError(f"header size {size}")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"cannot read the safetensors header of {path / name}: {first_line(exc)}") from None
+        tensors.update({k: v for k, v in header.items() if k != "__metadata__"})
+    return tensors
+
+
+def placement_unit(name: str) -> str | None:
+    """The placement unit a stored tensor belongs to, in either naming (``layers.3.attn.wq_a.weight``,
+    ``model.layers.3.self_attn.q_a_proj.weight``); None for the release's MTP layer, which transformers skips."""
+    bare = name.removeprefix("model.")
+    layer = re.match(r"layers\.(\d+)\.", bare)
+    if layer:
+        return f"model.layers.{layer.group(1)}"
+    head = bare.split(".", 1)[0]
+    if head == "mtp":
+        return None
+    if head.startswith("hc_head"):
+        return "model.hc_head"
+    return {"embed": "model.embed_tokens", "embed_tokens": "model.embed_tokens", "norm": "model.norm",
+            "head": "lm_head", "lm_head": "lm_head"}.get(head, "lm_head")
+
+
+def checkpoint_weights(path: Path) -> dict[str, UnitWeights]:
+    """Per placement unit, what the checkpoint's tensors hold (from the headers; no weight is read)."""
+    tensors = read_safetensors_headers(path)
+    units: dict[str, UnitWeights] = {}
+    for name, entry in tensors.items():
+        unit = placement_unit(name)
+        if unit is None:
+            continue
+        weights = units.setdefault(unit, UnitWeights())
+        dtype, numel = entry.get("dtype"), math.prod(entry.get("shape", []))
+        stored = numel * _ELEMENT_BYTES.get(dtype, 4)
+        stem = name.removesuffix(".weight")
+        has_scale = any(stem + suffix in tensors for suffix in (".scale", ".weight_scale_inv"))
+        if name.endswith(_SCALE_SUFFIXES):
+            weights.stored_quantized += stored
+        elif has_scale:
+            weights.quantized += numel * (2 if dtype in ("I8", "U8") else 1)  # FP4: two e2m1 codes per byte
+            weights.stored_quantized += stored
+        elif dtype in ("I64", "I32", "I16", "I8", "U8", "BOOL"):
+            weights.integer_bytes += stored
+        else:
+            weights.plain += numel
+    return units
+
+
+def host_memory_bytes() -> int:
+    """Memory the host can still give (``MemAvailable``; physical memory where /proc/meminfo is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory_bytes(device: int | str) -> int:
+    """Free memory on a placement device ("cpu": the host's)."""
+    if device == "cpu":
+        return host_memory_bytes()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def check_fits(path: Path, config, placement, dtype: torch.dtype, quantized: bool) -> None:
+    """Refuse, with the numbers, a load whose weights (estimated from the safetensors headers) exceed the free memory
+    of a device they are placed on; "auto"-style maps are checked against all devices together."""
+    units = checkpoint_weights(path)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need: dict[int | str, int] = {}
+    for unit, weights in units.items():
+        where = placement.get(unit, placement.get("")) if isinstance(placement, dict) else "all"
+        need[where] = need.get(where, 0) + weights.nbytes(itemsize, quantized)
+    name = str(dtype).removeprefix("torch.")
+    for where, nbytes in need.items():
+        devices = sorted(_placement_devices(placement), key=str) if where == "all" else [where]
+        free = sum(device_memory_bytes(d) for d in devices)
+        if nbytes <= free:
+            continue
+        on = "the devices together" if where == "all" else ("the CPU" if where == "cpu" else f"cuda:{where}")
+        hint = "" if where == "cpu" else "; spread the layers over more GPUs with a device map"
+        if dtype == torch.float32:
+            half = sum(w.nbytes(2, quantized) for w in units.values())
+            hint = f"; in bfloat16 the whole model needs about {_gb(half)}"
+        raise BackboneError(f"{path} in {name} needs about {_gb(nbytes)} on {on}, which has {_gb(free)} free"
+                            f"{hint}")
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:,.1f} GB"
 
 
 def _norm_casts_once(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +610,39 @@ def _norm_casts_once(self, x: torch.Tensor) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
     return (self.weight * h).to(x.dtype)
+
+
+def _device_hooks(module) -> list:
+    """accelerate's hooks on ``module`` (a device map with CPU offload or several devices attaches them)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def execution_device(module) -> torch.device:
+    """Where ``module`` computes. A device map that puts a module on "cpu" while a GPU is in the map offloads it,
+    as accelerate does: its weights wait in host memory (meta tensors in the module) and are streamed to the map's
+    first GPU, where it runs, at each forward. Otherwise: where its parameters are."""
+    for hook in _device_hooks(module):
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def offloaded_modules(model) -> list[str]:
+    """The placement units (``model.layers.N``, ``lm_head`` ...) whose weights a device map left in host memory,
+    streamed to the GPU at each forward. accelerate hooks each submodule that holds tensors, not the unit itself."""
+    units = {}
+    for name, module in model.named_modules():
+        if any(getattr(hook, "offload", False) for hook in _device_hooks(module)):
+            layer = re.match(r"model\.layers\.\d+", name)
+            units[layer.group(0) if layer else ".".join(name.split(".")[:2])] = None
+    return list(units)
 
 
 def fix_fp32_norms(model) -> int:
@@ -144,11 +658,15 @@ def fix_fp32_norms(model) -> int:
     for module in model.modules():
         if type(module).__name__ != "DeepseekV4RMSNorm" or module.weight.dtype != torch.float32:
             continue
-        probe = torch.ones(1, module.weight.shape[-1], dtype=torch.bfloat16, device=module.weight.device)
+        # an offloaded norm (device map with CPU offload) holds a meta weight and computes on its hook's device
+        probe = torch.ones(1, module.weight.shape[-1], dtype=torch.bfloat16, device=execution_device(module))
         with torch.no_grad():
             if module(probe).dtype == probe.dtype:
                 continue
-        module.forward = types.MethodType(_norm_casts_once, module)
+        if hasattr(module, "_old_forward"):  # accelerate's hook (device-map offload) wraps forward: keep it around
+            module._old_forward = types.MethodType(_norm_casts_once, module)
+        else:
+            module.forward = types.MethodType(_norm_casts_once, module)
         fixed += 1
     return fixed
 

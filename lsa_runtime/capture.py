@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import cache_kwarg, csa_layers, csa_rate
+from .backbone import cache_kwarg, csa_layers, csa_rate, execution_device
 
 
 @dataclass
@@ -139,7 +139,7 @@ class IndexerCapture:
 
         observer = observer or IndexerObserver()
         input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
-        device = next(self.model.parameters()).device
+        device = execution_device(self.decoder.embed_tokens)  # a device map's first GPU, offloaded or not
         cache = DynamicCache(config=self.config)
         chunk_ref = [ChunkInfo(0, 0)]
         handles = self._register(observer, chunk_ref)

@@ -28,6 +28,8 @@ Trap handled here (see the DeepSeek-V4 note): subclassing a cache layer class au
 
 from __future__ import annotations
 
+import types
+
 import torch
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACache, DeepseekV4CSACompressor
 
@@ -233,6 +235,8 @@ def install_lsa_compressors(model) -> None:
         compressor = decoder.layers[idx].self_attn.compressor
         if type(compressor) is DeepseekV4CSACompressor:
             compressor.__class__ = LSACSACompressor
+            if hasattr(compressor, "_old_forward"):  # accelerate's hook (offload) calls the forward bound before
+                compressor._old_forward = types.MethodType(LSACSACompressor.forward, compressor)
 
 
 def build_lsa_cache(config, pool: ColdPool, residency: ResidentSet, memory_layers) -> "object":

@@ -332,8 +332,9 @@ class MemoryIndexer(nn.Module):
         """
         first = self.layer(self.config.layers[0])
         dtype = first.W_DQ.weight.dtype
-        hidden = torch.stack([torch.as_tensor(hiddens_by_layer[L]).reshape(-1) for L in self.config.layers])
-        hidden = hidden.to(device=first.W_DQ.weight.device, dtype=dtype)
+        device = first.W_DQ.weight.device  # each h_L comes from its layer's device (a model spread over devices)
+        hidden = torch.stack([torch.as_tensor(hiddens_by_layer[L]).reshape(-1).to(device) for L in self.config.layers])
+        hidden = hidden.to(dtype=dtype)
         if hidden.device.type == "cuda" and self.cuda_graphs:
             return self._tower_graph_for(hidden)(hidden, position)
         positions = torch.full((hidden.shape[0],), int(position), dtype=torch.long, device=hidden.device)
@@ -380,15 +381,19 @@ class MemoryIndexer(nn.Module):
         """sigmoid^-1 I_L[t, s] of every memory layer L at trigger ``position``: {L: fp32 [n_visible]}.
 
         ``hiddens_by_layer[L]``: h_t [d]; ``keys_by_layer[L]``: K^IComp [>= n_visible, dh]. One batched tower
-        pass (:meth:`trigger_queries`), then one scoring launch per layer (its own keys)."""
+        pass (:meth:`trigger_queries`), then one scoring launch per layer (its own keys). A layer's keys stay on their
+        device (a backbone spread over devices keeps them beside their layer): its query and head weights go there,
+        and only the [n_visible] logits come back to the towers' device."""
         if n_visible is None:
             n_visible = (int(position) + 1) // self.config.compress_rate
         q, w = self.trigger_queries(hiddens_by_layer, position)
         out = {}
         for i, L in enumerate(self.config.layers):
             layer = self.layer(L)
-            out[int(L)] = layer.logits_from_query(q[i : i + 1], w[i : i + 1], keys_by_layer[L][:n_visible],
-                                                  chunk_size)[0]
+            keys = keys_by_layer[L][:n_visible]
+            here = keys.device
+            logits = layer.logits_from_query(q[i : i + 1].to(here), w[i : i + 1].to(here), keys, chunk_size)[0]
+            out[int(L)] = logits.to(q.device)  # no-ops unless the backbone spans devices
         return out
 
     @torch.no_grad()
@@ -509,8 +514,11 @@ def check_fits(config: MemoryIndexerConfig, backbone_config, where: str = "the m
 def load_memory_indexer(source, model) -> "MemoryIndexer":
     """The memory indexer serving ``model``: an ``fm-index export`` directory, the authors' release checkpoint (a
     ``.pt`` file, :mod:`~.release_format`), or a :class:`MemoryIndexer` already loaded; checked against the
-    backbone (:func:`check_fits`) and moved to the model's device."""
-    device = next(model.parameters()).device
+    backbone (:func:`check_fits`) and moved to where the model takes its input."""
+    from .backbone import execution_device
+
+    decoder = model.model if hasattr(model, "model") else model
+    device = execution_device(decoder.embed_tokens)
     if isinstance(source, MemoryIndexer):
         check_fits(source.config, model.config)
         return source.to(device).eval()

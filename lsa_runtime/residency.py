@@ -85,18 +85,21 @@ class PreparedSet:
 class ResidentSet:
     """The entries on the device and their rows in every CSA layer (see the module docstring).
 
-    ``batched`` (None: wherever the pool's zero-copy multi-layer gather runs, i.e. on a GPU): a change writes
-    the rows of all layers into one ``[layers, n + headroom, width]`` store per row kind with two launches (kept
-    rows from the old rows, fetched rows from the pinned pool), so a trigger's host work does not grow with the
-    number of CSA layers; otherwise each layer's rows are assembled by their own copies.
+    ``device``: where the rows live, one device for every layer or ``{layer: device}`` (a model spread over
+    devices: each layer's rows beside the layer). ``batched`` (None: wherever the pool's zero-copy multi-layer
+    gather runs, i.e. on a GPU): a change writes the rows of all layers on one device into one
+    ``[layers, n + headroom, width]`` store per row kind with two launches (kept rows from the old rows, fetched
+    rows from the pinned pool), so a trigger's host work does not grow with the number of CSA layers; otherwise
+    each layer's rows are assembled by their own copies.
     """
 
-    def __init__(self, layers, widths: dict[str, int], pool: ColdPool, device: torch.device | str,
-                 dtype: torch.dtype, batched: bool | None = None):
+    def __init__(self, layers, widths: dict[str, int], pool: ColdPool,
+                 device: torch.device | str | dict[int, torch.device | str], dtype: torch.dtype,
+                 batched: bool | None = None):
         self.layers = [int(x) for x in layers]
         self.widths = {name: int(widths[name]) for name in NAMES}
         self.pool = pool
-        self.device = torch.device(device)
+        self.devices = {L: torch.device(device[L] if isinstance(device, dict) else device) for L in self.layers}
         self.dtype = dtype
         self.batched = batched
         self.changes: list[ResidentChange] = []
@@ -105,8 +108,8 @@ class ResidentSet:
     def clear(self) -> None:
         """No entry resident (a new prefill starts: prefill reads every entry, not the resident set)."""
         self._ids = torch.zeros(0, dtype=torch.long)
-        self._rows = {layer: {name: GrowingRows(width, self.dtype, self.device) for name, width in self.widths.items()}
-                      for layer in self.layers}
+        self._rows = {layer: {name: GrowingRows(width, self.dtype, self.devices[layer])
+                              for name, width in self.widths.items()} for layer in self.layers}
         self._born_upto = 0  # entries with index < this are either selected or not resident; later ones are born
 
     # ---- reading ----------------------------------------------------------------------------------------
@@ -164,9 +167,9 @@ class ResidentSet:
     def install(self, prepared: PreparedSet) -> ResidentChange:
         """Swap in rows made by :meth:`prepare`; the entries born since its snapshot (resident anyway until the next
         change, all newer than the selection) are appended to them."""
-        if self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device)
-            for by_name in prepared.rows.values():  # built on a side stream, used (and later freed) on this one
+        for layer, by_name in prepared.rows.items():  # built on a side stream, used (and later freed) on this one
+            if self.devices[layer].type == "cuda":
+                stream = torch.cuda.current_stream(self.devices[layer])
                 for rows in by_name.values():
                     rows.data.record_stream(stream)
         born = self._ids[prepared.born_from:]
@@ -188,37 +191,52 @@ class ResidentSet:
         """(new rows per layer and kind for ``ids``, the plan): kept rows copied from the snapshot's rows, the
         others gathered from the pool, on the current stream."""
         plan = ResidentPlan(snapshot.ids, ids)
-        batched = self.batched if self.batched is not None else self.pool.gather_layers_available(self.device)
-        if batched and self.layers:
-            return self._assemble_batched(snapshot, plan, headroom), plan
-        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(self.device)
+        rows = {}
+        for device, layers in self._by_device().items():
+            batched = self.batched if self.batched is not None else self.pool.gather_layers_available(device)
+            if batched:
+                rows.update(self._assemble_batched(snapshot, plan, headroom, device, layers))
+            else:
+                rows.update(self._assemble_per_layer(snapshot, plan, headroom, device, layers))
+        return rows, plan
+
+    def _by_device(self) -> dict[torch.device, list[int]]:
+        groups: dict[torch.device, list[int]] = {}
+        for layer in self.layers:
+            groups.setdefault(self.devices[layer], []).append(layer)
+        return groups
+
+    def _assemble_per_layer(self, snapshot: Snapshot, plan: ResidentPlan, headroom: int, device: torch.device,
+                            layers: list[int]):
+        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(device)
         n = plan.ids.numel()
         rows = {}
-        for layer in self.layers:
+        for layer in layers:
             rows[layer] = {}
             for name, width in self.widths.items():
-                new = GrowingRows(width, self.dtype, self.device, capacity=n + headroom)
+                new = GrowingRows(width, self.dtype, device, capacity=n + headroom)
                 new.length = n
                 data = new.view()
                 if keep_to is not None:
                     data[keep_to] = snapshot.rows[layer][name][keep_from]
                 if fetch_to is not None:
-                    data[fetch_to] = self.pool.gather(layer, name, plan.fetch_ids, self.device, fetch_ids_dev)
+                    data[fetch_to] = self.pool.gather(layer, name, plan.fetch_ids, device, fetch_ids_dev)
                 rows[layer][name] = new
-        return rows, plan
+        return rows
 
-    def _assemble_batched(self, snapshot: Snapshot, plan: ResidentPlan, headroom: int):
+    def _assemble_batched(self, snapshot: Snapshot, plan: ResidentPlan, headroom: int, device: torch.device,
+                          layers: list[int]):
         from .kernels.pool_gather import gather_rows_layers
 
-        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(self.device)
+        keep_to, keep_from, fetch_to, fetch_ids_dev = plan.on(device)
         n = plan.ids.numel()
-        rows = {layer: {} for layer in self.layers}
+        rows = {layer: {} for layer in layers}
         for name, width in self.widths.items():
-            store = torch.empty((len(self.layers), n + headroom, width), dtype=self.dtype, device=self.device)
+            store = torch.empty((len(layers), n + headroom, width), dtype=self.dtype, device=device)
             if keep_to is not None:  # device -> device, from the rows the layers hold now
-                gather_rows_layers([snapshot.rows[layer][name] for layer in self.layers], keep_from, keep_to, store)
+                gather_rows_layers([snapshot.rows[layer][name] for layer in layers], keep_from, keep_to, store)
             if fetch_to is not None:  # pinned pool -> device, zero-copy
-                self.pool.gather_layers(self.layers, name, plan.fetch_ids, fetch_ids_dev, fetch_to, store)
-            for j, layer in enumerate(self.layers):
+                self.pool.gather_layers(layers, name, plan.fetch_ids, fetch_ids_dev, fetch_to, store)
+            for j, layer in enumerate(layers):
                 rows[layer][name] = GrowingRows.over(store[j], n)
         return rows

@@ -32,7 +32,16 @@ from pathlib import Path
 
 import torch
 
-from .backbone import cache_kwarg, csa_layers, csa_rate, default_model_name, load_backbone, validate_memory_layers
+from .backbone import (
+    cache_kwarg,
+    csa_layers,
+    csa_rate,
+    default_model_name,
+    execution_device,
+    load_backbone,
+    offloaded_modules,
+    validate_memory_layers,
+)
 from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
 from .config import SamplingParams, SessionConfig, SessionError
@@ -156,8 +165,16 @@ class Session:
         self.max_positions = int(getattr(self.backbone_config, "max_position_embeddings", 0) or 0)
         if self.policy is not None or self.hisparse or self.oracle:
             install_lsa_compressors(model)
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        wants_graphs = on_cuda if self.config.decode_graphs is None else self.config.decode_graphs
+        # a backbone spread over devices (device_map): the state of a layer lives where the layer computes
+        self.layer_devices = {i: execution_device(layer) for i, layer in enumerate(self.decoder.layers)}
+        self.devices = sorted(set(self.layer_devices.values()) | {self.device}, key=str)
+        offloaded = offloaded_modules(model)
+        if self.config.decode_graphs and (len(self.devices) > 1 or offloaded):
+            raise SessionError("decode_graphs needs the whole backbone resident on one device; this one "
+                               + (f"spans {', '.join(map(str, self.devices))}" if len(self.devices) > 1 else
+                                  f"streams offloaded weights from the host ({offloaded[0]} ...)"))
+        wants_graphs = self.device.type == "cuda" and len(self.devices) == 1 and not offloaded \
+            if self.config.decode_graphs is None else self.config.decode_graphs
         self.decode_graphs = install_decode_graphs(model) if wants_graphs else None
         self._cache_kw = cache_kwarg()
         triggers = self.policy is not None or self.oracle
@@ -169,9 +186,16 @@ class Session:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, indexer=None, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, config: SessionConfig | None = None,
-                        **options) -> "Session":
+                        device_map: str | dict | None = None, **options) -> "Session":
         """Load a backbone (bundled name or DeepSeek-V4 checkpoint directory; default: the bundled default,
-        ``reference``) and build a Session on it. The options are checked before the backbone is loaded."""
+        ``reference``) and build a Session on it. The options are checked before the backbone is loaded.
+
+        ``device_map`` spreads the decoder layers over devices instead of putting the model on ``device``
+        ("auto", "balanced", ``"0:0-21,1:22-42"``, ``"0:0-30,cpu:31-42"``, a dict of module -> device; see
+        :func:`lsa_runtime.backbone.parse_device_map`); each CSA layer's cold-pool fetches, resident set and
+        memory keys then live on that layer's device."""
+        if device is not None and device_map is not None:
+            raise SessionError("give device= or device_map=, not both")
         if config is None:
             config = SessionConfig(**options)
         elif options:
@@ -179,10 +203,12 @@ class Session:
         if config.mode == "lsa" and indexer is None:
             make_policy(config.resolved())  # the one message for a missing indexer, before any weight is read
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        where = device if device_map is None else f"device map {device_map}"
         try:
-            backbone, tokenizer = load_backbone(model or default_model_name(), device=device, dtype=dtype)
+            backbone, tokenizer = load_backbone(model or default_model_name(), device=device, dtype=dtype,
+                                                device_map=device_map)
         except _oom_errors() as exc:
-            raise DeviceMemoryError(f"out of memory loading the backbone on {device}: {first_line(exc)}") from None
+            raise DeviceMemoryError(f"out of memory loading the backbone on {where}: {first_line(exc)}") from None
         return cls(backbone, tokenizer, config, indexer=indexer)
 
     def with_config(self, config: SessionConfig | None = None, *, policy: ResidentPolicy | None = None,
@@ -194,7 +220,8 @@ class Session:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the backbone takes its input (its embedding computes; the first GPU of a device map)."""
+        return execution_device(self.decoder.embed_tokens)
 
     # ---- state ----------------------------------------------------------------------------------------
 
@@ -203,17 +230,20 @@ class Session:
         ``keep_context=True``)."""
         self._state = None
 
-    def _new_state(self) -> DecodeState:
+    def _new_state(self, tokens: int = 0) -> DecodeState:
+        """A clean decoding state; ``tokens``: how many the conversation is expected to hold, so that the cold pool
+        is allocated (and pinned) once at its size instead of growing by doubling up to twice it."""
         from transformers import DynamicCache
 
         if self.policy is None and not self.hisparse and not self.oracle:
             return DecodeState(cache=DynamicCache(config=self.backbone_config))
         widths = {"compressor": self.backbone_config.head_dim, "indexer": self.backbone_config.index_head_dim}
         dtype = self.decoder.layers[self.csa_layers[0]].self_attn.compressor.kv_proj.weight.dtype
-        pool = ColdPool(self.csa_layers, widths, dtype=dtype)
+        pool = ColdPool(self.csa_layers, widths, dtype=dtype, initial_entries=tokens // self.rate + 1)
         if self.hisparse:
             return DecodeState(cache=build_hisparse_cache(self.backbone_config, pool, self.config.budget), pool=pool)
-        residency = ResidentSet(self.csa_layers, widths, pool, self.device, dtype)
+        residency = ResidentSet(self.csa_layers, widths, pool, {L: self.layer_devices[L] for L in self.csa_layers},
+                                dtype)
         # memory_keys="pool": the memory layers' K^IComp of every entry stays in the cold pool after prefill and
         # each trigger streams it to the device (ColdPool.stream_prefix) instead of holding it resident
         memory_layers = self.policy.memory_layers if self.policy is not None else ()
@@ -254,7 +284,7 @@ class Session:
         sampling = sampling if sampling is not None else shortcuts
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or int(max_new_tokens) < 0:
             raise SessionError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-        ids = self._begin(prompt, keep_context, unconditional)
+        ids = self._begin(prompt, keep_context, unconditional, int(max_new_tokens))
         if self.oracle:
             self.policy = self._oracle_policy(ids, int(max_new_tokens), sampling)
         return self._decode_loop(ids, int(max_new_tokens), sampling)
@@ -267,9 +297,9 @@ class Session:
         _, picks = record_native_picks(recorder, ids, max_new_tokens, sampling=sampling)
         return make_policy(self.config, native_picks=picks)
 
-    def _begin(self, prompt, keep_context: bool, unconditional: bool = False) -> list[int]:
-        """Check the prompt against the model and the state; start a new conversation unless ``keep_context``.
-        Returns the token ids to prefill."""
+    def _begin(self, prompt, keep_context: bool, unconditional: bool = False, max_new_tokens: int = 0) -> list[int]:
+        """Check the prompt against the model and the state; start a new conversation unless ``keep_context``
+        (its cold pool sized for the prompt and ``max_new_tokens``). Returns the token ids to prefill."""
         if keep_context and self._state is None:
             raise SessionError("keep_context=True needs a previous generate() call on this Session")
         if keep_context and self.oracle:
@@ -288,7 +318,7 @@ class Session:
             raise SessionError(f"prompt is {total:,} tokens (with the context), longer than the model's maximum "
                                f"of {self.max_positions:,} (max_position_embeddings)")
         if not keep_context:
-            self._state = self._new_state()
+            self._state = self._new_state(len(ids) + max_new_tokens)
         self._state.pending = None
         self.last_prompt_tokens = len(ids)
         return ids
@@ -441,7 +471,7 @@ class Session:
         for layer in self.policy.memory_layers:
             if layer not in trigger_state.index_keys:  # memory_keys="pool": streamed for this trigger, freed after
                 trigger_state.index_keys[layer] = pool.stream_prefix(layer, "indexer", trigger_state.n_visible,
-                                                                     self.device)
+                                                                     self.layer_devices[layer])
         ids = torch.unique(torch.as_tensor(self.policy.select(trigger_state), dtype=torch.long).reshape(-1).cpu())
         if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= trigger_state.n_visible):
             bad = int(ids[0]) if int(ids[0]) < 0 else int(ids[-1])
@@ -464,8 +494,9 @@ class Session:
         return handles
 
     def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for device in self.devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
     # ---- inspection ---------------------------------------------------------------------------------------
 
@@ -509,13 +540,15 @@ class Session:
         state = self._state
         if state is None:
             return SessionStats(mode=self.mode, policy=self.describe())
-        device_bytes, full_bytes, entries, resident = measure_cache(state.cache, self.backbone_config)
+        by_device: dict[str, int] = {}
+        device_bytes, full_bytes, entries, resident = measure_cache(state.cache, self.backbone_config, by_device)
         changes = state.residency.changes if state.residency is not None else []
         misses = sum(layer.misses for layer in pooled_layers(state.cache) if isinstance(layer, HiSparseCSACache))
         pool, clock = state.pool, state.clock
         return SessionStats(
             mode=self.mode, policy=self.describe(), context_tokens=state.position, csa_entries=entries,
-            resident_entries=resident, device_bytes=device_bytes, full_bytes=full_bytes, triggers=len(changes),
+            resident_entries=resident, device_bytes=device_bytes, full_bytes=full_bytes,
+            device_bytes_by_device=by_device, triggers=len(changes),
             selected_per_trigger=tuple(change.selected for change in changes),
             entries_fetched=sum(change.fetched for change in changes) + misses,
             fetch_bytes_to_device=pool.moved_bytes("fetch") if pool else 0,

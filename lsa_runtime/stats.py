@@ -63,6 +63,7 @@ class SessionStats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     cold_pool_bytes: int = 0
+    device_bytes_by_device: dict[str, int] = field(default_factory=dict)  # the same bytes, per device
 
     @property
     def device_total(self) -> int:
@@ -120,6 +121,9 @@ class SessionStats:
             table.add_row(KIND_LABELS[kind], human_bytes(self.device_bytes.get(kind, 0)),
                           human_bytes(self.full_bytes.get(kind, 0)))
         table.add_row("[bold]total[/]", f"[bold]{human_bytes(self.device_total)}[/]", human_bytes(self.full_total))
+        if len(self.device_bytes_by_device) > 1:
+            for name, held in sorted(self.device_bytes_by_device.items()):
+                table.add_row(f"  on {name}", human_bytes(held), "")
         table.add_row("[bold]CSA-KV ratio[/] (the paper's footprint: CSA attention KV only)",
                       f"[bold]{self.csa_kv_ratio:.3f}[/]", "1.000")
         table.add_row("[bold]total KV ratio[/] (every kind above)", f"[bold]{self.footprint_ratio:.3f}[/]", "1.000")
@@ -154,16 +158,18 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
-def measure_cache(cache, config) -> tuple[dict[str, int], dict[str, int], int, int]:
+def measure_cache(cache, config, by_device: dict[str, int] | None = None
+                  ) -> tuple[dict[str, int], dict[str, int], int, int]:
     """Real device bytes by kind of ``cache`` (stock or cold-pool layers), and what full decoding holds for the
     same tokens.
 
     Returns ``(device_bytes, full_bytes, csa_entries_per_layer, resident_entries)``. Storage shared between
     tensors (K = V in DeepSeek-V4, views of one buffer, one store for several layers' rows) is counted once.
+    ``by_device``, if given, receives the same bytes summed per device (a backbone spread over devices).
     """
     from .lsa_cache import PooledCSACache
 
-    seen: set[int] = set()
+    seen: set[tuple[str, int]] = set()
 
     def size(tensors) -> int:
         total = 0
@@ -171,10 +177,13 @@ def measure_cache(cache, config) -> tuple[dict[str, int], dict[str, int], int, i
             if t is None or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
-            if storage.data_ptr() in seen or storage.nbytes() == 0:
+            key = (str(t.device), storage.data_ptr())
+            if key in seen or storage.nbytes() == 0:
                 continue
-            seen.add(storage.data_ptr())
+            seen.add(key)
             total += storage.nbytes()
+            if by_device is not None:
+                by_device[str(t.device)] = by_device.get(str(t.device), 0) + storage.nbytes()
         return total
 
     device = dict.fromkeys(KINDS, 0)

@@ -2,6 +2,7 @@
 entries (indexed on the host), hand-counted fetches and bytes, and a change made in one step (change_to) against
 the same change made in two (prepare on a snapshot, then install)."""
 
+import pytest
 import torch
 
 from lsa_runtime.backbone import csa_layers, load_config
@@ -87,3 +88,22 @@ def test_prepare_then_install_equals_change_to_with_the_born_entries_appended():
     assert torch.equal(b.ids, a_ids) and change.selected == selection.numel()
     assert change.fetched == a.changes[-1].fetched
     assert_rows_are_the_pools(b, pool_b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_on_two_devices_keep_their_rows_beside_them():
+    """A backbone spread over a GPU and the CPU: each layer's rows live on its own device, batched per device,
+    and hold the pool's rows of the resident entries (the same as on one device)."""
+    config = load_config("tiny")
+    residency, pool = filled(config)
+    split = ResidentSet(residency.layers, residency.widths, pool,
+                        {L: ("cuda" if i % 2 else "cpu") for i, L in enumerate(residency.layers)}, torch.float32)
+    for ids in (torch.arange(0, N, 3), torch.arange(50, N)):
+        split.change_to(ids, 4)
+        residency.change_to(ids, 4)
+        for i, layer in enumerate(split.layers):
+            for name in ("compressor", "indexer"):
+                rows = split.rows(layer, name)
+                assert rows.device.type == ("cuda" if i % 2 else "cpu")
+                assert torch.equal(rows.cpu(), residency.rows(layer, name))

@@ -352,3 +352,16 @@ def test_an_empty_text_prompt_needs_unconditional(backbone):
         session.generate("", max_new_tokens=2)
     out = session.generate("", max_new_tokens=3, unconditional=True, stop_at_eos=False)
     assert out.prompt_tokens == 1 and session.context_ids[0] == tokenizer.bos_token_id and len(out.token_ids) == 3
+
+
+def test_the_cold_pool_is_allocated_once_at_the_conversations_size(backbone):
+    """Prompt + max_new_tokens known up front: the pinned pool holds exactly their entries (hand count), instead of
+    doubling past them; a per-device breakdown of a one-device model is the whole footprint."""
+    model, tokenizer = backbone
+    config = model.config
+    session = Session(model, tokenizer, mode="recent", budget=16, tau=8)
+    out = session.generate(list(range(5, 305)), max_new_tokens=20, stop_at_eos=False)
+    entries = (300 + 20) // 4 + 1
+    csa = sum(1 for t in config.layer_types if t == "compressed_sparse_attention")
+    assert out.stats.cold_pool_bytes == csa * entries * (config.head_dim + config.index_head_dim) * 4  # fp32
+    assert out.stats.device_bytes_by_device == {"cpu": out.stats.device_total}

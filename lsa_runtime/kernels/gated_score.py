@@ -183,8 +183,9 @@ def _launch(kernel, grid, *args, interpret_meta=None, **kwargs):
     if os.environ.get("TRITON_INTERPRET") == "1":
         meta = interpret_meta or {"BLOCK_R": 64, "BLOCK_T": 64}
         kernel.fn[grid(meta)](*args, **kwargs, **meta)
-    else:
-        kernel[grid](*args, **kwargs)
+    else:  # Triton launches on the current device and stream: make that the tensors' (a model spread over GPUs)
+        with torch.cuda.device(next(a.device for a in args if isinstance(a, torch.Tensor))):
+            kernel[grid](*args, **kwargs)
 
 
 def gated_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

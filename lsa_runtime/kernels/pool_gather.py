@@ -11,6 +11,8 @@ default on a GPU. On the CPU it is tested under the Triton interpreter.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .gated_score import triton
@@ -32,6 +34,10 @@ if triton is not None:
             values = tl.load(SRC + src_rows[:, None] * stride_src + (c0 + cols)[None, :], mask=mask)
             tl.store(DST + rows[:, None].to(tl.int64) * stride_dst + (c0 + cols)[None, :], values, mask=mask)
 
+
+def _on(device: torch.device):
+    """Make ``device`` the current CUDA device for a launch (a no-op on the CPU interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 def zero_copy_available(source: torch.Tensor, device: torch.device | str) -> bool:
     """The kernel needs Triton, a CUDA target and a pinned host source (or the CPU interpreter for checks)."""
@@ -59,8 +65,9 @@ def gather_rows(source: torch.Tensor, ids: torch.Tensor, device: torch.device | 
         raise ValueError("gather_rows needs row-contiguous source and output")
     rows_per_program, block_w = 16, min(256, triton.next_power_of_2(width))
     grid = (triton.cdiv(n, rows_per_program),)
-    _gather_rows_kernel[grid](source, ids, out, n, width, source.stride(0), out.stride(0),
-                              ROWS=rows_per_program, BLOCK_W=block_w)
+    with _on(out.device):  # Triton launches on the current device: the output's
+        _gather_rows_kernel[grid](source, ids, out, n, width, source.stride(0), out.stride(0),
+                                  ROWS=rows_per_program, BLOCK_W=block_w)
     return out
 
 
@@ -105,6 +112,7 @@ def gather_rows_layers(sources: list[torch.Tensor], ids: torch.Tensor, dst_rows:
     pointers = torch.tensor([s.data_ptr() for s in sources], dtype=torch.int64).to(out.device)
     rows_per_program, block_w = 16, min(256, triton.next_power_of_2(width))
     grid = (triton.cdiv(n, rows_per_program), len(sources))
-    _gather_layers_kernel[grid](pointers, ids, dst_rows, out, n, width, stride, out.stride(0), out.stride(1),
-                                ROWS=rows_per_program, BLOCK_W=block_w)
+    with _on(out.device):  # Triton launches on the current device: the output's
+        _gather_layers_kernel[grid](pointers, ids, dst_rows, out, n, width, stride, out.stride(0), out.stride(1),
+                                    ROWS=rows_per_program, BLOCK_W=block_w)
     return out
