@@ -39,10 +39,11 @@ from pathlib import Path
 
 import torch
 
-from lsa_runtime.backbone import load_backbone, load_config, parse_device, parse_device_map, parse_dtype
+from lsa_runtime.backbone import load_backbone, load_config, parse_device, parse_dtype
 from lsa_runtime.config import SessionConfig
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.outputs import OutputLock, write_text_atomic
+from lsa_runtime.placement import parse_device_map
 from lsa_runtime.policies import make_policy, record_native_picks
 
 from . import MODES

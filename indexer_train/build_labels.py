@@ -27,13 +27,13 @@ from lsa_runtime.backbone import (
     load_backbone,
     load_config,
     parse_device,
-    parse_device_map,
     parse_dtype,
     validate_memory_layers,
 )
 from lsa_runtime.capture import ChunkInfo, IndexerCapture, IndexerObserver
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.outputs import OutputLock, check_output_dir, remove_stale_temps
+from lsa_runtime.placement import parse_device_map
 
 from .corpus import Corpus, Document, tokenize
 from .labels import SOFTMAX_OVER, WindowLabeler, trigger_positions
@@ -290,7 +290,7 @@ def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelP
     """Build (or resume) the label shards of ``corpus`` in ``out``; returns the run summary.
 
     ``device_map`` (instead of ``device``) spreads the backbone's layers over devices (see
-    :func:`lsa_runtime.backbone.parse_device_map`); the labels do not depend on where the layers run, so a resumed
+    :func:`lsa_runtime.placement.parse_device_map`); the labels do not depend on where the layers run, so a resumed
     run may use another placement. Every option and the corpus are checked before anything is written; ``out`` is
     locked for the run (per shard when ``shard`` splits the corpus), so a second writer is refused."""
     reporter = reporter or Reporter()

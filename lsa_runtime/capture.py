@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import cache_kwarg, csa_layers, csa_rate, execution_device
+from .backbone import cache_kwarg, csa_layers, csa_rate
+from .placement import execution_device
 
 
 @dataclass

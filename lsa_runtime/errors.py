@@ -9,3 +9,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), for one-line error messages."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+class BackboneError(FmIndexError):
+    """A backbone that cannot be used: missing, not DeepSeek-V4, or a layer choice that does not fit it."""

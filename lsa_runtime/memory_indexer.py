@@ -515,7 +515,7 @@ def load_memory_indexer(source, model) -> "MemoryIndexer":
     """The memory indexer serving ``model``: an ``fm-index export`` directory, the authors' release checkpoint (a
     ``.pt`` file, :mod:`~.release_format`), or a :class:`MemoryIndexer` already loaded; checked against the
     backbone (:func:`check_fits`) and moved to where the model takes its input."""
-    from .backbone import execution_device
+    from .placement import execution_device
 
     decoder = model.model if hasattr(model, "model") else model
     device = execution_device(decoder.embed_tokens)

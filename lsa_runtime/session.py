@@ -37,9 +37,7 @@ from .backbone import (
     csa_layers,
     csa_rate,
     default_model_name,
-    execution_device,
     load_backbone,
-    offloaded_modules,
     validate_memory_layers,
 )
 from .capture import prefill_chunk_length
@@ -50,6 +48,7 @@ from .errors import FmIndexError, first_line
 from .hisparse import HiSparseCSACache, build_hisparse_cache
 from .lsa_cache import build_lsa_cache, install_lsa_compressors, pooled_layers
 from .memory_indexer import load_memory_indexer
+from .placement import execution_device, offloaded_modules
 from .policies import ResidentPolicy, TriggerState, make_policy
 from .prefetch import ResidentPrefetcher
 from .residency import ResidentSet
@@ -192,7 +191,7 @@ class Session:
 
         ``device_map`` spreads the decoder layers over devices instead of putting the model on ``device``
         ("auto", "balanced", ``"0:0-21,1:22-42"``, ``"0:0-30,cpu:31-42"``, a dict of module -> device; see
-        :func:`lsa_runtime.backbone.parse_device_map`); each CSA layer's cold-pool fetches, resident set and
+        :func:`lsa_runtime.placement.parse_device_map`); each CSA layer's cold-pool fetches, resident set and
         memory keys then live on that layer's device."""
         if device is not None and device_map is not None:
             raise SessionError("give device= or device_map=, not both")

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from cli import app
 from fm_eval.runner import EvalConfig
 from indexer_train.build_labels import LabelParams, build_labels
-from lsa_runtime.backbone import BackboneError, execution_device, load_backbone, offloaded_modules
+from lsa_runtime.backbone import BackboneError, load_backbone
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+from lsa_runtime.placement import execution_device, offloaded_modules
 from lsa_runtime.session import Session, SessionError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,8 +16,9 @@ import torch
 
 from indexer_train.build_labels import LabelParams, build_labels
 from indexer_train.shards import LabelShards
-from lsa_runtime import backbone
-from lsa_runtime.backbone import BackboneError, checkpoint_weights, load_backbone, parse_device_map
+from lsa_runtime import backbone, placement
+from lsa_runtime.backbone import BackboneError, load_backbone
+from lsa_runtime.placement import checkpoint_weights, parse_device_map
 from lsa_runtime.session import Session
 from tests.official_checkpoint import write_official_checkpoint
 
@@ -214,7 +215,7 @@ def test_release_tensors_get_the_dtypes_of_the_unquantized_load(mini, reference)
     model, _ = load_backbone(mini.official)
     params = dict(model.named_parameters())
     stored_bf16 = [name for name in params if _STORED_BF16.search(name)]
-    headers = backbone.read_safetensors_headers(mini.official)
+    headers = placement.read_safetensors_headers(mini.official)
     assert len(stored_bf16) == sum(e["dtype"] == "BF16" for n, e in headers.items() if not n.startswith("mtp."))
     for name in stored_bf16:
         params[name].data = params[name].data.to(torch.bfloat16)
@@ -262,7 +263,7 @@ def test_device_maps_load_the_same_model(mini, reference, prompt_ids, device_map
     """Same weights, same arithmetic: exact ("auto" on a GPU machine loads both on the GPU, in bf16)."""
     model, _ = load_backbone(mini.official, device_map=device_map)
     ids = prompt_ids[:64]
-    device = backbone.execution_device(model.model.embed_tokens)
+    device = placement.execution_device(model.model.embed_tokens)
     if device.type != "cpu":  # the twin loaded the same way: same device, same dtype (bf16 on a GPU)
         reference, _ = load_backbone(mini.reference, device_map=device_map)
     assert torch.equal(_logits(model, ids.to(device)), _logits(reference, ids.to(device)))
@@ -356,7 +357,7 @@ def test_bad_device_maps_are_refused_first(mini, no_weight_read, device_map, mes
 def test_a_dtype_larger_than_the_host_is_refused_with_the_numbers(mini, no_weight_read, monkeypatch, capsys):
     units = checkpoint_weights(mini.official).values()
     fp32, bf16 = (sum(w.nbytes(size, quantized=False) for w in units) for size in (4, 2))
-    monkeypatch.setattr(backbone, "host_memory_bytes", lambda: bf16)
+    monkeypatch.setattr(placement, "host_memory_bytes", lambda: bf16)
     with pytest.raises(BackboneError) as caught:
         load_backbone(mini.official)  # float32: the CPU default
     assert capsys.readouterr().err == ""  # refused before announcing a dequantization that does not happen
