@@ -1,0 +1,66 @@
+"""Compare two label directories table for table: every row of rows/*.arrow keyed by (doc_index, layer, position)
+and every keys/*.arrow table by file name. Reads the Arrow files with pyarrow alone (no datasets).
+Prints one line; exit 0 when equal, 1 otherwise.
+
+    python docs/bench_results/two_gpu/compare_labels.py DIR_A DIR_B [--what NAME]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+
+def read_table(path: Path) -> pa.Table:
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def rows(directory: Path) -> dict:
+    out = {}
+    for path in sorted((directory / "rows").glob("*.arrow")):
+        for row in read_table(path).to_pylist():
+            out[(row["doc_index"], row["layer"], row["position"])] = row
+    return out
+
+
+def keys(directory: Path) -> dict:
+    return {path.name: read_table(path) for path in sorted((directory / "keys").glob("*.arrow"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("--what", default="labels")
+    args = parser.parse_args()
+    a, b = Path(args.a), Path(args.b)
+    ra, rb = rows(a), rows(b)
+    ka, kb = keys(a), keys(b)
+    problems = []
+    if not ra:
+        problems.append(f"{a} holds no label rows")
+    if ra.keys() != rb.keys():
+        problems.append(f"row keys differ ({len(ra)} vs {len(rb)} rows)")
+    else:
+        diff = [k for k in ra if ra[k] != rb[k]]
+        if diff:
+            cols = sorted({c for k in diff[:20] for c in ra[k] if ra[k][c] != rb[k][c]})
+            problems.append(f"{len(diff)} of {len(ra)} rows differ (columns {cols}; first {diff[0]})")
+    if ka.keys() != kb.keys():
+        problems.append(f"key files differ ({sorted(ka)} vs {sorted(kb)})")
+    else:
+        bad = [name for name in ka if not ka[name].equals(kb[name])]
+        if bad:
+            problems.append(f"{len(bad)} of {len(ka)} key tables differ (first {bad[0]})")
+    if problems:
+        print(f"{args.what}: DIFFERENT: " + "; ".join(problems))
+        sys.exit(1)
+    print(f"{args.what}: EQUAL: {len(ra)} label rows, {len(ka)} key tables")
+
+
+if __name__ == "__main__":
+    main()
