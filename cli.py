@@ -42,6 +42,9 @@ DEVICE_MAP_OPTION_HELP = ("Spread the backbone's layers over devices instead of 
                    "cuda:N or cpu, e.g. 0:0-21,1:22-42 (two GPUs) or 0:0-33,cpu:34-42 (CPU offload: layers 34-42 "
                    "keep their weights in host memory and run on GPU 0, streamed at every step: slow, a last "
                    "resort). Run `fm-index plan` first to see what fits.")
+POOL_STORAGE_HELP = ("How the CPU cold pool holds every CSA entry: model (the model's dtype, exact) or fp8 (e4m3 "
+                     "with a scale per 64 values: about half the host memory of bf16; fetched entries carry e4m3 "
+                     "rounding, docs/RESULTS.md measures the effect).")
 KEEP_RECENT_HELP = ("lsa: the recency tail, the newest entries kept resident at every trigger (default: the "
                     "export's; exports made by fm-index set 4 x the backbone's top-k, the release's 2,048 on "
                     "V4-Flash).")
@@ -479,6 +482,7 @@ def generate_command(
     keep_recent: int = typer.Option(None, "--keep-recent", help=KEEP_RECENT_HELP),
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
+    pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
 ):
     """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
 
@@ -505,7 +509,8 @@ def generate_command(
             raise FmIndexError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
-                           keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble)
+                           keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble,
+                           pool_storage=pool_storage)
     if device is not None and device_map is not None:
         raise FmIndexError("give --device or --device-map, not both")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
@@ -567,6 +572,7 @@ def evaluate_command(
     keep_recent: int = typer.Option(None, "--keep-recent", help=KEEP_RECENT_HELP),
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
+    pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
 ):
     """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
 
@@ -588,7 +594,7 @@ def evaluate_command(
         device=device or _default_device(), device_map=device_map, dtype=dtype, haystack_packages=packages, tau=tau,
         threshold=threshold,
         budget=budget, prefetch_steps=prefetch_steps, keep_recent=keep_recent, keep_first=keep_first,
-        ensemble=ensemble).check()
+        ensemble=ensemble, pool_storage=pool_storage).check()
     progress = _progress()
 
     class RichReporter(Reporter):
@@ -666,6 +672,9 @@ def plan_command(
                                     "trigger)."),
     tau: int = typer.Option(64, "--tau", help="LSA: decode steps between triggers (room for the entries born "
                             "meanwhile is kept resident)."),
+    pool_storage: str = typer.Option("model", "--pool-storage", help="LSA: how the cold pool holds entries on the "
+                                     "host: model (the KV dtype) or fp8 (e4m3 + a scale per 64 values, Session("
+                                     "pool_storage='fp8'))."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout instead of tables."),
 ):
     """Plan GPU and host memory for full and LSA decoding from the model's config alone (no weights are read).
@@ -700,7 +709,8 @@ def plan_command(
                             reserve_fraction=fraction, reserve_bytes=reserve_bytes, kv_placement=kv_placement,
                             host_memory=parse_size(host_memory, "--host-memory") if host_memory else None)
     settings = LSASettings(resident_fraction=resident_fraction, keep_recent=keep_recent,
-                           memory_layers=memory_layers, memory_keys=memory_keys, tau=tau)
+                           memory_layers=memory_layers, memory_keys=memory_keys, tau=tau,
+                           pool_storage=pool_storage)
     contexts = parse_contexts(context)
     plan = plan_memory(load_plan_config(model), contexts, hardware, settings, kv_dtype, model=model)
     if as_json:

@@ -56,7 +56,7 @@ NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
-                     "ensemble")
+                     "ensemble", "pool_storage")
 
 
 class EvaluationError(FmIndexError):
@@ -86,6 +86,7 @@ class EvalConfig:
     prefetch_steps: int = 0  # Session(prefetch_steps=...): triggers prepared this many steps ahead, off-thread
     keep_recent: int | None = None  # lsa's recency tail, entries (None: the export's)
     keep_first: int | None = None  # lsa's sink, entries (None: the export's)
+    pool_storage: str = "model"  # the cold pool's host rows: model dtype or fp8 (SessionConfig.pool_storage)
     ensemble: str | None = None  # lsa's combination of the memory layers' scores: max or mean (None: the export's)
 
     def check(self) -> "EvalConfig":
@@ -109,7 +110,8 @@ class EvalConfig:
                                   + (f" with --tau {self.tau}" if self.tau is not None else ""))
         if not self.haystack_packages:
             raise EvaluationError("no haystack package given")
-        SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble)
+        SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble,
+                      pool_storage=self.pool_storage)
         parse_device(self.device)
         if self.device_map is not None:
             parse_device_map(self.device_map, load_config(self.model))
@@ -122,6 +124,8 @@ class EvalConfig:
         blob = asdict(self)
         if not blob["prefetch_steps"]:  # 0, the default: absent, so evaluations from before the option resume
             del blob["prefetch_steps"]
+        if blob["pool_storage"] == "model":  # likewise
+            del blob["pool_storage"]
         for key in ("keep_recent", "keep_first", "ensemble"):  # likewise for the export's defaults
             if blob[key] is None:
                 del blob[key]
@@ -408,7 +412,7 @@ class Evaluation:
         cfg = self.config
         return SessionConfig(mode=mode, tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
-                             keep_first=cfg.keep_first, ensemble=cfg.ensemble,
+                             keep_first=cfg.keep_first, ensemble=cfg.ensemble, pool_storage=cfg.pool_storage,
                              budget=self._buffer_rows(budget) if mode == "hisparse" else
                              budget if mode in BUDGETED else None)
 

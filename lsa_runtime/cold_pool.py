@@ -38,6 +38,34 @@ from .kernels.pool_gather import gather_rows, gather_rows_layers, zero_copy_avai
 PURPOSES = ("prefill", "fetch")
 
 
+POOL_STORAGE = ("model", "fp8")  # the model's dtype, or FP8 e4m3 with one fp32 scale per FP8_BLOCK values
+FP8_BLOCK = 64
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def _blocks(width: int) -> list[int]:
+    """Block widths of a row: FP8_BLOCK values each, the last one the remainder."""
+    return [min(FP8_BLOCK, width - start) for start in range(0, width, FP8_BLOCK)]
+
+
+def quantize_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` [n, w] -> (e4m3 bit patterns as uint8 [n, w], fp32 scales [n, ceil(w / FP8_BLOCK)]): each block of
+    FP8_BLOCK values is divided by absmax / 448 (an all-zero block keeps scale 1) and rounded to e4m3."""
+    x = rows.float()
+    parts = torch.split(x, FP8_BLOCK, dim=1)
+    scales = torch.stack([part.abs().amax(dim=1) for part in parts], dim=1) / FP8_MAX
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.cat([part / scales[:, i : i + 1] for i, part in enumerate(parts)], dim=1)
+    return q.to(torch.float8_e4m3fn).view(torch.uint8), scales
+
+
+def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`quantize_fp8` (up to e4m3 rounding), in ``dtype``."""
+    x = q.view(torch.float8_e4m3fn).float()
+    parts = torch.split(x, FP8_BLOCK, dim=1)
+    return torch.cat([part * scales[:, i : i + 1] for i, part in enumerate(parts)], dim=1).to(dtype)
+
+
 def pinning_available() -> bool:
     """Pinned (page-locked) host memory exists only with a CUDA runtime."""
     return torch.cuda.is_available()
@@ -125,16 +153,25 @@ class ColdPool:
     NAMES = ("compressor", "indexer")
 
     def __init__(self, layers, widths: dict[str, int], dtype: torch.dtype, pin: bool | None = None,
-                 initial_entries: int = 0, zero_copy: bool = True):
+                 initial_entries: int = 0, zero_copy: bool = True, storage: str = "model"):
+        if storage not in POOL_STORAGE:
+            raise ValueError(f"pool storage must be one of {', '.join(POOL_STORAGE)}, got {storage!r}")
         self.layers = [int(x) for x in layers]
         self.widths = dict(widths)
-        self.dtype = dtype
+        self.dtype = dtype  # what gathers return: the model's dtype
+        self.storage = storage
         self.pin = pinning_available() if pin is None else bool(pin) and pinning_available()
+        stored = torch.uint8 if storage == "fp8" else dtype  # fp8: e4m3 bit patterns (host kernels index uint8)
         self.rows: dict[tuple[int, str], GrowingRows] = {
-            (layer, name): GrowingRows(self.widths[name], dtype, "cpu", pin=self.pin, capacity=initial_entries,
+            (layer, name): GrowingRows(self.widths[name], stored, "cpu", pin=self.pin, capacity=initial_entries,
                                        growth=1.0, min_growth=1024)
             for layer in self.layers for name in self.NAMES
         }
+        # fp8: one fp32 scale per FP8_BLOCK values of a row (absmax / 448), beside the rows
+        self.scales: dict[tuple[int, str], GrowingRows] = {
+            key: GrowingRows(len(_blocks(self.widths[key[1]])), torch.float32, "cpu", pin=self.pin,
+                             capacity=initial_entries, growth=1.0, min_growth=1024)
+            for key in self.rows} if storage == "fp8" else {}
         self._staging: dict[str, torch.Tensor] = {}
         self._staging_ready: dict[str, object] = {}
         self._appended = None  # CUDA event after the last asynchronous device->host append
@@ -168,11 +205,16 @@ class ColdPool:
         asynchronous (no stall per emitted entry); readers of the pool wait for it (:meth:`_wait_appends`)."""
         rows = self.rows[(layer, name)]
         asynchronous = self.pin and entries.device.type == "cuda"
+        entries = entries.detach()
+        if self.storage == "fp8":
+            entries, scales = quantize_fp8(entries)  # on the entries' device, before the copy to the host
         with self._lock:
             if rows.needs_growth(entries.shape[0]):
                 self._wait_appends()  # growing copies the host rows: pending copies into them must have landed
                 self._wait_reads()  # ... and frees the old rows, which a zero-copy gather may still be reading
-            rows.append(entries.detach(), non_blocking=asynchronous)
+            rows.append(entries, non_blocking=asynchronous)
+            if self.storage == "fp8":
+                self.scales[(layer, name)].append(scales, non_blocking=asynchronous)
             if asynchronous:
                 event = torch.cuda.Event()
                 event.record()
@@ -191,6 +233,8 @@ class ColdPool:
     def host_rows(self, layer: int, name: str) -> torch.Tensor:
         """All rows of ``layer``/``name`` on the host, ``[count, width]`` (a view)."""
         self._wait_appends()
+        if self.storage == "fp8":  # a dequantized copy
+            return dequantize_fp8(self.rows[(layer, name)].view(), self.scales[(layer, name)].view(), self.dtype)
         return self.rows[(layer, name)].view()
 
     def stream_prefix(self, layer: int, name: str, n: int, device: torch.device | str,
@@ -204,6 +248,10 @@ class ColdPool:
         with self._lock:
             rows = self.rows[(layer, name)].view()[: int(n)]
             out = rows.to(device, non_blocking=self.pin, copy=True)  # never a view of the pool (CPU)
+            if self.storage == "fp8":
+                scales = self.scales[(layer, name)].view()[: int(n)].to(device, non_blocking=self.pin, copy=True)
+                out = dequantize_fp8(out, scales, self.dtype)
+                self._count(purpose, scales.shape[0], scales.shape[1], scales.element_size())
             if self.pin and torch.device(device).type == "cuda":  # a growth must not free rows this copy reads
                 self._read = torch.cuda.Event()
                 self._read.record()
@@ -231,6 +279,8 @@ class ColdPool:
         if ids.numel() and int(ids.max()) >= source.shape[0]:
             raise IndexError(f"entry {int(ids.max())} is not in the cold pool of layer {layer} "
                              f"({source.shape[0]} entries)")
+        if self.storage == "fp8":
+            return self._gather_fp8(layer, name, ids, device, purpose)
         if self.zero_copy and device.type == "cuda" and zero_copy_available(source, device):
             out = gather_rows(source, ids if device_ids is None else device_ids, device)
             self._read = torch.cuda.Event()
@@ -251,12 +301,28 @@ class ColdPool:
         self._count(purpose, n, width, source.element_size())
         return out
 
+    def _gather_fp8(self, layer, name, ids, device, purpose):
+        """fp8 storage: the rows and their scales gathered on the host, copied, dequantized on ``device``."""
+        ids = ids.to("cpu", torch.long).reshape(-1)
+        parts = []
+        for store, key in ((self.rows, name), (self.scales, name + ".scale")):
+            source = store[(layer, name)].view()
+            staging = self._staging_buffer(key, ids.numel(), source.shape[1], source.dtype)[: ids.numel()]
+            torch.index_select(source, 0, ids, out=staging)
+            parts.append(staging.to(device, non_blocking=self.pin, copy=True))
+            if self.pin and device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+                self._staging_ready[key] = event
+            self._count(purpose, ids.numel(), source.shape[1], source.element_size())
+        return dequantize_fp8(parts[0], parts[1], self.dtype)
+
     def gather_layers_available(self, device: torch.device | str | None) -> bool:
         """Whether :meth:`gather_layers` can run: the zero-copy gather to a CUDA ``device`` from a pinned pool
         (or the Triton interpreter on the CPU, for checks)."""
         import os
 
-        if device is None or not self.zero_copy:
+        if device is None or not self.zero_copy or self.storage == "fp8":
             return False
         source = self.rows[(self.layers[0], self.NAMES[0])].data
         if os.environ.get("TRITON_INTERPRET") == "1":
@@ -280,23 +346,24 @@ class ColdPool:
                 self._read.record()
             self._count(purpose, ids.numel() * len(layers), self.widths[name], out.element_size())
 
-    def _staging_buffer(self, name: str, n: int, width: int) -> torch.Tensor:
+    def _staging_buffer(self, name: str, n: int, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         ready = self._staging_ready.pop(name, None)
         if ready is not None:
             ready.synchronize()  # the previous async copy still reads this buffer
         buffer = self._staging.get(name)
         if buffer is None or buffer.shape[0] < n:
             capacity = max(n, 2 * buffer.shape[0] if buffer is not None else 256)
-            buffer = torch.empty((capacity, width), dtype=self.dtype, pin_memory=self.pin)
+            buffer = torch.empty((capacity, width), dtype=dtype or self.dtype, pin_memory=self.pin)
             self._staging[name] = buffer
         return buffer
 
     @property
     def nbytes(self) -> int:
         """Host bytes allocated by the pool (row stores; the staging buffers excluded)."""
-        return sum(rows.nbytes for rows in self.rows.values())
+        return sum(rows.nbytes for rows in (*self.rows.values(), *self.scales.values()))
 
     @property
     def used_bytes(self) -> int:
         """Host bytes of the stored entries (what the pool must hold at minimum)."""
-        return sum(len(rows) * rows.width * rows.data.element_size() for rows in self.rows.values())
+        return sum(len(rows) * rows.width * rows.data.element_size()
+                   for rows in (*self.rows.values(), *self.scales.values()))

@@ -21,6 +21,7 @@ BUDGETED_MODES = ("recent", "random", "hisparse")  # modes that need a budget
 DEFAULT_TAU = 64
 DEFAULT_THRESHOLD = 0.5
 MEMORY_KEYS = ("device", "pool")
+POOL_STORAGE = ("model", "fp8")  # the cold pool's host rows (cold_pool.POOL_STORAGE)
 
 
 class SessionError(FmIndexError):
@@ -93,7 +94,9 @@ class SessionConfig:
       on a CUDA device);
     * ``keep_recent`` / ``keep_first`` / ``ensemble`` (mode lsa; None: the export's): the recency tail (the newest
       entries, always resident), the sink (the first entries, always resident), and how the memory layers'
-      scores combine (``max``: the OR rule; ``mean``), as the authors' release builds the resident set.
+      scores combine (``max``: the OR rule; ``mean``), as the authors' release builds the resident set;
+    * ``pool_storage``: how the cold pool holds entries on the host: ``model`` (the model's dtype, exact) or
+      ``fp8`` (e4m3 with one fp32 scale per 64 values: 0.53x of bf16 host memory, fetched rows rounded to e4m3).
     """
 
     mode: str = "lsa"
@@ -109,6 +112,7 @@ class SessionConfig:
     keep_recent: int | None = None
     keep_first: int | None = None
     ensemble: str | None = None
+    pool_storage: str = "model"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -136,6 +140,8 @@ class SessionConfig:
                 object.__setattr__(self, name, check_count(getattr(self, name), name))
         if self.ensemble is not None:
             check_ensemble(self.ensemble)
+        if self.pool_storage not in POOL_STORAGE:
+            raise SessionError(f"pool_storage (--pool-storage) must be 'model' or 'fp8', got {self.pool_storage!r}")
         if self.memory_keys not in MEMORY_KEYS:
             raise SessionError(f"memory_keys (--memory-keys) must be 'device' or 'pool', got {self.memory_keys!r}")
         tau = self.tau if self.tau is not None else DEFAULT_TAU

@@ -294,6 +294,7 @@ class LSASettings:
     memory_layers: int | None = None
     memory_keys: str = "device"
     tau: int = 64
+    pool_storage: str = "model"  # the cold pool's host rows: the KV dtype, or fp8 (e4m3 + an fp32 scale per 64)
 
     def __post_init__(self):
         fraction = self.resident_fraction
@@ -303,6 +304,8 @@ class LSASettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise PlanError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value}")
+        if self.pool_storage not in ("model", "fp8"):
+            raise PlanError(f"--pool-storage must be model or fp8, got {self.pool_storage!r}")
         if self.memory_keys not in ("device", "pool"):
             raise PlanError(f"--memory-keys must be device or pool, got {self.memory_keys!r}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1:
@@ -408,8 +411,10 @@ def sequence_state(config, context: int, mode: str, lsa: LSASettings | None = No
     device["memory_index_keys"] = keys_layers * entries * ihd * item
     slack = keys_layers * max(int(entries * GROWTH_SLACK), 64) * ihd * item if keys_layers and entries else 0
     transient = (n_csa - keys_layers) * entries * ihd * item  # prefill: every CSA layer's K^IComp on the device
-    pool = n_csa * entries * (hd + ihd) * item
-    allocated = n_csa * pool_capacity(entries) * (hd + ihd) * item
+    per_entry = (hd + ihd) * item if lsa.pool_storage == "model" else \
+        sum(width + 4 * -(-width // 64) for width in (hd, ihd))  # fp8: e4m3 bytes + fp32 scale per 64 values
+    pool = n_csa * entries * per_entry
+    allocated = n_csa * pool_capacity(entries) * per_entry
     return SequenceState(mode, L, entries, selected, device, slack, transient, pool, allocated)
 
 

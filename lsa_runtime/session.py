@@ -238,7 +238,8 @@ class Session:
             return DecodeState(cache=DynamicCache(config=self.backbone_config))
         widths = {"compressor": self.backbone_config.head_dim, "indexer": self.backbone_config.index_head_dim}
         dtype = self.decoder.layers[self.csa_layers[0]].self_attn.compressor.kv_proj.weight.dtype
-        pool = ColdPool(self.csa_layers, widths, dtype=dtype, initial_entries=tokens // self.rate + 1)
+        pool = ColdPool(self.csa_layers, widths, dtype=dtype, initial_entries=tokens // self.rate + 1,
+                        storage=self.config.pool_storage)
         if self.hisparse:
             return DecodeState(cache=build_hisparse_cache(self.backbone_config, pool, self.config.budget), pool=pool)
         residency = ResidentSet(self.csa_layers, widths, pool, {L: self.layer_devices[L] for L in self.csa_layers},

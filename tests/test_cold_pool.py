@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lsa_runtime.cold_pool import ColdPool, GrowingRows, pinning_available
+from lsa_runtime.cold_pool import ColdPool, GrowingRows, dequantize_fp8, pinning_available, quantize_fp8
 
 
 def test_growing_rows_appends_and_counts_capacity():
@@ -70,3 +70,59 @@ def test_pool_zero_copy_gather_equals_staged_gather_across_growth():
         pool.zero_copy = True
         assert torch.equal(fast.cpu(), everything[ids]) and torch.equal(staged.cpu(), everything[ids])
     assert pool.moved_rows() == 6 * 777
+
+
+# ---- fp8 storage ----------------------------------------------------------------------------------------------
+
+def _e4m3_values() -> torch.Tensor:
+    """Every finite non-negative e4m3 value, from its bit patterns (sign 0): the oracle of exact round trips."""
+    bits = torch.arange(0, 127, dtype=torch.uint8)  # 0x7f is NaN
+    return bits.view(torch.float8_e4m3fn).float()
+
+
+def test_fp8_round_trip_is_exact_on_e4m3_values_times_the_block_scale():
+    """A block whose absmax is 448 * s and whose values are e4m3 values times s comes back exactly (scale = s)."""
+    gen = torch.Generator().manual_seed(0)
+    values = _e4m3_values()
+    picks = values[torch.randint(0, values.numel(), (3, 160), generator=gen)]
+    picks[:, 0], picks[:, 64], picks[:, 128] = 448.0, 448.0, 448.0  # every block reaches the largest value
+    signs = torch.where(torch.rand(3, 160, generator=gen) < 0.5, -1.0, 1.0)
+    block_scales = torch.tensor([[0.25, 2.0 ** -9, 8.0], [1.0, 0.5, 2.0], [2.0 ** -3, 4.0, 1.0]])
+    x = picks * signs * block_scales.repeat_interleave(torch.tensor([64, 64, 32]), dim=1)
+    q, scales = quantize_fp8(x)
+    assert q.dtype == torch.uint8 and scales.shape == (3, 3)
+    assert torch.equal(scales, block_scales)
+    assert torch.equal(dequantize_fp8(q, scales, torch.float32), x)
+
+
+def test_fp8_rounding_error_is_within_half_an_e4m3_step():
+    """Normal e4m3 values have 3 mantissa bits: rounding to nearest errs by at most 2^-4 of the value; below the
+    smallest normal (2^-6 of the scale) the step is 2^-9 of the scale, so the error is at most 2^-10 of it."""
+    x = torch.randn(64, 192, generator=torch.Generator().manual_seed(1)) * 5
+    x[0] = 0.0  # an all-zero row keeps scale 1 and comes back as zeros
+    q, scales = quantize_fp8(x)
+    y = dequantize_fp8(q, scales, torch.float32)
+    s = scales.repeat_interleave(64, dim=1)
+    assert torch.all((y - x).abs() <= torch.maximum(x.abs() * 2.0 ** -4, s * 2.0 ** -10) * (1 + 1e-6))
+    assert torch.equal(y[0], torch.zeros(192)) and torch.equal(scales[0], torch.ones(3))
+
+
+def test_fp8_pool_gathers_dequantized_rows_and_counts_stored_bytes():
+    gen = torch.Generator().manual_seed(2)
+    pool = ColdPool([2, 4], {"compressor": 128, "indexer": 32}, torch.float32, storage="fp8")
+    rows = {name: torch.randn(40, width, generator=gen) for name, width in pool.widths.items()}
+    for layer in pool.layers:
+        for name in pool.NAMES:
+            pool.append(layer, name, rows[name][:25])
+            pool.append(layer, name, rows[name][25:])
+    ids = torch.tensor([39, 0, 17, 17])
+    got = pool.gather(4, "compressor", ids, "cpu")
+    want = dequantize_fp8(*quantize_fp8(rows["compressor"]), torch.float32)[ids]
+    assert torch.equal(got, want)
+    assert pool.moved_bytes() == 4 * (128 + 2 * 4)  # e4m3 bytes + two fp32 block scales per row
+    assert torch.equal(pool.stream_prefix(2, "indexer", 5, "cpu"),
+                       dequantize_fp8(*quantize_fp8(rows["indexer"][:5]), torch.float32))
+    assert pool.used_bytes == 2 * 40 * ((128 + 2 * 4) + (32 + 1 * 4))
+    assert not pool.gather_layers_available("cpu")
+    with pytest.raises(ValueError, match="storage"):
+        ColdPool([2], {"compressor": 8, "indexer": 8}, torch.float32, storage="int4")

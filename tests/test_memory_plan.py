@@ -301,3 +301,24 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, says):
     assert result.exit_code == 2, (result.exit_code, result.output)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], result.output
+
+
+def test_fp8_pool_storage_matches_the_cold_pools_own_bytes():
+    """The plan's host pool for pool_storage="fp8" equals what a ColdPool with that storage holds for the same
+    entries (its rows and scales, counted by the pool itself)."""
+    from lsa_runtime.backbone import csa_layers, load_config
+    from lsa_runtime.cold_pool import ColdPool
+    from lsa_runtime.memory_plan import LSASettings, sequence_state
+
+    config = load_config("reference")
+    context = 4096
+    entries = context // config.compress_rates["compressed_sparse_attention"]
+    pool = ColdPool(csa_layers(config), {"compressor": config.head_dim, "indexer": config.index_head_dim},
+                    torch.bfloat16, storage="fp8")
+    for layer in pool.layers:
+        for name, width in pool.widths.items():
+            pool.append(layer, name, torch.ones(entries, width))
+    state = sequence_state(config, context, "lsa", LSASettings(pool_storage="fp8"))
+    assert state.host_pool_bytes == pool.used_bytes
+    model = sequence_state(config, context, "lsa", LSASettings())
+    assert state.host_pool_bytes < 0.6 * model.host_pool_bytes

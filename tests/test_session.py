@@ -365,3 +365,32 @@ def test_the_cold_pool_is_allocated_once_at_the_conversations_size(backbone):
     csa = sum(1 for t in config.layer_types if t == "compressed_sparse_attention")
     assert out.stats.cold_pool_bytes == csa * entries * (config.head_dim + config.index_head_dim) * 4  # fp32
     assert out.stats.device_bytes_by_device == {"cpu": out.stats.device_total}
+
+
+def test_fp8_pool_holds_the_entries_in_e4m3_and_fetches_them_dequantized(backbone, prompt_ids):
+    """pool_storage="fp8": host bytes per entry are the e4m3 row plus one fp32 scale per 64 values (counted here
+    from the widths), and the resident rows a trigger fetched are the pool's rows rounded through e4m3."""
+    from lsa_runtime.cold_pool import dequantize_fp8, quantize_fp8
+
+    model, tok = backbone
+    runs = {}
+    for storage in ("model", "fp8"):
+        session = Session(model, tok, mode="all", tau=TAU, pool_storage=storage)
+        session.generate(prompt_ids, max_new_tokens=2)  # one trigger, right after the prefill: it fetches every row
+        runs[storage] = session
+    exact, compact = runs["model"], runs["fp8"]
+    config = model.config
+    widths = (config.head_dim, config.index_head_dim)
+    capacity = compact.cold_pool.rows[(compact.cold_pool.layers[0], "compressor")].capacity
+    per_entry = sum(w + 4 * -(-w // 64) for w in widths)
+    assert compact.stats.cold_pool_bytes == len(compact.cold_pool.layers) * capacity * per_entry
+    assert exact.stats.cold_pool_bytes == len(exact.cold_pool.layers) * capacity * sum(widths) * 4  # fp32 model
+    layer = compact.cold_pool.layers[0]
+    prefill = PROMPT_TOKENS // config.compress_rates["compressed_sparse_attention"]  # entries from the prefill alone
+    exact_rows = exact.cold_pool.host_rows(layer, "compressor")[:prefill]
+    assert torch.equal(compact.cold_pool.host_rows(layer, "compressor")[:prefill],
+                       dequantize_fp8(*quantize_fp8(exact_rows), torch.float32))
+    fetched = compact.stats.selected_per_trigger[-1]  # (entries born later are appended from the device, exact)
+    ids = compact.residency.ids[:fetched].cpu()
+    assert fetched > 0 and torch.equal(compact.residency.rows(layer, "compressor")[:fetched].cpu(),
+                                       compact.cold_pool.host_rows(layer, "compressor")[ids])
