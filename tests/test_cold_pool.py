@@ -126,3 +126,22 @@ def test_fp8_pool_gathers_dequantized_rows_and_counts_stored_bytes():
     assert not pool.gather_layers_available("cpu")
     with pytest.raises(ValueError, match="storage"):
         ColdPool([2], {"compressor": 8, "indexer": 8}, torch.float32, storage="int4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp8_pool_on_a_gpu_equals_the_cpu_path():
+    """Pinned fp8 rows quantized on the GPU (asynchronous appends), gathered and streamed to the GPU: the same
+    values as the same pool on the CPU."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(300, 128, generator=gen).to(torch.bfloat16)
+    pools = [ColdPool([2], {"compressor": 128, "indexer": 128}, torch.bfloat16, storage="fp8", pin=pin)
+             for pin in (False, True)]
+    for pool, device in zip(pools, ("cpu", "cuda")):
+        for name in pool.NAMES:
+            pool.append(2, name, rows[:100].to(device))
+            pool.append(2, name, rows[100:].to(device))
+    ids = torch.tensor([299, 3, 150, 3])
+    assert torch.equal(pools[1].gather(2, "compressor", ids, "cuda").cpu(), pools[0].gather(2, "compressor", ids, "cpu"))
+    assert torch.equal(pools[1].stream_prefix(2, "indexer", 200, "cuda").cpu(),
+                       pools[0].stream_prefix(2, "indexer", 200, "cpu"))

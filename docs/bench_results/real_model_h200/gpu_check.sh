@@ -6,7 +6,7 @@ start=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, sys; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', sys.version.split()[0])"; } 2>&1 | tee $OUT/env.txt
 timeout 330 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rfEs -s --tb=short tests/test_device_map.py \
-  tests/test_official_checkpoint.py tests/test_residency.py > $OUT/gpu_tests_full.txt 2>&1; grep -E "^(FAILED|ERROR|SKIPPED|PASSED)|passed|failed|release miniature|^E  " $OUT/gpu_tests_full.txt | head -60 | tee $OUT/gpu_tests.txt
+  tests/test_official_checkpoint.py tests/test_residency.py tests/test_cold_pool.py > $OUT/gpu_tests_full.txt 2>&1; grep -E "^(FAILED|ERROR|SKIPPED|PASSED)|passed|failed|release miniature|^E  " $OUT/gpu_tests_full.txt | head -60 | tee $OUT/gpu_tests.txt
 echo "tests done at $(( $(date +%s) - start )) s" | tee -a $OUT/gpu_tests.txt
 timeout 200 python3 bench/bench_plan.py --contexts 16384,32768 --json $OUT/plan.json 2>&1 | grep -v -i warning | tee $OUT/plan.txt
 echo "all done at $(( $(date +%s) - start )) s"
