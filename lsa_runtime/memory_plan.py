@@ -55,6 +55,7 @@ Three questions, each a pure function of a ``DeepseekV4Config`` and a few stated
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -516,10 +517,11 @@ class MemoryPlan:
     hardware: Hardware | None = None
     capacities: tuple[tuple[Capacity, Capacity], ...] = ()
     layers: dict = field(default_factory=dict)
+    dequantized_bytes: int | None = None  # an FP8/FP4 checkpoint: its weights dequantized to the config's dtype
 
     def as_dict(self) -> dict:
         out = {"model": self.model, "kv_dtype": self.kv_dtype, "layers": self.layers, "lsa": asdict(self.lsa),
-               "weights": self.weights.as_dict(),
+               "weights": self.weights.as_dict(), "dequantized_weight_bytes": self.dequantized_bytes,
                "hardware": self.hardware.as_dict() if self.hardware else None,
                "weights_per_gpu": math.ceil(self.weights.bytes / self.hardware.gpus) if self.hardware else None,
                "contexts": []}
@@ -548,6 +550,9 @@ class MemoryPlan:
         if self.hardware is not None:
             weights.add_row(f"per GPU (an even split over {self.hardware.gpus})", "",
                             human(math.ceil(self.weights.bytes / self.hardware.gpus)))
+        if self.dequantized_bytes is not None:
+            weights.add_row("dequantized instead (where transformers' FP8/FP4 kernels cannot run; not planned)", "",
+                            human(self.dequantized_bytes))
 
         lsa = self.lsa
         where = "on the device" if lsa.memory_keys == "device" else "streamed from the pool"
@@ -609,6 +614,11 @@ def plan_memory(config, contexts, hardware: Hardware | None = None, lsa: LSASett
             raise PlanError(f"context {context:,} tokens is longer than the model's maximum "
                             f"({limit:,}, max_position_embeddings)")
     weights = count_weights(config)
+    dequantized = None
+    if getattr(config, "quantization_config", None) is not None:
+        plain = copy.copy(config)
+        plain.quantization_config = None
+        dequantized = count_weights(plain).bytes
     states = tuple((sequence_state(config, c, "full", lsa, kv_dtype), sequence_state(config, c, "lsa", lsa, kv_dtype))
                    for c in contexts)
     capacities = ()
@@ -620,7 +630,7 @@ def plan_memory(config, contexts, hardware: Hardware | None = None, lsa: LSASett
               "csa_rate": config.compress_rates[CSA], "hca_rate": config.compress_rates[HCA],
               "sliding_window": config.sliding_window, "head_dim": config.head_dim,
               "index_head_dim": config.index_head_dim}
-    return MemoryPlan(model, kv_dtype, lsa, weights, states, hardware, capacities, layers)
+    return MemoryPlan(model, kv_dtype, lsa, weights, states, hardware, capacities, layers, dequantized)
 
 
 def check_deepseek_v4(config) -> None:

@@ -322,3 +322,15 @@ def test_fp8_pool_storage_matches_the_cold_pools_own_bytes():
     assert state.host_pool_bytes == pool.used_bytes
     model = sequence_state(config, context, "lsa", LSASettings())
     assert state.host_pool_bytes < 0.6 * model.host_pool_bytes
+
+
+def test_the_plan_names_the_dequantized_size_of_a_quantized_checkpoint():
+    """Where no FP8 kernel runs, the loader dequantizes: the plan says how large the weights then are (transformers'
+    own model of the same config without quantization, on the meta device: the oracle above)."""
+    from lsa_runtime.memory_plan import plan_memory
+
+    config = small_flash_config(quant_method="fp8", weight_block_size=[128, 128], expert_dtype="fp4")
+    plain = small_flash_config()
+    _, parameter_bytes, buffer_bytes = meta_model_bytes(plain)
+    assert plan_memory(config, [4096]).dequantized_bytes == parameter_bytes + buffer_bytes
+    assert plan_memory(plain, [4096]).dequantized_bytes is None
