@@ -273,7 +273,8 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last "
                                 "checkpoint."),
     model: str = typer.Option(None, "--model", help="Optional backbone (bundled name or directory) the labels "
-                              "must have been built from; only its config is read unless --init native."),
+                              "must have been built from; only its config is read (and with --init native the "
+                              "four native indexer tensors of each memory layer, straight from its files)."),
     init: str = typer.Option("random", "--init", help="random (default, the paper's text) or native: copy the "
                              "backbone's own q_a_proj / q_a_norm / indexer q_b_proj / weights_proj into the leading "
                              "rank and heads, the rest random, as the release initialises its retriever (needs "

@@ -355,14 +355,11 @@ def _train(shards, labels, layers, options, out, header, train_docs, eval_docs, 
     torch.manual_seed(options.seed)
     indexer = None
     if options.init == "native":
-        from lsa_runtime.backbone import load_backbone
         from lsa_runtime.memory_indexer import MemoryIndexer
 
         if options.model is None:
             raise FmIndexError("--init native needs --model (the backbone whose indexer weights to copy)")
-        backbone, _ = load_backbone(options.model)
-        indexer = MemoryIndexer.init_from_native(backbone, cfg)
-        del backbone
+        indexer = MemoryIndexer.init_from_checkpoint(options.model, cfg)  # its files only: no backbone loaded
     model = build_dual_encoder(cfg, indexer=indexer)
     key_side(model).attach(shards.keys)
 

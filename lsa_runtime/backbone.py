@@ -158,6 +158,72 @@ def load_backbone(
     return model, tokenizer
 
 
+# ---- the native indexer path, read from the checkpoint alone ------------------------------------------------
+
+# The tensors a memory-indexer tower copies from a CSA layer (MemoryIndexerLayer.copy_native), under the names of the
+# checkpoint formats: DeepSeek's (release and transformers' saved checkpoints: "layers.{L}.attn.wq_a", with or
+# without "model.") and transformers' module names ("model.layers.{L}.self_attn.q_a_proj").
+NATIVE_INDEXER_TENSORS = {
+    "q_a": ("attn.wq_a", "self_attn.q_a_proj"),
+    "q_norm": ("attn.q_norm", "self_attn.q_a_norm"),
+    "q_b": ("attn.indexer.wq_b", "self_attn.compressor.indexer.q_b_proj"),
+    "weights_proj": ("attn.indexer.weights_proj", "self_attn.compressor.indexer.scorer.weights_proj"),
+}
+
+
+def read_native_indexer(name_or_path: str | Path, layers) -> dict[int, dict[str, torch.Tensor]]:
+    """Per CSA layer in ``layers``, the native indexer path's weights (``NATIVE_INDEXER_TENSORS``) as fp32, read
+    from the safetensors files alone: no model is built, so ``--init native`` works for a checkpoint of any size.
+    FP8 weights are dequantized with their block scales (``<name>.scale``, DeepSeek's, or ``weight_scale_inv``,
+    transformers'; value = e4m3 x scale per ``weight_block_size`` block)."""
+    from safetensors import safe_open
+
+    from .placement import read_safetensors_headers
+
+    path = resolve_model_path(name_or_path)
+    config = load_config(path)
+    headers = read_safetensors_headers(path)
+    index = path / "model.safetensors.index.json"
+    where = json.loads(index.read_text())["weight_map"] if index.is_file() else \
+        {name: file.name for file in sorted(path.glob("*.safetensors")) for name in read_safetensors_headers_of(file)}
+    quant = getattr(config, "quantization_config", None) or {}
+    block = tuple(quant.get("weight_block_size", (128, 128))) if isinstance(quant, dict) else (128, 128)
+    handles = {}
+
+    def tensor(name: str) -> torch.Tensor:
+        file = where[name]
+        if file not in handles:
+            handles[file] = safe_open(str(path / file), framework="pt")
+        return handles[file].get_tensor(name)
+
+    out = {}
+    for layer in layers:
+        out[int(layer)] = {}
+        for key, stems in NATIVE_INDEXER_TENSORS.items():
+            names = [f"{prefix}layers.{layer}.{stem}.weight" for stem in stems for prefix in ("model.", "")]
+            name = next((n for n in names if n in headers), None)
+            if name is None:
+                raise BackboneError(f"{path}: no native indexer weight for layer {layer} ({names[0]} or "
+                                    f"{names[2]}): not a CSA layer of this checkpoint")
+            value = tensor(name)
+            scale_name = next((name.removesuffix(".weight") + s for s in (".scale", ".weight_scale_inv")
+                               if name.removesuffix(".weight") + s in headers), None)
+            if scale_name is not None:
+                scale = tensor(scale_name).float()
+                rows, cols = value.shape
+                scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+                value = value.float() * scale
+            out[int(layer)][key] = value.float()
+    return out
+
+
+def read_safetensors_headers_of(file: Path) -> list[str]:
+    """Tensor names of one safetensors file (its header only)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+
+
 # ---- DeepSeek's release format: the quantization scheme we can load ------------------------------------------
 
 SUPPORTED_QUANTIZATION = ("DeepSeek's FP8 release format (quant_method fp8, fmt e4m3, scale_fmt ue8m0 or float, "

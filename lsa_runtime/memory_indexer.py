@@ -265,15 +265,20 @@ class MemoryIndexerLayer(nn.Module):
         and keeps its own initialisation elsewhere, as the authors' release initialises its 128-head,
         rank-2,048 retriever from the native 64 heads and rank 1,024."""
         indexer = attention.compressor.indexer
-        for mine, theirs in [(self.W_DQ.weight, attention.q_a_proj.weight),
-                             (self.latent_norm.weight, attention.q_a_norm.weight),
-                             (self.W_IUQ.weight, indexer.q_b_proj.weight),
-                             (self.W_w.weight, indexer.scorer.weights_proj.weight)]:
+        self.copy_native_weights({"q_a": attention.q_a_proj.weight, "q_norm": attention.q_a_norm.weight,
+                                  "q_b": indexer.q_b_proj.weight, "weights_proj": indexer.scorer.weights_proj.weight})
+
+    @torch.no_grad()
+    def copy_native_weights(self, native: dict[str, torch.Tensor]) -> None:
+        """:meth:`copy_native` from the tensors themselves (``backbone.read_native_indexer``): q_a -> W_DQ, q_norm
+        -> latent_norm, q_b -> W_IUQ, weights_proj -> W_w, into the leading rows and columns."""
+        for mine, theirs in [(self.W_DQ.weight, native["q_a"]), (self.latent_norm.weight, native["q_norm"]),
+                             (self.W_IUQ.weight, native["q_b"]), (self.W_w.weight, native["weights_proj"])]:
             if any(m < t for m, t in zip(mine.shape, theirs.shape)):
                 raise FmIndexError(f"init native: the tower's {tuple(mine.shape)} is smaller than the backbone's "
                                    f"{tuple(theirs.shape)}: --rank must be >= the backbone's q_lora_rank and "
                                    "--heads >= its index heads")
-            mine[tuple(slice(0, n) for n in theirs.shape)] = theirs.to(mine.dtype)
+            mine[tuple(slice(0, n) for n in theirs.shape)] = theirs.to(device=mine.device, dtype=mine.dtype)
 
 
 class MemoryIndexer(nn.Module):
@@ -295,6 +300,17 @@ class MemoryIndexer(nn.Module):
         decoder = model.model if hasattr(model, "model") else model
         for L in config.layers:
             indexer.layer(L).copy_native(decoder.layers[L].self_attn)
+        return indexer
+
+    @classmethod
+    def init_from_checkpoint(cls, name_or_path, config: MemoryIndexerConfig) -> "MemoryIndexer":
+        """:meth:`init_from_native` from the checkpoint's files alone (no backbone is loaded: V4-Flash works on any
+        machine; FP8 weights dequantized with their scales)."""
+        from .backbone import read_native_indexer
+
+        indexer = cls(config)
+        for L, native in read_native_indexer(name_or_path, config.layers).items():
+            indexer.layer(L).copy_native_weights(native)
         return indexer
 
     def layer(self, layer: int) -> MemoryIndexerLayer:

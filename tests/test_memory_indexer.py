@@ -226,3 +226,16 @@ def test_native_init_of_a_wider_tower_copies_the_native_weights_into_its_leading
     narrow = MemoryIndexerConfig(**{**base.__dict__, "rank": config.q_lora_rank - 1})
     with pytest.raises(FmIndexError, match="smaller than the backbone's"):
         MemoryIndexer.init_from_native(tiny_model, narrow)
+
+
+def test_native_init_from_the_bundled_files_equals_copying_from_the_loaded_model():
+    """The bundled reference stores DeepSeek's tensor names ("model.layers.2.attn.wq_a.weight"): read from the files
+    alone they give the towers init_from_native copies out of the loaded model."""
+    from lsa_runtime.backbone import load_backbone
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    model, _ = load_backbone("reference", dtype="float32")
+    config = MemoryIndexerConfig.from_backbone_config(model.config, (2, 4, 6), rank=model.config.q_lora_rank)
+    a = MemoryIndexer.init_from_checkpoint("reference", config).state_dict()
+    b = MemoryIndexer.init_from_native(model, config).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -394,3 +394,22 @@ def test_a_corrupt_header_is_refused_first(mini, tmp_path, no_weight_read):
     shard.write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(BackboneError, match="cannot read the safetensors header of"):
         load_backbone(target)
+
+
+def test_native_init_reads_the_release_files_alone(mini, official, reference):
+    """--init native without a backbone: the four native indexer tensors per memory layer read from the release's
+    safetensors (FP8 dequantized with their UE8M0 block scales) give the towers that copying from the loaded model
+    gives (both the release load and the unquantized twin)."""
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    config = MemoryIndexerConfig.from_backbone_config(reference.config, (2, 4), rank=2 * reference.config.q_lora_rank,
+                                                      tau=16)  # a wider rank: the widening path too
+    torch.manual_seed(0)
+    from_files = MemoryIndexer.init_from_checkpoint(mini.official, config).state_dict()
+    for model in (official, reference):
+        torch.manual_seed(0)  # the widened part keeps the same random initialisation
+        from_model = MemoryIndexer.init_from_native(model, config).state_dict()
+        assert from_files.keys() == from_model.keys()
+        assert all(torch.equal(from_files[k], from_model[k]) for k in from_model)
+    with pytest.raises(BackboneError, match="not a CSA layer"):  # layer 3 is HCA: no indexer
+        backbone.read_native_indexer(mini.official, [3])
