@@ -17,6 +17,10 @@ position counters set to the context length. Then single-token decode steps run 
 * ``lsa-prefetch``: ``lsa``, but each trigger after the first starts ``--prefetch-steps`` steps before the
   window boundary on a helper thread (``lsa_runtime/prefetch.py``, what ``Session(prefetch_steps=d)`` runs) and
   is installed at the boundary;
+* ``all``: the best exact full decoder we have, the baseline of every speed comparison (issue 18): ``lsa``'s cache
+  and kernels with every entry resident (full semantics: the native top-k over all entries, attention over the
+  gathered picks), a trigger every tau steps that keeps them all; ``full`` is transformers' stock path, dense over
+  every compressed entry;
 * ``hisparse``: the lossless per-step scheme (``lsa_runtime/hisparse.py``), native top-k over all entries every
   step, picks served by a device buffer of ``--resident`` rows with misses fetched from the pool;
 * any mode ``+graphs`` (``full+graphs``, ``lsa+graphs``): the same with the backbone's stateless modules (mHC
@@ -286,18 +290,20 @@ def main():
                     fill_lsa_layer(layer, context, config, gen, device, dtype)
                 fill_stock_layer(layer, kind, context, config, gen, device, dtype)
             before_step = None
-            if mode.startswith("lsa"):
+            if mode.startswith("lsa") or mode == "all":
                 lsa_layers = [cache.layers[i] for i in csa_layers(config)]
                 hidden = {L: torch.randn(config.hidden_size, generator=gen, device=device).to(dtype) for L in layers}
                 headroom = args.tau // 4 + 2 + args.prefetch_steps // 4 + 1
 
-                def selection(position, lsa_layers=lsa_layers, hidden=hidden, cache=cache, pool=pool):
+                def selection(position, lsa_layers=lsa_layers, hidden=hidden, cache=cache, pool=pool, mode=mode):
                     """Snapshot now (decode thread); the returned function scores and selects (any thread)."""
                     n = lsa_layers[0].n_entries
                     keys = {L: cache.layers[L].all_index_keys.view() if cache.layers[L].all_index_keys is not None
                             else None for L in layers}
 
                     def select():
+                        if mode == "all":
+                            return torch.arange(n)
                         streamed = {L: k if k is not None else pool.stream_prefix(L, "indexer", n, device)
                                     for L, k in keys.items()}
                         # the Session's lsa scoring (MemoryIndexerPolicy): batched towers, one launch per layer
