@@ -544,7 +544,8 @@ def evaluate_command(
                               "--indexer, else full."),
     tasks: str = typer.Option("all", "--tasks", help="Comma-separated RULER-style tasks, or 'all': "
                               "niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, "
-                              "fwe, context_independent."),
+                              "fwe, context_independent; or varied (the varied_* needle formats of `fm-index make-corpus`, seen and held "
+                              "out, reported apart; not part of 'all')."),
     lengths: str = typer.Option("2048,4096", "--lengths", help="Prompt lengths in tokens of the model's "
                                 "tokenizer, comma-separated (2048,4096 or 2k,4k)."),
     samples: int = typer.Option(4, "--samples", help="Prompts per task and length (needle depths spread evenly)."),
@@ -814,6 +815,52 @@ def _check_pipeline_export(export, keep_recent: int) -> None:
     if written != keep_recent:
         raise FmIndexError(f"--resume: {export} was exported with --keep-recent {written}, this run asks for "
                            f"{keep_recent}; use the same value, or another --out")
+
+
+# ---- make-corpus: varied needle prompts for training (fm_eval.varied) ------------------------------------
+
+
+@app.command("make-corpus")
+@user_errors_exit_2
+def make_corpus_command(
+    out: str = typer.Option(..., "--out", help="The corpus to write (.jsonl); a card (.json: options, split, "
+                            "counts) is written beside it."),
+    model: str = typer.Option(None, "--model", help="Backbone whose tokenizer sizes the prompts (bundled name or "
+                              "directory). Default: reference."),
+    lengths: str = typer.Option("2048,3072,4096", "--lengths", help="Prompt lengths in tokens, comma-separated "
+                                "(2048,4096 or 2k,4k)."),
+    per_format: int = typer.Option(16, "--per-format", help="Prompts per seen needle format and length (haystack "
+                                   "and question cycle over the seen combinations)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts (keys, values, depths, haystacks)."),
+    haystack: str = typer.Option(None, "--haystack-packages", help="Stdlib packages whose code fills the code "
+                                 "haystacks (default: email,json,http,wsgiref,xmlrpc)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+):
+    """Write a training corpus of varied needle prompts (JSONL) for `build-labels --source generate`.
+
+    Single-needle prompts over the SEEN values of fm_eval.varied's split only: needle formats kv_sentence, note,
+    table_row, log_line; haystacks code, wordlist, logs, chat; questions direct, indirect, follow_up. The held-out
+    format (chat_turn), haystack (prose) and question (what_was) never appear; `fm-index evaluate --tasks varied`
+    measures seen and held-out combinations separately. Offline and seeded: every text is generated or read from
+    this Python's standard library.
+    """
+    from fm_eval.runner import parse_lengths
+    from fm_eval.tasks import DEFAULT_HAYSTACK_PACKAGES
+    from fm_eval.varied import check_corpus_options, check_corpus_out, corpus_plan, load_tokenizer, write_corpus
+    from lsa_runtime.backbone import default_model_name
+
+    packages = tuple(p.strip() for p in haystack.split(",") if p.strip()) if haystack else DEFAULT_HAYSTACK_PACKAGES
+    check_corpus_out(out, overwrite)
+    sizes = check_corpus_options(parse_lengths(lengths), per_format, packages)
+    tokenizer = load_tokenizer(model or default_model_name())
+    progress = _progress()
+    with progress:
+        bar = progress.add_task("prompts", total=len(corpus_plan(sizes, per_format)), info=out)
+        card = write_corpus(out, tokenizer, sizes, per_format, seed=seed, haystack_packages=packages,
+                            progress=lambda: progress.advance(bar), overwrite=overwrite)
+    console.print(f"wrote {card['documents']} prompts to {out} (card: {out.rsplit('.', 1)[0]}.json); "
+                  f"formats {card['counts']['format']}; next: fm-index build-labels --corpus {out} --source generate "
+                  f"--new-tokens 64 --out LABELS")
 
 
 if __name__ == "__main__":

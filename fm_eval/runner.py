@@ -48,7 +48,15 @@ from lsa_runtime.policies import make_policy, record_native_picks
 
 from . import MODES
 from .report import markdown_report, summarize, write_plots
-from .tasks import DEFAULT_HAYSTACK_PACKAGES, TASKS, Sample, generate_samples, parse_tasks, score_prediction
+from .tasks import (
+    DEFAULT_HAYSTACK_PACKAGES,
+    TASKS,
+    Sample,
+    generate_samples,
+    parse_tasks,
+    score_prediction,
+    task_spec,
+)
 
 FORMAT = "fm-index-evaluate/1"
 BUDGETED = ("recent", "random", "oracle")
@@ -263,7 +271,7 @@ class Evaluation:
         cfg = self.config
         backbone_config = load_config(cfg.model)
         limit = int(getattr(backbone_config, "max_position_embeddings", 0) or 0)
-        longest = max(cfg.lengths) + (cfg.max_new_tokens or max(TASKS[t].max_new_tokens for t in cfg.tasks))
+        longest = max(cfg.lengths) + (cfg.max_new_tokens or max(task_spec(t).max_new_tokens for t in cfg.tasks))
         if limit and longest > limit:
             raise EvaluationError(f"length {max(cfg.lengths)} plus the generated tokens exceeds the model's maximum "
                                   f"of {limit} positions (max_position_embeddings)")
@@ -375,7 +383,7 @@ class Evaluation:
                 if done is not None and done["prompt_sha"] != prompt_digest(sample):
                     raise EvaluationError(f"cannot resume {self.out}: prompt {i} of {task} at {length} differs from "
                                           f"the one decoded before (another tokenizer or Python standard library?)")
-        max_new = cfg.max_new_tokens or TASKS[task].max_new_tokens
+        max_new = cfg.max_new_tokens or task_spec(task).max_new_tokens
         todo = lambda mode, i: (task, length, i, mode) not in self.done  # noqa: E731
         picks: dict[int, dict] = {}
         for i, sample in enumerate(samples):  # full first: the oracle replays its native top-k picks

@@ -122,18 +122,38 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
 ]}
 
 
+def _varied_tasks() -> dict[str, TaskSpec]:
+    from .varied import VARIED_TASKS  # imported late: fm_eval.varied builds on this module
+
+    return {name: task.spec for name, task in VARIED_TASKS.items()}
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The spec of a RULER task (:data:`TASKS`) or of a ``varied_*`` task (:mod:`fm_eval.varied`)."""
+    if name in TASKS:
+        return TASKS[name]
+    varied = _varied_tasks()
+    if name in varied:
+        return varied[name]
+    raise FmIndexError(f"unknown task '{name}'; known: {', '.join([*TASKS, *varied])}")
+
+
 def parse_tasks(text: str | Sequence[str] | None) -> list[TaskSpec]:
-    """``"niah_single_2,vt"`` (or None / "all" for every task) -> specs; unknown names are an FmIndexError."""
+    """``"niah_single_2,vt"`` (or None / "all" for every RULER task) -> specs; ``varied`` stands for every
+    ``varied_*`` task of :mod:`fm_eval.varied` (not part of "all"); unknown names are an FmIndexError."""
     if text is None or (isinstance(text, str) and text.strip() in ("", "all")):
         return list(TASKS.values())
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in TASKS]
+    varied = _varied_tasks()
+    names = [v for n in names for v in (list(varied) if n == "varied" else [n])]
+    unknown = [n for n in names if n not in TASKS and n not in varied]
     if unknown:
-        raise FmIndexError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        raise FmIndexError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join([*TASKS, *varied])} "
+                           f"(varied = every varied_* task)")
     if not names:
         raise FmIndexError("no task given")
-    return [TASKS[n] for n in dict.fromkeys(names)]
+    return [TASKS[n] if n in TASKS else varied[n] for n in dict.fromkeys(names)]
 
 
 # ---- samples ----------------------------------------------------------------------------------------------
@@ -351,7 +371,12 @@ def generate_sample(task: str | TaskSpec, tokenizer, length: int, seed: int = 0,
     ``depths`` overrides the evenly spread needle depths (niah: one per needle; vt: one per statement).
     """
     if isinstance(task, str) and task not in TASKS:
-        raise FmIndexError(f"unknown task '{task}'; known: {', '.join(TASKS)}")
+        from .varied import VARIED_TASKS, generate_varied_sample
+
+        if task in VARIED_TASKS:
+            return generate_varied_sample(task, tokenizer, length, seed=seed, index=index, num_samples=num_samples,
+                                          haystack_packages=haystack_packages, depths=depths)
+        raise FmIndexError(f"unknown task '{task}'; known: {', '.join([*TASKS, *VARIED_TASKS])}")
     spec = TASKS[task] if isinstance(task, str) else task
     if length < 16:
         raise FmIndexError(f"length {length} is too short (need at least 16 tokens)")

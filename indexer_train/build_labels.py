@@ -39,9 +39,22 @@ from .corpus import Corpus, Document, tokenize
 from .labels import SOFTMAX_OVER, WindowLabeler, trigger_positions
 
 SOURCES = ("document", "generate")
+# --source generate: where the first trigger sits. "last_prompt_token" (the default since 2026-12-01): at the
+# prompt's last token P-1, whose h_t is what lsa_runtime.Session scores at its first trigger (right after the
+# prefill; window P-1 .. P+tau-2). "first_generated_token": at P (h of the first generated token; window P ..
+# P+tau-1), as the release's dumps hold it; an indexer trained there fetched every entry when the Session scored
+# h at P-1 (docs/RESULTS.md, section 7).
+GENERATE_TRIGGERS = ("last_prompt_token", "first_generated_token")
 # What a manifest written before a parameter existed was built with.
 LEGACY_PARAMS = {"softmax_over": "visible", "source": "document", "new_tokens": None}
-from .shards import FORMAT, LabelRow, ShardError, ShardWriter, completed_documents, write_json
+from .shards import (
+    FORMAT,
+    LabelRow,
+    ShardError,
+    ShardWriter,
+    completed_documents,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,11 @@ class LabelParams:
     softmax_over: str = "topk"  # "topk": the release's definition; "visible": every visible entry
     source: str = "document"  # "document": label the corpus text; "generate": label a greedy continuation
     new_tokens: int | None = None  # source="generate": tokens generated after each document (the prompt)
+    generate_trigger: str | None = None  # source="generate": GENERATE_TRIGGERS (None: the first of them)
+
+    def __post_init__(self):
+        if self.source == "generate" and self.generate_trigger is None:
+            object.__setattr__(self, "generate_trigger", GENERATE_TRIGGERS[0])
 
     def check(self, config) -> "LabelParams":
         if self.tau < 1:
@@ -71,6 +89,11 @@ class LabelParams:
                                f"generated tokens are what gets labelled, one trigger per tau of them")
         if self.source == "document" and self.new_tokens is not None:
             raise FmIndexError("--new-tokens is for --source generate")
+        if self.source == "generate" and self.generate_trigger not in GENERATE_TRIGGERS:
+            raise FmIndexError(f"the generate trigger must be one of {', '.join(GENERATE_TRIGGERS)}, got "
+                               f"'{self.generate_trigger}'")
+        if self.source == "document" and self.generate_trigger is not None:
+            raise FmIndexError("the generate trigger is for --source generate")
         if not 0.0 < self.nucleus <= 1.0:
             raise FmIndexError(f"--nucleus must be in (0, 1], got {self.nucleus}")
         n_csa = len(csa_layers(config))
@@ -136,7 +159,7 @@ class _DocumentObserver(IndexerObserver):
 def label_document(model, doc: Document, input_ids: list[int], params: LabelParams, progress=None,
                    first_trigger: int | None = None):
     """Labels of one document: (rows, keys by layer, stats). Triggers at ``first_trigger`` (default tau) + k *
-    tau whose window fits; ``label_generated`` sets it to the prompt's length."""
+    tau whose window fits; ``label_generated`` sets it at the end of the prompt."""
     rate = model.config.compress_rates["compressed_sparse_attention"]
     n = len(input_ids)
     triggers = trigger_positions(n, params.tau, first_trigger)
@@ -186,10 +209,13 @@ def label_generated(model, doc: Document, prompt_ids: list[int], params: LabelPa
     """``--source generate``: labels of the tokens the backbone generates after the document, as the authors'
     release labels its dumps. The continuation is decoded greedily, then the prompt and continuation are run
     once more with the capture hooks (teacher forcing reproduces the decode steps' indexer logits and hidden
-    states) and only the windows inside the continuation become triggers."""
+    states). Triggers start at the prompt's last token (``generate_trigger="last_prompt_token"``: the position
+    whose h_t a Session scores at its first trigger) or at the first generated token; every window covers the
+    generated tokens."""
     generated = continuation(model, prompt_ids, params.new_tokens, params.chunk_size)
+    first = len(prompt_ids) - 1 if params.generate_trigger == "last_prompt_token" else len(prompt_ids)
     rows, keys, stats = label_document(model, doc, prompt_ids + generated, params, progress=progress,
-                                       first_trigger=len(prompt_ids))
+                                       first_trigger=first)
     stats.update(prompt_tokens=len(prompt_ids), generated_tokens=len(generated))
     return rows, keys, stats
 
@@ -255,7 +281,8 @@ class Reporter:
 
 PARAM_FLAGS = {"layers": "--layers", "tau": "--tau", "nucleus": "--nucleus", "min_votes": "--min-votes",
                "max_tokens": "--max-tokens", "chunk_size": "--chunk-size", "dtype": "--dtype",
-               "softmax_over": "--softmax-over", "source": "--source", "new_tokens": "--new-tokens"}
+               "softmax_over": "--softmax-over", "source": "--source", "new_tokens": "--new-tokens",
+               "generate_trigger": "the generate trigger"}
 
 
 def resume_mismatch(old: dict, new: dict, out: Path) -> str | None:
@@ -264,7 +291,10 @@ def resume_mismatch(old: dict, new: dict, out: Path) -> str | None:
         return (f"{out} was built from another backbone (config hash {old.get('backbone', {}).get('config_hash')}, "
                 f"this run's model has {new['backbone']['config_hash']})")
     for key, flag in PARAM_FLAGS.items():
-        was = old.get("params", {}).get(key, LEGACY_PARAMS.get(key))
+        legacy = LEGACY_PARAMS.get(key)
+        if key == "generate_trigger" and old.get("params", {}).get("source") == "generate":
+            legacy = "first_generated_token"  # generate labels from before the option: triggers at P
+        was = old.get("params", {}).get(key, legacy)
         now = json.loads(json.dumps(new["params"][key]))
         if was != now:
             return f"{out} was built with {flag} {_show(was)}, this run asks for {flag} {_show(now)}"

@@ -285,16 +285,22 @@ def train_memory_indexer(labels: str | Path, out: str | Path, options: TrainOpti
         return _train(shards, labels, layers, options, out, header, train_docs, eval_docs, resume, reporter)
 
 
-_DEFINITION = ("softmax_over", "source", "nucleus", "min_votes", "tau")  # the build-labels options that set the target
+_DEFINITION = ("softmax_over", "source", "nucleus", "min_votes", "tau",  # the build-labels options that set the target
+               "generate_trigger")
 
 
 def label_definition(manifest: dict) -> dict:
     """How a label set was made, as far as training and evaluation must not mix them: the softmax's support
     (``topk`` or ``visible``), the labelled tokens (``document`` or ``generate``), the nucleus mass, the votes
-    and tau. Manifests without the first two were made before those options existed: ``visible`` / ``document``."""
+    and tau, and for generated labels where the first trigger sits (``generate_trigger``). Manifests without the
+    first two were made before those options existed: ``visible`` / ``document``; generated labels without the last
+    were made with their first trigger at the first generated token."""
     params = manifest.get("params", {})
-    return {"softmax_over": params.get("softmax_over", "visible"), "source": params.get("source", "document"),
-            "nucleus": params.get("nucleus"), "min_votes": params.get("min_votes"), "tau": params.get("tau")}
+    source = params.get("source", "document")
+    trigger = params.get("generate_trigger", "first_generated_token") if source == "generate" else None
+    return {"softmax_over": params.get("softmax_over", "visible"), "source": source,
+            "nucleus": params.get("nucleus"), "min_votes": params.get("min_votes"), "tau": params.get("tau"),
+            "generate_trigger": trigger}
 
 
 def check_same_definition(trained: dict | None, manifest: dict, what: str) -> None:
@@ -305,7 +311,7 @@ def check_same_definition(trained: dict | None, manifest: dict, what: str) -> No
     now = label_definition(manifest)
     for key in _DEFINITION:
         if trained.get(key) is not None and now[key] is not None and trained[key] != now[key]:
-            flag = "--" + key.replace("_", "-")
+            flag = "--" + key.replace("_", "-") if key != "generate_trigger" else "the first trigger at the"
             raise FmIndexError(f"{what} was trained on labels built with {flag} {trained[key]}; these labels use "
                                f"{flag} {now[key]}: use labels built the same way")
 

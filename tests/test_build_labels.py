@@ -13,7 +13,9 @@ from cli import app
 from indexer_train.build_labels import LabelParams, build_labels, label_document, merge_shards
 from indexer_train.corpus import Document
 from indexer_train.shards import LabelShards
+from lsa_runtime.backbone import load_config
 from lsa_runtime.capture import IndexerCapture, IndexerObserver
+from lsa_runtime.errors import FmIndexError
 from tests.test_labels import oracle_document
 
 runner = CliRunner()
@@ -311,25 +313,57 @@ def test_kill_9_then_resume_equals_one_shot(small_corpus, tmp_path):
     _assert_same_dataset(one, two)
 
 
-def test_generate_source_labels_the_backbones_own_continuation(tiny_model, sample_ids):
-    """--source generate: the continuation is transformers' greedy one, triggers start at the prompt's end, and
-    the rows equal the brute-force oracle over prompt + continuation with windows only in the continuation."""
+@pytest.mark.parametrize("trigger, first, positions", [
+    (None, 69, [69, 85]),  # the default: the prompt's last token (windows 69..84, 85..100; 101.. does not fit)
+    ("first_generated_token", 70, [70, 86]),  # windows 70..85 and 86..101 fit, 102.. does not
+])
+def test_generate_source_labels_the_backbones_own_continuation(tiny_model, sample_ids, trigger, first, positions):
+    """--source generate: the continuation is transformers' greedy one, triggers start at the prompt's last token
+    (where a Session fires its first trigger; or at the first generated token), and the rows equal the brute-force
+    oracle over prompt + continuation, with h_t0 the attention input at the trigger."""
     from indexer_train.build_labels import label_generated
 
     prompt = sample_ids[:70].tolist()
     params = LabelParams(layers=(2, 4), tau=16, nucleus=0.6, min_votes=3, chunk_size=64, source="generate",
-                         new_tokens=40)
+                         new_tokens=40, generate_trigger=trigger)
+    assert params.generate_trigger == (trigger or "last_prompt_token")
     rows, _, stats = label_generated(tiny_model, Document(0, "d", None, prompt), prompt, params)
     hf = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
     full = hf[0].tolist()
     assert stats["prompt_tokens"] == 70 and stats["generated_tokens"] == 40 and stats["tokens"] == len(full) == 110
-    assert sorted({r.position for r in rows}) == [70, 86]  # windows 70..85 and 86..101 fit, 102.. does not
+    assert sorted({r.position for r in rows}) == positions
     rec = FullRecorder(len(full), len(full) // 4)
     IndexerCapture(tiny_model, memory_layers=(2, 4), chunk_size=64).prefill(torch.tensor(full), rec)
-    expect = oracle_document(rec.logits, rec.picks, len(full), 16, 4, 0.6, 3, "topk", first=70)
+    expect = oracle_document(rec.logits, rec.picks, len(full), 16, 4, 0.6, 3, "topk", first=first)
+    hidden = {}
+    hooks = [tiny_model.model.layers[L].self_attn.register_forward_pre_hook(
+        lambda m, a, k, L=L: hidden.__setitem__(L, (a[0] if a else k["hidden_states"])[0].detach().clone()),
+        with_kwargs=True) for L in (2, 4)]
+    with torch.no_grad():
+        tiny_model(input_ids=torch.tensor([full]))
+    for hook in hooks:
+        hook.remove()
     for row in rows:
         assert row.positives.tolist() == expect[row.position][0]
         assert row.native_topk_union.tolist() == expect[row.position][1]
+        torch.testing.assert_close(row.hidden.float(), hidden[row.layer][row.position], rtol=1e-2, atol=1e-2)
+
+
+def test_generate_trigger_is_checked_and_guards_resume(small_corpus, tmp_path):
+    """Generate labels made before the option (triggers at the first generated token) are not resumed as the
+    new default; the option is refused where it means nothing."""
+    from indexer_train.build_labels import resume_mismatch
+
+    with pytest.raises(FmIndexError, match="generate trigger"):
+        LabelParams(layers=(2, 4), source="generate", new_tokens=64, generate_trigger="middle").check(
+            load_config("tiny"))
+    with pytest.raises(FmIndexError, match="generate trigger is for --source generate"):
+        LabelParams(layers=(2, 4), generate_trigger="last_prompt_token").check(load_config("tiny"))
+    new = {"backbone": {"config_hash": "h"}, "shard": {}, "corpus": {},
+           "params": {**LabelParams(layers=(2, 4), source="generate", new_tokens=64).__dict__, "layers": [2, 4]}}
+    old = {**new, "params": {k: v for k, v in new["params"].items() if k != "generate_trigger"}}
+    assert "the generate trigger first_generated_token" in resume_mismatch(old, new, tmp_path)
+    assert resume_mismatch(new, new, tmp_path) is None
 
 
 def test_training_and_evaluation_refuse_labels_of_another_definition(small_corpus, tmp_path):

@@ -190,3 +190,20 @@ def test_flashmemory_format_needs_the_releases_key_geometry(labels, finished_run
                              "flashmemory", "--keep-recent", "8"), "--keep-recent has no place in the authors' checkpoint")
     (tmp_path / "joint.pt").write_bytes(b"")
     assert_user_error(invoke("eval", "--indexer", tmp_path / "joint.pt", "--labels", labels), "give --model")
+
+
+def test_generated_labels_with_another_first_trigger_are_not_mixed():
+    """Generated labels from before the trigger fix (first trigger at the first generated token) and after it (at
+    the prompt's last token, where a Session scores) train different indexers: evaluation refuses to mix them."""
+    from indexer_train.trainer import check_same_definition, label_definition
+    from lsa_runtime.errors import FmIndexError
+
+    base = {"softmax_over": "topk", "source": "generate", "nucleus": 0.6, "min_votes": 3, "tau": 64}
+    old = {"params": dict(base)}  # written before generate_trigger existed
+    new = {"params": {**base, "generate_trigger": "last_prompt_token"}}
+    assert label_definition(old)["generate_trigger"] == "first_generated_token"
+    check_same_definition(label_definition(new), new, "the indexer")
+    with pytest.raises(FmIndexError, match="first trigger at the first_generated_token"):
+        check_same_definition(label_definition(old), new, "the indexer")
+    document = {"params": {**base, "source": "document"}}
+    assert label_definition(document)["generate_trigger"] is None
