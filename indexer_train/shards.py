@@ -73,6 +73,22 @@ def _write_table(path: Path, table: pa.Table, stream: bool) -> None:
     os.replace(tmp, path)
 
 
+
+def read_label_rows(directory: str | Path) -> dict[tuple[int, int, int], dict]:
+    """Every label row of a label directory as a plain dict, keyed by (doc_index, layer, position), read with pyarrow
+    alone (no datasets): for comparing two label directories table for table."""
+    out = {}
+    for path in sorted((Path(directory) / "rows").glob("*.arrow")):
+        for row in pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all().to_pylist():
+            out[(row["doc_index"], row["layer"], row["position"])] = row
+    return out
+
+
+def read_key_tables(directory: str | Path) -> dict[str, pa.Table]:
+    """Every document's key table of a label directory, by file name (pyarrow alone)."""
+    return {path.name: pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            for path in sorted((Path(directory) / "keys").glob("*.arrow"))}
+
 @dataclass
 class LabelRow:
     doc_id: str

@@ -7,7 +7,6 @@ written); the GPU tests run on the lent H200 (``-m gpu``)."""
 
 import json
 
-import pyarrow as pa
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from fm_eval.runner import EvalConfig
 from indexer_train.build_labels import LabelParams, build_labels
+from indexer_train.shards import read_label_rows
 from lsa_runtime.backbone import BackboneError, load_backbone
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 from lsa_runtime.placement import execution_device, offloaded_modules
@@ -35,20 +35,6 @@ def _corpus(path, lengths=(300, 200)):
     path.write_text("".join(json.dumps({"id": f"d{i}", "input_ids": torch.randint(3, 1024, (n,), generator=gen)
                                         .tolist()}) + "\n" for i, n in enumerate(lengths)))
     return path
-
-
-def _rows(directory):
-    """Every label row of a label directory, from the Arrow files (no datasets needed): {(doc, layer, t0): row}."""
-    out = {}
-    for path in sorted((directory / "rows").glob("*.arrow")):
-        source = pa.memory_map(str(path), "r")
-        try:
-            table = pa.ipc.open_stream(source).read_all()
-        except pa.ArrowInvalid:
-            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-        for row in table.to_pylist():
-            out[(row["doc_index"], row["layer"], row["position"])] = row
-    return out
 
 
 # ---- CPU: the option paths ------------------------------------------------------------------------------------
@@ -259,7 +245,7 @@ def test_split_model_writes_the_labels_of_one_gpu(tmp_path):
     params = LabelParams(layers=(2, 4, 6), tau=64, chunk_size=256)
     build_labels("reference", corpus, tmp_path / "gpu", params, device="cuda")
     build_labels("reference", corpus, tmp_path / "split", params, device_map=SPLIT)
-    a, b = _rows(tmp_path / "gpu"), _rows(tmp_path / "split")
+    a, b = read_label_rows(tmp_path / "gpu"), read_label_rows(tmp_path / "split")
     assert len(a) > 10 and a == b
 
 

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
 from indexer_train.build_labels import LabelParams, build_labels
+from indexer_train.shards import read_key_tables, read_label_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun")
@@ -38,25 +38,6 @@ def _torchrun(*args, port: int) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
-
-
-def _table(path: Path) -> pa.Table:
-    try:
-        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-
-
-def _rows(directory: Path) -> dict:
-    out = {}
-    for path in sorted((directory / "rows").glob("*.arrow")):
-        for row in _table(path).to_pylist():
-            out[(row["doc_index"], row["layer"], row["position"])] = row
-    return out
-
-
-def _keys(directory: Path) -> dict:
-    return {path.name: _table(path) for path in sorted((directory / "keys").glob("*.arrow"))}
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +69,11 @@ def test_torchrun_shards_plus_merge_equal_one_process(labels):
 
     merged = CliRunner().invoke(app, ["merge-labels", "--out", str(root / "two")])
     assert merged.exit_code == 0, merged.output
-    one, two = _rows(root / "one"), _rows(root / "two")
+    one, two = read_label_rows(root / "one"), read_label_rows(root / "two")
     assert len(one) > 20
     assert {doc for doc, _, _ in one} == {0, 2, 3, 4, 5, 6}  # doc1 (20 tokens) is too short for a trigger
     assert one == two
-    k1, k2 = _keys(root / "one"), _keys(root / "two")
+    k1, k2 = read_key_tables(root / "one"), read_key_tables(root / "two")
     assert k1.keys() == k2.keys() and all(k1[name].equals(k2[name]) for name in k1)
 
 

@@ -9,26 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import pyarrow as pa
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
-
-def read_table(path: Path) -> pa.Table:
-    try:
-        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-
-
-def rows(directory: Path) -> dict:
-    out = {}
-    for path in sorted((directory / "rows").glob("*.arrow")):
-        for row in read_table(path).to_pylist():
-            out[(row["doc_index"], row["layer"], row["position"])] = row
-    return out
-
-
-def keys(directory: Path) -> dict:
-    return {path.name: read_table(path) for path in sorted((directory / "keys").glob("*.arrow"))}
+from indexer_train.shards import read_key_tables, read_label_rows  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +21,8 @@ def main() -> None:
     parser.add_argument("--what", default="labels")
     args = parser.parse_args()
     a, b = Path(args.a), Path(args.b)
-    ra, rb = rows(a), rows(b)
-    ka, kb = keys(a), keys(b)
+    ra, rb = read_label_rows(a), read_label_rows(b)
+    ka, kb = read_key_tables(a), read_key_tables(b)
     problems = []
     if not ra:
         problems.append(f"{a} holds no label rows")
