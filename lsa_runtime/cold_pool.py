@@ -43,27 +43,30 @@ FP8_BLOCK = 64
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def _blocks(width: int) -> list[int]:
-    """Block widths of a row: FP8_BLOCK values each, the last one the remainder."""
-    return [min(FP8_BLOCK, width - start) for start in range(0, width, FP8_BLOCK)]
+def _n_blocks(width: int) -> int:
+    return -(-width // FP8_BLOCK)
+
+
+def _by_block(rows: torch.Tensor) -> torch.Tensor:
+    """[n, w] -> [n, blocks, FP8_BLOCK], the last block zero-padded (a zero changes no block's absmax)."""
+    pad = _n_blocks(rows.shape[1]) * FP8_BLOCK - rows.shape[1]
+    return torch.nn.functional.pad(rows, (0, pad)).view(rows.shape[0], -1, FP8_BLOCK)
 
 
 def quantize_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` [n, w] -> (e4m3 bit patterns as uint8 [n, w], fp32 scales [n, ceil(w / FP8_BLOCK)]): each block of
     FP8_BLOCK values is divided by absmax / 448 (an all-zero block keeps scale 1) and rounded to e4m3."""
-    x = rows.float()
-    parts = torch.split(x, FP8_BLOCK, dim=1)
-    scales = torch.stack([part.abs().amax(dim=1) for part in parts], dim=1) / FP8_MAX
+    blocks = _by_block(rows.float())
+    scales = blocks.abs().amax(dim=2) / FP8_MAX
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.cat([part / scales[:, i : i + 1] for i, part in enumerate(parts)], dim=1)
+    q = (blocks / scales.unsqueeze(2)).flatten(1)[:, : rows.shape[1]]
     return q.to(torch.float8_e4m3fn).view(torch.uint8), scales
 
 
 def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of :func:`quantize_fp8` (up to e4m3 rounding), in ``dtype``."""
-    x = q.view(torch.float8_e4m3fn).float()
-    parts = torch.split(x, FP8_BLOCK, dim=1)
-    return torch.cat([part * scales[:, i : i + 1] for i, part in enumerate(parts)], dim=1).to(dtype)
+    blocks = _by_block(q.view(torch.float8_e4m3fn).float())
+    return (blocks * scales.unsqueeze(2)).flatten(1)[:, : q.shape[1]].to(dtype)
 
 
 def pinning_available() -> bool:
@@ -169,7 +172,7 @@ class ColdPool:
         }
         # fp8: one fp32 scale per FP8_BLOCK values of a row (absmax / 448), beside the rows
         self.scales: dict[tuple[int, str], GrowingRows] = {
-            key: GrowingRows(len(_blocks(self.widths[key[1]])), torch.float32, "cpu", pin=self.pin,
+            key: GrowingRows(_n_blocks(self.widths[key[1]]), torch.float32, "cpu", pin=self.pin,
                              capacity=initial_entries, growth=1.0, min_growth=1024)
             for key in self.rows} if storage == "fp8" else {}
         self._staging: dict[str, torch.Tensor] = {}
