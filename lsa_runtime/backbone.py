@@ -183,15 +183,12 @@ def read_native_indexer(name_or_path: str | Path, layers) -> dict[int, dict[str,
     path = resolve_model_path(name_or_path)
     config = load_config(path)
     headers = read_safetensors_headers(path)
-    index = path / "model.safetensors.index.json"
-    where = json.loads(index.read_text())["weight_map"] if index.is_file() else \
-        {name: file.name for file in sorted(path.glob("*.safetensors")) for name in read_safetensors_headers_of(file)}
     quant = getattr(config, "quantization_config", None) or {}
     block = tuple(quant.get("weight_block_size", (128, 128))) if isinstance(quant, dict) else (128, 128)
     handles = {}
 
     def tensor(name: str) -> torch.Tensor:
-        file = where[name]
+        file = headers[name]["file"]
         if file not in handles:
             handles[file] = safe_open(str(path / file), framework="pt")
         return handles[file].get_tensor(name)
@@ -215,13 +212,6 @@ def read_native_indexer(name_or_path: str | Path, layers) -> dict[int, dict[str,
                 value = value.float() * scale
             out[int(layer)][key] = value.float()
     return out
-
-
-def read_safetensors_headers_of(file: Path) -> list[str]:
-    """Tensor names of one safetensors file (its header only)."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
 
 
 # ---- DeepSeek's release format: the quantization scheme we can load ------------------------------------------

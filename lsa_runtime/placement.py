@@ -188,7 +188,8 @@ _SCALE_SUFFIXES = (".scale", ".weight_scale_inv", ".activation_scale", ".qscale_
 
 
 def read_safetensors_headers(path: Path) -> dict[str, dict]:
-    """Every tensor's header entry (dtype, shape) in a checkpoint directory; reads only the headers."""
+    """Every tensor's header entry (dtype, shape, and ``file``: the safetensors file holding it) in a checkpoint
+    directory; reads only the headers."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -209,7 +210,7 @@ def read_safetensors_headers(path: Path) -> dict[str, dict]:
                 header = json.loads(f.read(size))
         except (OSError, ValueError) as exc:
             raise BackboneError(f"cannot read the safetensors header of {path / name}: {first_line(exc)}") from None
-        tensors.update({k: v for k, v in header.items() if k != "__metadata__"})
+        tensors.update({k: {**v, "file": name} for k, v in header.items() if k != "__metadata__"})
     return tensors
 
 
