@@ -38,7 +38,7 @@ from .kernels.pool_gather import gather_rows, gather_rows_layers, zero_copy_avai
 PURPOSES = ("prefill", "fetch")
 
 
-POOL_STORAGE = ("model", "fp8")  # the model's dtype, or FP8 e4m3 with one fp32 scale per FP8_BLOCK values
+POOL_STORAGE = ("model", "fp8")  # the model's dtype, or FP8 e4m3 with one power-of-two scale (fp32) per FP8_BLOCK values
 FP8_BLOCK = 64
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -53,12 +53,26 @@ def _by_block(rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(rows, (0, pad)).view(rows.shape[0], -1, FP8_BLOCK)
 
 
+def power_of_two_scales(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ``s`` with ``amax / s <= 448`` (1 where ``amax`` is 0), in fp32.
+
+    Powers of two, as the release's UE8M0 scales, make every later step exact (``x / s`` and ``q * s``), and the
+    exponent comes from integer work on ``frexp`` alone: a pool quantized on a GPU holds the same bits as one
+    quantized on the CPU (a CUDA division by the constant 448 multiplies by its rounded reciprocal, so fp32 scales
+    ``amax / 448`` differed from the CPU's in the last bit and moved e4m3 roundings)."""
+    mantissa, exponent = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1)
+    # m * 2^e <= 448 * 2^k = 7 * 2^(k + 6): k = e - 9 while m <= 7/8, else e - 8
+    k = exponent - 9 + (mantissa > 0.875).to(exponent.dtype)
+    k = torch.where(amax > 0, k, torch.zeros_like(k)).clamp(-126, 127)
+    return ((k + 127) << 23).to(torch.int32).view(torch.float32)  # 2^k built from its IEEE bits
+
+
 def quantize_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` [n, w] -> (e4m3 bit patterns as uint8 [n, w], fp32 scales [n, ceil(w / FP8_BLOCK)]): each block of
-    FP8_BLOCK values is divided by absmax / 448 (an all-zero block keeps scale 1) and rounded to e4m3."""
+    FP8_BLOCK values is divided by the power of two just above absmax / 448 (:func:`power_of_two_scales`) and
+    rounded to e4m3 (round to nearest even)."""
     blocks = _by_block(rows.float())
-    scales = blocks.abs().amax(dim=2) / FP8_MAX
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    scales = power_of_two_scales(blocks.abs().amax(dim=2))
     q = (blocks / scales.unsqueeze(2)).flatten(1)[:, : rows.shape[1]]
     return q.to(torch.float8_e4m3fn).view(torch.uint8), scales
 
@@ -170,7 +184,7 @@ class ColdPool:
                                        growth=1.0, min_growth=1024)
             for layer in self.layers for name in self.NAMES
         }
-        # fp8: one fp32 scale per FP8_BLOCK values of a row (absmax / 448), beside the rows
+        # fp8: one fp32 scale per FP8_BLOCK values of a row (the power of two just above absmax / 448), beside the rows
         self.scales: dict[tuple[int, str], GrowingRows] = {
             key: GrowingRows(_n_blocks(self.widths[key[1]]), torch.float32, "cpu", pin=self.pin,
                              capacity=initial_entries, growth=1.0, min_growth=1024)

@@ -95,6 +95,20 @@ def test_fp8_round_trip_is_exact_on_e4m3_values_times_the_block_scale():
     assert torch.equal(dequantize_fp8(q, scales, torch.float32), x)
 
 
+def test_fp8_scales_are_the_smallest_power_of_two_that_fits_the_block():
+    """Oracle: 2 ** ceil(log2(absmax / 448)) in Python's exact-enough float64, on random absmaxes and on the edges
+    (absmax exactly 448 * 2^k, one bf16 step above it, zero, the smallest and largest fp32 exponents)."""
+    import math
+
+    from lsa_runtime.cold_pool import power_of_two_scales
+
+    gen = torch.Generator().manual_seed(4)
+    edges = [0.0, 448.0, 448.0 * 2.0 ** -20, 448.0 * 2.0 ** 30, 450.0, 449.0 * 2.0 ** -5, 1e-30, 3e38, 1.0]
+    amax = torch.cat([torch.tensor(edges), torch.exp(torch.randn(2000, generator=gen) * 20).to(torch.bfloat16).float()])
+    want = [1.0 if a == 0 else 2.0 ** math.ceil(math.log2(a / 448.0)) for a in amax.tolist()]
+    assert power_of_two_scales(amax).tolist() == want
+
+
 def test_fp8_rounding_error_is_within_half_an_e4m3_step():
     """Normal e4m3 values have 3 mantissa bits: rounding to nearest errs by at most 2^-4 of the value; below the
     smallest normal (2^-6 of the scale) the step is 2^-9 of the scale, so the error is at most 2^-10 of it."""
