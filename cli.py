@@ -571,6 +571,10 @@ def evaluate_command(
     workers: int = typer.Option(1, "--workers", help="Decode in this many processes on the same device (cells of "
                                 "task x length are shared out). A small model decodes bound by host time, so "
                                 "2-8 workers speed it up on a GPU or a many-core CPU."),
+    batch: int = typer.Option(1, "--batch", help="Decode up to this many prompts of a task, length and mode "
+                              "together, one backbone forward per step (each keeps its own cache, cold pool and "
+                              "resident set; greedy tokens as decoded alone). Pays off on a GPU, where a step "
+                              "reads all weights whatever the batch."),
     keep_recent: int = typer.Option(None, "--keep-recent", help=KEEP_RECENT_HELP),
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
@@ -610,7 +614,7 @@ def evaluate_command(
             progress.advance(self.bar)
 
     with progress:
-        results = evaluate(config, out, resume=resume, reporter=RichReporter(), workers=workers)
+        results = evaluate(config, out, resume=resume, reporter=RichReporter(), workers=workers, batch=batch)
     _print_evaluation(results, out)
 
 

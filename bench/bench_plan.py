@@ -62,10 +62,11 @@ def main() -> None:
     indexer.cuda_graphs = False
     gen = torch.Generator().manual_seed(0)
     # one-time allocations (kernel workspaces, lazily built buffers) belong to no sequence: a short warm-up per mode
-    warm = torch.randint(3, config.vocab_size, (2048,), generator=gen).tolist()
+    # (1,024 prompt tokens and tau + 1 steps: a chunked prefill, decode steps that emit entries, one trigger)
+    warm = torch.randint(3, config.vocab_size, (1024,), generator=gen).tolist()
     for mode in ("full", "lsa"):
         Session(model, None, SessionConfig(mode=mode, decode_graphs=False, chunk_size=1024),
-                indexer=indexer if mode == "lsa" else None).generate(warm, max_new_tokens=args.new_tokens,
+                indexer=indexer if mode == "lsa" else None).generate(warm, max_new_tokens=mcfg.tau + 1,
                                                                       stop_at_eos=False)
     gc.collect()
     torch.cuda.empty_cache()

@@ -195,7 +195,7 @@ class Evaluation:
     """Runs (or resumes) one evaluation into ``out``; :meth:`run` returns the results dictionary."""
 
     def __init__(self, config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-                 backbone=None, workers: int = 1):
+                 backbone=None, workers: int = 1, batch: int = 1):
         self.config = config.check()
         self.out = Path(out)
         self.reporter = reporter or Reporter()
@@ -204,6 +204,9 @@ class Evaluation:
         if int(workers) < 1:
             raise EvaluationError(f"--workers must be >= 1, got {workers}")
         self.workers = int(workers)
+        if isinstance(batch, bool) or int(batch) != batch or int(batch) < 1:
+            raise EvaluationError(f"--batch must be an integer >= 1, got {batch}")
+        self.batch = int(batch)
         self.done: dict[tuple, dict] = {}
         self.identity: dict[str, str] = {}  # set by _preflight
 
@@ -317,7 +320,7 @@ class Evaluation:
         shares = [order[k::n] for k in range(n)]
         threads = max(1, (os.cpu_count() or 1) // n) if torch.device(self.config.device).type == "cpu" else 1
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        procs = [context.Process(target=_worker_main, args=(self.config, str(self.out), share, threads),
+        procs = [context.Process(target=_worker_main, args=(self.config, str(self.out), share, threads, self.batch),
                                  name=f"fm-index-eval-{k}") for k, share in enumerate(shares)]
         for proc in procs:
             proc.start()
@@ -386,26 +389,30 @@ class Evaluation:
         max_new = cfg.max_new_tokens or task_spec(task).max_new_tokens
         todo = lambda mode, i: (task, length, i, mode) not in self.done  # noqa: E731
         picks: dict[int, dict] = {}
+        plain_full = []  # full runs whose native picks no oracle needs: decoded as a batch below
         for i, sample in enumerate(samples):  # full first: the oracle replays its native top-k picks
             need_picks = any(todo(m, i) for m in NEEDS_FULL_PICKS if m in cfg.modes)
-            if todo("full", i) and "full" in cfg.modes or need_picks:
+            if need_picks:
                 self.reporter.phase(f"{task} @ {length:,}: full")
-                record, picks[i] = self._decode(sample, i, "full", None, max_new, want_picks=need_picks)
+                record, picks[i] = self._decode(sample, i, "full", None, max_new, want_picks=True)
                 if "full" in cfg.modes and todo("full", i):
                     self._append(record)
+            elif "full" in cfg.modes and todo("full", i):
+                plain_full.append(i)
+        if plain_full:
+            self.reporter.phase(f"{task} @ {length:,}: full")
+            self._decode_batched(samples, plain_full, "full", None, max_new, picks)
         if "lsa" in cfg.modes:
             self.reporter.phase(f"{task} @ {length:,}: lsa")
-            for i, sample in enumerate(samples):
-                if todo("lsa", i):
-                    self._append(self._decode(sample, i, "lsa", None, max_new)[0])
+            self._decode_batched(samples, [i for i in range(len(samples)) if todo("lsa", i)], "lsa", None, max_new,
+                                 picks)
         budget = self._cell_budget(task, length)
         for mode in ("hisparse",) + BUDGETED:
             if mode not in cfg.modes:
                 continue
             self.reporter.phase(f"{task} @ {length:,}: {mode} (budget {budget})")
-            for i, sample in enumerate(samples):
-                if todo(mode, i):
-                    self._append(self._decode(sample, i, mode, budget, max_new, picks=picks.get(i))[0])
+            self._decode_batched(samples, [i for i in range(len(samples)) if todo(mode, i)], mode, budget, max_new,
+                                 picks)
 
     def _cell_budget(self, task: str, length: int) -> int | None:
         """lsa's mean selected entries per trigger over the cell's samples (else the configured budget)."""
@@ -436,6 +443,34 @@ class Evaluation:
             generation, recorded = record_native_picks(session, sample.prompt, max_new, temperature=0.0)
         else:
             generation = session.generate(sample.prompt, max_new_tokens=max_new, temperature=0.0)
+        return self._generation_record(sample, index, mode, budget, config, generation), recorded
+
+    def _decode_batched(self, samples: list[Sample], indices: list[int], mode: str, budget: int | None,
+                        max_new: int, picks: dict) -> None:
+        """Decode ``samples[indices]`` in ``mode``, up to ``batch`` together (each with the policy a lone run would
+        get: its own seeded random draws, its own oracle picks), appending each record as its batch finishes."""
+        from lsa_runtime.session import Session
+
+        if self.batch == 1:
+            for i in indices:
+                self._append(self._decode(samples[i], i, mode, budget, max_new, picks=picks.get(i))[0])
+            return
+        if not indices:
+            return
+        config = replace(self._session_config(mode, budget), max_batch=self.batch)
+        policies_of = lambda group: [make_policy(config, self.memory_indexer, picks.get(i) or {})  # noqa: E731
+                                     for i in group]
+        session = Session(self.model, self.tokenizer, config, policy=policies_of(indices[:1])[0])
+        for start in range(0, len(indices), self.batch):
+            group = indices[start:start + self.batch]
+            policies = policies_of(group)
+            generations = session.generate([samples[i].prompt for i in group], max_new_tokens=max_new,
+                                           temperature=0.0, policies=policies if policies[0] is not None else None)
+            for i, generation in zip(group, generations):
+                self._append(self._generation_record(samples[i], i, mode, budget, config, generation))
+
+    def _generation_record(self, sample: Sample, index: int, mode: str, budget: int | None, config,
+                           generation) -> dict:
         stats = generation.stats
         selected = list(stats.selected_per_trigger) if stats.triggers else None
         record = self._record(sample, index, mode, budget, generation.text, stats.as_dict())
@@ -443,7 +478,7 @@ class Evaluation:
                       prompt_tokens=generation.prompt_tokens, selected_per_trigger=selected,
                       selected_mean=stats.selected_mean,
                       buffer_entries=config.budget if mode == "hisparse" else None)
-        return record, recorded
+        return record
 
     def _buffer_rows(self, budget: int | None) -> int:
         """hisparse's device buffer per CSA layer: the shared budget, but at least one step's native top-k."""
@@ -480,16 +515,18 @@ class Evaluation:
 
 
 def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-             backbone=None, workers: int = 1) -> dict:
+             backbone=None, workers: int = 1, batch: int = 1) -> dict:
     """Run (or resume) the evaluation of ``config`` into ``out``; returns the results dictionary. ``workers``:
-    decode in that many processes on the same device (see :meth:`Evaluation._run_workers`)."""
-    return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers).run()
+    decode in that many processes on the same device (see :meth:`Evaluation._run_workers`); ``batch``: decode up
+    to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens)."""
+    return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers,
+                      batch=batch).run()
 
 
-def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int) -> None:
+def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int, batch: int = 1) -> None:
     """One worker process: load the backbone (and indexer), decode ``cells``, append runs to out/runs.jsonl."""
     torch.set_num_threads(threads)
-    evaluation = Evaluation(config, out, resume=True)
+    evaluation = Evaluation(config, out, resume=True, batch=batch)
     evaluation.done = _read_runs(Path(out) / "runs.jsonl")  # read only: the parent owns the directory
     evaluation._load()
     for task, length in cells:

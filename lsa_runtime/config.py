@@ -96,7 +96,11 @@ class SessionConfig:
       entries, always resident), the sink (the first entries, always resident), and how the memory layers'
       scores combine (``max``: the OR rule; ``mean``), as the authors' release builds the resident set;
     * ``pool_storage``: how the cold pool holds entries on the host: ``model`` (the model's dtype, exact) or
-      ``fp8`` (e4m3 with one fp32 scale per 64 values: 0.53x of bf16 host memory, fetched rows rounded to e4m3).
+      ``fp8`` (e4m3 with one power-of-two scale per 64 values, stored as fp32: 0.53x of bf16 host memory, fetched
+      rows rounded to e4m3);
+    * ``max_batch``: how many sequences decode together when ``generate``/``stream`` get a list of prompts; the
+      others wait and join as sequences finish (continuous batching). Each keeps its own cache, cold pool,
+      resident set, triggers and stats.
     """
 
     mode: str = "lsa"
@@ -113,6 +117,7 @@ class SessionConfig:
     keep_first: int | None = None
     ensemble: str | None = None
     pool_storage: str = "model"
+    max_batch: int = 8
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -144,6 +149,8 @@ class SessionConfig:
             raise SessionError(f"pool_storage (--pool-storage) must be 'model' or 'fp8', got {self.pool_storage!r}")
         if self.memory_keys not in MEMORY_KEYS:
             raise SessionError(f"memory_keys (--memory-keys) must be 'device' or 'pool', got {self.memory_keys!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise SessionError(f"max_batch (--batch) must be an integer >= 1, got {self.max_batch!r}")
         tau = self.tau if self.tau is not None else DEFAULT_TAU
         if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
                 or not 0 <= self.prefetch_steps < tau:

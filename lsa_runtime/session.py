@@ -26,6 +26,7 @@ See docs/DESIGN.md, "Session", for the contracts and the accounting.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from .backbone import (
     load_backbone,
     validate_memory_layers,
 )
+from .batching import forward_rows, install_row_attention
 from .capture import prefill_chunk_length
 from .cold_pool import ColdPool
 from .config import SamplingParams, SessionConfig, SessionError
@@ -68,6 +70,7 @@ class StreamToken:
 
     token_id: int
     text: str
+    sequence: int = 0  # which prompt of a list it continues (0 for a single prompt)
 
 
 @dataclass
@@ -77,7 +80,7 @@ class Generation:
     token_ids: list[int]
     text: str
     prompt_tokens: int
-    finish_reason: str  # "length" (max_new_tokens), "eos", or "max_position" (model's maximum context)
+    finish_reason: str  # "length" (max_new_tokens), "eos", "max_position" (model's maximum context), "stopped"
     stats: SessionStats
 
     def __str__(self) -> str:
@@ -110,6 +113,33 @@ class DecodeState:
     since_trigger: int = 0
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # h_t of the last position at memory layers
     clock: LoopClock = field(default_factory=LoopClock)
+    policy: ResidentPolicy | None = None  # who selects this conversation's resident sets (trigger modes)
+    prefetcher: ResidentPrefetcher | None = None  # prefetch_steps > 0: its helper, while it decodes
+
+
+@dataclass
+class _Job:
+    """One prompt of a generate/stream call while it decodes: its state, sampling and what it has produced."""
+
+    index: int  # the prompt's place in the call (StreamToken.sequence)
+    ids: list[int]
+    state: DecodeState | None
+    max_new_tokens: int
+    sampling: SamplingParams
+    policy: ResidentPolicy | None = None
+    logits: torch.Tensor | None = None  # [vocab], the next token's
+    generator: torch.Generator | None = None
+    eos: set = field(default_factory=set)
+    produced: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    started: float | None = None  # perf_counter when decoding began (after prefill and the first trigger)
+
+
+def _is_batch(prompt) -> bool:
+    """A list/tuple of prompts (texts or token-id sequences), as opposed to one prompt given as token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int) \
+        and not (isinstance(prompt[0], torch.Tensor) and prompt[0].dim() == 0)
 
 
 class Session:
@@ -176,9 +206,10 @@ class Session:
             if self.config.decode_graphs is None else self.config.decode_graphs
         self.decode_graphs = install_decode_graphs(model) if wants_graphs else None
         self._cache_kw = cache_kwarg()
-        triggers = self.policy is not None or self.oracle
-        self._prefetcher = ResidentPrefetcher() if self.config.prefetch_steps and triggers else None
+        self._policy_given = policy is not None
         self._state: DecodeState | None = None
+        self._rows: list[DecodeState] = []  # the sequences of the forward running now, in batch-row order
+        self._last_jobs: list[_Job] = []
         self.finish_reason: str | None = None  # of the last generate/stream: "length", "eos", "max_position"
         self.last_prompt_tokens = 0
 
@@ -253,10 +284,11 @@ class Session:
 
     # ---- generation -----------------------------------------------------------------------------------
 
-    def generate(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 128,
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor | list, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop_at_eos: bool = True, keep_context: bool = False,
-                 sampling: SamplingParams | None = None, unconditional: bool = False) -> Generation:
+                 sampling: SamplingParams | None = None, unconditional: bool = False,
+                 policies: Sequence[ResidentPolicy] | None = None) -> Generation | list[Generation]:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids).
 
         ``temperature`` 0 is greedy decoding; otherwise sampling with optional ``top_k``/``top_p`` (``seed``
@@ -265,29 +297,86 @@ class Session:
         empty text prompt is refused unless ``unconditional=True``: then generation starts from the tokenizer's
         start token alone. Mode ``oracle`` first decodes the prompt in full mode to record the native picks it
         replays (exact for greedy decoding).
+
+        A list of prompts (texts, or token-id lists) decodes them together, ``max_batch`` at a time, and returns
+        one :class:`Generation` per prompt, in order (see :meth:`stream`).
         """
+        if _is_batch(prompt):
+            tokens: dict[int, list[int]] = {i: [] for i in range(len(prompt))}
+            for piece in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos,
+                                     keep_context, sampling, unconditional, policies):
+                tokens[piece.sequence].append(piece.token_id)
+            return [Generation(token_ids=tokens[i], text=self._text(tokens[i]), prompt_tokens=len(job.ids),
+                               finish_reason=job.finish_reason, stats=self._stats(job.state))
+                    for i, job in enumerate(self._last_jobs)]
         tokens = [piece.token_id for piece in self.stream(
             prompt, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, keep_context, sampling,
-            unconditional)]
+            unconditional, policies)]
         return Generation(token_ids=tokens, text=self._text(tokens), prompt_tokens=self.last_prompt_tokens,
                           finish_reason=self.finish_reason, stats=self.stats)
 
-    def stream(self, prompt: str | Sequence[int] | torch.Tensor, max_new_tokens: int = 128,
+    def stream(self, prompt: str | Sequence[int] | torch.Tensor | list, max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop_at_eos: bool = True, keep_context: bool = False,
-               sampling: SamplingParams | None = None, unconditional: bool = False) -> Iterator[StreamToken]:
+               sampling: SamplingParams | None = None, unconditional: bool = False,
+               policies: Sequence[ResidentPolicy] | None = None) -> Iterator[StreamToken]:
         """Like :meth:`generate`, but yields each token (id and text piece) as soon as it is sampled.
-        Bad input is reported here, before the first token."""
+        Bad input is reported here, before the first token.
+
+        Given a list of prompts, the sequences decode together (continuous batching): up to ``max_batch`` of them
+        run one backbone forward per step (:mod:`~.batching`), each with its own cache, cold pool, resident set,
+        triggers, sampling generator and stats; a finished sequence leaves the batch and the next waiting prompt is
+        prefilled and joins. Tokens of all sequences are yielded interleaved; ``StreamToken.sequence`` says whose.
+        Each sequence gets its own resident-set policy, made as for a fresh Session (``policies=``: one given per
+        prompt instead; mode ``oracle`` records one full run per prompt first); greedy decoding gives each the
+        tokens it gets decoding alone. ``keep_context`` is for single conversations only."""
         shortcuts = SamplingParams(temperature, top_p, top_k, seed, stop_at_eos)
         if sampling is not None and shortcuts != SamplingParams():
             raise SessionError("give sampling= or the temperature/top_p/top_k/seed/stop_at_eos keywords, not both")
         sampling = sampling if sampling is not None else shortcuts
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or int(max_new_tokens) < 0:
             raise SessionError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-        ids = self._begin(prompt, keep_context, unconditional, int(max_new_tokens))
+        max_new_tokens = int(max_new_tokens)
+        if _is_batch(prompt):
+            return self._run(self._batch_jobs(list(prompt), max_new_tokens, sampling, keep_context, unconditional,
+                                              policies), self.config.max_batch)
+        if policies is not None:
+            raise SessionError("policies= gives one policy per prompt of a list of prompts")
+        ids = self._begin(prompt, keep_context, unconditional, max_new_tokens)
         if self.oracle:
-            self.policy = self._oracle_policy(ids, int(max_new_tokens), sampling)
-        return self._decode_loop(ids, int(max_new_tokens), sampling)
+            self.policy = self._oracle_policy(ids, max_new_tokens, sampling)
+        self._state.policy = self.policy
+        return self._run([_Job(0, ids, self._state, max_new_tokens, sampling)], 1)
+
+    def _batch_jobs(self, prompts: list, max_new_tokens: int, sampling: SamplingParams, keep_context: bool,
+                    unconditional: bool, policies) -> list["_Job"]:
+        """One job per prompt of a list: ids checked, fresh state, its own policy (all before any decoding)."""
+        if keep_context:
+            raise SessionError("keep_context=True continues one conversation: give one prompt, not a list")
+        if policies is not None and len(policies) != len(prompts):
+            raise SessionError(f"policies= gives {len(policies)} policies for {len(prompts)} prompts")
+        for policy in policies or ():
+            if not isinstance(policy, ResidentPolicy):
+                raise SessionError(f"policies= must hold ResidentPolicy objects, got {type(policy).__name__}")
+        if policies is not None and self.policy is None and not self.oracle:
+            raise SessionError(f"mode '{self.mode}' has no resident-set policy to replace (policies=)")
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            try:
+                ids, _ = self._prompt_ids(prompt, False, unconditional, None)
+            except SessionError as exc:
+                raise SessionError(f"prompt {i}: {exc}") from None
+            jobs.append(_Job(i, ids, None, max_new_tokens, sampling, policy=policies[i] if policies else None))
+        for job in jobs:  # the states last: nothing allocated for a list with a bad prompt
+            if job.policy is None and self.oracle:
+                job.policy = self._oracle_policy(job.ids, max_new_tokens, sampling)
+            elif job.policy is None and self.policy is not None:
+                # a fresh policy per sequence (a seeded random one starts its draws anew), as a fresh Session
+                job.policy = self.policy if self._policy_given else make_policy(self.config, self.memory_indexer)
+            job.state = self._new_state(len(job.ids) + max_new_tokens)
+            job.state.policy = job.policy
+        self._state = None  # a list leaves no conversation to continue
+        return jobs
 
     def _oracle_policy(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> ResidentPolicy:
         """The oracle of this prompt: the native top-k picks of a full-mode run of it, replayed per window."""
@@ -297,13 +386,9 @@ class Session:
         _, picks = record_native_picks(recorder, ids, max_new_tokens, sampling=sampling)
         return make_policy(self.config, native_picks=picks)
 
-    def _begin(self, prompt, keep_context: bool, unconditional: bool = False, max_new_tokens: int = 0) -> list[int]:
-        """Check the prompt against the model and the state; start a new conversation unless ``keep_context``
-        (its cold pool sized for the prompt and ``max_new_tokens``). Returns the token ids to prefill."""
-        if keep_context and self._state is None:
-            raise SessionError("keep_context=True needs a previous generate() call on this Session")
-        if keep_context and self.oracle:
-            raise SessionError("mode 'oracle' replays one full run per prompt: keep_context is not available")
+    def _prompt_ids(self, prompt, keep_context: bool, unconditional: bool, state: DecodeState | None):
+        """The token ids ``prompt`` adds (with the pending token of ``state``), checked against the model's maximum
+        context; returns (ids, tokens in the context after them)."""
         if isinstance(prompt, str) and prompt == "":
             if not unconditional:
                 raise SessionError("the prompt is empty: pass unconditional=True (--unconditional) to generate from "
@@ -311,73 +396,136 @@ class Session:
             ids = self._start_ids()
         else:
             ids = self._encode(prompt, add_special_tokens=not keep_context)
-        if keep_context and self._state.pending is not None:
-            ids = [self._state.pending] + ids  # the previous call's last token was never run through the model
-        total = (self._state.position if keep_context else 0) + len(ids)
+        if keep_context and state.pending is not None:
+            ids = [state.pending] + ids  # the previous call's last token was never run through the model
+        total = (state.position if keep_context else 0) + len(ids)
         if self.max_positions and total > self.max_positions:
             raise SessionError(f"prompt is {total:,} tokens (with the context), longer than the model's maximum "
                                f"of {self.max_positions:,} (max_position_embeddings)")
+        return ids, total
+
+    def _begin(self, prompt, keep_context: bool, unconditional: bool = False, max_new_tokens: int = 0) -> list[int]:
+        """Check the prompt against the model and the state; start a new conversation unless ``keep_context``
+        (its cold pool sized for the prompt and ``max_new_tokens``). Returns the token ids to prefill."""
+        if keep_context and self._state is None:
+            raise SessionError("keep_context=True needs a previous generate() call with one prompt on this Session")
+        if keep_context and self.oracle:
+            raise SessionError("mode 'oracle' replays one full run per prompt: keep_context is not available")
+        ids, _ = self._prompt_ids(prompt, keep_context, unconditional, self._state)
         if not keep_context:
             self._state = self._new_state(len(ids) + max_new_tokens)
         self._state.pending = None
         self.last_prompt_tokens = len(ids)
         return ids
 
-    def _decode_loop(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> Iterator[StreamToken]:
-        state = self._state
-        handles = self._hidden_hooks(state)
+    @torch.no_grad()
+    def _run(self, jobs: list["_Job"], max_batch: int) -> Iterator[StreamToken]:
+        """The decode loop over ``jobs``: up to ``max_batch`` decode together; a finished one leaves, the next
+        waiting one is prefilled and joins. One job is the single-conversation case (the plain forward)."""
+        self._last_jobs = jobs
+        waiting, active = deque(jobs), []
+        layers = sorted({layer for job in jobs if job.state.policy is not None for layer in job.state.policy.memory_layers})
+        handles = self._hidden_hooks(layers)
+        job = None
         try:
-            yield from self._prefill_and_decode(state, ids, max_new_tokens, sampling)
+            while waiting or active:
+                while waiting and len(active) < max_batch:
+                    job = waiting.popleft()
+                    self._start_job(job)
+                    yield from self._emit(job)
+                    if job.finish_reason is None:
+                        active.append(job)
+                    else:
+                        self._finish_job(job)
+                if not active:
+                    continue
+                job = None
+                self._step(active)
+                for job in list(active):
+                    yield from self._emit(job)
+                    if job.finish_reason is not None:
+                        active.remove(job)
+                        self._finish_job(job)
         except _oom_errors() as exc:
             self._state = None  # the state is incomplete; the next call starts fresh
+            at = f" at {job.state.position:,} tokens" if job is not None else ""
             raise DeviceMemoryError(
-                f"out of memory at {state.position:,} tokens ({first_line(exc)}); try a smaller chunk_size, "
-                f"a smaller budget, or a lower-precision dtype") from None
+                f"out of memory{at} ({first_line(exc)}); try a smaller chunk_size, a smaller budget, a smaller "
+                f"max_batch, or a lower-precision dtype") from None
         except RuntimeError as exc:
             if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
                 raise
             self._state = None
-            raise DeviceMemoryError(f"out of host memory at {state.position:,} tokens ({first_line(exc)}); "
-                                    "try a smaller chunk_size or a shorter prompt") from None
+            at = f" at {job.state.position:,} tokens" if job is not None else ""
+            raise DeviceMemoryError(f"out of host memory{at} ({first_line(exc)}); try a smaller chunk_size, a "
+                                    "shorter prompt or a smaller max_batch") from None
         finally:
             for handle in handles:
                 handle.remove()
+            for job in active:  # a consumer that stopped early: close what the unfinished sequences hold
+                self._finish_job(job)
 
-    @torch.no_grad()
-    def _prefill_and_decode(self, state: DecodeState, ids: list[int], max_new_tokens: int,
-                            sampling: SamplingParams) -> Iterator[StreamToken]:
-        logits = self._prefill(state, ids)
-        if self.policy is not None:
-            self._trigger(state)
-        generator = sampling.generator()
-        eos = self._eos_ids() if sampling.stop_at_eos else set()
-        self.finish_reason = "length"
-        start = time.perf_counter()
-        produced: list[int] = []
-        text = ""
-        try:
-            for step in range(max_new_tokens):
-                token = sampling.sample(logits, generator)
-                produced.append(token)
-                so_far = self._text(produced)
-                piece, text = so_far[len(text):], so_far
-                reason = ("eos" if token in eos else "length" if step == max_new_tokens - 1 else
-                          "max_position" if self.max_positions and state.position >= self.max_positions else None)
-                if reason is not None:
-                    state.pending, self.finish_reason = token, reason
-                    yield StreamToken(token, piece)
-                    break
-                yield StreamToken(token, piece)
-                state.context.append(token)
-                logits = self._forward(torch.tensor([token]))
-                if self.policy is not None:
-                    self._after_decode_step(state)
-        finally:
-            if self._prefetcher is not None:
-                self._prefetcher.close()  # drop a set for a window that will not be decoded; no idle thread left
-            self._synchronize()
-            state.clock.decode_tokens += len(produced)
-            state.clock.decode_seconds += time.perf_counter() - start
+    def _start_job(self, job: "_Job") -> None:
+        """Prefill the job's prompt, fire its first trigger; its decoding clock starts."""
+        job.logits = self._prefill(job.state, job.ids)
+        if job.state.policy is not None:
+            self._trigger(job.state)
+        job.generator = job.sampling.generator()
+        job.eos = self._eos_ids() if job.sampling.stop_at_eos else set()
+        if self.config.prefetch_steps and job.state.policy is not None:
+            job.state.prefetcher = ResidentPrefetcher()
+        job.started = time.perf_counter()
+        if job.max_new_tokens == 0:
+            job.finish_reason = "length"
+
+    def _emit(self, job: "_Job") -> Iterator[StreamToken]:
+        """Sample the job's next token from its logits and yield it; decide whether the job is finished."""
+        if job.finish_reason is not None:
+            return
+        state = job.state
+        token = job.sampling.sample(job.logits, job.generator)
+        job.produced.append(token)
+        so_far = self._text(job.produced)
+        piece, job.text = so_far[len(job.text):], so_far
+        reason = ("eos" if token in job.eos else "length" if len(job.produced) == job.max_new_tokens else
+                  "max_position" if self.max_positions and state.position >= self.max_positions else None)
+        if reason is not None:
+            state.pending, job.finish_reason = token, reason
+        else:
+            state.context.append(token)
+        yield StreamToken(token, piece, job.index)
+
+    def _step(self, active: list["_Job"]) -> None:
+        """One decode step of every active job (their last sampled tokens), then each job's trigger bookkeeping."""
+        if len(active) == 1:
+            job = active[0]
+            job.logits = self._forward(job.state, torch.tensor([job.produced[-1]]))
+        else:
+            install_row_attention(self.model)
+            states = [job.state for job in active]
+            self._rows = states
+            logits = forward_rows(self.model, [s.cache for s in states], [job.produced[-1] for job in active],
+                                  [s.position for s in states], self.device)
+            for job, row in zip(active, logits):
+                job.state.position += 1
+                job.logits = row
+        for job in active:
+            if job.state.policy is not None:
+                self._after_decode_step(job.state)
+
+    def _finish_job(self, job: "_Job") -> None:
+        if job.state.prefetcher is not None:
+            job.state.prefetcher.close()  # drop a set for a window that will not be decoded; no idle thread left
+            job.state.prefetcher = None
+        self._synchronize()
+        if job.started is not None:
+            job.state.clock.decode_tokens += len(job.produced)
+            job.state.clock.decode_seconds += time.perf_counter() - job.started
+            job.started = None
+        if job.finish_reason is None:
+            job.finish_reason = "stopped"  # the consumer of stream() stopped reading
+        if len(self._last_jobs) == 1:
+            self.finish_reason = job.finish_reason
 
     def _prefill(self, state: DecodeState, ids: list[int]) -> torch.Tensor:
         """Run ``ids`` in chunks with the model's own semantics (every entry a candidate); the last logits."""
@@ -392,7 +540,7 @@ class Session:
         while done < len(ids):
             n = prefill_chunk_length(self.backbone_config, state.position, self.config.chunk_size,
                                      self.config.max_score_bytes)
-            logits = self._forward(ids_tensor[done:done + n])
+            logits = self._forward(state, ids_tensor[done:done + n])
             done += n
         for layer in layers:
             layer.end_prefill()
@@ -402,9 +550,9 @@ class Session:
         state.clock.prefill_seconds += time.perf_counter() - start
         return logits
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run ``ids`` (1-D) at the next positions; returns the last position's logits ``[vocab]``."""
-        state = self._state
+    def _forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
+        """Run ``ids`` (1-D) of one sequence at its next positions; returns the last position's logits ``[vocab]``."""
+        self._rows = [state]
         n = ids.numel()
         positions = torch.arange(state.position, state.position + n, device=self.device).unsqueeze(0)
         out = self.model(input_ids=ids.to(self.device).unsqueeze(0), position_ids=positions, use_cache=True,
@@ -418,10 +566,10 @@ class Session:
         """Count the step; start a prefetch d steps before the window boundary; at the boundary, change the set."""
         state.since_trigger += 1
         tau, lead = self.config.tau, self.config.prefetch_steps
-        if self._prefetcher is not None and state.since_trigger == tau - lead:
+        if state.prefetcher is not None and state.since_trigger == tau - lead:
             self._start_prefetch(state)
         if state.since_trigger >= tau:
-            if self._prefetcher is not None and self._prefetcher.pending:
+            if state.prefetcher is not None and state.prefetcher.pending:
                 self._install_prefetched(state)
             else:
                 self._trigger(state)
@@ -429,7 +577,7 @@ class Session:
     def _trigger(self, state: DecodeState) -> None:
         """Select the resident set from the state at the last processed token and make it resident now."""
         start = time.perf_counter()
-        state.residency.change_to(self._select(self._trigger_state(state)), self._headroom())
+        state.residency.change_to(self._select(state, self._trigger_state(state)), self._headroom())
         state.since_trigger = 0
         self._synchronize()
         state.clock.trigger_seconds += time.perf_counter() - start
@@ -442,14 +590,14 @@ class Session:
         residency, snapshot = state.residency, state.residency.snapshot()
         # entries born in the lead steps before the boundary join the set at the swap: room for them too
         headroom = self._headroom() + lead // self.rate + 1
-        self._prefetcher.start(lambda: residency.prepare(snapshot, self._select(trigger_state), headroom),
+        state.prefetcher.start(lambda: residency.prepare(snapshot, self._select(state, trigger_state), headroom),
                                self.device)
         state.clock.trigger_seconds += time.perf_counter() - start
 
     def _install_prefetched(self, state: DecodeState) -> None:
         """At the window boundary: make the prepared set resident (waiting for the helper if it is not done)."""
         start = time.perf_counter()
-        finished = self._prefetcher.finish()
+        finished = state.prefetcher.finish()
         state.residency.install(finished.result)
         state.clock.prefetch_seconds += finished.helper_seconds
         state.clock.prefetch_wait_seconds += finished.wait_seconds
@@ -460,35 +608,37 @@ class Session:
         """What a trigger at the last processed token looks at (views and references, no copies; memory keys kept
         in the pool are streamed later, by :meth:`_select`)."""
         index_keys = {layer.layer_idx: layer.all_index_keys.view() for layer in pooled_layers(state.cache)
-                      if layer.layer_idx in self.policy.memory_layers and layer.all_index_keys is not None}
+                      if layer.layer_idx in state.policy.memory_layers and layer.all_index_keys is not None}
         return TriggerState(position=state.position - 1, n_visible=state.pool.count(self.csa_layers[0]),
                             trigger_index=len(state.residency.changes), resident=state.residency.ids, lead=lead,
                             hidden=dict(state.hidden), index_keys=index_keys)
 
-    def _select(self, trigger_state: TriggerState) -> torch.Tensor:
+    def _select(self, state: DecodeState, trigger_state: TriggerState) -> torch.Tensor:
         """The policy's entries for ``trigger_state`` (ascending unique host int64), checked against n_visible."""
-        pool = self._state.pool
-        for layer in self.policy.memory_layers:
+        policy = state.policy
+        for layer in policy.memory_layers:
             if layer not in trigger_state.index_keys:  # memory_keys="pool": streamed for this trigger, freed after
-                trigger_state.index_keys[layer] = pool.stream_prefix(layer, "indexer", trigger_state.n_visible,
-                                                                     self.layer_devices[layer])
-        ids = torch.unique(torch.as_tensor(self.policy.select(trigger_state), dtype=torch.long).reshape(-1).cpu())
+                trigger_state.index_keys[layer] = state.pool.stream_prefix(layer, "indexer", trigger_state.n_visible,
+                                                                           self.layer_devices[layer])
+        ids = torch.unique(torch.as_tensor(policy.select(trigger_state), dtype=torch.long).reshape(-1).cpu())
         if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= trigger_state.n_visible):
             bad = int(ids[0]) if int(ids[0]) < 0 else int(ids[-1])
-            raise SessionError(f"policy '{self.policy.name}' selected entry {bad}, outside the "
+            raise SessionError(f"policy '{policy.name}' selected entry {bad}, outside the "
                                f"{trigger_state.n_visible} visible entries")
         return ids
 
     def _headroom(self) -> int:
         return self.config.tau // self.rate + 2  # entries born before the next trigger
 
-    def _hidden_hooks(self, state: DecodeState):
-        """Keep h_t (attention input, after input_layernorm) of the last position at each memory layer."""
+    def _hidden_hooks(self, layers) -> list:
+        """Keep h_t (attention input, after input_layernorm) of the last position at each memory layer in
+        ``layers``, for each sequence of the forward (``self._rows``, in batch-row order)."""
         handles = []
-        for idx in (self.policy.memory_layers if self.policy is not None else ()):
+        for idx in layers:
             def keep_last(module, args, kwargs, idx=idx):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                state.hidden[idx] = hidden[0, -1].detach().clone()  # not a view: frees the chunk
+                for row, state in enumerate(self._rows):
+                    state.hidden[idx] = hidden[row, -1].detach().clone()  # not a view: frees the chunk
 
             handles.append(self.decoder.layers[idx].self_attn.register_forward_pre_hook(keep_last, with_kwargs=True))
         return handles
@@ -537,7 +687,9 @@ class Session:
     def stats(self) -> SessionStats:
         """Footprint of the current decoding state and the counters of the conversation, read from their owners
         (the cache, the cold pool, the resident set, the per-step buffers, the loop's clock)."""
-        state = self._state
+        return self._stats(self._state)
+
+    def _stats(self, state: DecodeState | None) -> SessionStats:
         if state is None:
             return SessionStats(mode=self.mode, policy=self.describe())
         by_device: dict[str, int] = {}

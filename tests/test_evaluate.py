@@ -306,3 +306,25 @@ def test_workers_decode_the_same_runs_as_one_process(backbone, export_dir, tmp_p
     assert len(lines) == len(one["runs"]) and two["complete"] is True
     with pytest.raises(EvaluationError, match="workers"):
         evaluate(config, tmp_path / "bad", workers=0)
+
+
+def test_batched_evaluation_records_what_one_at_a_time_does(all_modes, backbone, export_dir, tmp_path):
+    """--batch 3 over 4 samples (a batch of 3, then 1) in every mode, random included: the same predictions,
+    scores, selections and footprints per run as the one-at-a-time evaluation of the same config."""
+    config = EvalConfig(model="tiny", modes=("full", "lsa", "hisparse", "recent", "random", "oracle"),
+                        tasks=(TASK,), lengths=(LENGTH,), samples=4, indexer=str(export_dir),
+                        max_new_tokens=NEW, tau=TAU)
+    one = evaluate(config, tmp_path / "one", backbone=backbone)
+    batched = evaluate(config, tmp_path / "batched", backbone=backbone, batch=3)
+    keep = ("prediction", "score", "selected_per_trigger", "budget", "new_tokens", "finish_reason")
+    stats = ("footprint_ratio", "csa_kv_ratio", "device_bytes", "resident_entries", "entries_fetched", "triggers",
+             "fetch_bytes_to_device")
+    key = lambda r: (r["mode"], r["index"])  # noqa: E731
+    runs_one, runs_batched = sorted(one["runs"], key=key), sorted(batched["runs"], key=key)
+    assert len(runs_one) == len(runs_batched) == 24
+    for a, b in zip(runs_one, runs_batched):
+        assert key(a) == key(b)
+        assert {k: a[k] for k in keep} == {k: b[k] for k in keep}
+        assert {k: a["stats"][k] for k in stats} == {k: b["stats"][k] for k in stats}
+    with pytest.raises(EvaluationError, match="--batch must be"):
+        Evaluation(config, tmp_path / "bad", backbone=backbone, batch=0)

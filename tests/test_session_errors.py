@@ -76,7 +76,7 @@ def test_device_out_of_memory_is_a_one_line_error_and_the_session_recovers(backb
     session = Session(model, tokenizer, mode="recent", budget=4, tau=4, chunk_size=16)
     expected = session.generate(list(range(3, 60)), max_new_tokens=4).token_ids
 
-    def exhausted(ids):
+    def exhausted(state, ids):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has 1 MiB free")
 
     with monkeypatch.context() as patch:

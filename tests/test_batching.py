@@ -1,0 +1,168 @@
+"""Batched decoding: several sequences in one forward per step (continuous batching) give each sequence what it
+gets decoding alone. The oracle is the single-sequence path (a fresh Session per prompt), itself tested against
+transformers' generate in test_session.py."""
+
+import pytest
+import torch
+
+from lsa_runtime.backbone import cache_kwarg, default_memory_layers
+from lsa_runtime.batching import forward_rows, install_row_attention
+from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+from lsa_runtime.policies import RecentPolicy
+from lsa_runtime.session import Session, SessionError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TAU = 16
+LENGTHS = (200, 333, 97, 260)  # different lengths: different positions, compressor phases and trigger steps
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def indexer(backbone):
+    model, _ = backbone
+    config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
+                                                      rank=model.config.q_lora_rank, tau=TAU)
+    return MemoryIndexer.init_from_native(model, config)
+
+
+def _alone(model, tokenizer, options, indexer, prompt, max_new=NEW):
+    session = Session(model, tokenizer, indexer=indexer, **options)
+    return session.generate(prompt, max_new_tokens=max_new, stop_at_eos=False)
+
+
+def test_forward_rows_equals_each_sequence_alone(backbone, prompts):
+    """Logits of one batched step over three sequences at different positions == each sequence's own step."""
+    model, _ = backbone
+    from transformers import DynamicCache
+
+    caches, singles, positions = [], [], []
+    for ids in prompts[:3]:
+        for target in (caches, singles):
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]), use_cache=True, **{cache_kwarg(): cache})
+            target.append(cache)
+        positions.append(len(ids))
+    tokens = [17, 401, 5]
+    install_row_attention(model)
+    with torch.no_grad():
+        batched = forward_rows(model, caches, tokens, positions, torch.device("cpu"))
+        for r, (cache, token, position) in enumerate(zip(singles, tokens, positions)):
+            alone = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]), use_cache=True,
+                          logits_to_keep=1, **{cache_kwarg(): cache}).logits[0, -1]
+            torch.testing.assert_close(batched[r], alone, rtol=1e-5, atol=1e-5)
+    # the caches advanced as the single ones did (a next step agrees too)
+    with torch.no_grad():
+        again = forward_rows(model, caches, [3, 3, 3], [p + 1 for p in positions], torch.device("cpu"))
+        for r, (cache, position) in enumerate(zip(singles, positions)):
+            alone = model(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[position + 1]]), use_cache=True,
+                          logits_to_keep=1, **{cache_kwarg(): cache}).logits[0, -1]
+            torch.testing.assert_close(again[r], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    {"mode": "full"},
+    {"mode": "lsa", "tau": TAU},
+    {"mode": "lsa", "tau": TAU, "memory_keys": "pool", "pool_storage": "fp8"},
+    {"mode": "random", "tau": TAU, "budget": 24, "seed": 3},
+    {"mode": "hisparse", "budget": 40},
+], ids=["full", "lsa", "lsa-poolkeys-fp8", "random", "hisparse"])
+def test_batch_gives_each_sequence_its_tokens_and_stats_alone(backbone, prompts, indexer, options):
+    """Four prompts, at most three decoding together (the fourth joins when one finishes): the same greedy
+    tokens, finish reasons and per-sequence stats (triggers, selections, fetches, bytes) as decoding alone."""
+    model, tokenizer = backbone
+    indexer_arg = indexer if options["mode"] == "lsa" else None
+    session = Session(model, tokenizer, indexer=indexer_arg, max_batch=3, **options)
+    batch = session.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
+    assert len(batch) == len(prompts)
+    for prompt, got in zip(prompts, batch):
+        want = _alone(model, tokenizer, options, indexer_arg, prompt)
+        assert got.token_ids == want.token_ids
+        assert got.prompt_tokens == len(prompt) and got.finish_reason == want.finish_reason == "length"
+        a, b = got.stats, want.stats
+        assert (a.context_tokens, a.csa_entries, a.resident_entries, a.device_bytes, a.triggers,
+                a.selected_per_trigger, a.entries_fetched, a.fetch_bytes_to_device, a.cold_pool_bytes) == \
+               (b.context_tokens, b.csa_entries, b.resident_entries, b.device_bytes, b.triggers,
+                b.selected_per_trigger, b.entries_fetched, b.fetch_bytes_to_device, b.cold_pool_bytes)
+    if options["mode"] in ("lsa", "random"):
+        assert all(g.stats.triggers == 3 for g in batch)  # after prefill, then at steps 16 and 32 of 40
+
+
+def test_stream_interleaves_sequences_and_eos_leaves_the_batch(backbone, prompts):
+    """stream() yields every sequence's tokens in its own order, tagged by prompt index; a sequence that meets its
+    end-of-sequence token leaves while the others go on (here: each prompt's own greedy 6th token made EOS)."""
+    model, tokenizer = backbone
+    alone = [_alone(model, tokenizer, {"mode": "full"}, None, p, 12).token_ids for p in prompts[:3]]
+    session = Session(model, tokenizer, mode="full", max_batch=3)
+    pieces = list(session.stream(prompts[:3], max_new_tokens=12, stop_at_eos=False))
+    order = [p.sequence for p in pieces]
+    assert order[:3] == [0, 1, 2] and sorted(set(order)) == [0, 1, 2]
+    for i in range(3):
+        assert [p.token_id for p in pieces if p.sequence == i] == alone[i]
+
+    eos = alone[1][5]
+    old = model.config.eos_token_id
+    model.config.eos_token_id = eos
+    try:
+        out = Session(model, tokenizer, mode="full", max_batch=3).generate(prompts[:3], max_new_tokens=12)
+    finally:
+        model.config.eos_token_id = old
+    for i, got in enumerate(out):
+        cut = alone[i].index(eos) + 1 if eos in alone[i] else 12
+        assert got.token_ids == alone[i][:cut]
+        assert got.finish_reason == ("eos" if eos in alone[i] else "length")
+    assert out[1].finish_reason == "eos" and len(out[1].token_ids) <= 6
+
+
+def test_policies_per_prompt_and_bad_input(backbone, prompts):
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="recent", budget=16, tau=TAU)
+    # one policy per prompt: each sequence gets the budget it was given
+    out = session.generate(prompts[:2], max_new_tokens=20, stop_at_eos=False,
+                           policies=[RecentPolicy(8), RecentPolicy(30)])
+    assert out[0].stats.selected_per_trigger[0] == 8 and out[1].stats.selected_per_trigger[0] == 30
+    with pytest.raises(SessionError, match="2 policies for 3 prompts"):
+        session.generate(prompts[:3], policies=[RecentPolicy(8)] * 2)
+    with pytest.raises(SessionError, match="prompt 1: token id 5000 is outside"):
+        session.generate([prompts[0], [1, 5000]])
+    with pytest.raises(SessionError, match="give one prompt, not a list"):
+        session.generate(prompts[:2], keep_context=True)
+    with pytest.raises(SessionError, match="max_batch"):
+        Session(model, tokenizer, mode="full", max_batch=0)
+    # a list leaves no conversation to continue
+    with pytest.raises(SessionError, match="with one prompt"):
+        session.generate([4, 5], keep_context=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_on_a_gpu_gives_each_sequence_its_tokens_alone(prompts, dtype):
+    """On the GPU, with decode graphs (a Session's default there): four prompts, three at a time, full and lsa, the
+    greedy tokens of each sequence decoded alone. In bf16 a [B, d] product may round differently from [1, d];
+    the test prints how many tokens agree and requires every sequence's first 8 tokens to."""
+    from lsa_runtime.backbone import load_backbone
+
+    model, tokenizer = load_backbone("tiny", dtype=dtype, device="cuda")
+    config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
+                                                      rank=model.config.q_lora_rank, tau=TAU)
+    indexer = MemoryIndexer.init_from_native(model, config)
+    for options in ({"mode": "full"}, {"mode": "lsa", "tau": TAU}):
+        indexer_arg = indexer if options["mode"] == "lsa" else None
+        batch = Session(model, tokenizer, indexer=indexer_arg, max_batch=3, **options).generate(
+            prompts, max_new_tokens=NEW, stop_at_eos=False)
+        agree = []
+        for prompt, got in zip(prompts, batch):
+            want = _alone(model, tokenizer, options, indexer_arg, prompt).token_ids
+            same = next((i for i, (a, b) in enumerate(zip(got.token_ids, want)) if a != b), NEW)
+            agree.append(same)
+            assert same >= 8 if dtype == torch.bfloat16 else got.token_ids == want
+        print(f"batched on {torch.cuda.get_device_name()} {dtype} {options['mode']}: tokens equal to decoding "
+              f"alone before the first difference {agree} of {NEW}")
