@@ -406,6 +406,10 @@ def export_command(
                                     "V4-Flash)."),
     keep_first: int = typer.Option(None, "--keep-first", help="The resident set's sink (default 0)."),
     ensemble: str = typer.Option(None, "--ensemble", help="max (OR over layers, default) or mean."),
+    target_recall: float = typer.Option(None, "--target-recall", help="Store the fetch threshold that keeps this "
+                                        "share (0-1] of the golden entries on the training run's held-out "
+                                        "documents, instead of the trained 0.5 (a focal-loss indexer often fetches "
+                                        "too few entries at 0.5). Needs the run's labels."),
     fmt: str = typer.Option("fm-index", "--format", help="fm-index (a directory: model.safetensors + "
                                "lsa_config.json) or flashmemory (one .pt file: the authors' joint checkpoint, "
                                "retrievers.l{csa index}.*, loadable by their SGLang fork)."),
@@ -413,7 +417,7 @@ def export_command(
     """Write the trained memory indexer for lsa_runtime: model.safetensors (W_DQ, W_IUQ, W_w per layer) and
     lsa_config.json (layers, rank, heads, head_dim, rope, threshold, tau, backbone config hash, metrics); or, with
     --format flashmemory, the authors' joint checkpoint."""
-    from indexer_train.export import export_indexer, export_release_checkpoint
+    from indexer_train.export import check_export_inputs, export_indexer, export_release_checkpoint
 
     if fmt not in ("fm-index", "flashmemory"):
         raise FmIndexError(f"--format must be fm-index or flashmemory, got '{fmt}'")
@@ -421,7 +425,8 @@ def export_command(
         if (train_dir is None) == (model is None):
             raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
         given = [flag for flag, value in (("--keep-recent", keep_recent), ("--keep-first", keep_first),
-                                          ("--ensemble", ensemble)) if value is not None]
+                                          ("--ensemble", ensemble), ("--target-recall", target_recall))
+                 if value is not None]
         if given:
             raise FmIndexError(f"{given[0]} has no place in the authors' checkpoint (weights only); their server "
                                "sets the resident set's options itself")
@@ -434,8 +439,24 @@ def export_command(
                       "a backbone); the old name still works")
     if (train_dir is None) == (model is None):
         raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
-    path = export_indexer(train_dir or model, out, resident={"keep_recent": keep_recent, "keep_first": keep_first,
-                                                             "ensemble": ensemble})
+    resident = {"keep_recent": keep_recent, "keep_first": keep_first, "ensemble": ensemble}
+    check_export_inputs(train_dir or model, out, target_recall)  # before the progress bar
+    if target_recall is None:
+        path = export_indexer(train_dir or model, out, resident=resident)
+    else:
+        from rich.progress import Progress
+
+        with Progress(console=console) as progress:
+            task = progress.add_task("scoring the held-out documents", total=None)
+            path = export_indexer(train_dir or model, out, resident=resident, target_recall=target_recall,
+                                  progress=lambda n: progress.advance(task, n))
+        import json
+        from pathlib import Path
+
+        choice = json.loads((Path(path) / "lsa_config.json").read_text())["metrics"]["threshold_choice"]
+        console.print(f"threshold {choice['threshold']:.4g}: recall {choice['recall']:.3f}, precision "
+                      f"{choice['precision']:.3f}, retrieval ratio {choice['retrieval_ratio']:.4f} on "
+                      f"{choice['triggers']} held-out triggers")
     console.print(f"exported to [bold]{path}[/]; load with lsa_runtime.memory_indexer.MemoryIndexer.from_export")
 
 

@@ -127,79 +127,105 @@ def _as_index(values) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.long).reshape(-1)
 
 
+@dataclass
+class TriggerScores:
+    """One held-out trigger: each memory layer's scores sigmoid(I_L[t0, s]) over the ``n_visible`` entries, the
+    golden label G and the native top-k union N (boolean masks)."""
+
+    n_visible: int
+    probs: dict[int, torch.Tensor]  # layer -> [n_visible]
+    gold: torch.Tensor
+    native: torch.Tensor
+
+
+def trigger_scores(indexer: MemoryIndexer, shards, documents, chunk_size: int = 8192, progress=None):
+    """Yield :class:`TriggerScores` for every trigger of ``documents`` (doc indices of ``shards``)."""
+    layers = list(indexer.config.layers)
+    device = next(indexer.parameters()).device
+    was_training = indexer.training
+    indexer.eval()
+    try:
+        for doc in documents:
+            data = shards.rows([doc]).with_format("torch")[:]  # one document: all columns at once
+            by_position: dict[int, dict[int, int]] = {}
+            for i, (pos, layer) in enumerate(zip(data["position"].tolist(), data["layer"].tolist())):
+                by_position.setdefault(int(pos), {})[int(layer)] = i
+            positions = sorted(by_position)
+            probs_by_layer = {}
+            for L in layers:
+                idx = torch.tensor([by_position[p][L] for p in positions], dtype=torch.long)
+                nv = data["n_visible"][idx].long().to(device)
+                keys = shards.keys(doc, L)[: int(nv.max())].to(device)
+                with torch.no_grad():
+                    probs_by_layer[L] = indexer.score(L, data["hidden"][idx].float().to(device),
+                                                      data["position"][idx].long().to(device), keys,
+                                                      chunk_size).cpu()
+            for j, pos in enumerate(positions):
+                i = by_position[pos][layers[0]]
+                nv = int(data["n_visible"][i])
+                gold = torch.zeros(nv, dtype=torch.bool)
+                gold[_as_index(data["positives"][i])] = True
+                native = torch.zeros(nv, dtype=torch.bool)
+                native[_as_index(data["native_topk_union"][i])] = True
+                yield TriggerScores(nv, {L: probs_by_layer[L][j, :nv] for L in layers}, gold, native)
+            if progress is not None:
+                progress(1)
+    finally:
+        indexer.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_indexer(indexer: MemoryIndexer, shards, documents, threshold: float | None = None,
                      chunk_size: int = 8192, progress=None) -> EvalReport:
     """Score every trigger of ``documents`` (doc indices of ``shards``) with ``indexer``; see the module doc."""
     threshold = indexer.config.threshold if threshold is None else float(threshold)
     layers = list(indexer.config.layers)
-    device = next(indexer.parameters()).device
     report = EvalReport(counts={**{f"layer {L}": Counts() for L in layers}, "union": Counts(),
                                 "recency (same ratio)": Counts(), "chance (same ratio)": Counts(),
                                 "union top-|G|": Counts(), "recency top-|G|": Counts(), "chance top-|G|": Counts()})
-    was_training = indexer.training
-    indexer.eval()
-    for doc in documents:
-        data = shards.rows([doc]).with_format("torch")[:]  # one document: all columns at once
-        by_position: dict[int, dict[int, int]] = {}
-        for i, (pos, layer) in enumerate(zip(data["position"].tolist(), data["layer"].tolist())):
-            by_position.setdefault(int(pos), {})[int(layer)] = i
-        positions = sorted(by_position)
-        fetched_by_layer, probs_by_layer = {}, {}
-        for L in layers:
-            idx = torch.tensor([by_position[p][L] for p in positions], dtype=torch.long)
-            nv = data["n_visible"][idx].long().to(device)
-            keys = shards.keys(doc, L)[: int(nv.max())].to(device)
-            probs = indexer.score(L, data["hidden"][idx].float().to(device), data["position"][idx].long().to(device),
-                                  keys, chunk_size)
-            visible = torch.arange(probs.shape[1], device=device).unsqueeze(0) < nv.unsqueeze(1)
-            fetched_by_layer[L] = ((probs >= threshold) & visible).cpu()
-            probs_by_layer[L] = probs.cpu()
-        for j, pos in enumerate(positions):
-            i = by_position[pos][layers[0]]
-            nv = int(data["n_visible"][i])
-            gold = torch.zeros(nv, dtype=torch.bool)
-            gold[_as_index(data["positives"][i])] = True
-            native = torch.zeros(nv, dtype=torch.bool)
-            native[_as_index(data["native_topk_union"][i])] = True
-            union = torch.zeros(nv, dtype=torch.bool)
-            best = torch.zeros(nv)
-            for L in layers:
-                f = fetched_by_layer[L][j, :nv]
-                union |= f
-                best = torch.maximum(best, probs_by_layer[L][j, :nv])
-                report.counts[f"layer {L}"].add_auc(ranking_auc(probs_by_layer[L][j, :nv], gold))
-                report.counts[f"layer {L}"].add(f.sum(), (f & gold).sum(), gold.sum(), nv, native.sum(),
-                                                (f & native).sum())
-            k = int(union.sum())
-            report.counts["union"].add(k, (union & gold).sum(), gold.sum(), nv, native.sum(), (union & native).sum())
-            report.counts["union"].add_auc(ranking_auc(best, gold))
-            report.counts["recency (same ratio)"].add_auc(ranking_auc(torch.arange(nv), gold))
-            report.counts["chance (same ratio)"].add_auc(None if gold.all() or not gold.any() else 0.5)
-            recent = torch.zeros(nv, dtype=torch.bool)
-            if k:
-                recent[nv - k:] = True
-            report.counts["recency (same ratio)"].add(k, (recent & gold).sum(), gold.sum(), nv, native.sum(),
-                                                      (recent & native).sum())
-            share = k / nv if nv else 0.0
-            report.counts["chance (same ratio)"].add(k, share * float(gold.sum()), gold.sum(), nv, native.sum(),
-                                                     share * float(native.sum()))
-            g = int(gold.sum())  # the same comparison at |F| = |G|
-            top = torch.zeros(nv, dtype=torch.bool)
-            if g:
-                top[torch.topk(best, g, sorted=False).indices] = True
-            report.counts["union top-|G|"].add(g, (top & gold).sum(), g, nv, native.sum(), (top & native).sum())
-            recent = torch.zeros(nv, dtype=torch.bool)
-            if g:
-                recent[nv - g:] = True
-            report.counts["recency top-|G|"].add(g, (recent & gold).sum(), g, nv, native.sum(),
-                                                 (recent & native).sum())
-            share = g / nv if nv else 0.0
-            report.counts["chance top-|G|"].add(g, share * g, g, nv, native.sum(), share * float(native.sum()))
-        report.documents += 1
+
+    def count_document(n):
+        report.documents += n
         if progress is not None:
-            progress(1)
-    indexer.train(was_training)
+            progress(n)
+
+    for trigger in trigger_scores(indexer, shards, documents, chunk_size, progress=count_document):
+        nv, gold, native = trigger.n_visible, trigger.gold, trigger.native
+        union = torch.zeros(nv, dtype=torch.bool)
+        best = torch.zeros(nv)
+        for L in layers:
+            probs = trigger.probs[L]
+            f = probs >= threshold
+            union |= f
+            best = torch.maximum(best, probs)
+            report.counts[f"layer {L}"].add_auc(ranking_auc(probs, gold))
+            report.counts[f"layer {L}"].add(f.sum(), (f & gold).sum(), gold.sum(), nv, native.sum(),
+                                            (f & native).sum())
+        k = int(union.sum())
+        report.counts["union"].add(k, (union & gold).sum(), gold.sum(), nv, native.sum(), (union & native).sum())
+        report.counts["union"].add_auc(ranking_auc(best, gold))
+        report.counts["recency (same ratio)"].add_auc(ranking_auc(torch.arange(nv), gold))
+        report.counts["chance (same ratio)"].add_auc(None if gold.all() or not gold.any() else 0.5)
+        recent = torch.zeros(nv, dtype=torch.bool)
+        if k:
+            recent[nv - k:] = True
+        report.counts["recency (same ratio)"].add(k, (recent & gold).sum(), gold.sum(), nv, native.sum(),
+                                                  (recent & native).sum())
+        share = k / nv if nv else 0.0
+        report.counts["chance (same ratio)"].add(k, share * float(gold.sum()), gold.sum(), nv, native.sum(),
+                                                 share * float(native.sum()))
+        g = int(gold.sum())  # the same comparison at |F| = |G|
+        top = torch.zeros(nv, dtype=torch.bool)
+        if g:
+            top[torch.topk(best, g, sorted=False).indices] = True
+        report.counts["union top-|G|"].add(g, (top & gold).sum(), g, nv, native.sum(), (top & native).sum())
+        recent = torch.zeros(nv, dtype=torch.bool)
+        if g:
+            recent[nv - g:] = True
+        report.counts["recency top-|G|"].add(g, (recent & gold).sum(), g, nv, native.sum(),
+                                             (recent & native).sum())
+        share = g / nv if nv else 0.0
+        report.counts["chance top-|G|"].add(g, share * g, g, nv, native.sum(), share * float(native.sum()))
     return report
 
 

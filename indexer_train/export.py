@@ -50,19 +50,22 @@ def load_trained_indexer(directory: str | Path, backbone: str | None = None,
 
 
 def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash: str | None = None,
-                   resident: dict | None = None) -> Path:
+                   resident: dict | None = None, target_recall: float | None = None, progress=None) -> Path:
     """Write the export of the trained indexer in ``model_dir`` to ``out`` (atomically; ``out`` must not exist).
     ``resident``: ``keep_recent`` / ``keep_first`` / ``ensemble`` to store instead of the trained config's (None
-    values keep it)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FmIndexError(f"export directory {out} exists and is not empty; choose another --out")
+    values keep it). ``target_recall``: store the threshold that keeps this share of the golden entries on the
+    training run's held-out documents (:mod:`indexer_train.threshold`) instead of the trained one."""
+    from dataclasses import replace
+
+    out = check_export_inputs(model_dir, out, target_recall)
     indexer, state = load_trained_indexer(model_dir)
     changes = {k: v for k, v in (resident or {}).items() if v is not None}
     if changes:
-        from dataclasses import replace
-
         indexer.config = replace(indexer.config, **changes)
+    choice = None
+    if target_recall is not None:
+        choice = _threshold_for(indexer, state, model_dir, target_recall, progress)
+        indexer.config = replace(indexer.config, threshold=choice.threshold)
     if expected_config_hash is not None and indexer.config.backbone_config_hash != expected_config_hash:
         raise FmIndexError(f"the indexer in {model_dir} was trained for backbone config "
                            f"{indexer.config.backbone_config_hash}, not {expected_config_hash}")
@@ -71,8 +74,48 @@ def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash:
         metrics = {"heldout": state.get("metrics", {}),
                    "training": {k: state.get(k) for k in ("labels", "labels_config_hash", "labels_definition",
                                                           "options", "steps", "eval_documents")}}
+    if choice is not None:
+        metrics["threshold_choice"] = choice.as_dict()
     json.dumps(metrics)  # must be serialisable before anything is written
     return indexer.save_export(out, metrics=metrics)
+
+
+def check_export_inputs(model_dir, out, target_recall: float | None) -> Path:
+    """Everything an export can refuse before it scores or writes anything: an occupied ``out``, a target recall
+    out of range, a run whose held-out labels are not there to choose the threshold on. Returns ``out``."""
+    from .threshold import check_target_recall
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FmIndexError(f"export directory {out} exists and is not empty; choose another --out")
+    if target_recall is not None:
+        check_target_recall(target_recall)
+        _held_out_labels(model_dir)
+    return out
+
+
+def _held_out_labels(model_dir) -> tuple[str, list[int]]:
+    """(labels directory, held-out document indices) recorded by the training run in ``model_dir``."""
+    state = read_state(Path(model_dir)) or {}
+    documents, labels = state.get("eval_documents"), state.get("labels")
+    if not documents or not labels:
+        raise FmIndexError(f"--target-recall needs the held-out documents of a training run; {model_dir} records "
+                           "none (give a train --out directory trained with held-out documents, the default)")
+    if not Path(labels).is_dir():
+        raise FmIndexError(f"--target-recall reads the run's held-out labels, and {labels} is gone")
+    return labels, sorted(documents)
+
+
+def _threshold_for(indexer, state, model_dir, target_recall: float, progress):
+    """T* on the held-out documents of the training run in ``model_dir`` (their labels must still exist)."""
+    from .shards import LabelShards
+    from .threshold import choose_threshold
+
+    labels, documents = _held_out_labels(model_dir)
+    shards = LabelShards(labels)
+    if shards.config_hash != indexer.config.backbone_config_hash:
+        raise FmIndexError(f"the labels in {labels} are for another backbone than the indexer")
+    return choose_threshold(indexer, shards, documents, target_recall, progress=progress)
 
 
 def export_release_checkpoint(model_dir: str | Path, out: str | Path) -> Path:

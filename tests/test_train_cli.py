@@ -207,3 +207,69 @@ def test_generated_labels_with_another_first_trigger_are_not_mixed():
         check_same_definition(label_definition(old), new, "the indexer")
     document = {"params": {**base, "source": "document"}}
     assert label_definition(document)["generate_trigger"] is None
+
+
+def test_export_target_recall_stores_the_threshold_that_reaches_it(labels, finished_run, tmp_path):
+    """Oracle: every held-out trigger scored by the export's own towers through the runtime's fetch rule
+    (``MemoryIndexer.score`` per layer, max over layers, >= threshold), recall and retrieval ratio counted here."""
+    import torch
+
+    from indexer_train.evaluator import _as_index
+
+    run = finished_run[0]
+    result = invoke("export", "--train-dir", run, "--out", tmp_path / "r75", "--target-recall", "0.75")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "r75" / "lsa_config.json").read_text())
+    choice = cfg["metrics"]["threshold_choice"]
+    assert cfg["threshold"] == choice["threshold"] and choice["target_recall"] == 0.75
+    indexer = MemoryIndexer.from_export(tmp_path / "r75")
+    shards = LabelShards(labels)
+    state = json.loads((Path(run) / "train_state.json").read_text())
+    hits = golden = fetched = visible = 0
+    gold_scores = []
+    with torch.no_grad():
+        for doc in state["eval_documents"]:
+            rows = shards.rows([doc]).with_format("torch")[:]
+            for pos in sorted(set(rows["position"].tolist())):
+                at = [i for i, p in enumerate(rows["position"].tolist()) if p == pos]
+                nv = int(rows["n_visible"][at[0]])
+                best = torch.zeros(nv)
+                for i in at:
+                    L = int(rows["layer"][i])
+                    keys = shards.keys(doc, L)[:nv]
+                    probs = indexer.score(L, rows["hidden"][i:i + 1].float(), rows["position"][i:i + 1].long(), keys)
+                    best = torch.maximum(best, probs[0, :nv])
+                gold = torch.zeros(nv, dtype=torch.bool)
+                gold[_as_index(rows["positives"][at[0]])] = True
+                fetch = best >= cfg["threshold"]
+                hits += int((fetch & gold).sum())
+                golden += int(gold.sum())
+                fetched += int(fetch.sum())
+                visible += nv
+                gold_scores += best[gold].tolist()
+    assert golden == choice["golden"] and hits / golden >= 0.75
+    assert abs(hits / golden - choice["recall"]) < 1e-9 and abs(fetched / visible - choice["retrieval_ratio"]) < 1e-9
+    # the highest such threshold: one golden score above it fewer would miss the target
+    above = sorted((s for s in gold_scores if s > cfg["threshold"]), reverse=True)
+    assert len(above) / golden < 0.75
+
+
+@pytest.mark.parametrize("value, message", [("0", "--target-recall must be a share in (0, 1]"),
+                                            ("1.5", "--target-recall must be a share in (0, 1]")])
+def test_export_target_recall_bad_values(finished_run, tmp_path, value, message):
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "x", "--target-recall",
+                             value), message)
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_target_recall_needs_the_runs_labels(labels, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    state = json.loads((run / "train_state.json").read_text())
+    state["labels"] = str(tmp_path / "gone")
+    (run / "train_state.json").write_text(json.dumps(state))
+    assert_user_error(invoke("export", "--train-dir", run, "--out", tmp_path / "x", "--target-recall", "0.8"),
+                      "is gone")
+    assert not (tmp_path / "x").exists()
+    assert_user_error(invoke("export", "--train-dir", run, "--out", tmp_path / "y", "--format", "flashmemory",
+                             "--target-recall", "0.8"), "--target-recall has no place")
