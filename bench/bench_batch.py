@@ -135,6 +135,50 @@ def run_batch(model, indexer, config, context, mode, batch, args, device, dtype)
     return row
 
 
+def count_ops(model, config, batches, device) -> None:
+    """Operators (non-view aten calls) one batched decode step dispatches, by the module that issues them, for each
+    batch size (V4-Flash's 43-layer layout at small widths, on the CPU): what grows with B and what does not."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import DynamicCache
+
+    groups = {"DeepseekV4HyperConnection": "mHC", "DeepseekV4HyperHead": "mHC", "RowDispatchAttention": "attention",
+              "DeepseekV4Attention": "attention", "DeepseekV4SparseMoeBlock": "MoE"}
+    stack, counts = [], Counter()
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "view" not in func.__name__ and not func.__name__.startswith("detach"):  # views launch nothing
+                counts[stack[-1] if stack else "rest"] += 1
+            return func(*args, **(kwargs or {}))
+
+    handles = []
+    for module in model.modules():
+        group = groups.get(type(module).__name__)
+        if group is not None:
+            handles.append(module.register_forward_pre_hook(lambda m, a, g=group: stack.append(g)))
+            handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+    print("operators per batched decode step (43 layers, small widths), by the module that dispatches them:")
+    for batch in batches:
+        caches = [DynamicCache(config=config) for _ in range(batch)]
+        with torch.no_grad():
+            for r, cache in enumerate(caches):  # different lengths: 64, 65, ... tokens
+                model(input_ids=torch.randint(3, 500, (1, 64 + r), device=device), use_cache=True,
+                      **{cache_kwarg(): cache})
+            counts.clear()
+            with Counting():
+                forward_rows(model, caches, [5] * batch, [64 + r for r in range(batch)], torch.device(device)) \
+                    if batch > 1 else model(input_ids=torch.tensor([[5]], device=device), use_cache=True,
+                                            position_ids=torch.tensor([[64]], device=device),
+                                            **{cache_kwarg(): caches[0]})
+        total = sum(counts.values())
+        print(f"  B = {batch:3d}: {total:7d}  " + "  ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in
+                                                       sorted(counts.items(), key=lambda kv: -kv[1])))
+    for h in handles:
+        h.remove()
+
+
 def main() -> None:
     from transformers import DeepseekV4ForCausalLM
 
@@ -149,16 +193,22 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count the operators one batched step dispatches per batch size, by module, in V4-Flash's "
+                         "43-layer layout at small widths, and exit (runs on a CPU)")
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.count_ops else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = small_config() if args.small else flash_config()
+    config = small_config(43) if args.count_ops else small_config() if args.small else flash_config()
     torch.manual_seed(0)
     with torch.device(device):
         model = DeepseekV4ForCausalLM(config)
     model = model.to(dtype).eval()
     install_lsa_compressors(model)
     install_row_attention(model)
+    if args.count_ops:
+        count_ops(model, config, [int(b) for b in args.batches.split(",")], device)
+        return
     mcfg = MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config),
                                                     rank=128 if args.small else 2048, tau=args.tau)
     indexer = MemoryIndexer(mcfg).to(device=device, dtype=dtype)
