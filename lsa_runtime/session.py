@@ -210,6 +210,7 @@ class Session:
         self._state: DecodeState | None = None
         self._rows: list[DecodeState] = []  # the sequences of the forward running now, in batch-row order
         self._last_jobs: list[_Job] = []
+        self._row_attention = False  # batching.install_row_attention ran on the model (at the first batched step)
         self.finish_reason: str | None = None  # of the last generate/stream: "length", "eos", "max_position"
         self.last_prompt_tokens = 0
 
@@ -424,7 +425,8 @@ class Session:
         waiting one is prefilled and joins. One job is the single-conversation case (the plain forward)."""
         self._last_jobs = jobs
         waiting, active = deque(jobs), []
-        layers = sorted({layer for job in jobs if job.state.policy is not None for layer in job.state.policy.memory_layers})
+        layers = sorted({layer for job in jobs if job.state.policy is not None
+                         for layer in job.state.policy.memory_layers})
         handles = self._hidden_hooks(layers)
         job = None
         try:
@@ -432,10 +434,10 @@ class Session:
                 while waiting and len(active) < max_batch:
                     job = waiting.popleft()
                     self._start_job(job)
+                    active.append(job)  # before its first token: a consumer that stops there finishes it too
                     yield from self._emit(job)
-                    if job.finish_reason is None:
-                        active.append(job)
-                    else:
+                    if job.finish_reason is not None:
+                        active.remove(job)
                         self._finish_job(job)
                 if not active:
                     continue
@@ -501,7 +503,9 @@ class Session:
             job = active[0]
             job.logits = self._forward(job.state, torch.tensor([job.produced[-1]]))
         else:
-            install_row_attention(self.model)
+            if not self._row_attention:
+                install_row_attention(self.model)
+                self._row_attention = True
             states = [job.state for job in active]
             self._rows = states
             logits = forward_rows(self.model, [s.cache for s in states], [job.produced[-1] for job in active],

@@ -166,3 +166,25 @@ def test_batch_on_a_gpu_gives_each_sequence_its_tokens_alone(prompts, dtype):
             assert same >= 8 if dtype == torch.bfloat16 else got.token_ids == want
         print(f"batched on {torch.cuda.get_device_name()} {dtype} {options['mode']}: tokens equal to decoding "
               f"alone before the first difference {agree} of {NEW}")
+
+
+def test_a_consumer_that_stops_early_leaves_no_helper_behind(backbone, prompts, indexer):
+    """stream() closed after the first token (prefetch on: every sequence owns a helper thread): the sequences
+    that started are finished ("stopped"), their helpers closed; the Session decodes normally afterwards."""
+    import threading
+
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, indexer=indexer, mode="lsa", tau=TAU, prefetch_steps=2, max_batch=2)
+    before = {t.name for t in threading.enumerate()}
+    stream = session.stream(prompts[:3], max_new_tokens=30, stop_at_eos=False)
+    first = next(stream)
+    stream.close()
+    assert first.sequence == 0
+    assert [job.finish_reason for job in session._last_jobs[:1]] == ["stopped"]
+    assert all(job.state.prefetcher is None for job in session._last_jobs if job.state is not None)
+    leftover = {t.name for t in threading.enumerate()} - before
+    assert not any(name.startswith("fm-index-prefetch") for name in leftover)
+    again = session.generate(prompts[:2], max_new_tokens=20, stop_at_eos=False)
+    alone = [_alone(model, tokenizer, {"mode": "lsa", "tau": TAU, "prefetch_steps": 2}, indexer, p, 20).token_ids
+             for p in prompts[:2]]
+    assert [g.token_ids for g in again] == alone
