@@ -1,0 +1,61 @@
+"""Adopt or not: a candidate's needle evaluation against the reference model's, length by length.
+
+    python -m reference.compare_evals CANDIDATE.json [--reference data/reference/training_results.json]
+
+Both files are `evaluate_needles --out` results (``{"topk64": {"task@length": {"accuracy": ..., "n": ...}}}``);
+for the reference, the ``needles_gpu_long.results`` entry of ``training_results.json`` (same seeds and prompts).
+The rule of issue 20's first part: the candidate replaces the reference only if it is at least as good at every
+length both were tested on, by the mean accuracy over the tasks both ran there. Prints the table and the verdict;
+exits 0 for "adopt", 1 for "keep the reference".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cells(blob: dict) -> dict[tuple[str, int], float]:
+    """{(task, length): accuracy} of an evaluate_needles result (or of training_results.json's long evaluation)."""
+    if "needles_gpu_long" in blob:
+        blob = blob["needles_gpu_long"]["results"]
+    (runs,) = blob.values()  # one top-k setting per file
+    return {(cell["task"], int(cell["length"])): float(cell["accuracy"]) for cell in runs.values()}
+
+
+def verdict(candidate: dict[tuple[str, int], float], reference: dict[tuple[str, int], float]):
+    """Per length (both tested): (length, tasks, reference mean, candidate mean); and whether to adopt."""
+    rows = []
+    for length in sorted({n for _, n in candidate} & {n for _, n in reference}):
+        tasks = sorted(t for t, n in candidate if n == length and (t, n) in reference)
+        if not tasks:
+            continue
+        ref = sum(reference[(t, length)] for t in tasks) / len(tasks)
+        cand = sum(candidate[(t, length)] for t in tasks) / len(tasks)
+        rows.append((length, tasks, ref, cand))
+    return rows, bool(rows) and all(cand >= ref for _, _, ref, cand in rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("candidate")
+    parser.add_argument("--reference", default=str(Path(__file__).resolve().parent.parent / "data" / "reference"
+                                                   / "training_results.json"))
+    args = parser.parse_args(argv)
+    candidate = cells(json.loads(Path(args.candidate).read_text()))
+    reference = cells(json.loads(Path(args.reference).read_text()))
+    rows, adopt = verdict(candidate, reference)
+    print(f"{'length':>7} {'tasks':>5} {'reference':>9} {'candidate':>9}")
+    for length, tasks, ref, cand in rows:
+        print(f"{length:>7,} {len(tasks):>5} {100 * ref:8.1f}% {100 * cand:8.1f}%{'' if cand >= ref else '  <- worse'}")
+    for (task, length), acc in sorted(candidate.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ref = reference.get((task, length))
+        print(f"  {task}@{length}: {100 * acc:.1f}%" + (f" (reference {100 * ref:.1f}%)" if ref is not None else ""))
+    print("verdict: " + ("adopt (at least as good at every length)" if adopt else "keep the reference"))
+    return 0 if adopt else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
