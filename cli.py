@@ -622,6 +622,9 @@ def evaluate_command(
         threshold=threshold,
         budget=budget, prefetch_steps=prefetch_steps, keep_recent=keep_recent, keep_first=keep_first,
         ensemble=ensemble, pool_storage=pool_storage).check()
+    for flag, value in (("--workers", workers), ("--batch", batch)):  # before the progress bar
+        if value < 1:
+            raise FmIndexError(f"{flag} must be an integer >= 1, got {value}")
     progress = _progress()
 
     class RichReporter(Reporter):

@@ -225,7 +225,9 @@ def test_cli_evaluate(tmp_path):
     assert "error:" in bad.output and "budget" in bad.output
     assert not Path(tmp_path / "b").exists()
     for args, message in ((["--dtype", "float64"], "--dtype float64 is not supported"),
-                          (["--device", "gpu0"], "--device gpu0 is not a device")):
+                          (["--device", "gpu0"], "--device gpu0 is not a device"),
+                          (["--batch", "0"], "--batch must be an integer >= 1, got 0"),
+                          (["--workers", "0"], "--workers must be an integer >= 1, got 0")):
         bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full", "--out", str(tmp_path / "b"),
                                        *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
