@@ -3,12 +3,13 @@
 The sequences of a batch sit at different positions and own different decoding state: sliding windows, the
 compressors' partial windows (an entry is emitted every ``compress_rate`` tokens of *that* sequence), the cold
 pool, the resident set. transformers' cache keeps one position counter for the whole batch, so sequences of
-different lengths cannot share one cache. The split here: every stateless module of the decoder (embedding, mHC
-hyper-connections, norms, MoE, the head) runs once on the ``[B, 1]`` batch, which is where a decode step reads its
-weights; the attention block, the only part that reads or writes per-sequence state, runs its stock forward once
-per sequence with that sequence's cache, position and mask (:class:`RowDispatchAttention`). Each sequence thus
-sees exactly the attention it would see decoding alone; what may differ is the rounding of the batched matmuls
-(a ``[B, d]`` product may pick another kernel than ``[1, d]``), which is why tests compare greedy tokens.
+different lengths cannot share one cache. The split here: every stateless computation of the decoder (embedding,
+mHC hyper-connections, norms, MoE, the head, and inside attention the projections, RoPE, the attention itself and
+the output projection) runs once on the ``[B, 1]`` batch; only what reads or writes a sequence's state (its window
+update and its compressor with the Lightning Indexer) runs once per sequence with that sequence's cache
+(:class:`RowDispatchAttention`). Each sequence thus sees exactly the keys and mask it would see decoding alone;
+what may differ is rounding (a ``[B, d]`` product may pick another kernel than ``[1, d]``; padded keys add exact
+zeros), which is why tests compare greedy tokens and logits within a tolerance.
 
 ``forward_rows`` is used by :class:`~.session.Session` whenever more than one sequence is decoding, and by
 ``bench/bench_batch.py``.
@@ -21,6 +22,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .backbone import cache_kwarg
 
@@ -37,12 +39,19 @@ class RowCaches:
 
 
 def _attention_class():
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
 
-    class RowDispatchAttention(DeepseekV4Attention):
-        """DeepSeek-V4 attention that, given :class:`RowCaches`, runs the stock forward once per batch row with that
-        row's cache, position, RoPE and mask, and concatenates the outputs ``[B, 1, hidden]``; with any other cache
-        it is the stock forward."""
+    class RowDispatchAttention(v4.DeepseekV4Attention):
+        """DeepSeek-V4 attention for a batch of sequences with a cache each (:class:`RowCaches`); with any other
+        cache it is the stock forward.
+
+        The stock forward's steps, in its order: the projections, norms and RoPE of q and of the shared K=V run on
+        the ``[B, 1]`` batch (one kernel each for all sequences); the sliding-window update and the compressor
+        (CSA: compression, Lightning Indexer and its top-k; HCA: compression) run per sequence with its cache, as
+        those are its state; the window and compressed keys of the sequences, padded to the longest with -inf in
+        the mask, go through the model's attention function (sinks included) at once; the RoPE undo and the grouped
+        output projection run batched again. Each sequence sees the keys and mask it sees alone; padding adds
+        exact zeros to its sums."""
 
         def forward(self, hidden_states, **kwargs):
             name = "cache" if "cache" in kwargs else "past_key_values"
@@ -50,15 +59,47 @@ def _attention_class():
             if not isinstance(rows, RowCaches):
                 return super().forward(hidden_states, **kwargs)
             embeddings, position_ids = kwargs["position_embeddings"], kwargs["position_ids"]
-            outputs = []
+            cos, sin = embeddings[self.rope_layer_type] if isinstance(embeddings, dict) else embeddings
+            input_shape = hidden_states.shape[:-1]  # [B, 1]
+            hidden_shape = (*input_shape, -1, self.head_dim)
+            q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
+            q = self.q_b_norm(self.q_b_proj(q_residual).view(*hidden_shape).transpose(1, 2))
+            q = v4.apply_rotary_pos_emb(q, cos, sin)  # [B, H, 1, D]
+            kv = self.kv_norm(self.kv_proj(hidden_states)).view(*hidden_shape).transpose(1, 2)
+            kv = v4.apply_rotary_pos_emb(kv, cos, sin)  # [B, 1, 1, D]
+
+            keys, masks = [], []
             for r, (cache, mask) in enumerate(zip(rows.caches, rows.masks)):
-                row = dict(kwargs)
-                row[name], row["attention_mask"], row["position_ids"] = cache, mask, position_ids[r:r + 1]
-                row["position_embeddings"] = (
-                    {kind: (cos[r:r + 1], sin[r:r + 1]) for kind, (cos, sin) in embeddings.items()}
-                    if isinstance(embeddings, dict) else tuple(part[r:r + 1] for part in embeddings))
-                outputs.append(super().forward(hidden_states[r:r + 1], **row)[0])
-            return torch.cat(outputs, dim=0), None  # [B, 1, hidden]
+                row_kv = cache.update(kv[r:r + 1], kv[r:r + 1], self.layer_idx)[0]  # this sequence's window
+                block_bias = None
+                if self.compressor is not None:
+                    compressed, block_bias = self.compressor(hidden_states[r:r + 1], q_residual[r:r + 1],
+                                                             position_ids[r:r + 1], cache, self.layer_idx)
+                    row_kv = torch.cat([row_kv, compressed], dim=2)
+                if isinstance(mask, torch.Tensor):
+                    mask = mask.to(hidden_states.device)
+                    if row_kv.shape[2] > mask.shape[-1]:  # as the stock forward extends it
+                        mask = torch.cat([mask, block_bias.to(mask.dtype)], dim=-1) if block_bias is not None \
+                            else F.pad(mask, (0, row_kv.shape[2] - mask.shape[-1]), value=0.0)
+                keys.append(row_kv)
+                masks.append(mask)
+            length = max(k.shape[2] for k in keys)
+            dtype = next((m.dtype for m in masks if isinstance(m, torch.Tensor)), hidden_states.dtype)
+            key_states = kv.new_zeros(len(keys), 1, length, self.head_dim)  # [B, 1, L, D]
+            mask = torch.full((len(keys), 1, 1, length), float("-inf"), dtype=dtype, device=kv.device)
+            for r, (row_kv, row_mask) in enumerate(zip(keys, masks)):
+                n = row_kv.shape[2]
+                key_states[r, :, :n] = row_kv[0]
+                # a sequence without a tensor mask sees all its keys (the stock forward then adds no bias either)
+                mask[r, :, :, :n] = row_mask[0, :, -1:, -n:] if isinstance(row_mask, torch.Tensor) else 0.0
+
+            interface = v4.eager_attention_forward if self.config._attn_implementation == "eager" else \
+                v4.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, v4.eager_attention_forward)
+            out, _ = interface(self, q, key_states, key_states, mask, dropout=0.0, scaling=self.scaling,
+                               sliding_window=self.sliding_window, s_aux=self.sinks)
+            out = v4.apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
+            grouped = self.o_a_proj(out.reshape(*input_shape, self.config.o_groups, -1)).flatten(2)
+            return self.o_b_proj(grouped), None  # [B, 1, hidden]
 
     return RowDispatchAttention
 
