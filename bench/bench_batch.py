@@ -225,7 +225,8 @@ def main() -> None:
                     break
                 row = run_batch(model, indexer, config, context, mode, batch, args, device, dtype)
                 rows.append(row)
-                print(f"{context:>9,} {mode:4} {batch:>3} {row['median_step_ms']:9.2f} {row['trigger_ms_median']:10.2f} "
+                print(f"{context:>9,} {mode:4} {batch:>3} {row['median_step_ms']:9.2f} "
+                      f"{row['trigger_ms_median']:10.2f} "
                       f"{100 * row['trigger_share']:9.1f}% {row['tokens_per_s']:9.1f} "
                       f"{row['kv_bytes_per_sequence'] / 2**20:11.1f} {row['sequences_in_budget']:14,}", flush=True)
                 if args.json:

@@ -38,7 +38,7 @@ from .kernels.pool_gather import gather_rows, gather_rows_layers, zero_copy_avai
 PURPOSES = ("prefill", "fetch")
 
 
-POOL_STORAGE = ("model", "fp8")  # the model's dtype, or FP8 e4m3 with one power-of-two scale (fp32) per FP8_BLOCK values
+POOL_STORAGE = ("model", "fp8")  # the model's dtype, or FP8 e4m3 with a power-of-two scale per FP8_BLOCK values
 FP8_BLOCK = 64
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
