@@ -73,7 +73,8 @@ def test_forward_rows_equals_each_sequence_alone(backbone, prompts):
     {"mode": "lsa", "tau": TAU, "memory_keys": "pool", "pool_storage": "fp8"},
     {"mode": "random", "tau": TAU, "budget": 24, "seed": 3},
     {"mode": "hisparse", "budget": 40},
-], ids=["full", "lsa", "lsa-poolkeys-fp8", "random", "hisparse"])
+    {"mode": "oracle", "tau": TAU, "budget": 24},
+], ids=["full", "lsa", "lsa-poolkeys-fp8", "random", "hisparse", "oracle"])
 def test_batch_gives_each_sequence_its_tokens_and_stats_alone(backbone, prompts, indexer, options):
     """Four prompts, at most three decoding together (the fourth joins when one finishes): the same greedy
     tokens, finish reasons and per-sequence stats (triggers, selections, fetches, bytes) as decoding alone."""
@@ -91,7 +92,7 @@ def test_batch_gives_each_sequence_its_tokens_and_stats_alone(backbone, prompts,
                 a.selected_per_trigger, a.entries_fetched, a.fetch_bytes_to_device, a.cold_pool_bytes) == \
                (b.context_tokens, b.csa_entries, b.resident_entries, b.device_bytes, b.triggers,
                 b.selected_per_trigger, b.entries_fetched, b.fetch_bytes_to_device, b.cold_pool_bytes)
-    if options["mode"] in ("lsa", "random"):
+    if options["mode"] in ("lsa", "random", "oracle"):
         assert all(g.stats.triggers == 3 for g in batch)  # after prefill, then at steps 16 and 32 of 40
 
 
@@ -188,3 +189,27 @@ def test_a_consumer_that_stops_early_leaves_no_helper_behind(backbone, prompts, 
     alone = [_alone(model, tokenizer, {"mode": "lsa", "tau": TAU, "prefetch_steps": 2}, indexer, p, 20).token_ids
              for p in prompts[:2]]
     assert [g.token_ids for g in again] == alone
+
+
+def test_sampling_and_the_maximum_context_per_sequence(backbone, prompts):
+    """Sampling: each sequence draws from its own generator seeded as a lone run's, so seeded sampling gives the
+    same tokens batched. The model's maximum context ends each sequence at its own step ("max_position")."""
+    model, tokenizer = backbone
+    options = {"mode": "recent", "budget": 32, "tau": TAU}
+    sampled = Session(model, tokenizer, max_batch=4, **options).generate(
+        prompts, max_new_tokens=24, temperature=0.9, top_k=50, seed=7, stop_at_eos=False)
+    for prompt, got in zip(prompts, sampled):
+        alone = Session(model, tokenizer, **options).generate(prompt, max_new_tokens=24, temperature=0.9, top_k=50,
+                                                               seed=7, stop_at_eos=False)
+        assert got.token_ids == alone.token_ids
+    limit = 345  # prompts of 200, 333, 97, 260 tokens: the second stops after 13 tokens, the others run 30
+    session = Session(model, tokenizer, max_batch=4, **options)
+    session.max_positions = limit
+    out = session.generate(prompts, max_new_tokens=30, stop_at_eos=False)
+    for prompt, got in zip(prompts, out):
+        alone = Session(model, tokenizer, **options)
+        alone.max_positions = limit
+        want = alone.generate(prompt, max_new_tokens=30, stop_at_eos=False)
+        assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+    assert [g.finish_reason for g in out] == ["length", "max_position", "length", "length"]
+    assert len(out[1].token_ids) == limit - len(prompts[1]) + 1
