@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_decode import fill_lsa_layer, fill_stock_layer, small_config  # noqa: E402
+from bench.bench_decode import OperatorCounter, fill_lsa_layer, fill_stock_layer, small_config  # noqa: E402
 from bench.flash_model import flash_config  # noqa: E402
 from lsa_runtime.backbone import cache_kwarg, csa_layers, default_memory_layers  # noqa: E402
 from lsa_runtime.batching import forward_rows, install_row_attention  # noqa: E402
@@ -138,27 +138,9 @@ def run_batch(model, indexer, config, context, mode, batch, args, device, dtype)
 def count_ops(model, config, batches, device) -> None:
     """Operators (non-view aten calls) one batched decode step dispatches, by the module that issues them, for each
     batch size (V4-Flash's 43-layer layout at small widths, on the CPU): what grows with B and what does not."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import DynamicCache
 
-    groups = {"DeepseekV4HyperConnection": "mHC", "DeepseekV4HyperHead": "mHC", "RowDispatchAttention": "attention",
-              "DeepseekV4Attention": "attention", "DeepseekV4SparseMoeBlock": "MoE"}
-    stack, counts = [], Counter()
-
-    class Counting(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "view" not in func.__name__ and not func.__name__.startswith("detach"):  # views launch nothing
-                counts[stack[-1] if stack else "rest"] += 1
-            return func(*args, **(kwargs or {}))
-
-    handles = []
-    for module in model.modules():
-        group = groups.get(type(module).__name__)
-        if group is not None:
-            handles.append(module.register_forward_pre_hook(lambda m, a, g=group: stack.append(g)))
-            handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+    counter = OperatorCounter(model)
     print("operators per batched decode step (43 layers, small widths), by the module that dispatches them:")
     for batch in batches:
         caches = [DynamicCache(config=config) for _ in range(batch)]
@@ -166,17 +148,13 @@ def count_ops(model, config, batches, device) -> None:
             for r, cache in enumerate(caches):  # different lengths: 64, 65, ... tokens
                 model(input_ids=torch.randint(3, 500, (1, 64 + r), device=device), use_cache=True,
                       **{cache_kwarg(): cache})
-            counts.clear()
-            with Counting():
+            with counter.counting():
                 forward_rows(model, caches, [5] * batch, [64 + r for r in range(batch)], torch.device(device)) \
                     if batch > 1 else model(input_ids=torch.tensor([[5]], device=device), use_cache=True,
                                             position_ids=torch.tensor([[64]], device=device),
                                             **{cache_kwarg(): caches[0]})
-        total = sum(counts.values())
-        print(f"  B = {batch:3d}: {total:7d}  " + "  ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in
-                                                       sorted(counts.items(), key=lambda kv: -kv[1])))
-    for h in handles:
-        h.remove()
+        print(f"  B = {batch:3d}: {counter.line()}")
+    counter.remove()
 
 
 def main() -> None:

@@ -174,45 +174,67 @@ def profile_steps(model, cache, position, steps, title):
           flush=True)
 
 
+class OperatorCounter:
+    """Counts the operators (non-view aten calls) dispatched inside ``counting()``, by the module that issues them
+    (mHC, attention, MoE, rest). Hooks stay on ``model`` until :meth:`remove`."""
+
+    GROUPS = {"DeepseekV4HyperConnection": "mHC", "DeepseekV4HyperHead": "mHC", "DeepseekV4Attention": "attention",
+              "RowDispatchAttention": "attention", "DeepseekV4SparseMoeBlock": "MoE"}
+
+    def __init__(self, model):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.stack, self.counts = [], Counter()
+        stack, counts = self.stack, self.counts
+
+        class Counting(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if "view" not in func.__name__ and not func.__name__.startswith("detach"):  # views launch nothing
+                    counts[stack[-1] if stack else "rest"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Counting
+        self.handles = []
+        for module in model.modules():
+            group = self.GROUPS.get(type(module).__name__)
+            if group is not None:
+                self.handles.append(module.register_forward_pre_hook(lambda m, a, g=group: stack.append(g)))
+                self.handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+
+    def counting(self):
+        """A fresh count: clears the counts and returns the dispatch mode to run the step under."""
+        self.counts.clear()
+        return self._mode()
+
+    def line(self) -> str:
+        total = sum(self.counts.values())
+        return f"{total:7d}  " + "  ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in
+                                         sorted(self.counts.items(), key=lambda kv: -kv[1]))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def count_ops(model, device) -> None:
     """Operators (non-view aten calls) one decode step dispatches, by the module that issues them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import DynamicCache
 
-    groups = {"DeepseekV4HyperConnection": "mHC", "DeepseekV4HyperHead": "mHC", "DeepseekV4Attention": "attention",
-              "DeepseekV4SparseMoeBlock": "MoE"}
-    stack, counts = [], Counter()
-
-    class Counting(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "view" not in func.__name__ and not func.__name__.startswith("detach"):  # views launch nothing
-                counts[stack[-1] if stack else "rest"] += 1
-            return func(*args, **(kwargs or {}))
-
-    handles = []
-    for module in model.modules():
-        group = groups.get(type(module).__name__)
-        if group is not None:
-            handles.append(module.register_forward_pre_hook(lambda m, a, g=group: stack.append(g)))
-            handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
+    counter = OperatorCounter(model)
     cache = DynamicCache(config=model.config)
     steps = []
     with torch.no_grad():
         model(input_ids=torch.randint(3, 500, (1, 64), device=device), use_cache=True, **{cache_kwarg(): cache})
         for i in range(4):  # the 4th step emits a CSA entry
-            counts.clear()
-            with Counting():
+            with counter.counting():
                 model(input_ids=torch.tensor([[5]], device=device),
                       position_ids=torch.tensor([[64 + i]], device=device), use_cache=True, **{cache_kwarg(): cache})
-            steps.append(dict(counts))
-    for h in handles:
-        h.remove()
+            steps.append(counter.line())
+    counter.remove()
     layers = model.config.num_hidden_layers
     print(f"operators per decode step, {layers} layers (by the module that dispatches them):")
     for i, step in enumerate(steps):
-        total = sum(step.values())
-        print(f"  step {i}: {total:6d}  " + "  ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in
-                                                    sorted(step.items(), key=lambda kv: -kv[1])))
+        print(f"  step {i}: {step[1:]}")
 
 
 def main():
