@@ -15,6 +15,7 @@ carry the Lightning Indexer; ``heavily_compressed_attention`` (HCA) layers compr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -571,8 +572,10 @@ def config_hash(config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@functools.cache
 def cache_kwarg() -> str:
-    """The name transformers gives the cache argument of ``DeepseekV4Model.forward`` (5.17: past_key_values)."""
+    """The name transformers gives the cache argument of ``DeepseekV4Model.forward`` (5.17: past_key_values);
+    read once (batched decoding asks every step)."""
     from transformers import DeepseekV4Model
 
     params = inspect.signature(DeepseekV4Model.forward).parameters

@@ -17,6 +17,7 @@ zeros), which is why tests compare greedy tokens and logits within a tolerance.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -122,20 +123,23 @@ def install_row_attention(model) -> None:
                 attention._old_forward = types.MethodType(_ROW_ATTENTION.forward, attention)
 
 
+@functools.cache
 def _mask_cache_name() -> str:
     from transformers.masking_utils import create_sliding_window_causal_mask
 
     return "cache" if "cache" in inspect.signature(create_sliding_window_causal_mask).parameters else "past_key_values"
 
 
-def row_mask(model, cache, position: int, device: torch.device):
+def row_mask(model, cache, position: int, device: torch.device, embeds: torch.Tensor | None = None):
     """The attention mask DeepseekV4Model.forward builds for one sequence decoding one token at ``position`` with
-    ``cache`` (the same helper and arguments, so the row sees what it would see alone)."""
+    ``cache`` (the same helper and arguments, so the row sees what it would see alone). ``embeds``: a ``[1, 1,
+    hidden]`` tensor of the embeddings' dtype (only its shape, dtype and device are read)."""
     from transformers.masking_utils import create_sliding_window_causal_mask
 
     config = model.config
-    dtype = (model.model if hasattr(model, "model") else model).embed_tokens.weight.dtype
-    embeds = torch.zeros(1, 1, config.hidden_size, dtype=dtype, device=device)
+    if embeds is None:
+        dtype = (model.model if hasattr(model, "model") else model).embed_tokens.weight.dtype
+        embeds = torch.zeros(1, 1, config.hidden_size, dtype=dtype, device=device)
     positions = torch.tensor([[position]], device=device)
     return create_sliding_window_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None,
                                              position_ids=positions, **{_mask_cache_name(): cache})
@@ -144,7 +148,9 @@ def row_mask(model, cache, position: int, device: torch.device):
 def forward_rows(model, caches: list, tokens: list[int], positions: list[int], device: torch.device) -> torch.Tensor:
     """Run one token per sequence (row r: ``tokens[r]`` at ``positions[r]`` with ``caches[r]``) through ``model``
     in one batched forward; returns the logits ``[B, vocab]``. :func:`install_row_attention` must have run."""
-    masks = [row_mask(model, cache, position, device) for cache, position in zip(caches, positions)]
+    dtype = (model.model if hasattr(model, "model") else model).embed_tokens.weight.dtype
+    embeds = torch.zeros(1, 1, model.config.hidden_size, dtype=dtype, device=device)  # read for shape/dtype only
+    masks = [row_mask(model, cache, position, device, embeds) for cache, position in zip(caches, positions)]
     ids = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)  # [B, 1]
     position_ids = torch.tensor(positions, dtype=torch.long, device=device).unsqueeze(1)  # [B, 1]
     # a dict mask is taken as prebuilt by the model (no mask of its own for a cache it cannot read); each row's
