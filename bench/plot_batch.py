@@ -1,0 +1,81 @@
+"""Aggregate decode tokens/s vs batch size, one line per (run, context, mode), from `bench_batch.py --json` files.
+
+    python bench/plot_batch.py [--out docs/bench_results/batch_h200/tokens_per_s.png] [RUN.json:LABEL ...]
+
+Without arguments it plots the two H200 runs of issue 18 (the first and the second batched version). It also
+prints the plotted points as a table, so the figure can be checked against the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = ROOT / "docs" / "bench_results" / "batch_h200"
+DEFAULT_RUNS = [f"{RAW / 'batch_128k.json'}:v1", f"{RAW / 'batch_512k.json'}:v1",
+                f"{RAW / 'batch3_128k.json'}:v2", f"{RAW / 'batch3_512k.json'}:v2"]
+
+
+def series(runs: list[tuple[Path, str]]) -> dict[tuple[str, int, str], list[tuple[int, float]]]:
+    """{(label, context, mode): [(batch, tokens/s), ...] sorted by batch}."""
+    out: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
+    for path, label in runs:
+        for row in json.loads(path.read_text())["rows"]:
+            out.setdefault((label, row["context"], row["mode"]), []).append((row["batch"], row["tokens_per_s"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def parse_run(arg: str) -> tuple[Path, str]:
+    path, _, label = arg.rpartition(":") if ":" in arg else (arg, "", Path(arg).stem)
+    return Path(path), label
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="*", default=DEFAULT_RUNS, help="bench_batch.py JSON files, each as PATH:LABEL")
+    ap.add_argument("--out", default=str(RAW / "tokens_per_s.png"))
+    args = ap.parse_args()
+    runs = [parse_run(a) for a in args.runs]
+    missing = [str(p) for p, _ in runs if not p.is_file()]
+    if missing:
+        print(f"error: no such file: {missing[0]}", file=sys.stderr)
+        sys.exit(2)
+    data = series(runs)
+    print(f"{'run':>4} {'context':>8} {'mode':>4} {'B':>3} {'tok/s':>7}")
+    for (label, context, mode), pts in data.items():
+        for b, tps in pts:
+            print(f"{label:>4} {context:>8,} {mode:>4} {b:>3} {tps:7.1f}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    contexts = sorted({c for _, c, _ in data})
+    for ax, context in zip(axes, contexts):
+        for (label, c, mode), pts in data.items():
+            if c != context:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if mode == "lsa" else "s",
+                    linestyle="-" if label == "v2" else ":", label=f"{mode} ({label})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (sequences decoded together)")
+        ax.set_title(f"{context // 1024}K tokens per sequence")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("aggregate decode tokens/s")
+    fig.suptitle("Batched decoding on one H200, Flash-shaped model (all = honest full decoder)", fontsize=10)
+    fig.tight_layout()
+    out = Path(args.out)
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
