@@ -357,49 +357,90 @@ def test_multiquery_task_asks_every_key_and_answers_in_question_order():
     assert shuffled >= 6  # 23 of 24 orders differ from the question's
 
 
-def test_card_states_the_long_context_attempt():
-    """The long-context pieces (not adopted) and the 4K-64K evaluation: the card's rows and table cells agree
-    with training_results.json, whose per-length summaries are recomputed here from the per-step logs."""
+def test_card_states_the_long_context_attempts():
+    """The long-context pieces (not adopted: L1 + L2 of 2026-12-01, L3 + L4 of 2026-12-02) and their 4K-64K
+    evaluations: the card's rows and table cells agree with training_results.json, whose per-length summaries are
+    recomputed here from the per-step logs. Each attempt's table has one cell part per model: the reference, then
+    every evaluated piece (L2 for the first attempt; L3 and L4 for the second)."""
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    card = (REFERENCE / "README.md").read_text()
+    attempts = [a for a in results["attempts_not_adopted"] if "pieces" in a]
+    assert [[p["piece"] for p in a["pieces"]] for a in attempts] == [["L1", "L2"], ["L3", "L4"]]
+    reference = results["needles_gpu_long"]["results"]["topk64"]
+    # every table row "| task | chance | a -> b | ..." keyed by how many models its cells compare
+    tables: dict[int, dict[str, list[list[str]]]] = {}
+    for task, cells in re.findall(r"^\| ([a-z_]+) \| [\d.]+% \| (.+ -> .+) \|$", card, flags=re.M):
+        parts = [cell.split(" -> ") for cell in cells.split(" | ")]
+        tables.setdefault(len(parts[0]), {})[task] = parts
+    for attempt in attempts:
+        pieces = attempt["pieces"]
+        assert "NOT adopted" in attempt["what"]
+        assert attempt["steps"] == sum(p["steps"] for p in pieces) == sum(len(p["log"]) for p in pieces)
+        assert attempt["tokens"] == sum(p["tokens"] for p in pieces)
+        for piece in pieces:
+            log = piece["log"]
+            assert [row["step"] for row in log] == list(range(1, piece["steps"] + 1))
+            assert piece["tokens"] == sum(row["seq_len"] * (65536 // row["seq_len"]) for row in log)
+            assert f"**{piece['piece']}** ({piece['steps']} steps, {piece['tokens'] / 1e6:.1f}M tokens" in card
+            for entry in piece["lengths"]:
+                rows = [row for row in log if row["seq_len"] == entry["seq_len"]]
+                last = rows[-10:]
+                assert entry["steps"] == len(rows) and entry["last_step"] == rows[-1]["step"]
+                assert entry["peak_gpu_memory_gb"] == max(row["mem_gb"] for row in rows)
+                for key in ("lm", "answer_ce", "answer_acc", "kl"):
+                    assert entry["last_10_steps"][key] == pytest.approx(sum(r[key] for r in last) / len(last), abs=1e-4)
+                m = entry["last_10_steps"]
+                row = (f"| {piece['piece']} (not adopted) | {entry['first_step']:,}-{entry['last_step']:,} | "
+                       f"{entry['seq_len']:,} | {entry['index_topk']} | {m['lm']:.3f} | {m['answer_ce']:.3f} | "
+                       f"{100 * m['answer_acc']:.1f}% | {m['kl']:.4f} | {m['tok_s']:,} | {entry['peak_gpu_memory_gb']} |")
+                assert row in card, row
+        evaluations = [e["needles_full"] for e in attempt.get("evaluations", [{"needles_full": attempt["needles_full"]}])]
+        final = attempt["needles_full"]
+        assert final == evaluations[-1] and attempt["needles"] == {k: v["accuracy"] for k, v in final.items()}
+        table = tables[1 + len(evaluations)]
+        lengths = (4096, 8192, 16384, 32768, 65536)
+        assert set(table) == {k.split("@")[0] for e in evaluations for k in e}
+        for task, cells in table.items():
+            assert len(cells) == len(lengths)
+            for length, (ref, *cands) in zip(lengths, cells):
+                key = f"{task}@{length}"
+                assert ref == "not run" if key not in reference else float(ref) == pytest.approx(
+                    100 * reference[key]["accuracy"], abs=0.05)
+                for cand, evaluation in zip(cands, evaluations):
+                    if key not in evaluation:
+                        assert cand == "not run"
+                        continue
+                    row = evaluation[key]
+                    assert float(cand) == pytest.approx(100 * row["accuracy"], abs=0.05)
+                    if key in reference:  # same seeds, same samples: the same n
+                        assert reference[key]["n"] == row["n"]
+                    assert len(row["hits"]) == row["n"] and row["accuracy"] == pytest.approx(
+                        row["hits"].count("1") / row["n"])
+
+
+def test_card_states_the_second_attempts_verdicts():
+    """The card's mean-over-tasks table of L3 and L4 equals reference.compare_evals on the stored evaluations, and
+    both verdicts are "keep the reference" (the adoption rule, recomputed, not read from the stored text)."""
+    from reference.compare_evals import verdict
+
     results = json.loads((REFERENCE / "training_results.json").read_text())
     card = (REFERENCE / "README.md").read_text()
     attempt = results["attempts_not_adopted"][-1]
-    pieces = attempt["pieces"]
-    assert [p["piece"] for p in pieces] == ["L1", "L2"] and "NOT adopted" in attempt["what"]
-    assert attempt["steps"] == sum(p["steps"] for p in pieces) == sum(len(p["log"]) for p in pieces)
-    assert attempt["tokens"] == sum(p["tokens"] for p in pieces)
-    assert f"{attempt['steps']} steps, {attempt['tokens'] / 1e6:.1f}M tokens" in card
-    for piece in pieces:
-        log = piece["log"]
-        assert [row["step"] for row in log] == list(range(1, piece["steps"] + 1))
-        assert piece["tokens"] == sum(row["seq_len"] * (65536 // row["seq_len"]) for row in log)
-        for entry in piece["lengths"]:
-            rows = [row for row in log if row["seq_len"] == entry["seq_len"]]
-            last = rows[-10:]
-            assert entry["steps"] == len(rows) and entry["last_step"] == rows[-1]["step"]
-            for key in ("lm", "answer_ce", "answer_acc", "kl"):
-                assert entry["last_10_steps"][key] == pytest.approx(sum(r[key] for r in last) / len(last), abs=1e-4)
-            m = entry["last_10_steps"]
-            row = (f"| {piece['piece']} (not adopted) | {entry['first_step']:,}-{entry['last_step']:,} | "
-                   f"{entry['seq_len']:,} | {entry['index_topk']} | {m['lm']:.3f} | {m['answer_ce']:.3f} | "
-                   f"{100 * m['answer_acc']:.1f}% | {m['kl']:.4f} | {m['tok_s']:,} | {entry['peak_gpu_memory_gb']} |")
-            assert row in card, row
-    reference = results["needles_gpu_long"]["results"]["topk64"]
-    candidate = attempt["needles_full"]
-    assert attempt["needles"] == {k: v["accuracy"] for k, v in candidate.items()}
-    table = dict(re.findall(r"^\| ([a-z_]+) \| [\d.]+% \| (.+ -> .+) \|$", card, flags=re.M))
-    lengths = (4096, 8192, 16384, 32768, 65536)
-    assert set(table) == {k.split("@")[0] for k in candidate}
-    for task, cells in table.items():
-        for length, cell in zip(lengths, cells.split(" | ")):
-            ref, cand = cell.split(" -> ")
-            key = f"{task}@{length}"
-            assert float(cand) == pytest.approx(100 * candidate[key]["accuracy"], abs=0.05)
-            assert ref == "not run" if key not in reference else float(ref) == pytest.approx(
-                100 * reference[key]["accuracy"], abs=0.05)
-            if key in reference:  # same seeds, same samples: the same n
-                assert reference[key]["n"] == candidate[key]["n"]
-            assert len(candidate[key]["hits"]) == candidate[key]["n"]
-            assert candidate[key]["accuracy"] == pytest.approx(candidate[key]["hits"].count("1") / candidate[key]["n"])
+    reference = {(c["task"], int(c["length"])): c["accuracy"]
+                 for c in results["needles_gpu_long"]["results"]["topk64"].values()}
+    per_piece = []
+    for evaluation in attempt["evaluations"]:
+        candidate = {(c["task"], int(c["length"])): c["accuracy"] for c in evaluation["needles_full"].values()}
+        rows, adopt = verdict(candidate, reference)
+        assert not adopt
+        per_piece.append(rows)
+    for rows_l3, rows_l4 in zip(*per_piece):
+        length, tasks, ref, l3 = rows_l3[:4]
+        assert rows_l4[:3] == (length, tasks, ref)
+        l4 = rows_l4[3]
+        mark = lambda x: f"{100 * x:.1f}%" + (" (worse)" if x < ref else "")
+        label = f"{length:,}" + (f" ({len(tasks)} tasks)" if len(tasks) != 7 else "")
+        assert f"| {label} | {100 * ref:.1f}% | {mark(l3)} | {mark(l4)} |" in card
 
 
 def test_card_states_the_chunked_prefill_check():
