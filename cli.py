@@ -862,32 +862,44 @@ def make_corpus_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the prompts (keys, values, depths, haystacks)."),
     haystack: str = typer.Option(None, "--haystack-packages", help="Stdlib packages whose code fills the code "
                                  "haystacks (default: email,json,http,wsgiref,xmlrpc)."),
+    kinds: str = typer.Option("single", "--kinds", help="Task kinds, comma-separated: single (one needle), multikey "
+                              "(4 keys, 1 asked), multivalue (1 key, 4 values asked), vt (variable tracking). "
+                              "multiquery is held out of training (evaluate it with --tasks varied_multiquery)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
 ):
     """Write a training corpus of varied needle prompts (JSONL) for `build-labels --source generate`.
 
-    Single-needle prompts over the SEEN values of fm_eval.varied's split only: needle formats kv_sentence, note,
-    table_row, log_line; haystacks code, wordlist, logs, chat; questions direct, indirect, follow_up. The held-out
-    format (chat_turn), haystack (prose) and question (what_was) never appear; `fm-index evaluate --tasks varied`
-    measures seen and held-out combinations separately. Offline and seeded: every text is generated or read from
-    this Python's standard library.
+    Prompts over the SEEN values of fm_eval.varied's split only: needle formats kv_sentence, note, table_row,
+    log_line; haystacks code, wordlist, logs, chat; questions direct, indirect, follow_up; task kinds as --kinds
+    (default: single needles only, as corpora written before --kinds). The held-out format (chat_turn), haystack
+    (prose), question (what_was) and kind (multiquery) never appear; `fm-index evaluate --tasks varied` measures
+    seen and held-out combinations separately. Offline and seeded: every text is generated or read from this
+    Python's standard library.
     """
     from fm_eval.runner import parse_lengths
     from fm_eval.tasks import DEFAULT_HAYSTACK_PACKAGES
-    from fm_eval.varied import check_corpus_options, check_corpus_out, corpus_plan, load_tokenizer, write_corpus
+    from fm_eval.varied import (
+        check_corpus_options,
+        check_corpus_out,
+        check_kinds,
+        corpus_plan,
+        load_tokenizer,
+        write_corpus,
+    )
     from lsa_runtime.backbone import default_model_name
 
     packages = tuple(p.strip() for p in haystack.split(",") if p.strip()) if haystack else DEFAULT_HAYSTACK_PACKAGES
     check_corpus_out(out, overwrite)
     sizes = check_corpus_options(parse_lengths(lengths), per_format, packages)
+    kind_list = check_kinds([k.strip() for k in kinds.split(",") if k.strip()])
     tokenizer = load_tokenizer(model or default_model_name())
     progress = _progress()
     with progress:
-        bar = progress.add_task("prompts", total=len(corpus_plan(sizes, per_format)), info=out)
+        bar = progress.add_task("prompts", total=len(corpus_plan(sizes, per_format, kinds=kind_list)), info=out)
         card = write_corpus(out, tokenizer, sizes, per_format, seed=seed, haystack_packages=packages,
-                            progress=lambda: progress.advance(bar), overwrite=overwrite)
+                            progress=lambda: progress.advance(bar), overwrite=overwrite, kinds=kind_list)
     console.print(f"wrote {card['documents']} prompts to {out} (card: {out.rsplit('.', 1)[0]}.json); "
-                  f"formats {card['counts']['format']}; next: fm-index build-labels --corpus {out} --source generate "
+                  f"kinds {card['counts']['kind']}; formats {card['counts']['format']}; next: fm-index build-labels --corpus {out} --source generate "
                   f"--new-tokens 64 --out LABELS")
 
 

@@ -14,21 +14,31 @@ along three axes, each with named values:
   ``logs`` (server log records), ``chat`` (a multi-turn user / assistant conversation);
 * **question style** (the question line after the whole context): ``direct`` (RULER's), ``indirect`` ("Somewhere
   above, a number was tied to K. Which one?"), ``what_was`` ("What was the special magic number for K again?"),
-  ``follow_up`` (one more user turn of a conversation, answered by "Assistant:").
+  ``follow_up`` (one more user turn of a conversation, answered by "Assistant:");
+* **task kind** (what is hidden and asked, RULER's task shapes): ``single`` (one needle), ``multikey`` (four needles
+  of four keys in the same format, one asked), ``multivalue`` (four needles of one key, all four values asked),
+  ``multiquery`` (four keys, all asked at once), ``vt`` (variable tracking: a chain "VAR A = 12345." ... "VAR E =
+  VAR D.", RULER's question and answer lines; the format and question axes do not apply).
 
 Every prompt opens with RULER's preamble, its haystack's own opening line or nothing (seeded), and ends with
-RULER's answer line ("The special magic number for K mentioned in the provided text is:"): the bundled 15M
+RULER's answer line ("The special magic number for K mentioned in the provided text is:", "... numbers for K
+... are:" where several values are asked; vt: RULER's): the bundled 15M
 ``reference`` backbone answers nothing else (free answer lines, e.g. "The access code of K is", gave 0 of 20 in
 full decoding), so the variation is in the carrier of the fact, the question line, the haystack and the preamble.
 
-:data:`SPLIT` declares which values are held out of training: the format ``chat_turn``, the haystack ``prose``
-and the question ``what_was``. The training corpus (:func:`corpus_records`, ``fm-index make-corpus``) only ever
+:data:`SPLIT` declares which values are held out of training: the format ``chat_turn``, the haystack ``prose``,
+the question ``what_was`` and the kind ``multiquery``. The training corpus (:func:`corpus_records`, ``fm-index make-corpus``) only ever
 combines the seen values; the evaluation tasks (:data:`VARIED_TASKS`, ``fm-index evaluate --tasks varied_seen,
 varied_new_format,...``) report seen and held-out combinations separately:
 
 * ``varied_seen``: seen format x seen haystack x seen question;
 * ``varied_new_format`` / ``varied_new_haystack`` / ``varied_new_question``: exactly one axis held out;
-* ``varied_new_all``: held-out format in a held-out haystack with the held-out question.
+* ``varied_new_all``: held-out format in a held-out haystack with the held-out question;
+* ``varied_multikey`` / ``varied_multivalue`` / ``varied_vt``: the other seen kinds, seen values otherwise;
+* ``varied_multiquery``: the held-out kind, seen values otherwise.
+
+The training corpus holds the single kind only unless asked (``make-corpus --kinds``), so earlier corpora stay
+reproducible byte for byte.
 
 All text is written by this module (word lists, templates) or read from the running interpreter's standard
 library (``code``): nothing is downloaded. Values are 7-digit numbers, written once per prompt (no haystack kind
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +68,7 @@ from .tasks import (
     Sample,
     TaskSpec,
     _code_haystack,
+    _distinct,
     _haystack_prompt,
     _pseudo_word,
     _word_key,
@@ -81,6 +93,7 @@ class VariedPromptError(FmIndexError):
 # the fact and the questions vary the question line; both keep these words.
 FACT = "special magic number for {key} is: {value}"
 ANSWER_LINE = " The special magic number for {key} mentioned in the provided text is:"
+ANSWER_LINE_PLURAL = " The special magic numbers for {key} mentioned in the provided text are:"
 
 
 @dataclass(frozen=True)
@@ -113,19 +126,35 @@ class QuestionStyle:
 
     name: str
     template: str  # {key}
+    plural: str  # the same question where several values are asked ({key}: one key or "K1, K2, and K3")
 
-    def render(self, key: str) -> str:
+    def render(self, key: str, several: bool = False) -> str:
+        if several:
+            return self.plural.format(key=key) + ANSWER_LINE_PLURAL.format(key=key)
         return self.template.format(key=key) + ANSWER_LINE.format(key=key)
 
 
 QUESTION_STYLES: dict[str, QuestionStyle] = {q.name: q for q in [
     QuestionStyle("direct", "\n# Question: What is the special magic number for {key} mentioned in the provided "
-                            "text?\n# Answer:"),
-    QuestionStyle("indirect", "\nQuestion: Somewhere above, a number was tied to {key}. Which one?\nAnswer:"),
-    QuestionStyle("what_was", "\nQuestion: What was the special magic number for {key} again?\nAnswer:"),
+                            "text?\n# Answer:",
+                  "\n# Question: What are all the special magic numbers for {key} mentioned in the provided "
+                  "text?\n# Answer:"),
+    QuestionStyle("indirect", "\nQuestion: Somewhere above, a number was tied to {key}. Which one?\nAnswer:",
+                  "\nQuestion: Somewhere above, several numbers were tied to {key}. Which ones?\nAnswer:"),
+    QuestionStyle("what_was", "\nQuestion: What was the special magic number for {key} again?\nAnswer:",
+                  "\nQuestion: What were the special magic numbers for {key} again?\nAnswer:"),
     QuestionStyle("follow_up", "\nUser: Thanks. One more question: what special magic number did I give you for "
-                               "{key}?\nAssistant:"),
+                               "{key}?\nAssistant:",
+                  "\nUser: Thanks. One more question: what special magic numbers did I give you for "
+                  "{key}?\nAssistant:"),
 ]}
+
+# ---- task kinds -------------------------------------------------------------------------------------------
+
+TASK_KINDS = ("single", "multikey", "multivalue", "multiquery", "vt")
+N_NEEDLES = 4  # keys of multikey / multiquery, values of multivalue (RULER's defaults)
+VT_HOPS = 4  # variable tracking: one chain of 5 variables (RULER's vt task)
+VT_FORMAT = "vt_statement"  # the format recorded for vt prompts (its statements are RULER's, not a carrier)
 
 
 # ---- haystack kinds ---------------------------------------------------------------------------------------
@@ -250,6 +279,7 @@ class Split:
     heldout_formats: tuple[str, ...] = ("chat_turn",)
     heldout_haystacks: tuple[str, ...] = ("prose",)
     heldout_questions: tuple[str, ...] = ("what_was",)
+    heldout_kinds: tuple[str, ...] = ("multiquery",)
 
     def formats(self, seen: bool) -> tuple[str, ...]:
         return tuple(f for f in NEEDLE_FORMATS if (f not in self.heldout_formats) == seen)
@@ -260,11 +290,14 @@ class Split:
     def questions(self, seen: bool) -> tuple[str, ...]:
         return tuple(q for q in QUESTION_STYLES if (q not in self.heldout_questions) == seen)
 
+    def kinds(self, seen: bool) -> tuple[str, ...]:
+        return tuple(k for k in TASK_KINDS if (k not in self.heldout_kinds) == seen)
+
     def as_dict(self) -> dict:
         return {"seen": {"formats": list(self.formats(True)), "haystacks": list(self.haystacks(True)),
-                         "questions": list(self.questions(True))},
+                         "questions": list(self.questions(True)), "kinds": list(self.kinds(True))},
                 "heldout": {"formats": list(self.heldout_formats), "haystacks": list(self.heldout_haystacks),
-                            "questions": list(self.heldout_questions)}}
+                            "questions": list(self.heldout_questions), "kinds": list(self.heldout_kinds)}}
 
 
 SPLIT = Split()
@@ -278,14 +311,17 @@ class VariedTask:
     seen_format: bool
     seen_haystack: bool
     seen_question: bool
+    kind: str = "single"
 
     def pools(self, split: Split = SPLIT) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         return (split.formats(self.seen_format), split.haystacks(self.seen_haystack),
                 split.questions(self.seen_question))
 
 
-def _task(name: str, description: str, f: bool, h: bool, q: bool) -> VariedTask:
-    return VariedTask(TaskSpec(name, "varied", "mixed", description, max_new_tokens=32), f, h, q)
+def _task(name: str, description: str, f: bool, h: bool, q: bool, kind: str = "single") -> VariedTask:
+    # several values (multivalue, multiquery) or five variable names (vt) need more new tokens than one value
+    new_tokens = 32 if kind in ("single", "multikey") else 64
+    return VariedTask(TaskSpec(name, "varied", "mixed", description, max_new_tokens=new_tokens), f, h, q, kind)
 
 
 VARIED_TASKS: dict[str, VariedTask] = {t.spec.name: t for t in [
@@ -298,6 +334,14 @@ VARIED_TASKS: dict[str, VariedTask] = {t.spec.name: t for t in [
     _task("varied_new_question", "one needle, seen format and haystack, held-out question (what_was)", True, True,
           False),
     _task("varied_new_all", "held-out format in a held-out haystack, held-out question", False, False, False),
+    _task("varied_multikey", "four needles of four keys in one seen format, one asked; seen haystack and question",
+          True, True, True, "multikey"),
+    _task("varied_multivalue", "four needles of one key in one seen format, all asked; seen haystack and question",
+          True, True, True, "multivalue"),
+    _task("varied_vt", "variable tracking (RULER's statements and question) in a seen haystack", True, True, True,
+          "vt"),
+    _task("varied_multiquery", "held-out kind: four keys in one seen format, all asked at once; seen haystack and "
+          "question", True, True, True, "multiquery"),
 ]}
 
 
@@ -305,29 +349,72 @@ VARIED_TASKS: dict[str, VariedTask] = {t.spec.name: t for t in [
 
 
 def build_prompt(tokens: PromptTokens, length: int, rng: random.Random, fmt: str, haystack: str, question: str,
-                 depth: float, packages: Sequence[str] = DEFAULT_HAYSTACK_PACKAGES, task: str = "varied"):
-    """One single-needle prompt of ``length`` tokens: (context, query, answers, metadata).
+                 depth: float, packages: Sequence[str] = DEFAULT_HAYSTACK_PACKAGES, task: str = "varied",
+                 kind: str = "single"):
+    """One prompt of ``length`` tokens: (context, query, answers, metadata).
 
-    The needle (``fmt``) sits at ``depth`` of the ``haystack`` tokens; the ``question`` comes after the context."""
+    The (first asked) needle, in format ``fmt``, sits at ``depth`` of the ``haystack`` tokens, the other needles of
+    the ``kind`` at seeded depths; the ``question`` comes after the context. For ``vt`` the five statements sit in
+    chain order from ``depth`` on, and ``fmt`` / ``question`` are not used (RULER's lines)."""
+    if kind not in TASK_KINDS:
+        raise VariedPromptError(f"unknown task kind '{kind}'; known: {', '.join(TASK_KINDS)}")
     for value, known, what in ((fmt, NEEDLE_FORMATS, "needle format"), (question, QUESTION_STYLES, "question style")):
-        if value not in known:
+        if kind != "vt" and value not in known:
             raise VariedPromptError(f"unknown {what} '{value}'; known: {', '.join(known)}")
     if haystack not in HAYSTACK_KINDS:
         raise VariedPromptError(f"unknown haystack kind '{haystack}'; known: {', '.join(HAYSTACK_KINDS)}")
     if not 0.0 <= depth <= 1.0:
         raise VariedPromptError(f"needle depth must be in [0, 1], got {depth}")
-    needle_format = NEEDLE_FORMATS[fmt]
-    key, value = _word_key(rng), str(rng.randint(10**6, 10**7 - 1))
+    code = haystack == "code"
+    if kind == "vt":
+        return _build_vt_prompt(tokens, length, rng, make_haystack(haystack, rng, tuple(packages)), haystack, depth,
+                                packages, task)
+    n_keys = N_NEEDLES if kind in ("multikey", "multiquery") else 1
+    n_values = N_NEEDLES if kind == "multivalue" else 1
+    # drawn in this order (keys, values, haystack) so that single-needle prompts stay those of earlier corpora
+    keys = _distinct(lambda: _word_key(rng), n_keys)
+    values = _distinct(lambda: str(rng.randint(10**6, 10**7 - 1)), n_keys * n_values)
     hay = make_haystack(haystack, rng, tuple(packages))
-    needle = needle_format.render(key, value, code=haystack == "code")
-    query = QUESTION_STYLES[question].render(key)
+    facts = [(keys[i // n_values], v) for i, v in enumerate(values)]  # (key, value), key-major
+    asked_keys = keys if kind == "multiquery" else [keys[rng.randrange(n_keys)]] if kind == "multikey" else keys
+    first = next(i for i, (k, _) in enumerate(facts) if k in asked_keys)
+    depths = [depth if i == first else rng.random() for i in range(len(facts))]
+    needle_format = NEEDLE_FORMATS[fmt]
+    inserts = [(d, needle_format.render(k, v, code=code)) for d, (k, v) in zip(depths, facts)]
+    several = kind in ("multivalue", "multiquery")
+    key_text = asked_keys[0] if len(asked_keys) == 1 else ", ".join(asked_keys[:-1]) + ", and " + asked_keys[-1]
+    query = QUESTION_STYLES[question].render(key_text, several)
     preamble = (_RULER_PREAMBLE, _PREAMBLES[haystack], "")[rng.randrange(3)]
-    context, query, records, meta = _haystack_prompt(preamble, hay, [(depth, needle)], query, tokens, length, task,
+    context, query, records, meta = _haystack_prompt(preamble, hay, inserts, query, tokens, length, task,
                                                      allow_partial=True)
-    records[0].update(key=key, value=value, asked=True)
-    meta.update(needles=records, format=fmt, haystack=haystack, question=question, key=key,
-                haystack_packages=list(packages) if haystack == "code" else [])
-    return context, query, [value], meta
+    for record, (k, v) in zip(records, facts):
+        record.update(key=k, value=v, asked=k in asked_keys)
+    answers = [v for k, v in facts if k in asked_keys]
+    meta.update(needles=records, format=fmt, haystack=haystack, question=question, kind=kind, key=asked_keys[0],
+                asked_keys=asked_keys, haystack_packages=list(packages) if code else [])
+    return context, query, answers, meta
+
+
+def _build_vt_prompt(tokens, length, rng, hay, haystack, depth, packages, task):
+    """Variable tracking as RULER writes it (statements, question and answer lines) in a varied haystack: one chain
+    of ``VT_HOPS`` + 1 variables, its first statement at ``depth``, the others after it in chain order."""
+    names = _distinct(lambda: "".join(rng.choice(string.ascii_uppercase) for _ in range(5)), VT_HOPS + 1)
+    value = str(rng.randint(10**4, 10**5 - 1))
+    prefix = "# " if haystack == "code" else ""
+    statements = [f"{prefix}VAR {names[0]} = {value}."] + [
+        f"{prefix}VAR {names[h]} = VAR {names[h - 1]}." for h in range(1, VT_HOPS + 1)]
+    depths = sorted([depth] + [depth + (1 - depth) * rng.random() for _ in range(VT_HOPS)])
+    preamble = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+    query = (f"\n# Question: Find all variables that are assigned the value {value} in the text above.\n"
+             f"# Answer: According to the chain(s) of variable assignment in the text above, {VT_HOPS + 1} "
+             f"variables are assigned the value {value}, they are:")
+    context, query, records, meta = _haystack_prompt(preamble, hay, list(zip(depths, statements)), query, tokens,
+                                                     length, task, allow_partial=True)
+    for hop, record in enumerate(records):
+        record.update(key=names[hop], value=value if hop == 0 else names[hop - 1], asked=True, hop=hop)
+    meta.update(needles=records, format=VT_FORMAT, haystack=haystack, question="vt", kind="vt", key=names[0],
+                asked_keys=list(names), haystack_packages=list(packages) if haystack == "code" else [])
+    return context, query, list(names), meta
 
 
 def _check_length(length: int) -> None:
@@ -346,6 +433,7 @@ def generate_varied_sample(task: str, tokenizer, length: int, seed: int = 0, ind
         raise VariedPromptError(f"unknown varied task '{task}'; known: {', '.join(VARIED_TASKS)}")
     _check_length(length)
     formats, haystacks, questions = VARIED_TASKS[task].pools(split)
+    kind = VARIED_TASKS[task].kind
     s_seed = sample_seed(seed, task, length, index)
     rng = random.Random(s_seed)
     fmt = formats[index % len(formats)]
@@ -354,34 +442,57 @@ def generate_varied_sample(task: str, tokenizer, length: int, seed: int = 0, ind
     depth = list(depths)[0] if depths is not None else spread_depths(index, num_samples, 1)[0]
     tokens = PromptTokens(tokenizer)
     context, query, answers, meta = build_prompt(tokens, length, rng, fmt, haystack, question, depth,
-                                                 haystack_packages, task)
+                                                 haystack_packages, task, kind)
     prompt_tokens = tokens.count(context + query)
     if prompt_tokens > length or prompt_tokens < length - length_tolerance(length):
         raise VariedPromptError(f"could not fit task {task} to {length} tokens (got {prompt_tokens})")
     meta.update(prompt_tokens=prompt_tokens, index=index, num_samples=num_samples, base_seed=seed, metric="all",
                 split={"format": fmt not in split.heldout_formats, "haystack": haystack not in split.heldout_haystacks,
-                       "question": question not in split.heldout_questions})
+                       "question": question not in split.heldout_questions, "kind": kind not in split.heldout_kinds})
     return Sample(task, length, depth, s_seed, context, query, answers, meta)
 
 
 # ---- the training corpus ----------------------------------------------------------------------------------
 
 
-def corpus_plan(lengths: Sequence[int], per_format: int, split: Split = SPLIT) -> list[tuple[int, str, str, str, int]]:
-    """(length, format, haystack, question, index) of every training prompt: ``per_format`` prompts per seen
-    format and length; haystack and question cycle over every seen combination (index-wise), so each pair appears
-    as evenly as ``per_format`` allows."""
+def corpus_plan(lengths: Sequence[int], per_format: int, split: Split = SPLIT,
+                kinds: Sequence[str] = ("single",)) -> list[tuple[int, str, str, str, str, int]]:
+    """(length, kind, format, haystack, question, index) of every training prompt: ``per_format`` prompts per
+    kind, seen format and length (vt, whose statements are RULER's, as many as one kind of every format gets);
+    haystack and question cycle over every seen combination (index-wise), so each pair appears as evenly as
+    ``per_format`` allows. The single kind's entries come first, in the order of corpora before ``kinds``."""
     formats, haystacks, questions = split.formats(True), split.haystacks(True), split.questions(True)
     if not formats or not haystacks or not questions:
         raise VariedPromptError("the split holds out every value of an axis: nothing left to train on")
+    check_kinds(kinds, split)
     pairs = [(h, q) for q in questions for h in haystacks]
     plan = []
-    for length in lengths:
-        for f_i, fmt in enumerate(formats):
-            for i in range(per_format):
-                h, q = pairs[(i + f_i) % len(pairs)]
-                plan.append((length, fmt, h, q, i))
+    for kind in kinds:
+        for l_i, length in enumerate(lengths):
+            for f_i, fmt in enumerate(formats):
+                for i in range(per_format):
+                    # single: the cycle of corpora written before the kinds; the others spread the pairs over
+                    # formats and lengths, so that a few prompts per format already cover every pair
+                    slot = i + f_i if kind == "single" else i * len(formats) + f_i + l_i
+                    h, q = pairs[slot % len(pairs)]
+                    if kind == "vt":  # one vt prompt per (format slot, i): the slot only varies the haystack
+                        plan.append((length, kind, VT_FORMAT, h, "vt", f_i * per_format + i))
+                    else:
+                        plan.append((length, kind, fmt, h, q, i))
     return plan
+
+
+def check_kinds(kinds: Sequence[str], split: Split = SPLIT) -> tuple[str, ...]:
+    """Task kinds for a training corpus: known, seen (never a held-out kind), at least one."""
+    if not kinds:
+        raise VariedPromptError("no task kind given")
+    for kind in kinds:
+        if kind not in TASK_KINDS:
+            raise VariedPromptError(f"unknown task kind '{kind}'; known: {', '.join(TASK_KINDS)}")
+        if kind in split.heldout_kinds:
+            raise VariedPromptError(f"task kind '{kind}' is held out of training (the split); seen kinds: "
+                                    f"{', '.join(split.kinds(True))}")
+    return tuple(dict.fromkeys(kinds))
 
 
 def check_corpus_out(out: str | Path, overwrite: bool = False) -> Path:
@@ -415,44 +526,52 @@ def check_corpus_options(lengths: Sequence[int], per_format: int,
 
 def corpus_records(tokenizer, lengths: Sequence[int], per_format: int, seed: int = 0,
                    haystack_packages: Sequence[str] = DEFAULT_HAYSTACK_PACKAGES, split: Split = SPLIT,
-                   progress: Callable[[], None] | None = None) -> Iterator[dict]:
+                   progress: Callable[[], None] | None = None, kinds: Sequence[str] = ("single",)) -> Iterator[dict]:
     """The training corpus's records (``id``, ``text`` = context + question, and what made them), seen values
     only. Seeds are derived from ``seed`` under a name no evaluation task uses, so a corpus never repeats an
-    evaluation prompt of the same seed; needle depths are drawn uniformly."""
+    evaluation prompt of the same seed; needle depths are drawn uniformly. ``needle``: the first asked needle;
+    ``needles``: all of them (vt: the chain's statements)."""
     lengths = check_corpus_options(lengths, per_format, haystack_packages, split)
     tokens = PromptTokens(tokenizer)
-    for length, fmt, haystack, question, i in corpus_plan(lengths, per_format, split):
-        s_seed = sample_seed(seed, f"corpus/{fmt}", length, i)
+    for length, kind, fmt, haystack, question, i in corpus_plan(lengths, per_format, split, kinds):
+        # single-needle prompts keep the seeds and ids of corpora written before the kinds existed
+        name = f"corpus/{fmt}" if kind == "single" else f"corpus/{kind}/{fmt}"
+        s_seed = sample_seed(seed, name, length, i)
         rng = random.Random(s_seed)
         depth = rng.random()
         context, query, answers, meta = build_prompt(tokens, length, rng, fmt, haystack, question, depth,
-                                                     haystack_packages, "make-corpus")
-        needle = meta["needles"][0]
-        yield {"id": f"{fmt}-{haystack}-{question}-{length}-{i}", "text": context + query, "answers": answers,
-               "format": fmt, "haystack": haystack, "question": question, "length": length,
-               "prompt_tokens": tokens.count(context + query), "seed": s_seed,
-               "needle": {k: needle[k] for k in ("text", "key", "value", "char_offset", "token_offset",
-                                                 "depth_requested", "depth")}}
+                                                     haystack_packages, "make-corpus", kind)
+        fields = ("text", "key", "value", "char_offset", "token_offset", "depth_requested", "depth")
+        needles = [{k: n[k] for k in (*fields, "asked")} for n in meta["needles"]]
+        first = next(n for n in needles if n["asked"])
+        prefix = "" if kind == "single" else f"{kind}-"
+        yield {"id": f"{prefix}{fmt}-{haystack}-{question}-{length}-{i}", "text": context + query,
+               "answers": answers, "kind": kind, "format": fmt, "haystack": haystack, "question": question,
+               "length": length, "prompt_tokens": tokens.count(context + query), "seed": s_seed,
+               "needle": {k: first[k] for k in fields}, "needles": needles}
         if progress is not None:
             progress()
 
 
 def write_corpus(out: str | Path, tokenizer, lengths: Sequence[int], per_format: int, seed: int = 0,
                  haystack_packages: Sequence[str] = DEFAULT_HAYSTACK_PACKAGES, split: Split = SPLIT,
-                 progress: Callable[[], None] | None = None, overwrite: bool = False) -> dict:
+                 progress: Callable[[], None] | None = None, overwrite: bool = False,
+                 kinds: Sequence[str] = ("single",)) -> dict:
     """Write the training corpus as JSONL to ``out`` (a temporary name, then renamed) and a ``.json`` card beside
     it (options, split, counts); returns the card. ``build-labels --corpus OUT`` reads it."""
     from lsa_runtime.outputs import temp_path, write_text_atomic
 
     out = check_corpus_out(out, overwrite)
     lengths = check_corpus_options(lengths, per_format, haystack_packages, split)
+    kinds = check_kinds(kinds, split)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out)
-    counts: dict[str, dict[str, int]] = {"format": {}, "haystack": {}, "question": {}}
+    counts: dict[str, dict[str, int]] = {"kind": {}, "format": {}, "haystack": {}, "question": {}}
     n = 0
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for record in corpus_records(tokenizer, lengths, per_format, seed, haystack_packages, split, progress):
+            for record in corpus_records(tokenizer, lengths, per_format, seed, haystack_packages, split, progress,
+                                         kinds):
                 f.write(json.dumps(record) + "\n")
                 n += 1
                 for axis in counts:
@@ -462,7 +581,7 @@ def write_corpus(out: str | Path, tokenizer, lengths: Sequence[int], per_format:
         if tmp.exists():
             tmp.unlink()
     card = {"format": CORPUS_FORMAT, "corpus": out.name, "documents": n, "lengths": list(lengths),
-            "per_format": per_format, "seed": seed, "haystack_packages": list(haystack_packages),
+            "per_format": per_format, "kinds": list(kinds), "seed": seed, "haystack_packages": list(haystack_packages),
             "split": split.as_dict(), "counts": counts}
     write_text_atomic(out.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
     return card

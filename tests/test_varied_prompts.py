@@ -21,7 +21,10 @@ from fm_eval.varied import (
     NEEDLE_FORMATS,
     QUESTION_STYLES,
     SPLIT,
+    TASK_KINDS,
     VARIED_TASKS,
+    VariedPromptError,
+    check_kinds,
     corpus_plan,
     load_tokenizer,
     write_corpus,
@@ -55,10 +58,12 @@ def test_split_is_declared_and_disjoint():
                               (SPLIT.haystacks(True), SPLIT.haystacks(False), HAYSTACK_KINDS),
                               (SPLIT.questions(True), SPLIT.questions(False), QUESTION_STYLES)):
         assert held and seen and not set(seen) & set(held) and set(seen) | set(held) == set(known)
-    assert SPLIT.as_dict()["heldout"] == {"formats": ["chat_turn"], "haystacks": ["prose"], "questions": ["what_was"]}
+    assert SPLIT.as_dict()["heldout"] == {"formats": ["chat_turn"], "haystacks": ["prose"], "questions": ["what_was"],
+                                          "kinds": ["multiquery"]}
+    assert set(SPLIT.kinds(True)) | set(SPLIT.kinds(False)) == set(TASK_KINDS) and SPLIT.kinds(False) == ("multiquery",)
 
 
-@pytest.mark.parametrize("task", list(VARIED_TASKS))
+@pytest.mark.parametrize("task", [name for name, t in VARIED_TASKS.items() if t.kind == "single"])
 def test_lengths_and_the_answer_at_its_recorded_offset(task, tokenizer):
     for length in (1024, 3000):
         for index in range(3):
@@ -127,7 +132,13 @@ def test_corpus_is_deterministic_by_seed(tmp_path, tokenizer, corpus):
 def test_corpus_plan_counts():
     plan = corpus_plan([2048, 4096], per_format=5)
     assert len(plan) == 2 * len(SPLIT.formats(True)) * 5
-    assert len(set(plan)) == len(plan)
+    assert len(set(plan)) == len(plan) and {p[1] for p in plan} == {"single"}
+    # the other kinds spread the (haystack, question) pairs: 4 formats x 3 prompts cover all 12 pairs per length
+    plan = corpus_plan([2048], per_format=3, kinds=("multikey", "vt"))
+    pairs = {(h, q) for h in SPLIT.haystacks(True) for q in SPLIT.questions(True)}
+    assert {(p[3], p[4]) for p in plan if p[1] == "multikey"} == pairs
+    assert {p[3] for p in plan if p[1] == "vt"} == set(SPLIT.haystacks(True)) and {p[4] for p in plan if p[1] == "vt"} == {"vt"}
+    assert len(set(plan)) == len(plan) == 2 * 12
 
 
 def test_task_names():
@@ -186,3 +197,94 @@ def test_evaluate_runs_varied_tasks(tmp_path):
         assert run["new_tokens"] <= VARIED_TASKS[run["task"]].spec.max_new_tokens == 32
         assert run["score"] == float(sample.answers[0] in run["prediction"])
     assert "varied_new_all" in (tmp_path / "e" / "results.md").read_text()
+
+
+def test_single_needle_prompts_are_those_of_earlier_corpora(tokenizer):
+    """Adding task kinds kept every single-needle prompt: hashes of prompts written by the code before the kinds
+    existed (2026-12-02; haystacks that do not depend on this Python's standard library)."""
+    import hashlib
+
+    def sha(text):
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    expected = {("varied_seen", 1): "b7a1e9639ecfa066", ("varied_new_all", 0): "e8f06dc2207857bd",
+                ("varied_new_format", 1): "43fdf4ac3fea4c5c"}
+    for (task, index), digest in expected.items():
+        assert sha(generate_sample(task, tokenizer, 1024, seed=5, index=index, num_samples=3).prompt) == digest
+
+
+def test_single_kind_corpus_record_of_earlier_corpora(tmp_path, tokenizer):
+    out = tmp_path / "c.jsonl"
+    write_corpus(out, tokenizer, [512, 1024], per_format=3, seed=3)
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    import hashlib
+
+    record = records["log_line-wordlist-indirect-1024-2"]  # written before --kinds with the same options
+    assert hashlib.sha256(record["text"].encode()).hexdigest()[:16] == "7de438c7074c4dd8"
+    assert record["kind"] == "single" and record["needles"][0]["value"] == record["needle"]["value"]
+
+
+@pytest.mark.parametrize("task", ["varied_multikey", "varied_multivalue", "varied_multiquery", "varied_vt"])
+def test_task_kinds_hide_and_ask_what_they_say(task, tokenizer):
+    """Each kind's needles sit in the text at their recorded offsets, each value written once; the answers are
+    read back from the text with patterns written here (not the generator's metadata)."""
+    kind = VARIED_TASKS[task].kind
+    for index in range(3):
+        sample = generate_sample(task, tokenizer, 1024, seed=2, index=index, num_samples=3)
+        text, meta = sample.prompt, sample.metadata
+        n = len(tokenizer(text)["input_ids"])
+        assert 1024 - length_tolerance(1024) <= n <= 1024 and meta["kind"] == kind
+        for needle in meta["needles"]:
+            assert text[needle["char_offset"]:].startswith(needle["text"])
+        if kind == "vt":
+            value = re.search(r"assigned the value (\d{5}) in the text above", sample.query).group(1)
+            chain = [re.search(r"VAR ([A-Z]{5}) = " + re.escape(value) + r"\.", text).group(1)]
+            for _ in range(4):  # follow the chain through the text
+                chain.append(re.search(r"VAR ([A-Z]{5}) = VAR " + chain[-1] + r"\.", text).group(1))
+            assert sample.answers == chain and "5 variables are assigned" in sample.query
+            continue
+        facts = re.findall(r"special magic numbers? for ([a-z]+-[a-z]+) is: (\d{7})", sample.context)
+        assert len(facts) == 4 and all(text.count(v) == 1 for _, v in facts)
+        asked = re.search(r"The special magic numbers? for (.+) mentioned in the provided text (is|are):$",
+                          sample.query).group(1)
+        asked_keys = asked.replace(", and ", ", ").split(", ")
+        assert sample.answers == [v for k, v in facts_in_order(facts, meta) if k in asked_keys]
+        keys = {k for k, _ in facts}
+        assert len(keys) == {"varied_multikey": 4, "varied_multivalue": 1, "varied_multiquery": 4}[task]
+        assert len(asked_keys) == {"varied_multikey": 1, "varied_multivalue": 1, "varied_multiquery": 4}[task]
+        assert sample.query.endswith("are:") == (len(sample.answers) > 1)
+        first = next(n for n in meta["needles"] if n["asked"])
+        assert abs(first["depth"] - sample.depth) <= 0.05
+        assert score_prediction(sample, " " + ", ".join(sample.answers) + ".") == 1.0
+        assert score_prediction(sample, " 1234567.") == 0.0
+        if task == "varied_multiquery":
+            assert meta["split"]["kind"] is False
+
+
+def facts_in_order(facts, meta):
+    """The text's (key, value) pairs in the generator's fact order (key-major), found by value."""
+    order = {n["value"]: i for i, n in enumerate(meta["needles"])}
+    return sorted(facts, key=lambda kv: order[kv[1]])
+
+
+def test_corpus_with_kinds_never_holds_the_heldout_kind(tmp_path, tokenizer):
+    out = tmp_path / "k.jsonl"
+    card = write_corpus(out, tokenizer, [512], per_format=1, seed=1, kinds=("single", "multikey", "multivalue", "vt"))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    per_kind = len(SPLIT.formats(True))
+    assert card["counts"]["kind"] == {"single": per_kind, "multikey": per_kind, "multivalue": per_kind,
+                                      "vt": per_kind} and card["kinds"] == ["single", "multikey", "multivalue", "vt"]
+    for record in records:
+        text = record["text"]
+        asked = re.search(r"for (.+) mentioned in the provided text", text[-300:])
+        # multiquery asks several keys at once: never in a training corpus
+        assert asked is None or ", and " not in asked.group(1)
+        assert not HELD_OUT_FORMAT.search(text) and not HELD_OUT_QUESTION.search(text) and not PROSE.search(text)
+        assert all(text[n["char_offset"]:].startswith(n["text"]) for n in record["needles"])
+    assert len({r["id"] for r in records}) == len(records)
+    with pytest.raises(VariedPromptError, match="held out"):
+        check_kinds(["single", "multiquery"])
+    with pytest.raises(VariedPromptError, match="unknown task kind"):
+        check_kinds(["bogus"])
+    bad = runner.invoke(app, ["make-corpus", "--out", str(tmp_path / "b.jsonl"), "--kinds", "single,multiquery"])
+    assert bad.exit_code == 2 and "held out" in bad.output and not (tmp_path / "b.jsonl").exists()
