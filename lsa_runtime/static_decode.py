@@ -1,0 +1,330 @@
+"""Static-shape batched decode: one token for each of B sequences, every per-sequence state in fixed-size stores.
+
+:mod:`.batching` runs each sequence's window update and compressor once per row, because transformers keeps that
+state in per-sequence ``DynamicCache`` layers that grow by concatenation: a step's kernel count grows with B and
+its shapes change as entries are emitted. Here one :class:`StaticDecodeState` owns, per layer, batch-wide stores of
+fixed capacity (docs/DESIGN.md, "Static-shape decode"):
+
+- the sliding window as a ring ``[B, W, D]`` (position p lives in slot ``p % W``);
+- per compression series (HCA compressor; CSA compressor and its Lightning Indexer) a :class:`CompressedStore`:
+  the open window's projected tokens ``[B, m, F]``, for CSA the previous window's Ca half (the overlap)
+  ``[B, m, D]``, and the emitted entries ``[B, cap, D]`` with per-row lengths: C^Comp for the compressors,
+  K^IComp for the indexer.
+
+A step writes with ``index_put_`` at per-row offsets and ``torch.where`` under per-row emission masks, scores the
+Lightning Indexer I[t,s] over all ``cap`` slots with -inf beyond each row's length, takes a fixed top-k (picks
+beyond the length masked) and attends over window + picks (CSA) or window + all entries (HCA) with the sinks.
+There is no loop over rows, no host synchronisation and no data-dependent shape in the step: the same operators
+on the same shapes run every step, whichever rows emit, so the step (:func:`static_step`, which reads only the
+state's buffers) can later be captured as one CUDA graph per batch size. That holds for the whole model step when
+the MoE experts run transformers' ``grouped_mm`` (the default) or ``batched_mm``; the ``eager`` experts loop calls
+``nonzero``. Capture itself has not been tried on a GPU yet.
+
+Milestone 1 (full semantics): every emitted entry is an indexer candidate, as transformers decodes; the stock
+eager model decoding each sequence alone with a ``DynamicCache`` is the reference (tests/test_static_decode.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import CSA, HCA, cache_kwarg
+
+
+def _v4():
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4
+
+    return modeling_deepseek_v4
+
+
+@dataclass(frozen=True)
+class StaticGeometry:
+    """The shapes of a :class:`StaticDecodeState`, fixed for its life."""
+
+    batch: int  # B rows (sequences)
+    capacity: int  # tokens per row: positions 0 .. capacity - 1
+    window: int  # W sliding-window keys per row
+    head_dim: int  # D of the shared K=V and of C^Comp
+    index_head_dim: int  # D_I of K^IComp
+    csa_rate: int  # m
+    hca_rate: int  # m'
+    layer_types: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config, batch: int, capacity: int) -> StaticGeometry:
+        rates = config.compress_rates
+        return cls(batch=batch, capacity=capacity, window=config.sliding_window, head_dim=config.head_dim,
+                   index_head_dim=config.index_head_dim, csa_rate=rates[CSA], hca_rate=rates[HCA],
+                   layer_types=tuple(config.layer_types))
+
+    def entries(self, rate: int) -> int:
+        """Entry slots per row for a series of compression rate ``rate``: positions < capacity emit at most
+        ``capacity // rate`` entries (one when a token at position ``p`` has ``(p + 1) % rate == 0``)."""
+        return max(1, self.capacity // rate)
+
+
+class CompressedStore:
+    """One compression series for B rows at fixed shapes (stock state: ``DeepseekV4HCACache`` /
+    ``DeepseekV4CSACache`` entry ``name``).
+
+    ``buffer_kv`` / ``buffer_gate`` ``[B, m, F]``: the projected C and Z (paper eqs. 9-10 / 20-21) of the open
+    window's tokens, token at position p in slot ``p % m`` (windows start at multiples of m, as stock's
+    ``entry_count * m``); F = 2D for CSA (Ca | Cb), D for HCA. ``overlap_kv`` / ``overlap_gate`` ``[B, m, D]`` (CSA
+    only): the previous window's Ca half, its gate with the position bias added (as stock keeps it), gate -inf
+    before the first window closed (softmax weight 0). ``entries`` ``[B, cap, D]``: the emitted C^Comp (or K^IComp),
+    RoPE'd at their window's first position; ``lengths`` ``[B]``: how many are valid per row."""
+
+    def __init__(self, batch: int, rate: int, dim: int, capacity: int, overlap: bool, dtype, device):
+        width = 2 * dim if overlap else dim
+        self.rate, self.dim, self.overlap = rate, dim, overlap
+        self.buffer_kv = torch.zeros(batch, rate, width, dtype=dtype, device=device)
+        self.buffer_gate = torch.zeros(batch, rate, width, dtype=dtype, device=device)
+        self.overlap_kv = torch.zeros(batch, rate, dim, dtype=dtype, device=device) if overlap else None
+        self.overlap_gate = torch.full((batch, rate, dim), float("-inf"), dtype=torch.float32, device=device) \
+            if overlap else None
+        self.entries = torch.zeros(batch, capacity, dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("buffer_kv", "buffer_gate", "overlap_kv", "overlap_gate", "entries", "lengths")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def reset_row(self, row: int) -> None:
+        for name, tensor in self.tensors().items():
+            tensor[row] = float("-inf") if name == "overlap_gate" else 0
+
+    def load_row(self, row: int, layer, name: str, length: int) -> None:
+        """Copy entry ``name`` of a prefilled batch-1 stock cache layer (``length`` tokens seen) into ``row``."""
+        count = layer.entry_count[name]
+        if count != length // self.rate:
+            raise ValueError(f"{name}: {count} entries for {length} tokens at rate {self.rate}; the static state "
+                             "needs a cache prefilled from position 0")
+        if count > self.entries.shape[1]:
+            raise ValueError(f"{name}: {count} entries exceed the capacity of {self.entries.shape[1]}")
+        if count:
+            self.entries[row, :count] = layer.compressed_kv[name][0]
+        self.lengths[row] = count
+        open_kv = layer.buffer_kv[name]
+        if open_kv is not None and open_kv.shape[1]:  # tokens length - length % m .. length - 1: slots 0 ..
+            self.buffer_kv[row, :open_kv.shape[1]] = open_kv[0]
+            self.buffer_gate[row, :open_kv.shape[1]] = layer.buffer_gate[name][0]
+        if self.overlap and layer.overlap_kv[name] is not None:
+            self.overlap_kv[row] = layer.overlap_kv[name][0]
+            self.overlap_gate[row] = layer.overlap_gate[name][0]
+
+    def visible(self) -> torch.Tensor:
+        """``[B, cap]``: which entry slots hold an emitted entry."""
+        return torch.arange(self.entries.shape[1], device=self.lengths.device) < self.lengths[:, None]
+
+    def step(self, module, hidden_states: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add the token at ``positions[r]`` of every row to its open window; rows whose token closes the window
+        (``(p + 1) % m == 0``) append one entry (paper eqs. 11-12 / 22-23), the others keep their entries.
+        ``module``: the stock compressor or indexer that owns kv_proj, gate_proj, position_bias, kv_norm, rotary_emb
+        (its arithmetic is stock's, on one window per row)."""
+        v4, m, d = _v4(), self.rate, self.dim
+        batch = hidden_states.shape[0]
+        slot = positions % m
+        self.buffer_kv[rows, slot] = module.kv_proj(hidden_states)[:, 0]
+        self.buffer_gate[rows, slot] = module.gate_proj(hidden_states)[:, 0]
+        emit = slot == m - 1  # [B]
+        gate = self.buffer_gate + module.position_bias  # [B, m, F]
+        if self.overlap:  # entry w = softmax-pooled [Ca of window w-1 | Cb of window w] over 2m slots
+            window_kv = torch.cat([self.overlap_kv, self.buffer_kv[..., d:]], dim=1)
+            window_gate = torch.cat([self.overlap_gate.to(gate.dtype), gate[..., d:]], dim=1)
+        else:
+            window_kv, window_gate = self.buffer_kv, gate
+        # computed for every row (fixed shapes); kept only where the window closed
+        pooled = (window_kv * window_gate.softmax(dim=1, dtype=torch.float32).to(window_kv.dtype)).sum(dim=1)
+        entry = module.kv_norm(pooled)  # [B, D]
+        start = (positions + 1 - m)[:, None]  # the window's first position: the entry's RoPE position
+        cos, sin = module.rotary_emb(entry, position_ids=start, layer_type=module.rope_layer_type)
+        entry = v4.apply_rotary_pos_emb(entry.view(batch, 1, 1, d), cos, sin).view(batch, d)
+        at = self.lengths.clamp(max=self.entries.shape[1] - 1)  # the next free slot (decode_step checks room)
+        self.entries[rows, at] = torch.where(emit[:, None], entry, self.entries[rows, at])
+        self.lengths.add_(emit.long())
+        if self.overlap:  # the closed window's Ca (gate biased) is the next entry's first half
+            closed = emit[:, None, None]
+            self.overlap_kv.copy_(torch.where(closed, self.buffer_kv[..., :d], self.overlap_kv))
+            self.overlap_gate.copy_(torch.where(closed, gate[..., :d].float(), self.overlap_gate))
+
+
+@dataclass
+class StaticLayer:
+    """One decoder layer's stores: the window ring, and C^Comp (CSA, HCA) and K^IComp (CSA) series."""
+
+    window: torch.Tensor  # [B, W, D]
+    compressor: CompressedStore | None = None
+    indexer: CompressedStore | None = None
+
+
+class StaticDecodeState:
+    """Every per-sequence decoding state of B rows, in tensors allocated once (shapes and storage never change).
+
+    Build with :meth:`from_caches` (rows prefilled by the stock model, one batch-1 ``DynamicCache`` each, of any
+    lengths) or construct empty and :meth:`load_row`. ``tokens`` / ``positions`` ``[B]`` are the step's input
+    buffers (:func:`decode_step` copies into them)."""
+
+    def __init__(self, config, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
+        g = self.geometry = StaticGeometry.from_config(config, batch, capacity)
+        self.layers: list[StaticLayer] = []
+        for kind in g.layer_types:
+            layer = StaticLayer(torch.zeros(batch, g.window, g.head_dim, dtype=dtype, device=device))
+            if kind == CSA:
+                cap = g.entries(g.csa_rate)
+                layer.compressor = CompressedStore(batch, g.csa_rate, g.head_dim, cap, True, dtype, device)
+                layer.indexer = CompressedStore(batch, g.csa_rate, g.index_head_dim, cap, True, dtype, device)
+            elif kind == HCA:
+                cap = g.entries(g.hca_rate)
+                layer.compressor = CompressedStore(batch, g.hca_rate, g.head_dim, cap, False, dtype, device)
+            self.layers.append(layer)
+        self.rows = torch.arange(batch, device=device)
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @classmethod
+    def from_caches(cls, config, caches: list, capacity: int, dtype=torch.float32, device="cpu"):
+        state = cls(config, len(caches), capacity, dtype, device)
+        for row, cache in enumerate(caches):
+            state.load_row(row, cache)
+        return state
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every state tensor by name (``layers.{i}.window``, ``layers.{i}.compressor.entries``, ...)."""
+        out = {"rows": self.rows, "tokens": self.tokens, "positions": self.positions}
+        for i, layer in enumerate(self.layers):
+            out[f"layers.{i}.window"] = layer.window
+            for part in ("compressor", "indexer"):
+                store = getattr(layer, part)
+                if store is not None:
+                    out.update({f"layers.{i}.{part}.{n}": t for n, t in store.tensors().items()})
+        return out
+
+    def load_row(self, row: int, cache) -> int:
+        """Replace ``row`` by a sequence prefilled with the stock model (a batch-1 ``DynamicCache``); returns its
+        next position (tokens seen). Host-side, outside the step."""
+        length = cache.layers[0].cumulative_length
+        if length >= self.geometry.capacity:
+            raise ValueError(f"row {row}: {length} tokens leave no room in a capacity of {self.geometry.capacity}")
+        window = self.geometry.window
+        for layer, stock in zip(self.layers, cache.layers, strict=True):
+            if stock.cumulative_length != length or stock.keys.shape[0] != 1:
+                raise ValueError("load_row takes one sequence's cache (batch 1), every layer at the same length")
+            layer.window[row] = 0
+            keys = stock.keys[0, 0]  # the last min(length, W - 1) tokens, oldest first
+            layer.window[row, torch.arange(length - keys.shape[0], length) % window] = keys.to(layer.window.dtype)
+            for name in ("compressor", "indexer"):
+                store = getattr(layer, name)
+                if store is not None:
+                    store.reset_row(row)
+                    store.load_row(row, stock, name, length)
+        return length
+
+
+def _lightning_indexer(indexer, keys: CompressedStore, hidden_states, q_residual, positions):
+    """Top-k of I[t,s] = sum_h w_{t,h} ReLU(q_{t,h} . K^IComp_s) (paper eqs. 13-17) over all ``cap`` slots of every
+    row, -inf beyond the row's length; fixed k = min(index_topk, cap). Returns picks ``[B, k]`` and which picks are
+    real entries ``[B, k]`` (a row with fewer than k entries gets masked picks, as stock takes min(k, n))."""
+    v4, batch = _v4(), hidden_states.shape[0]
+    cos, sin = indexer.rotary_emb(hidden_states, position_ids=positions[:, None], layer_type=indexer.rope_layer_type)
+    q = indexer.q_b_proj(q_residual).view(batch, 1, -1, indexer.head_dim).transpose(1, 2)
+    q = v4.apply_rotary_pos_emb(q, cos, sin).transpose(1, 2)  # [B, 1, H_I, D_I]
+    scores = indexer.scorer(q, keys.entries, hidden_states)[:, 0]  # I[t, s]: [B, cap]
+    scores = scores.masked_fill(~keys.visible(), float("-inf"))
+    picks = scores.topk(min(indexer.index_topk, scores.shape[-1]), dim=-1).indices
+    return picks, picks < keys.lengths[:, None]
+
+
+class _StaticDecodeAttention:
+    """Mixed into the model's attention class by :func:`install_static_attention`: with a
+    :class:`StaticDecodeState` as the cache, the static step below; with any other cache the class it was mixed
+    into (stock, or :mod:`.batching`'s)."""
+
+    def forward(self, hidden_states, **kwargs):
+        state = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not isinstance(state, StaticDecodeState):
+            return super().forward(hidden_states, **kwargs)
+        v4, layer = _v4(), state.layers[self.layer_idx]
+        embeddings = kwargs["position_embeddings"]
+        cos, sin = embeddings[self.rope_layer_type] if isinstance(embeddings, dict) else embeddings
+        positions, rows = state.positions, state.rows
+        batch = hidden_states.shape[0]  # hidden_states: [B, 1, hidden]
+        # q and the shared K=V: the stock projections, norms and RoPE on the [B, 1] batch
+        q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
+        q = self.q_b_norm(self.q_b_proj(q_residual).view(batch, 1, -1, self.head_dim).transpose(1, 2))
+        q = v4.apply_rotary_pos_emb(q, cos, sin)  # [B, H, 1, D]
+        kv = self.kv_norm(self.kv_proj(hidden_states)).view(batch, 1, 1, self.head_dim)
+        kv = v4.apply_rotary_pos_emb(kv, cos, sin)[:, 0, 0]  # [B, D]
+
+        window = layer.window.shape[1]
+        layer.window[rows, positions % window] = kv  # the ring now holds positions p - W + 1 .. p
+        keys = [layer.window]
+        valid = [torch.arange(window, device=kv.device) <= positions[:, None]]  # slots written so far
+        if self.compressor is not None:
+            layer.compressor.step(self.compressor, hidden_states, positions, rows)  # C^Comp
+            if layer.indexer is not None:  # CSA: the indexer's K^IComp, then its top-k picks of C^Comp
+                layer.indexer.step(self.compressor.indexer, hidden_states, positions, rows)
+                picks, picked = _lightning_indexer(self.compressor.indexer, layer.indexer, hidden_states,
+                                                   q_residual, positions)
+                keys.append(layer.compressor.entries.gather(1, picks[..., None].expand(-1, -1, self.head_dim)))
+                valid.append(picked)
+            else:  # HCA: every emitted entry
+                keys.append(layer.compressor.entries)
+                valid.append(layer.compressor.visible())
+        keys = torch.cat(keys, dim=1)[:, None]  # [B, 1, L, D], L fixed: W + k (CSA), W + cap (HCA), W
+        mask = torch.zeros(keys.shape[:3], dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~torch.cat(valid, dim=1)[:, None], float("-inf"))[:, :, None]  # [B, 1, 1, L]
+        interface = v4.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                             v4.eager_attention_forward)
+        out, _ = interface(self, q, keys, keys, mask, dropout=0.0, scaling=self.scaling,
+                           sliding_window=self.sliding_window, s_aux=self.sinks)  # sinks: in the eager softmax
+        # K=V carries RoPE on its rope slice: undo it at the query position, then the grouped output projection
+        out = v4.apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
+        grouped = self.o_a_proj(out.reshape(batch, 1, self.config.o_groups, -1)).flatten(2)
+        return self.o_b_proj(grouped), None
+
+
+@functools.cache
+def _static_class(base: type) -> type:
+    return type(f"Static{base.__name__}", (_StaticDecodeAttention, base), {})
+
+
+def install_static_attention(model) -> None:
+    """Mix :class:`_StaticDecodeAttention` into every attention block of ``model`` (a subclass swap; idempotent;
+    other caches keep the behaviour of the class it had)."""
+    decoder = model.model if hasattr(model, "model") else model
+    for layer in decoder.layers:
+        attention = layer.self_attn
+        if not isinstance(attention, _StaticDecodeAttention):
+            attention.__class__ = _static_class(type(attention))
+            if hasattr(attention, "_old_forward"):  # accelerate's hook calls the forward bound at load time
+                attention._old_forward = types.MethodType(attention.__class__.forward, attention)
+
+
+def static_step(model, state: StaticDecodeState) -> torch.Tensor:
+    """The step body: one token per row from ``state.tokens`` at ``state.positions``, logits ``[B, vocab]``.
+    Reads and writes only the state's tensors (the CUDA-graph-capturable part)."""
+    out = model(input_ids=state.tokens[:, None], position_ids=state.positions[:, None],
+                attention_mask={"sliding_attention": None},  # taken as prebuilt: no stock mask for our cache
+                use_cache=True, logits_to_keep=1, **{cache_kwarg(): state})
+    return out.logits[:, -1]
+
+
+def decode_step(model, state: StaticDecodeState, tokens, positions) -> torch.Tensor:
+    """Decode ``tokens[r]`` at ``positions[r]`` for every row r at once; returns the logits ``[B, vocab]``.
+
+    Host-side prologue (installs the attention mix-in, checks positions held on the host fit the capacity,
+    copies both into the state's input buffers), then :func:`static_step`. Positions must continue each row
+    (``positions[r]`` = tokens the row has seen); device-resident positions are not checked (no host sync)."""
+    install_static_attention(model)
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= state.geometry.capacity:
+        raise ValueError(f"position {int(positions.max())} is beyond the capacity of {state.geometry.capacity} tokens")
+    state.tokens.copy_(tokens)
+    state.positions.copy_(positions)
+    with torch.no_grad():
+        return static_step(model, state)

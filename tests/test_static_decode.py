@@ -1,0 +1,153 @@
+"""Static-shape batched decode (lsa_runtime.static_decode): B sequences in fixed-size stores give each sequence the
+logits and greedy tokens of the stock transformers model decoding it alone, and the step runs the same operators on
+the same shapes every step, with no host synchronisation. Tiny bundled model, fp32, CPU: rates m = 4 (CSA) and
+m' = 32 (HCA), window 32, index_topk 16."""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache
+
+from lsa_runtime.backbone import cache_kwarg
+from lsa_runtime.static_decode import (
+    StaticDecodeState,
+    decode_step,
+    install_static_attention,
+    static_step,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 3 tokens: no entry yet (the first CSA window closes without an overlap), fewer entries than index_topk all along
+# (masked picks), window ring not yet full, crosses m' = 32 at position 31; 97: more entries than index_topk (the
+# top-k selects), crosses 128; 200: a wrapped ring, crosses 224. All cross ten CSA boundaries in 40 steps.
+LENGTHS = (3, 97, 200)
+STEPS = 40
+CAPACITY = 256
+TOLERANCE = 1e-4  # observed: max |logit difference| about 7e-7 over the 40 steps
+
+
+def _prefill(model, ids):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), use_cache=True, **{cache_kwarg(): cache}).logits[0, -1]
+    return cache, logits
+
+
+def _prompts(lengths, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _stores(state):
+    for i, layer in enumerate(state.layers):
+        for name in ("compressor", "indexer"):
+            if getattr(layer, name) is not None:
+                yield i, name, getattr(layer, name)
+
+
+def test_batched_static_steps_equal_each_sequence_decoded_alone(backbone):
+    """Three prompts of different lengths (positions and compressor phases differ) prefilled by the stock model,
+    then 40 greedy steps together: each step's logits within 1e-4 of the stock model decoding that sequence alone
+    with its DynamicCache, the same greedy tokens; afterwards the stores hold the stock cache's entries."""
+    model, _ = backbone
+    prompts = _prompts(LENGTHS)
+    prefilled = [_prefill(model, ids) for ids in prompts]
+    alone = [_prefill(model, ids)[0] for ids in prompts]  # the reference's own caches
+    state = StaticDecodeState.from_caches(model.config, [c for c, _ in prefilled], CAPACITY)
+    tokens = [int(logits.argmax()) for _, logits in prefilled]
+    positions = list(LENGTHS)
+    worst = 0.0
+    for step in range(STEPS):
+        got = decode_step(model, state, tokens, positions)
+        with torch.no_grad():
+            want = torch.stack([
+                model(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), use_cache=True,
+                      logits_to_keep=1, **{cache_kwarg(): c}).logits[0, -1]
+                for t, p, c in zip(tokens, positions, alone)])
+        worst = max(worst, float((got - want).abs().max()))
+        torch.testing.assert_close(got, want, rtol=TOLERANCE, atol=TOLERANCE,
+                                   msg=lambda m, step=step: f"step {step}: {m}")
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist(), f"step {step}"
+        tokens, positions = want.argmax(-1).tolist(), [p + 1 for p in positions]
+    print(f"static decode vs stock alone: max |logit difference| {worst:.2e} over {STEPS} steps")
+
+    # the state advanced as the stock caches did: entries C^Comp / K^IComp, lengths, window
+    for i, name, store in _stores(state):
+        for row, cache in enumerate(alone):
+            stock = cache.layers[i]
+            n = stock.entry_count[name]
+            assert n == positions[row] // store.rate and int(store.lengths[row]) == n
+            torch.testing.assert_close(store.entries[row, :n], stock.compressed_kv[name][0], rtol=1e-5, atol=1e-5)
+    for row, cache in enumerate(alone):
+        keys = cache.layers[0].keys[0, 0]  # last W - 1 tokens
+        slots = torch.arange(positions[row] - keys.shape[0], positions[row]) % state.geometry.window
+        torch.testing.assert_close(state.layers[0].window[row, slots], keys, rtol=1e-5, atol=1e-5)
+
+
+class _OpTrace(TorchDispatchMode):
+    """Every aten operator a region runs, with its output shapes (what a CUDA graph capture would record)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves(out)
+        self.ops.append((str(func), tuple(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor))))
+        return out
+
+
+# .item() / .tolist() / bool(t) / int(t) all reach _local_scalar_dense; the others have data-dependent shapes
+HOST_SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.item")
+
+
+def _lengths(state, rate):
+    return next(store for _, _, store in _stores(state) if store.rate == rate).lengths.clone()
+
+
+def test_the_step_keeps_its_storage_shapes_and_operators_and_never_syncs(backbone):
+    """Three steps with different rows emitting (first: row 0 closes a CSA and an HCA window at position 31;
+    second: rows 1 and 2 close CSA windows; third: none): every state tensor keeps its storage and shape, the step
+    body runs the identical operator sequence on identical shapes, and none of its operators reads a value back to
+    the host or has a data-dependent shape."""
+    model, _ = backbone
+    lengths = (31, 6, 50)
+    state = StaticDecodeState.from_caches(model.config, [_prefill(model, ids)[0] for ids in _prompts(lengths, 9)],
+                                          CAPACITY)
+    install_static_attention(model)
+    before = {name: (t.data_ptr(), t.shape) for name, t in state.tensors().items()}
+    emitted, traces = [], []
+    for step in range(3):
+        state.tokens.copy_(torch.tensor([5, 6, 7]))
+        state.positions.copy_(torch.tensor(lengths) + step)
+        csa, hca = _lengths(state, 4), _lengths(state, 32)
+        with _OpTrace() as trace, torch.no_grad():
+            static_step(model, state)
+        traces.append(trace.ops)
+        emitted.append(((_lengths(state, 4) - csa).tolist(), (_lengths(state, 32) - hca).tolist()))
+    # the traced steps do emit in different rows (else this test would show nothing)
+    assert emitted == [([1, 0, 0], [1, 0, 0]), ([0, 1, 1], [0, 0, 0]), ([0, 0, 0], [0, 0, 0])]
+    assert {name: (t.data_ptr(), t.shape) for name, t in state.tensors().items()} == before
+    assert traces[0] == traces[1] == traces[2]
+    counts = collections.Counter(op for op, _ in traces[0])
+    assert not [op for op in counts if op.startswith(HOST_SYNC_OPS)], counts
+    assert counts["aten.index_put_.default"] > 0 and counts["aten.topk.default"] > 0  # traced the static path
+
+
+def test_capacity_and_foreign_caches_are_refused(backbone):
+    model, _ = backbone
+    cache, _ = _prefill(model, _prompts((40,))[0])
+    with pytest.raises(ValueError, match="no room"):
+        StaticDecodeState.from_caches(model.config, [cache], capacity=40)
+    state = StaticDecodeState.from_caches(model.config, [cache], capacity=41)
+    with pytest.raises(ValueError, match="beyond the capacity"):
+        decode_step(model, state, [5], [41])
+    two = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6], [7, 8]]), use_cache=True, **{cache_kwarg(): two})
+    with pytest.raises(ValueError, match="batch 1"):
+        state.load_row(0, two)
