@@ -151,3 +151,53 @@ def test_capacity_and_foreign_caches_are_refused(backbone):
         model(input_ids=torch.tensor([[5, 6], [7, 8]]), use_cache=True, **{cache_kwarg(): two})
     with pytest.raises(ValueError, match="batch 1"):
         state.load_row(0, two)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_whole_step_replays_as_one_cuda_graph(dtype):
+    """On a GPU the whole model step over the static state is captured once and replayed: 24 replayed steps give
+    the logits of the same static step run eagerly on a twin state, bit for bit (same kernels, same operands); the
+    eager static step itself is checked against the stock model by the CPU test above."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from lsa_runtime.backbone import load_backbone
+
+    model, _ = load_backbone("tiny", dtype=dtype, device="cuda")
+    prompts = _prompts(LENGTHS)
+    caches = [_prefill_on(model, ids) for ids in prompts]
+    graphed = StaticDecodeState.from_caches(model.config, [c for c, _ in caches], CAPACITY, dtype, "cuda")
+    twin = StaticDecodeState.from_caches(model.config, [c for c, _ in caches], CAPACITY, dtype, "cuda")
+    install_static_attention(model)
+    tokens = torch.stack([logits.argmax() for _, logits in caches])
+    positions = torch.tensor(LENGTHS, device="cuda")
+    saved = {name: t.clone() for name, t in graphed.tensors().items()}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # warm-up outside capture (lazy inits, cuBLAS workspaces); it advances the state
+            static_step(model, graphed)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = static_step(model, graphed)
+    for name, t in graphed.tensors().items():  # undo the warm-up: the replays start from the prefilled state
+        t.copy_(saved[name])
+    for step in range(24):
+        for state in (graphed, twin):
+            state.tokens.copy_(tokens)
+            state.positions.copy_(positions)
+        graph.replay()
+        with torch.no_grad():
+            eager = static_step(model, twin)
+        assert torch.equal(out, eager), f"step {step}: replay differs from the eager static step"
+        tokens, positions = eager.argmax(-1), positions + 1
+    print(f"whole-step CUDA graph, {dtype}: 24 replays equal the eager static step")
+
+
+def _prefill_on(model, ids):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True,
+                       **{cache_kwarg(): cache}).logits[0, -1]
+    return cache, logits
