@@ -1,0 +1,144 @@
+"""The static-shape batched decode step (``lsa_runtime/static_decode.py``) at DeepSeek-V4-Flash dimensions: step time
+and aggregate tokens/s vs batch size, eager and as one CUDA graph per batch size.
+
+    python bench/bench_static.py [--contexts 131072,524288] [--batches 1,4,16] [--steps 24] [--json out.json]
+
+The backbone is ``bench/flash_model.py`` (V4-Flash attention and KV layout, shrunk MoE, random bf16). Each of the B
+rows of one ``StaticDecodeState`` is filled synthetically as after ``context`` tokens (window ring, context/4 CSA
+entries of C^Comp and K^IComp, context/128 HCA entries, open compression windows and CSA overlaps), then greedy
+decode steps run: ``static_step`` eagerly, and the same step captured once as a CUDA graph and replayed (GPU).
+Full semantics: every entry is on the device and the native top-k chooses among all of them, as ``bench_batch.py
+--modes all`` (issue 18's honest full decoder, per-sequence caches); compare the two tables. Reported per context
+and B: median step ms (eager, graph), aggregate tokens/s of the graph (eager on a CPU), the state's device bytes per
+row. ``--small``: a 12-layer small-width model, for a CPU smoke test (eager only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_decode import small_config  # noqa: E402
+from bench.flash_model import flash_config  # noqa: E402
+from lsa_runtime.static_decode import StaticDecodeState, install_static_attention, static_step  # noqa: E402
+
+
+def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
+    """Every row as after ``context`` tokens: random contents (finite gates), the lengths and positions exact."""
+    def randn_(t):
+        t.copy_(torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(t.dtype))
+
+    for layer in state.layers:
+        randn_(layer.window)
+        for store in (layer.compressor, layer.indexer):
+            if store is None:
+                continue
+            for name, t in store.tensors().items():
+                if name != "lengths":
+                    randn_(t)
+            store.lengths.fill_(context // store.rate)
+    state.positions.fill_(context)
+    state.tokens.fill_(5)
+
+
+def state_bytes(state: StaticDecodeState) -> int:
+    return sum(t.numel() * t.element_size() for t in state.tensors().values())
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(run, state, steps: int, device: str) -> list[float]:
+    """Step times (ms, host clock, synchronised); the positions advance as decoding would."""
+    out = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        out.append((time.perf_counter() - start) * 1e3)
+        state.positions.add_(1)
+    return out
+
+
+def run_batch(model, config, context: int, batch: int, args, device: str, dtype) -> dict:
+    capacity = context + 2 * args.steps + 8
+    state = StaticDecodeState(config, batch, capacity, dtype, device)
+    fill(state, context, torch.Generator(device=device).manual_seed(context + batch))
+    row = {"context": context, "batch": batch, "state_bytes_per_row": state_bytes(state) // batch}
+    with torch.no_grad():
+        eager = time_steps(lambda: static_step(model, state), state, args.steps, device)
+        row["eager_step_ms"] = eager
+        row["eager_median_ms"] = sorted(eager[2:])[len(eager[2:]) // 2]
+        if device == "cuda" and not args.no_graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                static_step(model, state)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_step(model, state)
+            replay = time_steps(graph.replay, state, args.steps, device)
+            row["graph_step_ms"] = replay
+            row["graph_median_ms"] = sorted(replay[1:])[len(replay[1:]) // 2]
+            del graph
+    best = row.get("graph_median_ms", row["eager_median_ms"])
+    row["tokens_per_s"] = batch * 1e3 / best
+    return row  # the state is freed here; the caller empties the CUDA cache
+
+
+def main() -> None:
+    from transformers import DeepseekV4ForCausalLM
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="131072,524288")
+    ap.add_argument("--batches", default="1,4,16", help="batch sizes (rows of one static state)")
+    ap.add_argument("--steps", type=int, default=24, help="timed steps per run, eager and replayed")
+    ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
+    ap.add_argument("--no-graph", action="store_true", help="eager steps only")
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.steps < 4:
+        print("error: --steps must be at least 4", file=sys.stderr)
+        sys.exit(2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = small_config() if args.small else flash_config()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DeepseekV4ForCausalLM(config)
+    model = model.to(dtype).eval()
+    install_static_attention(model)
+    rows, began = [], time.perf_counter()
+    print(f"{'context':>9} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'tok/s':>8} {'state/row MiB':>14}", flush=True)
+    for context in (int(c) for c in args.contexts.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            if args.max_seconds and time.perf_counter() - began > args.max_seconds:
+                print(f"stopped at {args.max_seconds:g} s (--max-seconds)", flush=True)
+                break
+            row = run_batch(model, config, context, batch, args, device, dtype)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            graph = f"{row['graph_median_ms']:9.2f}" if "graph_median_ms" in row else f"{'-':>9}"
+            print(f"{context:>9,} {batch:>3} {row['eager_median_ms']:9.2f} {graph} {row['tokens_per_s']:8.1f} "
+                  f"{row['state_bytes_per_row'] / 2**20:14.1f}", flush=True)
+            if args.json:
+                env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda"
+                       else "cpu", "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+                Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
