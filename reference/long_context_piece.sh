@@ -13,6 +13,8 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 MIX=niah_single=0.3,niah_multikey=0.15,niah_multivalue=0.2,niah_multiquery=0.15,vt=0.2
 W=/root/fmref3
+# the files reference.export writes (and `stage` replaces); the card and training_results.json are not among them
+STAGED="data/reference/model.safetensors data/reference/config.json data/reference/generation_config.json data/reference/fm_index.json"
 # one sequence per micro-batch at 32K and 64K (activation checkpointing: 55 GiB at 32K), eight at 4K
 COMMON="--resume --reset-step --checkpointing --attention window --steps 100000 --batch-tokens 65536 \
   --micro-tokens 32768 --lr 1e-3 --code-frac 0.2 --mix $MIX --ckpt-dtype bfloat16 --log-every 1"
@@ -32,5 +34,14 @@ case "${1:-}" in
       --out $OUT/eval_candidate.json > $OUT/eval.log 2>&1
     python3 -m reference.compare_evals $OUT/eval_candidate.json | tee $OUT/verdict.txt
     cp $W/ckpt2/weights-*.safetensors $W/ckpt2/state.json $OUT/ ;;
-  *) echo "usage: bash reference/long_context_piece.sh train|finish"; exit 2 ;;
+  stage)  # here, before the device calls: a candidate to continue travels as data/reference's weights
+    ckpt=${2:-}
+    test -f "$ckpt/state.json" || { echo "stage: ${ckpt:-(none)} is not a training checkpoint (no state.json)"; exit 2; }
+    git diff --quiet -- $STAGED || { echo "stage: data/reference's weights or config have local changes; commit or restore them first"; exit 2; }
+    ${PYTHON:-python3} -m reference.export --ckpt "$ckpt" --out data/reference --note "STAGED candidate $ckpt for a device call: \
+run 'bash reference/long_context_piece.sh unstage' after it" >/dev/null &&
+    echo "staged $ckpt as data/reference (the tree's size is unchanged); unstage right after the device calls" ;;
+  unstage)  # here, after the device calls: the committed reference back (git holds it)
+    git checkout -- $STAGED && git diff --quiet -- $STAGED && echo "data/reference's weights and config restored from git" ;;
+  *) echo "usage: bash reference/long_context_piece.sh train|finish (device) | stage CKPT|unstage (here)"; exit 2 ;;
 esac
