@@ -22,14 +22,38 @@ and never the dense sliding-window mask. Padding masks are not supported (the re
 The returned attention weights are not the eager [B, heads, S, S + T] probabilities: when gradients are enabled
 (training, where the Lightning-Indexer distillation reads them) they are the probability mass on each compressed
 entry summed over heads, [B, 1, S, T] fp32, detached; otherwise None. ``distillation.py`` reads either form.
+
+Lightning Indexer: transformers' indexer scores every query against every compressed entry before its top-k,
+I[t, s] = sum_h w[t, h] ReLU(q[t, h] . K[s]) as [B, S, index heads, T] fp32 blocks (several of them live at once,
+and saved for the backward pass), which is what made a 64K sequence run out of memory (16 heads x 64K x 16K x 4
+bytes = 64 GiB per block). ``use_window_attention`` also switches every CSA layer's indexer to
+:class:`ChunkedIndexer` (the same module, its class swapped, so weights and hooks stay): the same picks, computed
+in query chunks of at most ``CHUNK_BYTES`` per score block without gradient (the top-k is not differentiable), and,
+when gradients are enabled, I[t, s] with gradient at the picks only ([B, S, k], computed by :class:`PickScorer`,
+whose forward hook the distillation reads). The open entries of the block bias are also read in query chunks here.
+``CHUNK_BYTES`` sets the chunk length from the sizes of each call (nothing to tune); tests lower it to force
+chunking.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+    DeepseekV4Indexer,
+    DeepseekV4IndexerScorer,
+    apply_rotary_pos_emb,
+)
 
 NAME = "fm_window_sparse"
+# Bytes of one query chunk's fp32 score block ([B, chunk, index heads, T] in the indexer, [B, chunk, T] for the
+# block bias); the chunk length follows from the call's sizes. A few such blocks are alive at once.
+CHUNK_BYTES = 1 << 30
+
+
+def query_chunk(seq: int, bytes_per_query: int) -> int:
+    """Queries per chunk: as many as keep ``bytes_per_query`` x chunk within ``CHUNK_BYTES`` (1 to ``seq``)."""
+    return max(1, min(seq, CHUNK_BYTES // max(1, bytes_per_query)))
 
 
 def empty_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, device="cpu", **kwargs):
@@ -90,11 +114,17 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
     gathered, idx, n_sel = None, None, 0
     if n_comp:
         cbias = bias[..., -n_comp:]
-        open_ = torch.isfinite(cbias)  # [B, S, T]
-        n_sel = int(open_.sum(-1).max()) if seq else 0
+        # The open entries per query, read in query chunks: no [B, S, T] copy of the bias (bool or fp32).
+        step = query_chunk(seq, batch * n_comp * 4)
+        starts = range(0, seq, step)
+        counts = [torch.isfinite(cbias[:, t:t + step]).sum(-1).max() for t in starts]
+        n_sel = int(torch.stack(counts).max()) if counts else 0
         if n_sel and 4 * n_sel < n_comp:
-            top = torch.topk(cbias.float(), n_sel, dim=-1)
-            idx, sel_open = top.indices, torch.isfinite(top.values)  # [B, S, k]
+            idx = torch.empty(batch, seq, n_sel, dtype=torch.long, device=query.device)
+            sel_open = torch.empty(batch, seq, n_sel, dtype=torch.bool, device=query.device)
+            for t in starts:
+                top = torch.topk(cbias[:, t:t + step].float(), n_sel, dim=-1)
+                idx[:, t:t + step], sel_open[:, t:t + step] = top.indices, torch.isfinite(top.values)  # [B, c, k]
             gathered = comp[torch.arange(batch, device=comp.device).view(batch, 1, 1), idx]  # [B, S, k, D]
             scores_c = torch.einsum("bhsd,bskd->bhsk", query, gathered).float() * scaling
             scores_c = scores_c.masked_fill(~sel_open.unsqueeze(1), float("-inf"))
@@ -110,27 +140,135 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
     logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = F.softmax(logits, dim=-1)
     p_w = probs[..., :2 * window].to(kv.dtype).view(batch, heads, n_blocks, window, 2 * window)
-    out = torch.matmul(p_w, blocks.transpose(-1, -2).unsqueeze(1)).view(batch, heads, padded, dim)
+    out = torch.matmul(p_w, blocks.transpose(-1, -2).unsqueeze(1)).view(batch, heads, padded, dim)[:, :, :seq]
     mass = None
     if n_sel:
-        p_c = probs[..., 2 * window:2 * window + n_sel]
+        p_c = probs[:, :, :seq, 2 * window:2 * window + n_sel]  # the padded query rows dropped
         if gathered is not None:
-            gathered_p = F.pad(gathered, (0, 0, 0, 0, 0, padded - seq))  # rows of the padded queries
-            out = out + torch.einsum("bhsk,bskd->bhsd", p_c.to(kv.dtype), gathered_p)
+            out = out + torch.einsum("bhsk,bskd->bhsd", p_c.to(kv.dtype), gathered)
         else:
             out = out + torch.matmul(p_c.to(kv.dtype), comp.unsqueeze(1))
         if torch.is_grad_enabled():
             with torch.no_grad():
-                summed = p_c[:, :, :seq].sum(1)  # [B, S, k or T]
-                if gathered is not None:
-                    dense = summed.new_zeros(batch, seq, n_comp + 1)
-                    dense.scatter_(-1, torch.where(sel_open, idx, n_comp), summed)
-                    summed = dense[..., :n_comp]
+                summed = p_c.sum(1)  # [B, S, k or T]
+                if gathered is not None:  # top-k indices are distinct, and closed picks carry probability 0
+                    summed = summed.new_zeros(batch, seq, n_comp).scatter_(-1, idx, summed)
                 mass = summed.unsqueeze(1)
     elif n_comp and torch.is_grad_enabled():
         mass = query.new_zeros(batch, 1, seq, n_comp, dtype=torch.float32)
-    out = out[:, :, :seq].to(query.dtype)
+    out = out.to(query.dtype)
     return out.transpose(1, 2).contiguous(), mass
+
+
+class PickScorer(DeepseekV4IndexerScorer):
+    """transformers' indexer scorer (same weights); given ``picks`` [B, S, k] (-1 = none) it returns
+    I[t, s] = sum_h w[t, h] ReLU(q[t, h] . K[s]) only at each query's picked entries: [B, S, k], column j for
+    ``picks[..., j]`` (any value where the pick is -1). Memory S x k x (index_head_dim + heads) instead of
+    S x heads x T; this is the form, with gradient, that the distillation reads through this module's hook."""
+
+    def forward(self, q: torch.Tensor, compressed_kv: torch.Tensor, hidden_states: torch.Tensor,
+                picks: torch.Tensor | None = None) -> torch.Tensor:
+        if picks is None:
+            return super().forward(q, compressed_kv, hidden_states)  # [B, S, T], every entry
+        batch = q.shape[0]
+        rows = torch.arange(batch, device=q.device).view(batch, 1, 1)
+        keys = compressed_kv[rows, picks.clamp_min(0)].float()  # K[s] of the picks: [B, S, k, D]
+        scores = torch.matmul(q.float(), keys.transpose(-1, -2))  # q[t, h] . K[s]: [B, S, H, k]
+        scores = F.relu(scores) * self.softmax_scale
+        weights = self.weights_proj(hidden_states).float() * self.weights_scaling  # w[t, h]: [B, S, H]
+        return (scores * weights.unsqueeze(-1)).sum(dim=2)
+
+
+class ChunkedIndexer(DeepseekV4Indexer):
+    """transformers' Lightning Indexer with the same picks and no [S, T]-sized tensor.
+
+    The compressed index keys K[s] and the queries q[t, h] are computed as transformers does (the cache handled
+    the same way, for chunked prefill and decoding); the scores I[t, s] and their top-k run in query chunks
+    without gradient (at most ``CHUNK_BYTES`` per [B, chunk, heads, T] block); with gradients enabled the scorer is
+    then called once more with the picks (:class:`PickScorer`), so a hook on it sees I[t, s] at the picks with
+    gradient (the distillation's only use of the scores). Returns the picks [B, S, k], -1 = not causally visible."""
+
+    def forward(self, hidden_states: torch.Tensor, q_residual: torch.Tensor, position_ids: torch.Tensor,
+                cache=None, layer_idx: int | None = None) -> torch.LongTensor:
+        batch, seq_len, _ = hidden_states.shape
+        keys = self._compressed_keys(hidden_states, cache, layer_idx)  # [B, T, D]
+        cos_q, sin_q = self.rotary_emb(hidden_states, position_ids=position_ids, layer_type=self.rope_layer_type)
+        q = self.q_b_proj(q_residual).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        q = apply_rotary_pos_emb(q, cos_q, sin_q).transpose(1, 2)  # [B, S, H, D]
+        picks = self._top_k(q, keys, hidden_states, position_ids)
+        if torch.is_grad_enabled():
+            self.scorer(q, keys, hidden_states, picks=picks)  # for the hooks only: I[t, s] at the picks
+        return picks
+
+    def _compressed_keys(self, hidden_states: torch.Tensor, cache, layer_idx: int | None) -> torch.Tensor:
+        """K[s]: transformers' DeepseekV4Indexer.forward up to its scorer (overlapping Ca / Cb windows of
+        ``compress_rate`` tokens, softmax-gated, RMS-normed, RoPE at the window's position; cache states kept)."""
+        batch = hidden_states.shape[0]
+        cache_layer = cache.layers[layer_idx] if cache is not None else None
+        kv = self.kv_proj(hidden_states)
+        gate = self.gate_proj(hidden_states)
+        if cache_layer is None:
+            usable = (kv.shape[1] // self.compress_rate) * self.compress_rate
+            chunk_kv, chunk_gate, first_window_position = kv[:, :usable], gate[:, :usable], 0
+        else:
+            chunk_kv, chunk_gate, first_window_position = cache_layer.store_compression_weights("indexer", kv, gate)
+        if chunk_kv.shape[1] > 0:
+            n_windows = chunk_kv.shape[1] // self.compress_rate
+            ratio = self.compress_rate
+            chunk_kv = chunk_kv.view(batch, n_windows, ratio, -1)
+            chunk_gate = chunk_gate.view(batch, n_windows, ratio, -1) + self.position_bias
+            new_kv = chunk_kv.new_zeros((batch, n_windows, 2 * ratio, self.head_dim))
+            new_gate = chunk_gate.new_full((batch, n_windows, 2 * ratio, self.head_dim), float("-inf"))
+            new_kv[:, :, ratio:] = chunk_kv[..., self.head_dim:]
+            new_gate[:, :, ratio:] = chunk_gate[..., self.head_dim:]
+            if n_windows > 1:
+                new_kv[:, 1:, :ratio] = chunk_kv[:, :-1, :, :self.head_dim]
+                new_gate[:, 1:, :ratio] = chunk_gate[:, :-1, :, :self.head_dim]
+            if cache_layer is not None:
+                prior_kv, prior_gate = cache_layer.update_overlap_state("indexer", chunk_kv, chunk_gate, self.head_dim)
+                if prior_kv is not None:
+                    new_kv[:, 0, :ratio] = prior_kv.to(new_kv.dtype)
+                    new_gate[:, 0, :ratio] = prior_gate.to(new_gate.dtype)
+            compressed = self.kv_norm(
+                (new_kv * new_gate.softmax(dim=2, dtype=torch.float32).to(new_kv.dtype)).sum(dim=2))
+            positions = torch.arange(n_windows, device=compressed.device)
+            positions = (positions * self.compress_rate + first_window_position).unsqueeze(0).expand(batch, -1)
+            cos, sin = self.rotary_emb(compressed, position_ids=positions, layer_type=self.rope_layer_type)
+            compressed = apply_rotary_pos_emb(compressed.unsqueeze(1), cos, sin).squeeze(1)
+        else:
+            compressed = chunk_kv.new_zeros((batch, 0, self.head_dim))
+        return compressed if cache_layer is None else cache_layer.update_compressor_states("indexer", compressed)
+
+    @torch.no_grad()
+    def _top_k(self, q: torch.Tensor, keys: torch.Tensor, hidden_states: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.LongTensor:
+        """transformers' selection per query chunk: I[t, s] over every entry (its own scorer code), -inf where
+        s >= (t + 1) // m (not yet compressed), top ``index_topk``; picks past that limit become -1."""
+        batch, seq_len = q.shape[:2]
+        n_entries = keys.shape[1]
+        top_k = min(self.index_topk, n_entries)
+        picks = torch.full((batch, seq_len, top_k), -1, dtype=torch.long, device=q.device)
+        if top_k == 0:
+            return picks
+        limit = ((position_ids + 1) // self.compress_rate).unsqueeze(-1)  # [B or 1, S, 1]
+        entries = torch.arange(n_entries, device=q.device)
+        step = query_chunk(seq_len, batch * self.num_heads * n_entries * 4)
+        for t in range(0, seq_len, step):
+            scores = DeepseekV4IndexerScorer.forward(self.scorer, q[:, t:t + step], keys,
+                                                     hidden_states[:, t:t + step])  # I[t, s]: [B, c, T]
+            lim = limit[:, t:t + step]
+            top = scores.masked_fill(entries >= lim, float("-inf")).topk(top_k, dim=-1).indices
+            picks[:, t:t + step] = torch.where(top >= lim, -1, top)
+        return picks
+
+
+def set_chunked_indexers(model, chunked: bool) -> None:
+    """Swap the class of every Lightning Indexer (and its scorer) between transformers' and the chunked one; the
+    modules themselves, their weights and any hooks on them stay."""
+    for module in model.modules():
+        if isinstance(module, DeepseekV4Indexer):
+            module.__class__ = ChunkedIndexer if chunked else DeepseekV4Indexer
+            module.scorer.__class__ = PickScorer if chunked else DeepseekV4IndexerScorer
 
 
 def register() -> None:
@@ -142,13 +280,17 @@ def register() -> None:
 
 
 def use_window_attention(model) -> None:
-    """Switch ``model`` (a DeepseekV4ForCausalLM) to :func:`window_sparse_attention`."""
+    """Switch ``model`` (a DeepseekV4ForCausalLM) to :func:`window_sparse_attention` and its indexers to
+    :class:`ChunkedIndexer`."""
     register()
     model.config._attn_implementation = NAME
+    set_chunked_indexers(model, chunked=True)
 
 
 def use_eager_attention(model) -> None:
+    """transformers' own attention and indexers (the numerical reference)."""
     model.config._attn_implementation = "eager"
+    set_chunked_indexers(model, chunked=False)
 
 
 def set_attention(model, name: str) -> None:

@@ -10,10 +10,14 @@ x_t and the shared low-rank query) are detached, so the indexer learns only from
 model only from its own (the native top-k is not differentiable).
 
 Hooks: a forward pre-hook on ``self_attn.compressor.indexer`` (detach inputs), a forward hook on it (the
-top-k picks, -1 = invalid), on ``...indexer.scorer`` (raw logits [B, S, T] with grad) and on ``self_attn``
+top-k picks, -1 = invalid), on ``...indexer.scorer`` (raw logits with grad) and on ``self_attn``
 (``DeepseekV4Attention.forward`` returns ``(output, attn_weights)``; the compressed entries are the last T
 columns of attn_weights: [B, H, S, S + T] from the eager attention, [B, 1, S, T] head-summed from
-``attention.py``).
+``attention.py``). The scorer's logits come in one of two forms: transformers' indexer scores every entry,
+I[t, s] as [B, S, T]; ``attention.py``'s ``ChunkedIndexer`` (installed with the window attention) calls its
+scorer with ``picks=`` and gets I[t, s] only at the picks, [B, S, k]. The KL is a softmax over the picks, so it
+needs nothing else, and no [S, S/4] tensor per CSA layer is kept until :meth:`pop_loss` (at 64K tokens that was
+4 GiB of fp32 logits per layer, plus their [S, S/4] gradients during the backward pass).
 
 Activation checkpointing: a checkpointed decoder layer runs its forward again during the backward pass, and
 these hooks fire again there. Only hook calls made while the model's own forward runs are collected (a
@@ -47,7 +51,7 @@ class IndexerDistillation:
             if detach_inputs:  # also during a checkpoint replay, so the replay builds the same graph
                 self._handles.append(indexer.register_forward_pre_hook(_detach_tensor_args, with_kwargs=True))
             self._handles.append(indexer.register_forward_hook(self._keep_picks(i)))
-            self._handles.append(indexer.scorer.register_forward_hook(self._keep_logits(i)))
+            self._handles.append(indexer.scorer.register_forward_hook(self._keep_logits(i), with_kwargs=True))
             self._handles.append(attn.register_forward_hook(self._distill(i)))
 
     @property
@@ -86,9 +90,11 @@ class IndexerDistillation:
         self._logits, self._picks = {}, {}
 
     def _keep_logits(self, i):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if self._collecting():
-                self._logits[i] = output  # [B, S, T] fp32, with grad
+                # (logits with grad, whether they are at the picks [B, S, k] rather than [B, S, T], T)
+                compressed_kv = args[1] if len(args) > 1 else kwargs["compressed_kv"]
+                self._logits[i] = (output, kwargs.get("picks") is not None, compressed_kv.shape[-2])
         return hook
 
     def _keep_picks(self, i):
@@ -101,8 +107,9 @@ class IndexerDistillation:
         def hook(module, args, output):
             if not self._collecting() or i not in self._logits or output[1] is None:
                 return  # (attention.py returns no weights without autograd: nothing to train then)
-            logits, picks = self._logits.pop(i), self._picks.pop(i)
-            self._entries[i] = (logits, *kl_target(picks, output[1], logits.shape[-1]))
+            (logits, at_picks, n_entries), picks = self._logits.pop(i), self._picks.pop(i)
+            index, valid, target, rows = kl_target(picks, output[1], n_entries)
+            self._entries[i] = (logits, None if at_picks else index, valid, target, rows)
         return hook
 
 
@@ -122,20 +129,24 @@ def kl_target(picks: torch.Tensor, attn_weights: torch.Tensor, n_entries: int):
     index = torch.where(valid, picks, torch.zeros_like(picks))
     if n_entries == 0 or picks.shape[-1] == 0:
         return index, valid, torch.zeros(picks.shape, device=picks.device), valid.any(-1)
-    mass = attn_weights[..., -n_entries:].float().sum(dim=1)  # [B, S, T]
-    mass = mass.gather(-1, index) * valid
+    mass = attn_weights[..., -n_entries:]
+    # head-summed already (attention.py): no [B, S, T] copy, the gather reads it in place
+    mass = mass[:, 0] if mass.shape[1] == 1 else mass.float().sum(dim=1)  # [B, S, T]
+    mass = mass.gather(-1, index).float() * valid
     total = mass.sum(-1, keepdim=True)
     rows = (total.squeeze(-1) > 0) & valid.any(-1)
     return index, valid, mass / total.clamp_min(1e-30), rows
 
 
-def kl_at_picks(logits: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+def kl_at_picks(logits: torch.Tensor, index: torch.Tensor | None, valid: torch.Tensor, target: torch.Tensor,
                 rows: torch.Tensor) -> torch.Tensor:
-    """KL(p || softmax(I over the picks)) averaged over ``rows``; differentiable in ``logits`` [B, S, T]."""
-    if logits.shape[-1] == 0 or index.shape[-1] == 0:
+    """KL(p || softmax(I over the picks)) averaged over ``rows``; differentiable in ``logits``: I[t, s] over every
+    entry [B, S, T], read at ``index`` [B, S, k], or (``index`` None) already at the picks [B, S, k]."""
+    if logits.shape[-1] == 0 or valid.shape[-1] == 0:
         return logits.sum() * 0.0
+    at_picks = logits.float() if index is None else logits.float().gather(-1, index)  # I[t, s] of the picks
     # A large finite fill (not -inf) keeps rows with no selected entry finite in the backward pass.
-    log_q = F.log_softmax(logits.float().gather(-1, index).masked_fill(~valid, -1e9), dim=-1)
+    log_q = F.log_softmax(at_picks.masked_fill(~valid, -1e9), dim=-1)
     log_target = torch.where(target > 0, target.clamp_min(1e-30).log(), torch.zeros_like(target))
     kl = torch.where(target > 0, target * (log_target - log_q), torch.zeros_like(log_q)).sum(-1)  # [B, S]
     return (kl * rows).sum() / rows.sum().clamp_min(1)

@@ -19,8 +19,11 @@ optimizer the Adam moments restart (with a short re-warm-up). ``--max-minutes`` 
 ``--decay-minutes`` decays the lr linearly to 10% over the last minutes of that budget.
 
 Long sequences (16K-64K tokens): ``--attention window`` (the default) computes the model's exact attention
-without the dense [S, S + S/4] score matrix (``attention.py``), and ``--checkpointing`` recomputes each decoder
-layer in the backward pass (activation checkpointing), so one 32K sequence fits a micro-batch.
+without the dense [S, S + S/4] score matrix and runs the Lightning Indexer in query chunks, its scores I[t, s]
+kept with gradient only at the top-k picks, which is all the distillation KL reads (``attention.py``,
+``distillation.py``); ``--checkpointing`` recomputes each decoder layer in the backward pass (activation
+checkpointing). Memory then grows about linearly with the sequence length: the only [S, S/4]-sized tensors left
+are one CSA layer's block bias and attention mass at a time, and one 64K sequence fits a micro-batch.
 ``--max-positions`` raises ``max_position_embeddings`` of a warm-started model (plain RoPE: nothing else
 changes), so evaluation prompts of 64K tokens and more are within the config's range.
 

@@ -452,3 +452,122 @@ def test_card_states_the_chunked_prefill_check():
         one_pass = long["results"]["topk64"][key]["hits"][:row["n"]]
         assert row["hits"] == one_pass and row["chunked_prefill"] == 4096
         assert f"{row['hits']} {row['task']}" in card
+
+
+def _chunk_spy(monkeypatch, chunk_bytes: int) -> list:
+    """Lower attention.CHUNK_BYTES and record every (queries, chunk length) that attention.py chooses."""
+    from reference import attention
+
+    monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
+    seen, choose = [], attention.query_chunk
+
+    def spy(seq, bytes_per_query):
+        step = choose(seq, bytes_per_query)
+        seen.append((seq, step))
+        return step
+
+    monkeypatch.setattr(attention, "query_chunk", spy)
+    return seen
+
+
+@pytest.mark.parametrize("topk", [4, 1000])  # native sparse top-k; the dense warm-up (every entry)
+def test_chunked_indexer_gives_transformers_picks_and_scores(monkeypatch, topk):
+    """ChunkedIndexer (query chunks of 5 rows) picks exactly what transformers' Lightning Indexer picks, in one
+    pass and in a chunked prefill through the DynamicCache, and PickScorer's I[t, s] at the picks equals
+    transformers' scorer's [B, S, T] scores read at those picks (fp32)."""
+    from transformers import DynamicCache
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Indexer
+
+    from reference.attention import ChunkedIndexer, set_chunked_indexers
+
+    model = _toy_model(seed=4)
+    config = model.config
+    indexer = model.model.layers[2].self_attn.compressor.indexer
+    indexer.index_topk = topk
+    B, S, H = 2, 150, config.index_n_heads
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(B, S, config.hidden_size, generator=gen)
+    q_res = torch.randn(B, S, config.q_lora_rank, generator=gen)
+    positions = torch.arange(S).expand(B, S)
+    T = S // 4
+    seen = _chunk_spy(monkeypatch, 5 * B * H * T * 4)  # 5 queries per chunk in one pass
+
+    def run(chunked: bool, cache_chunks=None):
+        set_chunked_indexers(model, chunked)
+        assert isinstance(indexer, ChunkedIndexer) == chunked and isinstance(indexer, DeepseekV4Indexer)
+        scores = []
+        hook = indexer.scorer.register_forward_hook(lambda m, a, k, o: scores.append((o, k.get("picks"))),
+                                                    with_kwargs=True)
+        try:
+            if cache_chunks is None:
+                return indexer(hidden, q_res, positions, None, 2), scores
+            cache, picks = DynamicCache(config=config), []
+            for a, b in cache_chunks:
+                picks.append(indexer(hidden[:, a:b], q_res[:, a:b], positions[:, a:b], cache, 2))
+            return picks, scores
+        finally:
+            hook.remove()
+
+    with torch.no_grad():
+        ref_picks, ref_scores = run(False)
+        picks, at_picks = run(True)
+    assert torch.equal(picks, ref_picks) and (picks >= 0).any() and (picks < 0).any()
+    assert at_picks == []  # without gradients the scorer is not called for the picks
+    assert any(step < seq for seq, step in seen)  # the scores really ran in chunks
+    (full, _), = ref_scores
+    with torch.enable_grad():
+        picks_g, scores = run(True)
+    (logits, given), = scores
+    assert given is picks_g and torch.equal(picks_g, ref_picks) and logits.requires_grad
+    valid = picks_g >= 0
+    expected = full.gather(-1, picks_g.clamp_min(0))
+    assert logits.shape == picks_g.shape
+    assert torch.allclose(logits[valid], expected[valid], rtol=1e-5, atol=1e-6 * float(full.abs().max()))
+    # Chunked prefill (45 + 60 + 45 tokens, the cache keeps the windows' tails and the overlap state).
+    bounds = [(0, 45), (45, 105), (105, 150)]
+    with torch.no_grad():
+        ref_steps, _ = run(False, bounds)
+        steps, _ = run(True, bounds)
+    for ref, got in zip(ref_steps, steps):
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("topk", [4, 1000])  # native sparse top-k; the dense warm-up (every entry)
+def test_chunked_indexer_keeps_loss_distillation_and_gradients(monkeypatch, checkpointing, topk):
+    """One training forward/backward with the window attention: transformers' indexer (I[t, s] over every entry,
+    [B, S, T] logits kept for the distillation) against ChunkedIndexer with query chunks of 8 rows (logits kept
+    only at the picks) and the block bias read in chunks, with and without activation checkpointing: the same
+    loss, the same per-layer distillation KL and the same gradients, to fp32 round-off."""
+    from reference.attention import set_attention, set_chunked_indexers
+    from reference.distillation import IndexerDistillation
+    from reference.model_config import csa_layer_indices
+    from reference.train import enable_checkpointing
+
+    model = _toy_model(seed=8).train()
+    set_attention(model, "window")
+    distill = IndexerDistillation(model, csa_layer_indices(model.config))
+    distill.set_topk(model, topk)
+    B, S = 2, 157
+    T, H = S // 4, model.config.index_n_heads
+    k = min(topk, T)
+    ids = torch.randint(3, 256, (B, S), generator=torch.Generator().manual_seed(9))
+    kept, pop = [], distill.pop_loss
+
+    def pop_and_record():  # the sizes of what the hooks kept until pop_loss
+        kept.append(max(t.numel() for entry in distill.losses.values() for t in entry if t is not None))
+        return pop()
+
+    monkeypatch.setattr(distill, "pop_loss", pop_and_record)
+    set_chunked_indexers(model, False)
+    reference = _loss_and_grads(model, distill, ids)
+    seen = _chunk_spy(monkeypatch, 8 * B * H * T * 4)
+    set_chunked_indexers(model, True)
+    if checkpointing:
+        enable_checkpointing(model)
+    chunked = _loss_and_grads(model, distill, ids)
+    assert kept == [B * S * T, B * S * k]  # transformers' [B, S, T] logits, then nothing larger than [B, S, k]
+    assert any(step < seq for seq, step in seen)  # chunking really happened
+    assert chunked[0] == pytest.approx(reference[0], rel=1e-5)
+    assert set(chunked[1]) == {2} and chunked[1][2] == pytest.approx(reference[1][2], rel=1e-5, abs=1e-7)
+    _assert_grads_close(reference[2], chunked[2], 1e-5)
