@@ -1,36 +1,41 @@
 #!/bin/bash
-# A long-context piece for a session with its full device budget (data/reference/README.md, "Gaps": a candidate
-# cannot be carried to a later session, so it is trained, evaluated and judged within one). Two calls back to back
-# on one H200 (the machine is released 30 s after a call; its disk keeps call 1's checkpoint only while it is warm):
+# A long-context piece for a session with its full device budget (data/reference/README.md, "Gaps"). Two calls back
+# to back on one H200 (the machine is released 30 s after a call; its disk keeps call 1's checkpoint only while it is
+# warm), here first staging the candidate to continue (it travels as data/reference's weights), unstaging after:
+#   bash reference/long_context_piece.sh stage reference/work/long4/ckpt      # here (L4: 2026-12-02)
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/long_context_piece.sh train")
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/long_context_piece.sh finish")
-# Recipe: L1's mixture and lr from the reference, lengths cycling 16K/4K/32K/8K, then a 64K stage among 4K/8K/16K
-# (positions past 32K were never trained: 64K answered 0%), the lr decayed over the last 2.5 minutes so the piece
-# ends on short lengths as well (L2's 4K losses kept it from adoption). `finish` evaluates with the reference's
-# exact command (same seeds) and prints the verdict of reference/compare_evals.py; the candidate's bf16 checkpoint
-# comes back under $OUT (two 15 MB shards) to be committed as data/reference if adopted.
+#   bash reference/long_context_piece.sh unstage                              # here, at once
+# Recipe (L5, from 2026-12-03 on): from the staged candidate, 8 minutes cycling 64K / 4K / 16K / 8K / 32K (64K fits
+# since the chunked Lightning Indexer of 2026-12-02; positions past 32K were never trained: 64K answered ~0%), then
+# 3.5 minutes of 4K / 8K / 16K / 32K with the lr decayed over the last 2.5 (the short lengths the long pieces cost).
+# `finish` evaluates with the reference's exact command (same seeds) and prints the verdict of
+# reference/compare_evals.py; the candidate's bf16 checkpoint comes back under $OUT (two 15 MB shards): keep it in
+# reference/work/ (git-ignored) to stage it next time, commit it as data/reference only if adopted. train.log /
+# init.json say which weights the piece started from (fm_index.json's note says STAGED for a staged candidate).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 MIX=niah_single=0.3,niah_multikey=0.15,niah_multivalue=0.2,niah_multiquery=0.15,vt=0.2
 W=/root/fmref3
 # the files reference.export writes (and `stage` replaces); the card and training_results.json are not among them
 STAGED="data/reference/model.safetensors data/reference/config.json data/reference/generation_config.json data/reference/fm_index.json"
-# one sequence per micro-batch at 32K and 64K (activation checkpointing: 55 GiB at 32K), eight at 4K
+# one sequence per micro-batch at 32K and 64K (activation checkpointing; 55 GiB at 32K before the chunked indexer), eight at 4K
 COMMON="--resume --reset-step --checkpointing --attention window --steps 100000 --batch-tokens 65536 \
   --micro-tokens 32768 --lr 1e-3 --code-frac 0.2 --mix $MIX --ckpt-dtype bfloat16 --log-every 1"
 case "${1:-}" in
   train)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/env.txt
-    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 21 \
-      --stages 8192:20:64,16384/4096/32768/8192:0:64 --max-minutes 8.0 > $OUT/train1.log 2>&1
+    cp data/reference/fm_index.json $OUT/init.json
+    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 31 \
+      --stages 65536/4096/16384/8192/32768:0:64 --max-minutes 8.0 > $OUT/train1.log 2>&1
     tail -3 $OUT/train1.log ;;
   finish)
     test -d $W/ckpt1 || { echo "no $W/ckpt1: call 1 ran on another machine (run both calls back to back)"; exit 3; }
-    python3 -m reference.train --ckpt $W/ckpt2 --init $W/ckpt1 $COMMON --warmup 10 --seed 22 \
-      --stages 65536/4096/8192/16384:0:64 --max-minutes 3.5 --decay-minutes 2.5 > $OUT/train2.log 2>&1
+    python3 -m reference.train --ckpt $W/ckpt2 --init $W/ckpt1 $COMMON --warmup 10 --seed 32 \
+      --stages 4096/8192/16384/32768:0:64 --max-minutes 3.5 --decay-minutes 2.5 > $OUT/train2.log 2>&1
     tail -3 $OUT/train2.log
     python3 -m reference.evaluate_needles --model $W/ckpt2 --attention window --lengths 4096 8192 16384 32768 65536 \
-      --n 40 --n-at 16384=20 32768=20 65536=10 --chunk-above 32768 --chunk 4096 --chunk-gib 8 --max-minutes 4.0 \
+      --n 40 --n-at 16384=20 32768=20 65536=10 --chunk-above 32768 --chunk 4096 --chunk-gib 8 --max-minutes 4.2 \
       --out $OUT/eval_candidate.json > $OUT/eval.log 2>&1
     python3 -m reference.compare_evals $OUT/eval_candidate.json | tee $OUT/verdict.txt
     cp $W/ckpt2/weights-*.safetensors $W/ckpt2/state.json $OUT/ ;;
