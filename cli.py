@@ -857,8 +857,8 @@ def make_corpus_command(
                               "directory). Default: reference."),
     lengths: str = typer.Option("2048,3072,4096", "--lengths", help="Prompt lengths in tokens, comma-separated "
                                 "(2048,4096 or 2k,4k)."),
-    per_format: int = typer.Option(16, "--per-format", help="Prompts per seen needle format and length (haystack "
-                                   "and question cycle over the seen combinations)."),
+    per_format: int = typer.Option(16, "--per-format", help="Prompts per task kind, seen needle format and length "
+                                   "(haystack and question cycle over the seen combinations)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompts (keys, values, depths, haystacks)."),
     haystack: str = typer.Option(None, "--haystack-packages", help="Stdlib packages whose code fills the code "
                                  "haystacks (default: email,json,http,wsgiref,xmlrpc)."),
