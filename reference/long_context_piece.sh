@@ -26,6 +26,11 @@ case "${1:-}" in
   train)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/env.txt
     cp data/reference/fm_index.json $OUT/init.json
+    # the chunked indexer copies transformers 5.24's key computation: check it against this machine's transformers
+    python3 -m pytest -q -p no:cacheprovider tests/test_reference_model.py \
+      -k "chunked_indexer or window_attention_equals or activation_checkpointing" > $OUT/tests.txt 2>&1 ||
+      { tail -20 $OUT/tests.txt; echo "chunked indexer differs from this transformers: not training"; exit 4; }
+    tail -1 $OUT/tests.txt
     python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 31 \
       --stages 65536/4096/16384/8192/32768:0:64 --max-minutes 8.0 > $OUT/train1.log 2>&1
     tail -3 $OUT/train1.log ;;
