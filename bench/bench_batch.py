@@ -157,6 +157,13 @@ def count_ops(model, config, batches, device) -> None:
     counter.remove()
 
 
+def write_json(path: str, rows: list[dict], args, device: str) -> None:
+    """The rows so far with the run's environment (torch, device, date, options), rewritten after every row."""
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    Path(path).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+
+
 def main() -> None:
     from transformers import DeepseekV4ForCausalLM
 
@@ -208,9 +215,7 @@ def main() -> None:
                       f"{100 * row['trigger_share']:9.1f}% {row['tokens_per_s']:9.1f} "
                       f"{row['kv_bytes_per_sequence'] / 2**20:11.1f} {row['sequences_in_budget']:14,}", flush=True)
                 if args.json:
-                    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda"
-                           else "cpu", "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
-                    Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+                    write_json(args.json, rows, args, device)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ row. ``--small``: a 12-layer small-width model, for a CPU smoke test (eager only
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bench_batch import write_json  # noqa: E402
 from bench.bench_decode import small_config  # noqa: E402
 from bench.flash_model import flash_config  # noqa: E402
 from lsa_runtime.static_decode import StaticDecodeState, install_static_attention, static_step  # noqa: E402
@@ -135,9 +135,7 @@ def main() -> None:
             print(f"{context:>9,} {batch:>3} {row['eager_median_ms']:9.2f} {graph} {row['tokens_per_s']:8.1f} "
                   f"{row['state_bytes_per_row'] / 2**20:14.1f}", flush=True)
             if args.json:
-                env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda"
-                       else "cpu", "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
-                Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+                write_json(args.json, rows, args, device)
 
 
 if __name__ == "__main__":
