@@ -1,12 +1,16 @@
-"""Adopt or not: a candidate's needle evaluation against the reference model's, length by length.
+"""Adopt or not: a candidate's needle evaluation against the default model's, length by length.
 
     python -m reference.compare_evals CANDIDATE.json [--reference data/reference/training_results.json]
+                                                     [--previous-default]
 
 Both files are `evaluate_needles --out` results (``{"topk64": {"task@length": {"accuracy": ..., "n": ...}}}``);
-for the reference, the ``needles_gpu_long.results`` entry of ``training_results.json`` (same seeds and prompts).
-The rule of issue 20's first part: the candidate replaces the reference only if it is at least as good at every
+for the default, the ``needles_gpu_long.results`` entry of ``training_results.json`` (same seeds and prompts): the
+evaluation of the current default, L6 since 2026-12-02 (before that file's restructuring, the same key held the
+default of then, so older copies read the same way). ``--previous-default`` compares against
+``previous_default.needles_gpu_long`` instead, the model L6 replaced (the comparison that adopted L6).
+The rule of issue 20's first part: the candidate replaces the default only if it is at least as good at every
 length both were tested on, by the mean accuracy over the tasks both ran there. Prints the table and the verdict;
-exits 0 for "adopt", 1 for "keep the reference".
+exits 0 for "adopt", 1 for "keep the reference" (the default model is named `reference`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 
 
 def cells(blob: dict) -> dict[tuple[str, int], float]:
-    """{(task, length): accuracy} of an evaluate_needles result (or of training_results.json's long evaluation)."""
+    """{(task, length): accuracy} of an evaluate_needles result, or of the long evaluation of a training_results.json
+    (or of its ``previous_default`` entry, which has the same ``needles_gpu_long`` key)."""
     if "needles_gpu_long" in blob:
         blob = blob["needles_gpu_long"]["results"]
     (runs,) = blob.values()  # one top-k setting per file
@@ -43,9 +48,16 @@ def main(argv=None) -> int:
     parser.add_argument("candidate")
     parser.add_argument("--reference", default=str(Path(__file__).resolve().parent.parent / "data" / "reference"
                                                    / "training_results.json"))
+    parser.add_argument("--previous-default", action="store_true",
+                        help="compare against the reference file's previous_default (the model L6 replaced)")
     args = parser.parse_args(argv)
     candidate = cells(json.loads(Path(args.candidate).read_text()))
-    reference = cells(json.loads(Path(args.reference).read_text()))
+    blob = json.loads(Path(args.reference).read_text())
+    if args.previous_default:
+        if "previous_default" not in blob:
+            parser.error(f"{args.reference} has no previous_default entry")
+        blob = blob["previous_default"]
+    reference = cells(blob)
     rows, adopt = verdict(candidate, reference)
     print(f"{'length':>7} {'tasks':>5} {'reference':>9} {'candidate':>9}")
     for length, tasks, ref, cand in rows:

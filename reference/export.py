@@ -5,7 +5,9 @@ checkpoint's bf16 values load exactly into float32 for CPU use) and ``fm_index.j
 step, where the numbers are). The tokenizer is already there (``build_corpus``); the model card
 ``README.md`` is written by hand from the logs. Files are written to a temporary folder first, then moved.
 
-Run: ``python -m reference.export --ckpt reference/work/run1/ckpt``.
+Run: ``python -m reference.export --ckpt reference/work/run1/ckpt``. A warm-started piece restarts its step count
+(``--reset-step``), so the bundled default is exported with ``--total-steps`` (its whole lineage) and
+``--steps-note`` saying what that counts (data/reference/README.md, "Re-running").
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def main(argv=None):
     parser.add_argument("--note", default="", help="one line for fm_index.json")
     parser.add_argument("--default", action="store_true",
                         help="make it the default backbone of every command (only once it meets its retrieval targets)")
+    parser.add_argument("--total-steps", type=int, default=None,
+                        help="fm_index.json's step: the optimizer steps of the model's whole lineage, where the checkpoint "
+                             "is a warm-started piece whose own step count restarted (--reset-step); default: its own")
+    parser.add_argument("--steps-note", default="", help="what fm_index.json's step counts (one line)")
     parser.add_argument("--memory-layers", default="2,4,6",
                         help="the memory-indexer layers build-labels uses by default on this model (fm_index.json; "
                              "'' for the backbone-generic positions); 2,4,6 was measured for the current weights")
@@ -40,16 +46,19 @@ def main(argv=None):
         if (tmp / name).exists():
             (tmp / name).replace(args.out / name)
     shutil.rmtree(tmp)
-    meta = {"name": "reference", "trained": True, "step": state["step"], "parameters": state["parameters"],
+    step = state["step"] if args.total_steps is None else args.total_steps
+    meta = {"name": "reference", "trained": True, "step": step, "parameters": state["parameters"],
             "card": "README.md", "training": "reference/", "note": args.note,
             "default": bool(args.default)}
+    if args.steps_note:
+        meta["steps_note"] = args.steps_note
     if args.memory_layers:
         meta["memory_layers"] = [int(x) for x in args.memory_layers.split(",")]
         meta["memory_layers_note"] = ("memory-indexer layers for this model, chosen by measurement: with the release's "
                                       "relative positions (6, 8, 10: the last three CSA layers) the trained indexer "
                                       "misses needle entries (docs/RESULTS.md, section 6)")
     (args.out / "fm_index.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {args.out} from {args.ckpt} (step {state['step']})")
+    print(f"wrote {args.out} from {args.ckpt} (checkpoint step {state['step']}, fm_index.json step {step})")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 # A long-context piece for a session with its full device budget (data/reference/README.md, "Gaps"). Two calls back
 # to back on one H200 (the machine is released 30 s after a call; its disk keeps call 1's checkpoint only while it is
 # warm), here first staging the candidate to continue (it travels as data/reference's weights), unstaging after:
-#   bash reference/long_context_piece.sh stage reference/work/long4/ckpt      # here (L4: 2026-12-02)
+#   bash reference/long_context_piece.sh stage CKPT                          # here, only to continue a candidate
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/long_context_piece.sh train")
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/long_context_piece.sh finish")
-#   bash reference/long_context_piece.sh unstage                              # here, at once
-# Recipe (L5, from 2026-12-03 on): from the staged candidate, 8 minutes cycling 64K / 4K / 16K / 8K / 32K (64K fits
-# since the chunked Lightning Indexer of 2026-12-02; positions past 32K were never trained: 64K answered ~0%), then
-# 3.5 minutes of 4K / 8K / 16K / 32K with the lr decayed over the last 2.5 (the short lengths the long pieces cost).
-# `finish` evaluates with the reference's exact command (same seeds) and prints the verdict of
+#   bash reference/long_context_piece.sh unstage                              # here, at once (after a stage)
+# Recipe L5 (train) + L6 (finish), run 2026-12-02 from the staged L4 and adopted as the default (data/reference/
+# README.md, "Long context, third attempt"): 8 minutes cycling 64K / 4K / 16K / 8K / 32K (64K fits since the chunked
+# Lightning Indexer), then 3.5 minutes of 4K / 8K / 16K / 32K with the lr decayed over the last 2.5. A next piece
+# continues the default itself (no staging); the card's "Gaps" says what the numbers suggest changing.
+# `finish` evaluates with the default's exact command (same seeds) and prints the verdict of
 # reference/compare_evals.py; the candidate's bf16 checkpoint comes back under $OUT (two 15 MB shards): keep it in
 # reference/work/ (git-ignored) to stage it next time, commit it as data/reference only if adopted. train.log /
 # init.json say which weights the piece started from (fm_index.json's note says STAGED for a staged candidate).

@@ -179,7 +179,10 @@ def test_the_norm_fix_keeps_accelerate_offload_hooks(tmp_path, reference_cpu, mo
     with torch.no_grad():
         got = model(ids).logits
         want = reference_cpu[0](ids).logits
-    assert torch.equal(got, want)
+    # not bit-equal: disk-offloaded layers alone, without the norm fix, differ from resident ones by up to 7.6e-6
+    # in these logits (the weights of 2026-12-02; the previous ones happened to match exactly); a norm computing
+    # with its meta weight is off by orders of magnitude more
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_offloaded_layers_give_the_same_labels(reference_cpu, offloaded):

@@ -1,5 +1,6 @@
-"""reference/compare_evals.py: the adoption rule on hand-checked cases, and on the 2026-12-01 candidate, whose
-rejection (worse at 4,096 tokens) the card records."""
+"""reference/compare_evals.py: the adoption rule on hand-checked cases; on the 2026-12-01 candidate (L2), whose
+rejection (worse at 4,096 tokens) the card records, against both the previous default and the current one (L6); and
+on L6 itself, adopted against the previous default."""
 
 import json
 from pathlib import Path
@@ -26,11 +27,35 @@ def test_adopt_only_when_at_least_as_good_at_every_shared_length():
     assert verdict(cells(_blob({("c", 4096): 1.0})), reference) == ([], False)  # nothing shared: no adoption
 
 
+def _stored_candidate(tmp_path, attempt: dict) -> Path:
+    """An attempt's stored evaluation (training_results.json) as an evaluate_needles --out file."""
+    path = tmp_path / f"{attempt['pieces'][-1]['piece']}.json"
+    path.write_text(json.dumps({"topk64": attempt["needles_full"]}))
+    return path
+
+
 def test_the_rejected_long_context_candidate_is_rejected(tmp_path, capsys):
-    candidate = REPO / "reference" / "work" / "long2" / "eval_candidate.json"
-    if not candidate.is_file():  # the work folder is git-ignored; rebuild the 4K cells the card reports
-        candidate = tmp_path / "candidate.json"
-        candidate.write_text(json.dumps(_blob({("multivalue_number_code", 4096): 0.85,
-                                               ("single_uuid_code", 4096): 0.30, ("vt_noise", 4096): 0.425})))
+    results = json.loads((REPO / "data" / "reference" / "training_results.json").read_text())
+    (l2,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == ["L1", "L2"]]
+    candidate = _stored_candidate(tmp_path, l2)
+    work = REPO / "reference" / "work" / "long2" / "eval_candidate.json"
+    if work.is_file():  # the device's file (git-ignored) is what training_results.json stores
+        assert json.loads(work.read_text())["topk64"] == l2["needles_full"]
+    # against the current default (the default --reference: training_results.json's needles_gpu_long, L6) ...
     assert main([str(candidate)]) == 1
     assert "keep the reference" in capsys.readouterr().out
+    # ... and against the previous default, as it was judged on 2026-12-01: worse at 4,096 tokens
+    assert main([str(candidate), "--previous-default"]) == 1
+    rows, adopt = verdict(cells({"topk64": l2["needles_full"]}), cells(results["previous_default"]))
+    assert not adopt and [n for n, _, ref, cand in rows if cand < ref] == [4096]
+
+
+def test_the_adopted_candidate_beats_the_previous_default_and_is_the_default(tmp_path, capsys):
+    results = json.loads((REPO / "data" / "reference" / "training_results.json").read_text())
+    (third,) = [a for a in results["long_context"]["attempts"] if a["verdict"] == "adopt"]
+    candidate = _stored_candidate(tmp_path, third)
+    assert main([str(candidate), "--previous-default"]) == 0
+    out = capsys.readouterr().out
+    assert out == third["verdicts"]["L6"]  # the device's verdict.txt, reproduced here
+    # the default's long evaluation, against which future candidates are compared, is L6's
+    assert cells(results) == cells({"topk64": third["needles_full"]})
