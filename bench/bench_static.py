@@ -10,7 +10,9 @@ decode steps run: ``static_step`` eagerly, and the same step captured once as a 
 Full semantics: every entry is on the device and the native top-k chooses among all of them, as ``bench_batch.py
 --modes all`` (issue 18's honest full decoder, per-sequence caches); compare the two tables. Reported per context
 and B: median step ms (eager, graph), aggregate tokens/s of the graph (eager on a CPU), the state's device bytes per
-row. ``--small``: a 12-layer small-width model, for a CPU smoke test (eager only).
+row. ``--small``: a 12-layer small-width model, for a CPU smoke test (eager only). ``--compile``: every decoder layer
+compiled first (``lsa_runtime/compiled_step.py``; the first step of each batch size compiles, reported apart).
+``--profile``: kernels per replayed step and their device time (torch.profiler over 3 replays), the top kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_batch import write_json  # noqa: E402
 from bench.bench_decode import small_config  # noqa: E402
 from bench.flash_model import flash_config  # noqa: E402
+from lsa_runtime.compiled_step import compile_static_step  # noqa: E402
 from lsa_runtime.static_decode import StaticDecodeState, install_static_attention, static_step  # noqa: E402
 
 
@@ -70,12 +73,35 @@ def time_steps(run, state, steps: int, device: str) -> list[float]:
     return out
 
 
+def profile_replays(graph, replays: int) -> dict:
+    """Kernels per replay and their summed device time (ms per replay), with the five costliest kernel names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) / 1e3 / replays
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]
+    return {"kernels_per_step": sum(e.count for e in kernels) / replays, "device_ms_per_step": total,
+            "top": [{"name": e.key[:90], "count": e.count / replays, "ms": e.self_device_time_total / 1e3 / replays}
+                    for e in top]}
+
+
 def run_batch(model, config, context: int, batch: int, args, device: str, dtype) -> dict:
     capacity = context + 2 * args.steps + 8
     state = StaticDecodeState(config, batch, capacity, dtype, device)
     fill(state, context, torch.Generator(device=device).manual_seed(context + batch))
     row = {"context": context, "batch": batch, "state_bytes_per_row": state_bytes(state) // batch}
     with torch.no_grad():
+        if args.compile:  # the first step of a batch size (and capacity) compiles its layer kinds
+            synchronize(device)
+            began = time.perf_counter()
+            static_step(model, state)
+            synchronize(device)
+            row["compile_seconds"] = time.perf_counter() - began
         eager = time_steps(lambda: static_step(model, state), state, args.steps, device)
         row["eager_step_ms"] = eager
         row["eager_median_ms"] = sorted(eager[2:])[len(eager[2:]) // 2]
@@ -91,6 +117,8 @@ def run_batch(model, config, context: int, batch: int, args, device: str, dtype)
             replay = time_steps(graph.replay, state, args.steps, device)
             row["graph_step_ms"] = replay
             row["graph_median_ms"] = sorted(replay[1:])[len(replay[1:]) // 2]
+            if args.profile:
+                row["profile"] = profile_replays(graph, 3)
             del graph
     best = row.get("graph_median_ms", row["eager_median_ms"])
     row["tokens_per_s"] = batch * 1e3 / best
@@ -106,6 +134,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="timed steps per run, eager and replayed")
     ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
     ap.add_argument("--no-graph", action="store_true", help="eager steps only")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile every decoder layer first (lsa_runtime/compiled_step.py; minutes on a GPU)")
+    ap.add_argument("--profile", action="store_true", help="count the kernels of a replayed step (GPU)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -120,6 +151,8 @@ def main() -> None:
         model = DeepseekV4ForCausalLM(config)
     model = model.to(dtype).eval()
     install_static_attention(model)
+    if args.compile:
+        compile_static_step(model)
     rows, began = [], time.perf_counter()
     print(f"{'context':>9} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'tok/s':>8} {'state/row MiB':>14}", flush=True)
     for context in (int(c) for c in args.contexts.split(",")):
@@ -133,7 +166,13 @@ def main() -> None:
             rows.append(row)
             graph = f"{row['graph_median_ms']:9.2f}" if "graph_median_ms" in row else f"{'-':>9}"
             print(f"{context:>9,} {batch:>3} {row['eager_median_ms']:9.2f} {graph} {row['tokens_per_s']:8.1f} "
-                  f"{row['state_bytes_per_row'] / 2**20:14.1f}", flush=True)
+                  f"{row['state_bytes_per_row'] / 2**20:14.1f}"
+                  + (f"  (compiled in {row['compile_seconds']:.0f} s)" if "compile_seconds" in row else ""), flush=True)
+            if "profile" in row:
+                p = row["profile"]
+                print(f"    replay: {p['kernels_per_step']:,.0f} kernels, {p['device_ms_per_step']:.2f} ms device; top: "
+                      + "; ".join(f"{k['name'][:40]} x{k['count']:.0f} {k['ms']:.2f} ms" for k in p["top"][:3]),
+                      flush=True)
             if args.json:
                 write_json(args.json, rows, args, device)
 

@@ -13,12 +13,15 @@ fixed capacity (docs/DESIGN.md, "Static-shape decode"):
 
 A step writes with ``index_put_`` at per-row offsets and ``torch.where`` under per-row emission masks, scores the
 Lightning Indexer I[t,s] over all ``cap`` slots with -inf beyond each row's length, takes a fixed top-k (picks
-beyond the length masked) and attends over window + picks (CSA) or window + all entries (HCA) with the sinks.
-There is no loop over rows, no host synchronisation and no data-dependent shape in the step: the same operators
-on the same shapes run every step, whichever rows emit, so the step (:func:`static_step`, which reads only the
-state's buffers) can later be captured as one CUDA graph per batch size. That holds for the whole model step when
-the MoE experts run transformers' ``grouped_mm`` (the default) or ``batched_mm``; the ``eager`` experts loop calls
-``nonzero``. Capture itself has not been tried on a GPU yet.
+beyond the length masked) and attends over window + picks (CSA) or window + all entries (HCA) with the sinks,
+reading the one shared K=V head once (:func:`_shared_kv_attention`). There is no loop over rows, no host
+synchronisation and no data-dependent shape in the step: the same operators on the same shapes run every step,
+whichever rows emit, so the step (:func:`static_step`, which reads only the state's buffers) is captured as one
+CUDA graph per batch size (tested on the H200, fp32 and bf16). That holds for the whole model step when the MoE
+experts run transformers' ``grouped_mm`` (bf16) or ``batched_mm`` (:func:`use_capturable_experts`); the ``eager``
+experts loop calls ``nonzero``. Rows join and leave host-side: a finished row is stepped and ignored until
+:meth:`StaticDecodeState.load_row` puts the next sequence in it, in place. :mod:`.compiled_step` compiles the
+layers for fewer kernels.
 
 Milestone 1 (full semantics): every emitted entry is an indexer candidate, as transformers decodes; the stock
 eager model decoding each sequence alone with a ``DynamicCache`` is the reference (tests/test_static_decode.py).
@@ -238,6 +241,23 @@ def _lightning_indexer(indexer, keys: CompressedStore, hidden_states, q_residual
     return picks, picks < keys.lengths[:, None]
 
 
+def _shared_kv_attention(q, keys, valid, scaling: float, sinks) -> torch.Tensor:
+    """One decode query per row against its single shared K=V head, with DeepSeek-V4's attention sinks:
+    ``q`` ``[B, H, 1, D]``, ``keys`` ``[B, L, D]``, ``valid`` ``[B, L]``; returns ``[B, 1, H, D]``.
+
+    transformers' eager attention (the reference) repeats the one KV head for all H heads (``repeat_kv``: at 512K an
+    HCA layer's 4,224 keys become a 277 MB copy per row) and runs H GEMVs; here the H heads are the rows of one
+    matmul per sequence over the keys read once. Same formula: logits * scaling, -inf where not valid, the sink
+    logit appended per head, max-subtracted softmax in the logits' dtype, the sink's probability dropped."""
+    batch, heads = q.shape[:2]
+    logits = torch.matmul(q[:, :, 0], keys.transpose(1, 2)) * scaling  # [B, H, L]
+    logits = logits.masked_fill(~valid[:, None], float("-inf"))
+    logits = torch.cat([logits, sinks.reshape(1, heads, 1).expand(batch, -1, -1)], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(keys.dtype)
+    return torch.matmul(probs, keys)[:, None]  # [B, 1, H, D]
+
+
 class _StaticDecodeAttention:
     """Mixed into the model's attention class by :func:`install_static_attention`: with a
     :class:`StaticDecodeState` as the cache, the static step below; with any other cache the class it was mixed
@@ -247,44 +267,48 @@ class _StaticDecodeAttention:
         state = kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(state, StaticDecodeState):
             return super().forward(hidden_states, **kwargs)
-        v4, layer = _v4(), state.layers[self.layer_idx]
         embeddings = kwargs["position_embeddings"]
         cos, sin = embeddings[self.rope_layer_type] if isinstance(embeddings, dict) else embeddings
-        positions, rows = state.positions, state.rows
-        batch = hidden_states.shape[0]  # hidden_states: [B, 1, hidden]
-        # q and the shared K=V: the stock projections, norms and RoPE on the [B, 1] batch
-        q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
-        q = self.q_b_norm(self.q_b_proj(q_residual).view(batch, 1, -1, self.head_dim).transpose(1, 2))
-        q = v4.apply_rotary_pos_emb(q, cos, sin)  # [B, H, 1, D]
-        kv = self.kv_norm(self.kv_proj(hidden_states)).view(batch, 1, 1, self.head_dim)
-        kv = v4.apply_rotary_pos_emb(kv, cos, sin)[:, 0, 0]  # [B, D]
+        # compiled_step passes the layer's stores in (a compiled layer must not index by its layer number)
+        layer = kwargs.get("static_layer") or state.layers[self.layer_idx]
+        return attention_body(self, hidden_states, cos, sin, state.positions, state.rows, layer), None
 
-        window = layer.window.shape[1]
-        layer.window[rows, positions % window] = kv  # the ring now holds positions p - W + 1 .. p
-        keys = [layer.window]
-        valid = [torch.arange(window, device=kv.device) <= positions[:, None]]  # slots written so far
-        if self.compressor is not None:
-            layer.compressor.step(self.compressor, hidden_states, positions, rows)  # C^Comp
-            if layer.indexer is not None:  # CSA: the indexer's K^IComp, then its top-k picks of C^Comp
-                layer.indexer.step(self.compressor.indexer, hidden_states, positions, rows)
-                picks, picked = _lightning_indexer(self.compressor.indexer, layer.indexer, hidden_states,
-                                                   q_residual, positions)
-                keys.append(layer.compressor.entries.gather(1, picks[..., None].expand(-1, -1, self.head_dim)))
-                valid.append(picked)
-            else:  # HCA: every emitted entry
-                keys.append(layer.compressor.entries)
-                valid.append(layer.compressor.visible())
-        keys = torch.cat(keys, dim=1)[:, None]  # [B, 1, L, D], L fixed: W + k (CSA), W + cap (HCA), W
-        mask = torch.zeros(keys.shape[:3], dtype=q.dtype, device=q.device)
-        mask = mask.masked_fill(~torch.cat(valid, dim=1)[:, None], float("-inf"))[:, :, None]  # [B, 1, 1, L]
-        interface = v4.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                             v4.eager_attention_forward)
-        out, _ = interface(self, q, keys, keys, mask, dropout=0.0, scaling=self.scaling,
-                           sliding_window=self.sliding_window, s_aux=self.sinks)  # sinks: in the eager softmax
-        # K=V carries RoPE on its rope slice: undo it at the query position, then the grouped output projection
-        out = v4.apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
-        grouped = self.o_a_proj(out.reshape(batch, 1, self.config.o_groups, -1)).flatten(2)
-        return self.o_b_proj(grouped), None
+
+def attention_body(attention, hidden_states, cos, sin, positions, rows, layer: StaticLayer) -> torch.Tensor:
+    """One attention block's static step on its own layer's stores: the output ``[B, 1, hidden]``.
+
+    A function of the block, its own stores and the step's tensors (no layer number), so that a compiled decoder
+    layer serves every layer of its kind (:mod:`.compiled_step`)."""
+    v4, self = _v4(), attention
+    batch = hidden_states.shape[0]  # hidden_states: [B, 1, hidden]
+    # q and the shared K=V: the stock projections, norms and RoPE on the [B, 1] batch
+    q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
+    q = self.q_b_norm(self.q_b_proj(q_residual).view(batch, 1, -1, self.head_dim).transpose(1, 2))
+    q = v4.apply_rotary_pos_emb(q, cos, sin)  # [B, H, 1, D]
+    kv = self.kv_norm(self.kv_proj(hidden_states)).view(batch, 1, 1, self.head_dim)
+    kv = v4.apply_rotary_pos_emb(kv, cos, sin)[:, 0, 0]  # [B, D]
+
+    window = layer.window.shape[1]
+    layer.window[rows, positions % window] = kv  # the ring now holds positions p - W + 1 .. p
+    keys = [layer.window]
+    valid = [torch.arange(window, device=kv.device) <= positions[:, None]]  # slots written so far
+    if self.compressor is not None:
+        layer.compressor.step(self.compressor, hidden_states, positions, rows)  # C^Comp
+        if layer.indexer is not None:  # CSA: the indexer's K^IComp, then its top-k picks of C^Comp
+            layer.indexer.step(self.compressor.indexer, hidden_states, positions, rows)
+            picks, picked = _lightning_indexer(self.compressor.indexer, layer.indexer, hidden_states,
+                                               q_residual, positions)
+            keys.append(layer.compressor.entries.gather(1, picks[..., None].expand(-1, -1, self.head_dim)))
+            valid.append(picked)
+        else:  # HCA: every emitted entry
+            keys.append(layer.compressor.entries)
+            valid.append(layer.compressor.visible())
+    keys = torch.cat(keys, dim=1)  # [B, L, D], L fixed: W + k (CSA), W + cap (HCA), W
+    out = _shared_kv_attention(q, keys, torch.cat(valid, dim=1), self.scaling, self.sinks)  # [B, 1, H, D]
+    # K=V carries RoPE on its rope slice: undo it at the query position, then the grouped output projection
+    out = v4.apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
+    grouped = self.o_a_proj(out.reshape(batch, 1, self.config.o_groups, -1)).flatten(2)
+    return self.o_b_proj(grouped)
 
 
 @functools.cache
@@ -302,6 +326,20 @@ def install_static_attention(model) -> None:
             attention.__class__ = _static_class(type(attention))
             if hasattr(attention, "_old_forward"):  # accelerate's hook calls the forward bound at load time
                 attention._old_forward = types.MethodType(attention.__class__.forward, attention)
+
+
+def use_capturable_experts(model) -> bool:
+    """Before capturing the step on a GPU: transformers' ``grouped_mm`` experts outside bf16 copy from pageable host
+    memory (torch 2.11, H200: "Cannot copy between CPU and CUDA tensors during CUDA graph capture"), and under
+    ``torch.compile`` they fall back to a loop over ``offs.tolist()`` (a sync). Such a model is switched to
+    ``batched_mm`` (same arithmetic, sync-free); returns whether it was switched."""
+    if model.dtype == torch.bfloat16 or getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        return False
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("batched_mm")
+    else:
+        model.config._experts_implementation = "batched_mm"
+    return True
 
 
 def static_step(model, state: StaticDecodeState) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The static decode step with its arithmetic fused by ``torch.compile`` (inductor): fewer, larger kernels.
+
+Replayed as one CUDA graph (:mod:`.static_decode`), the step of the Flash-shaped model still launches ~25,800
+kernels at batch 1, each a few microseconds of device time on tiny tensors: mHC (two hyper-connections per layer,
+a 20-step Sinkhorn loop each) ~47% of them, attention and its stores ~40% (docs/BENCHMARKS.md, "The static-shape
+step"). Here every decoder layer runs one compiled function: transformers' ``DeepseekV4DecoderLayer.forward``
+(hyper-connections, norms, the static attention block with its in-place store writes and the Lightning Indexer's
+top-k, the MoE block, the residual glue), compiled once and bound to every layer. A layer never reads its layer
+number: a forward pre-hook hands it its own stores (``static_layer``), so layers of one kind (sliding, CSA, HCA;
+hash-routed or not) share one graph per batch size, whatever the depth.
+
+transformers' modules keep their code and weights (the compiled function traces them); the eager step stays the
+numerical reference (tests/test_static_decode.py). Compile before capturing a CUDA graph: the first steps compile
+(minutes on a GPU for the Flash layout), later ones run the generated kernels, which a capture records like any
+other. The embedding, the final hyper-head, norm and LM head stay eager (a handful of kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .static_decode import StaticDecodeState, install_static_attention
+
+
+@functools.cache
+def _compiled(function):
+    # dynamic=False: decode shapes are fixed per batch size; each batch size and layer kind is its own graph
+    return torch.compile(function, dynamic=False)
+
+
+def _hand_over_stores(layer, args, kwargs):
+    """Forward pre-hook of a decoder layer: with a static state as the cache, pass the layer's stores in."""
+    state = kwargs.get("past_key_values", kwargs.get("cache"))
+    if isinstance(state, StaticDecodeState):
+        kwargs = dict(kwargs, static_layer=state.layers[layer.layer_idx])
+    return args, kwargs
+
+
+def _decoder(model):
+    return model.model if hasattr(model, "model") else model
+
+
+def compile_static_step(model) -> int:
+    """Compile every decoder layer of ``model`` for the static step (idempotent); returns the number of layers.
+
+    Graphs are built lazily on the first static steps; ``torch._dynamo.config.cache_size_limit`` is raised so
+    that every layer kind and batch size keeps its graph. Other caches (prefill with a ``DynamicCache``) run the
+    same compiled function: compile only a model kept for static decoding, or :func:`uncompile_static_step`."""
+    install_static_attention(model)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    layers = _decoder(model).layers
+    for layer in layers:
+        if "forward" in layer.__dict__:  # already compiled (or wrapped by someone else: leave it)
+            continue
+        layer.forward = functools.partial(_compiled(type(layer).forward), layer)
+        layer._lsa_store_hook = layer.register_forward_pre_hook(_hand_over_stores, with_kwargs=True)
+    return len(layers)
+
+
+def uncompile_static_step(model) -> None:
+    """Back to eager code in every layer (torch keeps the compiled graphs cached)."""
+    for layer in _decoder(model).layers:
+        hook = layer.__dict__.pop("_lsa_store_hook", None)
+        if hook is not None:
+            hook.remove()
+            del layer.forward
