@@ -101,6 +101,9 @@ class SessionConfig:
     * ``max_batch``: how many sequences decode together when ``generate``/``stream`` get a list of prompts; the
       others wait and join as sequences finish (continuous batching). Each keeps its own cache, cold pool,
       resident set, triggers and stats.
+    * ``static_decode`` (mode ``full`` only): decode through the static-shape step (:mod:`~.static_runner`):
+      fixed-capacity stores for ``max_batch`` rows, the whole step one CUDA graph on a GPU (layers eager). Same
+      tokens as the stock path (tested on a CPU); off by default until its Session test has run on a GPU.
     """
 
     mode: str = "lsa"
@@ -118,6 +121,7 @@ class SessionConfig:
     ensemble: str | None = None
     pool_storage: str = "model"
     max_batch: int = 8
+    static_decode: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -151,6 +155,11 @@ class SessionConfig:
             raise SessionError(f"memory_keys (--memory-keys) must be 'device' or 'pool', got {self.memory_keys!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise SessionError(f"max_batch (--batch) must be an integer >= 1, got {self.max_batch!r}")
+        if not isinstance(self.static_decode, bool):
+            raise SessionError(f"static_decode must be True or False, got {self.static_decode!r}")
+        if self.static_decode and self.mode != "full":
+            raise SessionError(f"static_decode decodes mode 'full' only (every entry a candidate); mode is "
+                               f"'{self.mode}'")
         tau = self.tau if self.tau is not None else DEFAULT_TAU
         if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
                 or not 0 <= self.prefetch_steps < tau:

@@ -54,6 +54,7 @@ from .placement import execution_device, offloaded_modules
 from .policies import ResidentPolicy, TriggerState, make_policy
 from .prefetch import ResidentPrefetcher
 from .residency import ResidentSet
+from .static_runner import StaticRunner
 from .stats import SessionStats, measure_cache
 
 __all__ = ["Session", "SessionConfig", "SamplingParams", "SessionError", "DeviceMemoryError", "Generation",
@@ -134,6 +135,7 @@ class _Job:
     text: str = ""
     finish_reason: str | None = None
     started: float | None = None  # perf_counter when decoding began (after prefill and the first trigger)
+    row: int | None = None  # its row of the static runner (static_decode), while it decodes there
 
 
 def _is_batch(prompt) -> bool:
@@ -211,6 +213,9 @@ class Session:
         self._rows: list[DecodeState] = []  # the sequences of the forward running now, in batch-row order
         self._last_jobs: list[_Job] = []
         self._row_attention = False  # batching.install_row_attention ran on the model (at the first batched step)
+        self._runner: StaticRunner | None = None  # static_decode: the rows of the call running now
+        if self.config.static_decode and (len(self.devices) > 1 or offloaded):
+            raise SessionError("static_decode needs the whole backbone resident on one device")
         self.finish_reason: str | None = None  # of the last generate/stream: "length", "eos", "max_position"
         self.last_prompt_tokens = 0
 
@@ -424,6 +429,10 @@ class Session:
         """The decode loop over ``jobs``: up to ``max_batch`` decode together; a finished one leaves, the next
         waiting one is prefilled and joins. One job is the single-conversation case (the plain forward)."""
         self._last_jobs = jobs
+        if self.config.static_decode:  # room for the longest sequence of the call (positions before prefill too)
+            capacity = max(job.state.position + len(job.ids) + job.max_new_tokens for job in jobs) + 1
+            self._runner = StaticRunner(self.model, min(max_batch, len(jobs)), capacity,
+                                        graph=self.device.type == "cuda")
         waiting, active = deque(jobs), []
         layers = sorted({layer for job in jobs if job.state.policy is not None
                          for layer in job.state.policy.memory_layers})
@@ -434,6 +443,8 @@ class Session:
                 while waiting and len(active) < max_batch:
                     job = waiting.popleft()
                     self._start_job(job)
+                    if self._runner is not None:
+                        job.row = self._runner.join(job.state.cache)
                     active.append(job)  # before its first token: a consumer that stops there finishes it too
                     yield from self._emit(job)
                     if job.finish_reason is not None:
@@ -466,6 +477,7 @@ class Session:
                 handle.remove()
             for job in active:  # a consumer that stopped early: close what the unfinished sequences hold
                 self._finish_job(job)
+            self._runner = None
 
     def _start_job(self, job: "_Job") -> None:
         """Prefill the job's prompt, fire its first trigger; its decoding clock starts."""
@@ -499,7 +511,12 @@ class Session:
 
     def _step(self, active: list["_Job"]) -> None:
         """One decode step of every active job (their last sampled tokens), then each job's trigger bookkeeping."""
-        if len(active) == 1:
+        if self._runner is not None:
+            logits = self._runner.step({job.row: job.produced[-1] for job in active})
+            for job in active:
+                job.state.position += 1
+                job.logits = logits[job.row].clone()  # the runner's buffer is overwritten by the next step
+        elif len(active) == 1:
             job = active[0]
             job.logits = self._forward(job.state, torch.tensor([job.produced[-1]]))
         else:
@@ -518,6 +535,9 @@ class Session:
                 self._after_decode_step(job.state)
 
     def _finish_job(self, job: "_Job") -> None:
+        if job.row is not None:  # back into its own cache: stats and keep_context read it
+            self._runner.leave(job.row, job.state.cache)
+            job.row = None
         if job.state.prefetcher is not None:
             job.state.prefetcher.close()  # drop a set for a window that will not be decoded; no idle thread left
             job.state.prefetcher = None

@@ -119,6 +119,21 @@ class CompressedStore:
             self.overlap_kv[row] = layer.overlap_kv[name][0]
             self.overlap_gate[row] = layer.overlap_gate[name][0]
 
+    def store_row(self, row: int, layer, name: str, length: int) -> None:
+        """The inverse of :meth:`load_row`: write ``row`` (``length`` tokens seen) into entry ``name`` of a batch-1
+        stock cache layer, as the stock model would hold it after decoding those tokens itself."""
+        count = int(self.lengths[row])
+        layer.compressed_kv[name] = self.entries[row, :count][None].clone()
+        layer.entry_count[name] = count
+        open_tokens = length % self.rate  # the open window's tokens, slots 0 ..
+        layer.buffer_kv[name] = self.buffer_kv[row, :open_tokens][None].clone()
+        layer.buffer_gate[name] = self.buffer_gate[row, :open_tokens][None].clone()
+        if self.overlap:  # stock keeps no overlap until its first window closed
+            closed = count > 0
+            layer.overlap_kv[name] = self.overlap_kv[row][None].clone() if closed else None
+            gate = self.overlap_gate[row][None].to(self.buffer_gate.dtype, copy=True)  # a copy even in fp32
+            layer.overlap_gate[name] = gate if closed else None
+
     def visible(self) -> torch.Tensor:
         """``[B, cap]``: which entry slots hold an emitted entry."""
         return torch.arange(self.entries.shape[1], device=self.lengths.device) < self.lengths[:, None]
@@ -225,6 +240,23 @@ class StaticDecodeState:
                     store.reset_row(row)
                     store.load_row(row, stock, name, length)
         return length
+
+    def store_row(self, row: int, cache, length: int) -> None:
+        """Write ``row`` (``length`` tokens seen) back into a batch-1 stock ``DynamicCache`` (the one :meth:`load_row`
+        read, or any of the model's layout): afterwards it holds what the stock model's own cache would after
+        decoding the same tokens, so the stock model can continue from it and its bytes can be measured.
+        Host-side, outside the step."""
+        window = self.geometry.window
+        kept = min(length, window - 1)  # stock keeps the last W - 1 tokens' K=V
+        slots = torch.arange(length - kept, length, device=self.rows.device) % window
+        for layer, stock in zip(self.layers, cache.layers, strict=True):
+            stock.keys = layer.window[row, slots][None, None].clone()
+            stock.values = stock.keys
+            stock.cumulative_length = length
+            for name in ("compressor", "indexer"):
+                store = getattr(layer, name)
+                if store is not None:
+                    store.store_row(row, stock, name, length)
 
 
 def _lightning_indexer(indexer, keys: CompressedStore, hidden_states, q_residual, positions):

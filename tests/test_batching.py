@@ -213,3 +213,73 @@ def test_sampling_and_the_maximum_context_per_sequence(backbone, prompts):
         assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
     assert [g.finish_reason for g in out] == ["length", "max_position", "length", "length"]
     assert len(out[1].token_ids) == limit - len(prompts[1]) + 1
+
+
+def test_static_decode_gives_each_sequence_its_stock_tokens_and_stats(backbone, prompts):
+    """Session(static_decode=True): four prompts in three rows of the static-shape step (the fourth joins the row
+    the first finished sequence leaves) give each sequence the stock full path's greedy tokens decoding alone, and,
+    written back into their caches, the same footprint stats; keep_context continues from the written-back cache;
+    a sequence that meets EOS leaves its row early."""
+    model, tokenizer = backbone
+    session = Session(model, tokenizer, mode="full", max_batch=3, static_decode=True)
+    batch = session.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
+    for prompt, got in zip(prompts, batch):
+        want = _alone(model, tokenizer, {"mode": "full"}, None, prompt)
+        assert got.token_ids == want.token_ids and got.finish_reason == "length"
+        a, b = got.stats, want.stats
+        assert (a.context_tokens, a.csa_entries) == (b.context_tokens, b.csa_entries)
+        # the entries' bytes are the stock cache's (copies, none sharing the static state's storage); the stock
+        # window and open-window buffers are views of larger concatenations (counted whole), the written-back
+        # ones exact copies
+        for kind in ("csa_kv", "csa_index_keys", "hca"):
+            assert a.device_bytes[kind] == b.device_bytes[kind] > 0
+        for kind in ("window", "pending"):
+            assert 0 < a.device_bytes[kind] <= b.device_bytes[kind]
+        assert a.full_bytes["csa_kv"] == b.full_bytes["csa_kv"]
+
+    stock = Session(model, tokenizer, mode="full")
+    first = [stock.generate(prompts[2], max_new_tokens=10, stop_at_eos=False),
+             stock.generate([7, 8, 9], max_new_tokens=10, stop_at_eos=False, keep_context=True)]
+    single = Session(model, tokenizer, mode="full", static_decode=True)
+    second = [single.generate(prompts[2], max_new_tokens=10, stop_at_eos=False),
+              single.generate([7, 8, 9], max_new_tokens=10, stop_at_eos=False, keep_context=True)]
+    assert [g.token_ids for g in second] == [g.token_ids for g in first]
+    assert single.stats.context_tokens == stock.stats.context_tokens == 97 + 10 + 3 + 10 - 1
+
+    alone = [_alone(model, tokenizer, {"mode": "full"}, None, p, 12).token_ids for p in prompts[:3]]
+    eos = alone[1][5]
+    old = model.config.eos_token_id
+    model.config.eos_token_id = eos
+    try:
+        out = Session(model, tokenizer, mode="full", max_batch=2, static_decode=True).generate(prompts[:3],
+                                                                                              max_new_tokens=12)
+    finally:
+        model.config.eos_token_id = old
+    for i, got in enumerate(out):
+        cut = alone[i].index(eos) + 1 if eos in alone[i] else 12
+        assert got.token_ids == alone[i][:cut]
+    with pytest.raises(SessionError, match="mode 'full' only"):
+        Session(model, tokenizer, mode="recent", budget=16, static_decode=True)
+    with pytest.raises(SessionError, match="static_decode must be True or False"):
+        Session(model, tokenizer, mode="full", static_decode=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decode_on_a_gpu_replays_one_graph(prompts, dtype):
+    """On the GPU the static path's step is one CUDA graph: four prompts, three rows; fp32: the stock path's tokens
+    decoding alone; bf16: the first 8 tokens of every sequence (a [B, d] product may round differently from [1, d])."""
+    from lsa_runtime.backbone import load_backbone
+
+    model, tokenizer = load_backbone("tiny", dtype=dtype, device="cuda")
+    session = Session(model, tokenizer, mode="full", max_batch=3, static_decode=True)
+    batch = session.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
+    agree = []
+    for prompt, got in zip(prompts, batch):
+        want = _alone(model, tokenizer, {"mode": "full"}, None, prompt).token_ids
+        same = next((i for i, (a, b) in enumerate(zip(got.token_ids, want)) if a != b), NEW)
+        agree.append(same)
+        assert same >= 8 if dtype == torch.bfloat16 else got.token_ids == want
+    print(f"static decode on {torch.cuda.get_device_name()} {dtype}: tokens equal to the stock path alone before "
+          f"the first difference {agree} of {NEW}")

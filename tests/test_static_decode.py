@@ -87,6 +87,28 @@ def test_batched_static_steps_equal_each_sequence_decoded_alone(backbone):
         slots = torch.arange(positions[row] - keys.shape[0], positions[row]) % state.geometry.window
         torch.testing.assert_close(state.layers[0].window[row, slots], keys, rtol=1e-5, atol=1e-5)
 
+    # store_row writes each row back into the (stale) cache it was loaded from: every tensor of the stock cache
+    # that decoded alone, and the stock model continues from either with the same logits
+    for row, ((cache, _), stock) in enumerate(zip(prefilled, alone)):
+        state.store_row(row, cache, positions[row])
+        for mine, theirs in zip(cache.layers, stock.layers, strict=True):
+            assert mine.cumulative_length == theirs.cumulative_length == positions[row]
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            for part in ("compressed_kv", "buffer_kv", "buffer_gate", "overlap_kv", "overlap_gate", "entry_count"):
+                for name, want in getattr(theirs, part, {}).items():
+                    got = getattr(mine, part)[name]
+                    assert (got is None) == (want is None), (part, name)
+                    if isinstance(want, torch.Tensor):
+                        assert got.shape == want.shape, (part, name)
+                        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                    else:
+                        assert got == want, (part, name)
+        with torch.no_grad():
+            step = dict(input_ids=torch.tensor([[tokens[row]]]), position_ids=torch.tensor([[positions[row]]]),
+                        use_cache=True, logits_to_keep=1)
+            torch.testing.assert_close(model(**step, **{cache_kwarg(): cache}).logits,
+                                       model(**step, **{cache_kwarg(): stock}).logits, rtol=1e-4, atol=1e-4)
+
 
 class _OpTrace(TorchDispatchMode):
     """Every aten operator a region runs, with its output shapes (what a CUDA graph capture would record)."""

@@ -1,0 +1,79 @@
+"""Decoding several sequences in one :class:`~.static_decode.StaticDecodeState`: rows join from prefilled stock
+caches and leave back into them; on a GPU the step is one CUDA graph, captured when the runner is built.
+
+A Session with ``static_decode=True`` (mode ``full``) decodes through this: each prompt is prefilled with the stock
+model into its own ``DynamicCache`` (chunked, as always), joins a free row (``load_row``), decodes in the fixed-
+shape step with the others, and on finishing is written back into its cache (``store_row``), so its footprint is
+measured from the cache exactly as the stock path's is, and ``keep_context`` continues from it. A row with no
+sequence is stepped with its last token at a frozen position and its logits ignored (the shapes never change,
+so the captured graph stays valid; tests/test_static_decode.py). The graph is captured once per runner (one per
+``generate``/``stream`` call: its capacity is that call's longest prompt plus ``max_new_tokens``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .static_decode import StaticDecodeState, install_static_attention, static_step, use_capturable_experts
+
+
+class StaticRunner:
+    """``rows`` decode slots of ``capacity`` tokens each for ``model`` (its device and dtype); ``graph``: capture
+    the step as one CUDA graph (a CUDA device), else run it eagerly."""
+
+    def __init__(self, model, rows: int, capacity: int, graph: bool):
+        self.model = model
+        install_static_attention(model)
+        if graph:
+            use_capturable_experts(model)
+        self.state = StaticDecodeState(model.config, rows, capacity, model.dtype, model.device)
+        self.free = list(range(rows - 1, -1, -1))  # rows without a sequence (popped from the end: row 0 first)
+        self.positions = [0] * rows  # host copies: tokens seen per row, the next step's token per row
+        self.tokens = [0] * rows
+        self.graph, self.logits = None, None
+        if graph:
+            self._capture()
+
+    def _capture(self) -> None:
+        """Warm up off the capture (it steps the empty rows: harmless, a row is reset when a sequence joins),
+        then capture one step; its logits buffer is what every replay writes."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                static_step(self.model, self.state)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = static_step(self.model, self.state)
+
+    def join(self, cache) -> int:
+        """Put a sequence prefilled into the batch-1 stock ``cache`` in a free row; returns the row."""
+        row = self.free.pop()
+        self.positions[row] = self.state.load_row(row, cache)
+        return row
+
+    def leave(self, row: int, cache) -> None:
+        """Write ``row`` back into the sequence's ``cache`` and free the row."""
+        self.state.store_row(row, cache, self.positions[row])
+        self.free.append(row)
+
+    def step(self, tokens: dict[int, int]) -> torch.Tensor:
+        """Decode ``tokens[row]`` in each given row at its next position; returns logits ``[rows, vocab]`` (rows not
+        given are stepped and must be ignored). The returned tensor is overwritten by the next step."""
+        for row, token in tokens.items():
+            if self.positions[row] >= self.state.geometry.capacity:
+                raise ValueError(f"row {row}: position {self.positions[row]} is beyond the capacity of "
+                                 f"{self.state.geometry.capacity} tokens")
+            self.tokens[row] = token
+        self.state.tokens.copy_(torch.tensor(self.tokens))
+        self.state.positions.copy_(torch.tensor(self.positions))
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            with torch.no_grad():
+                logits = static_step(self.model, self.state)
+        for row in tokens:
+            self.positions[row] += 1
+        return logits
