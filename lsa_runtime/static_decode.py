@@ -259,6 +259,26 @@ class StaticDecodeState:
                     store.store_row(row, stock, name, length)
 
 
+# bf16 x bf16 -> fp32 batched GEMM (CUDA); absent from older torch builds
+_BMM_TO_FP32 = hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def _index_scores(scorer, q, keys, hidden_states) -> torch.Tensor:
+    """I[t,s] = sum_h w_{t,h} ReLU(q_{t,h} . K^IComp_s) for one decode query per row (``q`` ``[B, 1, H_I, D_I]``,
+    ``keys`` ``[B, cap, D_I]``): transformers' ``DeepseekV4IndexerScorer`` formula, returned as ``[B, cap]``.
+
+    The stock scorer converts every key to fp32 and runs an fp32 GEMM (at 512K and B = 16 on the H200: 8.7 ms of
+    conversion and 18.2 ms of SIMT GEMM per step, docs/BENCHMARKS.md). With half-precision keys on CUDA the
+    products run instead as one tensor-core GEMM with fp32 output: a product of two bf16 values is exact in fp32
+    either way, only the order of the fp32 sums differs. Elsewhere (CPU, fp32) the stock scorer runs."""
+    if keys.device.type != "cuda" or keys.dtype not in (torch.bfloat16, torch.float16) or not _BMM_TO_FP32:
+        return scorer(q, keys, hidden_states)[:, 0]
+    logits = torch.bmm(q[:, 0], keys.transpose(1, 2), out_dtype=torch.float32)  # [B, H_I, cap]
+    logits = torch.relu(logits) * scorer.softmax_scale
+    weights = scorer.weights_proj(hidden_states).float() * scorer.weights_scaling  # [B, 1, H_I]
+    return (logits * weights[:, 0, :, None]).sum(dim=1)
+
+
 def _lightning_indexer(indexer, keys: CompressedStore, hidden_states, q_residual, positions):
     """Top-k of I[t,s] = sum_h w_{t,h} ReLU(q_{t,h} . K^IComp_s) (paper eqs. 13-17) over all ``cap`` slots of every
     row, -inf beyond the row's length; fixed k = min(index_topk, cap). Returns picks ``[B, k]`` and which picks are
@@ -267,7 +287,7 @@ def _lightning_indexer(indexer, keys: CompressedStore, hidden_states, q_residual
     cos, sin = indexer.rotary_emb(hidden_states, position_ids=positions[:, None], layer_type=indexer.rope_layer_type)
     q = indexer.q_b_proj(q_residual).view(batch, 1, -1, indexer.head_dim).transpose(1, 2)
     q = v4.apply_rotary_pos_emb(q, cos, sin).transpose(1, 2)  # [B, 1, H_I, D_I]
-    scores = indexer.scorer(q, keys.entries, hidden_states)[:, 0]  # I[t, s]: [B, cap]
+    scores = _index_scores(indexer.scorer, q, keys.entries, hidden_states)  # I[t, s]: [B, cap]
     scores = scores.masked_fill(~keys.visible(), float("-inf"))
     picks = scores.topk(min(indexer.index_topk, scores.shape[-1]), dim=-1).indices
     return picks, picks < keys.lengths[:, None]

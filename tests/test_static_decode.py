@@ -345,3 +345,30 @@ def _prefill_on(model, ids):
         logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True,
                        **{cache_kwarg(): cache}).logits[0, -1]
     return cache, logits
+
+
+@pytest.mark.gpu
+def test_index_scores_on_a_gpu_match_the_stock_scorer():
+    """_index_scores with bf16 keys on a GPU (one bf16 GEMM with fp32 output instead of the stock fp32 conversion):
+    I[t,s] within fp32 summation-order error of transformers' DeepseekV4IndexerScorer, and the same top-k up to a
+    swap at the boundary."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from lsa_runtime.backbone import load_backbone
+    from lsa_runtime.static_decode import _BMM_TO_FP32, _index_scores
+
+    assert _BMM_TO_FP32, "this torch has no bf16 -> fp32 bmm: the static step runs the stock scorer"
+    model, _ = load_backbone("tiny", dtype=torch.bfloat16, device="cuda")
+    indexer = model.model.layers[2].self_attn.compressor.indexer
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    config = model.config
+    q = torch.randn(4, 1, config.index_n_heads, config.index_head_dim, generator=gen, device="cuda").bfloat16()
+    keys = torch.randn(4, 4096, config.index_head_dim, generator=gen, device="cuda").bfloat16()
+    hidden = torch.randn(4, 1, config.hidden_size, generator=gen, device="cuda").bfloat16()
+    with torch.no_grad():
+        got = _index_scores(indexer.scorer, q, keys, hidden)
+        want = indexer.scorer(q, keys, hidden)[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    k = config.index_topk
+    for a, b in zip(got.topk(k).indices.tolist(), want.topk(k).indices.tolist()):
+        assert len(set(a) ^ set(b)) <= 2
