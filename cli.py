@@ -505,6 +505,9 @@ def generate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
+    static_decode: bool = typer.Option(False, "--static-decode", help="Mode full only: decode through the "
+                                       "static-shape step (fixed-size stores; on a GPU the whole step replays as "
+                                       "one CUDA graph). Same tokens as the default path."),
 ):
     """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
 
@@ -532,7 +535,7 @@ def generate_command(
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
                            keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble,
-                           pool_storage=pool_storage)
+                           pool_storage=pool_storage, static_decode=static_decode)
     if device is not None and device_map is not None:
         raise FmIndexError("give --device or --device-map, not both")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,

@@ -95,6 +95,19 @@ def test_cli_generate_prints_text_and_stats():
     assert "CSA-KV ratio" in result.output and "total KV ratio" in result.output and "triggers" in result.output
 
 
+def test_cli_generate_static_decode_prints_the_default_paths_text():
+    """--static-decode (mode full) gives the default full path's text; with another mode it is refused (exit 2)."""
+    args = ["generate", "--model", "tiny", "--device", "cpu", "--mode", "full", "--prompt",
+            "The cold pool keeps every entry. " * 3, "--max-new-tokens", "12"]
+    plain, static = runner.invoke(app, args), runner.invoke(app, [*args, "--static-decode"])
+    assert plain.exit_code == static.exit_code == 0, static.output
+    text = lambda out: out.output.split("KV footprint:", 1)[0]  # the generated text, before the stats table
+    assert text(static) == text(plain) and text(plain)
+    refused = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--mode", "recent", "--budget",
+                                  "8", "--prompt", "x", "--static-decode"])
+    assert refused.exit_code == 2 and "static_decode decodes mode 'full' only" in refused.output, refused.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "x", "--tau", "0"], "tau (--tau) must be an integer >= 1"),
     (["--prompt", "x", "--threshold", "2"], "threshold (--threshold) must be in (0, 1)"),
