@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="compile every decoder layer first (lsa_runtime/compiled_step.py; minutes on a GPU)")
     ap.add_argument("--profile", action="store_true", help="count the kernels of a replayed step (GPU)")
+    ap.add_argument("--stock-mhc", action="store_true",
+                    help="with --compile: keep transformers' Sinkhorn loop (no lsa_runtime/fused_mhc.py)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -152,7 +154,7 @@ def main() -> None:
     model = model.to(dtype).eval()
     install_static_attention(model)
     if args.compile:
-        compile_static_step(model)
+        compile_static_step(model, fuse_mhc=not args.stock_mhc)
     rows, began = [], time.perf_counter()
     print(f"{'context':>9} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'tok/s':>8} {'state/row MiB':>14}", flush=True)
     for context in (int(c) for c in args.contexts.split(",")):

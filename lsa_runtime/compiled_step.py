@@ -12,7 +12,9 @@ hash-routed or not) share one graph per batch size, whatever the depth.
 transformers' modules keep their code and weights (the compiled function traces them); the eager step stays the
 numerical reference (tests/test_static_decode.py). Compile before capturing a CUDA graph: the first steps compile
 (minutes on a GPU for the Flash layout), later ones run the generated kernels, which a capture records like any
-other. The embedding, the final hyper-head, norm and LM head stay eager (a handful of kernels).
+other. The embedding, the final hyper-head, norm and LM head stay eager (a handful of kernels). The hyper-
+connections' Sinkhorn loop is rewritten entry by entry (:mod:`.fused_mhc`) so that it fuses instead of leaving
+one kernel per normalisation.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ import functools
 
 import torch
 
+from .fused_mhc import install_fusable_mhc, uninstall_fusable_mhc
 from .static_decode import StaticDecodeState, install_static_attention
+
+
+# inductor fuses at most 64 nodes into one kernel by default; the entry-wise Sinkhorn loop (fused_mhc) is ~1,300
+MAX_FUSION_SIZE = 2048
 
 
 @functools.cache
 def _compiled(function):
     # dynamic=False: decode shapes are fixed per batch size; each batch size and layer kind is its own graph
-    return torch.compile(function, dynamic=False)
+    return torch.compile(function, dynamic=False, options={"max_fusion_size": MAX_FUSION_SIZE})
 
 
 def _hand_over_stores(layer, args, kwargs):
@@ -42,13 +49,16 @@ def _decoder(model):
     return model.model if hasattr(model, "model") else model
 
 
-def compile_static_step(model) -> int:
+def compile_static_step(model, fuse_mhc: bool = True) -> int:
     """Compile every decoder layer of ``model`` for the static step (idempotent); returns the number of layers.
+    ``fuse_mhc``: the hyper-connections' Sinkhorn loop entry by entry (:mod:`.fused_mhc`), so that it fuses.
 
     Graphs are built lazily on the first static steps; ``torch._dynamo.config.cache_size_limit`` is raised so
     that every layer kind and batch size keeps its graph. Other caches (prefill with a ``DynamicCache``) run the
     same compiled function: compile only a model kept for static decoding, or :func:`uncompile_static_step`."""
     install_static_attention(model)
+    if fuse_mhc:
+        install_fusable_mhc(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     layers = _decoder(model).layers
     for layer in layers:
@@ -60,7 +70,8 @@ def compile_static_step(model) -> int:
 
 
 def uncompile_static_step(model) -> None:
-    """Back to eager code in every layer (torch keeps the compiled graphs cached)."""
+    """Back to eager code in every layer and transformers' hyper-connections (torch keeps the compiled graphs)."""
+    uninstall_fusable_mhc(model)
     for layer in _decoder(model).layers:
         hook = layer.__dict__.pop("_lsa_store_hook", None)
         if hook is not None:

@@ -372,3 +372,30 @@ def test_index_scores_on_a_gpu_match_the_stock_scorer():
     k = config.index_topk
     for a, b in zip(got.topk(k).indices.tolist(), want.topk(k).indices.tolist()):
         assert len(set(a) ^ set(b)) <= 2
+
+
+def test_entrywise_sinkhorn_gives_transformers_hyper_connection(backbone):
+    """fused_mhc: the hyper-connection with its Sinkhorn loop written entry by entry returns transformers' (post,
+    comb, collapsed) on random streams (within fp32 summation order; observed equal), and uninstalling restores
+    transformers' class."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection
+
+    from lsa_runtime.fused_mhc import FusableHyperConnection, install_fusable_mhc, uninstall_fusable_mhc
+
+    model, _ = backbone
+    streams = torch.randn(3, 1, model.config.hc_mult, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    modules = [m for m in model.modules() if type(m) is DeepseekV4HyperConnection]
+    with torch.no_grad():
+        want = [m(streams) for m in modules]
+        assert install_fusable_mhc(model) == len(modules) == 2 * model.config.num_hidden_layers
+        try:
+            assert all(isinstance(m, FusableHyperConnection) for m in modules)
+            got = [m(streams) for m in modules]
+        finally:
+            uninstall_fusable_mhc(model)
+    assert all(type(m) is DeepseekV4HyperConnection for m in modules)
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    comb = got[0][1]
+    torch.testing.assert_close(comb.sum(-2), torch.ones_like(comb.sum(-2)), rtol=1e-3, atol=1e-3)  # doubly stochastic
