@@ -8,8 +8,10 @@
 #   bash reference/long_context_piece.sh unstage                              # here, at once (after a stage)
 # Recipe L5 (train) + L6 (finish), run 2026-12-02 from the staged L4 and adopted as the default (data/reference/
 # README.md, "Long context, third attempt"): 8 minutes cycling 64K / 4K / 16K / 8K / 32K (64K fits since the chunked
-# Lightning Indexer), then 3.5 minutes of 4K / 8K / 16K / 32K with the lr decayed over the last 2.5. A next piece
-# continues the default itself (no staging); the card's "Gaps" says what the numbers suggest changing.
+# Lightning Indexer; seed 31), then 3.5 minutes of 4K / 8K / 16K / 32K with the lr decayed over the last 2.5 (seed 32).
+# Recipe L7 + L8 (now, not yet run): from the default itself (no staging), the card's "Gaps": examples per length
+# fall with length (one 64K sequence per step), so the train call cycles 64K / 32K / 64K / 4K (half of its
+# steps at 64K, ~100 sequences in 8 minutes, a quarter at 32K; new data: seed 33), the finish call is L6's with seed 34.
 # `finish` evaluates with the default's exact command (same seeds) and prints the verdict of
 # reference/compare_evals.py; the candidate's bf16 checkpoint comes back under $OUT (two 15 MB shards): keep it in
 # reference/work/ (git-ignored) to stage it next time, commit it as data/reference only if adopted. train.log /
@@ -32,12 +34,12 @@ case "${1:-}" in
       -k "chunked_indexer or window_attention_equals or activation_checkpointing" > $OUT/tests.txt 2>&1 ||
       { tail -20 $OUT/tests.txt; echo "chunked indexer differs from this transformers: not training"; exit 4; }
     tail -1 $OUT/tests.txt
-    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 31 \
-      --stages 65536/4096/16384/8192/32768:0:64 --max-minutes 8.0 > $OUT/train1.log 2>&1
+    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 33 \
+      --stages 65536/32768/65536/4096:0:64 --max-minutes 8.0 > $OUT/train1.log 2>&1
     tail -3 $OUT/train1.log ;;
   finish)
     test -d $W/ckpt1 || { echo "no $W/ckpt1: call 1 ran on another machine (run both calls back to back)"; exit 3; }
-    python3 -m reference.train --ckpt $W/ckpt2 --init $W/ckpt1 $COMMON --warmup 10 --seed 32 \
+    python3 -m reference.train --ckpt $W/ckpt2 --init $W/ckpt1 $COMMON --warmup 10 --seed 34 \
       --stages 4096/8192/16384/32768:0:64 --max-minutes 3.5 --decay-minutes 2.5 > $OUT/train2.log 2>&1
     tail -3 $OUT/train2.log
     python3 -m reference.evaluate_needles --model $W/ckpt2 --attention window --lengths 4096 8192 16384 32768 65536 \
