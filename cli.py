@@ -603,6 +603,9 @@ def evaluate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
+    static_decode: bool = typer.Option(False, "--static-decode", help="Decode mode full through the static-shape "
+                                       "step (fixed-size stores; on a GPU one CUDA graph per batch); the same "
+                                       "greedy tokens. The oracle's recording runs keep the default path."),
 ):
     """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
 
@@ -641,7 +644,8 @@ def evaluate_command(
             progress.advance(self.bar)
 
     with progress:
-        results = evaluate(config, out, resume=resume, reporter=RichReporter(), workers=workers, batch=batch)
+        results = evaluate(config, out, resume=resume, reporter=RichReporter(), workers=workers, batch=batch,
+                           static_decode=static_decode)
     _print_evaluation(results, out)
 
 

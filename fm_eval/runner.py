@@ -195,7 +195,7 @@ class Evaluation:
     """Runs (or resumes) one evaluation into ``out``; :meth:`run` returns the results dictionary."""
 
     def __init__(self, config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-                 backbone=None, workers: int = 1, batch: int = 1):
+                 backbone=None, workers: int = 1, batch: int = 1, static_decode: bool = False):
         self.config = config.check()
         self.out = Path(out)
         self.reporter = reporter or Reporter()
@@ -207,6 +207,9 @@ class Evaluation:
         if isinstance(batch, bool) or int(batch) != batch or int(batch) < 1:
             raise EvaluationError(f"--batch must be an integer >= 1, got {batch}")
         self.batch = int(batch)
+        # mode full's runs through the static-shape step (SessionConfig.static_decode: the same greedy tokens), except
+        # the full runs that record native picks for the oracle (the static step records none)
+        self.static_decode = bool(static_decode)
         self.done: dict[tuple, dict] = {}
         self.identity: dict[str, str] = {}  # set by _preflight
 
@@ -320,7 +323,8 @@ class Evaluation:
         shares = [order[k::n] for k in range(n)]
         threads = max(1, (os.cpu_count() or 1) // n) if torch.device(self.config.device).type == "cpu" else 1
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        procs = [context.Process(target=_worker_main, args=(self.config, str(self.out), share, threads, self.batch),
+        procs = [context.Process(target=_worker_main, args=(self.config, str(self.out), share, threads, self.batch,
+                                                                     self.static_decode),
                                  name=f"fm-index-eval-{k}") for k, share in enumerate(shares)]
         for proc in procs:
             proc.start()
@@ -423,9 +427,10 @@ class Evaluation:
                     if (r := self.done.get((task, length, i, "lsa"))) and r.get("selected_mean") is not None]
         return max(1, round(sum(selected) / len(selected))) if selected else 1
 
-    def _session_config(self, mode: str, budget: int | None) -> SessionConfig:
+    def _session_config(self, mode: str, budget: int | None, records_picks: bool = False) -> SessionConfig:
         cfg = self.config
-        return SessionConfig(mode=mode, tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
+        return SessionConfig(mode=mode, static_decode=self.static_decode and mode == "full" and not records_picks,
+                             tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, pool_storage=cfg.pool_storage,
                              budget=self._buffer_rows(budget) if mode == "hisparse" else
@@ -435,7 +440,7 @@ class Evaluation:
                 want_picks: bool = False, picks: dict | None = None) -> tuple[dict, dict | None]:
         from lsa_runtime.session import Session
 
-        config = self._session_config(mode, budget)
+        config = self._session_config(mode, budget, records_picks=want_picks)
         policy = make_policy(config, self.memory_indexer, picks or {})
         session = Session(self.model, self.tokenizer, config, policy=policy)
         recorded = None
@@ -515,18 +520,20 @@ class Evaluation:
 
 
 def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-             backbone=None, workers: int = 1, batch: int = 1) -> dict:
+             backbone=None, workers: int = 1, batch: int = 1, static_decode: bool = False) -> dict:
     """Run (or resume) the evaluation of ``config`` into ``out``; returns the results dictionary. ``workers``:
     decode in that many processes on the same device (see :meth:`Evaluation._run_workers`); ``batch``: decode up
-    to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens)."""
+    to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens);
+    ``static_decode``: mode full through the static-shape step (same greedy tokens)."""
     return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers,
-                      batch=batch).run()
+                      batch=batch, static_decode=static_decode).run()
 
 
-def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int, batch: int = 1) -> None:
+def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int, batch: int = 1,
+                 static_decode: bool = False) -> None:
     """One worker process: load the backbone (and indexer), decode ``cells``, append runs to out/runs.jsonl."""
     torch.set_num_threads(threads)
-    evaluation = Evaluation(config, out, resume=True, batch=batch)
+    evaluation = Evaluation(config, out, resume=True, batch=batch, static_decode=static_decode)
     evaluation.done = _read_runs(Path(out) / "runs.jsonl")  # read only: the parent owns the directory
     evaluation._load()
     for task, length in cells:

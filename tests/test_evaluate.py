@@ -330,3 +330,31 @@ def test_batched_evaluation_records_what_one_at_a_time_does(all_modes, backbone,
         assert {k: a["stats"][k] for k in stats} == {k: b["stats"][k] for k in stats}
     with pytest.raises(EvaluationError, match="--batch must be"):
         Evaluation(config, tmp_path / "bad", backbone=backbone, batch=0)
+
+
+def test_static_decode_evaluation_records_what_the_default_path_does(backbone, export_dir, tmp_path, monkeypatch):
+    """--static-decode: mode full's runs through the static-shape step (batched 2 at a time) give the default path's
+    predictions, scores and CSA-KV ratios; with the oracle, whose full runs record native picks and so keep the
+    default path, the evaluation is unchanged too."""
+    from lsa_runtime.static_runner import StaticRunner
+
+    steps = []
+    step = StaticRunner.step
+    monkeypatch.setattr(StaticRunner, "step", lambda self, tokens: steps.append(len(tokens)) or step(self, tokens))
+    key = lambda r: (r["mode"], r["index"])  # noqa: E731
+    for modes, static_steps in ((("full", "recent"), True), (("full", "oracle"), False)):
+        config = EvalConfig(model="tiny", modes=modes, tasks=(TASK,), lengths=(LENGTH,), samples=3,
+                            max_new_tokens=NEW, tau=TAU, budget=24)
+        name = "-".join(modes)
+        plain = evaluate(config, tmp_path / f"plain-{name}", backbone=backbone)
+        assert not steps
+        static = evaluate(config, tmp_path / f"static-{name}", backbone=backbone, batch=2, static_decode=True)
+        assert bool(steps) == static_steps and (not steps or max(steps) == 2), (modes, steps)
+        steps.clear()
+        runs_plain, runs_static = sorted(plain["runs"], key=key), sorted(static["runs"], key=key)
+        assert len(runs_plain) == len(runs_static) == 6
+        for a, b in zip(runs_plain, runs_static):
+            assert key(a) == key(b)
+            assert (a["prediction"], a["score"], a["finish_reason"]) == \
+                   (b["prediction"], b["score"], b["finish_reason"])
+            assert a["stats"]["csa_kv_ratio"] == b["stats"]["csa_kv_ratio"]
