@@ -31,6 +31,7 @@ from bench.bench_decode import small_config  # noqa: E402
 from bench.flash_model import flash_config  # noqa: E402
 from lsa_runtime.compiled_step import compile_static_step  # noqa: E402
 from lsa_runtime.static_decode import StaticDecodeState, install_static_attention, static_step  # noqa: E402
+from lsa_runtime.static_runner import StaticRunner  # noqa: E402
 
 
 def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
@@ -90,9 +91,10 @@ def profile_replays(graph, replays: int) -> dict:
                     for e in top]}
 
 
-def run_batch(model, config, context: int, batch: int, args, device: str, dtype) -> dict:
+def run_batch(model, context: int, batch: int, args, device: str) -> dict:
     capacity = context + 2 * args.steps + 8
-    state = StaticDecodeState(config, batch, capacity, dtype, device)
+    runner = StaticRunner(model, batch, capacity, graph=False)  # the Session's rows; captured below
+    state = runner.state
     fill(state, context, torch.Generator(device=device).manual_seed(context + batch))
     row = {"context": context, "batch": batch, "state_bytes_per_row": state_bytes(state) // batch}
     with torch.no_grad():
@@ -106,20 +108,12 @@ def run_batch(model, config, context: int, batch: int, args, device: str, dtype)
         row["eager_step_ms"] = eager
         row["eager_median_ms"] = sorted(eager[2:])[len(eager[2:]) // 2]
         if device == "cuda" and not args.no_graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                static_step(model, state)  # warm-up outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_step(model, state)
-            replay = time_steps(graph.replay, state, args.steps, device)
+            runner.capture()  # warm-up steps off the capture, then the capture
+            replay = time_steps(runner.graph.replay, state, args.steps, device)
             row["graph_step_ms"] = replay
             row["graph_median_ms"] = sorted(replay[1:])[len(replay[1:]) // 2]
             if args.profile:
-                row["profile"] = profile_replays(graph, 3)
-            del graph
+                row["profile"] = profile_replays(runner.graph, 3)
     best = row.get("graph_median_ms", row["eager_median_ms"])
     row["tokens_per_s"] = batch * 1e3 / best
     return row  # the state is freed here; the caller empties the CUDA cache
@@ -162,7 +156,7 @@ def main() -> None:
             if args.max_seconds and time.perf_counter() - began > args.max_seconds:
                 print(f"stopped at {args.max_seconds:g} s (--max-seconds)", flush=True)
                 break
-            row = run_batch(model, config, context, batch, args, device, dtype)
+            row = run_batch(model, context, batch, args, device)
             if device == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)

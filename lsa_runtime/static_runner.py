@@ -24,19 +24,19 @@ class StaticRunner:
     def __init__(self, model, rows: int, capacity: int, graph: bool):
         self.model = model
         install_static_attention(model)
-        if graph:
-            use_capturable_experts(model)
         self.state = StaticDecodeState(model.config, rows, capacity, model.dtype, model.device)
         self.free = list(range(rows - 1, -1, -1))  # rows without a sequence (popped from the end: row 0 first)
         self.positions = [0] * rows  # host copies: tokens seen per row, the next step's token per row
         self.tokens = [0] * rows
         self.graph, self.logits = None, None
         if graph:
-            self._capture()
+            self.capture()
 
-    def _capture(self) -> None:
-        """Warm up off the capture (it steps the empty rows: harmless, a row is reset when a sequence joins),
-        then capture one step; its logits buffer is what every replay writes."""
+    def capture(self) -> None:
+        """Warm up off the capture (it steps the rows as they are: harmless, a row is reset when a sequence joins),
+        then capture one step; its logits buffer is what every replay writes. (bench/bench_static.py calls it
+        after filling the rows itself.)"""
+        use_capturable_experts(self.model)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
