@@ -9,9 +9,10 @@
 # Recipe L5 (train) + L6 (finish), run 2026-12-02 from the staged L4 and adopted as the default (data/reference/
 # README.md, "Long context, third attempt"): 8 minutes cycling 64K / 4K / 16K / 8K / 32K (64K fits since the chunked
 # Lightning Indexer; seed 31), then 3.5 minutes of 4K / 8K / 16K / 32K with the lr decayed over the last 2.5 (seed 32).
-# Recipe L7 + L8 (now, not yet run): from the default itself (no staging), the card's "Gaps": examples per length
-# fall with length (one 64K sequence per step), so the train call cycles 64K / 32K / 64K / 4K (half of its
-# steps at 64K, ~100 sequences in 8 minutes, a quarter at 32K; new data: seed 33), the finish call is L6's with seed 34.
+# Recipe L7 + L8 (run 2026-12-02, fourth session; NOT adopted, the card's "Long context, fourth attempt"): from the
+# default itself (no staging), the card's "Gaps": examples per length fall with length (one 64K sequence per step),
+# so the train call cycles 64K / 32K / 64K / 4K (half of its steps at 64K, ~100 sequences in 8 minutes, a quarter
+# at 32K; new data: seed 33), the finish call is L6's with seed 34. A next piece changes the seeds and the stages.
 # `finish` evaluates with the default's exact command (same seeds) and prints the verdict of
 # reference/compare_evals.py; the candidate's bf16 checkpoint comes back under $OUT (two 15 MB shards): keep it in
 # reference/work/ (git-ignored) to stage it next time, commit it as data/reference only if adopted. train.log /

@@ -432,8 +432,8 @@ LONG_CONTEXT_TABLES = {"Long context: 4K-64K tokens": ["L2"], "Long context, sec
 
 
 def _long_context_attempts(results: dict) -> list[tuple[dict, str]]:
-    """(attempt, row label) for every long-context attempt: L1 + L2 outside the lineage, L3 + L4 in it (not adopted
-    on their own), L5 + L6 adopted."""
+    """(attempt, row label) for every long-context attempt: L1 + L2 and L7 + L8 (from L6) outside the lineage, L3 + L4
+    in it (not adopted on their own), L5 + L6 adopted."""
     out = [(a, "not adopted") for a in results["attempts_not_adopted"] if "pieces" in a]
     for attempt in results["long_context"]["attempts"]:
         out.append((attempt, "adopted" if attempt["verdict"] == "adopt" else "in the lineage"))
@@ -457,7 +457,8 @@ def test_card_states_the_long_context_attempts():
     results = json.loads((REFERENCE / "training_results.json").read_text())
     card = (REFERENCE / "README.md").read_text()
     attempts = _long_context_attempts(results)
-    assert [[p["piece"] for p in a["pieces"]] for a, _ in attempts] == [["L1", "L2"], ["L3", "L4"], ["L5", "L6"]]
+    assert [[p["piece"] for p in a["pieces"]] for a, _ in attempts] == [["L1", "L2"], ["L7", "L8"], ["L3", "L4"],
+                                                                         ["L5", "L6"]]
     assert [a["verdict"] for a in results["long_context"]["attempts"]] == ["keep the reference", "adopt"]
     reference = results["previous_default"]["needles_gpu_long"]["results"]["topk64"]
     for attempt, label in attempts:
@@ -490,7 +491,7 @@ def test_card_states_the_long_context_attempts():
         final = attempt["needles_full"]
         assert final == evaluations[-1] and attempt["needles"] == {k: v["accuracy"] for k, v in final.items()}
     by_piece = _evaluations_by_piece(results)
-    assert list(by_piece) == ["L2", "L3", "L4", "L6"]
+    assert list(by_piece) == ["L2", "L8", "L3", "L4", "L6"]
     lengths = (4096, 8192, 16384, 32768, 65536)
     for heading, models in LONG_CONTEXT_TABLES.items():
         section = _card_section(card, heading)
@@ -517,6 +518,38 @@ def test_card_states_the_long_context_attempts():
                         assert reference[key]["n"] == row["n"]
                     assert len(row["hits"]) == row["n"] and row["accuracy"] == pytest.approx(
                         row["hits"].count("1") / row["n"])
+
+
+def test_card_states_the_attempt_judged_against_l6():
+    """The fourth attempt (L7 + L8 from the default L6): the card's `L6 -> L8` cells are the stored evaluations, and
+    its mean table and verdict are reference.compare_evals' against the default (the device's verdict.txt, recomputed
+    here from the stored evaluation): keep the reference."""
+    from reference.compare_evals import verdict
+
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    card = (REFERENCE / "README.md").read_text()
+    section = _card_section(card, "Long context, fourth attempt")
+    (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == ["L7", "L8"]]
+    l6, l8 = results["needles_gpu_long"]["results"]["topk64"], attempt["needles_full"]
+    assert attempt["verdict"] == "keep the reference" and "NOT adopted" in attempt["what"]
+    assert attempt["pieces"][0]["init"].startswith("the default L6")
+    lengths = (4096, 8192, 16384, 32768, 65536)
+    table = dict(re.findall(r"^\| ([a-z_]+) \| [\d.]+% \| (.+ -> .+) \|$", section, flags=re.M))
+    assert set(table) == {k.split("@")[0] for k in l8} and len(l8) == 7 * len(lengths)
+    for task, cells in table.items():
+        for length, cell in zip(lengths, cells.split(" | "), strict=True):
+            a, b = (float(x) for x in cell.split(" -> "))
+            key = f"{task}@{length}"
+            assert (a, b) == (pytest.approx(100 * l6[key]["accuracy"], abs=0.05),
+                              pytest.approx(100 * l8[key]["accuracy"], abs=0.05))
+            assert l6[key]["n"] == l8[key]["n"]
+    rows, adopt = verdict(_accuracy_cells(l8), _accuracy_cells(l6))
+    assert not adopt
+    for length, tasks, ref, cand in rows:
+        assert len(tasks) == 7
+        mark = f"{100 * cand:.1f}%" + (" (worse)" if cand < ref else "")
+        assert f"| {length:,} | {100 * ref:.1f}% | {mark} |" in section
+    assert attempt["verdicts"]["L8"].rstrip().endswith("verdict: keep the reference")
 
 
 @pytest.mark.parametrize("heading", ["Long context, second attempt", "Long context, third attempt"])
