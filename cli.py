@@ -505,9 +505,10 @@ def generate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
-    static_decode: bool = typer.Option(False, "--static-decode", help="Mode full only: decode through the "
+    static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Mode full: decode through the "
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
-                                       "one CUDA graph). Same tokens as the default path."),
+                                       "one CUDA graph) or transformers' own per-sequence decode (the numerical "
+                                       "reference). Default: static on one GPU, stock elsewhere."),
 ):
     """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
 
@@ -603,9 +604,10 @@ def evaluate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
-    static_decode: bool = typer.Option(False, "--static-decode", help="Decode mode full through the static-shape "
-                                       "step (fixed-size stores; on a GPU one CUDA graph per batch); the same "
-                                       "greedy tokens. The oracle's recording runs keep the default path."),
+    static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode mode full through the "
+                                       "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch) "
+                                       "or transformers' own per-sequence decode. Default: static on one GPU, "
+                                       "stock elsewhere. The oracle's recording runs always decode stock."),
 ):
     """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
 

@@ -65,17 +65,18 @@ def main() -> None:
     # (1,024 prompt tokens and tau + 1 steps: a chunked prefill, decode steps that emit entries, one trigger)
     warm = torch.randint(3, config.vocab_size, (1024,), generator=gen).tolist()
     for mode in ("full", "lsa"):
-        Session(model, None, SessionConfig(mode=mode, decode_graphs=False, chunk_size=1024),
-                indexer=indexer if mode == "lsa" else None).generate(warm, max_new_tokens=mcfg.tau + 1,
-                                                                      stop_at_eos=False)
+        warm_config = SessionConfig(mode=mode, decode_graphs=False, static_decode=False, chunk_size=1024)
+        Session(model, None, warm_config, indexer=indexer if mode == "lsa" else None).generate(
+            warm, max_new_tokens=mcfg.tau + 1, stop_at_eos=False)
     gc.collect()
     torch.cuda.empty_cache()
     for context in (int(c) for c in args.contexts.split(",")):
         prompt = torch.randint(3, config.vocab_size, (context - args.new_tokens,), generator=gen).tolist()
         for mode in ("full", "lsa"):
             before = allocated()
-            session = Session(model, None, SessionConfig(mode=mode, decode_graphs=False, chunk_size=1024),
-                              indexer=indexer if mode == "lsa" else None)
+            # the stock cache, as the plan counts it (the static step's stores are sized by capacity)
+            config_ = SessionConfig(mode=mode, decode_graphs=False, static_decode=False, chunk_size=1024)
+            session = Session(model, None, config_, indexer=indexer if mode == "lsa" else None)
             session.generate(prompt, max_new_tokens=args.new_tokens, stop_at_eos=False)
             measured = allocated() - before
             stats = session.stats

@@ -104,7 +104,9 @@ def decode(model, mode: str, prompt: list[int], new_tokens: int, indexer, chunk_
     """One Session generation; returns (tokens, per-step seconds after the first token, the session)."""
     from lsa_runtime.session import Session, SessionConfig
 
-    session = Session(model, None, SessionConfig(mode=mode, decode_graphs=False, chunk_size=chunk_size),
+    # the stock path on one GPU as on two (a spread model cannot take the static step)
+    session = Session(model, None, SessionConfig(mode=mode, decode_graphs=False, static_decode=False,
+                                                 chunk_size=chunk_size),
                       indexer=indexer if mode == "lsa" else None)
     tokens, stamps = [], []
     synchronize()

@@ -195,7 +195,7 @@ class Evaluation:
     """Runs (or resumes) one evaluation into ``out``; :meth:`run` returns the results dictionary."""
 
     def __init__(self, config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-                 backbone=None, workers: int = 1, batch: int = 1, static_decode: bool = False):
+                 backbone=None, workers: int = 1, batch: int = 1, static_decode: bool | None = None):
         self.config = config.check()
         self.out = Path(out)
         self.reporter = reporter or Reporter()
@@ -207,9 +207,9 @@ class Evaluation:
         if isinstance(batch, bool) or int(batch) != batch or int(batch) < 1:
             raise EvaluationError(f"--batch must be an integer >= 1, got {batch}")
         self.batch = int(batch)
-        # mode full's runs through the static-shape step (SessionConfig.static_decode: the same greedy tokens), except
-        # the full runs that record native picks for the oracle (the static step records none)
-        self.static_decode = bool(static_decode)
+        # mode full's runs through the static-shape step or not (SessionConfig.static_decode; None: the Session's
+        # default, on a GPU), except the full runs that record native picks for the oracle (the static step records none)
+        self.static_decode = None if static_decode is None else bool(static_decode)
         self.done: dict[tuple, dict] = {}
         self.identity: dict[str, str] = {}  # set by _preflight
 
@@ -429,7 +429,8 @@ class Evaluation:
 
     def _session_config(self, mode: str, budget: int | None, records_picks: bool = False) -> SessionConfig:
         cfg = self.config
-        return SessionConfig(mode=mode, static_decode=self.static_decode and mode == "full" and not records_picks,
+        static = self.static_decode if mode == "full" and not records_picks else False
+        return SessionConfig(mode=mode, static_decode=static,
                              tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, pool_storage=cfg.pool_storage,
@@ -520,17 +521,18 @@ class Evaluation:
 
 
 def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-             backbone=None, workers: int = 1, batch: int = 1, static_decode: bool = False) -> dict:
+             backbone=None, workers: int = 1, batch: int = 1, static_decode: bool | None = None) -> dict:
     """Run (or resume) the evaluation of ``config`` into ``out``; returns the results dictionary. ``workers``:
     decode in that many processes on the same device (see :meth:`Evaluation._run_workers`); ``batch``: decode up
     to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens);
-    ``static_decode``: mode full through the static-shape step (same greedy tokens)."""
+    ``static_decode``: mode full through the static-shape step (same greedy tokens); None: the Session's default
+    (on for one GPU)."""
     return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers,
                       batch=batch, static_decode=static_decode).run()
 
 
 def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int, batch: int = 1,
-                 static_decode: bool = False) -> None:
+                 static_decode: bool | None = None) -> None:
     """One worker process: load the backbone (and indexer), decode ``cells``, append runs to out/runs.jsonl."""
     torch.set_num_threads(threads)
     evaluation = Evaluation(config, out, resume=True, batch=batch, static_decode=static_decode)

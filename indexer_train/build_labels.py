@@ -201,7 +201,8 @@ def continuation(model, prompt_ids: list[int], new_tokens: int, chunk_size: int)
     included, so that every document yields the same number of windows)."""
     from lsa_runtime.session import Session, SessionConfig
 
-    session = Session(model, None, SessionConfig(mode="full", chunk_size=chunk_size))
+    # the stock decode path: labels built on a GPU keep the tokens transformers' own decoding gives
+    session = Session(model, None, SessionConfig(mode="full", chunk_size=chunk_size, static_decode=False))
     return session.generate(prompt_ids, max_new_tokens=new_tokens, stop_at_eos=False).token_ids
 
 

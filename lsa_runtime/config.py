@@ -101,9 +101,12 @@ class SessionConfig:
     * ``max_batch``: how many sequences decode together when ``generate``/``stream`` get a list of prompts; the
       others wait and join as sequences finish (continuous batching). Each keeps its own cache, cold pool,
       resident set, triggers and stats.
-    * ``static_decode`` (mode ``full`` only): decode through the static-shape step (:mod:`~.static_runner`):
+    * ``static_decode`` (mode ``full``): decode through the static-shape step (:mod:`~.static_runner`):
       fixed-capacity stores for ``max_batch`` rows, the whole step one CUDA graph on a GPU (layers eager). Same
-      tokens as the stock path (tested on a CPU); off by default until its Session test has run on a GPU.
+      tokens as the stock path (fp32, CPU and H200; bf16: up to near ties, tests/test_batching.py). None (the
+      default): on where it pays off and was tested, mode ``full`` on one CUDA device, nothing offloaded, weights
+      not kept in FP8/FP4; False: the stock per-sequence path (transformers' own decode, the numerical
+      reference); True: also on a CPU (no graph).
     """
 
     mode: str = "lsa"
@@ -121,7 +124,7 @@ class SessionConfig:
     ensemble: str | None = None
     pool_storage: str = "model"
     max_batch: int = 8
-    static_decode: bool = False
+    static_decode: bool | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -155,8 +158,8 @@ class SessionConfig:
             raise SessionError(f"memory_keys (--memory-keys) must be 'device' or 'pool', got {self.memory_keys!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise SessionError(f"max_batch (--batch) must be an integer >= 1, got {self.max_batch!r}")
-        if not isinstance(self.static_decode, bool):
-            raise SessionError(f"static_decode must be True or False, got {self.static_decode!r}")
+        if self.static_decode is not None and not isinstance(self.static_decode, bool):
+            raise SessionError(f"static_decode must be True, False or None, got {self.static_decode!r}")
         if self.static_decode and self.mode != "full":
             raise SessionError(f"static_decode decodes mode 'full' only (every entry a candidate); mode is "
                                f"'{self.mode}'")

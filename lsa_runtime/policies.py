@@ -261,6 +261,8 @@ def record_native_picks(session, prompt, max_new_tokens: int, **generate_options
     input of :class:`OraclePolicy`."""
     if session.config.mode != "full" or session.policy is not None:
         raise SessionError("record_native_picks needs a mode='full' Session (the stock model's own picks)")
+    if session.static_decode:  # the static step computes its picks itself; the stock indexer's hook sees none
+        raise SessionError("record_native_picks needs static_decode=False (the stock decode path)")
     picks: dict[int, list[torch.Tensor]] = {}
 
     def on_picks(module, args, output):

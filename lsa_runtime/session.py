@@ -204,8 +204,17 @@ class Session:
             raise SessionError("decode_graphs needs the whole backbone resident on one device; this one "
                                + (f"spans {', '.join(map(str, self.devices))}" if len(self.devices) > 1 else
                                   f"streams offloaded weights from the host ({offloaded[0]} ...)"))
-        wants_graphs = self.device.type == "cuda" and len(self.devices) == 1 and not offloaded \
-            if self.config.decode_graphs is None else self.config.decode_graphs
+        one_gpu = self.device.type == "cuda" and len(self.devices) == 1 and not offloaded
+        if self.config.static_decode and (len(self.devices) > 1 or offloaded):
+            raise SessionError("static_decode needs the whole backbone resident on one device")
+        # mode full on one GPU decodes through the static-shape step unless told otherwise (SessionConfig); weights
+        # kept in FP8/FP4 (a release checkpoint on a GPU with its kernels) keep the stock path: not tested there
+        unquantized = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters())
+        self.static_decode = (one_gpu and unquantized and self.config.mode == "full") \
+            if self.config.static_decode is None else self.config.static_decode
+        # the static step is one graph of its own: the per-module graphs would only serve its warm-up steps
+        wants_graphs = one_gpu and not self.static_decode if self.config.decode_graphs is None \
+            else self.config.decode_graphs
         self.decode_graphs = install_decode_graphs(model) if wants_graphs else None
         self._cache_kw = cache_kwarg()
         self._policy_given = policy is not None
@@ -214,8 +223,6 @@ class Session:
         self._last_jobs: list[_Job] = []
         self._row_attention = False  # batching.install_row_attention ran on the model (at the first batched step)
         self._runner: StaticRunner | None = None  # static_decode: the rows of the call running now
-        if self.config.static_decode and (len(self.devices) > 1 or offloaded):
-            raise SessionError("static_decode needs the whole backbone resident on one device")
         self.finish_reason: str | None = None  # of the last generate/stream: "length", "eos", "max_position"
         self.last_prompt_tokens = 0
 
@@ -388,7 +395,8 @@ class Session:
         """The oracle of this prompt: the native top-k picks of a full-mode run of it, replayed per window."""
         from .policies import record_native_picks
 
-        recorder = Session(self.model, self.tokenizer, replace(self.config, mode="full", budget=None))
+        recorder = Session(self.model, self.tokenizer, replace(self.config, mode="full", budget=None,
+                                                                        static_decode=False))
         _, picks = record_native_picks(recorder, ids, max_new_tokens, sampling=sampling)
         return make_policy(self.config, native_picks=picks)
 
@@ -429,7 +437,7 @@ class Session:
         """The decode loop over ``jobs``: up to ``max_batch`` decode together; a finished one leaves, the next
         waiting one is prefilled and joins. One job is the single-conversation case (the plain forward)."""
         self._last_jobs = jobs
-        if self.config.static_decode:  # room for the longest sequence of the call (positions before prefill too)
+        if self.static_decode:  # room for the longest sequence of the call (positions before prefill too)
             capacity = max(job.state.position + len(job.ids) + job.max_new_tokens for job in jobs) + 1
             self._runner = StaticRunner(self.model, min(max_batch, len(jobs)), capacity,
                                         graph=self.device.type == "cuda")

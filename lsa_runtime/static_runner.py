@@ -17,6 +17,17 @@ import torch
 from .static_decode import StaticDecodeState, install_static_attention, static_step, use_capturable_experts
 
 
+def release_cache(cache) -> None:
+    """Replace the big tensors of a batch-1 stock ``cache`` (window K=V, compressed entries) by empty ones of the
+    same layout; the small open-window buffers stay. Only :meth:`StaticDecodeState.store_row` may follow."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.new_empty(layer.keys.shape[:2] + (0, layer.keys.shape[3]))
+        layer.values = layer.keys
+        for name, entries in getattr(layer, "compressed_kv", {}).items():
+            if entries is not None:
+                layer.compressed_kv[name] = entries.new_empty((entries.shape[0], 0, entries.shape[2]))
+
+
 class StaticRunner:
     """``rows`` decode slots of ``capacity`` tokens each for ``model`` (its device and dtype); ``graph``: capture
     the step as one CUDA graph (a CUDA device), else run it eagerly."""
@@ -48,9 +59,12 @@ class StaticRunner:
             self.logits = static_step(self.model, self.state)
 
     def join(self, cache) -> int:
-        """Put a sequence prefilled into the batch-1 stock ``cache`` in a free row; returns the row."""
+        """Put a sequence prefilled into the batch-1 stock ``cache`` in a free row; returns the row. The cache's
+        window keys and compressed entries are released (the row holds them now; :meth:`leave` writes them back),
+        so a sequence's KV is held once, not twice, while it decodes here."""
         row = self.free.pop()
         self.positions[row] = self.state.load_row(row, cache)
+        release_cache(cache)
         return row
 
     def leave(self, row: int, cache) -> None:
