@@ -13,6 +13,11 @@ and B: median step ms (eager, graph), aggregate tokens/s of the graph (eager on 
 row. ``--small``: a 12-layer small-width model, for a CPU smoke test (eager only). ``--compile``: every decoder layer
 compiled first (``lsa_runtime/compiled_step.py``; the first step of each batch size compiles, reported apart).
 ``--profile``: kernels per replayed step and their device time (torch.profiler over 3 replays), the top kernels.
+``--resident R``: LSA's resident mode (``lsa_runtime/static_residency.py``): every CSA layer holds R entry slots per
+row, R - 18 of them filled (the resident set; 18 = tau/4 + 2 slots for the entries born before the next trigger at
+tau = 64), the native top-k choosing among those; the rest of the row's entries live in its host cold pool,
+reported as host MiB per row (C^Comp + K^IComp of every CSA entry, the model's dtype). Triggers are not run here
+(bench_trigger.py measures them).
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ from lsa_runtime.static_decode import StaticDecodeState, install_static_attentio
 from lsa_runtime.static_runner import StaticRunner  # noqa: E402
 
 
+BORN_SLOTS = 64 // 4 + 2  # resident mode: slots kept free for the entries born before the next trigger (tau = 64)
+
+
 def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
-    """Every row as after ``context`` tokens: random contents (finite gates), the lengths and positions exact."""
+    """Every row as after ``context`` tokens: random contents (finite gates), the lengths and positions exact (in
+    resident mode the CSA slots filled up to their capacity less ``BORN_SLOTS``)."""
     def randn_(t):
         t.copy_(torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(t.dtype))
 
@@ -47,13 +56,23 @@ def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
             for name, t in store.tensors().items():
                 if name != "lengths":
                     randn_(t)
-            store.lengths.fill_(context // store.rate)
+            slots = store.entries.shape[1]
+            resident = state.geometry.resident is not None and layer.indexer is not None
+            store.lengths.fill_(min(context // store.rate, slots - BORN_SLOTS) if resident else context // store.rate)
     state.positions.fill_(context)
     state.tokens.fill_(5)
 
 
 def state_bytes(state: StaticDecodeState) -> int:
     return sum(t.numel() * t.element_size() for t in state.tensors().values())
+
+
+def pool_bytes_per_row(config, context: int, dtype: torch.dtype) -> int:
+    """Host cold-pool bytes of one row in resident mode: C^Comp and K^IComp of every CSA entry."""
+    from lsa_runtime.backbone import csa_layers
+
+    entries = context // config.compress_rates["compressed_sparse_attention"]
+    return len(csa_layers(config)) * entries * (config.head_dim + config.index_head_dim) * dtype.itemsize
 
 
 def synchronize(device: str) -> None:
@@ -93,10 +112,13 @@ def profile_replays(graph, replays: int) -> dict:
 
 def run_batch(model, context: int, batch: int, args, device: str) -> dict:
     capacity = context + 2 * args.steps + 8
-    runner = StaticRunner(model, batch, capacity, graph=False)  # the Session's rows; captured below
+    runner = StaticRunner(model, batch, capacity, graph=False, resident=args.resident)  # captured below
     state = runner.state
     fill(state, context, torch.Generator(device=device).manual_seed(context + batch))
-    row = {"context": context, "batch": batch, "state_bytes_per_row": state_bytes(state) // batch}
+    row = {"context": context, "batch": batch, "state_bytes_per_row": state_bytes(state) // batch,
+           "resident_slots": args.resident}
+    if args.resident is not None:
+        row["host_pool_bytes_per_row"] = pool_bytes_per_row(model.config, context, model.dtype)
     with torch.no_grad():
         if args.compile:  # the first step of a batch size (and capacity) compiles its layer kinds
             synchronize(device)
@@ -133,11 +155,17 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="count the kernels of a replayed step (GPU)")
     ap.add_argument("--stock-mhc", action="store_true",
                     help="with --compile: keep transformers' Sinkhorn loop (no lsa_runtime/fused_mhc.py)")
+    ap.add_argument("--resident", type=int, default=None,
+                    help="LSA's resident mode: CSA entry slots per row (e.g. 13,125 = 10%% of 512K's 131,072 + 18)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 4:
         print("error: --steps must be at least 4", file=sys.stderr)
+        sys.exit(2)
+    if args.resident is not None and args.resident <= BORN_SLOTS:
+        print(f"error: --resident must exceed the {BORN_SLOTS} slots kept for entries born between triggers",
+              file=sys.stderr)
         sys.exit(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -150,7 +178,8 @@ def main() -> None:
     if args.compile:
         compile_static_step(model, fuse_mhc=not args.stock_mhc)
     rows, began = [], time.perf_counter()
-    print(f"{'context':>9} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'tok/s':>8} {'state/row MiB':>14}", flush=True)
+    print(f"{'context':>9} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'tok/s':>8} {'state/row MiB':>14}"
+          + (f" {'host pool/row MiB':>18}  (resident slots {args.resident:,})" if args.resident else ""), flush=True)
     for context in (int(c) for c in args.contexts.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             if args.max_seconds and time.perf_counter() - began > args.max_seconds:
@@ -163,6 +192,7 @@ def main() -> None:
             graph = f"{row['graph_median_ms']:9.2f}" if "graph_median_ms" in row else f"{'-':>9}"
             print(f"{context:>9,} {batch:>3} {row['eager_median_ms']:9.2f} {graph} {row['tokens_per_s']:8.1f} "
                   f"{row['state_bytes_per_row'] / 2**20:14.1f}"
+                  + (f" {row['host_pool_bytes_per_row'] / 2**20:18.1f}" if args.resident else "")
                   + (f"  (compiled in {row['compile_seconds']:.0f} s)" if "compile_seconds" in row else ""), flush=True)
             if "profile" in row:
                 p = row["profile"]

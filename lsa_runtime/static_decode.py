@@ -56,18 +56,27 @@ class StaticGeometry:
     csa_rate: int  # m
     hca_rate: int  # m'
     layer_types: tuple[str, ...]
+    # LSA's resident mode: entry slots per CSA layer and row (the resident set and the entries born before the next
+    # trigger; :mod:`.static_residency` fills them). None: full semantics, a slot for every entry the row can emit
+    resident: int | None = None
 
     @classmethod
-    def from_config(cls, config, batch: int, capacity: int) -> StaticGeometry:
+    def from_config(cls, config, batch: int, capacity: int, resident: int | None = None) -> StaticGeometry:
         rates = config.compress_rates
+        if resident is not None and (isinstance(resident, bool) or not isinstance(resident, int) or resident < 1):
+            raise ValueError(f"resident must be a number of entry slots >= 1, got {resident!r}")
         return cls(batch=batch, capacity=capacity, window=config.sliding_window, head_dim=config.head_dim,
                    index_head_dim=config.index_head_dim, csa_rate=rates[CSA], hca_rate=rates[HCA],
-                   layer_types=tuple(config.layer_types))
+                   layer_types=tuple(config.layer_types), resident=resident)
 
     def entries(self, rate: int) -> int:
         """Entry slots per row for a series of compression rate ``rate``: positions < capacity emit at most
         ``capacity // rate`` entries (one when a token at position ``p`` has ``(p + 1) % rate == 0``)."""
         return max(1, self.capacity // rate)
+
+    def csa_slots(self) -> int:
+        """Entry slots per CSA layer and row: the resident capacity in LSA's resident mode, else every entry."""
+        return self.resident if self.resident is not None else self.entries(self.csa_rate)
 
 
 class CompressedStore:
@@ -100,17 +109,20 @@ class CompressedStore:
         for name, tensor in self.tensors().items():
             tensor[row] = float("-inf") if name == "overlap_gate" else 0
 
-    def load_row(self, row: int, layer, name: str, length: int) -> None:
-        """Copy entry ``name`` of a prefilled batch-1 stock cache layer (``length`` tokens seen) into ``row``."""
+    def load_row(self, row: int, layer, name: str, length: int, rows: torch.Tensor | None = None) -> None:
+        """Copy entry ``name`` of a prefilled batch-1 stock cache layer (``length`` tokens seen) into ``row``.
+        ``rows`` ``[n, D]``: the entries to hold instead of the layer's own (LSA's resident rows of a cold-pool
+        layer, which keeps its entries in the pool)."""
         count = layer.entry_count[name]
         if count != length // self.rate:
             raise ValueError(f"{name}: {count} entries for {length} tokens at rate {self.rate}; the static state "
                              "needs a cache prefilled from position 0")
-        if count > self.entries.shape[1]:
-            raise ValueError(f"{name}: {count} entries exceed the capacity of {self.entries.shape[1]}")
-        if count:
-            self.entries[row, :count] = layer.compressed_kv[name][0]
-        self.lengths[row] = count
+        held = layer.compressed_kv[name][0] if rows is None else rows
+        if held.shape[0] > self.entries.shape[1]:
+            raise ValueError(f"{name}: {held.shape[0]} entries exceed the capacity of {self.entries.shape[1]}")
+        if held.shape[0]:
+            self.entries[row, :held.shape[0]] = held
+        self.lengths[row] = held.shape[0]
         open_kv = layer.buffer_kv[name]
         if open_kv is not None and open_kv.shape[1]:  # tokens length - length % m .. length - 1: slots 0 ..
             self.buffer_kv[row, :open_kv.shape[1]] = open_kv[0]
@@ -186,13 +198,14 @@ class StaticDecodeState:
     lengths) or construct empty and :meth:`load_row`. ``tokens`` / ``positions`` ``[B]`` are the step's input
     buffers (:func:`decode_step` copies into them)."""
 
-    def __init__(self, config, batch: int, capacity: int, dtype=torch.float32, device="cpu"):
-        g = self.geometry = StaticGeometry.from_config(config, batch, capacity)
+    def __init__(self, config, batch: int, capacity: int, dtype=torch.float32, device="cpu",
+                 resident: int | None = None):
+        g = self.geometry = StaticGeometry.from_config(config, batch, capacity, resident)
         self.layers: list[StaticLayer] = []
         for kind in g.layer_types:
             layer = StaticLayer(torch.zeros(batch, g.window, g.head_dim, dtype=dtype, device=device))
             if kind == CSA:
-                cap = g.entries(g.csa_rate)
+                cap = g.csa_slots()
                 layer.compressor = CompressedStore(batch, g.csa_rate, g.head_dim, cap, True, dtype, device)
                 layer.indexer = CompressedStore(batch, g.csa_rate, g.index_head_dim, cap, True, dtype, device)
             elif kind == HCA:
@@ -221,14 +234,19 @@ class StaticDecodeState:
                     out.update({f"layers.{i}.{part}.{n}": t for n, t in store.tensors().items()})
         return out
 
-    def load_row(self, row: int, cache) -> int:
+    def load_row(self, row: int, cache, resident: dict[int, dict[str, torch.Tensor]] | None = None) -> int:
         """Replace ``row`` by a sequence prefilled with the stock model (a batch-1 ``DynamicCache``); returns its
-        next position (tokens seen). Host-side, outside the step."""
+        next position (tokens seen). Host-side, outside the step. ``resident`` (LSA's resident mode): per CSA layer
+        the rows its slots hold, ``{layer: {"compressor": [n, D], "indexer": [n, D_I]}}`` (the cache's CSA layers
+        keep their entries in the cold pool; :class:`~.static_residency.StaticResidentRows` passes them)."""
+        if (resident is None) != (self.geometry.resident is None):
+            raise ValueError("a state in LSA's resident mode loads rows with their resident entries, a full one "
+                             "without")
         length = cache.layers[0].cumulative_length
         if length >= self.geometry.capacity:
             raise ValueError(f"row {row}: {length} tokens leave no room in a capacity of {self.geometry.capacity}")
         window = self.geometry.window
-        for layer, stock in zip(self.layers, cache.layers, strict=True):
+        for index, (layer, stock) in enumerate(zip(self.layers, cache.layers, strict=True)):
             if stock.cumulative_length != length or stock.keys.shape[0] != 1:
                 raise ValueError("load_row takes one sequence's cache (batch 1), every layer at the same length")
             layer.window[row] = 0
@@ -238,7 +256,8 @@ class StaticDecodeState:
                 store = getattr(layer, name)
                 if store is not None:
                     store.reset_row(row)
-                    store.load_row(row, stock, name, length)
+                    rows = resident[index][name] if resident is not None and layer.indexer is not None else None
+                    store.load_row(row, stock, name, length, rows)
         return length
 
     def store_row(self, row: int, cache, length: int) -> None:
@@ -246,6 +265,9 @@ class StaticDecodeState:
         read, or any of the model's layout): afterwards it holds what the stock model's own cache would after
         decoding the same tokens, so the stock model can continue from it and its bytes can be measured.
         Host-side, outside the step."""
+        if self.geometry.resident is not None:
+            raise ValueError("store_row writes a full state back; in LSA's resident mode the entries live in the "
+                             "cold pool and the slots hold only the resident set")
         window = self.geometry.window
         kept = min(length, window - 1)  # stock keeps the last W - 1 tokens' K=V
         slots = torch.arange(length - kept, length, device=self.rows.device) % window

@@ -30,12 +30,13 @@ def release_cache(cache) -> None:
 
 class StaticRunner:
     """``rows`` decode slots of ``capacity`` tokens each for ``model`` (its device and dtype); ``graph``: capture
-    the step as one CUDA graph (a CUDA device), else run it eagerly."""
+    the step as one CUDA graph (a CUDA device), else run it eagerly. ``resident``: LSA's resident mode, that many
+    CSA entry slots per row (:mod:`.static_residency`; the benchmark's, not yet the Session's)."""
 
-    def __init__(self, model, rows: int, capacity: int, graph: bool):
+    def __init__(self, model, rows: int, capacity: int, graph: bool, resident: int | None = None):
         self.model = model
         install_static_attention(model)
-        self.state = StaticDecodeState(model.config, rows, capacity, model.dtype, model.device)
+        self.state = StaticDecodeState(model.config, rows, capacity, model.dtype, model.device, resident=resident)
         self.free = list(range(rows - 1, -1, -1))  # rows without a sequence (popped from the end: row 0 first)
         self.positions = [0] * rows  # host copies: tokens seen per row, the next step's token per row
         self.tokens = [0] * rows

@@ -1,0 +1,116 @@
+"""LSA's resident mode of the static-shape step: which entries each row's CSA slots hold, and the trigger's change
+of them, in place.
+
+A :class:`~.static_decode.StaticDecodeState` built with ``resident=R`` gives every CSA layer R entry slots per row
+instead of one per entry: the step's Lightning Indexer picks its top-k among the slots a row has filled, and the
+entries a row's CSA layers emit while decoding are appended after them, exactly what
+:class:`~.lsa_cache.LSACSACache` hands the stock indexer (the resident set, then the entries born since the last
+trigger). The step itself does not change, so it stays one CUDA graph per batch size; everything that changes
+the set runs host-side between steps, here:
+
+* :meth:`StaticResidentRows.join`: a sequence prefilled on the LSA path (its cold pool, its ``ResidentSet`` after
+  the first trigger) takes a row: window, open windows and HCA entries as :meth:`StaticDecodeState.load_row`
+  copies them, the resident rows of every CSA layer into the first slots;
+* :meth:`StaticResidentRows.flush`: the entries born since the last flush (slots ``filled .. length``) go to the
+  row's cold pool and its ids (the pool is where the next trigger's selection is fetched from);
+* :meth:`StaticResidentRows.install`: a trigger's selection (ascending entry ids) becomes the row's resident set
+  in place: rows already in a slot are kept, the others gathered from the pool, written into slots ``0 .. n - 1``
+  of every CSA layer, the row's length set to n. Other rows are not touched, so rows trigger independently.
+
+This class owns the host-side ids of every row (slot i of every CSA layer holds entry ``ids[row][i]``); the state
+owns the device tensors. The memory indexer reads the memory layers' K^IComp from the pool here
+(``memory_keys="pool"``): the static state has no store of every entry's index keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cold_pool import ColdPool
+from .residency import NAMES, ResidentChange, ResidentPlan
+from .static_decode import StaticDecodeState
+
+
+class StaticResidentRows:
+    """The resident sets of the rows of ``state`` (built with ``resident=R``) over their own cold pools;
+    ``csa_layers``: the model's CSA layer indices (the pools' and resident sets' layers)."""
+
+    def __init__(self, state: StaticDecodeState, csa_layers):
+        if state.geometry.resident is None:
+            raise ValueError("StaticResidentRows needs a StaticDecodeState built with resident=<slots>")
+        self.state = state
+        self.layers = [int(x) for x in csa_layers]
+        rows = state.geometry.batch
+        self.ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(rows)]
+        self.pools: list[ColdPool | None] = [None] * rows
+        self.filled = [0] * rows  # slots whose entries are in the row's pool and ids (later slots: born since)
+        self.changes: list[list[ResidentChange]] = [[] for _ in range(rows)]
+
+    @property
+    def slots(self) -> int:
+        return self.state.geometry.resident
+
+    def _store(self, layer: int, name: str):
+        return getattr(self.state.layers[layer], name)
+
+    def join(self, row: int, cache, residency, pool: ColdPool) -> int:
+        """Put a sequence prefilled on the LSA path in ``row``: ``cache`` its ``DynamicCache`` (cold-pool CSA layers),
+        ``residency`` its ``ResidentSet`` (the first trigger's set), ``pool`` its cold pool, which the row keeps
+        using. Returns the row's next position (tokens seen)."""
+        if residency.count > self.slots:
+            raise ValueError(f"row {row}: {residency.count} resident entries exceed the {self.slots} slots")
+        resident = {layer: {name: residency.rows(layer, name) for name in NAMES} for layer in self.layers}
+        length = self.state.load_row(row, cache, resident=resident)
+        self.ids[row] = residency.ids.clone()
+        self.pools[row], self.filled[row] = pool, residency.count
+        self.changes[row] = []
+        return length
+
+    def length(self, row: int) -> int:
+        """Slots ``row`` holds now (a device read: between steps only)."""
+        return int(self._store(self.layers[0], "compressor").lengths[row])
+
+    def flush(self, row: int) -> int:
+        """Append the entries ``row``'s CSA layers emitted since the last flush to its cold pool and its ids;
+        returns how many."""
+        first, upto = self.filled[row], self.length(row)
+        if upto <= first:
+            return 0
+        pool = self.pools[row]
+        born_from = pool.count(self.layers[0])  # the entry index of the first one born
+        for layer in self.layers:
+            for name in NAMES:
+                pool.append(layer, name, self._store(layer, name).entries[row, first:upto])
+        self.ids[row] = torch.cat([self.ids[row], torch.arange(born_from, born_from + upto - first)])
+        self.filled[row] = upto
+        return upto - first
+
+    def install(self, row: int, ids, headroom: int) -> ResidentChange:
+        """Make ``ids`` (entry indices) ``row``'s resident set now, in place (the born entries flushed first);
+        ``headroom``: slots to leave for the entries born before the next change (the step cannot refuse an
+        append: a full row would overwrite its last slot)."""
+        self.flush(row)
+        ids = torch.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu())
+        pool = self.pools[row]
+        if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= pool.count(self.layers[0])):
+            raise ValueError(f"row {row}: ids outside the {pool.count(self.layers[0])} entries of its pool")
+        if ids.numel() + headroom > self.slots:
+            raise ValueError(f"row {row}: {ids.numel()} entries + {headroom} for those born before the next "
+                             f"trigger exceed the {self.slots} slots")
+        plan = ResidentPlan(self.ids[row], ids)
+        n = int(plan.ids.numel())
+        for layer in self.layers:
+            for name in NAMES:
+                store = self._store(layer, name)
+                keep_to, keep_from, fetch_to, fetch_ids = plan.on(store.entries.device)
+                rows = store.entries.new_empty((n, store.entries.shape[-1]))
+                if keep_to is not None:
+                    rows[keep_to] = store.entries[row, keep_from]
+                if fetch_to is not None:
+                    rows[fetch_to] = pool.gather(layer, name, plan.fetch_ids, store.entries.device, fetch_ids)
+                store.entries[row, :n] = rows
+                store.lengths[row] = n
+        self.ids[row], self.filled[row] = plan.ids, n
+        change = ResidentChange(n, int(plan.fetch_ids.numel()))
+        self.changes[row].append(change)
+        return change

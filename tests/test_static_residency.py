@@ -1,0 +1,115 @@
+"""LSA's resident mode of the static-shape step (lsa_runtime/static_residency.py): a row whose CSA slots hold the
+resident set decodes as the Session's LSA path does. The oracle is that path itself (``LSACSACache`` over a
+``ResidentSet``, tested against full decoding in test_session.py): the same policy's selections are installed in
+the static row at the same steps, and the logits, the tokens and the entries that reach the cold pool must agree."""
+
+import pytest
+import torch
+
+from lsa_runtime.backbone import csa_layers
+from lsa_runtime.policies import RandomPolicy
+from lsa_runtime.session import Session
+from lsa_runtime.static_decode import StaticDecodeState, decode_step
+from lsa_runtime.static_residency import StaticResidentRows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TAU, BUDGET, NEW = 16, 24, 50  # 3 triggers while decoding after the first; 24 of ~80 entries resident
+
+
+class RecordingRandom(RandomPolicy):
+    """RandomPolicy that remembers what it selected at each trigger (fetches and kept rows both occur)."""
+
+    def __init__(self, budget, seed):
+        super().__init__(budget, seed=seed)
+        self.selected = []
+
+    def select(self, state):
+        ids = super().select(state)
+        self.selected.append(torch.as_tensor(ids).sort().values)
+        return ids
+
+
+def _lsa_reference(model, tokenizer, prompt):
+    """The Session's LSA path: its tokens, the logits of its decode steps, its selections and its final state."""
+    policy = RecordingRandom(BUDGET, seed=3)
+    session = Session(model, tokenizer, policy=policy, tau=TAU)
+    logits = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1].detach().clone()))
+    try:
+        out = session.generate(prompt, max_new_tokens=NEW, stop_at_eos=False)
+    finally:
+        handle.remove()
+    return out.token_ids, torch.stack(logits[-(NEW - 1):]), policy.selected, session._state
+
+
+def test_a_static_row_with_resident_slots_decodes_as_the_lsa_path(backbone):
+    model, tokenizer = backbone
+    prompt = torch.randint(3, 1024, (333,), generator=torch.Generator().manual_seed(7)).tolist()
+    tokens, want_logits, selections, reference = _lsa_reference(model, tokenizer, prompt)
+    assert len(selections) == 1 + (NEW - 1) // TAU  # the first after prefill, then every TAU decode steps
+
+    # the same sequence prefilled on the LSA path up to its first trigger, then joined to row 1 of a static state
+    session = Session(model, tokenizer, policy=RecordingRandom(BUDGET, seed=3), tau=TAU)
+    ids = session._begin(prompt, keep_context=False, max_new_tokens=NEW)
+    state = session._state
+    state.policy = session.policy  # what Session._run gives each sequence
+    first_logits = session._prefill(state, ids)
+    session._trigger(state)
+    assert torch.equal(state.residency.ids, selections[0])
+    headroom = TAU // model.config.compress_rates["compressed_sparse_attention"] + 2
+    static = StaticDecodeState(model.config, batch=2, capacity=len(prompt) + NEW + 1, resident=BUDGET + headroom)
+    rows = StaticResidentRows(static, csa_layers(model.config))
+    position = rows.join(1, state.cache, state.residency, state.pool)
+    assert position == len(prompt) and rows.length(1) == BUDGET
+    assert int(first_logits.argmax()) == tokens[0]
+
+    got, triggers = [], 1
+    for step, token in enumerate(tokens[:-1]):
+        logits = decode_step(model, static, [0, token], [0, position + step])  # row 0: empty, stepped, ignored
+        got.append(logits[1].clone())
+        if (step + 1) % TAU == 0:  # the Session's window boundary: born entries to the pool, the next selection
+            born = rows.length(1) - rows.filled[1]
+            assert born == rows.flush(1) and rows.filled[1] == rows.length(1)
+            change = rows.install(1, selections[triggers], headroom)
+            assert change.selected == selections[triggers].numel() and rows.length(1) == change.selected
+            assert 0 < change.fetched < change.selected  # some rows kept in place, the others from the pool
+            triggers += 1
+    assert triggers == len(selections)
+    got = torch.stack(got)
+    torch.testing.assert_close(got, want_logits, rtol=0, atol=1e-4)
+    assert [tokens[0]] + got.argmax(-1).tolist() == tokens
+
+    # every entry the row emitted reached its pool, as the LSA path's cache put them in its own
+    rows.flush(1)
+    for layer in csa_layers(model.config):
+        for name in ("compressor", "indexer"):
+            mine = state.pool.host_rows(layer, name)
+            theirs = reference.pool.host_rows(layer, name)[:mine.shape[0]]
+            assert mine.shape[0] == (len(prompt) + NEW - 1) // 4
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+def test_install_refuses_what_the_slots_cannot_hold(backbone):
+    model, tokenizer = backbone
+    prompt = torch.randint(3, 1024, (200,), generator=torch.Generator().manual_seed(8)).tolist()
+    session = Session(model, tokenizer, policy=RecordingRandom(BUDGET, seed=1), tau=TAU)
+    ids = session._begin(prompt, keep_context=False, max_new_tokens=8)
+    state = session._state
+    state.policy = session.policy
+    session._prefill(state, ids)
+    session._trigger(state)
+    static = StaticDecodeState(model.config, batch=1, capacity=len(prompt) + 9, resident=BUDGET + 6)
+    rows = StaticResidentRows(static, csa_layers(model.config))
+    rows.join(0, state.cache, state.residency, state.pool)
+    with pytest.raises(ValueError, match="exceed the 30 slots"):
+        rows.install(0, torch.arange(25), headroom=6)
+    with pytest.raises(ValueError, match="outside the 50 entries"):
+        rows.install(0, torch.tensor([3, 50]), headroom=6)
+    with pytest.raises(ValueError, match="resident mode"):
+        static.store_row(0, state.cache, len(prompt))
+    with pytest.raises(ValueError, match="StaticResidentRows needs"):
+        StaticResidentRows(StaticDecodeState(model.config, batch=1, capacity=8), csa_layers(model.config))
+    full = StaticDecodeState(model.config, batch=1, capacity=len(prompt) + 9)
+    with pytest.raises(ValueError, match="loads rows with their resident entries"):
+        full.load_row(0, state.cache, resident={})
