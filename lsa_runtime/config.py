@@ -101,12 +101,15 @@ class SessionConfig:
     * ``max_batch``: how many sequences decode together when ``generate``/``stream`` get a list of prompts; the
       others wait and join as sequences finish (continuous batching). Each keeps its own cache, cold pool,
       resident set, triggers and stats.
-    * ``static_decode`` (mode ``full``): decode through the static-shape step (:mod:`~.static_runner`):
-      fixed-capacity stores for ``max_batch`` rows, the whole step one CUDA graph on a GPU (layers eager). Same
-      tokens as the stock path (fp32, CPU and H200; bf16: up to near ties, tests/test_batching.py). None (the
-      default): on where it pays off and was tested, mode ``full`` on one CUDA device, nothing offloaded, weights
-      not kept in FP8/FP4; False: the stock per-sequence path (transformers' own decode, the numerical
-      reference); True: also on a CPU (no graph).
+    * ``static_decode``: decode through the static-shape step (:mod:`~.static_runner`): fixed-capacity stores for
+      ``max_batch`` rows, the whole step one CUDA graph on a GPU (layers eager). Same tokens as the stock path
+      (mode full: fp32 on a CPU and the H200; bf16 up to near ties; tests/test_batching.py). In the trigger modes
+      (lsa, recent, random, oracle, all) the CSA layers hold ``budget`` + tau/4 + 2 resident slots per row (every
+      entry without a budget), triggers run between steps (no ``prefetch_steps``); same tokens as the cold-pool
+      path (CPU, tests/test_static_residency.py). None (the default): on where it pays off and was tested, mode
+      ``full`` on one CUDA device, nothing offloaded, weights not kept in FP8/FP4; False: the stock per-sequence
+      path (transformers' own decode, the numerical reference); True: also on a CPU (no graph) and in the
+      trigger modes.
     """
 
     mode: str = "lsa"
@@ -160,9 +163,12 @@ class SessionConfig:
             raise SessionError(f"max_batch (--batch) must be an integer >= 1, got {self.max_batch!r}")
         if self.static_decode is not None and not isinstance(self.static_decode, bool):
             raise SessionError(f"static_decode must be True, False or None, got {self.static_decode!r}")
-        if self.static_decode and self.mode != "full":
-            raise SessionError(f"static_decode decodes mode 'full' only (every entry a candidate); mode is "
-                               f"'{self.mode}'")
+        if self.static_decode and self.mode == "hisparse":
+            raise SessionError("static_decode does not run mode 'hisparse' (its per-step fetch changes the candidates "
+                               "every step); use mode full, lsa, recent, random, oracle or all")
+        if self.static_decode and self.prefetch_steps:
+            raise SessionError("static_decode runs each trigger at the window boundary: prefetch_steps "
+                               "(--prefetch-steps) must be 0 with it")
         tau = self.tau if self.tau is not None else DEFAULT_TAU
         if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
                 or not 0 <= self.prefetch_steps < tau:

@@ -64,6 +64,11 @@ class ResidentPolicy(ABC):
     @abstractmethod
     def select(self, state: TriggerState) -> torch.Tensor: ...
 
+    def max_selected(self) -> int | None:
+        """An upper bound on the entries one :meth:`select` returns (None: none below n_visible). The static-shape
+        step sizes its resident slots by it."""
+        return getattr(self, "budget", None) if type(self).select in _BUDGETED_SELECTS else None
+
     def describe(self) -> str:
         return self.name
 
@@ -213,6 +218,10 @@ class MemoryIndexerPolicy(ResidentPolicy):
             keep[extra[scores[extra].topk(min(room, extra.numel())).indices]] = True
         return torch.nonzero(keep).reshape(-1).cpu()
 
+    def max_selected(self) -> int | None:
+        # the budget caps the scored entries; the recency tail and the sink stay whatever the budget
+        return None if self.budget is None else max(self.budget, self.keep_recent + self.keep_first)
+
     def describe(self) -> str:
         cap = f", budget {self.budget}" if self.budget else ""
         indices = self.memory_indexer.config.csa_indices
@@ -222,6 +231,11 @@ class MemoryIndexerPolicy(ResidentPolicy):
         rule = "" if self.ensemble == "max" else ", mean over layers"
         return (f"lsa (threshold {self.threshold:g}{rule}, layers {', '.join(map(str, self.memory_layers))}{csa}"
                 f"{tail}{sink}{cap})")
+
+
+# the built-in selections that never return more than their ``budget`` entries (a subclass overriding select is
+# not assumed to)
+_BUDGETED_SELECTS = (RecentPolicy.select, RandomPolicy.select, GivenEntriesPolicy.select, OraclePolicy.select)
 
 
 def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict | None = None) -> ResidentPolicy | None:

@@ -185,6 +185,27 @@ class ResidentSet:
         self.changes.append(change)
         return change
 
+    # ---- a static-shape row holding the set (static_residency.py) ----------------------------------------------
+
+    def hand_over(self) -> None:
+        """The rows now live in a static row's slots, which change the set itself: release them here (the record
+        of changes stays, and :meth:`record` extends it)."""
+        changes = self.changes
+        self.clear()
+        self.changes = changes
+
+    def record(self, change: ResidentChange) -> None:
+        """A change made elsewhere (a static row's in-place install), counted as this set's."""
+        self.changes.append(change)
+
+    def restore(self, ids: torch.Tensor, rows: dict[int, dict[str, torch.Tensor]]) -> None:
+        """The set handed back by a static row: entries ``ids`` (ascending host int64) and every layer's rows
+        ``[n, width]`` of them (row i = entry ``ids[i]``), owned from now on."""
+        self._ids = torch.as_tensor(ids, dtype=torch.long).cpu().clone()
+        self._rows = {layer: {name: GrowingRows.over(rows[layer][name], int(self._ids.numel())) for name in NAMES}
+                      for layer in self.layers}
+        self._born_upto = self.pool.count(self.layers[0]) if self.layers else 0
+
     # ---- assembly ----------------------------------------------------------------------------------------
 
     def _assemble(self, snapshot: Snapshot, ids: torch.Tensor, headroom: int):

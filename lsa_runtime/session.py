@@ -439,8 +439,12 @@ class Session:
         self._last_jobs = jobs
         if self.static_decode:  # room for the longest sequence of the call (positions before prefill too)
             capacity = max(job.state.position + len(job.ids) + job.max_new_tokens for job in jobs) + 1
+            policies = [job.state.policy for job in jobs if job.state.policy is not None]
+            hidden = sorted({layer for policy in policies for layer in policy.memory_layers})
             self._runner = StaticRunner(self.model, min(max_batch, len(jobs)), capacity,
-                                        graph=self.device.type == "cuda")
+                                        graph=self.device.type == "cuda",
+                                        resident=self._resident_slots(policies, capacity) if policies else None,
+                                        hidden_layers=hidden)
         waiting, active = deque(jobs), []
         layers = sorted({layer for job in jobs if job.state.policy is not None
                          for layer in job.state.policy.memory_layers})
@@ -451,7 +455,9 @@ class Session:
                 while waiting and len(active) < max_batch:
                     job = waiting.popleft()
                     self._start_job(job)
-                    if self._runner is not None:
+                    if self._runner is not None and self._runner.resident is not None:
+                        job.row = self._runner.join(job.state.cache, job.state.residency, job.state.pool)
+                    elif self._runner is not None:
                         job.row = self._runner.join(job.state.cache)
                     active.append(job)  # before its first token: a consumer that stops there finishes it too
                     yield from self._emit(job)
@@ -485,6 +491,8 @@ class Session:
                 handle.remove()
             for job in active:  # a consumer that stopped early: close what the unfinished sequences hold
                 self._finish_job(job)
+            if self._runner is not None:
+                self._runner.close()
             self._runner = None
 
     def _start_job(self, job: "_Job") -> None:
@@ -520,6 +528,7 @@ class Session:
     def _step(self, active: list["_Job"]) -> None:
         """One decode step of every active job (their last sampled tokens), then each job's trigger bookkeeping."""
         if self._runner is not None:
+            self._rows = []  # the step's h_t reach the runner's buffers, not the per-sequence hooks
             logits = self._runner.step({job.row: job.produced[-1] for job in active})
             for job in active:
                 job.state.position += 1
@@ -539,12 +548,17 @@ class Session:
                 job.state.position += 1
                 job.logits = row
         for job in active:
-            if job.state.policy is not None:
+            if job.state.policy is not None and self._runner is not None:
+                self._after_static_step(job)
+            elif job.state.policy is not None:
                 self._after_decode_step(job.state)
 
     def _finish_job(self, job: "_Job") -> None:
         if job.row is not None:  # back into its own cache: stats and keep_context read it
-            self._runner.leave(job.row, job.state.cache)
+            if self._runner.resident is not None:
+                self._runner.leave(job.row, job.state.cache, job.state.residency, self._memory_keys(job.state))
+            else:
+                self._runner.leave(job.row, job.state.cache)
             job.row = None
         if job.state.prefetcher is not None:
             job.state.prefetcher.close()  # drop a set for a window that will not be decoded; no idle thread left
@@ -613,6 +627,41 @@ class Session:
         state.since_trigger = 0
         self._synchronize()
         state.clock.trigger_seconds += time.perf_counter() - start
+
+    def _after_static_step(self, job: "_Job") -> None:
+        """Resident mode of the static step: count the step; at the window boundary the trigger runs on the job's
+        row: born entries to its cold pool, the policy's selection installed in the row's slots in place."""
+        state = job.state
+        state.since_trigger += 1
+        if state.since_trigger < self.config.tau:
+            return
+        start = time.perf_counter()
+        rows, keys = self._runner.resident, self._memory_keys(state)
+        rows.flush(job.row, keys)
+        for layer in state.policy.memory_layers:  # h_t0 of the step just run, from the runner's buffers
+            state.hidden[layer] = self._runner.hidden[layer][job.row].clone()
+        trigger_state = TriggerState(position=state.position - 1, n_visible=state.pool.count(self.csa_layers[0]),
+                                     trigger_index=len(state.residency.changes), resident=rows.ids[job.row],
+                                     hidden=dict(state.hidden), index_keys={i: k.view() for i, k in keys.items()})
+        state.residency.record(rows.install(job.row, self._select(state, trigger_state), self._headroom()))
+        state.since_trigger = 0
+        self._synchronize()
+        state.clock.trigger_seconds += time.perf_counter() - start
+
+    def _memory_keys(self, state: DecodeState) -> dict:
+        """The memory layers' K^IComp of every entry kept on the device (``memory_keys="device"``), by layer."""
+        layers = state.policy.memory_layers if state.policy is not None else ()
+        return {layer.layer_idx: layer.all_index_keys for layer in pooled_layers(state.cache)
+                if layer.layer_idx in layers and layer.all_index_keys is not None}
+
+    def _resident_slots(self, policies, capacity: int) -> int:
+        """CSA slots per row of a static call in the trigger modes: the largest selection a policy can make
+        (:meth:`ResidentPolicy.max_selected`: its budget) and room for the entries born before the next trigger;
+        every entry the call can emit where a policy has no bound."""
+        bounds = [policy.max_selected() for policy in policies]
+        if any(bound is None for bound in bounds):
+            return capacity // self.rate + self._headroom()
+        return max(bounds) + self._headroom()
 
     def _start_prefetch(self, state: DecodeState) -> None:
         """Fire the next window's trigger now, on the helper thread; decoding goes on with the current set."""

@@ -131,11 +131,15 @@ class CompressedStore:
             self.overlap_kv[row] = layer.overlap_kv[name][0]
             self.overlap_gate[row] = layer.overlap_gate[name][0]
 
-    def store_row(self, row: int, layer, name: str, length: int) -> None:
+    def store_row(self, row: int, layer, name: str, length: int, pooled: int | None = None) -> None:
         """The inverse of :meth:`load_row`: write ``row`` (``length`` tokens seen) into entry ``name`` of a batch-1
-        stock cache layer, as the stock model would hold it after decoding those tokens itself."""
-        count = int(self.lengths[row])
-        layer.compressed_kv[name] = self.entries[row, :count][None].clone()
+        stock cache layer, as the stock model would hold it after decoding those tokens itself. ``pooled``: a
+        cold-pool layer's entry count (its entries are in the pool; the slots held only the resident ones)."""
+        if pooled is None:
+            count = int(self.lengths[row])
+            layer.compressed_kv[name] = self.entries[row, :count][None].clone()
+        else:
+            count = pooled
         layer.entry_count[name] = count
         open_tokens = length % self.rate  # the open window's tokens, slots 0 ..
         layer.buffer_kv[name] = self.buffer_kv[row, :open_tokens][None].clone()
@@ -260,14 +264,16 @@ class StaticDecodeState:
                     store.load_row(row, stock, name, length, rows)
         return length
 
-    def store_row(self, row: int, cache, length: int) -> None:
+    def store_row(self, row: int, cache, length: int, pooled: int | None = None) -> None:
         """Write ``row`` (``length`` tokens seen) back into a batch-1 stock ``DynamicCache`` (the one :meth:`load_row`
         read, or any of the model's layout): afterwards it holds what the stock model's own cache would after
         decoding the same tokens, so the stock model can continue from it and its bytes can be measured.
-        Host-side, outside the step."""
-        if self.geometry.resident is not None:
-            raise ValueError("store_row writes a full state back; in LSA's resident mode the entries live in the "
-                             "cold pool and the slots hold only the resident set")
+        Host-side, outside the step. In LSA's resident mode ``pooled`` is the CSA layers' entry count (their entries
+        are in the cold pool; :meth:`StaticResidentRows.leave <.static_residency.StaticResidentRows.leave>` hands the
+        resident rows back to the sequence's ``ResidentSet``)."""
+        if (self.geometry.resident is None) != (pooled is None):
+            raise ValueError("store_row: a state in LSA's resident mode writes back with the pooled entry count "
+                             "(StaticResidentRows.leave), a full one without")
         window = self.geometry.window
         kept = min(length, window - 1)  # stock keeps the last W - 1 tokens' K=V
         slots = torch.arange(length - kept, length, device=self.rows.device) % window
@@ -278,7 +284,7 @@ class StaticDecodeState:
             for name in ("compressor", "indexer"):
                 store = getattr(layer, name)
                 if store is not None:
-                    store.store_row(row, stock, name, length)
+                    store.store_row(row, stock, name, length, pooled if layer.indexer is not None else None)
 
 
 # bf16 x bf16 -> fp32 batched GEMM (CUDA); absent from older torch builds

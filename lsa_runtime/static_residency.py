@@ -70,9 +70,10 @@ class StaticResidentRows:
         """Slots ``row`` holds now (a device read: between steps only)."""
         return int(self._store(self.layers[0], "compressor").lengths[row])
 
-    def flush(self, row: int) -> int:
+    def flush(self, row: int, index_keys: dict | None = None) -> int:
         """Append the entries ``row``'s CSA layers emitted since the last flush to its cold pool and its ids;
-        returns how many."""
+        returns how many. ``index_keys``: ``{layer: GrowingRows}`` of every entry's K^IComp kept on the device
+        (the memory layers' keys of ``memory_keys="device"``), which get the born keys too."""
         first, upto = self.filled[row], self.length(row)
         if upto <= first:
             return 0
@@ -81,6 +82,8 @@ class StaticResidentRows:
         for layer in self.layers:
             for name in NAMES:
                 pool.append(layer, name, self._store(layer, name).entries[row, first:upto])
+            if index_keys and index_keys.get(layer) is not None:
+                index_keys[layer].append(self._store(layer, "indexer").entries[row, first:upto])
         self.ids[row] = torch.cat([self.ids[row], torch.arange(born_from, born_from + upto - first)])
         self.filled[row] = upto
         return upto - first
@@ -114,3 +117,14 @@ class StaticResidentRows:
         change = ResidentChange(n, int(plan.fetch_ids.numel()))
         self.changes[row].append(change)
         return change
+
+    def leave(self, row: int, cache, residency, length: int, index_keys: dict | None = None) -> None:
+        """Hand ``row`` back to its sequence (``length`` tokens seen): born entries flushed, window, open windows
+        and HCA entries written into ``cache`` (:meth:`StaticDecodeState.store_row`), the resident rows and ids
+        into ``residency``; the stock-path LSA model can continue from them and stats read them."""
+        self.flush(row, index_keys)
+        self.state.store_row(row, cache, length, pooled=self.pools[row].count(self.layers[0]))
+        n = self.filled[row]
+        residency.restore(self.ids[row], {layer: {name: self._store(layer, name).entries[row, :n].clone()
+                                                  for name in NAMES} for layer in self.layers})
+        self.pools[row] = None

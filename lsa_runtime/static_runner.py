@@ -8,13 +8,20 @@ measured from the cache exactly as the stock path's is, and ``keep_context`` con
 sequence is stepped with its last token at a frozen position and its logits ignored (the shapes never change,
 so the captured graph stays valid; tests/test_static_decode.py). The graph is captured once per runner (one per
 ``generate``/``stream`` call: its capacity is that call's longest prompt plus ``max_new_tokens``).
+
+In LSA's resident mode (``resident=R``; trigger modes) each row's CSA layers hold R entry slots: the sequence's
+resident set after its first trigger, then the entries it emits; the Session runs each trigger between steps
+(:class:`~.static_residency.StaticResidentRows`: born entries to the row's cold pool, the selection installed in
+place), reading h_t at the memory layers from buffers the captured step itself writes (:attr:`StaticRunner.hidden`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .backbone import csa_layers
 from .static_decode import StaticDecodeState, install_static_attention, static_step, use_capturable_experts
+from .static_residency import StaticResidentRows
 
 
 def release_cache(cache) -> None:
@@ -33,16 +40,39 @@ class StaticRunner:
     the step as one CUDA graph (a CUDA device), else run it eagerly. ``resident``: LSA's resident mode, that many
     CSA entry slots per row (:mod:`.static_residency`; the benchmark's, not yet the Session's)."""
 
-    def __init__(self, model, rows: int, capacity: int, graph: bool, resident: int | None = None):
+    def __init__(self, model, rows: int, capacity: int, graph: bool, resident: int | None = None,
+                 hidden_layers=()):
         self.model = model
         install_static_attention(model)
         self.state = StaticDecodeState(model.config, rows, capacity, model.dtype, model.device, resident=resident)
+        # LSA's resident mode: which entries each row's CSA slots hold, changed by triggers between steps
+        self.resident = StaticResidentRows(self.state, csa_layers(model.config)) if resident is not None else None
+        # h_t (the attention input) of every row at the memory layers, written by the step itself (a hook's copy
+        # inside the captured graph): a trigger reads the last step's
+        decoder = model.model if hasattr(model, "model") else model
+        self.hidden = {int(i): torch.zeros(rows, model.config.hidden_size, dtype=model.dtype, device=model.device)
+                       for i in hidden_layers}
+        self._hooks = [decoder.layers[i].self_attn.register_forward_pre_hook(self._keep_hidden(i), with_kwargs=True)
+                       for i in self.hidden]
         self.free = list(range(rows - 1, -1, -1))  # rows without a sequence (popped from the end: row 0 first)
         self.positions = [0] * rows  # host copies: tokens seen per row, the next step's token per row
         self.tokens = [0] * rows
         self.graph, self.logits = None, None
         if graph:
             self.capture()
+
+    def _keep_hidden(self, layer: int):
+        def keep(module, args, kwargs):
+            if isinstance(kwargs.get("cache", kwargs.get("past_key_values")), StaticDecodeState):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.hidden[layer].copy_(hidden[:, -1])
+        return keep
+
+    def close(self) -> None:
+        """Remove the hidden-state hooks (the model serves other paths after this runner)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def capture(self) -> None:
         """Warm up off the capture (it steps the rows as they are: harmless, a row is reset when a sequence joins),
@@ -59,18 +89,30 @@ class StaticRunner:
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.logits = static_step(self.model, self.state)
 
-    def join(self, cache) -> int:
-        """Put a sequence prefilled into the batch-1 stock ``cache`` in a free row; returns the row. The cache's
-        window keys and compressed entries are released (the row holds them now; :meth:`leave` writes them back),
-        so a sequence's KV is held once, not twice, while it decodes here."""
+    def join(self, cache, residency=None, pool=None) -> int:
+        """Put a sequence prefilled into the batch-1 ``cache`` in a free row; returns the row. The cache's window
+        keys and compressed entries are released (the row holds them now; :meth:`leave` writes them back), so a
+        sequence's KV is held once, not twice, while it decodes here. Resident mode: ``residency`` / ``pool`` are
+        the sequence's ``ResidentSet`` (its rows move into the slots) and cold pool (kept in use)."""
+        if (residency is None) != (self.resident is None):
+            raise ValueError("a runner in LSA's resident mode takes sequences with their resident set and cold pool, "
+                             "a full one without")
         row = self.free.pop()
-        self.positions[row] = self.state.load_row(row, cache)
+        if residency is None:
+            self.positions[row] = self.state.load_row(row, cache)
+        else:
+            self.positions[row] = self.resident.join(row, cache, residency, pool)
+            residency.hand_over()
         release_cache(cache)
         return row
 
-    def leave(self, row: int, cache) -> None:
-        """Write ``row`` back into the sequence's ``cache`` and free the row."""
-        self.state.store_row(row, cache, self.positions[row])
+    def leave(self, row: int, cache, residency=None, index_keys: dict | None = None) -> None:
+        """Write ``row`` back into the sequence's ``cache`` (resident mode: and its ``residency``; ``index_keys``
+        as :meth:`StaticResidentRows.flush` takes them) and free the row."""
+        if residency is None:
+            self.state.store_row(row, cache, self.positions[row])
+        else:
+            self.resident.leave(row, cache, residency, self.positions[row], index_keys)
         self.free.append(row)
 
     def step(self, tokens: dict[int, int]) -> torch.Tensor:

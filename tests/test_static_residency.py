@@ -113,3 +113,86 @@ def test_install_refuses_what_the_slots_cannot_hold(backbone):
     full = StaticDecodeState(model.config, batch=1, capacity=len(prompt) + 9)
     with pytest.raises(ValueError, match="loads rows with their resident entries"):
         full.load_row(0, state.cache, resident={})
+
+
+@pytest.fixture(scope="module")
+def memory_indexer(backbone):
+    from lsa_runtime.backbone import default_memory_layers
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    model, _ = backbone
+    config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
+                                                      rank=model.config.q_lora_rank, tau=TAU)
+    return MemoryIndexer.init_from_native(model, config)
+
+
+@pytest.mark.parametrize("options", [
+    {"mode": "random", "budget": BUDGET, "seed": 4},  # fetches and kept rows at every trigger
+    {"mode": "lsa", "budget": BUDGET},  # the memory indexer: h_t0 from the runner's buffers, device memory keys
+    {"mode": "lsa", "memory_keys": "pool"},  # no budget: a slot for every entry; the memory keys streamed
+], ids=["random", "lsa-budget", "lsa-pool-keys"])
+def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_tokens_and_sets(backbone,
+                                                                                              memory_indexer,
+                                                                                              options):
+    """Session(static_decode=True) in a trigger mode: three prompts, two rows (the third joins the row the first
+    finished sequence leaves), tau = 16. Each sequence's tokens, its trigger record (entries selected and fetched
+    at every trigger) and its entry counts equal the cold-pool path decoding it alone; a conversation continues
+    from the written-back state (keep_context) as the cold-pool path's does."""
+    model, tokenizer = backbone
+    indexer = memory_indexer if options["mode"] == "lsa" else None
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (333, 150, 260)]
+    static = Session(model, tokenizer, indexer=indexer, tau=TAU, max_batch=2, static_decode=True, **options)
+    batch = static.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
+    for prompt, got in zip(prompts, batch):
+        alone = Session(model, tokenizer, indexer=indexer, tau=TAU, **options)
+        want = alone.generate(prompt, max_new_tokens=NEW, stop_at_eos=False)
+        assert got.token_ids == want.token_ids
+        a, b = got.stats, want.stats
+        assert a.triggers == b.triggers == 1 + (NEW - 1) // TAU
+        assert a.selected_per_trigger == b.selected_per_trigger and a.entries_fetched == b.entries_fetched > 0
+        assert (a.context_tokens, a.csa_entries, a.resident_entries) == (b.context_tokens, b.csa_entries,
+                                                                         b.resident_entries)
+        assert (a.fetch_bytes_to_device, a.cold_pool_bytes) == (b.fetch_bytes_to_device, b.cold_pool_bytes)
+        assert a.device_bytes["memory_index_keys"] == b.device_bytes["memory_index_keys"]
+    # one conversation, two turns
+    turns = [prompts[1], [7, 8, 9]]
+    static, alone = (Session(model, tokenizer, indexer=indexer, tau=TAU, static_decode=s, **options)
+                     for s in (True, False))
+    for i, turn in enumerate(turns):
+        got = static.generate(turn, max_new_tokens=20, stop_at_eos=False, keep_context=i > 0)
+        want = alone.generate(turn, max_new_tokens=20, stop_at_eos=False, keep_context=i > 0)
+        assert got.token_ids == want.token_ids, i
+    assert static.residency.ids.tolist() == alone.residency.ids.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["random", "lsa"])
+def test_session_static_decode_in_a_trigger_mode_on_a_gpu(mode):
+    """On the GPU (fp32, the step one CUDA graph per call, triggers between replays; h_t0 from buffers the graph
+    writes): three prompts in two rows give the cold-pool path's tokens and trigger record decoding alone."""
+    from lsa_runtime.backbone import default_memory_layers, load_backbone
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    model, tokenizer = load_backbone("tiny", dtype=torch.float32, device="cuda")
+    indexer = None
+    if mode == "lsa":
+        config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
+                                                          rank=model.config.q_lora_rank, tau=TAU)
+        indexer = MemoryIndexer.init_from_native(model, config)
+    options = {"mode": mode, "budget": BUDGET, "tau": TAU, "seed": 4, "indexer": indexer}
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (333, 150, 260)]
+    session = Session(model, tokenizer, max_batch=2, static_decode=True, **options)
+    batch = session.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
+    agree = []
+    for prompt, got in zip(prompts, batch):
+        want = Session(model, tokenizer, static_decode=False, **options).generate(prompt, max_new_tokens=NEW,
+                                                                                  stop_at_eos=False)
+        agree.append(next((i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b), NEW))
+        assert got.stats.selected_per_trigger == want.stats.selected_per_trigger
+        assert got.stats.entries_fetched == want.stats.entries_fetched
+    print(f"static {mode} on {torch.cuda.get_device_name()}: tokens equal to the cold-pool path alone before the "
+          f"first difference {agree} of {NEW}")
+    assert agree == [NEW] * 3
