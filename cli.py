@@ -505,10 +505,11 @@ def generate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
-    static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Mode full: decode through the "
+    static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
-                                       "one CUDA graph) or transformers' own per-sequence decode (the numerical "
-                                       "reference). Default: static on one GPU, stock elsewhere."),
+                                       "one CUDA graph; in the trigger modes budget + tau/4 + 2 resident slots, "
+                                       "no --prefetch-steps) or the per-sequence path (transformers' own decode, "
+                                       "the numerical reference). Default: static for mode full on one GPU."),
 ):
     """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
 
@@ -604,10 +605,11 @@ def evaluate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
-    static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode mode full through the "
-                                       "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch) "
-                                       "or transformers' own per-sequence decode. Default: static on one GPU, "
-                                       "stock elsewhere. The oracle's recording runs always decode stock."),
+    static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
+                                       "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch; "
+                                       "not hisparse, nor trigger modes with --prefetch-steps) or the per-sequence "
+                                       "path. Default: static for mode full on one GPU. The oracle's recording "
+                                       "runs always decode stock."),
 ):
     """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
 

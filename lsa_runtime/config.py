@@ -166,7 +166,7 @@ class SessionConfig:
         if self.static_decode and self.mode == "hisparse":
             raise SessionError("static_decode does not run mode 'hisparse' (its per-step fetch changes the candidates "
                                "every step); use mode full, lsa, recent, random, oracle or all")
-        if self.static_decode and self.prefetch_steps:
+        if self.static_decode and self.prefetch_steps and self.mode != "full":
             raise SessionError("static_decode runs each trigger at the window boundary: prefetch_steps "
                                "(--prefetch-steps) must be 0 with it")
         tau = self.tau if self.tau is not None else DEFAULT_TAU

@@ -199,8 +199,9 @@ class ResidentSet:
         self.changes.append(change)
 
     def restore(self, ids: torch.Tensor, rows: dict[int, dict[str, torch.Tensor]]) -> None:
-        """The set handed back by a static row: entries ``ids`` (ascending host int64) and every layer's rows
-        ``[n, width]`` of them (row i = entry ``ids[i]``), owned from now on."""
+        """The set handed back by a static row: entries ``ids`` (ascending host int64) and every layer's rows of
+        them, ``[slots, width]`` with row i = entry ``ids[i]`` for i < n (the rest: the row's free slots, kept as
+        capacity, so the footprint counts what the row held), owned from now on."""
         self._ids = torch.as_tensor(ids, dtype=torch.long).cpu().clone()
         self._rows = {layer: {name: GrowingRows.over(rows[layer][name], int(self._ids.numel())) for name in NAMES}
                       for layer in self.layers}

@@ -124,7 +124,6 @@ class StaticResidentRows:
         into ``residency``; the stock-path LSA model can continue from them and stats read them."""
         self.flush(row, index_keys)
         self.state.store_row(row, cache, length, pooled=self.pools[row].count(self.layers[0]))
-        n = self.filled[row]
-        residency.restore(self.ids[row], {layer: {name: self._store(layer, name).entries[row, :n].clone()
+        residency.restore(self.ids[row], {layer: {name: self._store(layer, name).entries[row].clone()
                                                   for name in NAMES} for layer in self.layers})
         self.pools[row] = None

@@ -155,6 +155,11 @@ def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_to
                                                                          b.resident_entries)
         assert (a.fetch_bytes_to_device, a.cold_pool_bytes) == (b.fetch_bytes_to_device, b.cold_pool_bytes)
         assert a.device_bytes["memory_index_keys"] == b.device_bytes["memory_index_keys"]
+        # the row's slots (the largest selection + room for the born) are what it held: the cold-pool path's rows
+        # when every selection fills the budget (random), more where a selection is smaller
+        if options["mode"] == "random":
+            assert a.device_bytes["csa_kv"] == b.device_bytes["csa_kv"]
+        assert a.device_bytes["csa_kv"] >= b.device_bytes["csa_kv"] > 0
     # one conversation, two turns
     turns = [prompts[1], [7, 8, 9]]
     static, alone = (Session(model, tokenizer, indexer=indexer, tau=TAU, static_decode=s, **options)
