@@ -12,14 +12,17 @@ the set runs host-side between steps, here:
   the first trigger) takes a row: window, open windows and HCA entries as :meth:`StaticDecodeState.load_row`
   copies them, the resident rows of every CSA layer into the first slots;
 * :meth:`StaticResidentRows.flush`: the entries born since the last flush (slots ``filled .. length``) go to the
-  row's cold pool and its ids (the pool is where the next trigger's selection is fetched from);
+  row's cold pool and its ids (the pool is where the next trigger's selection is fetched from) and, where the
+  memory layers keep every entry's K^IComp on the device (``memory_keys="device"``), to those keys;
 * :meth:`StaticResidentRows.install`: a trigger's selection (ascending entry ids) becomes the row's resident set
   in place: rows already in a slot are kept, the others gathered from the pool, written into slots ``0 .. n - 1``
   of every CSA layer, the row's length set to n. Other rows are not touched, so rows trigger independently.
 
+* :meth:`StaticResidentRows.leave`: the row handed back to its sequence's cache and ``ResidentSet``.
+
 This class owns the host-side ids of every row (slot i of every CSA layer holds entry ``ids[row][i]``); the state
-owns the device tensors. The memory indexer reads the memory layers' K^IComp from the pool here
-(``memory_keys="pool"``): the static state has no store of every entry's index keys.
+owns the device tensors; the sequence's ``ResidentSet`` keeps the record of its changes (the Session records what
+:meth:`install` returns).
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ class StaticResidentRows:
         self.ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(rows)]
         self.pools: list[ColdPool | None] = [None] * rows
         self.filled = [0] * rows  # slots whose entries are in the row's pool and ids (later slots: born since)
-        self.changes: list[list[ResidentChange]] = [[] for _ in range(rows)]
 
     @property
     def slots(self) -> int:
@@ -63,7 +65,6 @@ class StaticResidentRows:
         length = self.state.load_row(row, cache, resident=resident)
         self.ids[row] = residency.ids.clone()
         self.pools[row], self.filled[row] = pool, residency.count
-        self.changes[row] = []
         return length
 
     def length(self, row: int) -> int:
@@ -88,11 +89,11 @@ class StaticResidentRows:
         self.filled[row] = upto
         return upto - first
 
-    def install(self, row: int, ids, headroom: int) -> ResidentChange:
-        """Make ``ids`` (entry indices) ``row``'s resident set now, in place (the born entries flushed first);
-        ``headroom``: slots to leave for the entries born before the next change (the step cannot refuse an
-        append: a full row would overwrite its last slot)."""
-        self.flush(row)
+    def install(self, row: int, ids, headroom: int, index_keys: dict | None = None) -> ResidentChange:
+        """Make ``ids`` (entry indices) ``row``'s resident set now, in place (the born entries flushed first, with
+        ``index_keys`` as :meth:`flush` takes them); ``headroom``: slots to leave for the entries born before the
+        next change (the step cannot refuse an append: a full row would overwrite its last slot)."""
+        self.flush(row, index_keys)
         ids = torch.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu())
         pool = self.pools[row]
         if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= pool.count(self.layers[0])):
@@ -114,9 +115,7 @@ class StaticResidentRows:
                 store.entries[row, :n] = rows
                 store.lengths[row] = n
         self.ids[row], self.filled[row] = plan.ids, n
-        change = ResidentChange(n, int(plan.fetch_ids.numel()))
-        self.changes[row].append(change)
-        return change
+        return ResidentChange(n, int(plan.fetch_ids.numel()))
 
     def leave(self, row: int, cache, residency, length: int, index_keys: dict | None = None) -> None:
         """Hand ``row`` back to its sequence (``length`` tokens seen): born entries flushed, window, open windows
