@@ -16,8 +16,15 @@ compiled first (``lsa_runtime/compiled_step.py``; the first step of each batch s
 ``--resident R``: LSA's resident mode (``lsa_runtime/static_residency.py``): every CSA layer holds R entry slots per
 row, R - 18 of them filled (the resident set; 18 = tau/4 + 2 slots for the entries born before the next trigger at
 tau = 64), the native top-k choosing among those; the rest of the row's entries live in its host cold pool,
-reported as host MiB per row (C^Comp + K^IComp of every CSA entry, the model's dtype). Triggers are not run here
-(bench_trigger.py measures them).
+reported as host MiB per row (C^Comp + K^IComp of every CSA entry, the model's dtype). ``--triggers`` (with
+``--resident``; eager steps on a CPU): each row also triggers every tau = 64 steps, staggered (row r at steps where
+(step + r * 64 / B) % 64 == 0, as rows that joined at different times), as ``Session(static_decode=True)`` runs a
+trigger (``lsa_runtime/static_residency.py``): the born entries flushed to a cold pool (one pinned pool of context/4
+random entries per CSA layer, shared by the rows: the host cannot pin 3.5 GB per row at B = 64) and to the memory
+layers' device keys, a random memory indexer at Flash dimensions scoring every entry with h_t0 from the graph's
+buffers, its top R - 18 installed in place (random scores: nearly every row fetched, the costliest case). Triggers
+are timed apart from the replays (synchronised host clock); reported: median trigger ms, the trigger's share of
+decode time at tau, and tokens/s with the triggers counted.
 """
 
 from __future__ import annotations
@@ -61,6 +68,49 @@ def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
             store.lengths.fill_(min(context // store.rate, slots - BORN_SLOTS) if resident else context // store.rate)
     state.positions.fill_(context)
     state.tokens.fill_(5)
+
+
+TAU = 64  # --triggers: decode steps between a row's triggers (the method's tau)
+
+
+def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Generator):
+    """For ``--triggers``: one cold pool of ``context // 4`` random entries per CSA layer, and the memory layers'
+    K^IComp of them on the device, shared by every row; each row's filled slots taken as entries 0 .. R - 19.
+    Returns the memory keys ``{layer: GrowingRows}``."""
+    from lsa_runtime.backbone import csa_layers, default_memory_layers
+    from lsa_runtime.cold_pool import ColdPool, GrowingRows
+
+    config, dtype = runner.model.config, runner.model.dtype
+    n, layers = context // 4, csa_layers(config)
+    widths = {"compressor": config.head_dim, "indexer": config.index_head_dim}
+    pool = ColdPool(layers, widths, dtype, initial_entries=n + 4096)
+    keys = {L: GrowingRows(config.index_head_dim, dtype, device, capacity=n + 4096)
+            for L in default_memory_layers(config)}
+    for layer in layers:
+        for name, width in widths.items():
+            for start in range(0, n, 16384):
+                rows = torch.randn(min(16384, n - start), width, generator=gen, device=device).to(dtype)
+                pool.append(layer, name, rows)
+                if name == "indexer" and layer in keys:
+                    keys[layer].append(rows)
+    resident = runner.resident
+    filled = runner.state.geometry.resident - BORN_SLOTS
+    for row in range(runner.state.geometry.batch):  # synthetic: what StaticResidentRows.join would have set
+        resident.ids[row], resident.pools[row], resident.filled[row] = torch.arange(filled), pool, filled
+    return keys
+
+
+def trigger(runner: StaticRunner, indexer, keys: dict, row: int) -> None:
+    """One row's trigger as the Session runs it in resident mode (flush, score every entry, install in place)."""
+    resident = runner.resident
+    resident.flush(row, keys)
+    n = resident.pools[row].count(resident.layers[0])
+    position = int(runner.state.positions[row]) - 1
+    hidden = {L: runner.hidden[L][row] for L in keys}
+    logits = indexer.trigger_logits(hidden, position, {L: k.view() for L, k in keys.items()}, n)
+    best = torch.stack([logits[L] for L in keys]).amax(0)
+    ids = best.topk(min(runner.state.geometry.resident - BORN_SLOTS, n)).indices.cpu()
+    resident.install(row, ids, BORN_SLOTS)
 
 
 def state_bytes(state: StaticDecodeState) -> int:
@@ -112,7 +162,10 @@ def profile_replays(graph, replays: int) -> dict:
 
 def run_batch(model, context: int, batch: int, args, device: str) -> dict:
     capacity = context + 2 * args.steps + 8
-    runner = StaticRunner(model, batch, capacity, graph=False, resident=args.resident)  # captured below
+    from lsa_runtime.backbone import default_memory_layers
+
+    hidden = default_memory_layers(model.config) if args.triggers else ()
+    runner = StaticRunner(model, batch, capacity, graph=False, resident=args.resident, hidden_layers=hidden)
     state = runner.state
     fill(state, context, torch.Generator(device=device).manual_seed(context + batch))
     row = {"context": context, "batch": batch, "state_bytes_per_row": state_bytes(state) // batch,
@@ -136,9 +189,51 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
             row["graph_median_ms"] = sorted(replay[1:])[len(replay[1:]) // 2]
             if args.profile:
                 row["profile"] = profile_replays(runner.graph, 3)
+        if args.triggers:
+            row.update(replay_with_triggers(runner, context, batch, args, device))
     best = row.get("graph_median_ms", row["eager_median_ms"])
     row["tokens_per_s"] = batch * 1e3 / best
+    if "trigger_ms_median" in row:  # every row triggers once per tau steps
+        per_step = row["trigger_ms_median"] * batch / TAU
+        row["trigger_share"] = per_step / (best + per_step)
+        row["tokens_per_s_with_triggers"] = batch * 1e3 / (best + per_step)
+    runner.close()
     return row  # the state is freed here; the caller empties the CUDA cache
+
+
+def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, device: str) -> dict:
+    """TAU + 8 replays (eager steps without a graph) with every row's trigger at its staggered step, timed
+    apart."""
+    from lsa_runtime.backbone import default_memory_layers
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    config = runner.model.config
+    mcfg = MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config),
+                                                    rank=128 if args.small else 2048, tau=TAU)
+    indexer = MemoryIndexer(mcfg).to(device=device, dtype=runner.model.dtype)
+    keys = attach_pool(runner, context, device, torch.Generator(device=device).manual_seed(context))
+    offsets = [r * TAU // batch for r in range(batch)]
+    steps, triggers = [], []
+    for i in range(TAU + 8):
+        for r in range(batch):
+            if i and (i + offsets[r]) % TAU == 0:
+                synchronize(device)
+                start = time.perf_counter()
+                trigger(runner, indexer, keys, r)
+                synchronize(device)
+                triggers.append((time.perf_counter() - start) * 1e3)
+        synchronize(device)
+        start = time.perf_counter()
+        if runner.graph is not None:
+            runner.graph.replay()
+        else:
+            static_step(runner.model, runner.state)
+        synchronize(device)
+        steps.append((time.perf_counter() - start) * 1e3)
+        runner.state.positions.add_(1)
+    return {"trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
+            "replay_with_triggers_step_ms": steps,
+            "memory_keys_bytes_per_row": len(keys) * (context // 4) * config.index_head_dim * runner.model.dtype.itemsize}
 
 
 def main() -> None:
@@ -157,11 +252,16 @@ def main() -> None:
                     help="with --compile: keep transformers' Sinkhorn loop (no lsa_runtime/fused_mhc.py)")
     ap.add_argument("--resident", type=int, default=None,
                     help="LSA's resident mode: CSA entry slots per row (e.g. 13,125 = 10%% of 512K's 131,072 + 18)")
+    ap.add_argument("--triggers", action="store_true",
+                    help="with --resident: every row triggers every 64 steps, staggered (timed apart)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 4:
         print("error: --steps must be at least 4", file=sys.stderr)
+        sys.exit(2)
+    if args.triggers and args.resident is None:
+        print("error: --triggers needs --resident (LSA's resident mode)", file=sys.stderr)
         sys.exit(2)
     if args.resident is not None and args.resident <= BORN_SLOTS:
         print(f"error: --resident must exceed the {BORN_SLOTS} slots kept for entries born between triggers",
@@ -194,6 +294,11 @@ def main() -> None:
                   f"{row['state_bytes_per_row'] / 2**20:14.1f}"
                   + (f" {row['host_pool_bytes_per_row'] / 2**20:18.1f}" if args.resident else "")
                   + (f"  (compiled in {row['compile_seconds']:.0f} s)" if "compile_seconds" in row else ""), flush=True)
+            if "trigger_ms_median" in row:
+                print(f"    triggers: median {row['trigger_ms_median']:.2f} ms ({len(row['trigger_ms'])} timed), "
+                      f"{100 * row['trigger_share']:.1f}% of decode time at tau = {TAU}; "
+                      f"{row['tokens_per_s_with_triggers']:.1f} tok/s with them; memory keys "
+                      f"{row['memory_keys_bytes_per_row'] / 2**20:.0f} MiB/row", flush=True)
             if "profile" in row:
                 p = row["profile"]
                 print(f"    replay: {p['kernels_per_step']:,.0f} kernels, {p['device_ms_per_step']:.2f} ms device; top: "
