@@ -507,9 +507,9 @@ def generate_command(
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
-                                       "one CUDA graph; in the trigger modes budget + tau/4 + 2 resident slots, "
-                                       "no --prefetch-steps) or the per-sequence path (transformers' own decode, "
-                                       "the numerical reference). Default: static for mode full on one GPU."),
+                                       "one CUDA graph; in the trigger modes budget + tau/4 + 2 resident slots per "
+                                       "sequence) or the per-sequence path (transformers' own decode, the "
+                                       "numerical reference). Default: static for mode full on one GPU."),
 ):
     """Generate text with DeepSeek-V4, full or with Lookahead Sparse Attention, and print the KV footprint.
 
@@ -607,9 +607,8 @@ def evaluate_command(
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch; "
-                                       "not hisparse, nor trigger modes with --prefetch-steps) or the per-sequence "
-                                       "path. Default: static for mode full on one GPU. The oracle's recording "
-                                       "runs always decode stock."),
+                                       "every mode but hisparse) or the per-sequence path. Default: static for "
+                                       "mode full on one GPU. The oracle's recording runs always decode stock."),
 ):
     """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
 

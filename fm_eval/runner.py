@@ -208,8 +208,8 @@ class Evaluation:
             raise EvaluationError(f"--batch must be an integer >= 1, got {batch}")
         self.batch = int(batch)
         # the runs through the static-shape step or not (SessionConfig.static_decode; None: the Session's default,
-        # mode full on one GPU), except hisparse's, those of prefetching trigger modes, and the full runs that record
-        # native picks for the oracle (the static step records none)
+        # mode full on one GPU), except hisparse's and the full runs that record native picks for the oracle (the
+        # static step records none)
         self.static_decode = None if static_decode is None else bool(static_decode)
         self.done: dict[tuple, dict] = {}
         self.identity: dict[str, str] = {}  # set by _preflight
@@ -430,8 +430,7 @@ class Evaluation:
 
     def _session_config(self, mode: str, budget: int | None, records_picks: bool = False) -> SessionConfig:
         cfg = self.config
-        prefetching = cfg.prefetch_steps and mode != "full"
-        static = False if records_picks or mode == "hisparse" or prefetching else self.static_decode
+        static = False if records_picks or mode == "hisparse" else self.static_decode
         return SessionConfig(mode=mode, static_decode=static,
                              tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
@@ -527,8 +526,8 @@ def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter
     """Run (or resume) the evaluation of ``config`` into ``out``; returns the results dictionary. ``workers``:
     decode in that many processes on the same device (see :meth:`Evaluation._run_workers`); ``batch``: decode up
     to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens);
-    ``static_decode``: decode through the static-shape step (same greedy tokens; every mode but hisparse, trigger
-    modes without prefetch); None: the Session's default (mode full on one GPU)."""
+    ``static_decode``: decode through the static-shape step (same greedy tokens; every mode but hisparse); None:
+    the Session's default (mode full on one GPU)."""
     return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers,
                       batch=batch, static_decode=static_decode).run()
 

@@ -105,8 +105,9 @@ class SessionConfig:
       ``max_batch`` rows, the whole step one CUDA graph on a GPU (layers eager). Same tokens as the stock path
       (mode full: fp32 on a CPU and the H200; bf16 up to near ties; tests/test_batching.py). In the trigger modes
       (lsa, recent, random, oracle, all) the CSA layers hold ``budget`` + tau/4 + 2 resident slots per row (every
-      entry without a budget), triggers run between steps (no ``prefetch_steps``); same tokens as the cold-pool
-      path (CPU, tests/test_static_residency.py). None (the default): on where it pays off and was tested, mode
+      entry without a budget; + prefetch_steps/4 + 1 with prefetch), triggers run between steps (or on the
+      helper thread with ``prefetch_steps``, installed at the boundary); same tokens as the cold-pool path (CPU,
+      tests/test_static_residency.py). None (the default): on where it pays off and was tested, mode
       ``full`` on one CUDA device, nothing offloaded, weights not kept in FP8/FP4; False: the stock per-sequence
       path (transformers' own decode, the numerical reference); True: also on a CPU (no graph) and in the
       trigger modes.
@@ -166,9 +167,6 @@ class SessionConfig:
         if self.static_decode and self.mode == "hisparse":
             raise SessionError("static_decode does not run mode 'hisparse' (its per-step fetch changes the candidates "
                                "every step); use mode full, lsa, recent, random, oracle or all")
-        if self.static_decode and self.prefetch_steps and self.mode != "full":
-            raise SessionError("static_decode runs each trigger at the window boundary: prefetch_steps "
-                               "(--prefetch-steps) must be 0 with it")
         tau = self.tau if self.tau is not None else DEFAULT_TAU
         if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
                 or not 0 <= self.prefetch_steps < tau:

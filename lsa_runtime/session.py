@@ -633,19 +633,46 @@ class Session:
         row: born entries to its cold pool, the policy's selection installed in the row's slots in place."""
         state = job.state
         state.since_trigger += 1
-        if state.since_trigger < self.config.tau:
+        tau, lead = self.config.tau, self.config.prefetch_steps
+        if state.prefetcher is not None and state.since_trigger == tau - lead:
+            self._start_static_prefetch(job)
+        if state.since_trigger < tau:
             return
         start = time.perf_counter()
         rows, keys = self._runner.resident, self._memory_keys(state)
-        rows.flush(job.row, keys)
-        for layer in state.policy.memory_layers:  # h_t0 of the step just run, from the runner's buffers
-            state.hidden[layer] = self._runner.hidden[layer][job.row].clone()
-        trigger_state = TriggerState(position=state.position - 1, n_visible=state.pool.count(self.csa_layers[0]),
-                                     trigger_index=len(state.residency.changes), resident=rows.ids[job.row],
-                                     hidden=dict(state.hidden), index_keys={i: k.view() for i, k in keys.items()})
-        state.residency.record(rows.install(job.row, self._select(state, trigger_state), self._headroom()))
+        if state.prefetcher is not None and state.prefetcher.pending:
+            finished = state.prefetcher.finish()
+            change = rows.install_prepared(job.row, finished.result, self._headroom(), keys)
+            state.clock.prefetch_seconds += finished.helper_seconds
+            state.clock.prefetch_wait_seconds += finished.wait_seconds
+        else:
+            change = rows.install(job.row, self._select(state, self._static_trigger_state(job, keys)),
+                                  self._headroom(), keys)
+        state.residency.record(change)
         state.since_trigger = 0
         self._synchronize()
+        state.clock.trigger_seconds += time.perf_counter() - start
+
+    def _static_trigger_state(self, job: "_Job", keys: dict, lead: int = 0) -> TriggerState:
+        """What a trigger on the job's static row looks at: its born entries flushed first (to the pool and the
+        memory layers' device ``keys``), h_t0 of the step just run from the runner's buffers."""
+        state, rows = job.state, self._runner.resident
+        rows.flush(job.row, keys)
+        for layer in state.policy.memory_layers:
+            state.hidden[layer] = self._runner.hidden[layer][job.row].clone()
+        return TriggerState(position=state.position - 1, n_visible=state.pool.count(self.csa_layers[0]),
+                            trigger_index=len(state.residency.changes), resident=rows.ids[job.row].clone(),
+                            lead=lead, hidden=dict(state.hidden), index_keys={i: k.view() for i, k in keys.items()})
+
+    def _start_static_prefetch(self, job: "_Job") -> None:
+        """The next window's trigger for the job's static row, now, on the helper thread (selection and rows built
+        from a snapshot); the row goes on decoding with its current set until the boundary."""
+        start = time.perf_counter()
+        state, rows, row = job.state, self._runner.resident, job.row
+        trigger_state = self._static_trigger_state(job, self._memory_keys(state), lead=self.config.prefetch_steps)
+        snapshot, filled = trigger_state.resident, rows.filled[row]
+        state.prefetcher.start(lambda: rows.prepare(row, self._select(state, trigger_state), snapshot, filled),
+                               self.device)
         state.clock.trigger_seconds += time.perf_counter() - start
 
     def _memory_keys(self, state: DecodeState) -> dict:
@@ -659,9 +686,11 @@ class Session:
         (:meth:`ResidentPolicy.max_selected`: its budget) and room for the entries born before the next trigger;
         every entry the call can emit where a policy has no bound."""
         bounds = [policy.max_selected() for policy in policies]
+        # with prefetch, the entries born in the lead steps join the set at the swap: room for them too
+        room = self._headroom() + (self.config.prefetch_steps // self.rate + 1 if self.config.prefetch_steps else 0)
         if any(bound is None for bound in bounds):
-            return capacity // self.rate + self._headroom()
-        return max(bounds) + self._headroom()
+            return capacity // self.rate + room
+        return max(bounds) + room
 
     def _start_prefetch(self, state: DecodeState) -> None:
         """Fire the next window's trigger now, on the helper thread; decoding goes on with the current set."""

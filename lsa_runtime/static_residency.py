@@ -18,6 +18,10 @@ the set runs host-side between steps, here:
   in place: rows already in a slot are kept, the others gathered from the pool, written into slots ``0 .. n - 1``
   of every CSA layer, the row's length set to n. Other rows are not touched, so rows trigger independently.
 
+* with prefetch (a trigger d steps before the boundary, on a helper thread): :meth:`StaticResidentRows.prepare`
+  assembles the new rows from a snapshot (slots below the snapshot's fill do not change until the next install:
+  the step appends past them) and the pool, and :meth:`StaticResidentRows.install_prepared` writes them in at the
+  boundary, the entries born since the snapshot moved after them;
 * :meth:`StaticResidentRows.leave`: the row handed back to its sequence's cache and ``ResidentSet``.
 
 This class owns the host-side ids of every row (slot i of every CSA layer holds entry ``ids[row][i]``); the state
@@ -27,11 +31,24 @@ owns the device tensors; the sequence's ``ResidentSet`` keeps the record of its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .cold_pool import ColdPool
 from .residency import NAMES, ResidentChange, ResidentPlan
 from .static_decode import StaticDecodeState
+
+
+@dataclass
+class PreparedRows:
+    """A row's next resident set built ahead (:meth:`StaticResidentRows.prepare`): the selected entries (ascending),
+    their rows per CSA layer and kind, the row's fill at the snapshot (later slots: born since) and the fetch count."""
+
+    ids: torch.Tensor
+    rows: dict[int, dict[str, torch.Tensor]]
+    born_from: int
+    fetched: int
 
 
 class StaticResidentRows:
@@ -116,6 +133,47 @@ class StaticResidentRows:
                 store.lengths[row] = n
         self.ids[row], self.filled[row] = plan.ids, n
         return ResidentChange(n, int(plan.fetch_ids.numel()))
+
+    def prepare(self, row: int, ids, snapshot_ids: torch.Tensor, snapshot_filled: int) -> PreparedRows:
+        """New rows for ``ids`` against the row as it was at a snapshot (its ids ``snapshot_ids``, all flushed: slot
+        i < ``snapshot_filled`` holds entry ``snapshot_ids[i]``), without changing the row: safe on a helper thread
+        while the step runs (it writes only slots at or past the row's length)."""
+        ids = torch.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu())
+        plan = ResidentPlan(snapshot_ids, ids)
+        n, rows = int(plan.ids.numel()), {}
+        for layer in self.layers:
+            rows[layer] = {}
+            for name in NAMES:
+                entries = self._store(layer, name).entries
+                keep_to, keep_from, fetch_to, fetch_ids = plan.on(entries.device)
+                new = entries.new_empty((n, entries.shape[-1]))
+                if keep_to is not None:
+                    new[keep_to] = entries[row, keep_from]
+                if fetch_to is not None:
+                    new[fetch_to] = self.pools[row].gather(layer, name, plan.fetch_ids, entries.device, fetch_ids)
+                rows[layer][name] = new
+        return PreparedRows(plan.ids, rows, int(snapshot_filled), int(plan.fetch_ids.numel()))
+
+    def install_prepared(self, row: int, prepared: PreparedRows, headroom: int,
+                         index_keys: dict | None = None) -> ResidentChange:
+        """Write rows made by :meth:`prepare` into ``row`` now; the entries born since its snapshot (flushed here, with
+        ``index_keys`` as :meth:`flush` takes them) follow them, as in :meth:`ResidentSet.install
+        <.residency.ResidentSet.install>`."""
+        self.flush(row, index_keys)
+        born_ids = self.ids[row][prepared.born_from:]
+        n, born = int(prepared.ids.numel()), int(born_ids.numel())
+        if n + born + headroom > self.slots:
+            raise ValueError(f"row {row}: {n} entries, {born} born since the snapshot and {headroom} for those born "
+                             f"before the next trigger exceed the {self.slots} slots")
+        for layer in self.layers:
+            for name in NAMES:
+                store = self._store(layer, name)
+                moved = store.entries[row, prepared.born_from:prepared.born_from + born].clone()
+                store.entries[row, :n] = prepared.rows[layer][name]
+                store.entries[row, n:n + born] = moved
+                store.lengths[row] = n + born
+        self.ids[row], self.filled[row] = torch.cat([prepared.ids, born_ids]), n + born
+        return ResidentChange(n, prepared.fetched)
 
     def leave(self, row: int, cache, residency, length: int, index_keys: dict | None = None) -> None:
         """Hand ``row`` back to its sequence (``length`` tokens seen): born entries flushed, window, open windows

@@ -260,8 +260,6 @@ def test_static_decode_gives_each_sequence_its_stock_tokens_and_stats(backbone, 
         assert got.token_ids == alone[i][:cut]
     with pytest.raises(SessionError, match="does not run mode 'hisparse'"):
         Session(model, tokenizer, mode="hisparse", budget=16, static_decode=True)
-    with pytest.raises(SessionError, match="prefetch_steps .* must be 0"):
-        Session(model, tokenizer, mode="recent", budget=16, tau=TAU, prefetch_steps=2, static_decode=True)
     with pytest.raises(SessionError, match="static_decode must be True, False or None"):
         Session(model, tokenizer, mode="full", static_decode=1)
     # the default (None) takes the static step on one GPU only: on a CPU the stock path, unless asked

@@ -130,12 +130,14 @@ def memory_indexer(backbone):
     {"mode": "random", "budget": BUDGET, "seed": 4},  # fetches and kept rows at every trigger
     {"mode": "lsa", "budget": BUDGET},  # the memory indexer: h_t0 from the runner's buffers, device memory keys
     {"mode": "lsa", "memory_keys": "pool"},  # no budget: a slot for every entry; the memory keys streamed
-], ids=["random", "lsa-budget", "lsa-pool-keys"])
+    {"mode": "random", "budget": BUDGET, "seed": 4, "prefetch_steps": 3},  # prepared on the helper thread
+    {"mode": "lsa", "budget": BUDGET, "prefetch_steps": 5},
+], ids=["random", "lsa-budget", "lsa-pool-keys", "random-prefetch", "lsa-budget-prefetch"])
 def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_tokens_and_sets(backbone,
                                                                                               memory_indexer,
                                                                                               options):
     """Session(static_decode=True) in a trigger mode: three prompts, two rows (the third joins the row the first
-    finished sequence leaves), tau = 16. Each sequence's tokens, its trigger record (entries selected and fetched
+    finished sequence leaves), tau = 16; with prefetch the trigger fires d steps early on the helper thread. Each sequence's tokens, its trigger record (entries selected and fetched
     at every trigger) and its entry counts equal the cold-pool path decoding it alone; a conversation continues
     from the written-back state (keep_context) as the cold-pool path's does."""
     model, tokenizer = backbone
@@ -151,6 +153,7 @@ def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_to
         a, b = got.stats, want.stats
         assert a.triggers == b.triggers == 1 + (NEW - 1) // TAU
         assert a.selected_per_trigger == b.selected_per_trigger and a.entries_fetched == b.entries_fetched > 0
+        assert (a.prefetch_seconds > 0) == (b.prefetch_seconds > 0) == bool(options.get("prefetch_steps"))
         assert (a.context_tokens, a.csa_entries, a.resident_entries) == (b.context_tokens, b.csa_entries,
                                                                          b.resident_entries)
         assert (a.fetch_bytes_to_device, a.cold_pool_bytes) == (b.fetch_bytes_to_device, b.cold_pool_bytes)
