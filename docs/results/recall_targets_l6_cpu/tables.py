@@ -10,7 +10,7 @@ here), and checks, by prompt digest, that every run decoded the same prompts and
 7e's predictions. Per task and length: full's accuracy, then per target lsa's accuracy, its CSA-KV ratio (device /
 full CSA attention KV bytes, the paper's footprint) and recent's accuracy at lsa's budget, then the oracle's
 accuracy and CSA-KV at the 0.8 budget; then pooled rows over the seen and the held-out tasks (prompt-weighted, 7d's
-grouping).
+grouping); last, variable tracking with longer recency tails (``--keep-recent`` 64 and 128 at the 0.8 export).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ TARGETS = {  # recall target: evaluate outputs per part
     "0.97": {"varied": HERE / "eval_varied_r97", "ruler": HERE / "eval_ruler_r97"},
 }
 ORACLE = {"varied": HERE / "eval_varied_oracle", "ruler": HERE / "eval_ruler_oracle"}  # lsa + oracle at 0.8
+TAILS = {64: HERE / "eval_vt_tail64", 128: HERE / "eval_vt_tail128"}  # lsa on vt / varied_vt, longer recency tails
 
 
 def main() -> None:
@@ -82,6 +83,19 @@ def main() -> None:
             parts.append(f"{lsa:.1f} | {lsa - full:+.1f} | {T7D.mean(group[f'kv {target}']):.3f}")
         parts.append(f"{T7D.mean(group['oracle']):.1f} | {T7D.mean(group['kv oracle']):.3f}")
         print(f"| {name} | {len(group['full'])} | {full:.1f} | " + " | ".join(parts) + " |")
+    print()
+    tails = {k: T7D.read(path) for k, path in TAILS.items()}
+    print("| task | length | n | full | lsa, tail 32 | CSA-KV | " + " | ".join(f"lsa, tail {k} | CSA-KV" for k in tails)
+          + " |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(tails))
+    for part, task, length in (("varied", "varied_vt", 2048), ("ruler", "vt", 2048), ("ruler", "vt", 4096)):
+        full = T7D.cells(runs["0.8"][part], task, length, "full")
+        cells = []
+        for lsa in [T7D.cells(runs["0.8"][part], task, length, "lsa")] + [T7D.cells(t, task, length, "lsa")
+                                                                         for t in tails.values()]:
+            assert [r["prompt_sha"] for r in lsa] == [r["prompt_sha"] for r in full], (task, length)
+            cells.append(f"{T7D.fmt(acc(lsa))} | {T7D.fmt(ratio(lsa), '.3f')}")
+        print(f"| {task} | {length:,} | {len(full)} | {T7D.fmt(acc(full))} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
