@@ -161,8 +161,10 @@ def profile_replays(graph, replays: int) -> dict:
 
 
 def run_batch(model, context: int, batch: int, args, device: str) -> dict:
-    capacity = context + 2 * args.steps + 8
     from lsa_runtime.backbone import default_memory_layers
+
+    # positions the run reaches: timed eager and replayed steps, warm-up / capture / profile steps, the trigger run
+    capacity = context + 2 * args.steps + 8 + (TAU + 8 if args.triggers else 0)
 
     hidden = default_memory_layers(model.config) if args.triggers else ()
     runner = StaticRunner(model, batch, capacity, graph=False, resident=args.resident, hidden_layers=hidden)
@@ -212,6 +214,11 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
                                                     rank=128 if args.small else 2048, tau=TAU)
     indexer = MemoryIndexer(mcfg).to(device=device, dtype=runner.model.dtype)
     keys = attach_pool(runner, context, device, torch.Generator(device=device).manual_seed(context))
+    filled = runner.state.geometry.resident - BORN_SLOTS
+    for layer in runner.state.layers:  # drop the entries the timed steps appended: BORN_SLOTS free before a trigger
+        if layer.indexer is not None:
+            layer.compressor.lengths.fill_(filled)
+            layer.indexer.lengths.fill_(filled)
     offsets = [r * TAU // batch for r in range(batch)]
     steps, triggers = [], []
     for i in range(TAU + 8):
