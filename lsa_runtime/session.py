@@ -554,15 +554,15 @@ class Session:
                 self._after_decode_step(job.state)
 
     def _finish_job(self, job: "_Job") -> None:
+        if job.state.prefetcher is not None:  # first: a static row's helper job reads the row's slots
+            job.state.prefetcher.close()  # drop a set for a window that will not be decoded; no idle thread left
+            job.state.prefetcher = None
         if job.row is not None:  # back into its own cache: stats and keep_context read it
             if self._runner.resident is not None:
                 self._runner.leave(job.row, job.state.cache, job.state.residency, self._memory_keys(job.state))
             else:
                 self._runner.leave(job.row, job.state.cache)
             job.row = None
-        if job.state.prefetcher is not None:
-            job.state.prefetcher.close()  # drop a set for a window that will not be decoded; no idle thread left
-            job.state.prefetcher = None
         self._synchronize()
         if job.started is not None:
             job.state.clock.decode_tokens += len(job.produced)

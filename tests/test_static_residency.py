@@ -204,3 +204,32 @@ def test_session_static_decode_in_a_trigger_mode_on_a_gpu(mode):
     print(f"static {mode} on {torch.cuda.get_device_name()}: tokens equal to the cold-pool path alone before the "
           f"first difference {agree} of {NEW}")
     assert agree == [NEW] * 3
+
+
+def test_a_static_stream_stopped_while_a_prefetch_is_in_flight(backbone):
+    """stream() through the static step closed 15 tokens in (tau = 16, prefetch 5: the first sequence's helper is
+    preparing its next set): its helper is closed before its row is handed back, no helper thread is left, its
+    written-back state has the cold-pool path's entries, and the Session decodes normally afterwards."""
+    import threading
+
+    model, tokenizer = backbone
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (333, 150, 260)]
+    options = {"mode": "random", "budget": BUDGET, "seed": 4, "tau": TAU, "prefetch_steps": 5}
+    session = Session(model, tokenizer, max_batch=2, static_decode=True, **options)
+    before = {t.name for t in threading.enumerate()}
+    stream = session.stream(prompts, max_new_tokens=NEW, stop_at_eos=False)
+    for item in stream:
+        if item.sequence == 0 and len(session._last_jobs[0].produced) == 15:
+            break
+    stream.close()
+    job = session._last_jobs[0]
+    assert job.finish_reason == "stopped" and job.state.prefetcher is None and job.row is None
+    # the first trigger's set + the entries born in the 14 decoded tokens (the 15th was never run)
+    assert job.state.residency.count == BUDGET + (333 + 14) // 4 - 333 // 4
+    leftover = {t.name for t in threading.enumerate()} - before
+    assert not any(name.startswith("fm-index-prefetch") for name in leftover)
+    again = session.generate(prompts[:2], max_new_tokens=20, stop_at_eos=False)
+    alone = [Session(model, tokenizer, **options).generate(p, max_new_tokens=20, stop_at_eos=False).token_ids
+             for p in prompts[:2]]
+    assert [g.token_ids for g in again] == alone
