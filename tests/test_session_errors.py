@@ -96,8 +96,8 @@ def test_cli_generate_prints_text_and_stats():
 
 
 def test_cli_generate_static_decode_prints_the_default_paths_text():
-    """--static-decode (mode full) gives the stock path's text (--stock-decode, the CPU's default); with mode
-    hisparse it is refused (exit 2)."""
+    """--static-decode gives the default path's text in mode full (--stock-decode, the CPU's default) and in a
+    trigger mode (recent); with mode hisparse it is refused (exit 2)."""
     args = ["generate", "--model", "tiny", "--device", "cpu", "--mode", "full", "--prompt",
             "The cold pool keeps every entry. " * 3, "--max-new-tokens", "12"]
     plain, stock, static = (runner.invoke(app, [*args, *flag]) for flag in ([], ["--stock-decode"],
@@ -105,6 +105,11 @@ def test_cli_generate_static_decode_prints_the_default_paths_text():
     assert plain.exit_code == stock.exit_code == static.exit_code == 0, static.output
     text = lambda out: out.output.split("KV footprint:", 1)[0]  # the generated text, before the stats table
     assert text(static) == text(plain) == text(stock) and text(plain)
+    recent = ["generate", "--model", "tiny", "--device", "cpu", "--mode", "recent", "--budget", "6", "--tau", "8",
+              "--prompt", "The cold pool keeps every entry. " * 12, "--max-new-tokens", "30"]  # 3 triggers decoding
+    plain, static = (runner.invoke(app, [*recent, *flag]) for flag in ([], ["--static-decode"]))
+    assert plain.exit_code == static.exit_code == 0, static.output
+    assert text(static) == text(plain) and text(plain)
     refused = runner.invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--mode", "hisparse", "--budget",
                                   "8", "--prompt", "x", "--static-decode"])
     assert refused.exit_code == 2 and "does not run mode 'hisparse'" in refused.output, refused.output
