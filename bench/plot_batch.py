@@ -1,9 +1,13 @@
-"""Aggregate decode tokens/s vs batch size, one line per (run, context, mode), from `bench_batch.py --json` files.
+"""Aggregate decode tokens/s vs batch size, one line per (run, context, mode), from `bench_batch.py --json` and
+`bench_static.py --json` files.
 
     python bench/plot_batch.py [--out docs/bench_results/batch_h200/tokens_per_s.png] [RUN.json:LABEL ...]
 
-Without arguments it plots the two H200 runs of issue 18 (the first and the second batched version). It also
-prints the plotted points as a table, so the figure can be checked against the JSON.
+Without arguments it plots the H200 runs of issue 18: the first and the second batched version (per-sequence
+caches, `bench_batch.py`) and the static-shape step, compiled, one CUDA graph (`bench_static.py`, run 3: full
+semantics). A `bench_static.py` row is mode "full" or, with `--resident`, "lsa" (its tokens/s with the triggers
+counted when `--triggers` ran). It also prints the plotted points as a table, so the figure can be checked against
+the JSON.
 """
 from __future__ import annotations
 
@@ -15,8 +19,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "docs" / "bench_results" / "batch_h200"
+STATIC = ROOT / "docs" / "bench_results" / "static_h200" / "run3"
 DEFAULT_RUNS = [f"{RAW / 'batch_128k.json'}:v1", f"{RAW / 'batch_512k.json'}:v1",
-                f"{RAW / 'batch3_128k.json'}:v2", f"{RAW / 'batch3_512k.json'}:v2"]
+                f"{RAW / 'batch3_128k.json'}:v2", f"{RAW / 'batch3_512k.json'}:v2"] + \
+               [f"{STATIC / name}:static" for name in ("static_512k.json", "static_512k_b11.json", "static_512k_b16.json",
+                                                       "static_128k.json")]
+STYLES = {"v1": ":", "v2": "--", "static": "-"}
 
 
 def series(runs: list[tuple[Path, str]]) -> dict[tuple[str, int, str], list[tuple[int, float]]]:
@@ -24,7 +32,12 @@ def series(runs: list[tuple[Path, str]]) -> dict[tuple[str, int, str], list[tupl
     out: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
     for path, label in runs:
         for row in json.loads(path.read_text())["rows"]:
-            out.setdefault((label, row["context"], row["mode"]), []).append((row["batch"], row["tokens_per_s"]))
+            if "mode" in row:  # bench_batch.py
+                mode, tokens = row["mode"], row["tokens_per_s"]
+            else:  # bench_static.py: full semantics, or LSA's resident mode
+                mode = "lsa" if row.get("resident_slots") else "full"
+                tokens = row.get("tokens_per_s_with_triggers", row["tokens_per_s"])
+            out.setdefault((label, row["context"], mode), []).append((row["batch"], tokens))
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -61,14 +74,14 @@ def main() -> None:
             if c != context:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if mode == "lsa" else "s",
-                    linestyle="-" if label == "v2" else ":", label=f"{mode} ({label})")
+                    linestyle=STYLES.get(label, "-"), label=f"{mode} ({label})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (sequences decoded together)")
         ax.set_title(f"{context // 1024}K tokens per sequence")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("aggregate decode tokens/s")
-    fig.suptitle("Batched decoding on one H200, Flash-shaped model (all = honest full decoder)", fontsize=10)
+    fig.suptitle("Batched decoding on one H200, Flash-shaped model (all, full = exact full decoders)", fontsize=10)
     fig.tight_layout()
     out = Path(args.out)
     tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp{out.suffix}")
