@@ -45,6 +45,15 @@ def _hand_over_stores(layer, args, kwargs):
     return args, kwargs
 
 
+def _static_or_eager(layer, *args, **kwargs):
+    """A decoder layer's forward: the compiled function for a static step, transformers' own for any other cache
+    (a chunked prefill's shapes change every chunk: compiling them would recompile without end)."""
+    forward = type(layer).forward
+    if isinstance(kwargs.get("past_key_values", kwargs.get("cache")), StaticDecodeState):
+        forward = _compiled(forward)
+    return forward(layer, *args, **kwargs)
+
+
 def _decoder(model):
     return model.model if hasattr(model, "model") else model
 
@@ -54,8 +63,9 @@ def compile_static_step(model, fuse_mhc: bool = True) -> int:
     ``fuse_mhc``: the hyper-connections' Sinkhorn loop entry by entry (:mod:`.fused_mhc`), so that it fuses.
 
     Graphs are built lazily on the first static steps; ``torch._dynamo.config.cache_size_limit`` is raised so
-    that every layer kind and batch size keeps its graph. Other caches (prefill with a ``DynamicCache``) run the
-    same compiled function: compile only a model kept for static decoding, or :func:`uncompile_static_step`."""
+    that every layer kind and batch size keeps its graph. Other caches (prefill with a ``DynamicCache``, the stock
+    decode) keep transformers' eager forward and hyper-connections (:mod:`.fused_mhc` runs its loop only while
+    compiling), so the model serves them unchanged."""
     install_static_attention(model)
     if fuse_mhc:
         install_fusable_mhc(model)
@@ -64,7 +74,7 @@ def compile_static_step(model, fuse_mhc: bool = True) -> int:
     for layer in layers:
         if "forward" in layer.__dict__:  # already compiled (or wrapped by someone else: leave it)
             continue
-        layer.forward = functools.partial(_compiled(type(layer).forward), layer)
+        layer.forward = functools.partial(_static_or_eager, layer)
         layer._lsa_store_hook = layer.register_forward_pre_hook(_hand_over_stores, with_kwargs=True)
     return len(layers)
 

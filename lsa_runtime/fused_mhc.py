@@ -11,9 +11,10 @@ fuses (14 loop nests on a CPU with the fusion limit that :mod:`.compiled_step` s
 step goes from 8,139 to 4,957 kernels and 19.8 to 16.3 ms at 512K, batch 1 (docs/BENCHMARKS.md, run 3).
 
 :class:`FusableHyperConnection` is mixed into the model's hyper-connections by :func:`install_fusable_mhc` (a
-subclass swap, as :func:`.static_decode.install_static_attention`); only the compiled path installs it (eager, the
-unrolled loop would launch more kernels, not fewer). transformers' forward stays the reference: same outputs up to
-fp32 summation order (tests/test_static_decode.py).
+subclass swap, as :func:`.static_decode.install_static_attention`); only the compiled path installs it, and its
+forward takes the entry-wise loop only while being compiled (eager, the unrolled loop would launch more kernels,
+not fewer, so eager callers keep transformers' forward). transformers' forward stays the reference: same outputs
+up to fp32 summation order (tests/test_static_decode.py).
 """
 
 from __future__ import annotations
@@ -45,10 +46,16 @@ def sinkhorn_by_entries(comb: torch.Tensor, iters: int, eps: float) -> torch.Ten
 
 
 class FusableHyperConnection:
-    """Mixed into ``DeepseekV4HyperConnection``: its forward (transformers 5.17-5.24), the Sinkhorn loop replaced by
-    :func:`sinkhorn_by_entries`. Returns ``(post, comb, collapsed)`` as the stock forward does."""
+    """Mixed into ``DeepseekV4HyperConnection``: while compiled, its forward (transformers 5.17-5.24) with the
+    Sinkhorn loop replaced by :func:`sinkhorn_by_entries` (:meth:`entrywise_forward`); eager, transformers' own.
+    Returns ``(post, comb, collapsed)`` as the stock forward does."""
 
     def forward(self, hidden_streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return self.entrywise_forward(hidden_streams)
+        return super().forward(hidden_streams)
+
+    def entrywise_forward(self, hidden_streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch_size, seq_len = hidden_streams.shape[:2]
         hc = self.hc_mult
         flattened = self.input_norm(hidden_streams.view(batch_size, seq_len, -1).float())

@@ -306,7 +306,8 @@ def _layer_kinds(model):
 def test_compiled_layers_give_the_eager_static_step_and_share_graphs_by_kind():
     """compile_static_step: 12 steps of the compiled step give the eager static step's logits (within 1e-4; fp32
     reorderings), the same greedy tokens and stores; the 12 layers compile one graph per layer kind, not per
-    layer (the layers never read their layer number)."""
+    layer (the layers never read their layer number); a prefill with a stock cache still runs transformers' eager
+    code (the same logits, bit for bit, and no graph compiled for it)."""
     from lsa_runtime.backbone import load_backbone
     from lsa_runtime.compiled_step import compile_static_step, uncompile_static_step
 
@@ -332,8 +333,11 @@ def test_compiled_layers_give_the_eager_static_step_and_share_graphs_by_kind():
                                        msg=lambda m, step=step: f"step {step}: {m}")
             assert got.argmax(-1).tolist() == want.argmax(-1).tolist(), f"step {step}"
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        prefill_after = _prefill(model, prompts[1])[1]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     finally:
         uncompile_static_step(model)
+    assert torch.equal(prefill_after, caches[1][1])
     assert graphs == len(_layer_kinds(model)) < len(model.model.layers)
     for name, t in eager.tensors().items():
         torch.testing.assert_close(compiled.tensors()[name], t, rtol=1e-5, atol=1e-5, msg=name)
@@ -376,8 +380,8 @@ def test_index_scores_on_a_gpu_match_the_stock_scorer():
 
 def test_entrywise_sinkhorn_gives_transformers_hyper_connection(backbone):
     """fused_mhc: the hyper-connection with its Sinkhorn loop written entry by entry returns transformers' (post,
-    comb, collapsed) on random streams (within fp32 summation order; observed equal), and uninstalling restores
-    transformers' class."""
+    comb, collapsed) on random streams (within fp32 summation order; observed equal); eager, the installed forward
+    is transformers' own; uninstalling restores transformers' class."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection
 
     from lsa_runtime.fused_mhc import FusableHyperConnection, install_fusable_mhc, uninstall_fusable_mhc
@@ -390,10 +394,12 @@ def test_entrywise_sinkhorn_gives_transformers_hyper_connection(backbone):
         assert install_fusable_mhc(model) == len(modules) == 2 * model.config.num_hidden_layers
         try:
             assert all(isinstance(m, FusableHyperConnection) for m in modules)
-            got = [m(streams) for m in modules]
+            got = [m.entrywise_forward(streams) for m in modules]
+            eager = [m(streams) for m in modules]
         finally:
             uninstall_fusable_mhc(model)
     assert all(type(m) is DeepseekV4HyperConnection for m in modules)
+    assert all(torch.equal(a, b) for e, w in zip(eager, want) for a, b in zip(e, w))
     for g, w in zip(got, want):
         for a, b in zip(g, w):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
