@@ -43,6 +43,7 @@ from .backbone import (
 )
 from .batching import forward_rows, install_row_attention
 from .capture import prefill_chunk_length
+from .compiled_step import compile_static_step
 from .cold_pool import ColdPool
 from .config import SamplingParams, SessionConfig, SessionError
 from .decode_graphs import install_decode_graphs
@@ -99,6 +100,13 @@ class LoopClock:
     trigger_seconds: float = 0.0  # decode-thread time in triggers (selection + change; prefetch: start + swap)
     prefetch_seconds: float = 0.0  # helper-thread time
     prefetch_wait_seconds: float = 0.0  # decode thread waiting for the helper at swaps
+
+
+def capacity_bucket(tokens: int) -> int:
+    """``tokens`` rounded up to a multiple of a quarter of the power of two below it (at least 4,096): four
+    buckets per doubling, so at most 25% more slots, and few distinct shapes for compiled graphs."""
+    step = max(4096, (1 << (max(int(tokens), 1).bit_length() - 1)) // 4)
+    return -(-int(tokens) // step) * step
 
 
 @dataclass
@@ -212,6 +220,11 @@ class Session:
         unquantized = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters())
         self.static_decode = (one_gpu and unquantized and self.config.mode == "full") \
             if self.config.static_decode is None else self.config.static_decode
+        if self.config.static_compile and not self.static_decode:
+            raise SessionError("static_compile compiles the static step, which this Session does not take "
+                               "(static_decode: mode full on one GPU by default; pass static_decode=True)")
+        if self.config.static_compile:
+            compile_static_step(model)  # the static step only: prefill keeps the eager layers
         # the static step is one graph of its own: the per-module graphs would only serve its warm-up steps
         wants_graphs = one_gpu and not self.static_decode if self.config.decode_graphs is None \
             else self.config.decode_graphs
@@ -439,6 +452,8 @@ class Session:
         self._last_jobs = jobs
         if self.static_decode:  # room for the longest sequence of the call (positions before prefill too)
             capacity = max(job.state.position + len(job.ids) + job.max_new_tokens for job in jobs) + 1
+            if self.config.static_compile:  # compiled graphs are per shape: few shapes over the Session's life
+                capacity = capacity_bucket(capacity)
             policies = [job.state.policy for job in jobs if job.state.policy is not None]
             hidden = sorted({layer for policy in policies for layer in policy.memory_layers})
             self._runner = StaticRunner(self.model, min(max_batch, len(jobs)), capacity,

@@ -356,3 +356,39 @@ def test_static_decode_on_a_gpu_replays_one_graph(prompts, dtype):
     agree = _check_static_decode(model, tokenizer, prompts, exact=dtype == torch.float32)
     print(f"static decode on {torch.cuda.get_device_name()} {dtype}: tokens equal to the stock path alone before "
           f"the first difference {agree} of {NEW}")
+
+
+def test_capacity_buckets_and_static_compile_checks(backbone):
+    """static_compile rounds a call's capacity up to a bucket (four per doubling, at least 4,096 tokens), and needs
+    the static step."""
+    from lsa_runtime.session import capacity_bucket
+
+    assert [capacity_bucket(t) for t in (1, 4096, 4097, 9000, 16385, 300000, 524288, 524289)] == \
+        [4096, 4096, 8192, 12288, 20480, 327680, 524288, 655360]
+    assert all(t <= capacity_bucket(t) <= 1.25 * t for t in range(16384, 600000, 997))
+    model, tokenizer = backbone
+    with pytest.raises(SessionError, match="static_compile must be True or False"):
+        Session(model, tokenizer, mode="full", static_compile=1)
+    with pytest.raises(SessionError, match="needs static_decode"):
+        Session(model, tokenizer, mode="full", static_decode=False, static_compile=True)
+    with pytest.raises(SessionError, match="which this Session does not take"):
+        Session(model, tokenizer, mode="full", static_compile=True)  # a CPU: no static step by default
+
+
+@pytest.mark.slow
+def test_session_static_compile_gives_the_stock_tokens(prompts):
+    """Session(static_decode=True, static_compile=True) on a CPU: the compiled static step (capacity bucketed) gives
+    each of three prompts, in two rows, the stock path's greedy tokens decoding alone (prefill stays eager:
+    test_static_decode.py). Slow: inductor compiles the layer kinds (1.7 min with a cold cache on 2 cores)."""
+    from lsa_runtime.backbone import load_backbone
+    from lsa_runtime.compiled_step import uncompile_static_step
+
+    model, tokenizer = load_backbone("tiny", dtype=torch.float32)
+    try:
+        session = Session(model, tokenizer, mode="full", max_batch=2, static_decode=True, static_compile=True)
+        batch = session.generate(prompts[:3], max_new_tokens=16, stop_at_eos=False)
+        for prompt, got in zip(prompts[:3], batch):
+            want = _alone(model, tokenizer, {"mode": "full", "static_decode": False}, None, prompt, 16)
+            assert got.token_ids == want.token_ids
+    finally:
+        uncompile_static_step(model)
