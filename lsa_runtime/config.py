@@ -115,7 +115,8 @@ class SessionConfig:
       layer kind; H200, 512K, batch 1: 16.3 ms a step against 54.5 ms with eager layers). Compiling costs 25-99 s
       on the H200 for each batch size and capacity, so a call's capacity is rounded up to a bucket that later calls
       reuse (four per doubling, at least 4,096 tokens: above 16K at most 25% more slots); worth it for long or
-      repeated generations, not for one short call.
+      repeated generations, not for one short call. Compiling is per model: every static step on it (any Session)
+      runs compiled afterwards; other caches keep the eager layers.
     """
 
     mode: str = "lsa"
