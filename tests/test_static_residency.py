@@ -115,15 +115,25 @@ def test_install_refuses_what_the_slots_cannot_hold(backbone):
         full.load_row(0, state.cache, resident={})
 
 
-@pytest.fixture(scope="module")
-def memory_indexer(backbone):
+def _native_indexer(model):
+    """A memory indexer whose towers are the backbone's own indexer (its scores are the native logits)."""
     from lsa_runtime.backbone import default_memory_layers
     from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 
-    model, _ = backbone
     config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
                                                       rank=model.config.q_lora_rank, tau=TAU)
     return MemoryIndexer.init_from_native(model, config)
+
+
+def _three_prompts() -> list[list[int]]:
+    """Three prompts of different lengths (positions, compressor phases and trigger steps differ)."""
+    gen = torch.Generator().manual_seed(9)
+    return [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (333, 150, 260)]
+
+
+@pytest.fixture(scope="module")
+def memory_indexer(backbone):
+    return _native_indexer(backbone[0])
 
 
 @pytest.mark.parametrize("options", [
@@ -142,8 +152,7 @@ def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_to
     from the written-back state (keep_context) as the cold-pool path's does."""
     model, tokenizer = backbone
     indexer = memory_indexer if options["mode"] == "lsa" else None
-    gen = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (333, 150, 260)]
+    prompts = _three_prompts()
     static = Session(model, tokenizer, indexer=indexer, tau=TAU, max_batch=2, static_decode=True, **options)
     batch = static.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
     for prompt, got in zip(prompts, batch):
@@ -180,18 +189,12 @@ def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_to
 def test_session_static_decode_in_a_trigger_mode_on_a_gpu(mode):
     """On the GPU (fp32, the step one CUDA graph per call, triggers between replays; h_t0 from buffers the graph
     writes): three prompts in two rows give the cold-pool path's tokens and trigger record decoding alone."""
-    from lsa_runtime.backbone import default_memory_layers, load_backbone
-    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+    from lsa_runtime.backbone import load_backbone
 
     model, tokenizer = load_backbone("tiny", dtype=torch.float32, device="cuda")
-    indexer = None
-    if mode == "lsa":
-        config = MemoryIndexerConfig.from_backbone_config(model.config, default_memory_layers(model.config),
-                                                          rank=model.config.q_lora_rank, tau=TAU)
-        indexer = MemoryIndexer.init_from_native(model, config)
+    indexer = _native_indexer(model) if mode == "lsa" else None
     options = {"mode": mode, "budget": BUDGET, "tau": TAU, "seed": 4, "indexer": indexer}
-    gen = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (333, 150, 260)]
+    prompts = _three_prompts()
     session = Session(model, tokenizer, max_batch=2, static_decode=True, **options)
     batch = session.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
     agree = []
@@ -213,8 +216,7 @@ def test_a_static_stream_stopped_while_a_prefetch_is_in_flight(backbone):
     import threading
 
     model, tokenizer = backbone
-    gen = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (333, 150, 260)]
+    prompts = _three_prompts()
     options = {"mode": "random", "budget": BUDGET, "seed": 4, "tau": TAU, "prefetch_steps": 5}
     session = Session(model, tokenizer, max_batch=2, static_decode=True, **options)
     before = {t.name for t in threading.enumerate()}
