@@ -217,8 +217,8 @@ class Session:
             raise SessionError("static_decode needs the whole backbone resident on one device")
         # mode full on one GPU decodes through the static-shape step unless told otherwise (SessionConfig); weights
         # kept in FP8/FP4 (a release checkpoint on a GPU with its kernels) keep the stock path: not tested there
-        unquantized = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters())
-        self.static_decode = (one_gpu and unquantized and self.config.mode == "full") \
+        self.static_decode = (one_gpu and self.config.mode == "full" and all(
+            p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters())) \
             if self.config.static_decode is None else self.config.static_decode
         if self.config.static_compile and not self.static_decode:
             raise SessionError("static_compile compiles the static step, which this Session does not take "
