@@ -195,7 +195,8 @@ class Evaluation:
     """Runs (or resumes) one evaluation into ``out``; :meth:`run` returns the results dictionary."""
 
     def __init__(self, config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-                 backbone=None, workers: int = 1, batch: int = 1, static_decode: bool | None = None):
+                 backbone=None, workers: int = 1, batch: int = 1, static_decode: bool | None = None,
+                 static_compile: bool = False):
         self.config = config.check()
         self.out = Path(out)
         self.reporter = reporter or Reporter()
@@ -211,6 +212,11 @@ class Evaluation:
         # mode full on one GPU), except hisparse's and the full runs that record native picks for the oracle (the
         # static step records none)
         self.static_decode = None if static_decode is None else bool(static_decode)
+        # the static step's decoder layers compiled (SessionConfig.static_compile): the runs that take the static
+        # step take it compiled, and static_compile makes every run but those two take it
+        if static_compile and static_decode is False:
+            raise EvaluationError("--static-compile compiles the static step: it cannot go with --stock-decode")
+        self.static_compile = bool(static_compile)
         self.done: dict[tuple, dict] = {}
         self.identity: dict[str, str] = {}  # set by _preflight
 
@@ -325,7 +331,7 @@ class Evaluation:
         threads = max(1, (os.cpu_count() or 1) // n) if torch.device(self.config.device).type == "cpu" else 1
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         procs = [context.Process(target=_worker_main, args=(self.config, str(self.out), share, threads, self.batch,
-                                                                     self.static_decode),
+                                                                     self.static_decode, self.static_compile),
                                  name=f"fm-index-eval-{k}") for k, share in enumerate(shares)]
         for proc in procs:
             proc.start()
@@ -430,8 +436,8 @@ class Evaluation:
 
     def _session_config(self, mode: str, budget: int | None, records_picks: bool = False) -> SessionConfig:
         cfg = self.config
-        static = False if records_picks or mode == "hisparse" else self.static_decode
-        return SessionConfig(mode=mode, static_decode=static,
+        static = False if records_picks or mode == "hisparse" else True if self.static_compile else self.static_decode
+        return SessionConfig(mode=mode, static_decode=static, static_compile=self.static_compile and bool(static),
                              tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, pool_storage=cfg.pool_storage,
@@ -522,21 +528,24 @@ class Evaluation:
 
 
 def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter: Reporter | None = None,
-             backbone=None, workers: int = 1, batch: int = 1, static_decode: bool | None = None) -> dict:
+             backbone=None, workers: int = 1, batch: int = 1, static_decode: bool | None = None,
+             static_compile: bool = False) -> dict:
     """Run (or resume) the evaluation of ``config`` into ``out``; returns the results dictionary. ``workers``:
     decode in that many processes on the same device (see :meth:`Evaluation._run_workers`); ``batch``: decode up
     to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens);
     ``static_decode``: decode through the static-shape step (same greedy tokens; every mode but hisparse); None:
-    the Session's default (mode full on one GPU)."""
+    the Session's default (mode full on one GPU); ``static_compile``: the static step compiled, and taken by every
+    run but hisparse's and the oracle's recording runs."""
     return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers,
-                      batch=batch, static_decode=static_decode).run()
+                      batch=batch, static_decode=static_decode, static_compile=static_compile).run()
 
 
 def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int, batch: int = 1,
-                 static_decode: bool | None = None) -> None:
+                 static_decode: bool | None = None, static_compile: bool = False) -> None:
     """One worker process: load the backbone (and indexer), decode ``cells``, append runs to out/runs.jsonl."""
     torch.set_num_threads(threads)
-    evaluation = Evaluation(config, out, resume=True, batch=batch, static_decode=static_decode)
+    evaluation = Evaluation(config, out, resume=True, batch=batch, static_decode=static_decode,
+                            static_compile=static_compile)
     evaluation.done = _read_runs(Path(out) / "runs.jsonl")  # read only: the parent owns the directory
     evaluation._load()
     for task, length in cells:

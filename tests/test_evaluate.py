@@ -227,7 +227,8 @@ def test_cli_evaluate(tmp_path):
     for args, message in ((["--dtype", "float64"], "--dtype float64 is not supported"),
                           (["--device", "gpu0"], "--device gpu0 is not a device"),
                           (["--batch", "0"], "--batch must be an integer >= 1, got 0"),
-                          (["--workers", "0"], "--workers must be an integer >= 1, got 0")):
+                          (["--workers", "0"], "--workers must be an integer >= 1, got 0"),
+                          (["--static-compile", "--stock-decode"], "it cannot go with --stock-decode")):
         bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full", "--out", str(tmp_path / "b"),
                                        *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
@@ -330,6 +331,31 @@ def test_batched_evaluation_records_what_one_at_a_time_does(all_modes, backbone,
         assert {k: a["stats"][k] for k in stats} == {k: b["stats"][k] for k in stats}
     with pytest.raises(EvaluationError, match="--batch must be"):
         Evaluation(config, tmp_path / "bad", backbone=backbone, batch=0)
+
+
+@pytest.mark.slow
+def test_static_compile_evaluation_records_what_the_default_path_does(backbone, tmp_path):
+    """--static-compile: full and recent (LSA's resident mode) through the compiled static step, two prompts at a
+    time, give the default path's predictions, scores and CSA-KV ratios. Slow: inductor compiles the layer kinds
+    (about 2 min with a cold cache on 2 cores)."""
+    from lsa_runtime.compiled_step import uncompile_static_step
+
+    config = EvalConfig(model="tiny", modes=("full", "recent"), tasks=(TASK,), lengths=(LENGTH,), samples=3,
+                        max_new_tokens=NEW, tau=TAU, budget=24)
+    key = lambda r: (r["mode"], r["index"])  # noqa: E731
+    plain = evaluate(config, tmp_path / "plain", backbone=backbone)
+    try:
+        compiled = evaluate(config, tmp_path / "compiled", backbone=backbone, batch=2, static_compile=True)
+    finally:
+        uncompile_static_step(backbone[0])
+    runs_plain, runs_compiled = sorted(plain["runs"], key=key), sorted(compiled["runs"], key=key)
+    assert len(runs_plain) == len(runs_compiled) == 6
+    for a, b in zip(runs_plain, runs_compiled):
+        assert key(a) == key(b)
+        assert (a["prediction"], a["score"], a["stats"]["csa_kv_ratio"]) == \
+               (b["prediction"], b["score"], b["stats"]["csa_kv_ratio"])
+    with pytest.raises(EvaluationError, match="cannot go with --stock-decode"):
+        Evaluation(config, tmp_path / "bad", backbone=backbone, static_decode=False, static_compile=True)
 
 
 def test_static_decode_evaluation_records_what_the_default_path_does(backbone, export_dir, tmp_path, monkeypatch):
