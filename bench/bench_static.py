@@ -73,9 +73,9 @@ def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
 TAU = 64  # --triggers: decode steps between a row's triggers (the method's tau)
 
 
-def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Generator):
+def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Generator, filled: int):
     """For ``--triggers``: one cold pool of ``context // 4`` random entries per CSA layer, and the memory layers'
-    K^IComp of them on the device, shared by every row; each row's filled slots taken as entries 0 .. R - 19.
+    K^IComp of them on the device, shared by every row; each row's ``filled`` slots taken as entries 0 .. filled - 1.
     Returns the memory keys ``{layer: GrowingRows}``."""
     from lsa_runtime.backbone import csa_layers, default_memory_layers
     from lsa_runtime.cold_pool import ColdPool, GrowingRows
@@ -94,23 +94,43 @@ def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Gene
                 if name == "indexer" and layer in keys:
                     keys[layer].append(rows)
     resident = runner.resident
-    filled = runner.state.geometry.resident - BORN_SLOTS
     for row in range(runner.state.geometry.batch):  # synthetic: what StaticResidentRows.join would have set
         resident.ids[row], resident.pools[row], resident.filled[row] = torch.arange(filled), pool, filled
     return keys
 
 
-def trigger(runner: StaticRunner, indexer, keys: dict, row: int) -> None:
-    """One row's trigger as the Session runs it in resident mode (flush, score every entry, install in place)."""
+def select(runner: StaticRunner, indexer, keys: dict, row: int, hidden: dict, position: int, n: int, size: int):
+    """The memory indexer's pick for ``row``: every one of the ``n`` entries scored at each memory layer (h_t0 from
+    ``hidden``), the OR of the layers taken as the max logit, its top ``size`` (random scores: the costliest case)."""
+    logits = indexer.trigger_logits(hidden, position, {L: k.view() for L, k in keys.items()}, n)
+    best = torch.stack([logits[L] for L in keys]).amax(0)
+    return best.topk(min(size, n)).indices.cpu()
+
+
+def trigger(runner: StaticRunner, indexer, keys: dict, row: int):
+    """One row's trigger as the Session runs it in resident mode (flush, score every entry, install in place);
+    returns the ``ResidentChange`` (entries resident, fetched)."""
     resident = runner.resident
     resident.flush(row, keys)
     n = resident.pools[row].count(resident.layers[0])
-    position = int(runner.state.positions[row]) - 1
     hidden = {L: runner.hidden[L][row] for L in keys}
-    logits = indexer.trigger_logits(hidden, position, {L: k.view() for L, k in keys.items()}, n)
-    best = torch.stack([logits[L] for L in keys]).amax(0)
-    ids = best.topk(min(runner.state.geometry.resident - BORN_SLOTS, n)).indices.cpu()
-    resident.install(row, ids, BORN_SLOTS)
+    ids = select(runner, indexer, keys, row, hidden, int(runner.state.positions[row]) - 1, n,
+                 runner.state.geometry.resident - BORN_SLOTS)
+    return resident.install(row, ids, BORN_SLOTS)
+
+
+def start_prefetch(runner: StaticRunner, indexer, keys: dict, row: int, prefetcher, size: int, device: str) -> None:
+    """The next window's trigger for ``row`` on the helper thread, as ``Session`` runs it with ``prefetch_steps``:
+    born entries flushed and h_t0 copied now, the scoring and :meth:`StaticResidentRows.prepare` (gather from the
+    cold pool) on the helper while the graph replays."""
+    resident = runner.resident
+    resident.flush(row, keys)
+    n = resident.pools[row].count(resident.layers[0])
+    hidden = {L: runner.hidden[L][row].clone() for L in keys}
+    position = int(runner.state.positions[row]) - 1
+    snapshot, filled = resident.ids[row].clone(), resident.filled[row]
+    prefetcher.start(lambda: resident.prepare(row, select(runner, indexer, keys, row, hidden, position, n, size),
+                                              snapshot, filled), device)
 
 
 def state_bytes(state: StaticDecodeState) -> int:
@@ -164,7 +184,7 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
     from lsa_runtime.backbone import default_memory_layers
 
     # positions the run reaches: timed eager and replayed steps, warm-up / capture / profile steps, the trigger run
-    capacity = context + 2 * args.steps + 8 + (TAU + 8 if args.triggers else 0)
+    capacity = context + 2 * args.steps + 8 + (2 * TAU + args.prefetch + 16 if args.triggers else 0)
 
     hidden = default_memory_layers(model.config) if args.triggers else ()
     runner = StaticRunner(model, batch, capacity, graph=False, resident=args.resident, hidden_layers=hidden)
@@ -199,48 +219,132 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
         per_step = row["trigger_ms_median"] * batch / TAU
         row["trigger_share"] = per_step / (best + per_step)
         row["tokens_per_s_with_triggers"] = batch * 1e3 / (best + per_step)
+    if "window_step_ms" in row:  # prefetched: the timed window's mean step against the best replay
+        row["trigger_share"] = max(0.0, 1 - best / row["window_step_ms"])
+        row["tokens_per_s_with_triggers"] = batch * 1e3 / row["window_step_ms"]
     runner.close()
     return row  # the state is freed here; the caller empties the CUDA cache
 
 
 def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, device: str) -> dict:
-    """TAU + 8 replays (eager steps without a graph) with every row's trigger at its staggered step, timed
-    apart."""
+    """Replays (eager steps without a graph) with every row's trigger at its staggered step.
+
+    Synchronous (``--prefetch 0``): TAU + 8 steps, each trigger timed apart from the replays. With ``--prefetch d``
+    the trigger for a boundary starts d steps before it on the helper thread (``start_prefetch``) and is installed
+    at the boundary (``install_prepared``), as ``Session(prefetch_steps=d)`` runs it; each row triggers at two
+    boundaries TAU apart, and the TAU steps in which every row starts one prefetch and installs one are timed as a
+    whole (replays slowed by the helper's work, the decode thread's blocking parts, its waits): their mean is the
+    step time with triggers. The slots: a selection leaves tau/4 + 2 + d/4 + 1 free, as the Session's."""
     from lsa_runtime.backbone import default_memory_layers
     from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+    from lsa_runtime.prefetch import ResidentPrefetcher
 
     config = runner.model.config
     mcfg = MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config),
                                                     rank=128 if args.small else 2048, tau=TAU)
     indexer = MemoryIndexer(mcfg).to(device=device, dtype=runner.model.dtype)
-    keys = attach_pool(runner, context, device, torch.Generator(device=device).manual_seed(context))
-    filled = runner.state.geometry.resident - BORN_SLOTS
-    for layer in runner.state.layers:  # drop the entries the timed steps appended: BORN_SLOTS free before a trigger
+    d = args.prefetch
+    lead_slots = d // 4 + 1 if d else 0
+    size = runner.state.geometry.resident - BORN_SLOTS - lead_slots  # a selection's entries
+    filled = size - (1 if d else 0)  # before the first install: up to (TAU + d) / 4 + 2 entries are born
+    keys = attach_pool(runner, context, device, torch.Generator(device=device).manual_seed(context), filled)
+    for layer in runner.state.layers:  # drop the entries the timed steps appended
         if layer.indexer is not None:
             layer.compressor.lengths.fill_(filled)
             layer.indexer.lengths.fill_(filled)
-    offsets = [r * TAU // batch for r in range(batch)]
-    steps, triggers = [], []
-    for i in range(TAU + 8):
-        for r in range(batch):
-            if i and (i + offsets[r]) % TAU == 0:
-                synchronize(device)
-                start = time.perf_counter()
-                trigger(runner, indexer, keys, r)
-                synchronize(device)
-                triggers.append((time.perf_counter() - start) * 1e3)
-        synchronize(device)
-        start = time.perf_counter()
+
+    def replay():
         if runner.graph is not None:
             runner.graph.replay()
         else:
             static_step(runner.model, runner.state)
+
+    out = {"memory_keys_bytes_per_row": len(keys) * (context // 4) * config.index_head_dim
+           * runner.model.dtype.itemsize}
+    if args.profile:
+        out["trigger_profile"] = profile_trigger(runner, indexer, keys, device)
+    if not d:
+        offsets = [r * TAU // batch for r in range(batch)]
+        steps, triggers, fetched = [], [], []
+        for i in range(TAU + 8):
+            for r in range(batch):
+                if i and (i + offsets[r]) % TAU == 0:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    fetched.append(trigger(runner, indexer, keys, r).fetched)
+                    synchronize(device)
+                    triggers.append((time.perf_counter() - start) * 1e3)
+            synchronize(device)
+            start = time.perf_counter()
+            replay()
+            synchronize(device)
+            steps.append((time.perf_counter() - start) * 1e3)
+            runner.state.positions.add_(1)
+        return {**out, "trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
+                "replay_with_triggers_step_ms": steps, "fetched_per_trigger": sum(fetched) / len(fetched)}
+    # boundaries b_r and b_r + TAU with b_r in [d + 1, d + TAU]: in the steps [TAU + 1, 2 TAU] every row starts one
+    # prefetch and installs one (the steady state of one trigger per row per TAU steps)
+    bounds = [d + 1 + r * TAU // batch for r in range(batch)]
+    prefetchers = [ResidentPrefetcher() for _ in range(batch)]
+    blocking, waits, helper, fetched = [], [], [], []
+    window = None
+    try:
+        for i in range(1, 2 * TAU + d + 9):
+            if i == TAU + 1:
+                synchronize(device)
+                window = time.perf_counter()
+            for r in range(batch):
+                if i - bounds[r] in (-d, TAU - d):
+                    start = time.perf_counter()
+                    start_prefetch(runner, indexer, keys, r, prefetchers[r], size, device)
+                    blocking.append((time.perf_counter() - start) * 1e3)
+                if i - bounds[r] in (0, TAU):
+                    start = time.perf_counter()
+                    finished = prefetchers[r].finish()
+                    change = runner.resident.install_prepared(r, finished.result, BORN_SLOTS)
+                    blocking.append((time.perf_counter() - start) * 1e3)
+                    waits.append(finished.wait_seconds * 1e3)
+                    helper.append(finished.helper_seconds * 1e3)
+                    fetched.append(change.fetched)
+            replay()
+            synchronize(device)
+            runner.state.positions.add_(1)
+            if i == 2 * TAU:
+                window_ms = (time.perf_counter() - window) * 1e3
+    finally:
+        for prefetcher in prefetchers:
+            prefetcher.close()
+    return {**out, "prefetch_steps": d, "window_step_ms": window_ms / TAU,
+            "blocking_ms_median": sorted(blocking)[len(blocking) // 2],
+            "wait_ms_median": sorted(waits)[len(waits) // 2], "helper_ms_median": sorted(helper)[len(helper) // 2],
+            "fetched_per_trigger": sum(fetched) / len(fetched)}
+
+
+def profile_trigger(runner: StaticRunner, indexer, keys: dict, device: str) -> dict:
+    """One synchronous trigger of row 0 under torch.profiler (host and device, shapes): its wall ms, the ops of
+    most host time (self) and the kernels of most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trigger(runner, indexer, keys, 0)  # warm: allocator, kernels' first launches
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        start = time.perf_counter()
+        trigger(runner, indexer, keys, 0)
         synchronize(device)
-        steps.append((time.perf_counter() - start) * 1e3)
-        runner.state.positions.add_(1)
-    return {"trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
-            "replay_with_triggers_step_ms": steps,
-            "memory_keys_bytes_per_row": len(keys) * (context // 4) * config.index_head_dim * runner.model.dtype.itemsize}
+        wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages(group_by_input_shape=True)
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+    kernels = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
+                     key=lambda e: -e.self_device_time_total)[:6]
+    return {"wall_ms": wall,
+            "host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "device_ms": sum(e.self_device_time_total for e in prof.key_averages()
+                             if e.device_type.name == "CUDA") / 1e3,
+            "top_host": [{"name": e.key[:60], "shapes": str(e.input_shapes)[:120], "count": e.count,
+                          "ms": e.self_cpu_time_total / 1e3} for e in host],
+            "top_device": [{"name": e.key[:60], "count": e.count, "ms": e.self_device_time_total / 1e3}
+                           for e in kernels]}
 
 
 def main() -> None:
@@ -261,6 +365,9 @@ def main() -> None:
                     help="LSA's resident mode: CSA entry slots per row (e.g. 13,125 = 10%% of 512K's 131,072 + 18)")
     ap.add_argument("--triggers", action="store_true",
                     help="with --resident: every row triggers every 64 steps, staggered (timed apart)")
+    ap.add_argument("--prefetch", type=int, default=0, metavar="D",
+                    help="with --triggers: start each trigger D steps before its boundary on the helper thread "
+                         "(Session's prefetch_steps; 0: synchronous)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -270,7 +377,10 @@ def main() -> None:
     if args.triggers and args.resident is None:
         print("error: --triggers needs --resident (LSA's resident mode)", file=sys.stderr)
         sys.exit(2)
-    if args.resident is not None and args.resident <= BORN_SLOTS:
+    if args.prefetch and (not args.triggers or not 0 < args.prefetch < TAU):
+        print(f"error: --prefetch needs --triggers and 0 < D < {TAU}", file=sys.stderr)
+        sys.exit(2)
+    if args.resident is not None and args.resident <= BORN_SLOTS + args.prefetch // 4 + 2:
         print(f"error: --resident must exceed the {BORN_SLOTS} slots kept for entries born between triggers",
               file=sys.stderr)
         sys.exit(2)
@@ -302,10 +412,25 @@ def main() -> None:
                   + (f" {row['host_pool_bytes_per_row'] / 2**20:18.1f}" if args.resident else "")
                   + (f"  (compiled in {row['compile_seconds']:.0f} s)" if "compile_seconds" in row else ""), flush=True)
             if "trigger_ms_median" in row:
-                print(f"    triggers: median {row['trigger_ms_median']:.2f} ms ({len(row['trigger_ms'])} timed), "
+                print(f"    triggers: median {row['trigger_ms_median']:.2f} ms ({len(row['trigger_ms'])} timed, "
+                      f"{row['fetched_per_trigger']:,.0f} entries fetched each), "
                       f"{100 * row['trigger_share']:.1f}% of decode time at tau = {TAU}; "
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s with them; memory keys "
                       f"{row['memory_keys_bytes_per_row'] / 2**20:.0f} MiB/row", flush=True)
+            if "window_step_ms" in row:
+                print(f"    prefetched {row['prefetch_steps']} steps ahead: step {row['window_step_ms']:.2f} ms with "
+                      f"triggers ({100 * row['trigger_share']:.1f}% above the best replay), "
+                      f"{row['tokens_per_s_with_triggers']:.1f} tok/s; decode thread blocked "
+                      f"{row['blocking_ms_median']:.2f} ms per start/install (median), waited "
+                      f"{row['wait_ms_median']:.2f} ms, helper {row['helper_ms_median']:.2f} ms, "
+                      f"{row['fetched_per_trigger']:,.0f} entries fetched each", flush=True)
+            if "trigger_profile" in row:
+                t = row["trigger_profile"]
+                print(f"    one trigger profiled: {t['wall_ms']:.2f} ms wall, host {t['host_ms']:.2f} ms, device "
+                      f"{t['device_ms']:.2f} ms; host: " + "; ".join(f"{k['name'][:28]} x{k['count']} {k['ms']:.2f}"
+                                                                     for k in t["top_host"][:4])
+                      + "; device: " + "; ".join(f"{k['name'][:28]} x{k['count']} {k['ms']:.2f}"
+                                                 for k in t["top_device"][:3]), flush=True)
             if "profile" in row:
                 p = row["profile"]
                 print(f"    replay: {p['kernels_per_step']:,.0f} kernels, {p['device_ms_per_step']:.2f} ms device; top: "
