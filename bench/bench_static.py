@@ -107,15 +107,15 @@ def select(runner: StaticRunner, indexer, keys: dict, row: int, hidden: dict, po
     return best.topk(min(size, n)).indices.cpu()
 
 
-def trigger(runner: StaticRunner, indexer, keys: dict, row: int):
-    """One row's trigger as the Session runs it in resident mode (flush, score every entry, install in place);
-    returns the ``ResidentChange`` (entries resident, fetched)."""
+def trigger(runner: StaticRunner, indexer, keys: dict, row: int, size: int | None = None):
+    """One row's trigger as the Session runs it in resident mode (flush, score every entry, install in place) for a
+    selection of ``size`` entries (default: the slots less ``BORN_SLOTS``); returns the ``ResidentChange``."""
     resident = runner.resident
     resident.flush(row, keys)
     n = resident.pools[row].count(resident.layers[0])
     hidden = {L: runner.hidden[L][row] for L in keys}
     ids = select(runner, indexer, keys, row, hidden, int(runner.state.positions[row]) - 1, n,
-                 runner.state.geometry.resident - BORN_SLOTS)
+                 size or runner.state.geometry.resident - BORN_SLOTS)
     return resident.install(row, ids, BORN_SLOTS)
 
 
@@ -282,6 +282,15 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             runner.state.positions.add_(1)
         return {**out, "trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
                 "replay_with_triggers_step_ms": steps, "fetched_per_trigger": sum(fetched) / len(fetched)}
+    # first up to 8 synchronous triggers (rows 0-7, selections of the prefetched size), timed apart, for comparison
+    sync = []
+    for r in range(min(batch, 8)):
+        synchronize(device)
+        start = time.perf_counter()
+        trigger(runner, indexer, keys, r, size)
+        synchronize(device)
+        sync.append((time.perf_counter() - start) * 1e3)
+    out["sync_trigger_ms"], out["sync_trigger_ms_median"] = sync, sorted(sync)[len(sync) // 2]
     # boundaries b_r and b_r + TAU with b_r in [d + 1, d + TAU]: in the steps [TAU + 1, 2 TAU] every row starts one
     # prefetch and installs one (the steady state of one trigger per row per TAU steps)
     bounds = [d + 1 + r * TAU // batch for r in range(batch)]
@@ -418,6 +427,8 @@ def main() -> None:
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s with them; memory keys "
                       f"{row['memory_keys_bytes_per_row'] / 2**20:.0f} MiB/row", flush=True)
             if "window_step_ms" in row:
+                print(f"    synchronous triggers: median {row['sync_trigger_ms_median']:.2f} ms "
+                      f"({len(row['sync_trigger_ms'])} timed)", flush=True)
                 print(f"    prefetched {row['prefetch_steps']} steps ahead: step {row['window_step_ms']:.2f} ms with "
                       f"triggers ({100 * row['trigger_share']:.1f}% above the best replay), "
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s; decode thread blocked "

@@ -36,9 +36,13 @@ class ResidentPlan:
 
     def __init__(self, old: torch.Tensor, ids: torch.Tensor):
         self.ids = ids.to("cpu", torch.long).clone()
-        keep_mask = torch.isin(self.ids, old)
+        old = old.to("cpu", torch.long)
+        # both ascending: an id is kept where the old ids hold it at its sorted position (one binary search each)
+        at = torch.searchsorted(old, self.ids)
+        keep_mask = old[at.clamp(max=old.numel() - 1)] == self.ids if old.numel() else \
+            torch.zeros_like(self.ids, dtype=torch.bool)
         self.fetch_ids = self.ids[~keep_mask]
-        self.keep_from = torch.searchsorted(old, self.ids[keep_mask])  # positions of kept entries in the old rows
+        self.keep_from = at[keep_mask]  # positions of kept entries in the old rows
         self.keep_to = torch.nonzero(keep_mask).reshape(-1)
         self.fetch_to = torch.nonzero(~keep_mask).reshape(-1)
         self._on: dict[torch.device, tuple] = {}

@@ -43,10 +43,10 @@ from .static_decode import StaticDecodeState
 @dataclass
 class PreparedRows:
     """A row's next resident set built ahead (:meth:`StaticResidentRows.prepare`): the selected entries (ascending),
-    their rows per CSA layer and kind, the row's fill at the snapshot (later slots: born since) and the fetch count."""
+    their rows per kind (all CSA layers stacked), the row's fill at the snapshot (later slots: born since) and the fetch count."""
 
     ids: torch.Tensor
-    rows: dict[int, dict[str, torch.Tensor]]
+    rows: dict[str, torch.Tensor]  # {kind: [CSA layers, n, width]}
     born_from: int
     fetched: int
 
@@ -119,20 +119,9 @@ class StaticResidentRows:
             raise ValueError(f"row {row}: {ids.numel()} entries + {headroom} for those born before the next "
                              f"trigger exceed the {self.slots} slots")
         plan = ResidentPlan(self.ids[row], ids)
-        n = int(plan.ids.numel())
-        for layer in self.layers:
-            for name in NAMES:
-                store = self._store(layer, name)
-                keep_to, keep_from, fetch_to, fetch_ids = plan.on(store.entries.device)
-                rows = store.entries.new_empty((n, store.entries.shape[-1]))
-                if keep_to is not None:
-                    rows[keep_to] = store.entries[row, keep_from]
-                if fetch_to is not None:
-                    rows[fetch_to] = pool.gather(layer, name, plan.fetch_ids, store.entries.device, fetch_ids)
-                store.entries[row, :n] = rows
-                store.lengths[row] = n
-        self.ids[row], self.filled[row] = plan.ids, n
-        return ResidentChange(n, int(plan.fetch_ids.numel()))
+        self._write(row, self._assemble(row, plan))
+        self.ids[row], self.filled[row] = plan.ids, int(plan.ids.numel())
+        return ResidentChange(int(plan.ids.numel()), int(plan.fetch_ids.numel()))
 
     def prepare(self, row: int, ids, snapshot_ids: torch.Tensor, snapshot_filled: int) -> PreparedRows:
         """New rows for ``ids`` against the row as it was at a snapshot (its ids ``snapshot_ids``, all flushed: slot
@@ -140,19 +129,7 @@ class StaticResidentRows:
         while the step runs (it writes only slots at or past the row's length)."""
         ids = torch.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu())
         plan = ResidentPlan(snapshot_ids, ids)
-        n, rows = int(plan.ids.numel()), {}
-        for layer in self.layers:
-            rows[layer] = {}
-            for name in NAMES:
-                entries = self._store(layer, name).entries
-                keep_to, keep_from, fetch_to, fetch_ids = plan.on(entries.device)
-                new = entries.new_empty((n, entries.shape[-1]))
-                if keep_to is not None:
-                    new[keep_to] = entries[row, keep_from]
-                if fetch_to is not None:
-                    new[fetch_to] = self.pools[row].gather(layer, name, plan.fetch_ids, entries.device, fetch_ids)
-                rows[layer][name] = new
-        return PreparedRows(plan.ids, rows, int(snapshot_filled), int(plan.fetch_ids.numel()))
+        return PreparedRows(plan.ids, self._assemble(row, plan), int(snapshot_filled), int(plan.fetch_ids.numel()))
 
     def install_prepared(self, row: int, prepared: PreparedRows, headroom: int,
                          index_keys: dict | None = None) -> ResidentChange:
@@ -165,15 +142,54 @@ class StaticResidentRows:
         if n + born + headroom > self.slots:
             raise ValueError(f"row {row}: {n} entries, {born} born since the snapshot and {headroom} for those born "
                              f"before the next trigger exceed the {self.slots} slots")
-        for layer in self.layers:
-            for name in NAMES:
-                store = self._store(layer, name)
-                moved = store.entries[row, prepared.born_from:prepared.born_from + born].clone()
-                store.entries[row, :n] = prepared.rows[layer][name]
-                store.entries[row, n:n + born] = moved
-                store.lengths[row] = n + born
+        # the born rows are read before the new rows overwrite the slots they sit in: one stack per kind
+        moved = {name: torch.stack([self._store(layer, name).entries[row, prepared.born_from:prepared.born_from + born]
+                                    for layer in self.layers]) for name in NAMES} if born else None
+        self._write(row, prepared.rows, moved)
         self.ids[row], self.filled[row] = torch.cat([prepared.ids, born_ids]), n + born
         return ResidentChange(n, prepared.fetched)
+
+    def _assemble(self, row: int, plan: ResidentPlan) -> dict[str, torch.Tensor]:
+        """The rows of ``plan.ids`` in every CSA layer, ``{kind: [layers, n, width]}``: kept rows copied from the
+        row's slots, the others gathered from its pool. Where the pool's multi-layer zero-copy gather runs (a GPU
+        with Triton) one launch per kind does each part for all layers; otherwise one copy per layer and kind."""
+        from .kernels.pool_gather import gather_rows_layers
+
+        pool, n = self.pools[row], int(plan.ids.numel())
+        device = self.state.rows.device
+        keep_to, keep_from, fetch_to, fetch_ids = plan.on(device)
+        batched = pool.gather_layers_available(device)
+        out = {}
+        for name in NAMES:
+            stores = [self._store(layer, name).entries for layer in self.layers]
+            rows = stores[0].new_empty((len(stores), n, stores[0].shape[-1]))
+            if batched:
+                if keep_to is not None:  # device -> device, from the slots the row holds now
+                    gather_rows_layers([store[row] for store in stores], keep_from, keep_to, rows)
+                if fetch_to is not None:  # pinned pool -> device, zero-copy
+                    pool.gather_layers(self.layers, name, plan.fetch_ids, fetch_ids, fetch_to, rows)
+            else:
+                for j, (layer, store) in enumerate(zip(self.layers, stores)):
+                    if keep_to is not None:
+                        rows[j, keep_to] = store[row, keep_from]
+                    if fetch_to is not None:
+                        rows[j, fetch_to] = pool.gather(layer, name, plan.fetch_ids, device, fetch_ids)
+            out[name] = rows
+        return out
+
+    def _write(self, row: int, rows: dict[str, torch.Tensor], born: dict[str, torch.Tensor] | None = None) -> None:
+        """Slots ``0 .. n - 1`` of ``row`` in every CSA layer from ``rows`` (``{kind: [layers, n, width]}``), then
+        ``born`` (the same layout) after them, the row's length set: one multi-tensor copy per kind and part."""
+        n = rows[NAMES[0]].shape[1]
+        b = born[NAMES[0]].shape[1] if born is not None else 0
+        for name in NAMES:
+            stores = [self._store(layer, name) for layer in self.layers]
+            if n:
+                torch._foreach_copy_([store.entries[row, :n] for store in stores], list(rows[name].unbind(0)))
+            if b:
+                torch._foreach_copy_([store.entries[row, n:n + b] for store in stores], list(born[name].unbind(0)))
+            length = torch.full((), n + b, dtype=torch.long, device=stores[0].lengths.device)
+            torch._foreach_copy_([store.lengths[row] for store in stores], [length] * len(stores))
 
     def leave(self, row: int, cache, residency, length: int, index_keys: dict | None = None) -> None:
         """Hand ``row`` back to its sequence (``length`` tokens seen): born entries flushed, window, open windows

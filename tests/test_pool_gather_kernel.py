@@ -99,3 +99,64 @@ def test_batched_resident_rows_equal_per_layer_rows():
     assert moved_a == moved_b == 4 * len(csa_layers(config)) * sum(widths.values()) * 4
     for key in unbatched:
         assert torch.equal(unbatched[key], batched_rows[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a CUDA device with pinned memory, or TRITON_INTERPRET=1 with triton installed")
+def test_static_resident_rows_install_with_the_multi_layer_gathers():
+    """StaticResidentRows where the pool's multi-layer gather runs (two launches per row kind: kept slots, fetched
+    rows): install, then prepare + install_prepared with entries born in between, leave every CSA layer's slots
+    holding the pool's rows of the resident ids (born rows after them), the lengths set, the other row untouched."""
+    pytest.importorskip("triton")
+    from lsa_runtime.backbone import csa_layers, load_config
+    from lsa_runtime.cold_pool import ColdPool
+    from lsa_runtime.static_decode import StaticDecodeState
+    from lsa_runtime.static_residency import StaticResidentRows
+
+    config = load_config("tiny")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layers = csa_layers(config)
+    widths = {"compressor": config.head_dim, "indexer": config.index_head_dim}
+    state = StaticDecodeState(config, 2, 64, torch.float32, device, resident=40)
+    rows = StaticResidentRows(state, layers)
+    pool = ColdPool(layers, widths, torch.float32, initial_entries=64)
+    assert pool.gather_layers_available(device)  # the path under test
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:
+        for name, width in widths.items():
+            pool.append(layer, name, torch.randn(200, width, generator=gen).to(device))
+    store = lambda layer, name: getattr(state.layers[layer], name)  # noqa: E731
+    other = {(layer, name): store(layer, name).entries[0].clone() for layer in layers for name in widths}
+    first = torch.arange(0, 60, 3)  # 20 entries resident in row 1's slots
+    for layer in layers:
+        for name in widths:
+            store(layer, name).entries[1, :20] = pool.host_rows(layer, name)[first].to(device)
+            store(layer, name).lengths[1] = 20
+    rows.ids[1], rows.pools[1], rows.filled[1] = first, pool, 20
+
+    def holds(ids, born=None):
+        for layer in layers:
+            for name in widths:
+                want = pool.host_rows(layer, name)[ids]
+                if born is not None:
+                    want = torch.cat([want, born[(layer, name)]])
+                got = store(layer, name).entries[1, :want.shape[0]].cpu()
+                assert torch.equal(got, want) and int(store(layer, name).lengths[1]) == want.shape[0]
+                assert torch.equal(store(layer, name).entries[0], other[(layer, name)])
+
+    change = rows.install(1, torch.tensor([0, 1, 3, 4, 99, 150, 151, 199, 57]), 8)
+    assert (change.selected, change.fetched) == (9, 6)  # 0, 3, 57 were resident; 1, 4, 99, 150, 151, 199 not
+    holds(torch.tensor([0, 1, 3, 4, 57, 99, 150, 151, 199]))
+    snapshot, filled = rows.ids[1].clone(), rows.filled[1]
+    prepared = rows.prepare(1, torch.tensor([3, 5, 57, 120, 199, 7, 8]), snapshot, filled)
+    assert prepared.fetched == 4  # 5, 7, 8, 120
+    born = {}  # two entries emitted after the snapshot: slots 9 and 10
+    for layer in layers:
+        for name, width in widths.items():
+            born[(layer, name)] = torch.randn(2, width, generator=gen)
+            store(layer, name).entries[1, 9:11] = born[(layer, name)].to(device)
+            store(layer, name).lengths[1] = 11
+    change = rows.install_prepared(1, prepared, 8)
+    assert (change.selected, change.fetched) == (7, 4)
+    holds(torch.tensor([3, 5, 7, 8, 57, 120, 199]), born)
+    assert torch.equal(rows.ids[1], torch.tensor([3, 5, 7, 8, 57, 120, 199, 200, 201]))  # born: pool entries 200, 201
