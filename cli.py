@@ -509,7 +509,8 @@ def generate_command(
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
                                        "one CUDA graph; in the trigger modes budget + tau/4 + 2 resident slots per "
                                        "sequence) or the per-sequence path (transformers' own decode, the "
-                                       "numerical reference). Default: static for mode full on one GPU."),
+                                       "numerical reference). Default: static on one GPU in mode full and in "
+                                       "the trigger modes given a --budget (it bounds the slots)."),
     static_compile: bool = typer.Option(False, "--static-compile", help="With the static step: compile its "
                                         "decoder layers (about 3x faster steps on an H200; the first call of each "
                                         "batch size and capacity bucket compiles for 25-99 s)."),
@@ -610,8 +611,9 @@ def evaluate_command(
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch; "
-                                       "every mode but hisparse) or the per-sequence path. Default: static for "
-                                       "mode full on one GPU. The oracle's recording runs always decode stock."),
+                                       "every mode but hisparse) or the per-sequence path. Default: static on one "
+                                       "GPU in mode full and the budgeted modes (recent, random, oracle; lsa has "
+                                       "no budget). The oracle's recording runs always decode stock."),
     static_compile: bool = typer.Option(False, "--static-compile", help="Decode every run but hisparse's and the "
                                         "oracle's recording runs through the static step with its decoder layers "
                                         "compiled (about 3x faster steps on an H200; each new batch size and "

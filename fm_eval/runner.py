@@ -209,8 +209,8 @@ class Evaluation:
             raise EvaluationError(f"--batch must be an integer >= 1, got {batch}")
         self.batch = int(batch)
         # the runs through the static-shape step or not (SessionConfig.static_decode; None: the Session's default,
-        # mode full on one GPU), except hisparse's and the full runs that record native picks for the oracle (the
-        # static step records none)
+        # on one GPU: mode full and the budgeted modes), except hisparse's and the full runs that record native
+        # picks for the oracle (the static step records none)
         self.static_decode = None if static_decode is None else bool(static_decode)
         # the static step's decoder layers compiled (SessionConfig.static_compile): the runs that take the static
         # step take it compiled, and static_compile makes every run but those two take it
@@ -534,8 +534,8 @@ def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter
     decode in that many processes on the same device (see :meth:`Evaluation._run_workers`); ``batch``: decode up
     to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens);
     ``static_decode``: decode through the static-shape step (same greedy tokens; every mode but hisparse); None:
-    the Session's default (mode full on one GPU); ``static_compile``: the static step compiled, and taken by every
-    run but hisparse's and the oracle's recording runs."""
+    the Session's default (on one GPU: mode full and the budgeted modes); ``static_compile``: the static step
+    compiled, and taken by every run but hisparse's and the oracle's recording runs."""
     return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers,
                       batch=batch, static_decode=static_decode, static_compile=static_compile).run()
 

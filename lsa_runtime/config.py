@@ -18,6 +18,7 @@ from .errors import FmIndexError
 # Session modes: how the CSA entries are kept (see policies.make_policy and docs/DESIGN.md, "Session").
 MODES = ("lsa", "full", "all", "recent", "random", "oracle", "hisparse")
 BUDGETED_MODES = ("recent", "random", "hisparse")  # modes that need a budget
+STATIC_TRIGGER_MODES = ("lsa", "recent", "random", "oracle")  # static by default on one GPU with a budget
 DEFAULT_TAU = 64
 DEFAULT_THRESHOLD = 0.5
 MEMORY_KEYS = ("device", "pool")
@@ -107,10 +108,12 @@ class SessionConfig:
       (lsa, recent, random, oracle, all) the CSA layers hold ``budget`` + tau/4 + 2 resident slots per row (every
       entry without a budget; + prefetch_steps/4 + 1 with prefetch), triggers run between steps (or on the
       helper thread with ``prefetch_steps``, installed at the boundary); same tokens as the cold-pool path (CPU,
-      tests/test_static_residency.py). None (the default): on where it pays off and was tested, mode
-      ``full`` on one CUDA device, nothing offloaded, weights not kept in FP8/FP4; False: the stock per-sequence
-      path (transformers' own decode, the numerical reference); True: also on a CPU (no graph) and in the
-      trigger modes.
+      tests/test_static_residency.py; the H200 too). None (the default): on where it pays off and was tested, one
+      CUDA device, nothing offloaded, weights not kept in FP8/FP4, and mode ``full`` or a trigger mode (lsa,
+      recent, random, oracle) with a ``budget`` (it bounds the slots a row holds; mode lsa without one would keep
+      a slot for every entry, so it keeps the stock path), ``pool_storage="model"`` and ``memory_keys="device"``;
+      False: the stock per-sequence path (transformers' own decode, the numerical reference); True: also on a
+      CPU (no graph) and in the other cases.
     * ``static_compile``: with the static step, its decoder layers compiled (:mod:`~.compiled_step`: one graph per
       layer kind; H200, 512K, batch 1: 16.3 ms a step against 54.5 ms with eager layers). Compiling costs 25-99 s
       on the H200 for each batch size and capacity, so a call's capacity is rounded up to a bucket that later calls

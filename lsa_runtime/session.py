@@ -45,7 +45,7 @@ from .batching import forward_rows, install_row_attention
 from .capture import prefill_chunk_length
 from .compiled_step import compile_static_step
 from .cold_pool import ColdPool
-from .config import SamplingParams, SessionConfig, SessionError
+from .config import STATIC_TRIGGER_MODES, SamplingParams, SessionConfig, SessionError
 from .decode_graphs import install_decode_graphs
 from .errors import FmIndexError, first_line
 from .hisparse import HiSparseCSACache, build_hisparse_cache
@@ -152,6 +152,16 @@ def _is_batch(prompt) -> bool:
         and not (isinstance(prompt[0], torch.Tensor) and prompt[0].dim() == 0)
 
 
+def static_by_default(config: SessionConfig) -> bool:
+    """Whether a Session on one GPU (weights in float dtypes, nothing offloaded) takes the static-shape step when
+    ``static_decode`` is None: where it was tested there (SessionConfig): mode full, and the trigger modes with a
+    budget (it bounds the resident slots a row holds; without one a row keeps a slot for every entry), the cold
+    pool in the model's dtype and the memory keys on the device. Weights kept in FP8/FP4 (a release checkpoint on a
+    GPU with its kernels) keep the stock path: not tested there."""
+    return config.mode == "full" or (config.mode in STATIC_TRIGGER_MODES and config.budget is not None
+                                     and config.pool_storage == "model" and config.memory_keys == "device")
+
+
 class Session:
     """Decode with a DeepSeek-V4 backbone, full or with Lookahead Sparse Attention.
 
@@ -215,14 +225,13 @@ class Session:
         one_gpu = self.device.type == "cuda" and len(self.devices) == 1 and not offloaded
         if self.config.static_decode and (len(self.devices) > 1 or offloaded):
             raise SessionError("static_decode needs the whole backbone resident on one device")
-        # mode full on one GPU decodes through the static-shape step unless told otherwise (SessionConfig); weights
-        # kept in FP8/FP4 (a release checkpoint on a GPU with its kernels) keep the stock path: not tested there
-        self.static_decode = (one_gpu and self.config.mode == "full" and all(
-            p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters())) \
-            if self.config.static_decode is None else self.config.static_decode
+        self.static_decode = self.config.static_decode if self.config.static_decode is not None else \
+            one_gpu and static_by_default(self.config) and all(
+                p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in model.parameters())
         if self.config.static_compile and not self.static_decode:
             raise SessionError("static_compile compiles the static step, which this Session does not take "
-                               "(static_decode: mode full on one GPU by default; pass static_decode=True)")
+                               "(static_decode: on one GPU by default in mode full and the budgeted trigger modes; "
+                               "pass static_decode=True)")
         if self.config.static_compile:
             compile_static_step(model)  # the static step only: prefill keeps the eager layers
         # the static step is one graph of its own: the per-module graphs would only serve its warm-up steps

@@ -9,7 +9,7 @@ from lsa_runtime.backbone import cache_kwarg, default_memory_layers
 from lsa_runtime.batching import forward_rows, install_row_attention
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 from lsa_runtime.policies import RecentPolicy
-from lsa_runtime.session import Session, SessionError
+from lsa_runtime.session import Session, SessionConfig, SessionError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,6 +264,7 @@ def test_static_decode_gives_each_sequence_its_stock_tokens_and_stats(backbone, 
         Session(model, tokenizer, mode="full", static_decode=1)
     # the default (None) takes the static step on one GPU only: on a CPU the stock path, unless asked
     assert not Session(model, tokenizer, mode="full").static_decode
+    assert not Session(model, tokenizer, mode="recent", budget=16).static_decode
     assert Session(model, tokenizer, mode="full", static_decode=True).static_decode
     from lsa_runtime.policies import record_native_picks  # its hook on the stock indexer would record nothing
 
@@ -333,6 +334,19 @@ def _check_static_decode(model, tokenizer, prompts, exact):
     return agree
 
 
+def test_static_by_default_where_it_was_tested_on_a_gpu():
+    """On one GPU the static step is the default in mode full and in the trigger modes with a budget (slots bounded),
+    with the model-dtype pool and device memory keys; not for lsa without a budget (a slot per entry), hisparse,
+    all, an fp8 pool or memory keys streamed from the pool."""
+    from lsa_runtime.session import static_by_default
+
+    cases = [("full", None, {}, True), ("lsa", 64, {}, True), ("recent", 64, {}, True), ("random", 64, {}, True),
+             ("oracle", 64, {}, True), ("lsa", None, {}, False), ("hisparse", 64, {}, False), ("all", None, {}, False),
+             ("recent", 64, {"pool_storage": "fp8"}, False), ("lsa", 64, {"memory_keys": "pool"}, False)]
+    for mode, budget, more, want in cases:
+        assert static_by_default(SessionConfig(mode=mode, budget=budget, **more)) is want, (mode, budget, more)
+
+
 def test_static_decode_in_bf16_parts_from_the_alone_path_only_at_near_ties(prompts):
     """bf16 on a CPU (no graph): the criterion the GPU test below applies, on the same four prompts."""
     from lsa_runtime.backbone import load_backbone
@@ -351,8 +365,9 @@ def test_static_decode_on_a_gpu_replays_one_graph(prompts, dtype):
     from lsa_runtime.backbone import load_backbone
 
     model, tokenizer = load_backbone("tiny", dtype=dtype, device="cuda")
-    assert Session(model, tokenizer, mode="full").static_decode  # the default on one GPU
-    assert not Session(model, tokenizer, mode="recent", budget=16).static_decode
+    assert Session(model, tokenizer, mode="full").static_decode  # the defaults on one GPU
+    assert Session(model, tokenizer, mode="recent", budget=16).static_decode
+    assert not Session(model, tokenizer, mode="recent", budget=16, pool_storage="fp8").static_decode
     agree = _check_static_decode(model, tokenizer, prompts, exact=dtype == torch.float32)
     print(f"static decode on {torch.cuda.get_device_name()} {dtype}: tokens equal to the stock path alone before "
           f"the first difference {agree} of {NEW}")
