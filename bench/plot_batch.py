@@ -5,7 +5,7 @@
 
 Without arguments it plots the H200 runs of issue 18: the first and the second batched version (per-sequence
 caches, `bench_batch.py`) and the static-shape step, compiled, one CUDA graph (`bench_static.py`, run 3: full
-semantics). A `bench_static.py` row is mode "full" or, with `--resident`, "lsa" (its tokens/s with the triggers
+semantics; run 4: full at B = 11 and LSA's resident mode with 13,125 slots, triggers counted). A `bench_static.py` row is mode "full" or, with `--resident`, "lsa" (its tokens/s with the triggers
 counted when `--triggers` ran). It also prints the plotted points as a table, so the figure can be checked against
 the JSON.
 """
@@ -24,7 +24,9 @@ DEFAULT_RUNS = [f"{RAW / 'batch_128k.json'}:v1", f"{RAW / 'batch_512k.json'}:v1"
                 f"{RAW / 'batch3_128k.json'}:v2", f"{RAW / 'batch3_512k.json'}:v2"] + \
                [f"{STATIC / name}:static" for name in ("static_512k.json", "static_512k_b11.json", "static_512k_b16.json",
                                                        "static_128k.json")]
-STYLES = {"v1": ":", "v2": "--", "static": "-"}
+RUN4 = ROOT / "docs" / "bench_results" / "static_h200" / "run4"
+DEFAULT_RUNS += [f"{RUN4 / name}:static run 4" for name in ("full_b11.json", "resident_13125.json")]
+STYLES = {"v1": ":", "v2": "--", "static": "-", "static run 4": "-."}
 
 
 def series(runs: list[tuple[Path, str]]) -> dict[tuple[str, int, str], list[tuple[int, float]]]:
