@@ -30,6 +30,7 @@ decode time at tau, and tokens/s with the triggers counted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,37 @@ def trigger(runner: StaticRunner, indexer, keys: dict, row: int, size: int | Non
     ids = select(runner, indexer, keys, row, hidden, int(runner.state.positions[row]) - 1, n,
                  size or runner.state.geometry.resident - BORN_SLOTS)
     return resident.install(row, ids, BORN_SLOTS)
+
+
+def trigger_phases(runner: StaticRunner, indexer, keys: dict, row: int, size: int, device: str) -> dict:
+    """:func:`trigger` (its install spelt out) with a synchronised host clock after each phase: ms of the flush of
+    born entries, the selection (scoring, top-k, ids to the host), the plan (unique ids, ``ResidentPlan``), the
+    assembly of the new rows (kept and fetched) and their write into the slots."""
+    from lsa_runtime.residency import ResidentPlan
+
+    resident, times = runner.resident, {}
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        synchronize(device)
+        now = time.perf_counter()
+        times[name] = (now - clock[0]) * 1e3
+        clock[0] = now
+
+    resident.flush(row, keys)
+    lap("flush")
+    n = resident.pools[row].count(resident.layers[0])
+    hidden = {L: runner.hidden[L][row] for L in keys}
+    ids = select(runner, indexer, keys, row, hidden, int(runner.state.positions[row]) - 1, n, size)
+    lap("select")
+    plan = ResidentPlan(resident.ids[row], torch.unique(ids))
+    lap("plan")
+    rows = resident._assemble(row, plan)  # StaticResidentRows.install's two steps, apart
+    lap("assemble")
+    resident._write(row, rows)
+    resident.ids[row], resident.filled[row] = plan.ids, int(plan.ids.numel())
+    lap("write")
+    return times
 
 
 def start_prefetch(runner: StaticRunner, indexer, keys: dict, row: int, prefetcher, size: int, device: str) -> None:
@@ -282,15 +314,18 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             runner.state.positions.add_(1)
         return {**out, "trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
                 "replay_with_triggers_step_ms": steps, "fetched_per_trigger": sum(fetched) / len(fetched)}
-    # first up to 8 synchronous triggers (rows 0-7, selections of the prefetched size), timed apart, for comparison
-    sync = []
+    # first up to 8 synchronous triggers (rows 0-7, selections of the prefetched size), timed apart and by phase,
+    # for comparison; the host's load average beside them (a busy host slows every host-side phase)
+    sync, phases = [], []
+    load = os.getloadavg()
     for r in range(min(batch, 8)):
         synchronize(device)
         start = time.perf_counter()
-        trigger(runner, indexer, keys, r, size)
-        synchronize(device)
+        phases.append(trigger_phases(runner, indexer, keys, r, size, device))
         sync.append((time.perf_counter() - start) * 1e3)
     out["sync_trigger_ms"], out["sync_trigger_ms_median"] = sync, sorted(sync)[len(sync) // 2]
+    out["sync_trigger_phases_ms_median"] = {k: sorted(p[k] for p in phases)[len(phases) // 2] for k in phases[0]}
+    out["host_load_average"] = [load, os.getloadavg()]
     # boundaries b_r and b_r + TAU with b_r in [d + 1, d + TAU]: in the steps [TAU + 1, 2 TAU] every row starts one
     # prefetch and installs one (the steady state of one trigger per row per TAU steps)
     bounds = [d + 1 + r * TAU // batch for r in range(batch)]
@@ -428,7 +463,9 @@ def main() -> None:
                       f"{row['memory_keys_bytes_per_row'] / 2**20:.0f} MiB/row", flush=True)
             if "window_step_ms" in row:
                 print(f"    synchronous triggers: median {row['sync_trigger_ms_median']:.2f} ms "
-                      f"({len(row['sync_trigger_ms'])} timed)", flush=True)
+                      f"({len(row['sync_trigger_ms'])} timed; by phase "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in row["sync_trigger_phases_ms_median"].items())
+                      + f"; host load {row['host_load_average'][0][0]:.1f})", flush=True)
                 print(f"    prefetched {row['prefetch_steps']} steps ahead: step {row['window_step_ms']:.2f} ms with "
                       f"triggers ({100 * row['trigger_share']:.1f}% above the best replay), "
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s; decode thread blocked "
