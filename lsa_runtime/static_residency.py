@@ -43,7 +43,8 @@ from .static_decode import StaticDecodeState
 @dataclass
 class PreparedRows:
     """A row's next resident set built ahead (:meth:`StaticResidentRows.prepare`): the selected entries (ascending),
-    their rows per kind (all CSA layers stacked), the row's fill at the snapshot (later slots: born since) and the fetch count."""
+    their rows per kind (all CSA layers stacked), the row's fill at the snapshot (later slots: born since) and the
+    fetch count."""
 
     ids: torch.Tensor
     rows: dict[str, torch.Tensor]  # {kind: [CSA layers, n, width]}
@@ -143,8 +144,9 @@ class StaticResidentRows:
             raise ValueError(f"row {row}: {n} entries, {born} born since the snapshot and {headroom} for those born "
                              f"before the next trigger exceed the {self.slots} slots")
         # the born rows are read before the new rows overwrite the slots they sit in: one stack per kind
-        moved = {name: torch.stack([self._store(layer, name).entries[row, prepared.born_from:prepared.born_from + born]
-                                    for layer in self.layers]) for name in NAMES} if born else None
+        since = slice(prepared.born_from, prepared.born_from + born)
+        moved = {name: torch.stack([self._store(layer, name).entries[row, since] for layer in self.layers])
+                 for name in NAMES} if born else None
         self._write(row, prepared.rows, moved)
         self.ids[row], self.filled[row] = torch.cat([prepared.ids, born_ids]), n + born
         return ResidentChange(n, prepared.fetched)
