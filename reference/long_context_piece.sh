@@ -12,7 +12,11 @@
 # Recipe L7 + L8 (run 2026-12-02, fourth session; NOT adopted, the card's "Long context, fourth attempt"): from the
 # default itself (no staging), the card's "Gaps": examples per length fall with length (one 64K sequence per step),
 # so the train call cycles 64K / 32K / 64K / 4K (half of its steps at 64K, ~100 sequences in 8 minutes, a quarter
-# at 32K; new data: seed 33), the finish call is L6's with seed 34. A next piece changes the seeds and the stages.
+# at 32K; new data: seed 33), the finish call is L6's with seed 34.
+# Recipe L9 + L10 (written 2026-12-02, fifth session; not yet run): the card's next "Gaps" candidate, a curriculum of
+# the needle's distance inside long sequences: from the default itself, the train call cycles 64K / 32K / 16K / 4K
+# with every needle at most 2,048 tokens before the question at first, the bound growing to 64K over 180 steps (about
+# the piece's 8 minutes; `reference/train.py --needle-distance`), seed 35; the finish call is L6's with seed 36.
 # `finish` evaluates with the default's exact command (same seeds) and prints the verdict of
 # reference/compare_evals.py; the candidate's bf16 checkpoint comes back under $OUT (two 15 MB shards): keep it in
 # reference/work/ (git-ignored) to stage it next time, commit it as data/reference only if adopted. train.log /
@@ -35,12 +39,12 @@ case "${1:-}" in
       -k "chunked_indexer or window_attention_equals or activation_checkpointing" > $OUT/tests.txt 2>&1 ||
       { tail -20 $OUT/tests.txt; echo "chunked indexer differs from this transformers: not training"; exit 4; }
     tail -1 $OUT/tests.txt
-    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 33 \
-      --stages 65536/32768/65536/4096:0:64 --max-minutes 8.0 > $OUT/train1.log 2>&1
+    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 35 \
+      --stages 65536/32768/16384/4096:0:64 --needle-distance 2048:65536:180 --max-minutes 8.0 > $OUT/train1.log 2>&1
     tail -3 $OUT/train1.log ;;
   finish)
     test -d $W/ckpt1 || { echo "no $W/ckpt1: call 1 ran on another machine (run both calls back to back)"; exit 3; }
-    python3 -m reference.train --ckpt $W/ckpt2 --init $W/ckpt1 $COMMON --warmup 10 --seed 34 \
+    python3 -m reference.train --ckpt $W/ckpt2 --init $W/ckpt1 $COMMON --warmup 10 --seed 36 \
       --stages 4096/8192/16384/32768:0:64 --max-minutes 3.5 --decay-minutes 2.5 > $OUT/train2.log 2>&1
     tail -3 $OUT/train2.log
     python3 -m reference.evaluate_needles --model $W/ckpt2 --attention window --lengths 4096 8192 16384 32768 65536 \

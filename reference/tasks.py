@@ -135,9 +135,11 @@ class TaskBuilder:
         return self.haystack[start:start + n].astype(np.int64)
 
     def build(self, rng: np.random.Generator, task: str, length: int, kind: str | None = None,
-              source: str | None = None, n_multi: int | None = None) -> Sample:
+              source: str | None = None, n_multi: int | None = None, max_distance: int | None = None) -> Sample:
         """One sample of ``task`` with exactly ``length`` tokens (``kind``/``source`` random when None;
-        ``n_multi`` overrides the number of keys / values of the multi-needle tasks)."""
+        ``n_multi`` overrides the number of keys / values of the multi-needle tasks). ``max_distance``: the needles
+        go into the last ``max_distance`` haystack tokens before the question (None: anywhere), the training
+        curriculum that moves them away from the question gradually."""
         n_multi = n_multi or self.n_multi
         kind = kind or VALUE_KINDS[rng.integers(2)]
         source = source or ("code", "noise")[rng.integers(2)]
@@ -201,7 +203,8 @@ class TaskBuilder:
         if n_hay < 16:
             raise ValueError(f"length {length} too short for task {task}")
         hay = self.haystack_tokens(rng, n_hay, source)
-        cuts = np.sort(rng.integers(0, n_hay + 1, len(needle_ids)))
+        lowest = 0 if max_distance is None else max(0, n_hay - int(max_distance))
+        cuts = np.sort(rng.integers(lowest, n_hay + 1, len(needle_ids)))
         parts, prev = [np.array([self.bos_id]), np.asarray(preamble_ids)], 0
         for cut, ids in zip(cuts, needle_ids):
             parts += [hay[prev:cut], np.asarray(ids)]

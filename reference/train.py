@@ -59,8 +59,11 @@ class BatchSampler:
     MIX = (("niah_single", 0.4), ("niah_multikey", 0.2), ("niah_multivalue", 0.2), ("vt", 0.2))
 
     def __init__(self, tokenizer, train_tokens: np.ndarray, code_frac: float, seed: int, mix=None,
-                 multikey_keys: tuple[int, int] = (4, 4)):
+                 multikey_keys: tuple[int, int] = (4, 4), needle_distance: tuple[int, int, int] | None = None,
+                 origin: int = 0):
         self.tokens = train_tokens
+        self.needle_distance = needle_distance  # (START, END, STEPS): --needle-distance
+        self.origin = origin  # the run's first step: the curriculum counts from it
         self.multikey_keys = multikey_keys
         self.mix = tuple(mix) if mix else self.MIX
         self.builder = TaskBuilder(tokenizer, train_tokens, tokenizer.bos_token_id)
@@ -68,9 +71,18 @@ class BatchSampler:
         self.code_frac = code_frac
         self.seed = seed
 
+    def max_distance(self, step: int) -> int | None:
+        """The farthest a needle may sit from the question at ``step``: ``--needle-distance START:END:STEPS`` grows it
+        linearly from START to END tokens over the run's first STEPS steps (counted from ``origin``)."""
+        if self.needle_distance is None:
+            return None
+        start, end, steps = self.needle_distance
+        return int(round(start + (end - start) * min(1.0, max(0, step - self.origin) / steps)))
+
     def sequence(self, step: int, j: int, length: int) -> tuple[np.ndarray, np.ndarray, str]:
         """(input_ids [length], answer_mask over targets [length - 1], task name or "code")."""
         rng = np.random.default_rng([self.seed, step, j])
+        distance = self.max_distance(step)
         answer = np.zeros(length - 1, dtype=bool)
         if rng.random() < self.code_frac:
             start = int(rng.integers(0, len(self.tokens) - length))
@@ -86,12 +98,12 @@ class BatchSampler:
         sample = None
         for n in (range(n_multi, 1, -1) if n_multi else [None]):  # as many keys as the stage holds
             try:
-                sample = self.builder.build(rng, task, length, kind=kind, n_multi=n)
+                sample = self.builder.build(rng, task, length, kind=kind, n_multi=n, max_distance=distance)
                 break
             except ValueError:  # too many needles for a short curriculum stage
                 pass
         if sample is None:  # a multi-needle task does not fit a short curriculum stage: one needle instead
-            sample = self.builder.build(rng, "niah_single", length, kind=kind)
+            sample = self.builder.build(rng, "niah_single", length, kind=kind, max_distance=distance)
         answer[sample.answer_start - 1:sample.answer_start - 1 + sample.answer_len] = True
         return sample.input_ids, answer, sample.task
 
@@ -226,6 +238,19 @@ def parse_keys(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def parse_distance(text: str | None) -> tuple[int, int, int] | None:
+    """``"4096:65536:150"`` -> (4096, 65536, 150); None -> None."""
+    if text is None:
+        return None
+    try:
+        start, end, steps = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"bad --needle-distance '{text}': use START:END:STEPS (tokens, tokens, steps)") from None
+    if not (0 < start <= end and steps > 0):
+        raise SystemExit(f"bad --needle-distance '{text}': need 0 < START <= END and STEPS > 0")
+    return start, end, steps
+
+
 def parse_stages(text: str) -> list[tuple[tuple[int, ...], int, str]]:
     """``"512:300:all,1024:300:all,4096:0:64"`` -> [(lengths, steps, topk)]; the last stage runs to the end.
 
@@ -351,6 +376,9 @@ def main(argv=None):
     parser.add_argument("--multikey-keys", default="4",
                         help="keys per multi-key training sequence: N, or LO-HI drawn uniformly (fewer when a short "
                              "stage cannot hold them); evaluation always uses 4")
+    parser.add_argument("--needle-distance", default=None, metavar="START:END:STEPS",
+                        help="curriculum: needles within START tokens before the question, the bound growing "
+                             "linearly to END over STEPS steps of this run (default: anywhere in the haystack)")
     parser.add_argument("--answer-weight", type=float, default=1.0)
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -409,7 +437,7 @@ def main(argv=None):
     elif args.resume:
         args.resumed_at = start
     sampler = BatchSampler(tokenizer, train_tokens, args.code_frac, args.seed, parse_mix(args.mix),
-                           parse_keys(args.multikey_keys))
+                           parse_keys(args.multikey_keys), parse_distance(args.needle_distance), origin=start)
     stop_at = min(args.stop_at or args.steps, args.steps)
     micro_tokens = args.micro_tokens
     state = {}

@@ -397,6 +397,39 @@ def test_chunked_prefill_gives_the_one_pass_logits():
     assert 1024 * 16 * ((60000 + 1024) // 4 + 16) * 4 <= 2**30 < 2048 * 16 * ((60000 + 2048) // 4 + 16) * 4
 
 
+def test_needle_distance_curriculum_bounds_where_the_needles_sit():
+    """``--needle-distance START:END:STEPS``: the bound grows linearly from START to END tokens over STEPS steps
+    counted from the run's first step, training sequences are built with the step's bound, and a bound puts every
+    needle within that many haystack tokens of the question (its cut at or past n_hay - bound); without one the
+    needles spread over the whole haystack."""
+    from transformers import AutoTokenizer
+
+    from reference.tasks import TaskBuilder
+    from reference.train import BatchSampler, parse_distance
+
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE)
+    text = (REPO / "lsa_runtime" / "backbone.py").read_text() * 3
+    hay = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    assert parse_distance("100:1000:10") == (100, 1000, 10) and parse_distance(None) is None
+    with pytest.raises(SystemExit, match="need 0 < START <= END"):
+        parse_distance("1000:100:10")
+    sampler = BatchSampler(tokenizer, hay, 0.0, 5, (("niah_multivalue", 1.0),), needle_distance=(100, 1000, 10),
+                           origin=40)
+    assert [sampler.max_distance(s) for s in (40, 45, 50, 90)] == [100, 550, 1000, 1000]
+    seen = []
+    build = sampler.builder.build
+    sampler.builder.build = lambda *a, **k: seen.append(k["max_distance"]) or build(*a, **k)
+    sampler.sequence(45, 0, 2048)
+    assert seen == [550]
+    builder, rng = TaskBuilder(tokenizer, hay, tokenizer.bos_token_id), np.random.default_rng(0)
+    for task in ("niah_single", "niah_multivalue", "vt"):
+        for _ in range(8):  # depth = cut / n_hay, and the haystack holds more than 3,000 of the 4,096 tokens
+            near = builder.build(rng, task, 4096, kind="number", max_distance=300)
+            assert len(near.input_ids) == 4096 and min(near.depths) >= 1 - 300 / 3000
+    spread = [d for _ in range(8) for d in builder.build(rng, "niah_multivalue", 4096, kind="number").depths]
+    assert min(spread) < 0.5 < max(spread)
+
+
 def test_multiquery_task_asks_every_key_and_answers_in_question_order():
     """niah_multiquery (RULER): 4 keys with one value each, all asked; the answer lists their values in the order
     the question names the keys, while the needles sit in the haystack in a shuffled order."""
