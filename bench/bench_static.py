@@ -24,7 +24,12 @@ random entries per CSA layer, shared by the rows: the host cannot pin 3.5 GB per
 layers' device keys, a random memory indexer at Flash dimensions scoring every entry with h_t0 from the graph's
 buffers, its top R - 18 installed in place (random scores: nearly every row fetched, the costliest case). Triggers
 are timed apart from the replays (synchronised host clock); reported: median trigger ms, the trigger's share of
-decode time at tau, and tokens/s with the triggers counted.
+decode time at tau, and tokens/s with the triggers counted. ``--prefetch D`` (with ``--triggers``): up to 8
+synchronous triggers first, timed by phase (flush, select, plan, assemble, write) beside the host's load average;
+then each trigger started D steps before its boundary on the helper thread and installed at the boundary, as
+``Session(prefetch_steps=D)`` runs it, the TAU steps in which every row starts one and installs one timed whole
+(their mean step against the best replay). With ``--triggers``, ``--profile`` also profiles one synchronous trigger
+(host ops with shapes, kernels).
 """
 
 from __future__ import annotations
