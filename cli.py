@@ -614,10 +614,11 @@ def evaluate_command(
                                        "every mode but hisparse) or the per-sequence path. Default: static on one "
                                        "GPU in mode full and the budgeted modes (recent, random, oracle; lsa has "
                                        "no budget). The oracle's recording runs always decode stock."),
-    static_compile: bool = typer.Option(False, "--static-compile", help="Decode every run but hisparse's and the "
-                                        "oracle's recording runs through the static step with its decoder layers "
-                                        "compiled (about 3x faster steps on an H200; each new batch size and "
-                                        "capacity bucket compiles first, 25-99 s)."),
+    static_compile: bool = typer.Option(False, "--static-compile", help="Decode the runs of mode full and of "
+                                        "the budgeted modes (recent, random, oracle; not hisparse, not the "
+                                        "oracle's recording runs, not lsa without a budget) through the static "
+                                        "step with its decoder layers compiled (about 3x faster steps on an H200; "
+                                        "each new batch size and capacity bucket compiles first, 25-99 s)."),
 ):
     """Long-context evaluation (RULER-style, offline): accuracy vs KV footprint of full, LSA and control modes.
 

@@ -212,8 +212,8 @@ class Evaluation:
         # on one GPU: mode full and the budgeted modes), except hisparse's and the full runs that record native
         # picks for the oracle (the static step records none)
         self.static_decode = None if static_decode is None else bool(static_decode)
-        # the static step's decoder layers compiled (SessionConfig.static_compile): the runs that take the static
-        # step take it compiled, and static_compile makes every run but those two take it
+        # the static step's decoder layers compiled (SessionConfig.static_compile) for the runs with bounded slots
+        # (_session_config)
         if static_compile and static_decode is False:
             raise EvaluationError("--static-compile compiles the static step: it cannot go with --stock-decode")
         self.static_compile = bool(static_compile)
@@ -436,13 +436,17 @@ class Evaluation:
 
     def _session_config(self, mode: str, budget: int | None, records_picks: bool = False) -> SessionConfig:
         cfg = self.config
-        static = False if records_picks or mode == "hisparse" else True if self.static_compile else self.static_decode
-        return SessionConfig(mode=mode, static_decode=static, static_compile=self.static_compile and bool(static),
+        budget = self._buffer_rows(budget) if mode == "hisparse" else budget if mode in BUDGETED else None
+        # --static-compile: the runs whose slots are bounded (full; a budget) take the compiled static step; lsa
+        # without a budget would hold a slot per entry there, so it keeps the default path and its footprint
+        compiled = self.static_compile and not records_picks and (mode == "full" or (mode != "hisparse"
+                                                                                      and budget is not None))
+        static = False if records_picks or mode == "hisparse" else True if compiled else self.static_decode
+        return SessionConfig(mode=mode, static_decode=static, static_compile=compiled,
                              tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, pool_storage=cfg.pool_storage,
-                             budget=self._buffer_rows(budget) if mode == "hisparse" else
-                             budget if mode in BUDGETED else None)
+                             budget=budget)
 
     def _decode(self, sample: Sample, index: int, mode: str, budget: int | None, max_new: int,
                 want_picks: bool = False, picks: dict | None = None) -> tuple[dict, dict | None]:
@@ -535,7 +539,8 @@ def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter
     to that many prompts of a cell and mode together (``Session.generate`` with a list; same greedy tokens);
     ``static_decode``: decode through the static-shape step (same greedy tokens; every mode but hisparse); None:
     the Session's default (on one GPU: mode full and the budgeted modes); ``static_compile``: the static step
-    compiled, and taken by every run but hisparse's and the oracle's recording runs."""
+    compiled, taken by the runs of mode full and of the budgeted modes but hisparse (not the oracle's recording
+    runs, not lsa without a budget: it would hold a slot per entry)."""
     return Evaluation(config, out, resume=resume, reporter=reporter, backbone=backbone, workers=workers,
                       batch=batch, static_decode=static_decode, static_compile=static_compile).run()
 
