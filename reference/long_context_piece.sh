@@ -6,6 +6,9 @@
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/long_context_piece.sh train")
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/long_context_piece.sh finish")
 #   bash reference/long_context_piece.sh unstage                              # here, at once (after a stage)
+# A machine can be given back between the calls even when they follow at once (seen 2026-12-02): `train` returns its
+# weights under $OUT/ckpt1, and `finish` starts from them once staged here (`stage <files_at>/ckpt1`, `finish`,
+# `unstage`), in the same session or a later one.
 # Recipe L5 (train) + L6 (finish), run 2026-12-02 from the staged L4 and adopted as the default (data/reference/
 # README.md, "Long context, third attempt"): 8 minutes cycling 64K / 4K / 16K / 8K / 32K (64K fits since the chunked
 # Lightning Indexer; seed 31), then 3.5 minutes of 4K / 8K / 16K / 32K with the lr decayed over the last 2.5 (seed 32).
@@ -41,10 +44,15 @@ case "${1:-}" in
     tail -1 $OUT/tests.txt
     python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 35 \
       --stages 65536/32768/16384/4096:0:64 --needle-distance 2048:65536:180 --max-minutes 8.0 > $OUT/train1.log 2>&1
-    tail -3 $OUT/train1.log ;;
+    tail -3 $OUT/train1.log
+    # the machine may be given back between the two calls: call 1's weights come back to be staged for call 2
+    mkdir -p $OUT/ckpt1 && cp $W/ckpt1/weights-*.safetensors $W/ckpt1/state.json $OUT/ckpt1/ ;;
   finish)
-    test -d $W/ckpt1 || { echo "no $W/ckpt1: call 1 ran on another machine (run both calls back to back)"; exit 3; }
-    python3 -m reference.train --ckpt $W/ckpt2 --init $W/ckpt1 $COMMON --warmup 10 --seed 36 \
+    INIT=$W/ckpt1  # on the machine of call 1; else call 1's weights staged here as data/reference (`stage`)
+    test -d $INIT || { grep -q STAGED data/reference/fm_index.json && INIT=data/reference; } ||
+      { echo "no $W/ckpt1 (call 1 ran on another machine) and no staged candidate: stage call 1's ckpt1 first"; exit 3; }
+    echo "finish from $INIT" | tee $OUT/finish_init.txt
+    python3 -m reference.train --ckpt $W/ckpt2 --init $INIT $COMMON --warmup 10 --seed 36 \
       --stages 4096/8192/16384/32768:0:64 --max-minutes 3.5 --decay-minutes 2.5 > $OUT/train2.log 2>&1
     tail -3 $OUT/train2.log
     python3 -m reference.evaluate_needles --model $W/ckpt2 --attention window --lengths 4096 8192 16384 32768 65536 \
