@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,8 @@ def count_ops(model, config, batches, device) -> None:
 def write_json(path: str, rows: list[dict], args, device: str) -> None:
     """The rows so far with the run's environment (torch, device, date, options), rewritten after every row."""
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+           "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+           "host_cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
     Path(path).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
 
 

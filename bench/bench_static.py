@@ -101,7 +101,8 @@ def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Gene
                     keys[layer].append(rows)
     resident = runner.resident
     for row in range(runner.state.geometry.batch):  # synthetic: what StaticResidentRows.join would have set
-        resident.ids[row], resident.pools[row], resident.filled[row] = torch.arange(filled), pool, filled
+        resident.ids[row], resident.pools[row], resident.filled[row] = \
+            torch.arange(filled, device=resident.device), pool, filled
     return keys
 
 
@@ -146,7 +147,7 @@ def trigger_phases(runner: StaticRunner, indexer, keys: dict, row: int, size: in
     hidden = {L: runner.hidden[L][row] for L in keys}
     ids = select(runner, indexer, keys, row, hidden, int(runner.state.positions[row]) - 1, n, size)
     lap("select")
-    plan = ResidentPlan(resident.ids[row], torch.unique(ids))
+    plan = ResidentPlan(resident.ids[row], resident._unique(ids))
     lap("plan")
     rows = resident._assemble(row, plan)  # StaticResidentRows.install's two steps, apart
     lap("assemble")

@@ -30,13 +30,14 @@ NAMES = ("compressor", "indexer")
 
 
 class ResidentPlan:
-    """How the resident set changes from ``old`` to ``ids`` (both ascending unique host int64): which new rows are
-    kept (and where they sit in the old rows) and which are fetched. Its index tensors are moved to a device
-    once (:meth:`on`), then serve every layer."""
+    """How the resident set changes from ``old`` to ``ids`` (both ascending unique int64): which new rows are
+    kept (and where they sit in the old rows) and which are fetched. It is computed where ``ids`` lie (the static
+    rows keep their ids on the device, so a trigger does no host work on them); its index tensors are moved to a
+    device once (:meth:`on`), then serve every layer."""
 
     def __init__(self, old: torch.Tensor, ids: torch.Tensor):
-        self.ids = ids.to("cpu", torch.long).clone()
-        old = old.to("cpu", torch.long)
+        self.ids = ids.to(torch.long).clone()
+        old = old.to(self.ids.device, torch.long)
         # both ascending: an id is kept where the old ids hold it at its sorted position (one binary search each)
         at = torch.searchsorted(old, self.ids)
         keep_mask = old[at.clamp(max=old.numel() - 1)] == self.ids if old.numel() else \

@@ -670,7 +670,7 @@ class Session:
             state.clock.prefetch_seconds += finished.helper_seconds
             state.clock.prefetch_wait_seconds += finished.wait_seconds
         else:
-            change = rows.install(job.row, self._select(state, self._static_trigger_state(job, keys)),
+            change = rows.install(job.row, self._select(state, self._static_trigger_state(job, keys), rows.device),
                                   self._headroom(), keys)
         state.residency.record(change)
         state.since_trigger = 0
@@ -695,7 +695,8 @@ class Session:
         state, rows, row = job.state, self._runner.resident, job.row
         trigger_state = self._static_trigger_state(job, self._memory_keys(state), lead=self.config.prefetch_steps)
         snapshot, filled = trigger_state.resident, rows.filled[row]
-        state.prefetcher.start(lambda: rows.prepare(row, self._select(state, trigger_state), snapshot, filled),
+        state.prefetcher.start(lambda: rows.prepare(row, self._select(state, trigger_state, rows.device), snapshot,
+                                                    filled),
                                self.device)
         state.clock.trigger_seconds += time.perf_counter() - start
 
@@ -747,16 +748,19 @@ class Session:
                             trigger_index=len(state.residency.changes), resident=state.residency.ids, lead=lead,
                             hidden=dict(state.hidden), index_keys=index_keys)
 
-    def _select(self, state: DecodeState, trigger_state: TriggerState) -> torch.Tensor:
-        """The policy's entries for ``trigger_state`` (ascending unique host int64), checked against n_visible."""
+    def _select(self, state: DecodeState, trigger_state: TriggerState, device=None) -> torch.Tensor:
+        """The policy's entries for ``trigger_state`` (ascending unique int64, on the host or on ``device``: the
+        static rows' ids live there), checked against n_visible."""
         policy = state.policy
         for layer in policy.memory_layers:
             if layer not in trigger_state.index_keys:  # memory_keys="pool": streamed for this trigger, freed after
                 trigger_state.index_keys[layer] = state.pool.stream_prefix(layer, "indexer", trigger_state.n_visible,
                                                                            self.layer_devices[layer])
-        ids = torch.unique(torch.as_tensor(policy.select(trigger_state), dtype=torch.long).reshape(-1).cpu())
-        if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= trigger_state.n_visible):
-            bad = int(ids[0]) if int(ids[0]) < 0 else int(ids[-1])
+        ids = torch.as_tensor(policy.select(trigger_state), dtype=torch.long).reshape(-1)
+        ids = torch.unique(ids.to(device) if device is not None else ids.cpu())
+        first, last = torch.stack((ids[0], ids[-1])).tolist() if ids.numel() else (0, 0)  # one read of the device
+        if first < 0 or last >= trigger_state.n_visible:
+            bad = first if first < 0 else last
             raise SessionError(f"policy '{policy.name}' selected entry {bad}, outside the "
                                f"{trigger_state.n_visible} visible entries")
         return ids

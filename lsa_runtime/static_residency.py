@@ -24,8 +24,9 @@ the set runs host-side between steps, here:
   boundary, the entries born since the snapshot moved after them;
 * :meth:`StaticResidentRows.leave`: the row handed back to its sequence's cache and ``ResidentSet``.
 
-This class owns the host-side ids of every row (slot i of every CSA layer holds entry ``ids[row][i]``); the state
-owns the device tensors; the sequence's ``ResidentSet`` keeps the record of its changes (the Session records what
+This class owns the ids of every row (slot i of every CSA layer holds entry ``ids[row][i]``), kept on the state's
+device: a trigger's unique, plan and gathers run there, and the host only reads the counts (on a serving host
+the CPU ops on ~13K ids took milliseconds each, the device's work well under one); the state owns the slots; the sequence's ``ResidentSet`` keeps the record of its changes (the Session records what
 :meth:`install` returns).
 """
 
@@ -62,7 +63,8 @@ class StaticResidentRows:
         self.state = state
         self.layers = [int(x) for x in csa_layers]
         rows = state.geometry.batch
-        self.ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in range(rows)]
+        self.device = state.rows.device
+        self.ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(rows)]
         self.pools: list[ColdPool | None] = [None] * rows
         self.filled = [0] * rows  # slots whose entries are in the row's pool and ids (later slots: born since)
 
@@ -81,7 +83,7 @@ class StaticResidentRows:
             raise ValueError(f"row {row}: {residency.count} resident entries exceed the {self.slots} slots")
         resident = {layer: {name: residency.rows(layer, name) for name in NAMES} for layer in self.layers}
         length = self.state.load_row(row, cache, resident=resident)
-        self.ids[row] = residency.ids.clone()
+        self.ids[row] = residency.ids.to(self.device, copy=True)
         self.pools[row], self.filled[row] = pool, residency.count
         return length
 
@@ -103,7 +105,7 @@ class StaticResidentRows:
                 pool.append(layer, name, self._store(layer, name).entries[row, first:upto])
             if index_keys and index_keys.get(layer) is not None:
                 index_keys[layer].append(self._store(layer, "indexer").entries[row, first:upto])
-        self.ids[row] = torch.cat([self.ids[row], torch.arange(born_from, born_from + upto - first)])
+        self.ids[row] = torch.cat([self.ids[row], torch.arange(born_from, born_from + upto - first, device=self.device)])
         self.filled[row] = upto
         return upto - first
 
@@ -112,10 +114,12 @@ class StaticResidentRows:
         ``index_keys`` as :meth:`flush` takes them); ``headroom``: slots to leave for the entries born before the
         next change (the step cannot refuse an append: a full row would overwrite its last slot)."""
         self.flush(row, index_keys)
-        ids = torch.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu())
+        ids = self._unique(ids)
         pool = self.pools[row]
-        if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= pool.count(self.layers[0])):
-            raise ValueError(f"row {row}: ids outside the {pool.count(self.layers[0])} entries of its pool")
+        if ids.numel():
+            first, last = torch.stack((ids[0], ids[-1])).tolist()  # one read of the device
+            if first < 0 or last >= pool.count(self.layers[0]):
+                raise ValueError(f"row {row}: ids outside the {pool.count(self.layers[0])} entries of its pool")
         if ids.numel() + headroom > self.slots:
             raise ValueError(f"row {row}: {ids.numel()} entries + {headroom} for those born before the next "
                              f"trigger exceed the {self.slots} slots")
@@ -128,8 +132,7 @@ class StaticResidentRows:
         """New rows for ``ids`` against the row as it was at a snapshot (its ids ``snapshot_ids``, all flushed: slot
         i < ``snapshot_filled`` holds entry ``snapshot_ids[i]``), without changing the row: safe on a helper thread
         while the step runs (it writes only slots at or past the row's length)."""
-        ids = torch.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu())
-        plan = ResidentPlan(snapshot_ids, ids)
+        plan = ResidentPlan(snapshot_ids, self._unique(ids))
         return PreparedRows(plan.ids, self._assemble(row, plan), int(snapshot_filled), int(plan.fetch_ids.numel()))
 
     def install_prepared(self, row: int, prepared: PreparedRows, headroom: int,
@@ -150,6 +153,10 @@ class StaticResidentRows:
         self._write(row, prepared.rows, moved)
         self.ids[row], self.filled[row] = torch.cat([prepared.ids, born_ids]), n + born
         return ResidentChange(n, prepared.fetched)
+
+    def _unique(self, ids) -> torch.Tensor:
+        """``ids`` (entry indices, any order, any device) ascending and unique, on the rows' device."""
+        return torch.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device))
 
     def _assemble(self, row: int, plan: ResidentPlan) -> dict[str, torch.Tensor]:
         """The rows of ``plan.ids`` in every CSA layer, ``{kind: [layers, n, width]}``: kept rows copied from the
@@ -199,6 +206,6 @@ class StaticResidentRows:
         into ``residency``; the stock-path LSA model can continue from them and stats read them."""
         self.flush(row, index_keys)
         self.state.store_row(row, cache, length, pooled=self.pools[row].count(self.layers[0]))
-        residency.restore(self.ids[row], {layer: {name: self._store(layer, name).entries[row].clone()
+        residency.restore(self.ids[row].cpu(), {layer: {name: self._store(layer, name).entries[row].clone()
                                                   for name in NAMES} for layer in self.layers})
         self.pools[row] = None
