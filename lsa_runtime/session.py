@@ -758,7 +758,7 @@ class Session:
                                                                            self.layer_devices[layer])
         ids = torch.as_tensor(policy.select(trigger_state), dtype=torch.long).reshape(-1)
         ids = torch.unique(ids.to(device) if device is not None else ids.cpu())
-        first, last = torch.stack((ids[0], ids[-1])).tolist() if ids.numel() else (0, 0)  # one read of the device
+        first, last = torch.stack((ids[0], ids[-1])).tolist() if ids.numel() else (0, -1)  # one read of the device
         if first < 0 or last >= trigger_state.n_visible:
             bad = first if first < 0 else last
             raise SessionError(f"policy '{policy.name}' selected entry {bad}, outside the "
