@@ -349,7 +349,7 @@ class ColdPool:
     def gather_layers(self, layers, name: str, ids: torch.Tensor, device_ids: torch.Tensor, dst_rows: torch.Tensor,
                       out: torch.Tensor, purpose: str = "fetch") -> None:
         """``out[j, dst_rows] = rows ids of layers[j]`` for all ``layers`` in one zero-copy launch (see
-        :func:`~.kernels.pool_gather.gather_rows_layers`). ``ids``: host int64 (checked against the pool),
+        :func:`~.kernels.pool_gather.gather_rows_layers`). ``ids``: int64, host or device (checked against the pool),
         ``device_ids`` / ``dst_rows``: int64 on ``out``'s device. Only where :meth:`gather_layers_available`."""
         self._wait_appends()  # outside the lock, as in gather
         with self._lock:

@@ -40,7 +40,7 @@ class TriggerState:
 
     ``hidden[L]``: h_t0, the attention input of memory layer L at t0 ([hidden_size], device).
     ``index_keys[L]``: K^IComp of all ``n_visible`` entries at memory layer L ([n_visible, index_head_dim], device).
-    ``resident``: the current resident entry indices (sorted, host int64).
+    ``resident``: the current resident entry indices (sorted int64; on the host, on the device for a static row).
     ``lead``: decode steps between t0 and the window the set serves (0, or ``prefetch_steps`` when the trigger
     fires ahead of the boundary): the set is used for positions t0 + lead + 1 .. t0 + lead + tau.
     """

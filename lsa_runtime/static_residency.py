@@ -25,9 +25,10 @@ the set runs host-side between steps, here:
 * :meth:`StaticResidentRows.leave`: the row handed back to its sequence's cache and ``ResidentSet``.
 
 This class owns the ids of every row (slot i of every CSA layer holds entry ``ids[row][i]``), kept on the state's
-device: a trigger's unique, plan and gathers run there, and the host only reads the counts (on a serving host
-the CPU ops on ~13K ids took milliseconds each, the device's work well under one); the state owns the slots; the sequence's ``ResidentSet`` keeps the record of its changes (the Session records what
-:meth:`install` returns).
+device so that a trigger's unique, plan and gathers run there and the host reads only counts (CPU ops on a
+selection's ~13K ids cost more than the device's whole share of a trigger: docs/BENCHMARKS.md); the state owns the
+slots; the sequence's ``ResidentSet`` keeps the record of its changes (the Session records what :meth:`install`
+returns).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class StaticResidentRows:
                 pool.append(layer, name, self._store(layer, name).entries[row, first:upto])
             if index_keys and index_keys.get(layer) is not None:
                 index_keys[layer].append(self._store(layer, "indexer").entries[row, first:upto])
-        self.ids[row] = torch.cat([self.ids[row], torch.arange(born_from, born_from + upto - first, device=self.device)])
+        born = torch.arange(born_from, born_from + upto - first, device=self.device)
+        self.ids[row] = torch.cat([self.ids[row], born])
         self.filled[row] = upto
         return upto - first
 
