@@ -5,7 +5,7 @@ four kinds, seen split and method defaults, a new seed), on 7e's prompts.
 
 Reads `fm-index evaluate` outputs: 7e's (full, and lsa at its 144-prompt indexer, in ../varied_kinds_l6_cpu) and this
 section's (lsa and recent with the 432-prompt indexer, kept here), and checks, by prompt digest, that every run
-decoded 7e's prompts. Per task and length: accuracy (RULER's string match, %), the CSA-KV ratio (device / full CSA
+decoded 7e's prompts (7g's check and accuracy / footprint helpers). Per task and length: accuracy (RULER's string match, %), the CSA-KV ratio (device / full CSA
 attention KV bytes, the paper's footprint) and the entries selected per trigger; then pooled rows over the seen and
 the held-out tasks (prompt-weighted, 7d's grouping).
 """
@@ -16,28 +16,17 @@ import importlib.util
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("tables_7e", HERE.parent / "varied_kinds_l6_cpu" / "tables.py")
-T7E = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T7E)
-T7D = T7E.T7D
+_spec = importlib.util.spec_from_file_location("tables_7g", HERE.parent / "retrigger_l6_cpu" / "tables.py")
+T7G = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T7G)
+T7E, T7D = T7G.T7E, T7G.T7D
+acc, ratio, same_prompts = T7G.acc, T7G.ratio, T7G.same_prompts  # 7g's: accuracy %, CSA-KV, digest check
 
 NEW = {"varied": HERE / "eval_varied", "ruler": HERE / "eval_ruler"}  # the 432-prompt indexer: lsa, recent
 
 
-def acc(runs) -> float | None:
-    return T7D.mean(100 * r["score"] for r in runs)
-
-
-def ratio(runs) -> float | None:
-    return T7D.mean(r["stats"]["csa_kv_ratio"] for r in runs)
-
-
 def selected(runs) -> float | None:
     return T7D.mean(n for r in runs for n in (r["selected_per_trigger"] or []))
-
-
-def same_prompts(runs, full, where) -> None:
-    assert [r["prompt_sha"] for r in runs] == [r["prompt_sha"] for r in full], where
 
 
 def main() -> None:
