@@ -749,18 +749,19 @@ class Session:
                             hidden=dict(state.hidden), index_keys=index_keys)
 
     def _select(self, state: DecodeState, trigger_state: TriggerState, device=None) -> torch.Tensor:
-        """The policy's entries for ``trigger_state`` (ascending unique int64, on the host or on ``device``: the
-        static rows' ids live there), checked against n_visible."""
+        """The policy's entries for ``trigger_state`` (int64, on the host or on ``device``: the static rows' ids live
+        there), checked against n_visible; their order and repeats are left to the set they go to (``change_to``,
+        ``install`` and ``prepare`` sort and de-duplicate them)."""
         policy = state.policy
         for layer in policy.memory_layers:
             if layer not in trigger_state.index_keys:  # memory_keys="pool": streamed for this trigger, freed after
                 trigger_state.index_keys[layer] = state.pool.stream_prefix(layer, "indexer", trigger_state.n_visible,
                                                                            self.layer_devices[layer])
         ids = torch.as_tensor(policy.select(trigger_state), dtype=torch.long).reshape(-1)
-        ids = torch.unique(ids.to(device) if device is not None else ids.cpu())
-        first, last = torch.stack((ids[0], ids[-1])).tolist() if ids.numel() else (0, -1)  # one read of the device
-        if first < 0 or last >= trigger_state.n_visible:
-            bad = first if first < 0 else last
+        ids = ids.to(device) if device is not None else ids.cpu()
+        low, high = torch.stack((ids.min(), ids.max())).tolist() if ids.numel() else (0, -1)  # one read of the device
+        if low < 0 or high >= trigger_state.n_visible:
+            bad = low if low < 0 else high
             raise SessionError(f"policy '{policy.name}' selected entry {bad}, outside the "
                                f"{trigger_state.n_visible} visible entries")
         return ids
