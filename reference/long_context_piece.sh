@@ -16,7 +16,8 @@
 # default itself (no staging), the card's "Gaps": examples per length fall with length (one 64K sequence per step),
 # so the train call cycles 64K / 32K / 64K / 4K (half of its steps at 64K, ~100 sequences in 8 minutes, a quarter
 # at 32K; new data: seed 33), the finish call is L6's with seed 34.
-# Recipe L9 + L10 (written 2026-12-02, fifth session; not yet run): the card's next "Gaps" candidate, a curriculum of
+# Recipe L9 + L10 (run 2026-12-02, sixth and seventh sessions; NOT adopted, the card's "Long context, fifth
+# attempt": better at 8K-32K, worse at 4K and 64K): the card's next "Gaps" candidate, a curriculum of
 # the needle's distance inside long sequences: from the default itself, the train call cycles 64K / 32K / 16K / 4K
 # with every needle at most 2,048 tokens before the question at first, the bound growing to 64K over 180 steps (about
 # the piece's 8 minutes; `reference/train.py --needle-distance`), seed 35; the finish call is L6's with seed 36.

@@ -5,6 +5,8 @@ on L6 itself, adopted against the previous default."""
 import json
 from pathlib import Path
 
+import pytest
+
 from reference.compare_evals import cells, main, verdict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,14 +63,15 @@ def test_the_adopted_candidate_beats_the_previous_default_and_is_the_default(tmp
     assert cells(results) == cells({"topk64": third["needles_full"]})
 
 
-def test_the_candidate_judged_against_l6_is_rejected_as_on_the_device(tmp_path, capsys):
-    """L8 (L7 + L8 from the default, 2026-12-02): against the default L6 the verdict printed here is the device's
-    verdict.txt, character for character: keep the reference."""
+@pytest.mark.parametrize("pieces, work", [(["L7", "L8"], "long7/logs"), (["L9", "L10"], "L10")])
+def test_the_candidate_judged_against_l6_is_rejected_as_on_the_device(tmp_path, capsys, pieces, work):
+    """L8 and L10 (L7 + L8 and L9 + L10 from the default, 2026-12-02): against the default L6 the verdict printed
+    here is the device's verdict.txt, character for character: keep the reference."""
     results = json.loads((REPO / "data" / "reference" / "training_results.json").read_text())
-    (fourth,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == ["L7", "L8"]]
-    candidate = _stored_candidate(tmp_path, fourth)
-    work = REPO / "reference" / "work" / "long7" / "logs" / "eval_candidate.json"
-    if work.is_file():  # the device's file (git-ignored) is what training_results.json stores
-        assert json.loads(work.read_text())["topk64"] == fourth["needles_full"]
+    (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == pieces]
+    candidate = _stored_candidate(tmp_path, attempt)
+    stored = REPO / "reference" / "work" / work / "eval_candidate.json"
+    if stored.is_file():  # the device's file (git-ignored) is what training_results.json stores
+        assert json.loads(stored.read_text())["topk64"] == attempt["needles_full"]
     assert main([str(candidate)]) == 1
-    assert capsys.readouterr().out == fourth["verdicts"]["L8"]
+    assert capsys.readouterr().out == attempt["verdicts"][pieces[1]]

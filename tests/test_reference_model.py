@@ -490,8 +490,8 @@ def test_card_states_the_long_context_attempts():
     results = json.loads((REFERENCE / "training_results.json").read_text())
     card = (REFERENCE / "README.md").read_text()
     attempts = _long_context_attempts(results)
-    assert [[p["piece"] for p in a["pieces"]] for a, _ in attempts] == [["L1", "L2"], ["L7", "L8"], ["L3", "L4"],
-                                                                         ["L5", "L6"]]
+    assert [[p["piece"] for p in a["pieces"]] for a, _ in attempts] == [["L1", "L2"], ["L7", "L8"], ["L9", "L10"],
+                                                                         ["L3", "L4"], ["L5", "L6"]]
     assert [a["verdict"] for a in results["long_context"]["attempts"]] == ["keep the reference", "adopt"]
     reference = results["previous_default"]["needles_gpu_long"]["results"]["topk64"]
     for attempt, label in attempts:
@@ -524,7 +524,7 @@ def test_card_states_the_long_context_attempts():
         final = attempt["needles_full"]
         assert final == evaluations[-1] and attempt["needles"] == {k: v["accuracy"] for k, v in final.items()}
     by_piece = _evaluations_by_piece(results)
-    assert list(by_piece) == ["L2", "L8", "L3", "L4", "L6"]
+    assert list(by_piece) == ["L2", "L8", "L10", "L3", "L4", "L6"]
     lengths = (4096, 8192, 16384, 32768, 65536)
     for heading, models in LONG_CONTEXT_TABLES.items():
         section = _card_section(card, heading)
@@ -553,19 +553,22 @@ def test_card_states_the_long_context_attempts():
                         row["hits"].count("1") / row["n"])
 
 
-def test_card_states_the_attempt_judged_against_l6():
-    """The fourth attempt (L7 + L8 from the default L6): the card's `L6 -> L8` cells are the stored evaluations, and
-    its mean table and verdict are reference.compare_evals' against the default (the device's verdict.txt, recomputed
-    here from the stored evaluation): keep the reference."""
+@pytest.mark.parametrize("heading, pieces", [("Long context, fourth attempt", ["L7", "L8"]),
+                                            ("Long context, fifth attempt", ["L9", "L10"])])
+def test_card_states_the_attempt_judged_against_l6(heading, pieces):
+    """The fourth and fifth attempts (L7 + L8, L9 + L10, each from the default L6): the card's `L6 -> candidate`
+    cells are the stored evaluations, and its mean table and verdict are reference.compare_evals' against the
+    default (the device's verdict.txt, recomputed here from the stored evaluation): keep the reference."""
     from reference.compare_evals import verdict
 
     results = json.loads((REFERENCE / "training_results.json").read_text())
     card = (REFERENCE / "README.md").read_text()
-    section = _card_section(card, "Long context, fourth attempt")
-    (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == ["L7", "L8"]]
+    section = _card_section(card, heading)
+    (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == pieces]
     l6, l8 = results["needles_gpu_long"]["results"]["topk64"], attempt["needles_full"]
     assert attempt["verdict"] == "keep the reference" and "NOT adopted" in attempt["what"]
     assert attempt["pieces"][0]["init"].startswith("the default L6")
+    assert f"| length | L6 | {pieces[1]} |" in section
     lengths = (4096, 8192, 16384, 32768, 65536)
     table = dict(re.findall(r"^\| ([a-z_]+) \| [\d.]+% \| (.+ -> .+) \|$", section, flags=re.M))
     assert set(table) == {k.split("@")[0] for k in l8} and len(l8) == 7 * len(lengths)
@@ -582,7 +585,7 @@ def test_card_states_the_attempt_judged_against_l6():
         assert len(tasks) == 7
         mark = f"{100 * cand:.1f}%" + (" (worse)" if cand < ref else "")
         assert f"| {length:,} | {100 * ref:.1f}% | {mark} |" in section
-    assert attempt["verdicts"]["L8"].rstrip().endswith("verdict: keep the reference")
+    assert attempt["verdicts"][pieces[1]].rstrip().endswith("verdict: keep the reference")
 
 
 @pytest.mark.parametrize("heading", ["Long context, second attempt", "Long context, third attempt"])
