@@ -79,18 +79,20 @@ def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
 TAU = 64  # --triggers: decode steps between a row's triggers (the method's tau)
 
 
-def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Generator, filled: int):
+def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Generator, filled: int, spare: int):
     """For ``--triggers``: one cold pool of ``context // 4`` random entries per CSA layer, and the memory layers'
     K^IComp of them on the device, shared by every row; each row's ``filled`` slots taken as entries 0 .. filled - 1.
-    Returns the memory keys ``{layer: GrowingRows}``."""
+    ``spare``: room for the entries every row will flush into it, allocated now (as ``Session`` sizes a row's pool
+    for its prompt and new tokens): growing a pinned pool mid-run re-pins and copies it on the decode thread, a
+    stall that belongs to this shared pool, not to a row's. Returns the memory keys ``{layer: GrowingRows}``."""
     from lsa_runtime.backbone import csa_layers, default_memory_layers
     from lsa_runtime.cold_pool import ColdPool, GrowingRows
 
     config, dtype = runner.model.config, runner.model.dtype
     n, layers = context // 4, csa_layers(config)
     widths = {"compressor": config.head_dim, "indexer": config.index_head_dim}
-    pool = ColdPool(layers, widths, dtype, initial_entries=n + 4096)
-    keys = {L: GrowingRows(config.index_head_dim, dtype, device, capacity=n + 4096)
+    pool = ColdPool(layers, widths, dtype, initial_entries=n + spare)
+    keys = {L: GrowingRows(config.index_head_dim, dtype, device, capacity=n + spare)
             for L in default_memory_layers(config)}
     for layer in layers:
         for name, width in widths.items():
@@ -161,12 +163,16 @@ def start_prefetch(runner: StaticRunner, indexer, keys: dict, row: int, prefetch
     """The next window's trigger for ``row`` on the helper thread, as ``Session`` runs it with ``prefetch_steps``:
     born entries flushed and h_t0 copied now, the scoring and :meth:`StaticResidentRows.prepare` (gather from the
     cold pool) on the helper while the graph replays."""
+    from lsa_runtime.cold_pool import GrowingRows
+
     resident = runner.resident
     resident.flush(row, keys)
     n = resident.pools[row].count(resident.layers[0])
     hidden = {L: runner.hidden[L][row].clone() for L in keys}
     position = int(runner.state.positions[row]) - 1
     snapshot, filled = resident.ids[row].clone(), resident.filled[row]
+    # the memory keys of the n entries as of now: the rows share them and keep appending while the helper scores
+    keys = {L: GrowingRows.over(k.view()[:n], n) for L, k in keys.items()}
     prefetcher.start(lambda: resident.prepare(row, select(runner, indexer, keys, row, hidden, position, n, size),
                                               snapshot, filled), device)
 
@@ -285,7 +291,12 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     lead_slots = d // 4 + 1 if d else 0
     size = runner.state.geometry.resident - BORN_SLOTS - lead_slots  # a selection's entries
     filled = size - (1 if d else 0)  # before the first install: up to (TAU + d) / 4 + 2 entries are born
-    keys = attach_pool(runner, context, device, torch.Generator(device=device).manual_seed(context), filled)
+    # every row flushes at most one entry per 4 positions it advances (run_batch's capacity less the context)
+    advance = runner.state.geometry.capacity - context
+    keys = attach_pool(runner, context, device, torch.Generator(device=device).manual_seed(context), filled,
+                       spare=batch * (advance // 4 + 2))
+    pool = runner.resident.pools[0]
+    pool_capacity = pool.rows[(runner.resident.layers[0], "compressor")].capacity
     for layer in runner.state.layers:  # drop the entries the timed steps appended
         if layer.indexer is not None:
             layer.compressor.lengths.fill_(filled)
@@ -299,6 +310,9 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
 
     out = {"memory_keys_bytes_per_row": len(keys) * (context // 4) * config.index_head_dim
            * runner.model.dtype.itemsize}
+    def grew() -> bool:  # the shared pool re-pinned mid-run (spare too small): its stalls are in the figures
+        return pool.rows[(runner.resident.layers[0], "compressor")].capacity > pool_capacity
+
     if args.profile:
         out["trigger_profile"] = profile_trigger(runner, indexer, keys, device)
     if not d:
@@ -319,7 +333,8 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             steps.append((time.perf_counter() - start) * 1e3)
             runner.state.positions.add_(1)
         return {**out, "trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
-                "replay_with_triggers_step_ms": steps, "fetched_per_trigger": sum(fetched) / len(fetched)}
+                "trigger_ms_mean": sum(triggers) / len(triggers), "replay_with_triggers_step_ms": steps,
+                "fetched_per_trigger": sum(fetched) / len(fetched), "pool_grew": grew()}
     # first up to 8 synchronous triggers (rows 0-7, selections of the prefetched size), timed apart and by phase,
     # for comparison; the host's load average beside them (a busy host slows every host-side phase)
     sync, phases = [], []
@@ -336,36 +351,44 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     # prefetch and installs one (the steady state of one trigger per row per TAU steps)
     bounds = [d + 1 + r * TAU // batch for r in range(batch)]
     prefetchers = [ResidentPrefetcher() for _ in range(batch)]
-    blocking, waits, helper, fetched = [], [], [], []
+    if args.profile:  # one start and one install of row 0 under the profiler (the decode thread's blocking parts)
+        out["prefetch_profile"] = profile_prefetch(runner, indexer, keys, size, device)
+    starts, installs, waits, helper, fetched, window_steps = [], [], [], [], [], []
     window = None
     try:
         for i in range(1, 2 * TAU + d + 9):
             if i == TAU + 1:
                 synchronize(device)
                 window = time.perf_counter()
+            step_began = time.perf_counter()
             for r in range(batch):
                 if i - bounds[r] in (-d, TAU - d):
                     start = time.perf_counter()
                     start_prefetch(runner, indexer, keys, r, prefetchers[r], size, device)
-                    blocking.append((time.perf_counter() - start) * 1e3)
+                    starts.append((time.perf_counter() - start) * 1e3)
                 if i - bounds[r] in (0, TAU):
                     start = time.perf_counter()
                     finished = prefetchers[r].finish()
                     change = runner.resident.install_prepared(r, finished.result, BORN_SLOTS)
-                    blocking.append((time.perf_counter() - start) * 1e3)
+                    installs.append((time.perf_counter() - start) * 1e3)
                     waits.append(finished.wait_seconds * 1e3)
                     helper.append(finished.helper_seconds * 1e3)
                     fetched.append(change.fetched)
             replay()
             synchronize(device)
             runner.state.positions.add_(1)
+            if window is not None and i <= 2 * TAU:
+                window_steps.append((time.perf_counter() - step_began) * 1e3)
             if i == 2 * TAU:
                 window_ms = (time.perf_counter() - window) * 1e3
     finally:
         for prefetcher in prefetchers:
             prefetcher.close()
-    return {**out, "prefetch_steps": d, "window_step_ms": window_ms / TAU,
+    blocking = starts + installs
+    return {**out, "prefetch_steps": d, "window_step_ms": window_ms / TAU, "window_steps_ms": window_steps,
+            "start_ms": starts, "install_ms": installs, "pool_grew": grew(),
             "blocking_ms_median": sorted(blocking)[len(blocking) // 2],
+            "blocking_ms_mean": sum(blocking) / len(blocking),
             "wait_ms_median": sorted(waits)[len(waits) // 2], "helper_ms_median": sorted(helper)[len(helper) // 2],
             "fetched_per_trigger": sum(fetched) / len(fetched)}
 
@@ -373,14 +396,37 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
 def profile_trigger(runner: StaticRunner, indexer, keys: dict, device: str) -> dict:
     """One synchronous trigger of row 0 under torch.profiler (host and device, shapes): its wall ms, the ops of
     most host time (self) and the kernels of most device time."""
+    trigger(runner, indexer, keys, 0)  # warm: allocator, kernels' first launches
+    return profile_host(lambda: trigger(runner, indexer, keys, 0), device)
+
+
+def profile_prefetch(runner: StaticRunner, indexer, keys: dict, size: int, device: str) -> dict:
+    """The decode thread's two blocking parts of a prefetched trigger of row 0, each under torch.profiler as
+    :func:`profile_trigger`: the start (flush, h_t0 copied, the job handed over) and the install (the born rows
+    moved, the prepared rows written); the helper's job runs between them, outside both."""
+    from lsa_runtime.prefetch import ResidentPrefetcher
+
+    prefetcher = ResidentPrefetcher()
+    try:
+        for _ in range(2):  # the first pair warms (allocator, first launches); the second is profiled
+            start = profile_host(lambda: start_prefetch(runner, indexer, keys, 0, prefetcher, size, device), device)
+            finished = prefetcher.finish()
+            install = profile_host(lambda: runner.resident.install_prepared(0, finished.result, BORN_SLOTS), device)
+    finally:
+        prefetcher.close()
+    return {"start": start, "install": install}
+
+
+def profile_host(fn, device: str) -> dict:
+    """``fn()`` under torch.profiler (host and device, shapes), synchronised: its wall ms, the ops of most host
+    time (self) and the kernels of most device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    trigger(runner, indexer, keys, 0)  # warm: allocator, kernels' first launches
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
-        trigger(runner, indexer, keys, 0)
+        fn()
         synchronize(device)
         wall = (time.perf_counter() - start) * 1e3
     events = prof.key_averages(group_by_input_shape=True)
@@ -472,12 +518,24 @@ def main() -> None:
                       f"({len(row['sync_trigger_ms'])} timed; by phase "
                       + ", ".join(f"{k} {v:.2f}" for k, v in row["sync_trigger_phases_ms_median"].items())
                       + f"; host load {row['host_load_average'][0][0]:.1f})", flush=True)
+                steps = sorted(row["window_steps_ms"])
                 print(f"    prefetched {row['prefetch_steps']} steps ahead: step {row['window_step_ms']:.2f} ms with "
-                      f"triggers ({100 * row['trigger_share']:.1f}% above the best replay), "
+                      f"triggers (median {steps[len(steps) // 2]:.2f}, max {steps[-1]:.2f}; the triggers' share "
+                      f"{100 * row['trigger_share']:.1f}% of the step against the best replay), "
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s; decode thread blocked "
-                      f"{row['blocking_ms_median']:.2f} ms per start/install (median), waited "
+                      f"{row['blocking_ms_median']:.2f} ms per start/install (median; mean {row['blocking_ms_mean']:.2f}, "
+                      f"max {max(row['start_ms'] + row['install_ms']):.2f}), waited "
                       f"{row['wait_ms_median']:.2f} ms, helper {row['helper_ms_median']:.2f} ms, "
                       f"{row['fetched_per_trigger']:,.0f} entries fetched each", flush=True)
+            if row.get("pool_grew"):
+                print("    WARNING: the shared cold pool grew (re-pinned) during the run: its stalls are in these "
+                      "figures", flush=True)
+            for name, t in (("start", row.get("prefetch_profile", {}).get("start")),
+                            ("install", row.get("prefetch_profile", {}).get("install"))):
+                if t is not None:
+                    print(f"    one prefetch {name} profiled: {t['wall_ms']:.2f} ms wall, host {t['host_ms']:.2f} ms; "
+                          + "; ".join(f"{k['name'][:28]} x{k['count']} {k['ms']:.2f}" for k in t["top_host"][:5]),
+                          flush=True)
             if "trigger_profile" in row:
                 t = row["trigger_profile"]
                 print(f"    one trigger profiled: {t['wall_ms']:.2f} ms wall, host {t['host_ms']:.2f} ms, device "

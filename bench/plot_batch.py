@@ -5,7 +5,8 @@
 
 Without arguments it plots the H200 runs of issue 18: the first and the second batched version (per-sequence
 caches, `bench_batch.py`) and the static-shape step, compiled, one CUDA graph (`bench_static.py`, run 3: full
-semantics; run 4: full at B = 11 and LSA's resident mode with 13,125 slots, triggers counted). A `bench_static.py` row is mode "full" or, with `--resident`, "lsa" (its tokens/s with the triggers
+semantics; run 4: full at B = 11 and LSA's resident mode with 13,125 slots, triggers counted; run 8: 128K, full at
+B = 47 and LSA with 3,277 slots at B = 47 / 128, synchronous triggers counted). A `bench_static.py` row is mode "full" or, with `--resident`, "lsa" (its tokens/s with the triggers
 counted when `--triggers` ran). It also prints the plotted points as a table, so the figure can be checked against
 the JSON.
 """
@@ -26,7 +27,9 @@ DEFAULT_RUNS = [f"{RAW / 'batch_128k.json'}:v1", f"{RAW / 'batch_512k.json'}:v1"
                                                        "static_128k.json")]
 RUN4 = ROOT / "docs" / "bench_results" / "static_h200" / "run4"
 DEFAULT_RUNS += [f"{RUN4 / name}:static run 4" for name in ("full_b11.json", "resident_13125.json")]
-STYLES = {"v1": ":", "v2": "--", "static": "-", "static run 4": "-."}
+RUN8 = ROOT / "docs" / "bench_results" / "static_h200" / "run8"  # 128K: full at B = 47, LSA 3,277 slots, sync triggers
+DEFAULT_RUNS += [f"{RUN8 / name}:static run 8" for name in ("full_128k_b47.json", "resident_128k_3277.json")]
+STYLES = {"v1": ":", "v2": "--", "static": "-", "static run 4": "-.", "static run 8": (0, (5, 1, 1, 1))}
 
 
 def series(runs: list[tuple[Path, str]]) -> dict[tuple[str, int, str], list[tuple[int, float]]]:
