@@ -1,5 +1,5 @@
 #!/bin/bash
-# Next H200 call for issue 18 (written 2026-12-02, sixth session; not yet run): the trigger with its plan on the
+# H200 call for issue 18 (written 2026-12-02, sixth session; run in the seventh, BENCHMARKS "Run 7"): the trigger with its plan on the
 # device. Runs 5, 6 and a profile of 2026-12-02 (sixth session: B = 64, 13,125 slots: 29 ms wall, 26 ms host, 0.75 ms
 # device) put a synchronous trigger's host time in CPU ops on ~13K ids: three index ops 13.6 ms, searchsorted 3.7 ms,
 # sort 1.1 ms (the same ops take 0.1-0.3 ms on the 2-core development machine). StaticResidentRows now keeps each

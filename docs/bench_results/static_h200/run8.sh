@@ -1,5 +1,6 @@
 #!/bin/bash
-# H200 call for issue 18's 128K row of the concurrency goal (written 2026-12-02, sixth session; not yet run): full
+# H200 call for issue 18's 128K row of the concurrency goal (written 2026-12-02, sixth session; run in the seventh,
+# BENCHMARKS "Run 8"): full
 # and LSA's resident mode on the static step at 128K tokens. At a 40 GiB KV budget full holds 47 rows of 128K
 # (BENCHMARKS, goals table); LSA with 3,277 slots (10% of the 32,768 entries, as 13,125 of 131,072 at 512K) is run at
 # B = 47 (equal rows) and 128 (~2.7x; the 128 GB host holds ~145 cold pools of 128K in bf16), every trigger counted
