@@ -29,12 +29,14 @@ synchronous triggers first, timed by phase (flush, select, plan, assemble, write
 then each trigger started D steps before its boundary on the helper thread and installed at the boundary, as
 ``Session(prefetch_steps=D)`` runs it, the TAU steps in which every row starts one and installs one timed whole
 (their mean step against the best replay). With ``--triggers``, ``--profile`` also profiles one synchronous trigger
-(host ops with shapes, kernels).
+(host ops with shapes, kernels) and, with ``--prefetch``, one start and one install. ``--switch-intervals 5,0.2``:
+each batch size once per GIL switch interval (the helper threads and the decode thread share the GIL).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -464,9 +466,20 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=0, metavar="D",
                     help="with --triggers: start each trigger D steps before its boundary on the helper thread "
                          "(Session's prefetch_steps; 0: synchronous)")
+    ap.add_argument("--switch-intervals", default=None, metavar="MS[,MS...]",
+                    help="Python's GIL switch interval(s) in ms, each batch size run once per value (default: the "
+                         "interpreter's, 5 ms); the decode thread and prefetch helpers take turns on the GIL")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    try:
+        args.switch_intervals = [float(x) for x in args.switch_intervals.split(",")] if args.switch_intervals \
+            else [sys.getswitchinterval() * 1e3]
+    except ValueError:
+        args.switch_intervals = []
+    if not args.switch_intervals or min(args.switch_intervals) <= 0:
+        print("error: --switch-intervals must be positive numbers of ms, comma-separated", file=sys.stderr)
+        sys.exit(2)
     if args.steps < 4:
         print("error: --steps must be at least 4", file=sys.stderr)
         sys.exit(2)
@@ -494,11 +507,15 @@ def main() -> None:
     print(f"{'context':>9} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'tok/s':>8} {'state/row MiB':>14}"
           + (f" {'host pool/row MiB':>18}  (resident slots {args.resident:,})" if args.resident else ""), flush=True)
     for context in (int(c) for c in args.contexts.split(",")):
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch, interval in itertools.product((int(b) for b in args.batches.split(",")), args.switch_intervals):
             if args.max_seconds and time.perf_counter() - began > args.max_seconds:
                 print(f"stopped at {args.max_seconds:g} s (--max-seconds)", flush=True)
                 break
+            # Python's GIL switch interval: the helper threads of prefetched triggers and the decode thread take
+            # turns on the GIL; a thread that wants it back may wait up to this long for a busy one to yield
+            sys.setswitchinterval(interval / 1e3)
             row = run_batch(model, context, batch, args, device)
+            row["switch_interval_ms"] = interval
             if device == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
@@ -519,7 +536,8 @@ def main() -> None:
                       + ", ".join(f"{k} {v:.2f}" for k, v in row["sync_trigger_phases_ms_median"].items())
                       + f"; host load {row['host_load_average'][0][0]:.1f})", flush=True)
                 steps = sorted(row["window_steps_ms"])
-                print(f"    prefetched {row['prefetch_steps']} steps ahead: step {row['window_step_ms']:.2f} ms with "
+                print(f"    prefetched {row['prefetch_steps']} steps ahead (GIL switch interval "
+                      f"{row['switch_interval_ms']:g} ms): step {row['window_step_ms']:.2f} ms with "
                       f"triggers (median {steps[len(steps) // 2]:.2f}, max {steps[-1]:.2f}; the triggers' share "
                       f"{100 * row['trigger_share']:.1f}% of the step against the best replay), "
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s; decode thread blocked "
