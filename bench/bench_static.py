@@ -31,6 +31,8 @@ then each trigger started D steps before its boundary on the helper thread and i
 (their mean step against the best replay). With ``--triggers``, ``--profile`` also profiles one synchronous trigger
 (host ops with shapes, kernels) and, with ``--prefetch``, one start and one install. ``--switch-intervals 5,0.2``:
 each batch size once per GIL switch interval (the helper threads and the decode thread share the GIL).
+``--churn F``: each selection keeps a random 1 - F of the row's set and takes the indexer's best others (a trained
+indexer's consecutive sets overlap; 1.0, the default, is the random indexer's top entries, nearly all fetched).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import itertools
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -110,29 +113,54 @@ def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Gene
     return keys
 
 
-def select(runner: StaticRunner, indexer, keys: dict, row: int, hidden: dict, position: int, n: int, size: int):
-    """The memory indexer's pick for ``row``: every one of the ``n`` entries scored at each memory layer (h_t0 from
-    ``hidden``), the OR of the layers taken as the max logit, its top ``size`` (random scores: the costliest case)."""
-    logits = indexer.trigger_logits(hidden, position, {L: k.view() for L, k in keys.items()}, n)
+@dataclass(frozen=True)
+class Picker:
+    """What a bench trigger selects with: a random memory indexer at Flash dimensions, and ``churn``, the share of a
+    selection that is new against the row's current set (1.0: the indexer's top entries alone, which for random
+    scores replace nearly the whole set, the costliest case; below 1 a random ``1 - churn`` of the current set is
+    kept and the indexer's best others fill the rest, as consecutive sets of a trained indexer overlap)."""
+
+    indexer: torch.nn.Module
+    churn: float
+
+
+def select(runner: StaticRunner, picker: Picker, keys: dict, row: int, hidden: dict, position: int, n: int, size: int,
+           current: torch.Tensor | None = None):
+    """The pick for ``row`` (entry ids on the rows' device, as ``Session._select`` hands the static rows): every one
+    of the ``n`` entries scored at each memory layer (h_t0 from ``hidden``), the OR of the layers taken as the max
+    logit, its top ``size``; with ``picker.churn < 1`` a random part of ``current`` (the row's ids: now, or at the
+    prefetch's snapshot) kept and the best others added."""
+    logits = picker.indexer.trigger_logits(hidden, position, {L: k.view() for L, k in keys.items()}, n)
     best = torch.stack([logits[L] for L in keys]).amax(0)
-    return best.topk(min(size, n)).indices.cpu()
+    size = min(size, n)
+    if picker.churn >= 1.0:
+        return best.topk(size).indices
+    current = runner.resident.ids[row] if current is None else current
+    current = current[current < n]
+    # which entries stay: seeded by row and position (helper threads pick concurrently; one shared generator is not
+    # thread-safe)
+    gen = torch.Generator().manual_seed(row * 1_000_003 + position)
+    order = torch.randperm(current.numel(), generator=gen).to(current.device)
+    kept = current[order[: min(current.numel(), round((1 - picker.churn) * size))]]
+    best[kept] = float("-inf")  # the others: the indexer's best among the entries not kept
+    return torch.cat([kept, best.topk(size - kept.numel()).indices])
 
 
-def trigger(runner: StaticRunner, indexer, keys: dict, row: int, size: int | None = None):
+def trigger(runner: StaticRunner, picker: Picker, keys: dict, row: int, size: int | None = None):
     """One row's trigger as the Session runs it in resident mode (flush, score every entry, install in place) for a
     selection of ``size`` entries (default: the slots less ``BORN_SLOTS``); returns the ``ResidentChange``."""
     resident = runner.resident
     resident.flush(row, keys)
     n = resident.pools[row].count(resident.layers[0])
     hidden = {L: runner.hidden[L][row] for L in keys}
-    ids = select(runner, indexer, keys, row, hidden, int(runner.state.positions[row]) - 1, n,
+    ids = select(runner, picker, keys, row, hidden, int(runner.state.positions[row]) - 1, n,
                  size or runner.state.geometry.resident - BORN_SLOTS)
     return resident.install(row, ids, BORN_SLOTS)
 
 
-def trigger_phases(runner: StaticRunner, indexer, keys: dict, row: int, size: int, device: str) -> dict:
+def trigger_phases(runner: StaticRunner, picker: Picker, keys: dict, row: int, size: int, device: str) -> dict:
     """:func:`trigger` (its install spelt out) with a synchronised host clock after each phase: ms of the flush of
-    born entries, the selection (scoring, top-k, ids to the host), the plan (unique ids, ``ResidentPlan``), the
+    born entries, the selection (scoring, top-k), the plan (unique ids, ``ResidentPlan``), the
     assembly of the new rows (kept and fetched) and their write into the slots."""
     from lsa_runtime.residency import ResidentPlan
 
@@ -149,7 +177,7 @@ def trigger_phases(runner: StaticRunner, indexer, keys: dict, row: int, size: in
     lap("flush")
     n = resident.pools[row].count(resident.layers[0])
     hidden = {L: runner.hidden[L][row] for L in keys}
-    ids = select(runner, indexer, keys, row, hidden, int(runner.state.positions[row]) - 1, n, size)
+    ids = select(runner, picker, keys, row, hidden, int(runner.state.positions[row]) - 1, n, size)
     lap("select")
     plan = ResidentPlan(resident.ids[row], resident._unique(ids))
     lap("plan")
@@ -161,7 +189,8 @@ def trigger_phases(runner: StaticRunner, indexer, keys: dict, row: int, size: in
     return times
 
 
-def start_prefetch(runner: StaticRunner, indexer, keys: dict, row: int, prefetcher, size: int, device: str) -> None:
+def start_prefetch(runner: StaticRunner, picker: Picker, keys: dict, row: int, prefetcher, size: int,
+                   device: str) -> None:
     """The next window's trigger for ``row`` on the helper thread, as ``Session`` runs it with ``prefetch_steps``:
     born entries flushed and h_t0 copied now, the scoring and :meth:`StaticResidentRows.prepare` (gather from the
     cold pool) on the helper while the graph replays."""
@@ -175,8 +204,8 @@ def start_prefetch(runner: StaticRunner, indexer, keys: dict, row: int, prefetch
     snapshot, filled = resident.ids[row].clone(), resident.filled[row]
     # the memory keys of the n entries as of now: the rows share them and keep appending while the helper scores
     keys = {L: GrowingRows.over(k.view()[:n], n) for L, k in keys.items()}
-    prefetcher.start(lambda: resident.prepare(row, select(runner, indexer, keys, row, hidden, position, n, size),
-                                              snapshot, filled), device)
+    prefetcher.start(lambda: resident.prepare(row, select(runner, picker, keys, row, hidden, position, n, size,
+                                                          snapshot), snapshot, filled), device)
 
 
 def state_bytes(state: StaticDecodeState) -> int:
@@ -288,7 +317,7 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     config = runner.model.config
     mcfg = MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config),
                                                     rank=128 if args.small else 2048, tau=TAU)
-    indexer = MemoryIndexer(mcfg).to(device=device, dtype=runner.model.dtype)
+    picker = Picker(MemoryIndexer(mcfg).to(device=device, dtype=runner.model.dtype), args.churn)
     d = args.prefetch
     lead_slots = d // 4 + 1 if d else 0
     size = runner.state.geometry.resident - BORN_SLOTS - lead_slots  # a selection's entries
@@ -310,13 +339,13 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
         else:
             static_step(runner.model, runner.state)
 
-    out = {"memory_keys_bytes_per_row": len(keys) * (context // 4) * config.index_head_dim
+    out = {"churn": args.churn, "memory_keys_bytes_per_row": len(keys) * (context // 4) * config.index_head_dim
            * runner.model.dtype.itemsize}
     def grew() -> bool:  # the shared pool re-pinned mid-run (spare too small): its stalls are in the figures
         return pool.rows[(runner.resident.layers[0], "compressor")].capacity > pool_capacity
 
     if args.profile:
-        out["trigger_profile"] = profile_trigger(runner, indexer, keys, device)
+        out["trigger_profile"] = profile_trigger(runner, picker, keys, device)
     if not d:
         offsets = [r * TAU // batch for r in range(batch)]
         steps, triggers, fetched = [], [], []
@@ -325,7 +354,7 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
                 if i and (i + offsets[r]) % TAU == 0:
                     synchronize(device)
                     start = time.perf_counter()
-                    fetched.append(trigger(runner, indexer, keys, r).fetched)
+                    fetched.append(trigger(runner, picker, keys, r).fetched)
                     synchronize(device)
                     triggers.append((time.perf_counter() - start) * 1e3)
             synchronize(device)
@@ -344,7 +373,7 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     for r in range(min(batch, 8)):
         synchronize(device)
         start = time.perf_counter()
-        phases.append(trigger_phases(runner, indexer, keys, r, size, device))
+        phases.append(trigger_phases(runner, picker, keys, r, size, device))
         sync.append((time.perf_counter() - start) * 1e3)
     out["sync_trigger_ms"], out["sync_trigger_ms_median"] = sync, sorted(sync)[len(sync) // 2]
     out["sync_trigger_phases_ms_median"] = {k: sorted(p[k] for p in phases)[len(phases) // 2] for k in phases[0]}
@@ -354,7 +383,7 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     bounds = [d + 1 + r * TAU // batch for r in range(batch)]
     prefetchers = [ResidentPrefetcher() for _ in range(batch)]
     if args.profile:  # one start and one install of row 0 under the profiler (the decode thread's blocking parts)
-        out["prefetch_profile"] = profile_prefetch(runner, indexer, keys, size, device)
+        out["prefetch_profile"] = profile_prefetch(runner, picker, keys, size, device)
     starts, installs, waits, helper, fetched, window_steps = [], [], [], [], [], []
     window = None
     try:
@@ -366,12 +395,12 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             for r in range(batch):
                 if i - bounds[r] in (-d, TAU - d):
                     start = time.perf_counter()
-                    start_prefetch(runner, indexer, keys, r, prefetchers[r], size, device)
+                    start_prefetch(runner, picker, keys, r, prefetchers[r], size, device)
                     starts.append((time.perf_counter() - start) * 1e3)
                 if i - bounds[r] in (0, TAU):
                     start = time.perf_counter()
                     finished = prefetchers[r].finish()
-                    change = runner.resident.install_prepared(r, finished.result, BORN_SLOTS)
+                    change = runner.resident.install_prepared(r, finished.result, BORN_SLOTS, keys)
                     installs.append((time.perf_counter() - start) * 1e3)
                     waits.append(finished.wait_seconds * 1e3)
                     helper.append(finished.helper_seconds * 1e3)
@@ -395,14 +424,14 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             "fetched_per_trigger": sum(fetched) / len(fetched)}
 
 
-def profile_trigger(runner: StaticRunner, indexer, keys: dict, device: str) -> dict:
+def profile_trigger(runner: StaticRunner, picker: Picker, keys: dict, device: str) -> dict:
     """One synchronous trigger of row 0 under torch.profiler (host and device, shapes): its wall ms, the ops of
     most host time (self) and the kernels of most device time."""
-    trigger(runner, indexer, keys, 0)  # warm: allocator, kernels' first launches
-    return profile_host(lambda: trigger(runner, indexer, keys, 0), device)
+    trigger(runner, picker, keys, 0)  # warm: allocator, kernels' first launches
+    return profile_host(lambda: trigger(runner, picker, keys, 0), device)
 
 
-def profile_prefetch(runner: StaticRunner, indexer, keys: dict, size: int, device: str) -> dict:
+def profile_prefetch(runner: StaticRunner, picker: Picker, keys: dict, size: int, device: str) -> dict:
     """The decode thread's two blocking parts of a prefetched trigger of row 0, each under torch.profiler as
     :func:`profile_trigger`: the start (flush, h_t0 copied, the job handed over) and the install (the born rows
     moved, the prepared rows written); the helper's job runs between them, outside both."""
@@ -411,9 +440,10 @@ def profile_prefetch(runner: StaticRunner, indexer, keys: dict, size: int, devic
     prefetcher = ResidentPrefetcher()
     try:
         for _ in range(2):  # the first pair warms (allocator, first launches); the second is profiled
-            start = profile_host(lambda: start_prefetch(runner, indexer, keys, 0, prefetcher, size, device), device)
+            start = profile_host(lambda: start_prefetch(runner, picker, keys, 0, prefetcher, size, device), device)
             finished = prefetcher.finish()
-            install = profile_host(lambda: runner.resident.install_prepared(0, finished.result, BORN_SLOTS), device)
+            install = profile_host(lambda: runner.resident.install_prepared(0, finished.result, BORN_SLOTS, keys),
+                                   device)
     finally:
         prefetcher.close()
     return {"start": start, "install": install}
@@ -466,6 +496,9 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=0, metavar="D",
                     help="with --triggers: start each trigger D steps before its boundary on the helper thread "
                          "(Session's prefetch_steps; 0: synchronous)")
+    ap.add_argument("--churn", type=float, default=1.0,
+                    help="with --triggers: share of each selection that is new against the row's current set (1.0: "
+                         "the random indexer's top entries, nearly all fetched; 0.1: 90%% of the set kept)")
     ap.add_argument("--switch-intervals", default=None, metavar="MS[,MS...]",
                     help="Python's GIL switch interval(s) in ms, each batch size run once per value (default: the "
                          "interpreter's, 5 ms); the decode thread and prefetch helpers take turns on the GIL")
@@ -479,6 +512,9 @@ def main() -> None:
         args.switch_intervals = []
     if not args.switch_intervals or min(args.switch_intervals) <= 0:
         print("error: --switch-intervals must be positive numbers of ms, comma-separated", file=sys.stderr)
+        sys.exit(2)
+    if not 0.0 <= args.churn <= 1.0:
+        print("error: --churn must be between 0 and 1", file=sys.stderr)
         sys.exit(2)
     if args.steps < 4:
         print("error: --steps must be at least 4", file=sys.stderr)
@@ -541,8 +577,8 @@ def main() -> None:
                       f"triggers (median {steps[len(steps) // 2]:.2f}, max {steps[-1]:.2f}; the triggers' share "
                       f"{100 * row['trigger_share']:.1f}% of the step against the best replay), "
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s; decode thread blocked "
-                      f"{row['blocking_ms_median']:.2f} ms per start/install (median; mean {row['blocking_ms_mean']:.2f}, "
-                      f"max {max(row['start_ms'] + row['install_ms']):.2f}), waited "
+                      f"{row['blocking_ms_median']:.2f} ms per start/install (median; mean "
+                      f"{row['blocking_ms_mean']:.2f}, max {max(row['start_ms'] + row['install_ms']):.2f}), waited "
                       f"{row['wait_ms_median']:.2f} ms, helper {row['helper_ms_median']:.2f} ms, "
                       f"{row['fetched_per_trigger']:,.0f} entries fetched each", flush=True)
             if row.get("pool_grew"):

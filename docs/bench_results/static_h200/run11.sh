@@ -1,0 +1,20 @@
+#!/bin/bash
+# Next H200 call for issue 18 (written 2026-12-02, seventh session; not yet run): the trigger against how much of the
+# set it replaces. Runs 4-10 used a random memory indexer whose consecutive selections barely overlap (a row's first
+# trigger fetched ~11,000 of 13,107 entries at 512K, ~2,900 of 3,259 at 128K), so the fetch (PCIe, ~42 GB/s) set the
+# synchronous trigger's floor. A trained indexer's consecutive sets overlap; `bench_static.py --churn F` keeps a
+# random 1 - F of the row's set and lets the indexer fill the rest (its scoring work unchanged). Here: 128K, 3,277
+# slots, B = 128 (run 8's LSA row), churn 1.0 / 0.25 / 0.1, each with 8 synchronous triggers by phase and then the
+# prefetched window (16 steps ahead); one process per churn (the compile cache makes the later ones quick).
+# Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run11.sh"); results under $OUT.
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+start=$(date +%s)
+F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"
+for churn in 1.0 0.25 0.1; do
+  left=$(( 570 - ($(date +%s) - start) ))
+  [ $left -gt 60 ] || { echo "no time left for churn $churn"; break; }
+  echo "churn $churn"
+  timeout $left python3 bench/bench_static.py --compile --triggers --prefetch 16 --churn $churn --contexts 131072 \
+    --batches 128 --steps 8 --resident 3277 --json $OUT/resident_128k_b128_churn$churn.json 2>&1 | grep -v -i "$F"
+done
+echo "all done at $(( $(date +%s) - start )) s"
