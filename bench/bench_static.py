@@ -31,6 +31,8 @@ then each trigger started D steps before its boundary on the helper thread and i
 (their mean step against the best replay). With ``--triggers``, ``--profile`` also profiles one synchronous trigger
 (host ops with shapes, kernels) and, with ``--prefetch``, one start and one install. ``--switch-intervals 5,0.2``:
 each batch size once per GIL switch interval (the helper threads and the decode thread share the GIL).
+``--profile-window`` (with ``--prefetch``): the window's first 8 steps under torch.profiler (host ops and Python
+functions of the decode and helper threads, a Chrome trace beside ``--json``), the other 56 timed.
 ``--churn F``: each selection keeps a random 1 - F of the row's set and takes the indexer's best others (a trained
 indexer's consecutive sets overlap; 1.0, the default, is the random indexer's top entries, nearly all fetched).
 """
@@ -385,12 +387,18 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     if args.profile:  # one start and one install of row 0 under the profiler (the decode thread's blocking parts)
         out["prefetch_profile"] = profile_prefetch(runner, picker, keys, size, device)
     starts, installs, waits, helper, fetched, window_steps = [], [], [], [], [], []
-    window = None
+    # --profile-window: the first WINDOW_PROFILED steps of the steady state under the profiler (host ops and Python
+    # frames of both threads), the rest of it timed
+    profiled = range(TAU + 1, TAU + 1 + WINDOW_PROFILED) if args.profile_window else range(0)
+    first_timed = TAU + 1 + len(profiled)
+    window, prof = None, None
     try:
         for i in range(1, 2 * TAU + d + 9):
-            if i == TAU + 1:
+            if i == first_timed:
                 synchronize(device)
                 window = time.perf_counter()
+            if profiled and i == profiled[0]:
+                prof = start_window_profile()
             step_began = time.perf_counter()
             for r in range(batch):
                 if i - bounds[r] in (-d, TAU - d):
@@ -410,18 +418,62 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             runner.state.positions.add_(1)
             if window is not None and i <= 2 * TAU:
                 window_steps.append((time.perf_counter() - step_began) * 1e3)
+            if profiled and i == profiled[-1]:
+                out["window_profile"] = stop_window_profile(prof, len(profiled), args.json)
+                prof = None
             if i == 2 * TAU:
                 window_ms = (time.perf_counter() - window) * 1e3
     finally:
+        if prof is not None:
+            prof.stop()
         for prefetcher in prefetchers:
             prefetcher.close()
     blocking = starts + installs
-    return {**out, "prefetch_steps": d, "window_step_ms": window_ms / TAU, "window_steps_ms": window_steps,
+    timed = 2 * TAU - first_timed + 1
+    return {**out, "prefetch_steps": d, "window_step_ms": window_ms / timed, "window_steps_ms": window_steps,
             "start_ms": starts, "install_ms": installs, "pool_grew": grew(),
             "blocking_ms_median": sorted(blocking)[len(blocking) // 2],
             "blocking_ms_mean": sum(blocking) / len(blocking),
             "wait_ms_median": sorted(waits)[len(waits) // 2], "helper_ms_median": sorted(helper)[len(helper) // 2],
             "fetched_per_trigger": sum(fetched) / len(fetched)}
+
+
+WINDOW_PROFILED = 8  # --profile-window: steady-state prefetched steps under the profiler
+
+
+def start_window_profile():
+    """torch.profiler over host activity with Python frames (both threads: decode and helpers), started now."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], with_stack=True)
+    prof.start()
+    return prof
+
+
+def stop_window_profile(prof, steps: int, json_path: str | None) -> dict:
+    """Stop ``prof``; host self time per op and Python function, both threads summed (ms per step, the 20 largest;
+    idle helpers' queue waits left out), and the Chrome trace gzipped beside ``json_path``
+    (``<json>.window_trace.json.gz``): its timeline shows each thread apart."""
+    import gzip
+    import shutil
+    import tempfile
+
+    prof.stop()
+    # an idle helper thread waits in its executor's queue: that wait is not work
+    idle = ("_queue.SimpleQueue", "concurrent/futures/thread.py", "threading.py")
+    by_op = sorted((e for e in prof.key_averages() if not any(k in e.key for k in idle)),
+                   key=lambda e: -e.self_cpu_time_total)[:20]
+    out = {"steps": steps,
+           "top_ops": [{"name": e.key[:80], "count": e.count / steps,
+                        "ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in by_op]}
+    if json_path:
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            prof.export_chrome_trace(tmp.name)
+            trace = f"{json_path}.window_trace.json.gz"
+            with open(tmp.name, "rb") as src, gzip.open(trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        out["trace"] = trace
+    return out
 
 
 def profile_trigger(runner: StaticRunner, picker: Picker, keys: dict, device: str) -> dict:
@@ -496,6 +548,9 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=0, metavar="D",
                     help="with --triggers: start each trigger D steps before its boundary on the helper thread "
                          "(Session's prefetch_steps; 0: synchronous)")
+    ap.add_argument("--profile-window", action="store_true",
+                    help=f"with --prefetch: the first {WINDOW_PROFILED} steady-state steps under torch.profiler (host "
+                         "ops and Python frames of the decode and helper threads; trace beside --json), the rest timed")
     ap.add_argument("--churn", type=float, default=1.0,
                     help="with --triggers: share of each selection that is new against the row's current set (1.0: "
                          "the random indexer's top entries, nearly all fetched; 0.1: 90%% of the set kept)")
@@ -512,6 +567,9 @@ def main() -> None:
         args.switch_intervals = []
     if not args.switch_intervals or min(args.switch_intervals) <= 0:
         print("error: --switch-intervals must be positive numbers of ms, comma-separated", file=sys.stderr)
+        sys.exit(2)
+    if args.profile_window and not args.prefetch:
+        print("error: --profile-window needs --prefetch (it profiles the prefetched window)", file=sys.stderr)
         sys.exit(2)
     if not 0.0 <= args.churn <= 1.0:
         print("error: --churn must be between 0 and 1", file=sys.stderr)
@@ -581,6 +639,12 @@ def main() -> None:
                       f"{row['blocking_ms_mean']:.2f}, max {max(row['start_ms'] + row['install_ms']):.2f}), waited "
                       f"{row['wait_ms_median']:.2f} ms, helper {row['helper_ms_median']:.2f} ms, "
                       f"{row['fetched_per_trigger']:,.0f} entries fetched each", flush=True)
+            if "window_profile" in row:
+                w = row["window_profile"]
+                print(f"    window profiled ({w['steps']} steps), host self time per step: "
+                      + "; ".join(f"{k['name'][:32]} x{k['count']:.1f} {k['ms_per_step']:.2f} ms"
+                                  for k in w["top_ops"][:6]),
+                      flush=True)
             if row.get("pool_grew"):
                 print("    WARNING: the shared cold pool grew (re-pinned) during the run: its stalls are in these "
                       "figures", flush=True)
