@@ -1,4 +1,4 @@
-"""docs/RESULTS.md sections 7e-7h: their tables are what the tables.py beside their raw evaluate outputs computes
+"""docs/RESULTS.md sections 7e-7i: their tables are what the tables.py beside their raw evaluate outputs computes
 (7e's reads section 7d's outputs for the previous default's columns; 7f's and 7g's read 7e's)."""
 
 import contextlib
@@ -22,6 +22,7 @@ def _section(text: str, heading: str) -> str:
     ("### 7f.", "recall_targets_l6_cpu", 2 + 16 + 2 + 2 + 2 + 3),  # ...; variable tracking with longer tails
     ("### 7g.", "retrigger_l6_cpu", 2 + 3 + 2 + 16 + 2 + 2),  # vt with more triggers; trained at tau 16; pooled
     ("### 7h.", "data_scaling_l6_cpu", 2 + 16 + 2 + 2),  # per task and length; pooled
+    ("### 7i.", "label_votes_l6_cpu", 3 * (2 + 16 + 2 + 2)),  # 7h's tables for each of three exports
 ])
 def test_section_tables_are_the_raw_outputs(heading, folder, rows):
     spec = importlib.util.spec_from_file_location(f"tables_{folder}", REPO / "docs/results" / folder / "tables.py")

@@ -30,10 +30,16 @@ def selected(runs) -> float | None:
 
 
 def main() -> None:
+    print_tables(NEW, "432 prompts")
+
+
+def print_tables(new_dirs: dict, label: str) -> None:
+    """7e's full and lsa beside lsa and recent of another indexer (``new_dirs``: its varied and RULER outputs; its
+    columns headed ``lsa, <label>``), per task and length, then pooled: 7h's tables, reused by later sections."""
     base = {part: T7D.read(path) for part, path in T7E.NEW.items()}
-    new = {part: T7D.read(path) for part, path in NEW.items()}
+    new = {part: T7D.read(path) for part, path in new_dirs.items()}
     pooled = {group: {} for group in ("seen", "held-out")}
-    print("| task | length | n | full | lsa, 144 prompts (7e) | CSA-KV | selected | lsa, 432 prompts | CSA-KV | "
+    print(f"| task | length | n | full | lsa, 144 prompts (7e) | CSA-KV | selected | lsa, {label} | CSA-KV | "
           "selected | recent at its budget |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for part, tasks in (("varied", T7D.VARIED), ("ruler", T7D.RULER)):
@@ -57,7 +63,7 @@ def main() -> None:
                       f"{T7D.fmt(ratio(lsa), '.3f')} | {T7D.fmt(selected(lsa), '.0f')} | {T7D.fmt(acc(recent))} |")
     print()
     print("| pooled (needle and vt tasks) | prompts | full | lsa, 144 prompts (7e) | lsa - full | CSA-KV | "
-          "lsa, 432 prompts | lsa - full | CSA-KV | recent at its budget |")
+          f"lsa, {label} | lsa - full | CSA-KV | recent at its budget |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, group in pooled.items():
         full = T7D.mean(group["full"])
