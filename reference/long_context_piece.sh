@@ -21,6 +21,12 @@
 # the needle's distance inside long sequences: from the default itself, the train call cycles 64K / 32K / 16K / 4K
 # with every needle at most 2,048 tokens before the question at first, the bound growing to 64K over 180 steps (about
 # the piece's 8 minutes; `reference/train.py --needle-distance`), seed 35; the finish call is L6's with seed 36.
+# Recipe L11 + L12 (written 2026-12-02, seventh session; not yet run): from L10, the best candidate at 8K-32K, which
+# must win back 4K (the card's "Long context, fifth attempt"). Stage it first (`stage reference/work/L10`): the train
+# call cycles 64K / 32K / 16K / 4K with the needle distance growing from 8,192 to 64K over 120 steps (L9 already
+# went through the short distances) and the full distance after, seed 37; the finish call spends half its steps at
+# 4K (4K / 8K / 4K / 16K / 4K / 32K), lr decayed over the last 2.5 minutes, seed 38. If the machine is lost between
+# the calls, `unstage`, then `stage` call 1's ckpt1 (finish refuses a staged candidate that is not a ckpt1).
 # `finish` evaluates with the default's exact command (same seeds) and prints the verdict of
 # reference/compare_evals.py; the candidate's bf16 checkpoint comes back under $OUT (two 15 MB shards): keep it in
 # reference/work/ (git-ignored) to stage it next time, commit it as data/reference only if adopted. train.log /
@@ -43,18 +49,18 @@ case "${1:-}" in
       -k "chunked_indexer or window_attention_equals or activation_checkpointing" > $OUT/tests.txt 2>&1 ||
       { tail -20 $OUT/tests.txt; echo "chunked indexer differs from this transformers: not training"; exit 4; }
     tail -1 $OUT/tests.txt
-    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 35 \
-      --stages 65536/32768/16384/4096:0:64 --needle-distance 2048:65536:180 --max-minutes 8.0 > $OUT/train1.log 2>&1
+    python3 -m reference.train --ckpt $W/ckpt1 --init data/reference $COMMON --warmup 20 --seed 37 \
+      --stages 65536/32768/16384/4096:0:64 --needle-distance 8192:65536:120 --max-minutes 8.0 > $OUT/train1.log 2>&1
     tail -3 $OUT/train1.log
     # the machine may be given back between the two calls: call 1's weights come back to be staged for call 2
     mkdir -p $OUT/ckpt1 && cp $W/ckpt1/weights-*.safetensors $W/ckpt1/state.json $OUT/ckpt1/ ;;
   finish)
     INIT=$W/ckpt1  # on the machine of call 1; else call 1's weights staged here as data/reference (`stage`)
-    test -d $INIT || { grep -q STAGED data/reference/fm_index.json && INIT=data/reference; } ||
-      { echo "no $W/ckpt1 (call 1 ran on another machine) and no staged candidate: stage call 1's ckpt1 first"; exit 3; }
+    test -d $INIT || { grep -q "STAGED candidate [^ ]*ckpt1" data/reference/fm_index.json && INIT=data/reference; } ||
+      { echo "no $W/ckpt1 (call 1 ran on another machine) and no staged ckpt1: stage call 1's ckpt1 first"; exit 3; }
     echo "finish from $INIT" | tee $OUT/finish_init.txt
-    python3 -m reference.train --ckpt $W/ckpt2 --init $INIT $COMMON --warmup 10 --seed 36 \
-      --stages 4096/8192/16384/32768:0:64 --max-minutes 3.5 --decay-minutes 2.5 > $OUT/train2.log 2>&1
+    python3 -m reference.train --ckpt $W/ckpt2 --init $INIT $COMMON --warmup 10 --seed 38 \
+      --stages 4096/8192/4096/16384/4096/32768:0:64 --max-minutes 3.5 --decay-minutes 2.5 > $OUT/train2.log 2>&1
     tail -3 $OUT/train2.log
     python3 -m reference.evaluate_needles --model $W/ckpt2 --attention window --lengths 4096 8192 16384 32768 65536 \
       --n 40 --n-at 16384=20 32768=20 65536=10 --chunk-above 32768 --chunk 4096 --chunk-gib 8 --max-minutes 4.2 \
