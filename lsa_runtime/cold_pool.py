@@ -220,18 +220,32 @@ class ColdPool:
     def append(self, layer: int, name: str, entries: torch.Tensor) -> None:
         """Store freshly emitted entries ``[n, width]``. From an accelerator into pinned memory the copy is
         asynchronous (no stall per emitted entry); readers of the pool wait for it (:meth:`_wait_appends`)."""
-        rows = self.rows[(layer, name)]
-        asynchronous = self.pin and entries.device.type == "cuda"
-        entries = entries.detach()
-        if self.storage == "fp8":
-            entries, scales = quantize_fp8(entries)  # on the entries' device, before the copy to the host
+        self.append_many([(layer, name, entries)])
+
+    def append_many(self, items) -> None:
+        """:meth:`append` for several ``(layer, name, entries)`` at once, as a static row's flush hands every CSA
+        layer's born entries: one lock, one wait before any growth and one event after the last copy (readers wait
+        for the newest event; the copies before it ran on the same stream), instead of one of each per item."""
+        staged = []
+        for layer, name, entries in items:
+            if entries.shape[0] == 0:  # nothing to store (an fp8 quantization of no rows has no shape)
+                continue
+            entries = entries.detach()
+            scales = None
+            if self.storage == "fp8":
+                entries, scales = quantize_fp8(entries)  # on the entries' device, before the copy to the host
+            staged.append((self.rows[(layer, name)], (layer, name), entries, scales))
+        asynchronous = False
         with self._lock:
-            if rows.needs_growth(entries.shape[0]):
+            if any(rows.needs_growth(entries.shape[0]) for rows, _, entries, _ in staged):
                 self._wait_appends()  # growing copies the host rows: pending copies into them must have landed
                 self._wait_reads()  # ... and frees the old rows, which a zero-copy gather may still be reading
-            rows.append(entries, non_blocking=asynchronous)
-            if self.storage == "fp8":
-                self.scales[(layer, name)].append(scales, non_blocking=asynchronous)
+            for rows, key, entries, scales in staged:
+                copy_async = self.pin and entries.device.type == "cuda"
+                rows.append(entries, non_blocking=copy_async)
+                if scales is not None:
+                    self.scales[key].append(scales, non_blocking=copy_async)
+                asynchronous |= copy_async
             if asynchronous:
                 event = torch.cuda.Event()
                 event.record()

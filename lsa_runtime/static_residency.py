@@ -101,9 +101,9 @@ class StaticResidentRows:
             return 0
         pool = self.pools[row]
         born_from = pool.count(self.layers[0])  # the entry index of the first one born
+        pool.append_many([(layer, name, self._store(layer, name).entries[row, first:upto])
+                          for layer in self.layers for name in NAMES])
         for layer in self.layers:
-            for name in NAMES:
-                pool.append(layer, name, self._store(layer, name).entries[row, first:upto])
             if index_keys and index_keys.get(layer) is not None:
                 index_keys[layer].append(self._store(layer, "indexer").entries[row, first:upto])
         born = torch.arange(born_from, born_from + upto - first, device=self.device)

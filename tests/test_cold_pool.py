@@ -41,6 +41,44 @@ def test_pool_gather_returns_rows_by_entry_index_and_counts_bytes():
     assert pool.used_bytes == 17 * 8 * 4
 
 
+@pytest.mark.parametrize("storage", ["model", "fp8"])
+def test_append_many_stores_what_appends_one_by_one_store(storage):
+    """A static row's flush hands every layer's born entries at once: the rows, scales and counts equal those of
+    the same appends made one at a time, across a growth of the rows (initial room 4)."""
+    gen = torch.Generator().manual_seed(1)
+    layers, widths = [2, 4, 6], {"compressor": 16, "indexer": 8}
+    one, many = (ColdPool(layers, widths, torch.float32, initial_entries=4, storage=storage) for _ in range(2))
+    for n in (3, 0, 5, 1):  # the second batch grows every store
+        items = [(layer, name, torch.randn(n, widths[name], generator=gen)) for layer in layers for name in widths]
+        for layer, name, entries in items:
+            one.append(layer, name, entries)
+        many.append_many(items)
+    for layer in layers:
+        assert many.count(layer) == one.count(layer) == 9
+        for name in widths:
+            assert torch.equal(many.host_rows(layer, name), one.host_rows(layer, name))
+            if storage == "fp8":
+                assert torch.equal(many.scales[(layer, name)].view(), one.scales[(layer, name)].view())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="asynchronous appends into pinned rows need a GPU")
+def test_append_many_from_a_gpu_equals_the_cpu_path():
+    """Asynchronous device -> pinned appends, one event for the batch: a gather after them reads every row."""
+    gen = torch.Generator().manual_seed(2)
+    layers, widths = [2, 4], {"compressor": 128, "indexer": 64}
+    cpu, gpu = ColdPool(layers, widths, torch.bfloat16, pin=False), ColdPool(layers, widths, torch.bfloat16)
+    for n in (40, 7, 300):
+        items = [(layer, name, torch.randn(n, widths[name], generator=gen).to(torch.bfloat16))
+                 for layer in layers for name in widths]
+        cpu.append_many(items)
+        gpu.append_many([(layer, name, entries.cuda()) for layer, name, entries in items])
+    ids = torch.tensor([346, 0, 41, 200])
+    for layer in layers:
+        for name in widths:
+            assert torch.equal(gpu.gather(layer, name, ids, "cuda").cpu(), cpu.gather(layer, name, ids, "cpu"))
+
+
 def test_pool_gather_refuses_entries_not_stored():
     pool = ColdPool([2], {"compressor": 4, "indexer": 2}, dtype=torch.float32)
     pool.append(2, "compressor", torch.ones(3, 4))

@@ -9,9 +9,14 @@
 # churn-1.0 process also profiles the window's first 8 steady-state steps (`--profile-window`: host ops and Python
 # frames of the decode and helper threads, trace under $OUT; run 9's starts took 2-3.3 ms there against 1.3 ms alone,
 # not explained by the GIL, run 10) and times the other 56.
+# First the GPU tests of the pool and the static trigger path: since run 10 a flush stores every layer's born entries
+# with one lock and one CUDA event (`ColdPool.append_many`) instead of 42 of each.
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run11.sh"); results under $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
+timeout 110 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_cold_pool.py \
+  tests/test_static_residency.py > $OUT/gpu_tests.txt 2>&1
+grep -E "passed|failed|^E  " $OUT/gpu_tests.txt | head -8
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"
 for churn in 1.0 0.25 0.1; do
   left=$(( 570 - ($(date +%s) - start) ))
