@@ -6,9 +6,9 @@
 Without arguments it plots the H200 runs of issue 18: the first and the second batched version (per-sequence
 caches, `bench_batch.py`) and the static-shape step, compiled, one CUDA graph (`bench_static.py`, run 3: full
 semantics; run 4: full at B = 11 and LSA's resident mode with 13,125 slots, triggers counted; run 8: 128K, full at
-B = 47 and LSA with 3,277 slots at B = 47 / 128, synchronous triggers counted). A `bench_static.py` row is mode "full" or, with `--resident`, "lsa" (its tokens/s with the triggers
-counted when `--triggers` ran). It also prints the plotted points as a table, so the figure can be checked against
-the JSON.
+B = 47 and LSA with 3,277 slots at B = 47 / 128, synchronous triggers counted). A `bench_static.py` row is mode
+"full" or, with `--resident`, "lsa" (its tokens/s with the triggers counted when `--triggers` ran). It also prints
+the plotted points as a table, so the figure can be checked against the JSON.
 """
 from __future__ import annotations
 
