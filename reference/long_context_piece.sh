@@ -21,8 +21,9 @@
 # the needle's distance inside long sequences: from the default itself, the train call cycles 64K / 32K / 16K / 4K
 # with every needle at most 2,048 tokens before the question at first, the bound growing to 64K over 180 steps (about
 # the piece's 8 minutes; `reference/train.py --needle-distance`), seed 35; the finish call is L6's with seed 36.
-# Recipe L11 + L12 (written 2026-12-02, seventh session; not yet run): from L10, the best candidate at 8K-32K, which
-# must win back 4K (the card's "Long context, fifth attempt"). Stage it first (`stage reference/work/L10`): the train
+# Recipe L11 + L12 (run 2026-12-03, eighth and ninth sessions; NOT adopted, the card's "Long context, sixth attempt":
+# better at 8K and 32K, worse at 4K and 16K, 64K at chance): from L10, the best candidate at 8K-32K, which had to
+# win back 4K (the card's "Long context, fifth attempt"). Stage it first (`stage reference/work/L10`): the train
 # call cycles 64K / 32K / 16K / 4K with the needle distance growing from 8,192 to 64K over 120 steps (L9 already
 # went through the short distances) and the full distance after, seed 37; the finish call spends half its steps at
 # 4K (4K / 8K / 4K / 16K / 4K / 32K), lr decayed over the last 2.5 minutes, seed 38. If the machine is lost between

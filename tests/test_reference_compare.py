@@ -63,10 +63,12 @@ def test_the_adopted_candidate_beats_the_previous_default_and_is_the_default(tmp
     assert cells(results) == cells({"topk64": third["needles_full"]})
 
 
-@pytest.mark.parametrize("pieces, work", [(["L7", "L8"], "long7/logs"), (["L9", "L10"], "L10")])
+@pytest.mark.parametrize("pieces, work", [(["L7", "L8"], "long7/logs"), (["L9", "L10"], "L10"),
+                                         (["L11", "L12"], "L12")])
 def test_the_candidate_judged_against_l6_is_rejected_as_on_the_device(tmp_path, capsys, pieces, work):
-    """L8 and L10 (L7 + L8 and L9 + L10 from the default, 2026-12-02): against the default L6 the verdict printed
-    here is the device's verdict.txt, character for character: keep the reference."""
+    """L8, L10 and L12 (L7 + L8 and L9 + L10 from the default, 2026-12-02; L11 + L12 from L10, 2026-12-03): against
+    the default L6 the verdict printed here is the device's verdict.txt, character for character: keep the
+    reference."""
     results = json.loads((REPO / "data" / "reference" / "training_results.json").read_text())
     (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == pieces]
     candidate = _stored_candidate(tmp_path, attempt)

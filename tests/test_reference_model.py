@@ -491,7 +491,7 @@ def test_card_states_the_long_context_attempts():
     card = (REFERENCE / "README.md").read_text()
     attempts = _long_context_attempts(results)
     assert [[p["piece"] for p in a["pieces"]] for a, _ in attempts] == [["L1", "L2"], ["L7", "L8"], ["L9", "L10"],
-                                                                         ["L3", "L4"], ["L5", "L6"]]
+                                                                         ["L11", "L12"], ["L3", "L4"], ["L5", "L6"]]
     assert [a["verdict"] for a in results["long_context"]["attempts"]] == ["keep the reference", "adopt"]
     reference = results["previous_default"]["needles_gpu_long"]["results"]["topk64"]
     for attempt, label in attempts:
@@ -524,7 +524,7 @@ def test_card_states_the_long_context_attempts():
         final = attempt["needles_full"]
         assert final == evaluations[-1] and attempt["needles"] == {k: v["accuracy"] for k, v in final.items()}
     by_piece = _evaluations_by_piece(results)
-    assert list(by_piece) == ["L2", "L8", "L10", "L3", "L4", "L6"]
+    assert list(by_piece) == ["L2", "L8", "L10", "L12", "L3", "L4", "L6"]
     lengths = (4096, 8192, 16384, 32768, 65536)
     for heading, models in LONG_CONTEXT_TABLES.items():
         section = _card_section(card, heading)
@@ -553,12 +553,13 @@ def test_card_states_the_long_context_attempts():
                         row["hits"].count("1") / row["n"])
 
 
-@pytest.mark.parametrize("heading, pieces", [("Long context, fourth attempt", ["L7", "L8"]),
-                                            ("Long context, fifth attempt", ["L9", "L10"])])
-def test_card_states_the_attempt_judged_against_l6(heading, pieces):
-    """The fourth and fifth attempts (L7 + L8, L9 + L10, each from the default L6): the card's `L6 -> candidate`
-    cells are the stored evaluations, and its mean table and verdict are reference.compare_evals' against the
-    default (the device's verdict.txt, recomputed here from the stored evaluation): keep the reference."""
+@pytest.mark.parametrize("heading, pieces, init", [("Long context, fourth attempt", ["L7", "L8"], "the default L6"),
+                                                  ("Long context, fifth attempt", ["L9", "L10"], "the default L6"),
+                                                  ("Long context, sixth attempt", ["L11", "L12"], "L10's checkpoint")])
+def test_card_states_the_attempt_judged_against_l6(heading, pieces, init):
+    """The fourth to sixth attempts (L7 + L8 and L9 + L10 from the default L6, L11 + L12 from L10): the card's `L6 ->
+    candidate` cells are the stored evaluations, and its mean table and verdict are reference.compare_evals' against
+    the default (the device's verdict.txt, recomputed here from the stored evaluation): keep the reference."""
     from reference.compare_evals import verdict
 
     results = json.loads((REFERENCE / "training_results.json").read_text())
@@ -567,7 +568,7 @@ def test_card_states_the_attempt_judged_against_l6(heading, pieces):
     (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == pieces]
     l6, l8 = results["needles_gpu_long"]["results"]["topk64"], attempt["needles_full"]
     assert attempt["verdict"] == "keep the reference" and "NOT adopted" in attempt["what"]
-    assert attempt["pieces"][0]["init"].startswith("the default L6")
+    assert attempt["pieces"][0]["init"].startswith(init)
     assert f"| length | L6 | {pieces[1]} |" in section
     lengths = (4096, 8192, 16384, 32768, 65536)
     table = dict(re.findall(r"^\| ([a-z_]+) \| [\d.]+% \| (.+ -> .+) \|$", section, flags=re.M))
