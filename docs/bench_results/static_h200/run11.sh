@@ -1,5 +1,6 @@
 #!/bin/bash
-# H200 call for issue 18 (written 2026-12-02; run 2026-12-03, BENCHMARKS "Run 11"): the trigger against how much of the
+# Results: docs/BENCHMARKS.md, "Run 11"; raw under run11/.
+# H200 call for issue 18 (written 2026-12-02, seventh session; run 2026-12-03): the trigger against how much of the
 # set it replaces. Runs 4-10 used a random memory indexer whose consecutive selections barely overlap (a row's first
 # trigger fetched ~11,000 of 13,107 entries at 512K, ~2,900 of 3,259 at 128K), so the fetch (PCIe, ~42 GB/s) set the
 # synchronous trigger's floor. A trained indexer's consecutive sets overlap; `bench_static.py --churn F` keeps a

@@ -1,5 +1,6 @@
 #!/bin/bash
-# H200 call for issue 18 (written 2026-12-02; run 2026-12-03, BENCHMARKS "Run 12"): run 11 at 512K. Run 7's synchronous
+# Results: docs/BENCHMARKS.md, "Run 12"; raw under run12/.
+# H200 call for issue 18 (written 2026-12-02, seventh session; run 2026-12-03): run 11 at 512K. Run 7's synchronous
 # trigger at 512K (B = 64, 13,125 slots) was 11.2 ms, 7.4 ms of it the PCIe fetch of a set replaced almost whole
 # (random scores); with `--churn F` a selection keeps a random 1 - F of the row's set. Here: churn 1.0 / 0.25 /
 # 0.1 at B = 64, each with 8 synchronous triggers by phase and the prefetched window (16 steps ahead); one process
