@@ -481,8 +481,9 @@ def generate_command(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate at most."),
     tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
     prefetch_steps: int = typer.Option(0, "--prefetch-steps", help="Prepare each trigger after the first this many "
-                                       "decode steps before its window on a helper thread (Session(prefetch_steps=); "
-                                       "0: at the window boundary)."),
+                                       "decode steps before its window, on a helper thread (the static step: on a side "
+                                       "CUDA stream while the next step runs; Session(prefetch_steps=); 0: at the "
+                                       "window boundary)."),
     threshold: float = typer.Option(None, "--threshold", help="Memory-indexer score an entry needs to be fetched, "
                                     "in (0, 1) (default: the export's, else 0.5)."),
     budget: int = typer.Option(None, "--budget", "--max-resident", help="Resident CSA entries per trigger (lsa: "
@@ -591,8 +592,9 @@ def evaluate_command(
                                "among --modes."),
     tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
     prefetch_steps: int = typer.Option(0, "--prefetch-steps", help="Prepare each trigger after the first this many "
-                                       "decode steps before its window on a helper thread (Session(prefetch_steps=); "
-                                       "0: at the window boundary)."),
+                                       "decode steps before its window, on a helper thread (the static step: on a side "
+                                       "CUDA stream while the next step runs; Session(prefetch_steps=); 0: at the "
+                                       "window boundary)."),
     threshold: float = typer.Option(None, "--threshold", help="Memory-indexer score threshold (default: the "
                                     "export's, else 0.5)."),
     haystack: str = typer.Option(None, "--haystack-packages", help="Held-out stdlib packages whose code fills "

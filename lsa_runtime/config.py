@@ -90,7 +90,8 @@ class SessionConfig:
     * ``memory_keys``: where the memory layers' K^IComp of every entry lives between triggers, ``device`` or
       ``pool`` (streamed to the device at each trigger);
     * ``prefetch_steps``: d in 0..tau-1; each trigger after the first is prepared d steps before its window on a
-      helper thread (0: at the window boundary, synchronously);
+      helper thread (the static step: on a side CUDA stream of the decode thread while the next step runs; 0: at
+      the window boundary, synchronously);
     * ``decode_graphs``: replay the backbone's stateless decode modules as CUDA graphs (None: where the model is
       on a CUDA device);
     * ``keep_recent`` / ``keep_first`` / ``ensemble`` (mode lsa; None: the export's): the recency tail (the newest
@@ -107,8 +108,8 @@ class SessionConfig:
       (mode full: fp32 on a CPU and the H200; bf16 up to near ties; tests/test_batching.py). In the trigger modes
       (lsa, recent, random, oracle, all) the CSA layers hold ``budget`` + tau/4 + 2 resident slots per row (every
       entry without a budget; + prefetch_steps/4 + 1 with prefetch), triggers run between steps (or on the
-      helper thread with ``prefetch_steps``, installed at the boundary); same tokens as the cold-pool path (CPU,
-      tests/test_static_residency.py; the H200 too). None (the default): on where it pays off and was tested, one
+      decode thread's side stream with ``prefetch_steps``, while the next step runs, installed at the boundary);
+      same tokens as the cold-pool path (CPU, tests/test_static_residency.py; the H200 too). None (the default): on where it pays off and was tested, one
       CUDA device, nothing offloaded, weights not kept in FP8/FP4, and mode ``full`` or a trigger mode (lsa,
       recent, random, oracle) with a ``budget`` (it bounds the slots a row holds; mode lsa without one would keep
       a slot for every entry, so it keeps the stock path), ``pool_storage="model"`` and ``memory_keys="device"``;

@@ -18,6 +18,10 @@ earlier (a lookahead of tau + d tokens instead of tau). What does not: the swap 
 whatever the helper's speed, so decoding is deterministic. Thread safety: the job reads only rows that existed
 at the snapshot (the decode thread appends past them) and the cold pool (its lock), and the helper waits for all
 of its device work before it reports done, so the snapshot's rows are not let go while read.
+
+The static step (:mod:`~.static_runner`) takes :class:`StreamPrefetcher` instead: the same start / finish, the job
+run on the decode thread on a side stream right after the next step is queued (no helper thread; the host work of a
+prefetch overlaps a step on the device; docs/BENCHMARKS.md has the comparison).
 """
 
 from __future__ import annotations
@@ -108,3 +112,91 @@ class ResidentPrefetcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+class StreamPrefetcher:
+    """The static step's prefetch: the job runs on the decode thread, on a GPU on a side stream, deferred to the
+    next decode step. :meth:`start` takes the job and the point of the device work queued so far (the job's inputs:
+    h_t, the flushed entries); the Session calls :meth:`launch` right after it has queued the next step, so the
+    job's host work, and its waits for its own device reads (a selection's size, a plan's counts), run while that
+    step runs on the device instead of after it, and no helper thread contends for the interpreter;
+    :meth:`finish` (at the window boundary) runs the job if it was not launched and orders the current stream after
+    its device work, without waiting on the host. ``Finished.wait_seconds`` is the time :meth:`finish` spent (the
+    whole job when it had to run it), ``helper_seconds`` the job's own host time.
+
+    Memory across streams: ``reads`` (tensors the job reads that the decode stream allocated) are kept from reuse
+    until the side stream is past them; what the job returns is the installer's to keep
+    (:meth:`StaticResidentRows.install_prepared <.static_residency.StaticResidentRows.install_prepared>`)."""
+
+    def __init__(self) -> None:
+        self._job: Callable[[], Any] | None = None
+        self._reads: tuple[torch.Tensor, ...] = ()
+        self._ready: torch.cuda.Event | None = None
+        self._device: torch.device | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._ran: tuple[Any, BaseException | None, float, torch.cuda.Event | None] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._job is not None or self._ran is not None
+
+    def start(self, job: Callable[[], Any], device: torch.device | str, reads=()) -> None:
+        """Take ``job`` to run at :meth:`launch` (on a GPU: on the side stream, after the work queued so far)."""
+        if self.pending:
+            raise RuntimeError("a prefetch is already in flight")
+        self._device = torch.device(device)
+        self._ready = None
+        if self._device.type == "cuda":
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(self._device))
+            if self._device not in self._streams:
+                self._streams[self._device] = torch.cuda.Stream(self._device)
+        self._job, self._reads = job, tuple(reads)
+
+    def launch(self) -> None:
+        """Run the job taken by :meth:`start`, if any and not yet run; its error is kept for :meth:`finish`."""
+        if self._job is None:
+            return
+        job, reads, self._job, self._reads = self._job, self._reads, None, ()
+        stream = self._streams.get(self._device)
+        began = time.perf_counter()
+        result, error, done = None, None, None
+        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+            if stream is not None:
+                stream.wait_event(self._ready)
+                for tensor in reads:
+                    tensor.record_stream(stream)
+            try:
+                result = job()
+            except Exception as exc:  # noqa: BLE001 - re-raised by finish, on the boundary, as the thread's is
+                error = exc
+            if stream is not None:
+                done = torch.cuda.Event()
+                done.record(stream)
+        self._ran = (result, error, time.perf_counter() - began, done)
+
+    def finish(self) -> Finished:
+        """The job's result (run now if it was not launched), the current stream ordered after its device work.
+        Re-raises its error."""
+        if not self.pending:
+            raise RuntimeError("no prefetch in flight")
+        began = time.perf_counter()
+        self.launch()
+        (result, error, seconds, done), self._ran = self._ran, None
+        if done is not None:
+            torch.cuda.current_stream(self._device).wait_event(done)
+        if error is not None:
+            raise error
+        return Finished(result, seconds, time.perf_counter() - began)
+
+    def cancel(self) -> None:
+        """Drop the job: not run, it is let go; run, the current stream waits for its device work (it reads the
+        row's slots, which the next sequence in the row will overwrite). Its error is dropped."""
+        self._job, self._reads = None, ()
+        if self._ran is not None:
+            done, self._ran = self._ran[3], None
+            if done is not None:
+                torch.cuda.current_stream(self._device).wait_event(done)
+
+    def close(self) -> None:
+        self.cancel()

@@ -12,7 +12,8 @@ trigger counter and the loop's clock. Per ``generate`` call:
 3. decode; every tau steps another trigger. Between triggers, entries born during decoding stay resident; in
    every CSA layer the native Lightning Indexer picks its top-k among resident entries only. With
    ``prefetch_steps=d`` each later trigger fires d steps before the window boundary and is prepared on a helper
-   thread while decoding goes on; the new set is swapped in at the boundary (:mod:`~.prefetch`).
+   thread while decoding goes on (the static step: on a side stream while the next step runs); the new set is
+   swapped in at the boundary (:mod:`~.prefetch`).
 
 A decode step reads: :meth:`Session._forward` -> transformers' model -> :class:`~.lsa_cache.LSACSACompressor` ->
 :class:`~.lsa_cache.LSACSACache` (candidates = the resident rows) -> :class:`~.residency.ResidentSet`. A trigger:
@@ -47,13 +48,14 @@ from .compiled_step import compile_static_step
 from .cold_pool import ColdPool
 from .config import STATIC_TRIGGER_MODES, SamplingParams, SessionConfig, SessionError
 from .decode_graphs import install_decode_graphs
+from .detokenize import IncrementalText
 from .errors import FmIndexError, first_line
 from .hisparse import HiSparseCSACache, build_hisparse_cache
 from .lsa_cache import build_lsa_cache, install_lsa_compressors, pooled_layers
 from .memory_indexer import load_memory_indexer
 from .placement import execution_device, offloaded_modules
 from .policies import ResidentPolicy, TriggerState, make_policy
-from .prefetch import ResidentPrefetcher
+from .prefetch import ResidentPrefetcher, StreamPrefetcher
 from .residency import ResidentSet
 from .static_runner import StaticRunner
 from .stats import SessionStats, measure_cache
@@ -98,8 +100,8 @@ class LoopClock:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     trigger_seconds: float = 0.0  # decode-thread time in triggers (selection + change; prefetch: start + swap)
-    prefetch_seconds: float = 0.0  # helper-thread time
-    prefetch_wait_seconds: float = 0.0  # decode thread waiting for the helper at swaps
+    prefetch_seconds: float = 0.0  # the prefetch jobs' time (helper thread; static step: decode thread, overlapped)
+    prefetch_wait_seconds: float = 0.0  # decode thread waiting for a job at swaps (or running one not yet run)
 
 
 def capacity_bucket(tokens: int) -> int:
@@ -123,7 +125,8 @@ class DecodeState:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # h_t of the last position at memory layers
     clock: LoopClock = field(default_factory=LoopClock)
     policy: ResidentPolicy | None = None  # who selects this conversation's resident sets (trigger modes)
-    prefetcher: ResidentPrefetcher | None = None  # prefetch_steps > 0: its helper, while it decodes
+    # prefetch_steps > 0: its helper while it decodes (the static step's: on the decode thread, a side stream)
+    prefetcher: ResidentPrefetcher | StreamPrefetcher | None = None
 
 
 @dataclass
@@ -137,13 +140,29 @@ class _Job:
     sampling: SamplingParams
     policy: ResidentPolicy | None = None
     logits: torch.Tensor | None = None  # [vocab], the next token's
+    pick: "_RowArgmax | None" = None  # instead, greedy in a static step: its row's argmax
     generator: torch.Generator | None = None
     eos: set = field(default_factory=set)
     produced: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # the pieces streamed so far
+    detok: IncrementalText | None = None  # decodes them a token at a time (None: no tokenizer)
     finish_reason: str | None = None
     started: float | None = None  # perf_counter when decoding began (after prefill and the first trigger)
     row: int | None = None  # its row of the static runner (static_decode), while it decodes there
+
+
+class _RowArgmax:
+    """The greedy tokens of every row of one static step: an argmax over its logits ``[rows, vocab]`` (the first
+    maximum, as ``SamplingParams.sample``'s), read to the host once, at the first row's sampling."""
+
+    def __init__(self, logits: torch.Tensor):
+        self._device = logits.argmax(-1)
+        self._host: list[int] | None = None
+
+    def token(self, row: int) -> int:
+        if self._host is None:
+            self._host = self._device.tolist()
+        return self._host[row]
 
 
 def _is_batch(prompt) -> bool:
@@ -526,8 +545,9 @@ class Session:
             self._trigger(job.state)
         job.generator = job.sampling.generator()
         job.eos = self._eos_ids() if job.sampling.stop_at_eos else set()
+        job.detok = IncrementalText(self.tokenizer) if self.tokenizer is not None else None
         if self.config.prefetch_steps and job.state.policy is not None:
-            job.state.prefetcher = ResidentPrefetcher()
+            job.state.prefetcher = StreamPrefetcher() if self._runner is not None else ResidentPrefetcher()
         job.started = time.perf_counter()
         if job.max_new_tokens == 0:
             job.finish_reason = "length"
@@ -537,16 +557,22 @@ class Session:
         if job.finish_reason is not None:
             return
         state = job.state
-        token = job.sampling.sample(job.logits, job.generator)
+        if job.pick is not None:
+            token, job.pick = job.pick.token(job.row), None
+        else:
+            token = job.sampling.sample(job.logits, job.generator)
         job.produced.append(token)
-        so_far = self._text(job.produced)
-        piece, job.text = so_far[len(job.text):], so_far
+        piece = job.detok.add(token) if job.detok is not None else ""
         reason = ("eos" if token in job.eos else "length" if len(job.produced) == job.max_new_tokens else
                   "max_position" if self.max_positions and state.position >= self.max_positions else None)
         if reason is not None:
             state.pending, job.finish_reason = token, reason
+            whole = self._text(job.produced)  # once: the held-back tail, and the pieces joined are the text
+            if whole.startswith(job.text + piece):
+                piece = whole[len(job.text):]
         else:
             state.context.append(token)
+        job.text += piece
         yield StreamToken(token, piece, job.index)
 
     def _step(self, active: list["_Job"]) -> None:
@@ -554,9 +580,18 @@ class Session:
         if self._runner is not None:
             self._rows = []  # the step's h_t reach the runner's buffers, not the per-sequence hooks
             logits = self._runner.step({job.row: job.produced[-1] for job in active})
+            for job in active:  # prefetches started after the last step run now, while this one runs on the device
+                if job.state.prefetcher is not None:
+                    job.state.prefetcher.launch()
+            # greedy rows: one argmax over the buffer (queued now, before the next step overwrites it) and one read of
+            # the device at the first sampling, instead of a clone, an argmax and a read per row
+            picks = _RowArgmax(logits) if any(job.sampling.temperature == 0.0 for job in active) else None
             for job in active:
                 job.state.position += 1
-                job.logits = logits[job.row].clone()  # the runner's buffer is overwritten by the next step
+                if job.sampling.temperature == 0.0:
+                    job.logits, job.pick = None, picks
+                else:
+                    job.logits = logits[job.row].clone()  # the runner's buffer is overwritten by the next step
         elif len(active) == 1:
             job = active[0]
             job.logits = self._forward(job.state, torch.tensor([job.produced[-1]]))
@@ -665,6 +700,8 @@ class Session:
         start = time.perf_counter()
         rows, keys = self._runner.resident, self._memory_keys(state)
         if state.prefetcher is not None and state.prefetcher.pending:
+            # queued after the step, no host wait: the device copies run before the next step (trigger_seconds
+            # counts the host's part)
             finished = state.prefetcher.finish()
             change = rows.install_prepared(job.row, finished.result, self._headroom(), keys)
             state.clock.prefetch_seconds += finished.helper_seconds
@@ -672,9 +709,9 @@ class Session:
         else:
             change = rows.install(job.row, self._select(state, self._static_trigger_state(job, keys), rows.device),
                                   self._headroom(), keys)
+            self._synchronize()
         state.residency.record(change)
         state.since_trigger = 0
-        self._synchronize()
         state.clock.trigger_seconds += time.perf_counter() - start
 
     def _static_trigger_state(self, job: "_Job", keys: dict, lead: int = 0) -> TriggerState:
@@ -689,15 +726,17 @@ class Session:
                             lead=lead, hidden=dict(state.hidden), index_keys={i: k.view() for i, k in keys.items()})
 
     def _start_static_prefetch(self, job: "_Job") -> None:
-        """The next window's trigger for the job's static row, now, on the helper thread (selection and rows built
-        from a snapshot); the row goes on decoding with its current set until the boundary."""
+        """The next window's trigger for the job's static row from the state after this step (born entries flushed,
+        h_t0 and the row's ids copied, all queued), run by the prefetcher while the next step runs (selection and
+        rows built from the snapshot); the row goes on decoding with its current set until the boundary."""
         start = time.perf_counter()
         state, rows, row = job.state, self._runner.resident, job.row
         trigger_state = self._static_trigger_state(job, self._memory_keys(state), lead=self.config.prefetch_steps)
         snapshot, filled = trigger_state.resident, rows.filled[row]
+        reads = [snapshot, *trigger_state.hidden.values(), *trigger_state.index_keys.values()]
         state.prefetcher.start(lambda: rows.prepare(row, self._select(state, trigger_state, rows.device), snapshot,
                                                     filled),
-                               self.device)
+                               self.device, reads=[t for t in reads if t.device.type == "cuda"])
         state.clock.trigger_seconds += time.perf_counter() - start
 
     def _memory_keys(self, state: DecodeState) -> dict:

@@ -18,7 +18,8 @@ the set runs host-side between steps, here:
   in place: rows already in a slot are kept, the others gathered from the pool, written into slots ``0 .. n - 1``
   of every CSA layer, the row's length set to n. Other rows are not touched, so rows trigger independently.
 
-* with prefetch (a trigger d steps before the boundary, on a helper thread): :meth:`StaticResidentRows.prepare`
+* with prefetch (a trigger d steps before the boundary, its job on a side stream while a step runs:
+  :class:`~.prefetch.StreamPrefetcher`): :meth:`StaticResidentRows.prepare`
   assembles the new rows from a snapshot (slots below the snapshot's fill do not change until the next install:
   the step appends past them) and the pool, and :meth:`StaticResidentRows.install_prepared` writes them in at the
   boundary, the entries born since the snapshot moved after them;
@@ -56,18 +57,26 @@ class PreparedRows:
 
 class StaticResidentRows:
     """The resident sets of the rows of ``state`` (built with ``resident=R``) over their own cold pools;
-    ``csa_layers``: the model's CSA layer indices (the pools' and resident sets' layers)."""
+    ``csa_layers``: the model's CSA layer indices (the pools' and resident sets' layers); ``positions``: the host's
+    count of tokens seen per row, owned and advanced by the caller that steps the rows (:class:`StaticRunner
+    <.static_runner.StaticRunner>`), read here to count the entries born without reading the device."""
 
-    def __init__(self, state: StaticDecodeState, csa_layers):
+    def __init__(self, state: StaticDecodeState, csa_layers, positions: list[int]):
         if state.geometry.resident is None:
             raise ValueError("StaticResidentRows needs a StaticDecodeState built with resident=<slots>")
+        if len(positions) != state.geometry.batch:
+            raise ValueError(f"positions: {len(positions)} rows, the state has {state.geometry.batch}")
         self.state = state
         self.layers = [int(x) for x in csa_layers]
         rows = state.geometry.batch
         self.device = state.rows.device
+        self.positions = positions
         self.ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(rows)]
         self.pools: list[ColdPool | None] = [None] * rows
         self.filled = [0] * rows  # slots whose entries are in the row's pool and ids (later slots: born since)
+        # (slots held, tokens seen) when the row's slots were last written: the step appends one entry per closed
+        # window of m tokens after that, so the row's length is a host count (CompressedStore.step)
+        self.marks = [(0, 0)] * rows
 
     @property
     def slots(self) -> int:
@@ -86,11 +95,16 @@ class StaticResidentRows:
         length = self.state.load_row(row, cache, resident=resident)
         self.ids[row] = residency.ids.to(self.device, copy=True)
         self.pools[row], self.filled[row] = pool, residency.count
+        self.marks[row] = (residency.count, length)
         return length
 
     def length(self, row: int) -> int:
-        """Slots ``row`` holds now (a device read: between steps only)."""
-        return int(self._store(self.layers[0], "compressor").lengths[row])
+        """Slots ``row`` holds after the steps stepped so far (``positions[row]`` tokens seen): those it held at its
+        last write plus one per window of m tokens closed since, counted on the host (the device's count, which the
+        queued steps may not have reached, is never read)."""
+        slots, seen = self.marks[row]
+        m = self.state.geometry.csa_rate
+        return slots + self.positions[row] // m - seen // m
 
     def flush(self, row: int, index_keys: dict | None = None) -> int:
         """Append the entries ``row``'s CSA layers emitted since the last flush to its cold pool and its ids;
@@ -128,11 +142,12 @@ class StaticResidentRows:
         plan = ResidentPlan(self.ids[row], ids)
         self._write(row, self._assemble(row, plan))
         self.ids[row], self.filled[row] = plan.ids, int(plan.ids.numel())
+        self.marks[row] = (self.filled[row], self.positions[row])
         return ResidentChange(int(plan.ids.numel()), int(plan.fetch_ids.numel()))
 
     def prepare(self, row: int, ids, snapshot_ids: torch.Tensor, snapshot_filled: int) -> PreparedRows:
         """New rows for ``ids`` against the row as it was at a snapshot (its ids ``snapshot_ids``, all flushed: slot
-        i < ``snapshot_filled`` holds entry ``snapshot_ids[i]``), without changing the row: safe on a helper thread
+        i < ``snapshot_filled`` holds entry ``snapshot_ids[i]``), without changing the row: safe on another stream
         while the step runs (it writes only slots at or past the row's length)."""
         plan = ResidentPlan(snapshot_ids, self._unique(ids))
         return PreparedRows(plan.ids, self._assemble(row, plan), int(snapshot_filled), int(plan.fetch_ids.numel()))
@@ -153,7 +168,12 @@ class StaticResidentRows:
         moved = {name: torch.stack([self._store(layer, name).entries[row, since] for layer in self.layers])
                  for name in NAMES} if born else None
         self._write(row, prepared.rows, moved)
+        if prepared.ids.device.type == "cuda":  # built on another stream (the prefetch's): freed only after the copy
+            stream = torch.cuda.current_stream(prepared.ids.device)
+            for tensor in (prepared.ids, *prepared.rows.values()):
+                tensor.record_stream(stream)
         self.ids[row], self.filled[row] = torch.cat([prepared.ids, born_ids]), n + born
+        self.marks[row] = (n + born, self.positions[row])
         return ResidentChange(n, prepared.fetched)
 
     def _unique(self, ids) -> torch.Tensor:

@@ -45,8 +45,11 @@ class StaticRunner:
         self.model = model
         install_static_attention(model)
         self.state = StaticDecodeState(model.config, rows, capacity, model.dtype, model.device, resident=resident)
+        self.positions = [0] * rows  # host copies: tokens seen per row, the next step's token per row
+        self.tokens = [0] * rows
         # LSA's resident mode: which entries each row's CSA slots hold, changed by triggers between steps
-        self.resident = StaticResidentRows(self.state, csa_layers(model.config)) if resident is not None else None
+        self.resident = StaticResidentRows(self.state, csa_layers(model.config), self.positions) \
+            if resident is not None else None
         # h_t (the attention input) of every row at the memory layers, written by the step itself (a hook's copy
         # inside the captured graph): a trigger reads the last step's
         decoder = model.model if hasattr(model, "model") else model
@@ -55,8 +58,6 @@ class StaticRunner:
         self._hooks = [decoder.layers[i].self_attn.register_forward_pre_hook(self._keep_hidden(i), with_kwargs=True)
                        for i in self.hidden]
         self.free = list(range(rows - 1, -1, -1))  # rows without a sequence (popped from the end: row 0 first)
-        self.positions = [0] * rows  # host copies: tokens seen per row, the next step's token per row
-        self.tokens = [0] * rows
         self.graph, self.logits = None, None
         if graph:
             self.capture()

@@ -193,15 +193,17 @@ def test_a_consumer_that_stops_early_leaves_no_helper_behind(backbone, prompts, 
 
 def test_sampling_and_the_maximum_context_per_sequence(backbone, prompts):
     """Sampling: each sequence draws from its own generator seeded as a lone run's, so seeded sampling gives the
-    same tokens batched. The model's maximum context ends each sequence at its own step ("max_position")."""
+    same tokens batched, per-sequence rows or the static step (its rows' logits cloned, not the greedy argmax). The
+    model's maximum context ends each sequence at its own step ("max_position")."""
     model, tokenizer = backbone
     options = {"mode": "recent", "budget": 32, "tau": TAU}
-    sampled = Session(model, tokenizer, max_batch=4, **options).generate(
-        prompts, max_new_tokens=24, temperature=0.9, top_k=50, seed=7, stop_at_eos=False)
-    for prompt, got in zip(prompts, sampled):
-        alone = Session(model, tokenizer, **options).generate(prompt, max_new_tokens=24, temperature=0.9, top_k=50,
-                                                               seed=7, stop_at_eos=False)
-        assert got.token_ids == alone.token_ids
+    for static in (False, True):
+        sampled = Session(model, tokenizer, max_batch=4, static_decode=static, **options).generate(
+            prompts, max_new_tokens=24, temperature=0.9, top_k=50, seed=7, stop_at_eos=False)
+        for prompt, got in zip(prompts, sampled):
+            alone = Session(model, tokenizer, **options).generate(prompt, max_new_tokens=24, temperature=0.9,
+                                                                   top_k=50, seed=7, stop_at_eos=False)
+            assert got.token_ids == alone.token_ids, static
     limit = 345  # prompts of 200, 333, 97, 260 tokens: the second stops after 13 tokens, the others run 30
     session = Session(model, tokenizer, max_batch=4, **options)
     session.max_positions = limit

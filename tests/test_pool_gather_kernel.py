@@ -118,7 +118,8 @@ def test_static_resident_rows_install_with_the_multi_layer_gathers():
     layers = csa_layers(config)
     widths = {"compressor": config.head_dim, "indexer": config.index_head_dim}
     state = StaticDecodeState(config, 2, 64, torch.float32, device, resident=40)
-    rows = StaticResidentRows(state, layers)
+    positions = [0, 0]  # tokens seen per row, as the runner counts them
+    rows = StaticResidentRows(state, layers, positions)
     pool = ColdPool(layers, widths, torch.float32, initial_entries=64)
     assert pool.gather_layers_available(device)  # the path under test
     gen = torch.Generator().manual_seed(0)
@@ -132,7 +133,7 @@ def test_static_resident_rows_install_with_the_multi_layer_gathers():
         for name in widths:
             store(layer, name).entries[1, :20] = pool.host_rows(layer, name)[first].to(device)
             store(layer, name).lengths[1] = 20
-    rows.ids[1], rows.pools[1], rows.filled[1] = first, pool, 20
+    rows.ids[1], rows.pools[1], rows.filled[1], rows.marks[1] = first, pool, 20, (20, 0)
 
     def holds(ids, born=None):
         for layer in layers:
@@ -156,6 +157,8 @@ def test_static_resident_rows_install_with_the_multi_layer_gathers():
             born[(layer, name)] = torch.randn(2, width, generator=gen)
             store(layer, name).entries[1, 9:11] = born[(layer, name)].to(device)
             store(layer, name).lengths[1] = 11
+    positions[1] += 8  # the two windows of 4 tokens that closed: the host's count of those entries
+    assert rows.length(1) == 11
     change = rows.install_prepared(1, prepared, 8)
     assert (change.selected, change.fetched) == (7, 4)
     holds(torch.tensor([3, 5, 7, 8, 57, 120, 199]), born)

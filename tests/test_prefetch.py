@@ -175,3 +175,40 @@ def test_prefetch_on_a_gpu_is_lossless_and_holds_the_pool_rows(prompt_ids):
             want = pool.host_rows(layer, name)[residency.ids]
             assert torch.equal(residency.rows(layer, name).cpu(), want)
         assert residency.count < pool.count(layer)
+
+
+def test_stream_prefetcher_runs_the_job_at_launch_or_at_finish():
+    """StreamPrefetcher (the static step's): start only takes the job; launch runs it once (a second launch does
+    nothing); finish returns its result, running it first when it was never launched; its error is raised at
+    finish; a cancelled job that never ran is dropped unrun; only one job at a time."""
+    from lsa_runtime.prefetch import StreamPrefetcher
+
+    calls = []
+    prefetcher = StreamPrefetcher()
+    prefetcher.start(lambda: calls.append("a") or 7, "cpu")
+    assert prefetcher.pending and calls == []
+    with pytest.raises(RuntimeError, match="already in flight"):
+        prefetcher.start(lambda: 0, "cpu")
+    prefetcher.launch()
+    prefetcher.launch()
+    assert calls == ["a"]
+    finished = prefetcher.finish()
+    assert finished.result == 7 and calls == ["a"] and not prefetcher.pending
+    prefetcher.start(lambda: calls.append("b") or 8, "cpu")  # never launched: finish runs it, its time is waited
+    finished = prefetcher.finish()
+    assert finished.result == 8 and calls == ["a", "b"] and finished.wait_seconds >= finished.helper_seconds
+
+    def fails():
+        raise ValueError("selection out of range")
+
+    prefetcher.start(fails, "cpu")
+    prefetcher.launch()  # kept, not raised on the decode step that launched it
+    with pytest.raises(ValueError, match="selection out of range"):
+        prefetcher.finish()
+    assert not prefetcher.pending
+    prefetcher.start(lambda: calls.append("c"), "cpu")
+    prefetcher.close()
+    prefetcher.launch()
+    assert calls == ["a", "b"] and not prefetcher.pending
+    with pytest.raises(RuntimeError, match="no prefetch in flight"):
+        prefetcher.finish()

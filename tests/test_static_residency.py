@@ -59,15 +59,20 @@ def test_a_static_row_with_resident_slots_decodes_as_the_lsa_path(backbone):
     assert torch.equal(state.residency.ids, selections[0])
     headroom = TAU // model.config.compress_rates["compressed_sparse_attention"] + 2
     static = StaticDecodeState(model.config, batch=2, capacity=len(prompt) + NEW + 1, resident=BUDGET + headroom)
-    rows = StaticResidentRows(static, csa_layers(model.config))
+    seen = [0, 0]  # tokens seen per row: the host's count, as StaticRunner keeps it
+    rows = StaticResidentRows(static, csa_layers(model.config), seen)
     position = rows.join(1, state.cache, state.residency, state.pool)
+    seen[1] = position
     assert position == len(prompt) and rows.length(1) == BUDGET
     assert int(first_logits.argmax()) == tokens[0]
 
     got, triggers = [], 1
     for step, token in enumerate(tokens[:-1]):
         logits = decode_step(model, static, [0, token], [0, position + step])  # row 0: empty, stepped, ignored
+        seen[1] += 1
         got.append(logits[1].clone())
+        # the host's count of the row's slots is the device's
+        assert rows.length(1) == int(static.layers[csa_layers(model.config)[0]].compressor.lengths[1])
         if (step + 1) % TAU == 0:  # the Session's window boundary: born entries to the pool, the next selection
             born = rows.length(1) - rows.filled[1]
             assert born == rows.flush(1) and rows.filled[1] == rows.length(1)
@@ -100,7 +105,7 @@ def test_install_refuses_what_the_slots_cannot_hold(backbone):
     session._prefill(state, ids)
     session._trigger(state)
     static = StaticDecodeState(model.config, batch=1, capacity=len(prompt) + 9, resident=BUDGET + 6)
-    rows = StaticResidentRows(static, csa_layers(model.config))
+    rows = StaticResidentRows(static, csa_layers(model.config), [0])
     rows.join(0, state.cache, state.residency, state.pool)
     with pytest.raises(ValueError, match="exceed the 30 slots"):
         rows.install(0, torch.arange(25), headroom=6)
@@ -109,7 +114,9 @@ def test_install_refuses_what_the_slots_cannot_hold(backbone):
     with pytest.raises(ValueError, match="resident mode"):
         static.store_row(0, state.cache, len(prompt))
     with pytest.raises(ValueError, match="StaticResidentRows needs"):
-        StaticResidentRows(StaticDecodeState(model.config, batch=1, capacity=8), csa_layers(model.config))
+        StaticResidentRows(StaticDecodeState(model.config, batch=1, capacity=8), csa_layers(model.config), [0])
+    with pytest.raises(ValueError, match="positions: 2 rows, the state has 1"):
+        StaticResidentRows(static, csa_layers(model.config), [0, 0])
     full = StaticDecodeState(model.config, batch=1, capacity=len(prompt) + 9)
     with pytest.raises(ValueError, match="loads rows with their resident entries"):
         full.load_row(0, state.cache, resident={})
@@ -140,14 +147,16 @@ def memory_indexer(backbone):
     {"mode": "random", "budget": BUDGET, "seed": 4},  # fetches and kept rows at every trigger
     {"mode": "lsa", "budget": BUDGET},  # the memory indexer: h_t0 from the runner's buffers, device memory keys
     {"mode": "lsa", "memory_keys": "pool"},  # no budget: a slot for every entry; the memory keys streamed
-    {"mode": "random", "budget": BUDGET, "seed": 4, "prefetch_steps": 3},  # prepared on the helper thread
+    {"mode": "random", "budget": BUDGET, "seed": 4, "prefetch_steps": 3},  # prepared while the next step runs
     {"mode": "lsa", "budget": BUDGET, "prefetch_steps": 5},
 ], ids=["random", "lsa-budget", "lsa-pool-keys", "random-prefetch", "lsa-budget-prefetch"])
 def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_tokens_and_sets(backbone,
                                                                                               memory_indexer,
                                                                                               options):
     """Session(static_decode=True) in a trigger mode: three prompts, two rows (the third joins the row the first
-    finished sequence leaves), tau = 16; with prefetch the trigger fires d steps early on the helper thread. Each sequence's tokens, its trigger record (entries selected and fetched
+    finished sequence leaves), tau = 16; with prefetch the trigger fires d steps early (its job run by the
+    StreamPrefetcher after the next step is queued; the cold-pool path's on its helper thread). Each sequence's
+    tokens, its trigger record (entries selected and fetched
     at every trigger) and its entry counts equal the cold-pool path decoding it alone; a conversation continues
     from the written-back state (keep_context) as the cold-pool path's does."""
     model, tokenizer = backbone
@@ -185,15 +194,17 @@ def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_to
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("mode", ["random", "lsa"])
-def test_session_static_decode_in_a_trigger_mode_on_a_gpu(mode):
+@pytest.mark.parametrize("mode,prefetch", [("random", 0), ("lsa", 0), ("random", 3), ("lsa", 1)])
+def test_session_static_decode_in_a_trigger_mode_on_a_gpu(mode, prefetch):
     """On the GPU (fp32, the step one CUDA graph per call, triggers between replays; h_t0 from buffers the graph
-    writes): three prompts in two rows give the cold-pool path's tokens and trigger record decoding alone."""
+    writes): three prompts in two rows give the cold-pool path's tokens and trigger record decoding alone. With
+    prefetch the job runs on the StreamPrefetcher's side stream while the next replay runs (d = 1: launched and
+    installed around the same replay), the cold-pool path's on its helper thread."""
     from lsa_runtime.backbone import load_backbone
 
     model, tokenizer = load_backbone("tiny", dtype=torch.float32, device="cuda")
     indexer = _native_indexer(model) if mode == "lsa" else None
-    options = {"mode": mode, "budget": BUDGET, "tau": TAU, "seed": 4, "indexer": indexer}
+    options = {"mode": mode, "budget": BUDGET, "tau": TAU, "seed": 4, "indexer": indexer, "prefetch_steps": prefetch}
     prompts = _three_prompts()
     session = Session(model, tokenizer, max_batch=2, static_decode=True, **options)
     batch = session.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
@@ -204,14 +215,14 @@ def test_session_static_decode_in_a_trigger_mode_on_a_gpu(mode):
         agree.append(next((i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b), NEW))
         assert got.stats.selected_per_trigger == want.stats.selected_per_trigger
         assert got.stats.entries_fetched == want.stats.entries_fetched
-    print(f"static {mode} on {torch.cuda.get_device_name()}: tokens equal to the cold-pool path alone before the "
+    print(f"static {mode} (prefetch {prefetch}) on {torch.cuda.get_device_name()}: tokens equal to the cold-pool path alone before the "
           f"first difference {agree} of {NEW}")
     assert agree == [NEW] * 3
 
 
 def test_a_static_stream_stopped_while_a_prefetch_is_in_flight(backbone):
-    """stream() through the static step closed 15 tokens in (tau = 16, prefetch 5: the first sequence's helper is
-    preparing its next set): its helper is closed before its row is handed back, no helper thread is left, its
+    """stream() through the static step closed 15 tokens in (tau = 16, prefetch 5: the first sequence's prefetch is
+    preparing its next set): its prefetcher is closed before its row is handed back, no helper thread is left, its
     written-back state has the cold-pool path's entries, and the Session decodes normally afterwards."""
     import threading
 
