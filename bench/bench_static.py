@@ -26,8 +26,10 @@ buffers, its top R - 18 installed in place (random scores: nearly every row fetc
 are timed apart from the replays (synchronised host clock); reported: median trigger ms, the trigger's share of
 decode time at tau, and tokens/s with the triggers counted. ``--prefetch D`` (with ``--triggers``): up to 8
 synchronous triggers first, timed by phase (flush, select, plan, assemble, write) beside the host's load average;
-then each trigger started D steps before its boundary on the helper thread and installed at the boundary, as
-``Session(prefetch_steps=D)`` runs it, the TAU steps in which every row starts one and installs one timed whole
+then each trigger started D steps before its boundary and installed at the boundary, as
+``Session(prefetch_steps=D)`` runs it (``--prefetch-on stream``, the Session's: the job on the decode thread on a side
+CUDA stream, run once the next replay is queued, so that its host work overlaps the replay; ``thread``: a helper
+thread per row, as runs 8-12 measured), the TAU steps in which every row starts one and installs one timed whole
 (their mean step against the best replay). With ``--triggers``, ``--profile`` also profiles one synchronous trigger
 (host ops with shapes, kernels) and, with ``--prefetch``, one start and one install. ``--switch-intervals 5,0.2``:
 each batch size once per GIL switch interval (the helper threads and the decode thread share the GIL).
@@ -55,6 +57,7 @@ from bench.bench_batch import write_json  # noqa: E402
 from bench.bench_decode import small_config  # noqa: E402
 from bench.flash_model import flash_config  # noqa: E402
 from lsa_runtime.compiled_step import compile_static_step  # noqa: E402
+from lsa_runtime.prefetch import ResidentPrefetcher, StreamPrefetcher  # noqa: E402
 from lsa_runtime.static_decode import StaticDecodeState, install_static_attention, static_step  # noqa: E402
 from lsa_runtime.static_runner import StaticRunner  # noqa: E402
 
@@ -62,9 +65,17 @@ from lsa_runtime.static_runner import StaticRunner  # noqa: E402
 BORN_SLOTS = 64 // 4 + 2  # resident mode: slots kept free for the entries born before the next trigger (tau = 64)
 
 
-def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
+def advance(runner: StaticRunner) -> None:
+    """One token more in every row: the device's positions and the runner's host copies (``StaticResidentRows``
+    counts born entries from those)."""
+    runner.state.positions.add_(1)
+    runner.positions[:] = [p + 1 for p in runner.positions]
+
+
+def fill(runner: StaticRunner, context: int, gen: torch.Generator) -> None:
     """Every row as after ``context`` tokens: random contents (finite gates), the lengths and positions exact (in
     resident mode the CSA slots filled up to their capacity less ``BORN_SLOTS``)."""
+    state = runner.state
     def randn_(t):
         t.copy_(torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(t.dtype))
 
@@ -80,6 +91,7 @@ def fill(state: StaticDecodeState, context: int, gen: torch.Generator) -> None:
             resident = state.geometry.resident is not None and layer.indexer is not None
             store.lengths.fill_(min(context // store.rate, slots - BORN_SLOTS) if resident else context // store.rate)
     state.positions.fill_(context)
+    runner.positions[:] = [context] * state.geometry.batch
     state.tokens.fill_(5)
 
 
@@ -112,6 +124,7 @@ def attach_pool(runner: StaticRunner, context: int, device: str, gen: torch.Gene
     for row in range(runner.state.geometry.batch):  # synthetic: what StaticResidentRows.join would have set
         resident.ids[row], resident.pools[row], resident.filled[row] = \
             torch.arange(filled, device=resident.device), pool, filled
+        resident.marks[row] = (filled, runner.positions[row])
     return keys
 
 
@@ -155,7 +168,7 @@ def trigger(runner: StaticRunner, picker: Picker, keys: dict, row: int, size: in
     resident.flush(row, keys)
     n = resident.pools[row].count(resident.layers[0])
     hidden = {L: runner.hidden[L][row] for L in keys}
-    ids = select(runner, picker, keys, row, hidden, int(runner.state.positions[row]) - 1, n,
+    ids = select(runner, picker, keys, row, hidden, runner.positions[row] - 1, n,
                  size or runner.state.geometry.resident - BORN_SLOTS)
     return resident.install(row, ids, BORN_SLOTS)
 
@@ -179,7 +192,7 @@ def trigger_phases(runner: StaticRunner, picker: Picker, keys: dict, row: int, s
     lap("flush")
     n = resident.pools[row].count(resident.layers[0])
     hidden = {L: runner.hidden[L][row] for L in keys}
-    ids = select(runner, picker, keys, row, hidden, int(runner.state.positions[row]) - 1, n, size)
+    ids = select(runner, picker, keys, row, hidden, runner.positions[row] - 1, n, size)
     lap("select")
     plan = ResidentPlan(resident.ids[row], resident._unique(ids))
     lap("plan")
@@ -187,27 +200,38 @@ def trigger_phases(runner: StaticRunner, picker: Picker, keys: dict, row: int, s
     lap("assemble")
     resident._write(row, rows)
     resident.ids[row], resident.filled[row] = plan.ids, int(plan.ids.numel())
+    resident.marks[row] = (resident.filled[row], runner.positions[row])
     lap("write")
     return times
 
 
 def start_prefetch(runner: StaticRunner, picker: Picker, keys: dict, row: int, prefetcher, size: int,
                    device: str) -> None:
-    """The next window's trigger for ``row`` on the helper thread, as ``Session`` runs it with ``prefetch_steps``:
-    born entries flushed and h_t0 copied now, the scoring and :meth:`StaticResidentRows.prepare` (gather from the
-    cold pool) on the helper while the graph replays."""
+    """The next window's trigger for ``row``, as ``Session`` runs it with ``prefetch_steps``: born entries flushed
+    and h_t0 copied now, the scoring and :meth:`StaticResidentRows.prepare` (gather from the cold pool) by
+    ``prefetcher`` while the graph replays (a ``StreamPrefetcher``, the Session's: on the decode thread once the
+    next replay is queued; a ``ResidentPrefetcher``: on its helper thread)."""
+
     from lsa_runtime.cold_pool import GrowingRows
 
     resident = runner.resident
     resident.flush(row, keys)
     n = resident.pools[row].count(resident.layers[0])
     hidden = {L: runner.hidden[L][row].clone() for L in keys}
-    position = int(runner.state.positions[row]) - 1
+    position = runner.positions[row] - 1
     snapshot, filled = resident.ids[row].clone(), resident.filled[row]
     # the memory keys of the n entries as of now: the rows share them and keep appending while the helper scores
     keys = {L: GrowingRows.over(k.view()[:n], n) for L, k in keys.items()}
-    prefetcher.start(lambda: resident.prepare(row, select(runner, picker, keys, row, hidden, position, n, size,
-                                                          snapshot), snapshot, filled), device)
+
+    def job():
+        return resident.prepare(row, select(runner, picker, keys, row, hidden, position, n, size, snapshot),
+                                snapshot, filled)
+
+    if isinstance(prefetcher, StreamPrefetcher):
+        reads = [snapshot, *hidden.values(), *(k.view() for k in keys.values())]
+        prefetcher.start(job, device, reads=[t for t in reads if t.is_cuda])
+    else:
+        prefetcher.start(job, device)
 
 
 def state_bytes(state: StaticDecodeState) -> int:
@@ -227,7 +251,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(run, state, steps: int, device: str) -> list[float]:
+def time_steps(run, runner: StaticRunner, steps: int, device: str) -> list[float]:
     """Step times (ms, host clock, synchronised); the positions advance as decoding would."""
     out = []
     for _ in range(steps):
@@ -236,12 +260,13 @@ def time_steps(run, state, steps: int, device: str) -> list[float]:
         run()
         synchronize(device)
         out.append((time.perf_counter() - start) * 1e3)
-        state.positions.add_(1)
+        advance(runner)
     return out
 
 
 def profile_replays(graph, replays: int) -> dict:
-    """Kernels per replay and their summed device time (ms per replay), with the five costliest kernel names."""
+    """Kernels per replay and their summed device time (ms per replay), the 30 costliest kernel names and the 15
+    most launched (a step of thousands of small kernels is bound by their count, not their bytes)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -251,10 +276,13 @@ def profile_replays(graph, replays: int) -> dict:
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.self_device_time_total for e in kernels) / 1e3 / replays
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]
     return {"kernels_per_step": sum(e.count for e in kernels) / replays, "device_ms_per_step": total,
             "top": [{"name": e.key[:90], "count": e.count / replays, "ms": e.self_device_time_total / 1e3 / replays}
-                    for e in top]}
+                    for e in top],
+            "most_launched": [{"name": e.key[:90], "count": e.count / replays,
+                               "ms": e.self_device_time_total / 1e3 / replays}
+                              for e in sorted(kernels, key=lambda e: -e.count)[:15]]}
 
 
 def run_batch(model, context: int, batch: int, args, device: str) -> dict:
@@ -266,7 +294,7 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
     hidden = default_memory_layers(model.config) if args.triggers else ()
     runner = StaticRunner(model, batch, capacity, graph=False, resident=args.resident, hidden_layers=hidden)
     state = runner.state
-    fill(state, context, torch.Generator(device=device).manual_seed(context + batch))
+    fill(runner, context, torch.Generator(device=device).manual_seed(context + batch))
     row = {"context": context, "batch": batch, "state_bytes_per_row": state_bytes(state) // batch,
            "resident_slots": args.resident}
     if args.resident is not None:
@@ -278,12 +306,12 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
             static_step(model, state)
             synchronize(device)
             row["compile_seconds"] = time.perf_counter() - began
-        eager = time_steps(lambda: static_step(model, state), state, args.steps, device)
+        eager = time_steps(lambda: static_step(model, state), runner, args.steps, device)
         row["eager_step_ms"] = eager
         row["eager_median_ms"] = sorted(eager[2:])[len(eager[2:]) // 2]
         if device == "cuda" and not args.no_graph:
             runner.capture()  # warm-up steps off the capture, then the capture
-            replay = time_steps(runner.graph.replay, state, args.steps, device)
+            replay = time_steps(runner.graph.replay, runner, args.steps, device)
             row["graph_step_ms"] = replay
             row["graph_median_ms"] = sorted(replay[1:])[len(replay[1:]) // 2]
             if args.profile:
@@ -307,14 +335,14 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     """Replays (eager steps without a graph) with every row's trigger at its staggered step.
 
     Synchronous (``--prefetch 0``): TAU + 8 steps, each trigger timed apart from the replays. With ``--prefetch d``
-    the trigger for a boundary starts d steps before it on the helper thread (``start_prefetch``) and is installed
-    at the boundary (``install_prepared``), as ``Session(prefetch_steps=d)`` runs it; each row triggers at two
-    boundaries TAU apart, and the TAU steps in which every row starts one prefetch and installs one are timed as a
+    the trigger for a boundary starts d steps before it (``start_prefetch``; its job run by ``--prefetch-on``'s
+    prefetcher) and is installed at the boundary (``install_prepared``), as ``Session(prefetch_steps=d)`` runs it:
+    a step's starts and installs queued after the previous replay, the stream prefetcher's jobs after this one;
+    each row triggers at two boundaries TAU apart, and the TAU steps in which every row starts one prefetch and installs one are timed as a
     whole (replays slowed by the helper's work, the decode thread's blocking parts, its waits): their mean is the
     step time with triggers. The slots: a selection leaves tau/4 + 2 + d/4 + 1 free, as the Session's."""
     from lsa_runtime.backbone import default_memory_layers
     from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
-    from lsa_runtime.prefetch import ResidentPrefetcher
 
     config = runner.model.config
     mcfg = MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config),
@@ -325,9 +353,9 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     size = runner.state.geometry.resident - BORN_SLOTS - lead_slots  # a selection's entries
     filled = size - (1 if d else 0)  # before the first install: up to (TAU + d) / 4 + 2 entries are born
     # every row flushes at most one entry per 4 positions it advances (run_batch's capacity less the context)
-    advance = runner.state.geometry.capacity - context
+    ahead = runner.state.geometry.capacity - context
     keys = attach_pool(runner, context, device, torch.Generator(device=device).manual_seed(context), filled,
-                       spare=batch * (advance // 4 + 2))
+                       spare=batch * (ahead // 4 + 2))
     pool = runner.resident.pools[0]
     pool_capacity = pool.rows[(runner.resident.layers[0], "compressor")].capacity
     for layer in runner.state.layers:  # drop the entries the timed steps appended
@@ -364,7 +392,7 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             replay()
             synchronize(device)
             steps.append((time.perf_counter() - start) * 1e3)
-            runner.state.positions.add_(1)
+            advance(runner)
         return {**out, "trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
                 "trigger_ms_mean": sum(triggers) / len(triggers), "replay_with_triggers_step_ms": steps,
                 "fetched_per_trigger": sum(fetched) / len(fetched), "pool_grew": grew()}
@@ -383,16 +411,37 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     # boundaries b_r and b_r + TAU with b_r in [d + 1, d + TAU]: in the steps [TAU + 1, 2 TAU] every row starts one
     # prefetch and installs one (the steady state of one trigger per row per TAU steps)
     bounds = [d + 1 + r * TAU // batch for r in range(batch)]
-    prefetchers = [ResidentPrefetcher() for _ in range(batch)]
+    prefetchers = [prefetcher_class(args.prefetch_on)() for _ in range(batch)]
     if args.profile:  # one start and one install of row 0 under the profiler (the decode thread's blocking parts)
-        out["prefetch_profile"] = profile_prefetch(runner, picker, keys, size, device)
+        out["prefetch_profile"] = profile_prefetch(runner, picker, keys, size, device, args.prefetch_on)
     starts, installs, waits, helper, fetched, window_steps = [], [], [], [], [], []
     # --profile-window: the first WINDOW_PROFILED steps of the steady state under the profiler (host ops and Python
     # frames of both threads), the rest of it timed
     profiled = range(TAU + 1, TAU + 1 + WINDOW_PROFILED) if args.profile_window else range(0)
     first_timed = TAU + 1 + len(profiled)
     window, prof = None, None
+
+    def due(i: int, timed: bool) -> None:
+        """The starts and installs that step i's replay follows, queued after step i - 1's replay (as the Session
+        queues a step's after-step work behind it): host work that overlaps that replay."""
+        for r in range(batch):
+            if i - bounds[r] in (-d, TAU - d):
+                start = time.perf_counter()
+                start_prefetch(runner, picker, keys, r, prefetchers[r], size, device)
+                if timed:  # the profiler slows what it watches
+                    starts.append((time.perf_counter() - start) * 1e3)
+            if i - bounds[r] in (0, TAU):
+                start = time.perf_counter()
+                finished = prefetchers[r].finish()
+                change = runner.resident.install_prepared(r, finished.result, BORN_SLOTS, keys)
+                if timed:
+                    installs.append((time.perf_counter() - start) * 1e3)
+                    waits.append(finished.wait_seconds * 1e3)
+                    helper.append(finished.helper_seconds * 1e3)
+                fetched.append(change.fetched)
+
     try:
+        due(1, True)
         for i in range(1, 2 * TAU + d + 9):
             if i == first_timed:
                 synchronize(device)
@@ -400,24 +449,13 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             if profiled and i == profiled[0]:
                 prof = start_window_profile()
             step_began = time.perf_counter()
-            for r in range(batch):
-                if i - bounds[r] in (-d, TAU - d):
-                    start = time.perf_counter()
-                    start_prefetch(runner, picker, keys, r, prefetchers[r], size, device)
-                    if i not in profiled:  # the profiler slows what it watches
-                        starts.append((time.perf_counter() - start) * 1e3)
-                if i - bounds[r] in (0, TAU):
-                    start = time.perf_counter()
-                    finished = prefetchers[r].finish()
-                    change = runner.resident.install_prepared(r, finished.result, BORN_SLOTS, keys)
-                    if i not in profiled:
-                        installs.append((time.perf_counter() - start) * 1e3)
-                        waits.append(finished.wait_seconds * 1e3)
-                        helper.append(finished.helper_seconds * 1e3)
-                    fetched.append(change.fetched)
             replay()
+            advance(runner)  # the host's positions count this step's token: the next starts flush its entry
+            for prefetcher in prefetchers:  # stream: the jobs started after the last replay run while this one runs
+                if isinstance(prefetcher, StreamPrefetcher):
+                    prefetcher.launch()
+            due(i + 1, i not in profiled)
             synchronize(device)
-            runner.state.positions.add_(1)
             if window is not None and i <= 2 * TAU:
                 window_steps.append((time.perf_counter() - step_began) * 1e3)
             if profiled and i == profiled[-1]:
@@ -432,7 +470,8 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
             prefetcher.close()
     blocking = starts + installs
     timed = 2 * TAU - first_timed + 1
-    return {**out, "prefetch_steps": d, "window_step_ms": window_ms / timed, "window_steps_ms": window_steps,
+    return {**out, "prefetch_steps": d, "prefetch_on": args.prefetch_on, "window_step_ms": window_ms / timed,
+            "window_steps_ms": window_steps,
             "start_ms": starts, "install_ms": installs, "pool_grew": grew(),
             "blocking_ms_median": sorted(blocking)[len(blocking) // 2],
             "blocking_ms_mean": sum(blocking) / len(blocking),
@@ -485,13 +524,16 @@ def profile_trigger(runner: StaticRunner, picker: Picker, keys: dict, device: st
     return profile_host(lambda: trigger(runner, picker, keys, 0), device)
 
 
-def profile_prefetch(runner: StaticRunner, picker: Picker, keys: dict, size: int, device: str) -> dict:
+def prefetcher_class(where: str):
+    """--prefetch-on: ``stream`` (the Session's static path: the decode thread, a side stream) or ``thread``."""
+    return {"stream": StreamPrefetcher, "thread": ResidentPrefetcher}[where]
+
+
+def profile_prefetch(runner: StaticRunner, picker: Picker, keys: dict, size: int, device: str, where: str) -> dict:
     """The decode thread's two blocking parts of a prefetched trigger of row 0, each under torch.profiler as
     :func:`profile_trigger`: the start (flush, h_t0 copied, the job handed over) and the install (the born rows
-    moved, the prepared rows written); the helper's job runs between them, outside both."""
-    from lsa_runtime.prefetch import ResidentPrefetcher
-
-    prefetcher = ResidentPrefetcher()
+    moved, the prepared rows written); the job runs between them, outside both."""
+    prefetcher = prefetcher_class(where)()
     try:
         for _ in range(2):  # the first pair warms (allocator, first launches); the second is profiled
             start = profile_host(lambda: start_prefetch(runner, picker, keys, 0, prefetcher, size, device), device)
@@ -548,8 +590,12 @@ def main() -> None:
     ap.add_argument("--triggers", action="store_true",
                     help="with --resident: every row triggers every 64 steps, staggered (timed apart)")
     ap.add_argument("--prefetch", type=int, default=0, metavar="D",
-                    help="with --triggers: start each trigger D steps before its boundary on the helper thread "
-                         "(Session's prefetch_steps; 0: synchronous)")
+                    help="with --triggers: start each trigger D steps before its boundary (Session's "
+                         "prefetch_steps; 0: synchronous)")
+    ap.add_argument("--prefetch-on", choices=("stream", "thread"), default="stream",
+                    help="with --prefetch: where the prefetched trigger runs: 'stream' (the Session's static path: "
+                         "the decode thread, on a side CUDA stream, once the next replay is queued) or 'thread' (a "
+                         "helper thread per row, as runs 8-12 measured)")
     ap.add_argument("--profile-window", action="store_true",
                     help=f"with --prefetch: the first {WINDOW_PROFILED} steady-state steps under torch.profiler (host "
                          "ops and Python frames of the decode and helper threads; trace beside --json), the rest timed")
@@ -632,8 +678,8 @@ def main() -> None:
                       + ", ".join(f"{k} {v:.2f}" for k, v in row["sync_trigger_phases_ms_median"].items())
                       + f"; host load {row['host_load_average'][0][0]:.1f})", flush=True)
                 steps = sorted(row["window_steps_ms"])
-                print(f"    prefetched {row['prefetch_steps']} steps ahead (GIL switch interval "
-                      f"{row['switch_interval_ms']:g} ms): step {row['window_step_ms']:.2f} ms with "
+                print(f"    prefetched {row['prefetch_steps']} steps ahead on the {row['prefetch_on']} (GIL switch "
+                      f"interval {row['switch_interval_ms']:g} ms): step {row['window_step_ms']:.2f} ms with "
                       f"triggers (median {steps[len(steps) // 2]:.2f}, max {steps[-1]:.2f}; the triggers' share "
                       f"{100 * row['trigger_share']:.1f}% of the step against the best replay), "
                       f"{row['tokens_per_s_with_triggers']:.1f} tok/s; decode thread blocked "
@@ -665,9 +711,10 @@ def main() -> None:
                                                  for k in t["top_device"][:3]), flush=True)
             if "profile" in row:
                 p = row["profile"]
-                print(f"    replay: {p['kernels_per_step']:,.0f} kernels, {p['device_ms_per_step']:.2f} ms device; top: "
-                      + "; ".join(f"{k['name'][:40]} x{k['count']:.0f} {k['ms']:.2f} ms" for k in p["top"][:3]),
-                      flush=True)
+                print(f"    replay: {p['kernels_per_step']:,.0f} kernels, {p['device_ms_per_step']:.2f} ms device; "
+                      "top: " + "; ".join(f"{k['name'][:40]} x{k['count']:.0f} {k['ms']:.2f} ms" for k in p["top"][:3])
+                      + "; most launched: " + "; ".join(f"{k['name'][:40]} x{k['count']:.0f} {k['ms']:.2f} ms"
+                                                        for k in p["most_launched"][:3]), flush=True)
             if args.json:
                 write_json(args.json, rows, args, device)
 
