@@ -5,9 +5,10 @@ model's step (the runner's replay on a GPU), i.e. sampling, text, trigger bookke
 
 ``Session(static_decode=True, max_batch=B)`` decodes B random prompts of ``--prompt-tokens`` greedily (all
 prefilled before the first step); the host clock between the end of one ``StaticRunner.step`` (the model's step,
-eager on a CPU) and the start of the next, divided by B, is the Session's host work per row and step. On a GPU that work runs while the
-device idles (the next step needs the sampled tokens), so it adds to a step whatever the model: the figure to set
-against a Flash-shaped step (~42 ms at 128 rows x 128K on the H200, docs/BENCHMARKS.md). Best of two runs.
+eager on a CPU) and the start of the next, divided by B, is the Session's host work per row and step. On a GPU
+that work runs while the device idles (the next step needs the sampled tokens), so it adds to a step whatever the
+model: the figure to set against a Flash-shaped step (~42 ms at 128 rows x 128K on the H200, docs/BENCHMARKS.md).
+Best of two runs.
 """
 
 from __future__ import annotations

@@ -307,6 +307,8 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
             synchronize(device)
             row["compile_seconds"] = time.perf_counter() - began
         eager = time_steps(lambda: static_step(model, state), runner, args.steps, device)
+        if args.profile_ops:  # one more eager (compiled) step, its ops with shapes: the positions stay
+            row["ops_profile"] = profile_ops(lambda: static_step(model, state), device)
         row["eager_step_ms"] = eager
         row["eager_median_ms"] = sorted(eager[2:])[len(eager[2:]) // 2]
         if device == "cuda" and not args.no_graph:
@@ -517,6 +519,28 @@ def stop_window_profile(prof, steps: int, json_path: str | None) -> dict:
     return out
 
 
+def profile_ops(fn, device: str, top: int = 40) -> dict:
+    """``fn()`` (one step, not a graph replay: the host ops that launch each kernel are seen) under torch.profiler
+    with shapes: the ``top`` (op, input shapes) groups by the device time of the kernels they launch themselves
+    (self: an op's children count apart; on a CPU, by their own host time), with their calls a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        synchronize(device)
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type.name == "CPU"]
+
+    def ms(e):
+        return (e.self_device_time_total if device == "cuda" else e.self_cpu_time_total) / 1e3
+
+    ranked = sorted(events, key=ms, reverse=True)[:top]
+    return {"clock": "device" if device == "cuda" else "host", "ms": sum(ms(e) for e in events),
+            "top": [{"name": e.key[:60], "shapes": str(e.input_shapes)[:160], "count": e.count, "ms": ms(e)}
+                    for e in ranked]}
+
+
 def profile_trigger(runner: StaticRunner, picker: Picker, keys: dict, device: str) -> dict:
     """One synchronous trigger of row 0 under torch.profiler (host and device, shapes): its wall ms, the ops of
     most host time (self) and the kernels of most device time."""
@@ -583,6 +607,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="compile every decoder layer first (lsa_runtime/compiled_step.py; minutes on a GPU)")
     ap.add_argument("--profile", action="store_true", help="count the kernels of a replayed step (GPU)")
+    ap.add_argument("--profile-ops", action="store_true",
+                    help="one eager step (compiled with --compile) under torch.profiler with shapes: the host ops and "
+                         "shapes whose kernels take the most device time (host time on a CPU; the top 40 in the "
+                         "JSON, 12 printed)")
     ap.add_argument("--stock-mhc", action="store_true",
                     help="with --compile: keep transformers' Sinkhorn loop (no lsa_runtime/fused_mhc.py)")
     ap.add_argument("--resident", type=int, default=None,
@@ -709,6 +737,11 @@ def main() -> None:
                                                                      for k in t["top_host"][:4])
                       + "; device: " + "; ".join(f"{k['name'][:28]} x{k['count']} {k['ms']:.2f}"
                                                  for k in t["top_device"][:3]), flush=True)
+            if "ops_profile" in row:
+                o = row["ops_profile"]
+                print(f"    one eager step's ops by {o['clock']} time ({o['ms']:.2f} ms in all):", flush=True)
+                for k in o["top"][:12]:
+                    print(f"      {k['ms']:7.3f} ms x{k['count']:<4} {k['name'][:36]} {k['shapes'][:80]}", flush=True)
             if "profile" in row:
                 p = row["profile"]
                 print(f"    replay: {p['kernels_per_step']:,.0f} kernels, {p['device_ms_per_step']:.2f} ms device; "

@@ -156,9 +156,9 @@ def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_to
     """Session(static_decode=True) in a trigger mode: three prompts, two rows (the third joins the row the first
     finished sequence leaves), tau = 16; with prefetch the trigger fires d steps early (its job run by the
     StreamPrefetcher after the next step is queued; the cold-pool path's on its helper thread). Each sequence's
-    tokens, its trigger record (entries selected and fetched
-    at every trigger) and its entry counts equal the cold-pool path decoding it alone; a conversation continues
-    from the written-back state (keep_context) as the cold-pool path's does."""
+    tokens, its trigger record (entries selected and fetched at every trigger) and its entry counts equal the
+    cold-pool path decoding it alone; a conversation continues from the written-back state (keep_context) as the
+    cold-pool path's does."""
     model, tokenizer = backbone
     indexer = memory_indexer if options["mode"] == "lsa" else None
     prompts = _three_prompts()
@@ -215,8 +215,8 @@ def test_session_static_decode_in_a_trigger_mode_on_a_gpu(mode, prefetch):
         agree.append(next((i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)) if a != b), NEW))
         assert got.stats.selected_per_trigger == want.stats.selected_per_trigger
         assert got.stats.entries_fetched == want.stats.entries_fetched
-    print(f"static {mode} (prefetch {prefetch}) on {torch.cuda.get_device_name()}: tokens equal to the cold-pool path alone before the "
-          f"first difference {agree} of {NEW}")
+    print(f"static {mode} (prefetch {prefetch}) on {torch.cuda.get_device_name()}: tokens equal to the cold-pool "
+          f"path alone before the first difference {agree} of {NEW}")
     assert agree == [NEW] * 3
 
 
