@@ -9,7 +9,7 @@ prefilled before the first step); the host clock between the end of one ``Static
 eager on a CPU) and the start of the next, divided by B, is the Session's host work per row and step. On a GPU
 that work runs while the device idles (the next step needs the sampled tokens), so it adds to a step whatever the
 model: the figure to set against a Flash-shaped step (~42 ms at 128 rows x 128K on the H200, docs/BENCHMARKS.md).
-Best of two runs. ``--flash`` (a GPU): the Flash-shaped model of ``bench/flash_model.py`` (random bf16, no tokenizer:
+Best of ``--runs`` runs (2). ``--flash`` (a GPU): the Flash-shaped model of ``bench/flash_model.py`` (random bf16, no tokenizer:
 no text; bench/bench_detokenize.py times that) with the static step compiled (``static_compile``), the step
 itself (the host clock around ``StaticRunner.step``, which waits for the replay's tokens to be copied in: the
 previous step's sampling already waited for it) reported beside the gaps.
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=16)
     ap.add_argument("--prefetch-steps", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2, help="generate calls per batch size, the best reported")
     ap.add_argument("--flash", action="store_true",
                     help="the Flash-shaped model (bench/flash_model.py) on a CUDA device, its static step compiled")
     args = ap.parse_args()
@@ -77,8 +78,9 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
         batches = []
-    if not batches or min(batches) < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-        raise SystemExit("error: --batches must be positive integers, --new-tokens >= 2, --prompt-tokens >= 1")
+    if not batches or min(batches) < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.runs < 1:
+        raise SystemExit("error: --batches must be positive integers, --new-tokens >= 2, --prompt-tokens >= 1, "
+                         "--runs >= 1")
     if args.flash and not torch.cuda.is_available():
         raise SystemExit("error: --flash needs a CUDA device")
     torch.set_num_threads(args.threads)
@@ -91,7 +93,7 @@ def main() -> None:
     print(f"{'rows':>5} {'gaps':>6} {'host ms/step':>13} {'host us per row-step':>21} {'step ms (median)':>17}  "
           f"(mode {args.mode})")
     for batch in batches:
-        host, gaps, step = min(run(model, tokenizer, batch, args) for _ in range(2))
+        host, gaps, step = min(run(model, tokenizer, batch, args) for _ in range(args.runs))
         print(f"{batch:>5} {gaps:>6} {1e3 * host / gaps:13.2f} {1e6 * host / (gaps * batch):21.1f} {1e3 * step:17.2f}",
               flush=True)
 
