@@ -7,7 +7,7 @@
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run19.sh"); results under $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"
-timeout 330 python3 bench/bench_session_host.py --flash --batches 16,64 --prompt-tokens 1024 --new-tokens 200 --runs 1 \
-  2>&1 | grep -v -i "$F" | tee $OUT/full.txt
-timeout 230 python3 bench/bench_session_host.py --flash --batches 64 --prompt-tokens 1024 --new-tokens 200 --runs 1 \
-  --mode random --budget 64 --prefetch-steps 1 2>&1 | grep -v -i "$F" | tee $OUT/random_prefetch1.txt
+timeout 330 python3 bench/bench_session_host.py --flash --batches 16,64 --prompt-tokens 1024 --new-tokens 200 \
+  --runs 1 2>&1 | grep -v -i "$F" | tee $OUT/full.txt
+timeout 230 python3 bench/bench_session_host.py --flash --batches 64 --prompt-tokens 1024 --new-tokens 200 \
+  --runs 1 --mode random --budget 64 --prefetch-steps 1 2>&1 | grep -v -i "$F" | tee $OUT/random_prefetch1.txt
