@@ -9,10 +9,11 @@ prefilled before the first step); the host clock between the end of one ``Static
 eager on a CPU) and the start of the next, divided by B, is the Session's host work per row and step. On a GPU
 that work runs while the device idles (the next step needs the sampled tokens), so it adds to a step whatever the
 model: the figure to set against a Flash-shaped step (~42 ms at 128 rows x 128K on the H200, docs/BENCHMARKS.md).
-Best of ``--runs`` runs (2). ``--flash`` (a GPU): the Flash-shaped model of ``bench/flash_model.py`` (random bf16, no tokenizer:
-no text; bench/bench_detokenize.py times that) with the static step compiled (``static_compile``), the step
-itself (the host clock around ``StaticRunner.step``, which waits for the replay's tokens to be copied in: the
-previous step's sampling already waited for it) reported beside the gaps.
+Best of ``--runs`` runs (2). ``--flash`` (a GPU): the Flash-shaped model of ``bench/flash_model.py`` (random bf16,
+no tokenizer: no text; bench/bench_detokenize.py times that) with the static step compiled (``static_compile``); the
+timed ``StaticRunner.step`` then waits for its replay (a device synchronise), so the step's column is the replay
+and the gaps are the host work alone, a prefetched trigger's job included (in a Session it overlaps the replay:
+an upper bound there).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def run(model, tokenizer, batch: int, args) -> tuple[float, int, float]:
         if last_end[0] is not None:
             gaps.append(start - last_end[0])
         out = original(self, tokens)
+        if args.flash:  # the replay is asynchronous: the step ends when the device is done
+            torch.cuda.synchronize()
         last_end[0] = time.perf_counter()
         steps.append(last_end[0] - start)
         return out

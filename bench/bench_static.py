@@ -340,9 +340,10 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
     the trigger for a boundary starts d steps before it (``start_prefetch``; its job run by ``--prefetch-on``'s
     prefetcher) and is installed at the boundary (``install_prepared``), as ``Session(prefetch_steps=d)`` runs it:
     a step's starts and installs queued after the previous replay, the stream prefetcher's jobs after this one;
-    each row triggers at two boundaries TAU apart, and the TAU steps in which every row starts one prefetch and installs one are timed as a
-    whole (replays slowed by the helper's work, the decode thread's blocking parts, its waits): their mean is the
-    step time with triggers. The slots: a selection leaves tau/4 + 2 + d/4 + 1 free, as the Session's."""
+    each row triggers at two boundaries TAU apart, and the TAU steps in which every row starts one prefetch and
+    installs one are timed as a whole (replays slowed by the jobs' device work, the decode thread's blocking parts,
+    its waits): their mean is the step time with triggers. The slots: a selection leaves tau/4 + 2 + d/4 + 1 free,
+    as the Session's."""
     from lsa_runtime.backbone import default_memory_layers
     from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 

@@ -109,10 +109,11 @@ class SessionConfig:
       (lsa, recent, random, oracle, all) the CSA layers hold ``budget`` + tau/4 + 2 resident slots per row (every
       entry without a budget; + prefetch_steps/4 + 1 with prefetch), triggers run between steps (or on the
       decode thread's side stream with ``prefetch_steps``, while the next step runs, installed at the boundary);
-      same tokens as the cold-pool path (CPU, tests/test_static_residency.py; the H200 too). None (the default): on where it pays off and was tested, one
-      CUDA device, nothing offloaded, weights not kept in FP8/FP4, and mode ``full`` or a trigger mode (lsa,
-      recent, random, oracle) with a ``budget`` (it bounds the slots a row holds; mode lsa without one would keep
-      a slot for every entry, so it keeps the stock path), ``pool_storage="model"`` and ``memory_keys="device"``;
+      same tokens as the cold-pool path (CPU, tests/test_static_residency.py; the H200 too). None (the default): on
+      where it pays off and was tested, one CUDA device, nothing offloaded, weights not kept in FP8/FP4, and mode
+      ``full`` or a trigger mode (lsa, recent, random, oracle) with a ``budget`` (it bounds the slots a row holds;
+      mode lsa without one would keep a slot for every entry, so it keeps the stock path), ``pool_storage="model"``
+      and ``memory_keys="device"``;
       False: the stock per-sequence path (transformers' own decode, the numerical reference); True: also on a
       CPU (no graph) and in the other cases.
     * ``static_compile``: with the static step, its decoder layers compiled (:mod:`~.compiled_step`: one graph per

@@ -40,4 +40,3 @@ class IncrementalText:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return now[len(done):]
-

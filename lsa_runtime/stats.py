@@ -141,7 +141,7 @@ class SessionStats:
                                                     f"{human_bytes(self.prefill_bytes_to_device)}"),
             ("time in trigger + fetch (decode thread)", f"{self.trigger_seconds * 1000:,.1f} ms"),
             ("prefetch: its jobs / decode thread waited", f"{self.prefetch_seconds * 1000:,.1f} ms / "
-                                                               f"{self.prefetch_wait_seconds * 1000:,.1f} ms"),
+                                                          f"{self.prefetch_wait_seconds * 1000:,.1f} ms"),
             ("prefill", f"{self.prefill_tokens:,} tok, {self.prefill_tokens_per_second:,.0f} tok/s"),
             ("decode", f"{self.decode_tokens:,} tok, {self.decode_tokens_per_second:,.1f} tok/s"),
             ("cold pool (host)", human_bytes(self.cold_pool_bytes)),
