@@ -1,0 +1,44 @@
+#!/bin/bash
+# Issue 20 section 3 on one H200 (written 2026-12-03, tenth session; not run yet): labels at the method's settings on
+# long documents, with the bundled `reference` backbone (its long-context skill is the card's: this measures the
+# labels and the indexer, not the backbone). Two calls back to back on one machine (the label directory is
+# git-ignored under runs/ and stays on the device's disk while it is held; build-labels resumes where it stopped):
+#   call 1: make-corpus (16K / 32K / 64K tokens; single, multikey, multivalue, vt; 7 prompts per seen needle format,
+#           kind and length: 336 documents), then build-labels --source generate (the model's own answers labelled,
+#           as the authors label their dumps), nucleus 0.6, 3 votes, the release's top-k softmax, until 540 s;
+#   call 2: build-labels again (resumes, finishes), then train (focal loss, rank 256, 6 epochs, a quarter of the
+#           documents held out) and the label statistics; results under $OUT: manifest.json (positives per trigger
+#           window before the vote: candidates_mean; after it: positives_mean), train_state.json (held-out F1 / AUC
+#           of the union against recency and chance at the same retrieval ratio), log.txt.
+# `fm-index train` reads the shards through datasets, which the image lacks: carry `.whl` (made here first:
+#   for w in datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do python3 -m pip download --no-deps
+#   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $w; done).
+# Calls: run(timeout_s=600, carry=[".whl"], command="bash docs/results/labels_long_h200/run.sh 1"), then at once
+#        run(timeout_s=600, carry=[".whl"], command="bash docs/results/labels_long_h200/run.sh 2").
+# A small local check of the same commands: LENGTHS=2k PER_FORMAT=1 DEVICE=cpu OUT=/tmp/x W=/tmp/x/w bash ... 1; ... 2
+set -u
+cd "$(dirname "$0")/../../.."
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:?set OUT} PHASE=${1:?call 1 or 2}
+LENGTHS=${LENGTHS:-16k,32k,64k} PER_FORMAT=${PER_FORMAT:-7} DEVICE=${DEVICE:-cuda} W=${W:-runs/labels_long}
+FM="python3 cli.py"
+[ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
+python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-deps --no-index .whl/*.whl; }
+mkdir -p $W $OUT
+T0=$(date +%s)
+left() { echo $(( 560 - ($(date +%s) - T0) )); }
+if [ "$PHASE" = 1 ]; then
+  [ -f $W/corpus.jsonl ] || $FM make-corpus --out $W/corpus.jsonl --lengths $LENGTHS \
+    --kinds single,multikey,multivalue,vt --per-format $PER_FORMAT --seed 20 2>&1 | tail -3 | tee -a $OUT/log.txt
+fi
+timeout $(left) $FM build-labels --corpus $W/corpus.jsonl --out $W/labels --source generate --new-tokens 64 \
+  --nucleus 0.6 --min-votes 3 --softmax-over topk --device $DEVICE 2>&1 | tail -25 | tee -a $OUT/log.txt
+echo "build-labels rc=${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s" | tee -a $OUT/log.txt
+[ -f $W/labels/manifest.json ] && cp $W/labels/manifest.json $OUT/
+if [ "$PHASE" = 2 ] && [ -f $W/labels/manifest.json ]; then
+  timeout $(left) $FM train --labels $W/labels --out $W/train --rank 256 --epochs 6 --eval-fraction 0.25 \
+    --model reference $([ $DEVICE = cuda ] && echo --bf16) 2>&1 | tail -30 | tee -a $OUT/log.txt
+  [ -f $W/train/train_state.json ] && cp $W/train/train_state.json $OUT/
+fi
+echo "call $PHASE done at $(( $(date +%s) - T0 )) s" | tee -a $OUT/log.txt
