@@ -15,7 +15,8 @@
 #   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
 #   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $w; done).
 # Calls: run(timeout_s=600, carry=[".whl"], command="bash docs/results/labels_long_h200/run.sh 1"), then at once
-#        run(timeout_s=600, carry=[".whl"], command="bash docs/results/labels_long_h200/run.sh 2").
+#        run(timeout_s=600, carry=[".whl"], command="bash docs/results/labels_long_h200/run.sh 2"); if its log says
+#        build-labels stopped at the time limit (rc=124), call 2 again at once (it resumes, then trains).
 # A small local check of the same commands: LENGTHS=2k PER_FORMAT=1 DEVICE=cpu OUT=/tmp/x W=/tmp/x/w bash ... 1; ... 2
 set -u
 cd "$(dirname "$0")/../../.."
@@ -32,11 +33,15 @@ if [ "$PHASE" = 1 ]; then
   [ -f $W/corpus.jsonl ] || $FM make-corpus --out $W/corpus.jsonl --lengths $LENGTHS \
     --kinds single,multikey,multivalue,vt --per-format $PER_FORMAT --seed 20 2>&1 | tail -3 | tee -a $OUT/log.txt
 fi
+# chunks of 4,096 tokens: the bundled model's prefill is bound by launches, not memory (its capture buffers at 64K and
+# 4,096 are ~0.3 GB a layer); the default 512 would run ~8x the chunks
 timeout $(left) $FM build-labels --corpus $W/corpus.jsonl --out $W/labels --source generate --new-tokens 64 \
-  --nucleus 0.6 --min-votes 3 --softmax-over topk --device $DEVICE 2>&1 | tail -25 | tee -a $OUT/log.txt
+  --nucleus 0.6 --min-votes 3 --softmax-over topk --chunk-size 4096 --device $DEVICE \
+  $([ -f $W/labels/manifest.json ] && echo --resume) 2>&1 | tail -25 | tee -a $OUT/log.txt
 echo "build-labels rc=${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s" | tee -a $OUT/log.txt
 [ -f $W/labels/manifest.json ] && cp $W/labels/manifest.json $OUT/
-if [ "$PHASE" = 2 ] && [ -f $W/labels/manifest.json ]; then
+complete() { python3 -c "import json, sys; sys.exit(not json.load(open('$W/labels/manifest.json'))['complete'])"; }
+if [ "$PHASE" = 2 ] && complete 2>/dev/null && [ "$(left)" -gt 60 ]; then
   timeout $(left) $FM train --labels $W/labels --out $W/train --rank 256 --epochs 6 --eval-fraction 0.25 \
     --model reference $([ $DEVICE = cuda ] && echo --bf16) 2>&1 | tail -30 | tee -a $OUT/log.txt
   [ -f $W/train/train_state.json ] && cp $W/train/train_state.json $OUT/
