@@ -1,8 +1,9 @@
 #!/bin/bash
-# Issue 20 section 3 on one H200 (written 2026-12-03, tenth session; not run yet): labels at the method's settings on
-# long documents, with the bundled `reference` backbone (its long-context skill is the card's: this measures the
-# labels and the indexer, not the backbone). Two calls back to back on one machine (the label directory is
-# git-ignored under runs/ and stays on the device's disk while it is held; build-labels resumes where it stopped):
+# Issue 20 section 3 on one H200 (written 2026-12-03, tenth session; not run yet beyond the probe below): labels at
+# the method's settings on long documents, with the bundled `reference` backbone (its long-context skill is the
+# card's: this measures the labels and the indexer, not the backbone). Two calls back to back on one machine (the
+# label directory is git-ignored under runs/ and stays on the device's disk while it is held; build-labels resumes
+# where it stopped):
 #   call 1: make-corpus (16K / 32K / 64K tokens; single, multikey, multivalue, vt; 7 prompts per seen needle format,
 #           kind and length: 336 documents), then build-labels --source generate (the model's own answers labelled,
 #           as the authors label their dumps), nucleus 0.6, 3 votes, the release's top-k softmax, until 540 s;
@@ -14,9 +15,16 @@
 #   for w in datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
 #   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $w; done).
-# Calls: run(timeout_s=600, carry=[".whl"], command="bash docs/results/labels_long_h200/run.sh 1"), then at once
-#        run(timeout_s=600, carry=[".whl"], command="bash docs/results/labels_long_h200/run.sh 2"); if its log says
+# Calls: run(timeout_s=600, carry=[".whl", "runs/labels_long/corpus.jsonl"], command="bash
+#        docs/results/labels_long_h200/run.sh 1"), then at once the same with "... run.sh 2"; if its log says
 #        build-labels stopped at the time limit (rc=124), call 2 again at once (it resumes, then trains).
+# Probe (2026-12-03, H200, 104 s call; probe/): 4 single-needle documents of 64K: make-corpus 11 s (2.8 s a
+# prompt), build-labels 55 s (~12.5 s a document after the first, 4,750 tokens/s; golden 9.2 of 16,384 visible
+# entries per trigger, 2,391 in some layer's nucleus before the vote). So the 336 documents need ~40 min of label
+# building (112 x 12.5 s at 64K, ~6 s at 32K, ~3 s at 16K): more than one session's device time. Build the
+# corpus here first (runs/labels_long/corpus.jsonl, carried: ~9 min of the device saved) and either speed label
+# building up (where its 12.5 s go is not profiled yet) or spread the calls over two sessions (the labels do not
+# survive a fresh machine: keep the machine warm between calls).
 # A small local check of the same commands: LENGTHS=2k PER_FORMAT=1 DEVICE=cpu OUT=/tmp/x W=/tmp/x/w bash ... 1; ... 2
 set -u
 cd "$(dirname "$0")/../../.."
@@ -25,7 +33,8 @@ OUT=${OUT:?set OUT} PHASE=${1:?call 1 or 2}
 LENGTHS=${LENGTHS:-16k,32k,64k} PER_FORMAT=${PER_FORMAT:-7} DEVICE=${DEVICE:-cuda} W=${W:-runs/labels_long}
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
-python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-deps --no-index .whl/*.whl; }
+python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-deps --no-index \
+  .whl/*.whl; }
 mkdir -p $W $OUT
 T0=$(date +%s)
 left() { echo $(( 560 - ($(date +%s) - T0) )); }
