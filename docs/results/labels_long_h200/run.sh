@@ -25,9 +25,9 @@
 # corpus here first (runs/labels_long/corpus.jsonl, carried: ~9 min of the device saved) and either speed label
 # building up or spread the calls over two sessions (the labels do not survive a fresh machine: keep it warm between
 # calls). Where the 12.5 s go on the GPU is not profiled; on this repository's CPU (cProfile of one 8K document,
-# --chunk-size 4096): 195 s in the backbone's forwards, of which transformers' eager attention 122 s (its indexer
-# scorer, which builds fp32 logits over chunk x entries x heads, 53 s) and the greedy continuation's 63 stock decode
-# steps ~1.5 s each: the stock path, not the label math.
+# --chunk-size 4096): 195 s in the backbone's forwards, of which transformers' eager attention 122 s and the
+# Lightning Indexer's scorer (fp32 logits over chunk x entries x heads) 53 s; the greedy continuation's 63 stock
+# decode steps ~1.5 s each: the stock path, not the label math.
 # A small local check of the same commands: LENGTHS=2k PER_FORMAT=1 DEVICE=cpu OUT=/tmp/x W=/tmp/x/w bash ... 1; ... 2
 set -u
 cd "$(dirname "$0")/../../.."
