@@ -15,16 +15,17 @@
 #   for w in datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
 #   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $w; done).
-# Calls: run(timeout_s=600, carry=[".whl", "runs/labels_long/corpus.jsonl"], command="bash
+# Calls: run(timeout_s=600, carry=[".whl", "runs/labels_long/corpus.jsonl.gz"], command="bash
 #        docs/results/labels_long_h200/run.sh 1"), then at once the same with "... run.sh 2"; if its log says
 #        build-labels stopped at the time limit (rc=124), call 2 again at once (it resumes, then trains).
 # Probe (2026-12-03, H200, 104 s call; probe/): 4 single-needle documents of 64K: make-corpus 11 s (2.8 s a
 # prompt), build-labels 55 s (~12.5 s a document after the first, 4,750 tokens/s; golden 9.2 of 16,384 visible
 # entries per trigger, 2,391 in some layer's nucleus before the vote). So the 336 documents need ~40 min of label
 # building (112 x 12.5 s at 64K, ~6 s at 32K, ~3 s at 16K): more than one session's device time. Build the
-# corpus here first (runs/labels_long/corpus.jsonl, carried: ~9 min of the device saved) and either speed label
-# building up or spread the calls over two sessions (the labels do not survive a fresh machine: keep it warm between
-# calls). Where the 12.5 s go on the GPU is not profiled; on this repository's CPU (cProfile of one 8K document,
+# corpus here first (the same make-corpus command into runs/labels_long/, then gzip -k: ~9 min of the device saved;
+# the card beside it, corpus.json, stays here) and either speed label building up or spread the calls over two
+# sessions (the labels do not survive a fresh machine: keep it warm between calls). Where the 12.5 s go on the GPU
+# is not profiled (one 64K document under torch.profiler first); on this repository's CPU (cProfile of one 8K document,
 # --chunk-size 4096): 195 s in the backbone's forwards, of which transformers' eager attention 122 s and the
 # Lightning Indexer's scorer (fp32 logits over chunk x entries x heads) 53 s; the greedy continuation's 63 stock
 # decode steps ~1.5 s each: the stock path, not the label math.
@@ -41,6 +42,8 @@ python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip inst
 mkdir -p $W $OUT
 T0=$(date +%s)
 left() { echo $(( 560 - ($(date +%s) - T0) )); }
+# the corpus built ahead (gzipped to stay well inside the carry limit), else built here
+[ -f $W/corpus.jsonl ] || [ ! -f $W/corpus.jsonl.gz ] || gunzip -k $W/corpus.jsonl.gz
 if [ "$PHASE" = 1 ]; then
   [ -f $W/corpus.jsonl ] || $FM make-corpus --out $W/corpus.jsonl --lengths $LENGTHS \
     --kinds single,multikey,multivalue,vt --per-format $PER_FORMAT --seed 20 2>&1 | tail -3 | tee -a $OUT/log.txt
