@@ -27,14 +27,16 @@
 # sessions (the labels do not survive a fresh machine: keep it warm between calls). Where the 12.5 s go on the GPU
 # is not profiled (one 64K document under torch.profiler first); on this repository's CPU (cProfile of one 8K document,
 # --chunk-size 4096): 195 s in the backbone's forwards, of which transformers' eager attention 122 s and the
-# Lightning Indexer's scorer (fp32 logits over chunk x entries x heads) 53 s; the greedy continuation's 63 stock
-# decode steps ~1.5 s each: the stock path, not the label math.
+# Lightning Indexer's scorer (fp32 logits over chunk x entries x heads) 53 s: the prompt's two prefills (the
+# continuation's, timed alone at 40 s with chunks of 4,096 and 12 s with 512, and the capture pass's, the same
+# forwards), not the 64 decode steps (~50 ms each) nor the label math.
 # A small local check of the same commands: LENGTHS=2k PER_FORMAT=1 DEVICE=cpu OUT=/tmp/x W=/tmp/x/w bash ... 1; ... 2
 set -u
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:?set OUT} PHASE=${1:?call 1 or 2}
 LENGTHS=${LENGTHS:-16k,32k,64k} PER_FORMAT=${PER_FORMAT:-7} DEVICE=${DEVICE:-cuda} W=${W:-runs/labels_long}
+CHUNK=${CHUNK:-512}
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-deps --no-index \
@@ -48,10 +50,10 @@ if [ "$PHASE" = 1 ]; then
   [ -f $W/corpus.jsonl ] || $FM make-corpus --out $W/corpus.jsonl --lengths $LENGTHS \
     --kinds single,multikey,multivalue,vt --per-format $PER_FORMAT --seed 20 2>&1 | tail -3 | tee -a $OUT/log.txt
 fi
-# chunks of 4,096 tokens: the bundled model's prefill is bound by launches, not memory (its capture buffers at 64K and
-# 4,096 are ~0.3 GB a layer); the default 512 would run ~8x the chunks
+# CHUNK: build-labels' --chunk-size (the probe ran 4,096; on this CPU 512 prefills an 8K prompt 3.3x faster: measure
+# both on the GPU before the long run)
 timeout $(left) $FM build-labels --corpus $W/corpus.jsonl --out $W/labels --source generate --new-tokens 64 \
-  --nucleus 0.6 --min-votes 3 --softmax-over topk --chunk-size 4096 --device $DEVICE \
+  --nucleus 0.6 --min-votes 3 --softmax-over topk --chunk-size $CHUNK --device $DEVICE \
   $([ -f $W/labels/manifest.json ] && echo --resume) 2>&1 | tail -25 | tee -a $OUT/log.txt
 echo "build-labels rc=${PIPESTATUS[0]} at $(( $(date +%s) - T0 )) s" | tee -a $OUT/log.txt
 [ -f $W/labels/manifest.json ] && cp $W/labels/manifest.json $OUT/
