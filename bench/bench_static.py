@@ -228,8 +228,7 @@ def start_prefetch(runner: StaticRunner, picker: Picker, keys: dict, row: int, p
                                 snapshot, filled)
 
     if isinstance(prefetcher, StreamPrefetcher):
-        reads = [snapshot, *hidden.values(), *(k.view() for k in keys.values())]
-        prefetcher.start(job, device, reads=[t for t in reads if t.is_cuda])
+        prefetcher.start(job, device, reads=[snapshot, *hidden.values(), *(k.view() for k in keys.values())])
     else:
         prefetcher.start(job, device)
 

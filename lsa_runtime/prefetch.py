@@ -124,8 +124,8 @@ class StreamPrefetcher:
     its device work, without waiting on the host. ``Finished.wait_seconds`` is the time :meth:`finish` spent (the
     whole job when it had to run it), ``helper_seconds`` the job's own host time.
 
-    Memory across streams: ``reads`` (tensors the job reads that the decode stream allocated) are kept from reuse
-    until the side stream is past them; what the job returns is the installer's to keep
+    Memory across streams: ``reads`` (tensors the job reads that the decode stream allocated; host tensors among them
+    are skipped) are kept from reuse until the side stream is past them; what the job returns is the installer's to keep
     (:meth:`StaticResidentRows.install_prepared <.static_residency.StaticResidentRows.install_prepared>`)."""
 
     def __init__(self) -> None:
@@ -165,7 +165,8 @@ class StreamPrefetcher:
             if stream is not None:
                 stream.wait_event(self._ready)
                 for tensor in reads:
-                    tensor.record_stream(stream)
+                    if tensor.is_cuda:  # host tensors need no guard
+                        tensor.record_stream(stream)
             try:
                 result = job()
             except Exception as exc:  # noqa: BLE001 - re-raised by finish, on the boundary, as the thread's is

@@ -733,10 +733,10 @@ class Session:
         state, rows, row = job.state, self._runner.resident, job.row
         trigger_state = self._static_trigger_state(job, self._memory_keys(state), lead=self.config.prefetch_steps)
         snapshot, filled = trigger_state.resident, rows.filled[row]
-        reads = [snapshot, *trigger_state.hidden.values(), *trigger_state.index_keys.values()]
         state.prefetcher.start(lambda: rows.prepare(row, self._select(state, trigger_state, rows.device), snapshot,
                                                     filled),
-                               self.device, reads=[t for t in reads if t.device.type == "cuda"])
+                               self.device,
+                               reads=[snapshot, *trigger_state.hidden.values(), *trigger_state.index_keys.values()])
         state.clock.trigger_seconds += time.perf_counter() - start
 
     def _memory_keys(self, state: DecodeState) -> dict:
