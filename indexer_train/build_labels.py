@@ -157,18 +157,24 @@ class _DocumentObserver(IndexerObserver):
 
 
 def label_document(model, doc: Document, input_ids: list[int], params: LabelParams, progress=None,
-                   first_trigger: int | None = None):
+                   first_trigger: int | None = None, new_tokens: int = 0):
     """Labels of one document: (rows, keys by layer, stats). Triggers at ``first_trigger`` (default tau) + k *
-    tau whose window fits; ``label_generated`` sets it at the end of the prompt."""
+    tau whose window fits. With ``new_tokens`` > 0 the document is a prompt: the backbone's greedy continuation
+    of that many tokens is decoded under the same hooks and labelled with it (``label_generated``)."""
     rate = model.config.compress_rates["compressed_sparse_attention"]
-    n = len(input_ids)
+    n = len(input_ids) + new_tokens
     triggers = trigger_positions(n, params.tau, first_trigger)
     labeler = WindowLabeler(n_tokens=n, tau=params.tau, rate=rate, nucleus=params.nucleus,
                             min_votes=params.min_votes, softmax_over=params.softmax_over,
                             first_trigger=first_trigger)
     observer = _DocumentObserver(labeler, params.layers, triggers)
     capture = IndexerCapture(model, memory_layers=params.layers, chunk_size=params.chunk_size)
-    cache = capture.prefill(torch.tensor(input_ids, dtype=torch.long), observer, progress=progress)
+    generated: list[int] = []
+    if new_tokens:
+        cache, generated = capture.generate(torch.tensor(input_ids, dtype=torch.long), new_tokens, observer,
+                                            progress=progress)
+    else:
+        cache = capture.prefill(torch.tensor(input_ids, dtype=torch.long), observer, progress=progress)
     keys = {layer: capture.indexer_keys(cache, layer).to(torch.float16).cpu() for layer in params.layers}
     del cache
     by_position = {trig.position: trig for trig in observer.closed}
@@ -193,32 +199,21 @@ def label_document(model, doc: Document, input_ids: list[int], params: LabelPara
         "native_topk_sum": int(sum(by_position[t].native_topk_union.numel() for t in triggers)),
         "visible_sum": int(sum(by_position[t].n_visible for t in triggers)),
     }
+    if new_tokens:
+        stats.update(prompt_tokens=len(input_ids), generated_tokens=len(generated))
     return rows, keys, stats
-
-
-def continuation(model, prompt_ids: list[int], new_tokens: int, chunk_size: int) -> list[int]:
-    """The backbone's own greedy continuation of ``prompt_ids``: ``new_tokens`` tokens (end-of-sequence tokens
-    included, so that every document yields the same number of windows)."""
-    from lsa_runtime.session import Session, SessionConfig
-
-    # the stock decode path: labels built on a GPU keep the tokens transformers' own decoding gives
-    session = Session(model, None, SessionConfig(mode="full", chunk_size=chunk_size, static_decode=False))
-    return session.generate(prompt_ids, max_new_tokens=new_tokens, stop_at_eos=False).token_ids
 
 
 def label_generated(model, doc: Document, prompt_ids: list[int], params: LabelParams, progress=None):
     """``--source generate``: labels of the tokens the backbone generates after the document, as the authors'
-    release labels its dumps. The continuation is decoded greedily, then the prompt and continuation are run
-    once more with the capture hooks (teacher forcing reproduces the decode steps' indexer logits and hidden
-    states). Triggers start at the prompt's last token (``generate_trigger="last_prompt_token"``: the position
-    whose h_t a Session scores at its first trigger) or at the first generated token; every window covers the
-    generated tokens."""
-    generated = continuation(model, prompt_ids, params.new_tokens, params.chunk_size)
+    release labels its dumps. One pass: the prompt is prefilled and the continuation decoded greedily with the
+    capture hooks on (:meth:`IndexerCapture.generate`), so the decode steps' own indexer logits and hidden states
+    are labelled. Triggers start at the prompt's last token (``generate_trigger="last_prompt_token"``: the
+    position whose h_t a Session scores at its first trigger) or at the first generated token; every window
+    covers the generated tokens."""
     first = len(prompt_ids) - 1 if params.generate_trigger == "last_prompt_token" else len(prompt_ids)
-    rows, keys, stats = label_document(model, doc, prompt_ids + generated, params, progress=progress,
-                                       first_trigger=first)
-    stats.update(prompt_tokens=len(prompt_ids), generated_tokens=len(generated))
-    return rows, keys, stats
+    return label_document(model, doc, prompt_ids, params, progress=progress, first_trigger=first,
+                          new_tokens=params.new_tokens)
 
 
 def _backbone_block(name: str, config) -> dict:

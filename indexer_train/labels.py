@@ -26,6 +26,7 @@ the result equals a brute-force stable sort exactly. The top-k nucleus sorts at 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import torch
@@ -159,9 +160,15 @@ class WindowLabeler:
         if self.softmax_over not in SOFTMAX_OVER:
             raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {self.softmax_over!r}")
         self.triggers = set(trigger_positions(self.n_tokens, self.tau, self.first_trigger))
+        self._sorted = sorted(self.triggers)
+        self._idle = False
 
     def start_chunk(self, start: int, length: int):
         self._chunk = (start, length, None, None, None)
+        # a chunk that no trigger window overlaps contributes nothing: skip its nucleus work (a generated
+        # continuation's long prompt is mostly such chunks)
+        i = bisect_left(self._sorted, start - self.tau + 1)  # first trigger whose window may reach the chunk
+        self._idle = not (i < len(self._sorted) and self._sorted[i] < start + length)
 
     def _buffers(self, t_len: int, device):
         """The chunk's vote, candidate and top-k buffers, made on the device of the first layer that reports (a
@@ -182,6 +189,8 @@ class WindowLabeler:
     def add_logits(self, logits: torch.Tensor):
         """One CSA layer's raw logits for the chunk: [S, T]. With ``softmax_over="topk"`` they wait for the same
         layer's picks (:meth:`add_topk`, called next)."""
+        if self._idle:
+            return
         if self.softmax_over == "topk":
             self._pending_logits = logits
             return
@@ -191,6 +200,8 @@ class WindowLabeler:
 
     def add_topk(self, picks: torch.Tensor, t_len: int):
         """One CSA layer's native top-k picks for the chunk: [S, k], -1 = invalid."""
+        if self._idle:
+            return
         _, _, topk = self._buffers(t_len, picks.device)
         here = picks.to(topk.device)
         valid = here >= 0

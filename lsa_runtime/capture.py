@@ -136,32 +136,68 @@ class IndexerCapture:
 
         ``progress``: optional callable ``progress(n_tokens_done)`` after each chunk.
         """
+        cache, _ = self._run(torch.as_tensor(input_ids, dtype=torch.long).reshape(-1), 0, observer, progress)
+        return cache
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, new_tokens: int, observer: IndexerObserver | None = None,
+                 progress=None):
+        """The backbone's greedy continuation of ``prompt_ids`` with the hooks on throughout: the prompt in chunks,
+        then ``new_tokens`` tokens one decode step each (end-of-sequence tokens included), the last one fed too, so
+        the observer sees every position of prompt + continuation once. Returns ``(cache, generated ids)``.
+
+        One pass where label building used to decode the continuation and then teacher-force the whole sequence
+        again through :meth:`prefill` (the prompt's prefill, most of the time at long context, ran twice)."""
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+        if new_tokens < 1 or prompt.numel() < 1:
+            raise ValueError("generate needs a non-empty prompt and new_tokens >= 1")
+        return self._run(prompt, new_tokens, observer, progress)
+
+    def _run(self, prompt: torch.Tensor, new_tokens: int, observer, progress):
+        """Prefill ``prompt`` in chunks, then (``new_tokens`` > 0) greedy decode steps through the same cache, the
+        observer told of every chunk (a decode step is a chunk of one token). Returns (cache, generated ids)."""
         from transformers import DynamicCache
 
         observer = observer or IndexerObserver()
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
         device = execution_device(self.decoder.embed_tokens)  # a device map's first GPU, offloaded or not
         cache = DynamicCache(config=self.config)
         chunk_ref = [ChunkInfo(0, 0)]
         handles = self._register(observer, chunk_ref)
         kw = cache_kwarg()
+        # the decode steps need the next-token logits: the causal LM (its head on the last position only)
+        lm = self.model if new_tokens and self.model is not self.decoder else None
+        if new_tokens and lm is None:
+            raise ValueError("generate needs the causal LM (a model with lm_head), not its decoder")
+        generated: list[int] = []
+
+        def forward(ids: torch.Tensor, start: int, want_logits: bool):
+            chunk = ChunkInfo(start, ids.numel())
+            chunk_ref[0] = chunk
+            observer.on_chunk_start(chunk)
+            position_ids = torch.arange(start, start + ids.numel(), device=device).unsqueeze(0)
+            args = dict(input_ids=ids.to(device).unsqueeze(0), position_ids=position_ids, use_cache=True,
+                        **{kw: cache})
+            out = lm(**args, logits_to_keep=1) if want_logits else self.decoder(**args)
+            observer.on_chunk_end(chunk)
+            if progress is not None:
+                progress(start + ids.numel())
+            return int(out.logits[0, -1].argmax()) if want_logits else None
+
         try:
-            total, start = input_ids.numel(), 0
+            total, start = prompt.numel(), 0
             while start < total:
-                ids = input_ids[start : start + self.chunk_length(start)].to(device)
-                chunk = ChunkInfo(start, ids.numel())
-                chunk_ref[0] = chunk
-                observer.on_chunk_start(chunk)
-                position_ids = torch.arange(start, start + ids.numel(), device=device).unsqueeze(0)
-                self.decoder(input_ids=ids.unsqueeze(0), position_ids=position_ids, use_cache=True, **{kw: cache})
-                observer.on_chunk_end(chunk)
-                start += ids.numel()
-                if progress is not None:
-                    progress(start)
+                n = self.chunk_length(start)
+                last = start + n >= total
+                token = forward(prompt[start : start + n], start, want_logits=last and new_tokens > 0)
+                start += min(n, total - start)
+            for i in range(new_tokens):
+                generated.append(token)
+                token = forward(torch.tensor([token]), start, want_logits=i + 1 < new_tokens)
+                start += 1
         finally:
             for handle in handles:
                 handle.remove()
-        return cache
+        return cache, generated
 
     def indexer_keys(self, cache, layer: int) -> torch.Tensor:
         """The compressed indexer keys K^IComp of CSA layer ``layer``: [n_entries, index_head_dim]."""

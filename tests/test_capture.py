@@ -87,3 +87,37 @@ def test_chunks_shrink_with_context_to_bound_memory(tiny_model):
         assert length == 16 or length * heads * ((start + length) // 4 + window) * 4 <= capture.max_score_bytes
         previous = length
     assert capture.chunk_length(0) == 512 and capture.chunk_length(1 << 20) == 16
+
+
+def test_generate_is_transformers_greedy_decoding_with_every_position_observed_once(tiny_model, sample_ids):
+    """IndexerCapture.generate: the tokens of transformers' own greedy generate; the observer sees the prompt in
+    chunks and then each generated token as a one-token chunk, the last one included; the decode steps' captured
+    logits equal a teacher-forced prefill of prompt + continuation."""
+    prompt = sample_ids[:90]
+
+    class Chunks(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.chunks = []
+
+        def on_chunk_start(self, chunk):
+            self.chunks.append((chunk.start, chunk.length))
+
+    rec = Chunks()
+    _, generated = IndexerCapture(tiny_model, memory_layers=(2,), chunk_size=32).generate(prompt, 12, rec)
+    hf = tiny_model.generate(prompt.unsqueeze(0), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert generated == hf[0, 90:].tolist()
+    assert rec.chunks == [(0, 32), (32, 32), (64, 26)] + [(90 + i, 1) for i in range(12)]
+    full = torch.cat([prompt, torch.tensor(generated)])
+    ref = Recorder()
+    IndexerCapture(tiny_model, memory_layers=(2,), chunk_size=32).prefill(full, ref)
+    layer = csa_layers(tiny_model.config)[0]
+    decode = {start: x for start, x in rec.logits[layer] if start >= 90}
+    assert sorted(decode) == list(range(90, 102))
+    by_row = {}
+    for start, x in ref.logits[layer]:
+        for r in range(x.shape[0]):
+            by_row[start + r] = x[r]
+    for position, x in decode.items():
+        t_len = x.shape[1]
+        torch.testing.assert_close(x[0], by_row[position][:t_len], rtol=1e-4, atol=1e-5)
