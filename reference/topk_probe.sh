@@ -9,12 +9,14 @@
 # under $OUT (topk_K.json, eval_K.log).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
-start=$(date +%s)
+start=$(date +%s) BUDGET=${BUDGET:-540}  # seconds for the whole call (less when the session's device time is short)
 for K in 16384 256; do
-  left=$(( 540 - ($(date +%s) - start) ))
-  minutes=$(python3 -c "print(round(min(4.2, ($left - 40) / 60), 1))")
+  left=$(( BUDGET - ($(date +%s) - start) ))
+  [ $left -gt 60 ] || { echo "top-k $K: no time left"; continue; }
+  minutes=$(python3 -c "print(round(min(4.2, ($left - 40) / 60 / (2 if $K == 16384 else 1)), 1))")
   echo "top-k $K: up to $minutes min"
-  timeout $left python3 -m reference.evaluate_needles --model data/reference --corpus reference/work/corpus.npz \
+  cap=$(python3 -c "print(min($left, int($minutes * 60) + 60))")  # a task started before the deadline may finish
+  timeout $cap python3 -m reference.evaluate_needles --model data/reference --corpus reference/work/corpus.npz \
     --attention window --lengths 65536 32768 --n 20 --n-at 65536=10 --topk $K \
     --tasks single_number_code single_number_noise multivalue_number_code --chunk-above 32768 --chunk 4096 \
     --chunk-gib 8 --max-minutes $minutes --out $OUT/topk_$K.json > $OUT/eval_$K.log 2>&1

@@ -40,8 +40,9 @@ LENGTHS=${LENGTHS:-16k,32k,64k} PER_FORMAT=${PER_FORMAT:-7} DEVICE=${DEVICE:-cud
 CHUNK=${CHUNK:-auto} SHARDS=${SHARDS:-4}
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
-python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-deps --no-index \
-  .whl/*.whl; }
+# the device's way to install carried wheels (its README): into /tmp/site, on PYTHONPATH
+python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
+  --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
 mkdir -p $W $OUT
 T0=$(date +%s)
 left() { echo $(( 560 - ($(date +%s) - T0) )); }
