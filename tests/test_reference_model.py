@@ -750,3 +750,25 @@ def test_chunked_indexer_keeps_loss_distillation_and_gradients(monkeypatch, chec
     assert chunked[0] == pytest.approx(reference[0], rel=1e-5)
     assert set(chunked[1]) == {2} and chunked[1][2] == pytest.approx(reference[1][2], rel=1e-5, abs=1e-7)
     _assert_grads_close(reference[2], chunked[2], 1e-5)
+
+
+def test_card_topk_probe_table_is_the_stored_rows():
+    """The card's "Indexer or reading?" table: every cell is the accuracy recomputed from the stored per-prompt hits of
+    training_results.json's diagnostics.topk_probe, whose top-64 column is the default's own evaluation's rows."""
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    probe = results["diagnostics"]["topk_probe"]["results"]
+    card = (REFERENCE / "README.md").read_text()
+    card = card[card.index("### Indexer or reading?"):]
+    card = card[:card.index("\n### ")]
+    default = results["needles_gpu_long"]["results"]["topk64"]
+    for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
+        cells = []
+        for length in (32768, 65536):
+            key = f"{task}@{length}"
+            assert probe["topk64"][key] == default[key]
+            for k in (64, 256, 16384):
+                row = probe[f"topk{k}"][key]
+                assert row["index_topk"] == k and len(row["hits"]) == row["n"] == (20 if length == 32768 else 10)
+                cells.append(f"{100 * row['hits'].count('1') / row['n']:.1f}")
+        line = next(x for x in card.splitlines() if x.startswith(f"| {task}") and x.count("|") == 8)
+        assert [c.strip() for c in line.split("|")[2:-1]] == cells, line
