@@ -1,4 +1,7 @@
 #!/bin/bash
+# Results: docs/RESULTS.md, section 9; raw under run1/ (run 2026-12-03, eleventh session: call 1 = the chunk probe,
+# 4,096 in 25.4 s vs 512 in 29.8 s for one 64K prompt with the model's load, then 184 documents; call 2 = the other
+# 152, merge, train).
 # Issue 20 section 3 on one H200 (written 2026-12-03, tenth session; eleventh: one-pass labels, shards side by
 # side, the chunk size measured): labels at the method's settings on long documents, with the bundled `reference`
 # backbone (its long-context skill is the card's: this measures the labels and the indexer, not the backbone).
