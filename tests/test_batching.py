@@ -67,14 +67,16 @@ def test_forward_rows_equals_each_sequence_alone(backbone, prompts):
             torch.testing.assert_close(again[r], alone, rtol=1e-5, atol=1e-5)
 
 
+# random and oracle run in the slow suite only (-m slow): 34 s of the default suite's CI budget, and
+# test_evaluate's batched-vs-alone test decodes both modes batched in the default suite
 @pytest.mark.parametrize("options", [
-    {"mode": "full"},
-    {"mode": "lsa", "tau": TAU},
-    {"mode": "lsa", "tau": TAU, "memory_keys": "pool", "pool_storage": "fp8"},
-    {"mode": "random", "tau": TAU, "budget": 24, "seed": 3},
-    {"mode": "hisparse", "budget": 40},
-    {"mode": "oracle", "tau": TAU, "budget": 24},
-], ids=["full", "lsa", "lsa-poolkeys-fp8", "random", "hisparse", "oracle"])
+    pytest.param({"mode": "full"}, id="full"),
+    pytest.param({"mode": "lsa", "tau": TAU}, id="lsa"),
+    pytest.param({"mode": "lsa", "tau": TAU, "memory_keys": "pool", "pool_storage": "fp8"}, id="lsa-poolkeys-fp8"),
+    pytest.param({"mode": "random", "tau": TAU, "budget": 24, "seed": 3}, id="random", marks=pytest.mark.slow),
+    pytest.param({"mode": "hisparse", "budget": 40}, id="hisparse"),
+    pytest.param({"mode": "oracle", "tau": TAU, "budget": 24}, id="oracle", marks=pytest.mark.slow),
+])
 def test_batch_gives_each_sequence_its_tokens_and_stats_alone(backbone, prompts, indexer, options):
     """Four prompts, at most three decoding together (the fourth joins when one finishes): the same greedy
     tokens, finish reasons and per-sequence stats (triggers, selections, fetches, bytes) as decoding alone."""

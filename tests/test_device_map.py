@@ -146,7 +146,8 @@ def _same_decoding(resident, offloaded, tokenizer, indexer, mode, prompt):
         assert stats_b.selected_per_trigger == stats_a.selected_per_trigger and stats_a.triggers >= 1
 
 
-@pytest.mark.parametrize("mode", ["full", "lsa", "hisparse"])
+# full (the stock compressor, nothing swapped) in the slow suite only: the test is about lsa and hisparse
+@pytest.mark.parametrize("mode", [pytest.param("full", marks=pytest.mark.slow), "lsa", "hisparse"])
 def test_offloaded_layers_decode_as_resident_ones(reference_cpu, offloaded, indexer, mode):
     """The LSA compressor swap must reach the forward accelerate's hook calls (it binds the forward at load time):
     without that, lsa and hisparse silently ran the stock compressor on offloaded layers."""

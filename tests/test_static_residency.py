@@ -144,12 +144,16 @@ def memory_indexer(backbone):
 
 
 @pytest.mark.parametrize("options", [
-    {"mode": "random", "budget": BUDGET, "seed": 4},  # fetches and kept rows at every trigger
-    {"mode": "lsa", "budget": BUDGET},  # the memory indexer: h_t0 from the runner's buffers, device memory keys
-    {"mode": "lsa", "memory_keys": "pool"},  # no budget: a slot for every entry; the memory keys streamed
-    {"mode": "random", "budget": BUDGET, "seed": 4, "prefetch_steps": 3},  # prepared while the next step runs
-    {"mode": "lsa", "budget": BUDGET, "prefetch_steps": 5},
-], ids=["random", "lsa-budget", "lsa-pool-keys", "random-prefetch", "lsa-budget-prefetch"])
+    # fetches and kept rows at every trigger (slow suite only: random-prefetch below fetches at every trigger too)
+    pytest.param({"mode": "random", "budget": BUDGET, "seed": 4}, id="random", marks=pytest.mark.slow),
+    # the memory indexer: h_t0 from the runner's buffers, device memory keys
+    pytest.param({"mode": "lsa", "budget": BUDGET}, id="lsa-budget"),
+    # no budget: a slot for every entry; the memory keys streamed
+    pytest.param({"mode": "lsa", "memory_keys": "pool"}, id="lsa-pool-keys"),
+    # prepared while the next step runs
+    pytest.param({"mode": "random", "budget": BUDGET, "seed": 4, "prefetch_steps": 3}, id="random-prefetch"),
+    pytest.param({"mode": "lsa", "budget": BUDGET, "prefetch_steps": 5}, id="lsa-budget-prefetch"),
+])
 def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_tokens_and_sets(backbone,
                                                                                               memory_indexer,
                                                                                               options):
