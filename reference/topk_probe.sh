@@ -5,15 +5,16 @@
 # at long range, or because attention cannot use them? The same evaluation (same seeds, tasks, n) with index_topk
 # raised to 256 and to every entry (16,384 at 64K: the indexer no longer selects): if accuracy comes back with more
 # picks, the indexer's selection is what the next piece must train; if not, the backbone's reading is.
-# Call: run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/topk_probe.sh"); results
+# Call: run(timeout_s=600, carry=["reference/work/corpus.npz"], command="[KS=...] [RANK_N=N] bash reference/topk_probe.sh"); results
 # under $OUT (topk_K.json, eval_K.log).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
-start=$(date +%s) BUDGET=${BUDGET:-540}  # seconds for the whole call (less when the session's device time is short)
-for K in 16384 256; do
+start=$(date +%s) BUDGET=${BUDGET:-540} done_ks=0  # seconds for the whole call (less when the session's device time is short)
+for K in ${KS:-16384 256}; do  # run 2026-12-03 with the default; KS="1024 4096" is the next question
   left=$(( BUDGET - ($(date +%s) - start) ))
   [ $left -gt 60 ] || { echo "top-k $K: no time left"; continue; }
-  minutes=$(python3 -c "print(round(min(4.2, ($left - 40) / 60 / (2 if $K == 16384 else 1)), 1))")
+  n_ks=$(echo ${KS:-16384 256} | wc -w)
+  minutes=$(python3 -c "print(round(min(4.2, ($left - 40) / 60 / max(1, $n_ks - $done_ks)), 1))")
   echo "top-k $K: up to $minutes min"
   cap=$(python3 -c "print(min($left, int($minutes * 60) + 60))")  # a task started before the deadline may finish
   timeout $cap python3 -m reference.evaluate_needles --model data/reference --corpus reference/work/corpus.npz \
@@ -21,4 +22,16 @@ for K in 16384 256; do
     --tasks single_number_code single_number_noise multivalue_number_code --chunk-above 32768 --chunk 4096 \
     --chunk-gib 8 --max-minutes $minutes --out $OUT/topk_$K.json > $OUT/eval_$K.log 2>&1
   echo "rc=$? at $(( $(date +%s) - start )) s"; tail -12 $OUT/eval_$K.log
+  done_ks=$((done_ks + 1))
 done
+# RANK_N=N: then the indexer's rank of the needle per CSA layer (reference/needle_rank.py; the first N prompts of the
+# same evaluation at 64K and 32K, code and noise haystacks) with what time is left
+if [ -n "${RANK_N:-}" ]; then
+  for task in single_number_code single_number_noise; do
+    left=$(( BUDGET - ($(date +%s) - start) ))
+    [ $left -gt 30 ] || break
+    timeout $left python3 -m reference.needle_rank --device cuda --corpus reference/work/corpus.npz --task $task \
+      --lengths 65536 32768 --n $RANK_N --chunk 4096 --out $OUT/needle_rank_$task.json > $OUT/needle_rank_$task.log 2>&1
+    echo "needle_rank $task rc=$? at $(( $(date +%s) - start )) s"; tail -3 $OUT/needle_rank_$task.log
+  done
+fi
