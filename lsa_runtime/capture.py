@@ -145,9 +145,7 @@ class IndexerCapture:
         """The backbone's greedy continuation of ``prompt_ids`` with the hooks on throughout: the prompt in chunks,
         then ``new_tokens`` tokens one decode step each (end-of-sequence tokens included), the last one fed too, so
         the observer sees every position of prompt + continuation once. Returns ``(cache, generated ids)``.
-
-        One pass where label building used to decode the continuation and then teacher-force the whole sequence
-        again through :meth:`prefill` (the prompt's prefill, most of the time at long context, ran twice)."""
+        Labelling a continuation this way costs one prefill of the prompt, not two (decode, then teacher-force)."""
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
         if new_tokens < 1 or prompt.numel() < 1:
             raise ValueError("generate needs a non-empty prompt and new_tokens >= 1")
