@@ -34,7 +34,8 @@
 # Lightning Indexer's scorer (fp32 logits over chunk x entries x heads) 53 s: the prompt's two prefills (the
 # continuation's, timed alone at 40 s with chunks of 4,096 and 12 s with 512, and the capture pass's, the same
 # forwards), not the 64 decode steps (~50 ms each) nor the label math.
-# A small local check of the same commands: LENGTHS=2k PER_FORMAT=1 DEVICE=cpu OUT=/tmp/x W=/tmp/x/w bash ... 1; ... 2
+# A small local check of the same commands (79 s here, 2026-12-03): LENGTHS=2k PER_FORMAT=1 DEVICE=cpu SHARDS=2
+# CHUNK=512 OUT=/tmp/x W=/tmp/x/w bash docs/results/labels_long_h200/run.sh 1
 set -u
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
