@@ -772,3 +772,26 @@ def test_card_topk_probe_table_is_the_stored_rows():
                 cells.append(f"{100 * row['hits'].count('1') / row['n']:.1f}")
         line = next(x for x in card.splitlines() if x.startswith(f"| {task}") and x.count("|") == 8)
         assert [c.strip() for c in line.split("|")[2:-1]] == cells, line
+
+
+def test_card_needle_rank_table_is_the_stored_ranks():
+    """The card's needle-rank table: every rank is training_results.json's diagnostics.needle_rank, and its
+    "answered" column is the stored per-prompt hits of the default's evaluation (top-64) and of the probe (every
+    entry)."""
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    ranks = results["diagnostics"]["needle_rank"]["samples"]
+    probe = results["diagnostics"]["topk_probe"]["results"]
+    card = (REFERENCE / "README.md").read_text()
+    card = card[card.index("### Indexer or reading?"):]
+    card = card[:card.index("\n### ")]
+    rows = [line for line in card.splitlines() if re.match(r"^\| (32|64)K #\d", line)]
+    assert len(rows) == len(ranks) == 9
+    yes = {"1": "yes", "0": "no"}
+    for line in rows:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        length = 65536 if cells[0].startswith("64K") else 32768
+        i = int(cells[0].split("#")[1])
+        stored = ranks[f"{length}/{i}"]["ranks"]
+        assert cells[2:] == [f"{stored[str(layer)]:,}" for layer in (2, 4, 6, 8, 10)], line
+        key = f"single_number_code@{length}"
+        assert cells[1] == f"{yes[probe['topk64'][key]['hits'][i]]} / {yes[probe['topk16384'][key]['hits'][i]]}"
