@@ -1,4 +1,5 @@
 #!/bin/bash
+# Results: data/reference/README.md, "Indexer or reading?" (KS default, run 2026-12-03; 214 s on one H200).
 # Issue 20 section 1, a diagnostic for the next long-context piece (written 2026-12-03, eleventh session): the
 # default (L6) answers single needles 55-65% at 32K and nothing at 64K with its native top-64 (data/reference/
 # README.md, "Needles, the default"). Does it fail because its Lightning Indexer picks the wrong compressed entries
