@@ -227,7 +227,9 @@ class WindowLabeler:
             return closed
         golden = votes >= self.min_votes
         end = start + length
-        for t0 in sorted(self.triggers):  # windows that overlap this chunk
+        # windows that overlap this chunk, from the first whose window may reach it (sorted once, in __post_init__)
+        for k in range(bisect_left(self._sorted, start - self.tau + 1), len(self._sorted)):
+            t0 = self._sorted[k]
             if t0 + self.tau <= start:
                 continue
             if t0 >= end:
