@@ -20,8 +20,10 @@ receives exactly that bias (CSA / HCA layers) or zeros (sliding layers, or a com
 and never the dense sliding-window mask. Padding masks are not supported (the reference programs never pad).
 
 The returned attention weights are not the eager [B, heads, S, S + T] probabilities: when gradients are enabled
-(training, where the Lightning-Indexer distillation reads them) they are the probability mass on each compressed
-entry summed over heads, [B, 1, S, T] fp32, detached; otherwise None. ``distillation.py`` reads either form.
+(training, where the Lightning-Indexer distillation reads them) or the attention module has the attribute
+``KEEP_MASS`` set true (``train_indexer.py``'s teacher, which runs without autograd) they are the probability mass on
+each compressed entry summed over heads, [B, 1, S, T] fp32, detached; otherwise None. ``distillation.py`` reads
+either form.
 
 Lightning Indexer: transformers' indexer scores every query against every compressed entry before its top-k,
 I[t, s] = sum_h w[t, h] ReLU(q[t, h] . K[s]) as [B, S, index heads, T] fp32 blocks (several of them live at once,
@@ -49,6 +51,8 @@ NAME = "fm_window_sparse"
 # Bytes of one query chunk's fp32 score block ([B, chunk, index heads, T] in the indexer, [B, chunk, T] for the
 # block bias); the chunk length follows from the call's sizes. A few such blocks are alive at once.
 CHUNK_BYTES = 1 << 30
+# An attention module with this attribute set true returns its compressed-entry mass even without autograd.
+KEEP_MASS = "fm_keep_compressed_mass"
 
 
 def query_chunk(seq: int, bytes_per_query: int) -> int:
@@ -141,20 +145,20 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
     probs = F.softmax(logits, dim=-1)
     p_w = probs[..., :2 * window].to(kv.dtype).view(batch, heads, n_blocks, window, 2 * window)
     out = torch.matmul(p_w, blocks.transpose(-1, -2).unsqueeze(1)).view(batch, heads, padded, dim)[:, :, :seq]
-    mass = None
+    mass, want_mass = None, torch.is_grad_enabled() or getattr(module, KEEP_MASS, False)
     if n_sel:
         p_c = probs[:, :, :seq, 2 * window:2 * window + n_sel]  # the padded query rows dropped
         if gathered is not None:
             out = out + torch.einsum("bhsk,bskd->bhsd", p_c.to(kv.dtype), gathered)
         else:
             out = out + torch.matmul(p_c.to(kv.dtype), comp.unsqueeze(1))
-        if torch.is_grad_enabled():
+        if want_mass:
             with torch.no_grad():
                 summed = p_c.sum(1)  # [B, S, k or T]
                 if gathered is not None:  # top-k indices are distinct, and closed picks carry probability 0
                     summed = summed.new_zeros(batch, seq, n_comp).scatter_(-1, idx, summed)
                 mass = summed.unsqueeze(1)
-    elif n_comp and torch.is_grad_enabled():
+    elif n_comp and want_mass:
         mass = query.new_zeros(batch, 1, seq, n_comp, dtype=torch.float32)
     out = out.to(query.dtype)
     return out.transpose(1, 2).contiguous(), mass

@@ -166,6 +166,10 @@ def load_checkpoint(ckpt: Path):
 
     if (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
+        if "init" in state:  # train_indexer.py's checkpoint: its backbone plus the trained indexers
+            from .train_indexer import load_indexer_checkpoint
+
+            return load_indexer_checkpoint(ckpt, state)
         files = sorted(ckpt.glob("weights-*.safetensors"))
     elif (ckpt / "model.safetensors").is_file():  # an exported model folder such as data/reference
         from transformers import DeepseekV4ForCausalLM

@@ -1,0 +1,54 @@
+#!/bin/bash
+# The Lightning Indexer alone at 32K-64K (reference/train_indexer.py; issue 20 section 1, written 2026-12-03, twelfth
+# session). Results: data/reference/README.md, "Indexer alone at long range"; raw under docs/results/indexer_piece_h200/.
+# Why: the top-k probe (reference/topk_probe.sh) found layer 6 ranking the needle 536-10,846 at 64K, and more picks
+# bringing single needles back from 0% to 15-30%; this trains the indexers against the dense attention (backbone
+# frozen) and evaluates the result with its native top-64 exactly as the default was evaluated (same seeds, tasks, n).
+#   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/indexer_piece.sh train")
+#   run(timeout_s=600, carry=["reference/work/corpus.npz", "reference/work/idx/ckpt"],
+#       command="bash reference/indexer_piece.sh more")
+# `train` starts from data/reference; `more` resumes reference/work/idx/ckpt (still on a warm machine, or carried
+# from here after copying call 1's $OUT/ckpt there). The checkpoint (indexer.safetensors, optimizer.pt, state.json,
+# ~1 MB) comes back under $OUT/ckpt; train.py's load_checkpoint reads it as data/reference plus these indexers.
+# Env: TRAIN_MIN (training minutes), BUDGET (seconds for the whole call), LR.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+start=$(date +%s) BUDGET=${BUDGET:-560} MODE=${1:-train}
+CK=reference/work/idx/ckpt
+LONG="--lengths 65536 32768 --n 20 --n-at 65536=10 --chunk-above 32768"
+TASKS="single_number_code single_number_noise multivalue_number_code"
+elapsed() { echo $(( $(date +%s) - start )); }
+case $MODE in
+  train)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_train_indexer.py 2>&1 | tail -3
+    [ ${PIPESTATUS[0]} -eq 0 ] || { echo "tests failed: not training"; exit 1; }
+    rm -rf $CK; resume=(); minutes=${TRAIN_MIN:-4.0} ;;
+  more)
+    [ -f $CK/state.json ] || { echo "no checkpoint at $CK"; exit 2; }
+    resume=(--resume); minutes=${TRAIN_MIN:-5.0} ;;
+  *) echo "usage: indexer_piece.sh train|more"; exit 2 ;;
+esac
+echo "train $MODE: $minutes min, at $(elapsed) s"
+python3 -m reference.train_indexer --init data/reference --ckpt $CK "${resume[@]}" --lengths 65536 32768 \
+  --max-minutes $minutes --decay-minutes 1 --lr ${LR:-5e-4} > $OUT/train.log 2>&1
+echo "train rc=$? at $(elapsed) s"; grep -v '^{' $OUT/train.log | tail -3
+python3 - <<'EOF'
+import json
+log = json.load(open("reference/work/idx/ckpt/state.json"))["log"]
+for r in log[:1] + log[-3:]:
+    print(r["step"], r["seq_len"], "kl", r["kl"], "mass@k", r["mass_at_k"], "best@k", r["best_at_k"],
+          {k: v["mass_at_k"] for k, v in r["layers"].items()})
+EOF
+mkdir -p $OUT/ckpt && cp $CK/* $OUT/ckpt/
+left=$(( BUDGET - $(elapsed) ))
+python3 -m reference.evaluate_needles --model $CK --attention window $LONG --tasks $TASKS --chunk 4096 \
+  --chunk-gib 8 --max-minutes $(python3 -c "print(round(max(0.5, ($left - 60) / 60), 1))") \
+  --out $OUT/eval_long.json > $OUT/eval.log 2>&1
+echo "long eval rc=$? at $(elapsed) s"; grep '^{' $OUT/eval.log | cut -c1-150
+left=$(( BUDGET - $(elapsed) ))
+if [ $left -gt 60 ]; then
+  timeout $left python3 -m reference.evaluate_needles --model $CK --attention window --lengths 4096 8192 16384 \
+    --n 40 --n-at 16384=20 --tasks $TASKS --chunk-gib 8 --max-minutes $(python3 -c "print(round(($left - 30) / 60, 1))") \
+    --out $OUT/eval_short.json >> $OUT/eval.log 2>&1
+  echo "short eval rc=$? at $(elapsed) s"; grep '^{' $OUT/eval.log | tail -n +7 | cut -c1-150
+fi
