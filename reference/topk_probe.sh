@@ -1,5 +1,6 @@
 #!/bin/bash
-# Results: data/reference/README.md, "Indexer or reading?" (KS default, run 2026-12-03; 214 s on one H200).
+# Results: data/reference/README.md, "Indexer or reading?" (KS default, run 2026-12-03, 214 s on one H200; then
+# KS="1024 4096" RANK_N=10 BUDGET=540, 368 s, raw in docs/results/topk_probe_h200/run2/).
 # Issue 20 section 1, a diagnostic for the next long-context piece (written 2026-12-03, eleventh session): the
 # default (L6) answers single needles 55-65% at 32K and nothing at 64K with its native top-64 (data/reference/
 # README.md, "Needles, the default"). Does it fail because its Lightning Indexer picks the wrong compressed entries
@@ -11,7 +12,7 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s) BUDGET=${BUDGET:-540} done_ks=0  # seconds for the whole call (less when the session's device time is short)
-for K in ${KS:-16384 256}; do  # run 2026-12-03 with the default; KS="1024 4096" is the next question
+for K in ${KS:-16384 256}; do
   left=$(( BUDGET - ($(date +%s) - start) ))
   [ $left -gt 60 ] || { echo "top-k $K: no time left"; continue; }
   n_ks=$(echo ${KS:-16384 256} | wc -w)

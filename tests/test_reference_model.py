@@ -766,11 +766,11 @@ def test_card_topk_probe_table_is_the_stored_rows():
         for length in (32768, 65536):
             key = f"{task}@{length}"
             assert probe["topk64"][key] == default[key]
-            for k in (64, 256, 16384):
+            for k in (64, 256, 1024, 4096, 16384):
                 row = probe[f"topk{k}"][key]
                 assert row["index_topk"] == k and len(row["hits"]) == row["n"] == (20 if length == 32768 else 10)
                 cells.append(f"{100 * row['hits'].count('1') / row['n']:.1f}")
-        line = next(x for x in card.splitlines() if x.startswith(f"| {task}") and x.count("|") == 8)
+        line = next(x for x in card.splitlines() if x.startswith(f"| {task}") and x.count("|") == 12)
         assert [c.strip() for c in line.split("|")[2:-1]] == cells, line
 
 
@@ -795,3 +795,29 @@ def test_card_needle_rank_table_is_the_stored_ranks():
         assert cells[2:] == [f"{stored[str(layer)]:,}" for layer in (2, 4, 6, 8, 10)], line
         key = f"single_number_code@{length}"
         assert cells[1] == f"{yes[probe['topk64'][key]['hits'][i]]} / {yes[probe['topk16384'][key]['hits'][i]]}"
+
+
+def test_card_gpu_needle_rank_table_is_the_stored_ranks():
+    """The card's per-layer rank summary: median (lower middle) rank and the counts within the top 64 / top 4,096,
+    recomputed from training_results.json's diagnostics.needle_rank_gpu; and those GPU ranks equal the CPU ranks of
+    diagnostics.needle_rank wherever both ranked a prompt, as the card says."""
+    import statistics
+
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    gpu = results["diagnostics"]["needle_rank_gpu"]["tasks"]
+    cpu = results["diagnostics"]["needle_rank"]["samples"]
+    shared = [k for k in cpu if k in gpu["single_number_code"]]
+    assert len(shared) == 9 and all(cpu[k]["ranks"] == gpu["single_number_code"][k]["ranks"] for k in shared)
+    card = (REFERENCE / "README.md").read_text()
+    card = card[card.index("### Indexer or reading?"):]
+    card = card[:card.index("\n### ")]
+    for task, haystack in (("single_number_code", "code"), ("single_number_noise", "noise")):
+        for length in (32768, 65536):
+            samples = [v for k, v in gpu[task].items() if k.startswith(f"{length}/")]
+            assert len(samples) == 10
+            cells = []
+            for layer in ("2", "4", "6", "8", "10"):
+                r = [s["ranks"][layer] for s in samples]
+                cells.append(f"{statistics.median_low(r):,} ({sum(x <= 64 for x in r)} / {sum(x <= 4096 for x in r)})")
+            line = next(x for x in card.splitlines() if x.startswith(f"| {haystack}, {length // 1024}K |"))
+            assert [c.strip() for c in line.split("|")[2:-1]] == cells, line
