@@ -20,7 +20,7 @@ TASKS="single_number_code single_number_noise multivalue_number_code"
 elapsed() { echo $(( $(date +%s) - start )); }
 case $MODE in
   train)
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_train_indexer.py 2>&1 | tail -3
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_train_indexer.py 2>&1 | tail -30
     [ ${PIPESTATUS[0]} -eq 0 ] || { echo "tests failed: not training"; exit 1; }
     rm -rf $CK; resume=(); minutes=${TRAIN_MIN:-4.0} ;;
   more)

@@ -309,9 +309,10 @@ def main(argv=None):
     parser.add_argument("--chunk-gib", type=float, default=8.0,
                         help="halve a prefill chunk while its fp32 score block exceeds this")
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
     args = parser.parse_args(argv)
     t_start = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.resume and not (args.ckpt / "state.json").is_file():
         raise SystemExit(f"--resume: no checkpoint in {args.ckpt}")
