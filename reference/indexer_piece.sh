@@ -1,6 +1,7 @@
 #!/bin/bash
 # The Lightning Indexer alone at 32K-64K (reference/train_indexer.py; issue 20 section 1, written 2026-12-03, twelfth
-# session). Results: data/reference/README.md, "Indexer alone at long range"; raw under docs/results/indexer_piece_h200/.
+# session). Results: data/reference/README.md, "Indexer alone at long range"; raw under docs/results/indexer_piece_h200/
+# (the checkpoints there without their optimizer.pt; reference/work/idx/ckpt_run1, _run2 keep them whole, locally).
 # Why: the top-k probe (reference/topk_probe.sh) found layer 6 ranking the needle 536-10,846 at 64K, and more picks
 # bringing single needles back from 0% to 15-30%; this trains the indexers against the dense attention (backbone
 # frozen) and evaluates the result with its native top-64 exactly as the default was evaluated (same seeds, tasks, n).
@@ -10,6 +11,11 @@
 # `train` starts from data/reference; `more` resumes reference/work/idx/ckpt (still on a warm machine, or carried
 # from here after copying call 1's $OUT/ckpt there). The checkpoint (indexer.safetensors, optimizer.pt, state.json,
 # ~1 MB) comes back under $OUT/ckpt; train.py's load_checkpoint reads it as data/reference plus these indexers.
+#   run(timeout_s=600, command="bash reference/indexer_piece.sh judge [CKPT]")
+# `judge` evaluates a candidate (default: the 112-step one of 2026-12-03, docs/results/indexer_piece_h200/run2/ckpt)
+# with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
+# prints reference/compare_evals.py's verdict (~5 min).
+# Run 2026-12-03 (twelfth session): train (65 steps) + more (47 steps); judge not yet run.
 # Env: TRAIN_MIN (training minutes), BUDGET (seconds for the whole call), LR.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -26,7 +32,16 @@ case $MODE in
   more)
     [ -f $CK/state.json ] || { echo "no checkpoint at $CK"; exit 2; }
     resume=(--resume); minutes=${TRAIN_MIN:-5.0} ;;
-  *) echo "usage: indexer_piece.sh train|more"; exit 2 ;;
+  judge)
+    cand=${2:-docs/results/indexer_piece_h200/run2/ckpt}
+    [ -f $cand/state.json ] || { echo "no checkpoint at $cand"; exit 2; }
+    python3 -m reference.evaluate_needles --model $cand --attention window --lengths 4096 8192 16384 32768 65536 \
+      --n 40 --n-at 16384=20 32768=20 65536=10 --chunk-above 32768 --chunk 4096 --chunk-gib 8 --max-minutes 4.2 \
+      --out $OUT/eval_candidate.json > $OUT/eval.log 2>&1
+    echo "eval rc=$? at $(elapsed) s"
+    python3 -m reference.compare_evals $OUT/eval_candidate.json | tee $OUT/verdict.txt
+    exit 0 ;;
+  *) echo "usage: indexer_piece.sh train|more|judge [CKPT]"; exit 2 ;;
 esac
 echo "train $MODE: $minutes min, at $(elapsed) s"
 python3 -m reference.train_indexer --init data/reference --ckpt $CK "${resume[@]}" --lengths 65536 32768 \

@@ -821,3 +821,50 @@ def test_card_gpu_needle_rank_table_is_the_stored_ranks():
                 cells.append(f"{statistics.median_low(r):,} ({sum(x <= 64 for x in r)} / {sum(x <= 4096 for x in r)})")
             line = next(x for x in card.splitlines() if x.startswith(f"| {haystack}, {length // 1024}K |"))
             assert [c.strip() for c in line.split("|")[2:-1]] == cells, line
+
+
+def test_card_indexer_alone_tables_are_the_stored_rows():
+    """The card's "Indexer alone at long range": every accuracy cell and the paired gains / losses recomputed from the
+    stored per-prompt hits (the default's needles_gpu_long and diagnostics.indexer_alone's two runs, same prompts),
+    and the training table from the stored per-layer means."""
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    default = results["needles_gpu_long"]["results"]["topk64"]
+    runs = results["diagnostics"]["indexer_alone"]["runs"]
+    assert (runs["run1"]["step"], runs["run2"]["step"]) == (65, 112)
+    card = (REFERENCE / "README.md").read_text()
+    card = card[card.index("### Indexer alone at long range"):]
+    card = card[:card.index("\n### ")]
+    lines = card.splitlines()
+    acc = lambda row: f"{100 * row['hits'].count('1') / row['n']:.1f}"  # noqa: E731
+    for length in (4096, 8192, 16384, 32768, 65536):
+        cells, gained, lost = [], 0, 0
+        for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
+            key = f"{task}@{length}"
+            a, b, c = default[key], runs["run1"]["results"][key], runs["run2"]["results"][key]
+            assert a["n"] == b["n"] == c["n"] == len(c["hits"])
+            cells.append(f"{acc(a)} / {acc(b)} / {acc(c)}")
+            gained += sum(x == "0" and y == "1" for x, y in zip(a["hits"], c["hits"]))
+            lost += sum(x == "1" and y == "0" for x, y in zip(a["hits"], c["hits"]))
+        line = next(x for x in lines if x.startswith(f"| {length:,} (n = "))
+        assert [c.strip() for c in line.split("|")[2:-1]] == cells + [f"{gained} / {lost}"], line
+    training = runs["run2"]["training"]
+    for layer in ("2", "4", "6", "8", "10"):
+        cells = []
+        for length in ("65536", "32768"):
+            first, last = training[length]["first"]["layers"][layer], training[length]["last"]["layers"][layer]
+            cells += [f"{first['kl']:.4f} -> {last['kl']:.4f}", f"{first['mass_at_k']:.4f} / {first['best_at_k']:.4f}",
+                      f"{last['mass_at_k']:.4f} / {last['best_at_k']:.4f}"]
+        line = next(x for x in lines if x.startswith(f"| {layer} | "))
+        assert [c.strip() for c in line.split("|")[2:-1]] == cells, line
+    # the stored means are those of the raw training log that came back with the checkpoint
+    log = json.loads((REPO / "docs/results/indexer_piece_h200/run2/ckpt/state.json").read_text())["log"]
+    assert len(log) == 112
+    for length in ("65536", "32768"):
+        rows = [r for r in log if r["seq_len"] == int(length)]
+        for part, picked in (("first", rows[:5]), ("last", rows[-5:])):
+            stored = training[length][part]
+            assert stored["steps"] == [r["step"] for r in picked]
+            for layer in ("2", "4", "6", "8", "10"):
+                for key in ("kl", "mass_at_k", "best_at_k"):
+                    mean = sum(r["layers"][layer][key] for r in picked) / 5
+                    assert stored["layers"][layer][key] == pytest.approx(mean, abs=6e-5)
