@@ -9,6 +9,12 @@ are ranked. The needle's entries are those holding a token of the answer's value
 (entry s holds tokens 4s .. 4s + 3); the rank reported is that of the best-scored needle entry (1 = the indexer's top
 pick), so "rank <= 64" means the native top-64 reads the needle in that layer.
 
+``--attention-rank`` also ranks the needle by the main attention itself: the prompt prefilled again with every
+compressed entry readable (``attention.py``'s window attention, ``train_indexer.DenseTeacher``), and at the same query
+the head-summed attention probability of each visible entry per CSA layer; reported are the best needle entry's rank
+by that mass (``attn_ranks``) and the needle entries' share of the layer's compressed-entry mass (``attn_share``).
+An indexer rank far below the attention rank is the indexer's failure; both far down, the attention's.
+
     python -m reference.needle_rank --lengths 8192 32768 65536 --n 5 --out needle_rank.json
 """
 
@@ -79,6 +85,39 @@ def rank_sample(model, sample, chunk: int) -> dict:
     return out
 
 
+def attention_ranks(model, sample, chunk: int, max_bytes: int = 8 << 30) -> dict:
+    """Per CSA layer, with every compressed entry readable: the best needle entry's rank by the main attention's
+    head-summed probability at the query before the answer, and the needle entries' share of the compressed-entry
+    mass there. ``{"attn_ranks": {layer: rank}, "attn_share": {layer: share}}``; the model is left as it was."""
+    from .attention import NAME, set_attention, set_chunked_indexers
+    from .train_indexer import DenseTeacher, set_every_entry
+
+    rate = csa_rate(model.config)
+    layers = csa_layers(model.config)
+    query = sample.answer_start - 1
+    visible = (query + 1) // rate
+    tokens = needle_positions(sample.input_ids, sample.answer_start, sample.answer_len)
+    entries = sorted({t // rate for t in tokens if t // rate < visible})
+    previous, topk = model.config._attn_implementation, model.config.index_topk
+    set_attention(model, "window")
+    set_every_entry(model, layers, True, topk)
+    teacher = DenseTeacher(model, layers, mass_dtype=torch.float32, rows=[query])
+    try:
+        device = next(model.parameters()).device
+        captured = teacher.run(torch.as_tensor(sample.input_ids[:query + 1], device=device), chunk, max_bytes)
+    finally:
+        teacher.remove()
+        set_every_entry(model, layers, False, topk)
+        set_chunked_indexers(model, previous == NAME)
+        model.config._attn_implementation = previous
+    out = {"attn_ranks": {}, "attn_share": {}}
+    for layer in layers:
+        row = captured[layer][3][0, :visible].cpu()
+        out["attn_ranks"][str(layer)] = ranks_of(row, entries) if entries else None
+        out["attn_share"][str(layer)] = round(float(row[entries].sum() / row.sum()), 6) if entries else None
+    return out
+
+
 def main(argv=None):
     from lsa_runtime.backbone import load_backbone
 
@@ -94,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens; shrinks with context)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="JSON written after every sample")
+    parser.add_argument("--attention-rank", action="store_true",
+                        help="also rank the needle by the main attention's own mass with every entry readable")
     args = parser.parse_args(argv)
     if not args.corpus.is_file():
         parser.error(f"--corpus {args.corpus} does not exist (python -m reference.build_corpus makes it)")
@@ -106,10 +147,13 @@ def main(argv=None):
         for i, sample in enumerate(eval_samples(builder, args.task, length, args.n, args.seed)):
             t0 = time.time()
             row = rank_sample(model, sample, args.chunk)
+            if args.attention_rank:
+                row.update(attention_ranks(model, sample, args.chunk))
             row["seconds"] = round(time.time() - t0, 1)
             results["samples"][f"{length}/{i}"] = row
             print(json.dumps({"length": length, "sample": i, "visible": row["visible"],
                               "needle_entries": row["needle_entries"], "ranks": row["ranks"],
+                              **({"attn_ranks": row["attn_ranks"]} if args.attention_rank else {}),
                               "seconds": row["seconds"]}), flush=True)
             if args.out:
                 tmp = args.out.with_name(args.out.name + ".tmp")

@@ -12,10 +12,10 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s) BUDGET=${BUDGET:-540} done_ks=0  # seconds for the whole call (less when the session's device time is short)
-for K in ${KS:-16384 256}; do
+for K in ${KS-16384 256}; do
   left=$(( BUDGET - ($(date +%s) - start) ))
   [ $left -gt 60 ] || { echo "top-k $K: no time left"; continue; }
-  n_ks=$(echo ${KS:-16384 256} | wc -w)
+  n_ks=$(echo ${KS-16384 256} | wc -w)
   minutes=$(python3 -c "print(round(min(4.2, ($left - 40) / 60 / max(1, $n_ks - $done_ks)), 1))")
   echo "top-k $K: up to $minutes min"
   cap=$(python3 -c "print(min($left, int($minutes * 60) + 60))")  # a task started before the deadline may finish
@@ -27,13 +27,17 @@ for K in ${KS:-16384 256}; do
   done_ks=$((done_ks + 1))
 done
 # RANK_N=N: then the indexer's rank of the needle per CSA layer (reference/needle_rank.py; the first N prompts of the
-# same evaluation at 64K and 32K, code and noise haystacks) with what time is left
+# same evaluation at 64K and 32K, code and noise haystacks) with what time is left; ATTN=1 adds the main attention's
+# own rank of the needle with every entry readable (--attention-rank). KS="" skips the top-k evaluations: the call
+# for that (written 2026-12-03, twelfth session, not run yet):
+#   run(timeout_s=600, carry=["reference/work/corpus.npz"], command='KS="" RANK_N=10 ATTN=1 BUDGET=400 bash reference/topk_probe.sh')
 if [ -n "${RANK_N:-}" ]; then
   for task in single_number_code single_number_noise; do
     left=$(( BUDGET - ($(date +%s) - start) ))
     [ $left -gt 30 ] || break
     timeout $left python3 -m reference.needle_rank --device cuda --corpus reference/work/corpus.npz --task $task \
-      --lengths 65536 32768 --n $RANK_N --chunk 4096 --out $OUT/needle_rank_$task.json > $OUT/needle_rank_$task.log 2>&1
+      --lengths 65536 32768 --n $RANK_N --chunk 4096 ${ATTN:+--attention-rank} --out $OUT/needle_rank_$task.json \
+      > $OUT/needle_rank_$task.log 2>&1
     echo "needle_rank $task rc=$? at $(( $(date +%s) - start )) s"; tail -3 $OUT/needle_rank_$task.log
   done
 fi

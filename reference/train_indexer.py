@@ -64,10 +64,13 @@ INDEXER_FILE = "indexer.safetensors"
 class DenseTeacher:
     """Hooks on the CSA layers that record, during a chunked prefill, the indexer's inputs and the main attention's
     head-summed mass on each compressed entry (the layers must read every entry: ``index_topk`` >= S / 4), stored
-    as ``mass_dtype`` (bf16: 2 GiB per layer at 64K; its ~0.4% round-off is far below what the KL resolves)."""
+    as ``mass_dtype`` (bf16: 2 GiB per layer at 64K; its ~0.4% round-off is far below what the KL resolves).
+    ``rows``: keep the mass of these query positions only (p is then [len(rows), T], in that order)."""
 
-    def __init__(self, model, csa_layers: list[int], mass_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model, csa_layers: list[int], mass_dtype: torch.dtype = torch.bfloat16,
+                 rows: list[int] | None = None):
         self.model, self.csa_layers, self.mass_dtype = model, list(csa_layers), mass_dtype
+        self.rows = None if rows is None else list(rows)
         self._handles = []
         self.inputs: dict[int, list] = {}
         self.mass: dict[int, torch.Tensor] = {}
@@ -93,7 +96,8 @@ class DenseTeacher:
         model, n = self.model, ids.shape[0]
         rate = model.config.compress_rates["compressed_sparse_attention"]
         self.inputs = {i: [] for i in self.csa_layers}
-        self.mass = {i: torch.zeros(n, n // rate, dtype=self.mass_dtype, device=ids.device) for i in self.csa_layers}
+        kept = n if self.rows is None else len(self.rows)
+        self.mass = {i: torch.zeros(kept, n // rate, dtype=self.mass_dtype, device=ids.device) for i in self.csa_layers}
         cache, kwarg, start = DynamicCache(config=model.config), _cache_kwarg(model), 0
         while start < n:
             length = min(chunk_length(model.config, start, chunk, max_bytes), n - start)
@@ -118,8 +122,15 @@ class DenseTeacher:
         def hook(module, args, output):
             a, b = self._rows.pop(i, (0, 0))
             mass = output[1]
-            if mass is not None and b > a:  # [1, 1, chunk, entries so far]
-                self.mass[i][a:b, :mass.shape[-1]] = mass[0, 0].to(self.mass_dtype)
+            if mass is None or b <= a:
+                return
+            mass = mass[0, 0]  # [chunk, entries so far]
+            if self.rows is None:
+                self.mass[i][a:b, :mass.shape[-1]] = mass.to(self.mass_dtype)
+                return
+            for j, t in enumerate(self.rows):
+                if a <= t < b:
+                    self.mass[i][j, :mass.shape[-1]] = mass[t - a].to(self.mass_dtype)
         return hook
 
 

@@ -2,6 +2,7 @@
 equals a brute-force rank over the full indexer logits (lsa_runtime.capture.collect_logits)."""
 
 import numpy as np
+import pytest
 import torch
 
 from lsa_runtime.backbone import csa_layers
@@ -32,3 +33,44 @@ def test_rank_sample_equals_a_brute_force_rank(tiny_model, sample_ids):
         row = full[layer][query, : (query + 1) // 4]
         best = max(row[30].item(), row[31].item())
         assert got["ranks"][str(layer)] == 1 + sum(1 for v in row.tolist() if v > best)
+
+
+def test_attention_rank_equals_the_eager_attention_with_every_entry(tiny_model, sample_ids):
+    """attention_ranks (window attention, chunked prefill, every compressed entry readable) ranks the needle as
+    transformers' eager attention does over the same query row: its probabilities on the compressed entries summed
+    over heads, with index_topk covering every entry; and it leaves the model's attention and top-k as they were."""
+    from reference.needle_rank import attention_ranks
+
+    ids = sample_ids[:400].numpy().copy()
+    value = [900, 901, 902]
+    ids[123:126] = value
+    ids[380], ids[381:384] = 7, value
+    sample = Sample(input_ids=ids, answer_start=380, answer_len=4, task="niah_single", depths=[0.3])
+    attn, topk = tiny_model.config._attn_implementation, tiny_model.config.index_topk
+    got = attention_ranks(tiny_model, sample, chunk=96)
+    assert tiny_model.config._attn_implementation == attn
+    layers = csa_layers(tiny_model.config)
+    indexers = [tiny_model.model.layers[i].self_attn.compressor.indexer for i in layers]
+    assert all(ix.index_topk == topk and type(ix).__name__ == "DeepseekV4Indexer" for ix in indexers)
+    # brute force: one eager forward, every entry readable, the attention weights of each CSA layer at the query
+    query, T = 379, 380 // 4
+    weights = {}
+    hooks = [tiny_model.model.layers[i].self_attn.register_forward_hook(
+        lambda m, a, o, i=i: weights.__setitem__(i, o[1].detach())) for i in layers]
+    for ix in indexers:
+        ix.index_topk = 10_000
+    try:
+        tiny_model.config._attn_implementation = "eager"
+        with torch.no_grad():
+            tiny_model(input_ids=torch.as_tensor(ids[:query + 1])[None], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        for ix in indexers:
+            ix.index_topk = topk
+        tiny_model.config._attn_implementation = attn
+    for layer in layers:
+        row = weights[layer][0, :, query, -T:].float().sum(0)  # [T] (every entry visible to the last query)
+        best = max(row[30].item(), row[31].item())
+        assert got["attn_ranks"][str(layer)] == 1 + sum(1 for v in row.tolist() if v > best)
+        assert got["attn_share"][str(layer)] == pytest.approx(float(row[[30, 31]].sum() / row.sum()), rel=1e-4)
