@@ -10,7 +10,7 @@
 #       command="bash reference/indexer_piece.sh more")
 # `train` starts from data/reference; `more` resumes reference/work/idx/ckpt (still on a warm machine, or carried
 # from here after copying call 1's $OUT/ckpt there). The checkpoint (indexer.safetensors, optimizer.pt, state.json,
-# ~1 MB) comes back under $OUT/ckpt; train.py's load_checkpoint reads it as data/reference plus these indexers.
+# ~6 MB) comes back under $OUT/ckpt; train.py's load_checkpoint reads it as data/reference plus these indexers.
 #   run(timeout_s=600, command="bash reference/indexer_piece.sh judge [CKPT]")
 # `judge` evaluates a candidate (default: the 112-step one of 2026-12-03, docs/results/indexer_piece_h200/run2/ckpt)
 # with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
