@@ -162,6 +162,9 @@ def test_training_changes_only_the_indexers_and_resumes_exactly(tmp_path):
     main(common + ["--ckpt", str(tmp_path / "split"), "--steps", "3", "--resume"])
     assert sorted(f.name for f in (tmp_path / "split").iterdir()) == ["indexer.safetensors", "optimizer.pt",
                                                                      "state.json"]
+    with pytest.raises(SystemExit) as bad:  # bad input: exit 2 before anything is written
+        main(common + ["--ckpt", str(tmp_path / "nothing"), "--resume"])
+    assert bad.value.code == 2 and not (tmp_path / "nothing").exists()
     straight, s_state = load_checkpoint(tmp_path / "straight")
     split, p_state = load_checkpoint(tmp_path / "split")
     assert s_state["step"] == p_state["step"] == 3
