@@ -821,6 +821,12 @@ def test_card_gpu_needle_rank_table_is_the_stored_ranks():
                 cells.append(f"{statistics.median_low(r):,} ({sum(x <= 64 for x in r)} / {sum(x <= 4096 for x in r)})")
             line = next(x for x in card.splitlines() if x.startswith(f"| {haystack}, {length // 1024}K |"))
             assert [c.strip() for c in line.split("|")[2:-1]] == cells, line
+    # "not the needle's distance": layer 6's ranks of the needles within 20,000 tokens of the question
+    near = {length: sorted(s["ranks"]["6"] for t in gpu.values() for k, s in t.items()
+                           if k.startswith(f"{length}/") and s["query"] - 4 * min(s["needle_entries"]) < 20_000)
+            for length in (32768, 65536)}
+    assert near[65536] == [568, 702, 6506, 6992] and "question 568-6,992" in card
+    assert len(near[32768]) == 10 and near[32768][-2:] == [149, 7502] and "ten such needles 3-149" in card
 
 
 def test_card_indexer_alone_tables_are_the_stored_rows():
