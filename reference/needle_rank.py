@@ -12,8 +12,10 @@ pick), so "rank <= 64" means the native top-64 reads the needle in that layer.
 ``--attention-rank`` also ranks the needle by the main attention itself: the prompt prefilled again with every
 compressed entry readable (``attention.py``'s window attention, ``train_indexer.DenseTeacher``), and at the same query
 the head-summed attention probability of each visible entry per CSA layer; reported are the best needle entry's rank
-by that mass (``attn_ranks``) and the needle entries' share of the layer's compressed-entry mass (``attn_share``).
-An indexer rank far below the attention rank is the indexer's failure; both far down, the attention's.
+by that mass (``attn_ranks``), the needle entries' share of the layer's compressed-entry mass (``attn_share``),
+and the indexer's own rank of the needle inside that same forward (``dense_ranks``: every earlier layer read every
+entry there, so the query differs from the native run's). An indexer rank far below the attention rank is the
+indexer's failure; both far down, the attention's.
 
     python -m reference.needle_rank --lengths 8192 32768 65536 --n 5 --out needle_rank.json
 """
@@ -88,9 +90,10 @@ def rank_sample(model, sample, chunk: int) -> dict:
 def attention_ranks(model, sample, chunk: int, max_bytes: int = 8 << 30) -> dict:
     """Per CSA layer, with every compressed entry readable: the best needle entry's rank by the main attention's
     head-summed probability at the query before the answer, and the needle entries' share of the compressed-entry
-    mass there. ``{"attn_ranks": {layer: rank}, "attn_share": {layer: share}}``; the model is left as it was."""
+    mass there, and the indexer's rank of the needle in that same forward. ``{"attn_ranks": {layer: rank},
+    "attn_share": {layer: share}, "dense_ranks": {layer: rank}}``; the model is left as it was."""
     from .attention import NAME, set_attention, set_chunked_indexers
-    from .train_indexer import DenseTeacher, set_every_entry
+    from .train_indexer import DenseTeacher, indexer_scores, set_every_entry
 
     rate = csa_rate(model.config)
     layers = csa_layers(model.config)
@@ -110,11 +113,15 @@ def attention_ranks(model, sample, chunk: int, max_bytes: int = 8 << 30) -> dict
         set_every_entry(model, layers, False, topk)
         set_chunked_indexers(model, previous == NAME)
         model.config._attn_implementation = previous
-    out = {"attn_ranks": {}, "attn_share": {}}
+    out = {"attn_ranks": {}, "attn_share": {}, "dense_ranks": {}}
     for layer in layers:
-        row = captured[layer][3][0, :visible].cpu()
+        x, q_res, pos, mass = captured[layer]
+        row = mass[0, :visible].cpu()
+        scores = indexer_scores(model.model.layers[layer].self_attn.compressor.indexer, x, q_res, pos, [query])
+        scores = scores[0, :visible].cpu()
         out["attn_ranks"][str(layer)] = ranks_of(row, entries) if entries else None
         out["attn_share"][str(layer)] = round(float(row[entries].sum() / row.sum()), 6) if entries else None
+        out["dense_ranks"][str(layer)] = ranks_of(scores, entries) if entries else None
     return out
 
 
@@ -153,7 +160,8 @@ def main(argv=None):
             results["samples"][f"{length}/{i}"] = row
             print(json.dumps({"length": length, "sample": i, "visible": row["visible"],
                               "needle_entries": row["needle_entries"], "ranks": row["ranks"],
-                              **({"attn_ranks": row["attn_ranks"]} if args.attention_rank else {}),
+                              **({"attn_ranks": row["attn_ranks"], "dense_ranks": row["dense_ranks"]}
+                                 if args.attention_rank else {}),
                               "seconds": row["seconds"]}), flush=True)
             if args.out:
                 tmp = args.out.with_name(args.out.name + ".tmp")

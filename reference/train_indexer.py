@@ -141,6 +141,29 @@ def _autocast(device: torch.device):
 
 
 # ---------------------------------------------------------------- student
+def keys_and_queries(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Tensor):
+    """The indexer's compressed keys K[s] [1, T, D] over x [S, d] (its own compressor, as transformers computes them
+    in one pass) and its queries q_h(t) [1, S, H, D] from the shared low-rank query q_res [S, r] at ``positions``
+    [S] (RoPE), under the model's autocast; with gradient when enabled."""
+    seq = x.shape[0]
+    x, q_res, pos = x[None], q_res[None], positions[None]
+    with _autocast(x.device):
+        keys = ChunkedIndexer._compressed_keys(indexer, x, None, None)
+        cos, sin = indexer.rotary_emb(x, position_ids=pos, layer_type=indexer.rope_layer_type)
+        q = indexer.q_b_proj(q_res).view(1, seq, -1, indexer.head_dim).transpose(1, 2)
+        q = apply_rotary_pos_emb(q, cos, sin).transpose(1, 2)
+    return keys, q
+
+
+def indexer_scores(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Tensor, rows: list[int]):
+    """I[t, s] = sum_h w_h(t) ReLU(q_h(t) . K[s]) of the given query rows over every compressed entry: [len(rows),
+    T] fp32, from the indexer inputs a DenseTeacher recorded (no gradient)."""
+    with torch.no_grad():
+        keys, q = keys_and_queries(indexer, x, q_res, positions)
+        with _autocast(x.device):
+            return DeepseekV4IndexerScorer.forward(indexer.scorer, q[:, rows], keys, x[None, rows])[0].float()
+
+
 def dense_kl(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
              topk: int, scale: float = 1.0, backward: bool = True) -> tuple[float, float, float]:
     """KL(p || softmax(I)) over every visible entry for one CSA layer's indexer, averaged over the queries that see
@@ -150,13 +173,9 @@ def dense_kl(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Ten
 
     x [S, d], q_res [S, r]: the indexer's inputs; positions [S]; target p [S, T] (unnormalised mass, any dtype)."""
     seq = x.shape[0]
-    x, q_res, pos = x[None], q_res[None], positions[None]
+    keys, q = keys_and_queries(indexer, x, q_res, positions)
+    x, pos = x[None], positions[None]
     rate = indexer.compress_rate
-    with _autocast(x.device):
-        keys = ChunkedIndexer._compressed_keys(indexer, x, None, None)  # K[s]: [1, T, D]
-        cos, sin = indexer.rotary_emb(x, position_ids=pos, layer_type=indexer.rope_layer_type)
-        q = indexer.q_b_proj(q_res).view(1, seq, -1, indexer.head_dim).transpose(1, 2)
-        q = apply_rotary_pos_emb(q, cos, sin).transpose(1, 2)  # q_h(t): [1, S, H, D]
     n_entries = keys.shape[1]
     keys_leaf, q_leaf = keys.detach().requires_grad_(backward), q.detach().requires_grad_(backward)
     limit = ((pos[0] + 1) // rate)[:, None]  # [S, 1]: entries s < limit are visible to query t

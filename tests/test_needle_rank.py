@@ -38,7 +38,8 @@ def test_rank_sample_equals_a_brute_force_rank(tiny_model, sample_ids):
 def test_attention_rank_equals_the_eager_attention_with_every_entry(tiny_model, sample_ids):
     """attention_ranks (window attention, chunked prefill, every compressed entry readable) ranks the needle as
     transformers' eager attention does over the same query row: its probabilities on the compressed entries summed
-    over heads, with index_topk covering every entry; and it leaves the model's attention and top-k as they were."""
+    over heads, with index_topk covering every entry; its dense_ranks are those of transformers' own indexer scores
+    in that forward; and it leaves the model's attention and top-k as they were."""
     from reference.needle_rank import attention_ranks
 
     ids = sample_ids[:400].numpy().copy()
@@ -54,9 +55,11 @@ def test_attention_rank_equals_the_eager_attention_with_every_entry(tiny_model, 
     assert all(ix.index_topk == topk and type(ix).__name__ == "DeepseekV4Indexer" for ix in indexers)
     # brute force: one eager forward, every entry readable, the attention weights of each CSA layer at the query
     query, T = 379, 380 // 4
-    weights = {}
+    weights, scores = {}, {}
     hooks = [tiny_model.model.layers[i].self_attn.register_forward_hook(
         lambda m, a, o, i=i: weights.__setitem__(i, o[1].detach())) for i in layers]
+    hooks += [ix.scorer.register_forward_hook(lambda m, a, o, i=i: scores.__setitem__(i, o.detach()[0]))
+              for i, ix in zip(layers, indexers)]  # transformers' I[t, s] over every entry, in that same forward
     for ix in indexers:
         ix.index_topk = 10_000
     try:
@@ -74,3 +77,6 @@ def test_attention_rank_equals_the_eager_attention_with_every_entry(tiny_model, 
         best = max(row[30].item(), row[31].item())
         assert got["attn_ranks"][str(layer)] == 1 + sum(1 for v in row.tolist() if v > best)
         assert got["attn_share"][str(layer)] == pytest.approx(float(row[[30, 31]].sum() / row.sum()), rel=1e-4)
+        index_row = scores[layer][query, :T]
+        best = max(index_row[30].item(), index_row[31].item())
+        assert got["dense_ranks"][str(layer)] == 1 + sum(1 for v in index_row.tolist() if v > best)

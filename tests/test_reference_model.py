@@ -874,3 +874,20 @@ def test_card_indexer_alone_tables_are_the_stored_rows():
                 for key in ("kl", "mass_at_k", "best_at_k"):
                     mean = sum(r["layers"][layer][key] for r in picked) / 5
                     assert stored["layers"][layer][key] == pytest.approx(mean, abs=6e-5)
+
+
+def test_card_attention_rank_is_the_stored_sample():
+    """The card's answer-query comparison: the attention's ranks and shares and the native indexer's ranks are
+    training_results.json's diagnostics.attention_rank_cpu, whose native ranks equal the GPU ranks of that prompt."""
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    sample = results["diagnostics"]["attention_rank_cpu"]["samples"]["65536/0"]
+    assert sample["ranks"] == results["diagnostics"]["needle_rank_gpu"]["tasks"]["single_number_code"]["65536/0"]["ranks"]
+    card = (REFERENCE / "README.md").read_text()
+    card = " ".join(card[card.index("### Indexer alone at long range"):].split())
+    layers = ("2", "4", "6", "8", "10")
+    attn = " / ".join(f"{sample['attn_ranks'][k]:,}" for k in layers)
+    share = " / ".join(f"{100 * sample['attn_share'][k]:.2g}%" for k in layers)
+    native = " / ".join(f"{sample['ranks'][k]:,}" for k in layers)
+    assert f"the attention ranks the needle {attn} in layers 2 / 4 / 6 / 8 / 10" in card
+    assert f"native run's indexer ranks it {native}." in card
+    assert f"compressed-entry mass: {share})" in card
