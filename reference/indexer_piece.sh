@@ -16,7 +16,8 @@
 # with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
 # prints reference/compare_evals.py's verdict (~5 min).
 # Run 2026-12-03 (twelfth session): train (65 steps) + more (47 steps); judge not yet run.
-# Env: TRAIN_MIN (training minutes), BUDGET (seconds for the whole call), LR.
+# Env: TRAIN_MIN (training minutes), BUDGET (seconds for the whole call), LR, AW (train_indexer's --answer-weight:
+# the retrieving queries weighted AW + 1 times; the card's next piece, not run yet: AW=1000 `train` then `more`).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s) BUDGET=${BUDGET:-560} MODE=${1:-train}
@@ -45,7 +46,7 @@ case $MODE in
 esac
 echo "train $MODE: $minutes min, at $(elapsed) s"
 python3 -m reference.train_indexer --init data/reference --ckpt $CK "${resume[@]}" --lengths 65536 32768 \
-  --max-minutes $minutes --decay-minutes 1 --lr ${LR:-5e-4} > $OUT/train.log 2>&1
+  --max-minutes $minutes --decay-minutes 1 --lr ${LR:-5e-4} --answer-weight ${AW:-0} > $OUT/train.log 2>&1
 echo "train rc=$? at $(elapsed) s"; grep -v '^{' $OUT/train.log | tail -3
 python3 - <<'EOF'
 import json

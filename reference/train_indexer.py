@@ -165,11 +165,13 @@ def indexer_scores(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: tor
 
 
 def dense_kl(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
-             topk: int, scale: float = 1.0, backward: bool = True) -> tuple[float, float, float]:
+             topk: int, scale: float = 1.0, backward: bool = True,
+             weights: torch.Tensor | None = None) -> tuple[float, float, float]:
     """KL(p || softmax(I)) over every visible entry for one CSA layer's indexer, averaged over the queries that see
-    an entry; with ``backward`` its gradient x ``scale`` is accumulated in the indexer's parameters (query chunks
-    of at most ``attention.CHUNK_BYTES`` per [chunk, heads, T] block). Returns (KL, mass@topk, best@topk): the
-    mean teacher mass on the student's top-``topk`` visible entries, and on the teacher's own top ``topk``.
+    an entry (weighted by ``weights`` [S] when given: sum_t w_t KL_t / sum_t w_t); with ``backward`` its gradient x
+    ``scale`` is accumulated in the indexer's parameters (query chunks of at most ``attention.CHUNK_BYTES`` per
+    [chunk, heads, T] block). Returns (KL, mass@topk, best@topk): the KL, and the plain mean over those queries of
+    the teacher mass on the student's top-``topk`` visible entries and on the teacher's own top ``topk``.
 
     x [S, d], q_res [S, r]: the indexer's inputs; positions [S]; target p [S, T] (unnormalised mass, any dtype)."""
     seq = x.shape[0]
@@ -182,10 +184,12 @@ def dense_kl(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Ten
     entries = torch.arange(n_entries, device=x.device)
     target = target[:, :n_entries]
     step = query_chunk(seq, indexer.num_heads * max(1, n_entries) * 4)
+    weights = torch.ones(seq, device=x.device) if weights is None else weights.to(x.device, torch.float32)
     with torch.no_grad():
-        n_rows = sum(int(((target[a:a + step].float() * (entries < limit[a:a + step])).sum(-1) > 0).sum())
-                     for a in range(0, seq, step))
-    if n_rows == 0 or n_entries == 0:
+        seen = [(target[a:a + step].float() * (entries < limit[a:a + step])).sum(-1) > 0 for a in range(0, seq, step)]
+        n_rows = sum(int(r.sum()) for r in seen)
+        weight_total = float(sum((r * weights[a:a + step]).sum() for r, a in zip(seen, range(0, seq, step))))
+    if n_rows == 0 or n_entries == 0 or weight_total <= 0:
         return 0.0, 1.0, 1.0
     k = min(topk, n_entries)
     kl_total, mass_total, best_total = 0.0, 0.0, 0.0
@@ -204,7 +208,7 @@ def dense_kl(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Ten
             log_q = F.log_softmax(logits.masked_fill(~visible, -1e9), dim=-1)
             log_p = torch.where(p > 0, p.clamp_min(1e-30).log(), torch.zeros_like(p))
             kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
-            loss = (kl * rows).sum() / n_rows
+            loss = (kl * rows * weights[a:a + step]).sum() / weight_total
         if backward:
             (loss * scale).backward()
         with torch.no_grad():
@@ -229,14 +233,15 @@ def indexer_parameters(model, csa_layers: list[int]) -> list[torch.nn.Parameter]
 
 
 def train_step(model, teacher: DenseTeacher, ids: torch.Tensor, chunk: int, max_bytes: int,
-               backward: bool = True) -> dict:
-    """Teacher prefill, then every CSA layer's dense KL (gradients accumulate in .grad when ``backward``)."""
+               backward: bool = True, weights: torch.Tensor | None = None) -> dict:
+    """Teacher prefill, then every CSA layer's dense KL (gradients accumulate in .grad when ``backward``; ``weights``
+    [S]: per-query weights of the KL's mean)."""
     captured = teacher.run(ids, chunk, max_bytes)
     layers = {}
     for i, (x, q_res, pos, target) in captured.items():
         indexer = model.model.layers[i].self_attn.compressor.indexer
         kl, mass, best = dense_kl(indexer, x, q_res, pos, target, model.config.index_topk, 1.0 / len(captured),
-                                  backward)
+                                  backward, weights)
         layers[str(i)] = {"kl": kl, "mass_at_k": mass, "best_at_k": best}
     return {key: float(np.mean([v[key] for v in layers.values()])) for key in ("kl", "mass_at_k", "best_at_k")} | {
         "layers": layers}
@@ -336,6 +341,9 @@ def main(argv=None):
     parser.add_argument("--decay-minutes", type=float, default=None,
                         help="decay the lr linearly to 10%% over the last minutes of --max-minutes")
     parser.add_argument("--code-frac", type=float, default=0.3, help="share of plain code sequences (train.py)")
+    parser.add_argument("--answer-weight", type=float, default=0.0,
+                        help="extra weight of the queries that predict an answer token (the retrieving ones) in the "
+                             "KL's mean: w_t = 1 + this (0: every query alike)")
     parser.add_argument("--seed", type=int, default=11, help="data seed (train.py used 0 and others)")
     parser.add_argument("--chunk", type=int, default=4096, help="largest prefill chunk of the teacher (tokens)")
     parser.add_argument("--chunk-gib", type=float, default=8.0,
@@ -351,6 +359,8 @@ def main(argv=None):
         parser.error(f"--corpus {args.corpus} does not exist (python -m reference.build_corpus makes it)")
     if min(args.lengths) < 2:
         parser.error("--lengths: sequences of at least 2 tokens")
+    if args.answer_weight < 0:
+        parser.error("--answer-weight: 0 or more")
     t_start = time.time()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -392,13 +402,17 @@ def main(argv=None):
             print(f"time budget reached at step {step}")
             break
         length = args.lengths[step % len(args.lengths)]
-        ids, _, task = sampler.sequence(step, 0, length)
+        ids, answer, task = sampler.sequence(step, 0, length)
+        weights = None
+        if args.answer_weight:  # answer[i]: target i + 1 is an answer token, predicted by query i
+            weights = torch.ones(length, device=device)
+            weights[:-1] += args.answer_weight * torch.as_tensor(answer, device=device, dtype=torch.float32)
         lr = lr_at(step, minutes, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         set_every_entry(model, csa, True, topk)
         metrics = train_step(model, teacher, torch.as_tensor(ids, device=device), args.chunk,
-                             int(args.chunk_gib * 2**30))
+                             int(args.chunk_gib * 2**30), weights=weights)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -162,6 +162,8 @@ def test_training_changes_only_the_indexers_and_resumes_exactly(tmp_path):
     main(common + ["--ckpt", str(tmp_path / "split"), "--steps", "3", "--resume"])
     assert sorted(f.name for f in (tmp_path / "split").iterdir()) == ["indexer.safetensors", "optimizer.pt",
                                                                      "state.json"]
+    main(common + ["--ckpt", str(tmp_path / "weighted"), "--steps", "1", "--answer-weight", "50"])
+    assert json.loads((tmp_path / "weighted" / "state.json").read_text())["args"]["answer_weight"] == 50
     with pytest.raises(SystemExit) as bad:  # bad input: exit 2 before anything is written
         main(common + ["--ckpt", str(tmp_path / "nothing"), "--resume"])
     assert bad.value.code == 2 and not (tmp_path / "nothing").exists()
@@ -188,3 +190,52 @@ def test_training_changes_only_the_indexers_and_resumes_exactly(tmp_path):
     first.write_bytes(first.read_bytes()[:-1] + bytes([first.read_bytes()[-1] ^ 1]))
     with pytest.raises(SystemExit, match="changed since"):
         load_checkpoint(tmp_path / "split")
+
+
+def test_weighted_dense_kl_equals_an_unchunked_weighted_mean(monkeypatch):
+    """With per-query weights (the retrieving queries weighted up), dense_kl in query chunks of 5 rows gives
+    sum_t w_t KL_t / sum_t w_t over the queries that see an entry, and its gradients: the same loss written out over
+    every row at once from transformers' scorer, differentiated by autograd (fp32)."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4IndexerScorer
+
+    from reference import attention
+    from reference.attention import set_attention
+    from reference.model_config import csa_layer_indices
+    from reference.train_indexer import (DenseTeacher, dense_kl, indexer_parameters, keys_and_queries,
+                                         set_every_entry)
+
+    model = _toy_model(seed=5)
+    csa = csa_layer_indices(model.config)
+    S, layer = 150, csa[0]
+    ids = torch.randint(3, 256, (S,), generator=torch.Generator().manual_seed(6))
+    set_attention(model, "window")
+    indexer_parameters(model, csa)
+    teacher = DenseTeacher(model, csa, mass_dtype=torch.float32)
+    set_every_entry(model, csa, True, model.config.index_topk)
+    x, q_res, pos, target = teacher.run(ids, 64, 2**30)[layer]
+    teacher.remove()
+    indexer = model.model.layers[layer].self_attn.compressor.indexer
+    weights = torch.ones(S)
+    weights[torch.randperm(S, generator=torch.Generator().manual_seed(7))[:20]] = 9.0
+
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 5 * model.config.index_n_heads * (S // 4) * 4)
+    model.zero_grad(set_to_none=True)
+    kl, _, _ = dense_kl(indexer, x, q_res, pos, target, 4, weights=weights)
+    chunked = {n: p.grad.clone() for n, p in indexer.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    keys, q = keys_and_queries(indexer, x, q_res, pos)
+    logits = DeepseekV4IndexerScorer.forward(indexer.scorer, q, keys, x[None])[0]  # [S, T]
+    visible = torch.arange(logits.shape[1])[None] < ((pos + 1) // 4)[:, None]
+    p = target[:, :logits.shape[1]] * visible
+    rows = p.sum(-1) > 0
+    p = p[rows] / p[rows].sum(-1, keepdim=True)
+    log_q = torch.log_softmax(logits[rows].masked_fill(~visible[rows], float("-inf")), -1)
+    per_row = (p * (p.clamp_min(1e-30).log() - log_q)).where(p > 0, torch.zeros_like(p)).sum(-1)
+    expected = (per_row * weights[rows]).sum() / weights[rows].sum()
+    expected.backward()
+    assert kl == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(per_row.detach().mean()) != pytest.approx(float(expected.detach()), rel=1e-3)  # the weights matter here
+    for name, param in indexer.named_parameters():
+        g = param.grad
+        assert float((chunked[name] - g).abs().max()) <= 1e-4 * float(g.abs().max()) + 1e-9, name
