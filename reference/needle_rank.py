@@ -70,13 +70,18 @@ class _Row(IndexerObserver):
             self.rows[layer] = logits[self.position - chunk.start].float().cpu()
 
 
-def rank_sample(model, sample, chunk: int) -> dict:
-    """Per CSA layer: the needle's best rank, the visible entries, and the needle entries' count."""
-    rate = csa_rate(model.config)
+def needle_entries(sample, rate: int) -> tuple[int, int, list[int], list[int]]:
+    """(query, visible entries, needle entries, needle tokens): the query before the answer, the compressed entries
+    it sees, and those of them holding a needle token."""
     query = sample.answer_start - 1
     tokens = needle_positions(sample.input_ids, sample.answer_start, sample.answer_len)
     visible = (query + 1) // rate
-    entries = sorted({t // rate for t in tokens if t // rate < visible})
+    return query, visible, sorted({t // rate for t in tokens if t // rate < visible}), tokens
+
+
+def rank_sample(model, sample, chunk: int) -> dict:
+    """Per CSA layer: the needle's best rank, the visible entries, and the needle entries' count."""
+    query, visible, entries, tokens = needle_entries(sample, csa_rate(model.config))
     observer = _Row(query)
     capture = IndexerCapture(model, chunk_size=chunk, topk=False)
     capture.prefill(torch.as_tensor(sample.input_ids[:query + 1]), observer)
@@ -93,24 +98,21 @@ def attention_ranks(model, sample, chunk: int, max_bytes: int = 8 << 30) -> dict
     mass there, and the indexer's rank of the needle in that same forward. ``{"attn_ranks": {layer: rank},
     "attn_share": {layer: share}, "dense_ranks": {layer: rank}}``; the model is left as it was."""
     from .attention import NAME, set_attention, set_chunked_indexers
-    from .train_indexer import DenseTeacher, indexer_scores, set_every_entry
+    from .evaluate_needles import set_topk
+    from .train_indexer import EVERY_ENTRY, DenseTeacher, indexer_scores
 
-    rate = csa_rate(model.config)
     layers = csa_layers(model.config)
-    query = sample.answer_start - 1
-    visible = (query + 1) // rate
-    tokens = needle_positions(sample.input_ids, sample.answer_start, sample.answer_len)
-    entries = sorted({t // rate for t in tokens if t // rate < visible})
+    query, visible, entries, _ = needle_entries(sample, csa_rate(model.config))
     previous, topk = model.config._attn_implementation, model.config.index_topk
     set_attention(model, "window")
-    set_every_entry(model, layers, True, topk)
+    set_topk(model, EVERY_ENTRY)
     teacher = DenseTeacher(model, layers, mass_dtype=torch.float32, rows=[query])
     try:
         device = next(model.parameters()).device
         captured = teacher.run(torch.as_tensor(sample.input_ids[:query + 1], device=device), chunk, max_bytes)
     finally:
         teacher.remove()
-        set_every_entry(model, layers, False, topk)
+        set_topk(model, topk)
         set_chunked_indexers(model, previous == NAME)
         model.config._attn_implementation = previous
     out = {"attn_ranks": {}, "attn_share": {}, "dense_ranks": {}}

@@ -2,12 +2,14 @@
 
 Why (data/reference/README.md, "Indexer or reading?"): at 64K tokens the default's CSA layer 6 ranks a needle
 536-10,846 among the visible entries, where at 32K it had it in its top-64 in 16 of 20 prompts, and more picks bring
-single needles back from 0% to 15-30%. The sparse-phase distillation of ``distillation.py`` cannot repair a ranking like that: its KL is a
-softmax over the indexer's own top-k picks, so an entry the indexer does not pick gets no gradient. DeepSeek's
+single needles back from 0% to 15-30%. The sparse-phase distillation of ``distillation.py`` cannot repair a ranking
+like that: its KL is a softmax over the indexer's own top-k picks, so an entry the indexer does not pick gets no
+gradient. DeepSeek's
 dense warm-up trains the indexer against the main attention over every entry; this is that warm-up at 32K-64K
 tokens, on a trained backbone, with everything but the CSA layers' indexers frozen. What it found (the card,
-"Indexer alone at long range"): 32K gains, 64K does not; the indexers were already picking nearly the most mass
-any k entries hold.
+"Indexer alone at long range"): 32K gains, 64K does not; averaged over every query the indexers were already
+picking nearly the most mass any k entries hold, but not at the query before the answer, which ``--answer-weight``
+weighs up.
 
 One step = one sequence (``train.BatchSampler``: training haystacks, the task mix of ``train.py``):
 
@@ -55,11 +57,12 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Index
 
 from .attention import KEEP_MASS, ChunkedIndexer, query_chunk, set_attention
 from .build_corpus import REFERENCE_DIR, WORK
-from .evaluate_needles import _cache_kwarg, chunk_length
+from .evaluate_needles import _cache_kwarg, chunk_length, set_topk
 from .model_config import csa_layer_indices
 from .train import BatchSampler, load_checkpoint
 
 INDEXER_FILE = "indexer.safetensors"
+EVERY_ENTRY = 1 << 30  # an index_topk above any entry count: the indexers pick every visible entry
 
 
 # ---------------------------------------------------------------- teacher
@@ -185,10 +188,10 @@ def dense_kl(indexer, x: torch.Tensor, q_res: torch.Tensor, positions: torch.Ten
     target = target[:, :n_entries]
     step = query_chunk(seq, indexer.num_heads * max(1, n_entries) * 4)
     weights = torch.ones(seq, device=x.device) if weights is None else weights.to(x.device, torch.float32)
-    with torch.no_grad():
-        seen = [(target[a:a + step].float() * (entries < limit[a:a + step])).sum(-1) > 0 for a in range(0, seq, step)]
-        n_rows = sum(int(r.sum()) for r in seen)
-        weight_total = float(sum((r * weights[a:a + step]).sum() for r, a in zip(seen, range(0, seq, step))))
+    with torch.no_grad():  # the queries that see mass on a visible entry: the means' denominators
+        seen = torch.cat([(target[a:a + step].float() * (entries < limit[a:a + step])).sum(-1) > 0
+                          for a in range(0, seq, step)])
+        n_rows, weight_total = int(seen.sum()), float((seen * weights).sum())
     if n_rows == 0 or n_entries == 0 or weight_total <= 0:
         return 0.0, 1.0, 1.0
     k = min(topk, n_entries)
@@ -245,12 +248,6 @@ def train_step(model, teacher: DenseTeacher, ids: torch.Tensor, chunk: int, max_
         layers[str(i)] = {"kl": kl, "mass_at_k": mass, "best_at_k": best}
     return {key: float(np.mean([v[key] for v in layers.values()])) for key in ("kl", "mass_at_k", "best_at_k")} | {
         "layers": layers}
-
-
-def set_every_entry(model, csa_layers: list[int], on: bool, topk: int) -> None:
-    """The CSA indexers pick every visible entry (the teacher) or their native ``topk``."""
-    for i in csa_layers:
-        model.model.layers[i].self_attn.compressor.indexer.index_topk = 1 << 30 if on else topk
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -388,7 +385,7 @@ def main(argv=None):
           f"from {source} at step {start}", flush=True)
 
     def save(step):
-        set_every_entry(model, csa, False, topk)
+        set_topk(model, topk)
         saved = {"step": step, "init": str(init), "init_sha256": init_sha, "config": config.to_dict(), "log": log,
                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "parameters": state.get("parameters", sum(p.numel() for p in model.parameters())),
@@ -410,7 +407,7 @@ def main(argv=None):
         lr = lr_at(step, minutes, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        set_every_entry(model, csa, True, topk)
+        set_topk(model, EVERY_ENTRY)
         metrics = train_step(model, teacher, torch.as_tensor(ids, device=device), args.chunk,
                              int(args.chunk_gib * 2**30), weights=weights)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))

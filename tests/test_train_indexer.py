@@ -41,7 +41,8 @@ def test_dense_kl_equals_the_dense_warm_up_distillation(monkeypatch):
     from reference.attention import set_attention
     from reference.distillation import IndexerDistillation
     from reference.model_config import csa_layer_indices
-    from reference.train_indexer import DenseTeacher, indexer_parameters, set_every_entry, train_step
+    from reference.evaluate_needles import set_topk
+    from reference.train_indexer import EVERY_ENTRY, DenseTeacher, indexer_parameters, train_step
 
     model = _toy_model(seed=2)
     csa = csa_layer_indices(model.config)
@@ -72,7 +73,7 @@ def test_dense_kl_equals_the_dense_warm_up_distillation(monkeypatch):
     monkeypatch.setattr(attention, "CHUNK_BYTES", 7 * model.config.index_n_heads * (S // 4) * 4)
     model.zero_grad(set_to_none=True)
     teacher = DenseTeacher(model, csa, mass_dtype=torch.float32)  # bf16 storage (the default) differs by ~0.4%
-    set_every_entry(model, csa, True, k)
+    set_topk(model, EVERY_ENTRY)
     captured = {}
     run = teacher.run
     monkeypatch.setattr(teacher, "run", lambda *a: captured.update(run(*a)) or captured)
@@ -108,13 +109,14 @@ def test_teacher_mass_is_the_eager_attention_mass():
     probability on each compressed entry summed over heads, read from the eager [B, H, S, S + T] weights."""
     from reference.attention import set_attention
     from reference.model_config import csa_layer_indices
-    from reference.train_indexer import DenseTeacher, set_every_entry
+    from reference.evaluate_needles import set_topk
+    from reference.train_indexer import EVERY_ENTRY, DenseTeacher
 
     model = _toy_model(seed=4)
     csa = csa_layer_indices(model.config)
     S = 133
     ids = torch.randint(3, 256, (1, S), generator=torch.Generator().manual_seed(5))
-    set_every_entry(model, csa, True, model.config.index_topk)
+    set_topk(model, EVERY_ENTRY)
     set_attention(model, "eager")
     weights = {}
     hooks = [model.model.layers[i].self_attn.register_forward_hook(
@@ -170,7 +172,8 @@ def test_training_changes_only_the_indexers_and_resumes_exactly(tmp_path):
     straight, s_state = load_checkpoint(tmp_path / "straight")
     split, p_state = load_checkpoint(tmp_path / "split")
     assert s_state["step"] == p_state["step"] == 3
-    assert [r["step"] for r in p_state["log"]] == [1, 2, 3] and [r["seq_len"] for r in p_state["log"]] == [256, 192, 256]
+    assert [r["step"] for r in p_state["log"]] == [1, 2, 3]
+    assert [r["seq_len"] for r in p_state["log"]] == [256, 192, 256]
     start = model.state_dict()
     changed = set()
     for name, tensor in straight.state_dict().items():
@@ -201,8 +204,8 @@ def test_weighted_dense_kl_equals_an_unchunked_weighted_mean(monkeypatch):
     from reference import attention
     from reference.attention import set_attention
     from reference.model_config import csa_layer_indices
-    from reference.train_indexer import (DenseTeacher, dense_kl, indexer_parameters, keys_and_queries,
-                                         set_every_entry)
+    from reference.evaluate_needles import set_topk
+    from reference.train_indexer import EVERY_ENTRY, DenseTeacher, dense_kl, indexer_parameters, keys_and_queries
 
     model = _toy_model(seed=5)
     csa = csa_layer_indices(model.config)
@@ -211,7 +214,7 @@ def test_weighted_dense_kl_equals_an_unchunked_weighted_mean(monkeypatch):
     set_attention(model, "window")
     indexer_parameters(model, csa)
     teacher = DenseTeacher(model, csa, mass_dtype=torch.float32)
-    set_every_entry(model, csa, True, model.config.index_topk)
+    set_topk(model, EVERY_ENTRY)
     x, q_res, pos, target = teacher.run(ids, 64, 2**30)[layer]
     teacher.remove()
     indexer = model.model.layers[layer].self_attn.compressor.indexer
@@ -235,7 +238,8 @@ def test_weighted_dense_kl_equals_an_unchunked_weighted_mean(monkeypatch):
     expected = (per_row * weights[rows]).sum() / weights[rows].sum()
     expected.backward()
     assert kl == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert float(per_row.detach().mean()) != pytest.approx(float(expected.detach()), rel=1e-3)  # the weights matter here
+    # the weights matter here
+    assert float(per_row.detach().mean()) != pytest.approx(float(expected.detach()), rel=1e-3)
     for name, param in indexer.named_parameters():
         g = param.grad
         assert float((chunked[name] - g).abs().max()) <= 1e-4 * float(g.abs().max()) + 1e-9, name
