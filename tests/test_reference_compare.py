@@ -2,7 +2,9 @@
 rejection (worse at 4,096 tokens) the card records, against both the previous default and the current one (L6); and
 on L6 itself, adopted against the previous default."""
 
+import functools
 import json
+import operator
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,19 @@ def test_adopt_only_when_at_least_as_good_at_every_shared_length():
     worse = cells(_blob({("a", 4096): 1.0, ("b", 4096): 0.4, ("a", 8192): 0.9}))
     assert verdict(worse, reference)[1] is False
     assert verdict(cells(_blob({("c", 4096): 1.0})), reference) == ([], False)  # nothing shared: no adoption
+
+
+def test_equal_means_are_a_tie_whatever_the_float_rounding():
+    """The 2026-12-03 case: at 16K the default's 7 tasks and run 2's (other per-task values) both average 33 / 70,
+    yet their float sums differ in the last bit (Python 3.11's sum; 3.12 rounds otherwise): a tie, so adopt."""
+    reference = {("t%d" % i, 16384): a for i, a in enumerate((0.25, 0.0, 0.6, 0.85, 0.95, 0.35, 0.3))}
+    candidate = {("t%d" % i, 16384): a for i, a in enumerate((0.2, 0.0, 0.55, 0.9, 0.95, 0.4, 0.3))}
+    naive = lambda values: functools.reduce(operator.add, values) / 7  # noqa: E731  (Python 3.11's sum)
+    assert naive(reference.values()) > naive(candidate.values())  # the bits differ ...
+    rows, adopt = verdict(candidate, reference)
+    assert adopt and rows[0][2:] == (pytest.approx(33 / 70), pytest.approx(33 / 70))  # ... the means do not
+    worse = {**candidate, ("t0", 16384): 0.15}  # one prompt of 20 fewer: worse
+    assert verdict(worse, reference)[1] is False
 
 
 def _stored_candidate(tmp_path, attempt: dict) -> Path:
