@@ -1,7 +1,7 @@
 #!/bin/bash
 # The Lightning Indexer alone at 32K-64K (reference/train_indexer.py; issue 20 section 1, written 2026-12-03, twelfth
 # session). Results: data/reference/README.md, "Indexer alone at long range"; raw under docs/results/indexer_piece_h200/
-# (the checkpoints there without their optimizer.pt; reference/work/idx/ckpt_run1, _run2 keep them whole, locally).
+# (the checkpoints there without their optimizer.pt: a `more` from one of them starts a fresh Adam state).
 # Why: the top-k probe (reference/topk_probe.sh) found layer 6 ranking the needle 536-10,846 at 64K, and more picks
 # bringing single needles back from 0% to 15-30%; this trains the indexers against the dense attention (backbone
 # frozen) and evaluates the result with its native top-64 exactly as the default was evaluated (same seeds, tasks, n).
@@ -11,13 +11,15 @@
 # `train` starts from data/reference; `more` resumes reference/work/idx/ckpt (still on a warm machine, or carried
 # from here after copying call 1's $OUT/ckpt there). The checkpoint (indexer.safetensors, optimizer.pt, state.json,
 # ~6 MB) comes back under $OUT/ckpt; train.py's load_checkpoint reads it as data/reference plus these indexers.
-#   run(timeout_s=600, command="bash reference/indexer_piece.sh judge [CKPT]")
+#   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/indexer_piece.sh judge [CKPT]")
 # `judge` evaluates a candidate (default: the 112-step one of 2026-12-03, docs/results/indexer_piece_h200/run2/ckpt)
 # with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
 # prints reference/compare_evals.py's verdict (~5 min).
-# Run 2026-12-03 (twelfth session): train (65 steps) + more (47 steps); judge not yet run.
+# Runs 2026-12-03: train (65 steps) + more (47 steps) = run2, judged (adopt); thirteenth session: judge of run2,
+# `AW=1000 BUDGET=540 ... train` (59 steps) = run3, judged (adopt), `AW=1000 BUDGET=330 TRAIN_MIN=2.5 ... more`
+# (41 more) = run4, not judged yet. Next: `judge docs/results/indexer_piece_h200/run4/ckpt` (carry corpus.npz).
 # Env: TRAIN_MIN (training minutes), BUDGET (seconds for the whole call), LR, AW (train_indexer's --answer-weight:
-# the retrieving queries weighted AW + 1 times; the card's next piece, not run yet: AW=1000 `train` then `more`).
+# the queries that predict an answer token weighted AW + 1 times).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s) BUDGET=${BUDGET:-560} MODE=${1:-train}

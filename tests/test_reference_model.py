@@ -876,6 +876,60 @@ def test_card_indexer_alone_tables_are_the_stored_rows():
                     assert stored["layers"][layer][key] == pytest.approx(mean, abs=6e-5)
 
 
+def test_card_answer_weighted_and_judged_tables_are_the_stored_rows():
+    """The card's answer-weighted table (runs 3-4) recomputed from the stored per-prompt hits against the default's
+    (same prompts), the paired counts and McNemar p-values it quotes; its judged table and verdicts recomputed with
+    reference.compare_evals from the stored whole evaluations, which equal the runs' own three-task evaluations where
+    both ran; run 4's stored rows are those of the raw files that came back."""
+    from math import comb
+
+    from reference.compare_evals import verdict
+
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    default = results["needles_gpu_long"]["results"]["topk64"]
+    alone = results["diagnostics"]["indexer_alone"]
+    runs, judged = alone["answer_weighted"]["runs"], alone["judged"]["runs"]
+    assert (runs["run3"]["step"], runs["run4"]["step"]) == (59, 100)
+    section = _card_section((REFERENCE / "README.md").read_text(), "Indexer alone at long range")
+    lines = section[section.index("The answer's queries weighted up"):].splitlines()  # its table, after run 2's
+    acc = lambda row: f"{100 * row['hits'].count('1') / row['n']:.1f}"  # noqa: E731
+    paired = {}
+    for length in (4096, 8192, 16384, 32768, 65536):
+        cells, gained, lost = [], 0, 0
+        for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
+            key = f"{task}@{length}"
+            a, b, c = default[key], runs["run3"]["results"][key], runs["run4"]["results"][key]
+            assert a["n"] == b["n"] == c["n"] == len(c["hits"])
+            cells.append(f"{acc(a)} / {acc(b)} / {acc(c)}")
+            gained += sum(x == "0" and y == "1" for x, y in zip(a["hits"], c["hits"]))
+            lost += sum(x == "1" and y == "0" for x, y in zip(a["hits"], c["hits"]))
+        paired[length] = (gained, lost)
+        line = next(x for x in lines if x.startswith(f"| {length:,} (n = "))
+        assert [c.strip() for c in line.split("|")[2:-1]] == cells + [f"{gained} / {lost}"], line
+    mcnemar = lambda g, n: 2 * sum(comb(g + n, i) for i in range(min(g, n) + 1)) / 2 ** (g + n)  # noqa: E731
+    assert paired[32768] == (19, 0) and f"{mcnemar(*paired[32768]):.0e}" == "4e-06" and "p = 4e-6" in section
+    assert paired[65536] == (10, 0) and round(mcnemar(*paired[65536]), 3) == 0.002 and "p = 0.002" in section
+    short = [sum(paired[n][i] for n in (4096, 8192, 16384)) for i in (0, 1)]
+    assert f"4K-16K: {short[0]} gained, {short[1]} lost" in section
+    run4 = {}
+    for name in ("eval_long.json", "eval_short.json"):
+        run4.update(json.loads((REPO / "docs/results/indexer_piece_h200/run4" / name).read_text())["topk64"])
+    assert run4 == runs["run4"]["results"]
+    # judged: the whole evaluation, the verdict recomputed, and the card's mean table
+    means = {}
+    for run in ("run2", "run3"):
+        whole = judged[run]["results"]["topk64"]
+        assert set(whole) == set(default) and all(whole[k]["n"] == default[k]["n"] for k in default)
+        rows, adopt = verdict(_accuracy_cells(whole), _accuracy_cells(default))
+        assert adopt and judged[run]["verdict"].rstrip().endswith("verdict: adopt (at least as good at every length)")
+        means[run] = rows
+    own = runs["run3"]["results"]
+    assert all(judged["run3"]["results"]["topk64"][k]["hits"] == own[k]["hits"] for k in own)
+    for a, b in zip(means["run2"], means["run3"], strict=True):
+        assert a[:3] == b[:3]
+        assert f"| {a[0]:,} | {100 * a[2]:.1f}% | {100 * a[3]:.1f}% | {100 * b[3]:.1f}% |" in section
+
+
 def test_card_attention_rank_is_the_stored_sample():
     """The card's answer-query table: the attention's ranks and shares and the native indexer's ranks are
     training_results.json's diagnostics.attention_rank_cpu, whose native ranks equal the GPU ranks of those prompts."""
