@@ -1,10 +1,10 @@
 #!/bin/bash
 # Results: docs/BENCHMARKS.md, "Run 17"; raw under run17/.
-# H200 call for issue 18's first goal (written 2026-12-03, tenth session; not run yet): run 16 named the kernels of
-# the batch-1 step at 512K by name only (a graph replay hides the ops that launch them). Here one eager compiled
-# step of each, full and LSA (13,125 slots), under torch.profiler with shapes (`--profile-ops`: the ops and input
-# shapes whose kernels take the most device time), beside the replay's profile again: which GEMMs (shapes) make the
-# 7.8 ms, before writing batch-1 kernels or fusing projections.
+# H200 call for issue 18's first goal (written 2026-12-03, tenth session; run in the thirteenth): run 16 named the
+# kernels of the batch-1 step at 512K by name only (a graph replay hides the ops that launch them). Here one eager
+# compiled step of each, full and LSA (13,125 slots), under torch.profiler with shapes (`--profile-ops`: the ops and
+# input shapes whose kernels take the most device time), beside the replay's profile again: which GEMMs (shapes) make
+# the 7.8 ms, before writing batch-1 kernels or fusing projections.
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run17.sh"); results under $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
