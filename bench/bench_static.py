@@ -13,6 +13,7 @@ and B: median step ms (eager, graph), aggregate tokens/s of the graph (eager on 
 row. ``--small``: a 12-layer small-width model, for a CPU smoke test (eager only). ``--compile``: every decoder layer
 compiled first (``lsa_runtime/compiled_step.py``; the first step of each batch size compiles, reported apart).
 ``--profile``: kernels per replayed step and their device time (torch.profiler over 3 replays), the top kernels.
+``--fuse-inputs``: each attention block's input projections as one GEMV (``lsa_runtime/fused_inputs.py``).
 ``--resident R``: LSA's resident mode (``lsa_runtime/static_residency.py``): every CSA layer holds R entry slots per
 row, R - 18 of them filled (the resident set; 18 = tau/4 + 2 slots for the entries born before the next trigger at
 tau = 64), the native top-k choosing among those; the rest of the row's entries live in its host cold pool,
@@ -57,6 +58,7 @@ from bench.bench_batch import write_json  # noqa: E402
 from bench.bench_decode import small_config  # noqa: E402
 from bench.flash_model import flash_config  # noqa: E402
 from lsa_runtime.compiled_step import compile_static_step  # noqa: E402
+from lsa_runtime.fused_inputs import fuse_attention_inputs  # noqa: E402
 from lsa_runtime.prefetch import ResidentPrefetcher, StreamPrefetcher  # noqa: E402
 from lsa_runtime.static_decode import StaticDecodeState, install_static_attention, static_step  # noqa: E402
 from lsa_runtime.static_runner import StaticRunner  # noqa: E402
@@ -613,6 +615,8 @@ def main() -> None:
                          "JSON, 12 printed)")
     ap.add_argument("--stock-mhc", action="store_true",
                     help="with --compile: keep transformers' Sinkhorn loop (no lsa_runtime/fused_mhc.py)")
+    ap.add_argument("--fuse-inputs", action="store_true",
+                    help="each attention block's input projections as one GEMV (lsa_runtime/fused_inputs.py)")
     ap.add_argument("--resident", type=int, default=None,
                     help="LSA's resident mode: CSA entry slots per row (e.g. 13,125 = 10%% of 512K's 131,072 + 18)")
     ap.add_argument("--triggers", action="store_true",
@@ -672,7 +676,9 @@ def main() -> None:
     model = model.to(dtype).eval()
     install_static_attention(model)
     if args.compile:
-        compile_static_step(model, fuse_mhc=not args.stock_mhc)
+        compile_static_step(model, fuse_mhc=not args.stock_mhc, fuse_inputs=args.fuse_inputs)
+    elif args.fuse_inputs:
+        fuse_attention_inputs(model)
     rows, began = [], time.perf_counter()
     print(f"{'context':>9} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'tok/s':>8} {'state/row MiB':>14}"
           + (f" {'host pool/row MiB':>18}  (resident slots {args.resident:,})" if args.resident else ""), flush=True)

@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from .fused_inputs import fuse_attention_inputs
 from .fused_mhc import install_fusable_mhc, uninstall_fusable_mhc
 from .static_decode import StaticDecodeState, install_static_attention
 
@@ -58,9 +59,11 @@ def _decoder(model):
     return model.model if hasattr(model, "model") else model
 
 
-def compile_static_step(model, fuse_mhc: bool = True) -> int:
+def compile_static_step(model, fuse_mhc: bool = True, fuse_inputs: bool = False) -> int:
     """Compile every decoder layer of ``model`` for the static step (idempotent); returns the number of layers.
     ``fuse_mhc``: the hyper-connections' Sinkhorn loop entry by entry (:mod:`.fused_mhc`), so that it fuses.
+    ``fuse_inputs``: each attention block's input projections as one GEMV (:mod:`.fused_inputs`; off until a
+    benchmark shows the gain: ``bench/bench_static.py --fuse-inputs``).
 
     Graphs are built lazily on the first static steps; ``torch._dynamo.config.cache_size_limit`` is raised so
     that every layer kind and batch size keeps its graph. Other caches (prefill with a ``DynamicCache``, the stock
@@ -69,6 +72,8 @@ def compile_static_step(model, fuse_mhc: bool = True) -> int:
     install_static_attention(model)
     if fuse_mhc:
         install_fusable_mhc(model)
+    if fuse_inputs:
+        fuse_attention_inputs(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     layers = _decoder(model).layers
     for layer in layers:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import CSA, HCA, cache_kwarg
+from .fused_inputs import project_inputs
 
 
 def _v4():
@@ -154,16 +155,21 @@ class CompressedStore:
         """``[B, cap]``: which entry slots hold an emitted entry."""
         return torch.arange(self.entries.shape[1], device=self.lengths.device) < self.lengths[:, None]
 
-    def step(self, module, hidden_states: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+    def step(self, module, hidden_states: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+             projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add the token at ``positions[r]`` of every row to its open window; rows whose token closes the window
         (``(p + 1) % m == 0``) append one entry (paper eqs. 11-12 / 22-23), the others keep their entries.
         ``module``: the stock compressor or indexer that owns kv_proj, gate_proj, position_bias, kv_norm, rotary_emb
-        (its arithmetic is stock's, on one window per row)."""
+        (its arithmetic is stock's, on one window per row). ``projected``: its kv_proj and gate_proj outputs already
+        computed (:mod:`.fused_inputs`), else they run here."""
         v4, m, d = _v4(), self.rate, self.dim
         batch = hidden_states.shape[0]
         slot = positions % m
-        self.buffer_kv[rows, slot] = module.kv_proj(hidden_states)[:, 0]
-        self.buffer_gate[rows, slot] = module.gate_proj(hidden_states)[:, 0]
+        if projected is None:
+            projected = module.kv_proj(hidden_states), module.gate_proj(hidden_states)
+        kv, gate = projected
+        self.buffer_kv[rows, slot] = kv[:, 0]
+        self.buffer_gate[rows, slot] = gate[:, 0]
         emit = slot == m - 1  # [B]
         gate = self.buffer_gate + module.position_bias  # [B, m, F]
         if self.overlap:  # entry w = softmax-pooled [Ca of window w-1 | Cb of window w] over 2m slots
@@ -291,7 +297,7 @@ class StaticDecodeState:
 _BMM_TO_FP32 = hasattr(torch.ops.aten.bmm, "dtype")
 
 
-def _index_scores(scorer, q, keys, hidden_states) -> torch.Tensor:
+def _index_scores(scorer, q, keys, hidden_states, head_weights: torch.Tensor | None = None) -> torch.Tensor:
     """I[t,s] = sum_h w_{t,h} ReLU(q_{t,h} . K^IComp_s) for one decode query per row (``q`` ``[B, 1, H_I, D_I]``,
     ``keys`` ``[B, cap, D_I]``): transformers' ``DeepseekV4IndexerScorer`` formula, returned as ``[B, cap]``.
 
@@ -303,19 +309,22 @@ def _index_scores(scorer, q, keys, hidden_states) -> torch.Tensor:
         return scorer(q, keys, hidden_states)[:, 0]
     logits = torch.bmm(q[:, 0], keys.transpose(1, 2), out_dtype=torch.float32)  # [B, H_I, cap]
     logits = torch.relu(logits) * scorer.softmax_scale
-    weights = scorer.weights_proj(hidden_states).float() * scorer.weights_scaling  # [B, 1, H_I]
+    if head_weights is None:
+        head_weights = scorer.weights_proj(hidden_states)
+    weights = head_weights.float() * scorer.weights_scaling  # [B, 1, H_I]
     return (logits * weights[:, 0, :, None]).sum(dim=1)
 
 
-def _lightning_indexer(indexer, keys: CompressedStore, hidden_states, q_residual, positions):
+def _lightning_indexer(indexer, keys: CompressedStore, hidden_states, q_residual, positions, head_weights=None):
     """Top-k of I[t,s] = sum_h w_{t,h} ReLU(q_{t,h} . K^IComp_s) (paper eqs. 13-17) over all ``cap`` slots of every
     row, -inf beyond the row's length; fixed k = min(index_topk, cap). Returns picks ``[B, k]`` and which picks are
-    real entries ``[B, k]`` (a row with fewer than k entries gets masked picks, as stock takes min(k, n))."""
+    real entries ``[B, k]`` (a row with fewer than k entries gets masked picks, as stock takes min(k, n)).
+    ``head_weights``: w_h(t) already projected (:mod:`.fused_inputs`; used where the scoring is ours, the GPU's)."""
     v4, batch = _v4(), hidden_states.shape[0]
     cos, sin = indexer.rotary_emb(hidden_states, position_ids=positions[:, None], layer_type=indexer.rope_layer_type)
     q = indexer.q_b_proj(q_residual).view(batch, 1, -1, indexer.head_dim).transpose(1, 2)
     q = v4.apply_rotary_pos_emb(q, cos, sin).transpose(1, 2)  # [B, 1, H_I, D_I]
-    scores = _index_scores(indexer.scorer, q, keys.entries, hidden_states)  # I[t, s]: [B, cap]
+    scores = _index_scores(indexer.scorer, q, keys.entries, hidden_states, head_weights)  # I[t, s]: [B, cap]
     scores = scores.masked_fill(~keys.visible(), float("-inf"))
     picks = scores.topk(min(indexer.index_topk, scores.shape[-1]), dim=-1).indices
     return picks, picks < keys.lengths[:, None]
@@ -361,11 +370,13 @@ def attention_body(attention, hidden_states, cos, sin, positions, rows, layer: S
     layer serves every layer of its kind (:mod:`.compiled_step`)."""
     v4, self = _v4(), attention
     batch = hidden_states.shape[0]  # hidden_states: [B, 1, hidden]
+    # every projection of the block's input from one GEMV where the block is fused (.fused_inputs), else each alone
+    x = project_inputs(self, hidden_states) or {}
     # q and the shared K=V: the stock projections, norms and RoPE on the [B, 1] batch
-    q_residual = self.q_a_norm(self.q_a_proj(hidden_states))
+    q_residual = self.q_a_norm(x["q_a_proj"] if "q_a_proj" in x else self.q_a_proj(hidden_states))
     q = self.q_b_norm(self.q_b_proj(q_residual).view(batch, 1, -1, self.head_dim).transpose(1, 2))
     q = v4.apply_rotary_pos_emb(q, cos, sin)  # [B, H, 1, D]
-    kv = self.kv_norm(self.kv_proj(hidden_states)).view(batch, 1, 1, self.head_dim)
+    kv = self.kv_norm(x["kv_proj"] if "kv_proj" in x else self.kv_proj(hidden_states)).view(batch, 1, 1, self.head_dim)
     kv = v4.apply_rotary_pos_emb(kv, cos, sin)[:, 0, 0]  # [B, D]
 
     window = layer.window.shape[1]
@@ -373,11 +384,13 @@ def attention_body(attention, hidden_states, cos, sin, positions, rows, layer: S
     keys = [layer.window]
     valid = [torch.arange(window, device=kv.device) <= positions[:, None]]  # slots written so far
     if self.compressor is not None:
-        layer.compressor.step(self.compressor, hidden_states, positions, rows)  # C^Comp
+        layer.compressor.step(self.compressor, hidden_states, positions, rows,
+                              _pair(x, "compressor.kv_proj", "compressor.gate_proj"))  # C^Comp
         if layer.indexer is not None:  # CSA: the indexer's K^IComp, then its top-k picks of C^Comp
-            layer.indexer.step(self.compressor.indexer, hidden_states, positions, rows)
+            layer.indexer.step(self.compressor.indexer, hidden_states, positions, rows,
+                               _pair(x, "compressor.indexer.kv_proj", "compressor.indexer.gate_proj"))
             picks, picked = _lightning_indexer(self.compressor.indexer, layer.indexer, hidden_states,
-                                               q_residual, positions)
+                                               q_residual, positions, x.get("compressor.indexer.scorer.weights_proj"))
             keys.append(layer.compressor.entries.gather(1, picks[..., None].expand(-1, -1, self.head_dim)))
             valid.append(picked)
         else:  # HCA: every emitted entry
@@ -389,6 +402,10 @@ def attention_body(attention, hidden_states, cos, sin, positions, rows, layer: S
     out = v4.apply_rotary_pos_emb(out.transpose(1, 2), cos, -sin).transpose(1, 2)
     grouped = self.o_a_proj(out.reshape(batch, 1, self.config.o_groups, -1)).flatten(2)
     return self.o_b_proj(grouped)
+
+
+def _pair(projected: dict, kv: str, gate: str):
+    return (projected[kv], projected[gate]) if kv in projected and gate in projected else None
 
 
 @functools.cache

@@ -216,9 +216,9 @@ def test_capacity_and_foreign_caches_are_refused(backbone):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("dtype", "compiled"), [(torch.float32, False), (torch.bfloat16, False),
-                                                 (torch.bfloat16, True)])
-def test_the_whole_step_replays_as_one_cuda_graph(dtype, compiled):
+@pytest.mark.parametrize(("dtype", "compiled", "fused"), [(torch.float32, False, False), (torch.bfloat16, False, False),
+                                                          (torch.bfloat16, True, False), (torch.bfloat16, True, True)])
+def test_the_whole_step_replays_as_one_cuda_graph(dtype, compiled, fused):
     """On a GPU the whole model step over the static state is captured once and replayed: 24 replayed steps give
     the logits of the same static step run without a graph on a twin state, bit for bit (same kernels, same
     operands); the eager static step itself is checked against the stock model by the CPU test above.
@@ -227,7 +227,8 @@ def test_the_whole_step_replays_as_one_cuda_graph(dtype, compiled):
     differently from eager bf16 code, and the tiny model's random logits are near ties (2026-12-02, H200: a greedy
     token differed at the first step), so the oracle is the fp32 static step on the same weights and tokens
     (teacher-forced with its own greedy tokens): compiling may not move the logits further from it than the eager
-    bf16 step is (at most 2x that step's own deviation)."""
+    bf16 step is (at most 2x that step's own deviation). ``fused``: the attention blocks' input projections stacked
+    into one GEMV each (lsa_runtime/fused_inputs.py) before compiling, held to the same bound."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from lsa_runtime.backbone import load_backbone
@@ -262,7 +263,7 @@ def test_the_whole_step_replays_as_one_cuda_graph(dtype, compiled):
             p = p + 1
         del model32, state32
         tokens = forced[0]
-        compile_static_step(model)
+        compile_static_step(model, fuse_inputs=fused)
     saved = {name: t.clone() for name, t in graphed.tensors().items()}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -288,7 +289,7 @@ def test_the_whole_step_replays_as_one_cuda_graph(dtype, compiled):
             deviation["compiled"] = max(deviation["compiled"], float((out.float() - oracle[step]).abs().max()))
             deviation["eager"] = max(deviation["eager"], float((eager_bf16[step] - oracle[step]).abs().max()))
         tokens, positions = (forced[step + 1] if compiled else eager.argmax(-1)), positions + 1
-    what = "compiled layers" if compiled else "eager layers"
+    what = ("compiled layers" if compiled else "eager layers") + (", fused input projections" if fused else "")
     print(f"whole-step CUDA graph, {dtype}, {what}: 24 replays equal the step without a graph"
           + (f"; max |logit - fp32 oracle|: compiled {deviation['compiled']:.3g}, eager bf16 "
              f"{deviation['eager']:.3g}" if compiled else ""))

@@ -1,0 +1,26 @@
+#!/bin/bash
+# Results: docs/BENCHMARKS.md, "Run 20"; raw under run20/.
+# H200 call for issue 18's first goal (written 2026-12-03, thirteenth session; not run yet). Run 17 found the batch-1
+# step's ~380 small GEMVs latency-bound (4.4-6.5 us each for 0.16-1.75 us of bytes); lsa_runtime/fused_inputs.py
+# stacks each attention block's input projections into one GEMV (7 launches -> 1 in a CSA layer, 4 -> 1 in an HCA
+# layer, 2 -> 1 in a sliding one: 274 fewer a step). First its GPU test (the compiled whole-step graph with fused
+# inputs, held to the fp32 oracle like the unfused one), then the batch-1 step at 512K, full and LSA (13,125 slots),
+# without and with --fuse-inputs on the same machine, the fused ones with --profile-ops.
+# Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run20.sh"); results under $OUT.
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+start=$(date +%s)
+F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -k "one_cuda_graph and True-True" -s \
+  tests/test_static_decode.py 2>&1 | grep -v -i "$F" | tail -4
+for fused in "" "--fuse-inputs"; do
+  for mode in full lsa; do
+    left=$(( 560 - ($(date +%s) - start) ))
+    [ $left -gt 40 ] || { echo "out of time before $mode $fused"; continue; }
+    extra=(); [ $mode = lsa ] && extra=(--resident 13125)
+    [ -n "$fused" ] && extra+=(--fuse-inputs --profile-ops)
+    echo "$mode, 512K, B = 1 ${fused:-(each projection alone)}"
+    timeout $left python3 bench/bench_static.py --compile --contexts 524288 --batches 1 --steps 8 "${extra[@]}" \
+      --json $OUT/${mode}_512k_b1${fused:+_fused}.json 2>&1 | grep -v -i "$F"
+  done
+done
+echo "all done at $(( $(date +%s) - start )) s"
