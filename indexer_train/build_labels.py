@@ -32,6 +32,7 @@ from lsa_runtime.backbone import (
 )
 from lsa_runtime.capture import ChunkInfo, IndexerCapture, IndexerObserver
 from lsa_runtime.errors import FmIndexError
+from lsa_runtime.key_digest import index_keys_digest
 from lsa_runtime.outputs import OutputLock, check_output_dir, remove_stale_temps
 from lsa_runtime.placement import parse_device_map
 
@@ -232,6 +233,7 @@ def _backbone_block(name: str, config) -> dict:
         "rope": config.rope_parameters["compress"],
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.rms_norm_eps,
+        "index_keys_sha256": "",  # lsa_runtime.key_digest: set once the weights are loaded
     }
 
 
@@ -340,6 +342,7 @@ def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelP
         raise FmIndexError(f"output directory {out} exists and is not an fm-index label directory")
     lock = OutputLock(out, "build-labels", part=None if shard[1] == 1 else f"shard-{shard[0]}-of-{shard[1]}")
     with lock:
+        old = None
         if manifest_path.exists():
             if not resume:
                 raise FmIndexError(f"{out} already holds labels ({manifest_path.name}); pass --resume to continue "
@@ -352,14 +355,18 @@ def build_labels(model: str, corpus: str | Path, out: str | Path, params: LabelP
             mismatch = resume_mismatch(old, header, out)
             if mismatch:
                 raise FmIndexError(f"--resume: {mismatch}; use the same options and corpus, or another --out")
+            # the weights' digest is known once they are loaded (_label_documents); keep the first run's till then
+            header["backbone"]["index_keys_sha256"] = old.get("backbone", {}).get("index_keys_sha256", "")
         remove_stale_temps(out)
         write_json(manifest_path, {**header, "complete": False, "versions": _versions()})
         return _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter,
-                                device_map)
+                                device_map, previous=old)
 
 
 def _label_documents(model, docs, out, params, device, shard, header, manifest_path, config, reporter,
-                     device_map=None) -> dict:
+                     device_map=None, previous: dict | None = None) -> dict:
+    """Label the documents of ``docs`` not yet done. ``previous``: a resumed run's manifest as it was, restored if
+    this run's weights turn out to be others than those it was built from."""
     done = completed_documents(out)
     mine = [d for d in docs if d.index % shard[1] == shard[0]]
     todo = [d for d in mine if d.index not in done]
@@ -369,6 +376,15 @@ def _label_documents(model, docs, out, params, device, shard, header, manifest_p
     tokens_this_run, started = 0, time.perf_counter()
     if todo:
         backbone_model, tokenizer = load_backbone(model, device=device, dtype=params.dtype, device_map=device_map)
+        keys = index_keys_digest(backbone_model, params.layers)
+        earlier = header["backbone"].get("index_keys_sha256", "")
+        if earlier and keys and earlier != keys:  # a resumed run, nothing labelled with these weights yet
+            write_json(manifest_path, previous)
+            raise FmIndexError(f"--resume: {out} was built from other weights of this backbone (the Lightning "
+                               f"Indexer keys of layers {list(params.layers)} differ); use the same model, or "
+                               "another --out")
+        header["backbone"]["index_keys_sha256"] = keys or earlier
+        write_json(manifest_path, {**header, "complete": False, "versions": _versions()})
     for doc in todo:
         ids = tokenize(doc, tokenizer)
         if ids and max(ids) >= config.vocab_size:

@@ -83,6 +83,8 @@ class MemoryIndexerConfig:
     threshold: float = 0.5
     tau: int = 64
     backbone_config_hash: str = ""
+    # the serving backbone's indexer keys it was trained against (lsa_runtime.key_digest; "": unknown, unchecked)
+    backbone_keys_sha256: str = ""
     metrics: dict = field(default_factory=dict, compare=False)
     csa_indices: tuple[int, ...] = field(default=(), compare=False)  # ``layers`` in the release's CSA numbering
     keep_recent: int = 0  # the resident set's recency tail: the newest entries, always resident
@@ -133,7 +135,8 @@ class MemoryIndexerConfig:
                    rope_dim=int(bb["rope_dim"]), rope=rope, rope_head_dim_base=int(round(bb["rope_dim"] / prf)),
                    max_position_embeddings=int(bb.get("max_position_embeddings", 1 << 20)),
                    compress_rate=int(bb["compress_rate"]), rms_norm_eps=float(bb.get("rms_norm_eps", 1e-6)),
-                   threshold=threshold, tau=int(manifest["params"]["tau"]), backbone_config_hash=bb["config_hash"])
+                   threshold=threshold, tau=int(manifest["params"]["tau"]), backbone_config_hash=bb["config_hash"],
+                   backbone_keys_sha256=str(bb.get("index_keys_sha256", "")))
 
     def to_json(self) -> dict:
         """The ``lsa_config.json`` dict (docs/DESIGN.md, "Export")."""
@@ -537,8 +540,25 @@ def load_memory_indexer(source, model) -> "MemoryIndexer":
     device = execution_device(decoder.embed_tokens)
     if isinstance(source, MemoryIndexer):
         check_fits(source.config, model.config)
-        return source.to(device).eval()
-    return read_memory_indexer(source, model.config, device=device)
+        indexer = source.to(device).eval()
+    else:
+        indexer = read_memory_indexer(source, model.config, device=device)
+    check_keys(indexer.config, model, where=str(source) if isinstance(source, (str, Path)) else "the memory indexer")
+    return indexer
+
+
+def check_keys(config: MemoryIndexerConfig, model, where: str = "the memory indexer") -> None:
+    """Refuse (:class:`ExportError`) a memory indexer trained against other Lightning Indexer keys than ``model``'s
+    (:mod:`.key_digest`: same config, other weights); nothing is checked where either digest is unknown."""
+    from .key_digest import index_keys_digest
+
+    if not config.backbone_keys_sha256:
+        return
+    have = index_keys_digest(model, config.layers)
+    if have and have != config.backbone_keys_sha256:
+        raise ExportError(f"{where} was trained against other weights of this backbone: the Lightning Indexer keys "
+                          f"of layers {list(config.layers)} differ (sha256 {config.backbone_keys_sha256[:12]}..., "
+                          f"this model has {have[:12]}...); re-build its labels and train it for this model")
 
 
 def read_memory_indexer(source: str | Path, backbone_config, device: str | torch.device = "cpu") -> "MemoryIndexer":
@@ -560,4 +580,4 @@ def sigmoid_inverse(p: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["MemoryIndexer", "MemoryIndexerLayer", "MemoryIndexerConfig", "IndexerRotary", "ExportError",
-           "check_fits", "load_memory_indexer", "read_memory_indexer", "sigmoid_inverse", "EXPORT_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "check_fits", "check_keys", "load_memory_indexer", "read_memory_indexer", "sigmoid_inverse", "EXPORT_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME"]

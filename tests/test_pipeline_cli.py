@@ -45,6 +45,16 @@ def test_resume_skips_finished_steps_and_redoes_missing_ones(tmp_path, small_cor
     out = tmp_path / "run"
     first = _pipeline(out, small_corpus)
     assert first.exit_code == 0, first.output
+    # the backbone's indexer keys travel from the labels to the export (lsa_runtime/key_digest.py)
+    import torch
+
+    from lsa_runtime.backbone import load_backbone
+    from lsa_runtime.key_digest import index_keys_digest
+
+    manifest = json.loads((out / "labels" / "manifest.json").read_text())
+    digest = index_keys_digest(load_backbone("tiny", dtype=torch.float32)[0], manifest["memory_layers"]["layers"])
+    assert len(digest) == 64 and manifest["backbone"]["index_keys_sha256"] == digest
+    assert json.loads((out / "export" / "lsa_config.json").read_text())["backbone_keys_sha256"] == digest
     state = (out / "train" / "train_state.json").read_text()
     results = json.loads((out / "evaluation" / "results.json").read_text())["runs"]
     assert _pipeline(out, small_corpus).exit_code == 2  # no --resume: refused
