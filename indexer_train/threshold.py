@@ -11,8 +11,9 @@ still holds a share ``R`` of the golden entries, micro-averaged over the held-ou
 T* is the ceil(R * |G|)-th highest union score among all golden entries, stored lowered by a relative
 ``THRESHOLD_MARGIN``: the choice scores a document's triggers in one batch, the runtime one trigger at a time, and
 fp32 matmuls over other row counts round differently (a golden entry scored exactly T* here once scored just under
-it through ``MemoryIndexer.score`` row by row, and the recall fell below R by that one entry). Measured on the training run's held-out
-documents (never on evaluation prompts); the export records T*, the recall and the retrieval ratio it gives there.
+it through ``MemoryIndexer.score`` row by row, and the recall fell below R by that one entry). Measured on the
+training run's held-out documents (never on evaluation prompts); the export records T*, the recall and the
+retrieval ratio it gives there.
 """
 
 from __future__ import annotations

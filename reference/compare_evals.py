@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     rows, adopt = verdict(candidate, reference)
     print(f"{'length':>7} {'tasks':>5} {'reference':>9} {'candidate':>9}")
     for length, tasks, ref, cand in rows:
-        print(f"{length:>7,} {len(tasks):>5} {100 * ref:8.1f}% {100 * cand:8.1f}%{'' if cand >= ref - TIE else '  <- worse'}")
+        worse = "" if cand >= ref - TIE else "  <- worse"
+        print(f"{length:>7,} {len(tasks):>5} {100 * ref:8.1f}% {100 * cand:8.1f}%{worse}")
     for (task, length), acc in sorted(candidate.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         ref = reference.get((task, length))
         print(f"  {task}@{length}: {100 * acc:.1f}%" + (f" (reference {100 * ref:.1f}%)" if ref is not None else ""))

@@ -217,7 +217,8 @@ def test_capacity_and_foreign_caches_are_refused(backbone):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("dtype", "compiled", "fused"), [(torch.float32, False, False), (torch.bfloat16, False, False),
-                                                          (torch.bfloat16, True, False), (torch.bfloat16, True, True)])
+                                                          (torch.bfloat16, True, False),
+                                                          (torch.bfloat16, True, True)])
 def test_the_whole_step_replays_as_one_cuda_graph(dtype, compiled, fused):
     """On a GPU the whole model step over the static state is captured once and replayed: 24 replayed steps give
     the logits of the same static step run without a graph on a twin state, bit for bit (same kernels, same
