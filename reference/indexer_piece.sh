@@ -11,6 +11,8 @@
 # `train` starts from data/reference; `more` resumes reference/work/idx/ckpt (still on a warm machine, or carried
 # from here after copying call 1's $OUT/ckpt there). The checkpoint (indexer.safetensors, optimizer.pt, state.json,
 # ~6 MB) comes back under $OUT/ckpt; train.py's load_checkpoint reads it as data/reference plus these indexers.
+# Carry limit (64 MiB with the tracked tree, 58.4 MB on 2026-12-03): corpus.npz (6.0 MB) plus a checkpoint without
+# its optimizer.pt (2.1 MB; `more` then starts a fresh Adam state) fit, with it (6.2 MB) they do not.
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/indexer_piece.sh judge [CKPT]")
 # `judge` evaluates a candidate (default: the 112-step one of 2026-12-03, docs/results/indexer_piece_h200/run2/ckpt)
 # with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
