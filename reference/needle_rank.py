@@ -147,7 +147,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.corpus.is_file():
         parser.error(f"--corpus {args.corpus} does not exist (python -m reference.build_corpus makes it)")
-    model, tokenizer = load_backbone(args.model, device=args.device, dtype="float32")
+    if (Path(args.model) / "state.json").is_file():  # a training checkpoint (train.py's or train_indexer.py's)
+        from transformers import AutoTokenizer
+
+        from .build_corpus import REFERENCE_DIR
+        from .train import load_checkpoint
+
+        model = load_checkpoint(Path(args.model))[0].to(args.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
+    else:
+        model, tokenizer = load_backbone(args.model, device=args.device, dtype="float32")
     if model.config.max_position_embeddings < max(args.lengths):
         model.config.max_position_embeddings = max(args.lengths) + 256
     builder = TaskBuilder(tokenizer, np.load(args.corpus)["eval"], tokenizer.bos_token_id)

@@ -80,3 +80,36 @@ def test_attention_rank_equals_the_eager_attention_with_every_entry(tiny_model, 
         index_row = scores[layer][query, :T]
         best = max(index_row[30].item(), index_row[31].item())
         assert got["dense_ranks"][str(layer)] == 1 + sum(1 for v in index_row.tolist() if v > best)
+
+
+def test_main_reads_an_indexer_checkpoint_as_its_backbone_with_those_indexers(tmp_path):
+    """``--model`` given a train_indexer checkpoint (data/reference plus indexers, here its own): the same ranks as
+    ``--model reference`` on the same prompt (the checkpoint's loader, not load_backbone, must read it)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from reference.build_corpus import REFERENCE_DIR
+    from reference.train import load_checkpoint
+    from reference.train_indexer import INDEXER_FILE, weights_digest
+
+    model = load_checkpoint(REFERENCE_DIR)[0]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if ".compressor.indexer." in n},
+              ckpt / INDEXER_FILE)
+    (ckpt / "state.json").write_text(json.dumps({"step": 0, "init": str(REFERENCE_DIR),
+                                                 "init_sha256": weights_digest(REFERENCE_DIR),
+                                                 "config": model.config.to_dict(), "log": []}))
+    tokens = np.random.default_rng(0).integers(3, 4000, 60_000).astype(np.uint16)
+    np.savez(tmp_path / "corpus.npz", train=tokens, eval=tokens)
+    from reference.needle_rank import main
+
+    rows = []
+    for source in (str(ckpt), "reference"):
+        out = tmp_path / f"{len(rows)}.json"
+        main(["--model", source, "--corpus", str(tmp_path / "corpus.npz"), "--lengths", "2048", "--n", "1",
+              "--out", str(out)])
+        samples = json.loads(out.read_text())["samples"]
+        rows.append({k: {f: v for f, v in row.items() if f != "seconds"} for k, row in samples.items()})
+    assert rows[0] == rows[1] and rows[0]["2048/0"]["ranks"]
