@@ -948,3 +948,30 @@ def test_card_attention_rank_is_the_stored_sample():
             " / ".join(f"{sample['attn_ranks'][k]:,}" for k in layers),
             " / ".join(f"{100 * sample['attn_share'][k]:.2g}%" for k in layers),
             " / ".join(f"{sample['ranks'][k]:,}" for k in layers)], line
+
+
+def test_card_run4_needle_ranks_are_the_stored_sample():
+    """The card's run-4 rank table: run 4's ranks as stored (the CPU run), the default's as diagnostics.needle_rank_gpu
+    stored them for the same prompts, "answered" from both evaluations' per-prompt hits, and the needles' distances
+    from the question the text quotes."""
+    results = json.loads((REFERENCE / "training_results.json").read_text())
+    aw = results["diagnostics"]["indexer_alone"]["answer_weighted"]
+    samples = aw["needle_rank_cpu"]["samples"]
+    gpu = results["diagnostics"]["needle_rank_gpu"]["tasks"]["single_number_code"]
+    hits = (results["needles_gpu_long"]["results"]["topk64"]["single_number_code@65536"]["hits"],
+            aw["runs"]["run4"]["results"]["single_number_code@65536"]["hits"])
+    section = _card_section((REFERENCE / "README.md").read_text(), "Indexer alone at long range")
+    layers = ("2", "4", "6", "8", "10")
+    assert sorted(samples) == [f"65536/{i}" for i in range(4)]
+    for key, sample in samples.items():
+        i = int(key.split("/")[1])
+        assert sample["needle_entries"] == gpu[key]["needle_entries"] and sample["query"] == gpu[key]["query"]
+        table = section[section.index("**Where run 4 ranks the needle**"):].splitlines()
+        line = next(x for x in table if x.startswith(f"| 64K #{i} | "))
+        answered = " / ".join("yes" if h[i] == "1" else "no" for h in hits)
+        assert [c.strip() for c in line.split("|")[2:-1]] == [
+            answered, " / ".join(f"{gpu[key]['ranks'][k]:,}" for k in layers),
+            " / ".join(f"{sample['ranks'][k]:,}" for k in layers)], line
+    far = {key: round((s["query"] - 4 * min(s["needle_entries"])) / 1000) for key, s in samples.items()}
+    assert far == {"65536/0": 11, "65536/1": 31, "65536/2": 60, "65536/3": 46}
+    assert "~11K and ~31K" in section and "~60K and ~46K" in " ".join(section.split())
