@@ -829,6 +829,27 @@ def test_card_gpu_needle_rank_table_is_the_stored_ranks():
     assert len(near[32768]) == 10 and near[32768][-2:] == [149, 7502] and "ten such needles 3-149" in card
 
 
+def _assert_three_run_table(lines, default, first, second) -> dict:
+    """A card table of the three tasks per length, "default / first / second" accuracy cells and the paired prompts
+    gained / lost by ``second`` against the default, recomputed from the stored per-prompt hits (same prompts);
+    returns {length: (gained, lost)}."""
+    acc = lambda row: f"{100 * row['hits'].count('1') / row['n']:.1f}"  # noqa: E731
+    paired = {}
+    for length in (4096, 8192, 16384, 32768, 65536):
+        cells, gained, lost = [], 0, 0
+        for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
+            key = f"{task}@{length}"
+            a, b, c = default[key], first[key], second[key]
+            assert a["n"] == b["n"] == c["n"] == len(c["hits"])
+            cells.append(f"{acc(a)} / {acc(b)} / {acc(c)}")
+            gained += sum(x == "0" and y == "1" for x, y in zip(a["hits"], c["hits"]))
+            lost += sum(x == "1" and y == "0" for x, y in zip(a["hits"], c["hits"]))
+        paired[length] = (gained, lost)
+        line = next(x for x in lines if x.startswith(f"| {length:,} (n = "))
+        assert [c.strip() for c in line.split("|")[2:-1]] == cells + [f"{gained} / {lost}"], line
+    return paired
+
+
 def test_card_indexer_alone_tables_are_the_stored_rows():
     """The card's "Indexer alone at long range": every accuracy cell and the paired gains / losses recomputed from the
     stored per-prompt hits (the default's needles_gpu_long and diagnostics.indexer_alone's two runs, same prompts),
@@ -841,18 +862,7 @@ def test_card_indexer_alone_tables_are_the_stored_rows():
     card = card[card.index("### Indexer alone at long range"):]
     card = card[:card.index("\n### ")]
     lines = card.splitlines()
-    acc = lambda row: f"{100 * row['hits'].count('1') / row['n']:.1f}"  # noqa: E731
-    for length in (4096, 8192, 16384, 32768, 65536):
-        cells, gained, lost = [], 0, 0
-        for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
-            key = f"{task}@{length}"
-            a, b, c = default[key], runs["run1"]["results"][key], runs["run2"]["results"][key]
-            assert a["n"] == b["n"] == c["n"] == len(c["hits"])
-            cells.append(f"{acc(a)} / {acc(b)} / {acc(c)}")
-            gained += sum(x == "0" and y == "1" for x, y in zip(a["hits"], c["hits"]))
-            lost += sum(x == "1" and y == "0" for x, y in zip(a["hits"], c["hits"]))
-        line = next(x for x in lines if x.startswith(f"| {length:,} (n = "))
-        assert [c.strip() for c in line.split("|")[2:-1]] == cells + [f"{gained} / {lost}"], line
+    _assert_three_run_table(lines, default, runs["run1"]["results"], runs["run2"]["results"])
     training = runs["run2"]["training"]
     for layer in ("2", "4", "6", "8", "10"):
         cells = []
@@ -892,20 +902,7 @@ def test_card_answer_weighted_and_judged_tables_are_the_stored_rows():
     assert (runs["run3"]["step"], runs["run4"]["step"]) == (59, 100)
     section = _card_section((REFERENCE / "README.md").read_text(), "Indexer alone at long range")
     lines = section[section.index("The answer's queries weighted up"):].splitlines()  # its table, after run 2's
-    acc = lambda row: f"{100 * row['hits'].count('1') / row['n']:.1f}"  # noqa: E731
-    paired = {}
-    for length in (4096, 8192, 16384, 32768, 65536):
-        cells, gained, lost = [], 0, 0
-        for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
-            key = f"{task}@{length}"
-            a, b, c = default[key], runs["run3"]["results"][key], runs["run4"]["results"][key]
-            assert a["n"] == b["n"] == c["n"] == len(c["hits"])
-            cells.append(f"{acc(a)} / {acc(b)} / {acc(c)}")
-            gained += sum(x == "0" and y == "1" for x, y in zip(a["hits"], c["hits"]))
-            lost += sum(x == "1" and y == "0" for x, y in zip(a["hits"], c["hits"]))
-        paired[length] = (gained, lost)
-        line = next(x for x in lines if x.startswith(f"| {length:,} (n = "))
-        assert [c.strip() for c in line.split("|")[2:-1]] == cells + [f"{gained} / {lost}"], line
+    paired = _assert_three_run_table(lines, default, runs["run3"]["results"], runs["run4"]["results"])
     mcnemar = lambda g, n: 2 * sum(comb(g + n, i) for i in range(min(g, n) + 1)) / 2 ** (g + n)  # noqa: E731
     assert paired[32768] == (19, 0) and f"{mcnemar(*paired[32768]):.0e}" == "4e-06" and "p = 4e-6" in section
     assert paired[65536] == (10, 0) and round(mcnemar(*paired[65536]), 3) == 0.002 and "p = 0.002" in section
