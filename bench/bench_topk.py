@@ -7,8 +7,8 @@ or 131,078 candidates: 1.5 ms of a 16.5 ms batch-1 step over the 21 CSA layers. 
 order does not matter. Methods, each giving the same set of indices (ties aside; checked here against
 ``torch.topk`` on every shape before timing):
 
-- ``topk``: ``torch.topk(k)`` (sorted, what the static step runs);
-- ``topk_unsorted``: ``torch.topk(k, sorted=False)``;
+- ``topk``: ``torch.topk(k)`` (sorted, what the static step ran until run 20);
+- ``topk_unsorted``: ``torch.topk(k, sorted=False)`` (what it runs since);
 - ``sort``: ``torch.sort(descending=True)`` then the first k;
 - ``two_stage``: the row cut into S segments, the top-k of each (S slices in parallel), then the top-k of the
   S * k candidates (exact: every global top-k entry is in its own segment's top-k).
