@@ -1,13 +1,14 @@
 """Adopt or not: a candidate's needle evaluation against the default model's, length by length.
 
     python -m reference.compare_evals CANDIDATE.json [--reference data/reference/training_results.json]
-                                                     [--previous-default]
+                                                     [--against default|L6|previous]
 
 Both files are `evaluate_needles --out` results (``{"topk64": {"task@length": {"accuracy": ..., "n": ...}}}``);
 for the default, the ``needles_gpu_long.results`` entry of ``training_results.json`` (same seeds and prompts): the
-evaluation of the current default, L6 since 2026-12-02 (before that file's restructuring, the same key held the
-default of then, so older copies read the same way). ``--previous-default`` compares against
-``previous_default.needles_gpu_long`` instead, the model L6 replaced (the comparison that adopted L6).
+evaluation of the current default (L6 from 2026-12-02, L6i from 2026-12-03; the same key has always held the
+default of the day, so older copies read the same way). ``--against L6`` compares against L6's evaluation (the
+adopted attempt of ``long_context``), as the candidates of 2026-12-02/03 were judged; ``--against previous``
+(or ``--previous-default``) against ``previous_default.needles_gpu_long``, the model L6 replaced.
 The rule of issue 20's first part: the candidate replaces the default only if it is at least as good at every
 length both were tested on, by the mean accuracy over the tasks both ran there. Prints the table and the verdict;
 exits 0 for "adopt", 1 for "keep the reference" (the default model is named `reference`).
@@ -56,15 +57,23 @@ def main(argv=None) -> int:
     parser.add_argument("candidate")
     parser.add_argument("--reference", default=str(Path(__file__).resolve().parent.parent / "data" / "reference"
                                                    / "training_results.json"))
-    parser.add_argument("--previous-default", action="store_true",
-                        help="compare against the reference file's previous_default (the model L6 replaced)")
+    parser.add_argument("--against", choices=("default", "L6", "previous"), default="default",
+                        help="which stored evaluation: the current default's (needles_gpu_long), L6's (the default "
+                             "of 2026-12-02/03), or previous_default's (the model L6 replaced)")
+    parser.add_argument("--previous-default", action="store_true", help="the same as --against previous")
     args = parser.parse_args(argv)
+    against = "previous" if args.previous_default else args.against
     candidate = cells(json.loads(Path(args.candidate).read_text()))
     blob = json.loads(Path(args.reference).read_text())
-    if args.previous_default:
+    if against == "previous":
         if "previous_default" not in blob:
             parser.error(f"{args.reference} has no previous_default entry")
         blob = blob["previous_default"]
+    elif against == "L6":
+        found = [a for a in blob.get("long_context", {}).get("attempts", []) if a["pieces"][-1]["piece"] == "L6"]
+        if not found:
+            parser.error(f"{args.reference} has no evaluation of L6 (long_context.attempts)")
+        blob = {"topk64": found[0]["needles_full"]}
     reference = cells(blob)
     rows, adopt = verdict(candidate, reference)
     print(f"{'length':>7} {'tasks':>5} {'reference':>9} {'candidate':>9}")

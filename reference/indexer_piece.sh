@@ -11,15 +11,21 @@
 # `train` starts from data/reference; `more` resumes reference/work/idx/ckpt (still on a warm machine, or carried
 # from here after copying call 1's $OUT/ckpt there). The checkpoint (indexer.safetensors, optimizer.pt, state.json,
 # ~6 MB) comes back under $OUT/ckpt; train.py's load_checkpoint reads it as data/reference plus these indexers.
-# Carry limit (64 MiB with the tracked tree, 58.4 MB on 2026-12-03): corpus.npz (6.0 MB) plus a checkpoint without
-# its optimizer.pt (2.1 MB; `more` then starts a fresh Adam state) fit, with it (6.2 MB) they do not.
+# Carry limit (64 MiB with the tracked tree, 56.8 MB since the fourteenth session): corpus.npz (6.0 MB) plus a
+# checkpoint without its optimizer.pt (2.1 MB; `more` then starts a fresh Adam state) fit, with it (6.2 MB) not.
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/indexer_piece.sh judge [CKPT]")
-# `judge` evaluates a candidate (default: the 112-step one of 2026-12-03, docs/results/indexer_piece_h200/run2/ckpt)
-# with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
+# `judge` evaluates a candidate (a checkpoint folder; default: reference/work/idx/ckpt, this script's own, left on a
+# warm machine or carried) with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
 # prints reference/compare_evals.py's verdict (~5 min).
 # Runs 2026-12-03: train (65 steps) + more (47 steps) = run2, judged (adopt); thirteenth session: judge of run2,
 # `AW=1000 BUDGET=540 ... train` (59 steps) = run3, judged (adopt), `AW=1000 BUDGET=330 TRAIN_MIN=2.5 ... more`
-# (41 more) = run4, not judged yet. Next: `judge docs/results/indexer_piece_h200/run4/ckpt` (carry corpus.npz).
+# (41 more) = run4; fourteenth session: judge of run4 (keep: 8K 58.6 vs 58.9%), `AW=1000 BUDGET=330 TRAIN_MIN=2.5
+# ... more` from run4's checkpoint (39 more) = run5, judged (adopt) and exported: data/reference is L6i since then,
+# so `train` starts from run5's indexers; `AW=1000 BUDGET=320 TRAIN_MIN=2.5 ... more` (42 more) = run6, not judged.
+# The checkpoints of runs 1-6 name L6 (its sha256) as their backbone: loading them on L6i is refused (runs 2-4's
+# indexer weights: git commit fd09a43, with L6's weights). Next:
+# `AW=1000 BUDGET=540 bash reference/indexer_piece.sh train` (continues from L6i = run 5), then `judge` it; `judge`
+# compares against the current default (L6i).
 # Env: TRAIN_MIN (training minutes), BUDGET (seconds for the whole call), LR, AW (train_indexer's --answer-weight:
 # the queries that predict an answer token weighted AW + 1 times).
 set -u
@@ -38,7 +44,7 @@ case $MODE in
     [ -f $CK/state.json ] || { echo "no checkpoint at $CK"; exit 2; }
     resume=(--resume); minutes=${TRAIN_MIN:-5.0} ;;
   judge)
-    cand=${2:-docs/results/indexer_piece_h200/run2/ckpt}
+    cand=${2:-$CK}
     [ -f $cand/state.json ] || { echo "no checkpoint at $cand"; exit 2; }
     python3 -m reference.evaluate_needles --model $cand --attention window --lengths 4096 8192 16384 32768 65536 \
       --n 40 --n-at 16384=20 32768=20 65536=10 --chunk-above 32768 --chunk 4096 --chunk-gib 8 --max-minutes 4.2 \

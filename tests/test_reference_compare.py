@@ -58,9 +58,10 @@ def test_the_rejected_long_context_candidate_is_rejected(tmp_path, capsys):
     work = REPO / "reference" / "work" / "long2" / "eval_candidate.json"
     if work.is_file():  # the device's file (git-ignored) is what training_results.json stores
         assert json.loads(work.read_text())["topk64"] == l2["needles_full"]
-    # against the current default (the default --reference: training_results.json's needles_gpu_long, L6) ...
-    assert main([str(candidate)]) == 1
-    assert "keep the reference" in capsys.readouterr().out
+    # against the current default (the default --reference: training_results.json's needles_gpu_long, L6i) and L6 ...
+    for against in ([], ["--against", "L6"]):
+        assert main([str(candidate), *against]) == 1
+        assert "keep the reference" in capsys.readouterr().out
     # ... and against the previous default, as it was judged on 2026-12-01: worse at 4,096 tokens
     assert main([str(candidate), "--previous-default"]) == 1
     rows, adopt = verdict(cells({"topk64": l2["needles_full"]}), cells(results["previous_default"]))
@@ -74,21 +75,48 @@ def test_the_adopted_candidate_beats_the_previous_default_and_is_the_default(tmp
     assert main([str(candidate), "--previous-default"]) == 0
     out = capsys.readouterr().out
     assert out == third["verdicts"]["L6"]  # the device's verdict.txt, reproduced here
-    # the default's long evaluation, against which future candidates are compared, is L6's
-    assert cells(results) == cells({"topk64": third["needles_full"]})
+    assert main([str(candidate), "--against", "previous"]) == 0 and capsys.readouterr().out == out
+    # L6's evaluation is the one --against L6 reads: L6 against it has the same mean as the reference at every length
+    assert main([str(candidate), "--against", "L6"]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines()[1:6]]
+    assert [row[0] for row in table] == ["4,096", "8,192", "16,384", "32,768", "65,536"]
+    assert all(row[2] == row[3] for row in table)
+
+
+def test_the_adopted_indexers_beat_l6_and_are_the_default(tmp_path, capsys):
+    """L6i (run 5 of the indexers trained alone, 2026-12-03): its stored whole evaluation against L6 prints the
+    device's verdict.txt character for character (adopt), and it is the default's evaluation that candidates are
+    compared with from then on (a candidate equal to it is adopted, one prompt fewer anywhere is not)."""
+    results = json.loads((REPO / "data" / "reference" / "training_results.json").read_text())
+    run5 = results["diagnostics"]["indexer_alone"]["judged"]["runs"]["run5"]
+    candidate = tmp_path / "run5.json"
+    candidate.write_text(json.dumps(run5["results"]))
+    assert main([str(candidate), "--against", "L6"]) == 0
+    assert capsys.readouterr().out == run5["verdict"] == results["indexers"]["verdict"]
+    raw = REPO / "docs/results/indexer_piece_h200/judge_run5"
+    assert json.loads((raw / "eval_candidate.json").read_text()) == run5["results"]
+    assert (raw / "verdict.txt").read_text() == run5["verdict"]
+    assert results["needles_gpu_long"]["results"] == run5["results"] and results["needles_gpu_long"]["model"] == "L6i"
+    assert main([str(candidate)]) == 0
+    capsys.readouterr()
+    worse = json.loads(candidate.read_text())
+    row = worse["topk64"]["single_number_code@32768"]
+    row["accuracy"] = (row["hits"].count("1") - 1) / row["n"]
+    candidate.write_text(json.dumps(worse))
+    assert main([str(candidate)]) == 1
 
 
 @pytest.mark.parametrize("pieces, work", [(["L7", "L8"], "long7/logs"), (["L9", "L10"], "L10"),
                                          (["L11", "L12"], "L12")])
 def test_the_candidate_judged_against_l6_is_rejected_as_on_the_device(tmp_path, capsys, pieces, work):
-    """L8, L10 and L12 (L7 + L8 and L9 + L10 from the default, 2026-12-02; L11 + L12 from L10, 2026-12-03): against
-    the default L6 the verdict printed here is the device's verdict.txt, character for character: keep the
-    reference."""
+    """L8, L10 and L12 (L7 + L8 and L9 + L10 from the default L6, 2026-12-02; L11 + L12 from L10, 2026-12-03):
+    against L6 (the default when they were judged) the verdict printed here is the device's verdict.txt, character
+    for character: keep the reference."""
     results = json.loads((REPO / "data" / "reference" / "training_results.json").read_text())
     (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == pieces]
     candidate = _stored_candidate(tmp_path, attempt)
     stored = REPO / "reference" / "work" / work / "eval_candidate.json"
     if stored.is_file():  # the device's file (git-ignored) is what training_results.json stores
         assert json.loads(stored.read_text())["topk64"] == attempt["needles_full"]
-    assert main([str(candidate)]) == 1
+    assert main([str(candidate), "--against", "L6"]) == 1
     assert capsys.readouterr().out == attempt["verdicts"][pieces[1]]

@@ -58,8 +58,9 @@ def _accuracy_cells(evaluation: dict) -> dict:
 
 def test_card_states_the_measured_numbers():
     """fm_index.json, training_results.json and the card agree on the default's lineage (the previous default's run 1
-    and curriculum, then the long-context pieces L3-L6), on the previous default's 4K/8K needles, and on the current
-    default's 4K-64K needles and indexer agreement; the headline figures are recomputed from the stored rows."""
+    and curriculum, the long-context pieces L3-L6, then L6's indexers trained alone: L6i), on the previous default's
+    4K/8K needles, and on the current default's 4K-64K needles and indexer agreement (L6's beside them); the headline
+    figures are recomputed from the stored rows."""
     from reference.compare_evals import verdict
 
     meta = json.loads((REFERENCE / "fm_index.json").read_text())
@@ -76,13 +77,21 @@ def test_card_states_the_measured_numbers():
     assert [p["piece"] for p in lineage] == ["L3", "L4", "L5", "L6"]
     assert long_context["steps"] == sum(p["steps"] for p in lineage)
     assert long_context["tokens"] == sum(p["tokens"] for p in lineage)
+    # then the indexers alone (runs 3-5, backbone frozen): their steps and tokens are those of run 5's own log
+    indexers = results["indexers"]
+    log = json.loads((REPO / "docs/results/indexer_piece_h200/run5/ckpt/state.json").read_text())["log"]
+    assert [x["step"] for x in log] == list(range(1, 140)) and indexers["steps"] == 139
+    assert [(x["first_step"], x["last_step"]) for x in indexers["lineage"]] == [(1, 59), (60, 100), (101, 139)]
+    assert indexers["tokens"] == sum(x["seq_len"] for x in log) == sum(x["tokens"] for x in indexers["lineage"])
     assert meta["trained"] is True and meta["default"] is True and meta["step"] == total["steps"]
-    assert total["steps"] == previous["steps"] + long_context["steps"] == 4068
-    assert total["tokens"] == previous["tokens"] + long_context["tokens"]
-    minutes = run1["train_minutes"] + sum(p["train_minutes"] for p in pieces + lineage)
+    assert total["steps"] == previous["steps"] + long_context["steps"] + indexers["steps"] == 4207
+    assert total["tokens"] == previous["tokens"] + long_context["tokens"] + indexers["tokens"]
+    minutes = run1["train_minutes"] + sum(p["train_minutes"] for p in pieces + lineage) + indexers["train_minutes"]
     assert total["train_minutes"] == round(minutes, 1)
     assert all(f"{p['piece']} ({p['steps']})" in card for p in lineage)  # the lineage sentence of the card
-    assert all(f"{p['steps']}" in meta["steps_note"] for p in lineage) and "3,407" in meta["steps_note"]
+    assert "the indexers alone (" + " + ".join(str(x["steps"]) for x in indexers["lineage"]) + ")" in card
+    assert all(f"{p['steps']}" in meta["steps_note"] for p in lineage + indexers["lineage"])
+    assert "3,407" in meta["steps_note"]
     assert (f"{total['steps']:,} optimizer steps,\n{total['tokens'] / 1e6:.1f}M tokens, "
             f"{total['train_minutes']:.1f} minutes") in card
     for phase in ("dense_last_100_steps", "sparse_last_100_steps"):
@@ -106,7 +115,8 @@ def test_card_states_the_measured_numbers():
     assert single and min(single) >= 0.9  # the issue's target, which made it the default backbone on 2026-11-29
     # the current default's 4K-64K table: one cell per task and length, and the mean over the tasks
     current = results["needles_gpu_long"]["results"]["topk64"]
-    assert results["needles_gpu_long"]["model"] == "L6"
+    assert results["needles_gpu_long"]["model"] == "L6i" == indexers["model"]
+    l6 = _evaluations_by_piece(results)["L6"]
     lengths = (4096, 8192, 16384, 32768, 65536)
     section = _card_section(card, "Needles, the default")
     table = {task: cells.split(" | ") for task, cells in
@@ -120,28 +130,54 @@ def test_card_states_the_measured_numbers():
     own = _accuracy_cells(current)
     means = [cand for _, tasks, _, cand in verdict(own, own)[0]]
     assert "| mean over the 7 tasks | | " + " | ".join(f"{100 * m:.1f}" for m in means) + " |" in section
-    # the opening: single needles per length, means against the previous default's
+    # the opening: single needles per length, means against L6's
     acc = lambda task, n: f"{100 * current[f'{task}@{n}']['accuracy']:g}%"
     assert (f"{acc('single_number_code', 4096)} (code haystack) / {acc('single_number_noise', 4096)} (noise haystack) "
             f"at 4,096 tokens") in card
-    for n in (8192, 16384, 32768):
+    for n in (8192, 16384, 32768, 65536):
         assert f"{acc('single_number_code', n)} / {acc('single_number_noise', n)} at {n:,}" in card
-    rows_prev, adopt = verdict(own, _accuracy_cells(previous["needles_gpu_long"]["results"]["topk64"]))
-    assert adopt and [n for n, *_ in rows_prev] == list(lengths)
-    four = rows_prev[:4]
-    assert " / ".join(f"{100 * c:.1f}%" for *_, c in four) + " at 4K / 8K /\n16K / 32K" in card
-    assert "previous default had " + " / ".join(f"{100 * r:.1f}%" for _, _, r, _ in four) in card
-    # the issue's target (>= 90% at 32K and 64K) is not met, and the card says so
-    assert max(current[f"{t}@65536"]["accuracy"] for t in table) < 0.9
-    assert max(current[f"{t}@32768"]["accuracy"] for t in table) < 0.9
+    rows_l6, adopt = verdict(own, _accuracy_cells(l6))
+    assert adopt and [n for n, *_ in rows_l6] == list(lengths)
+    four, last = rows_l6[:4], rows_l6[4]
+    assert (" / ".join(f"{100 * c:.1f}%" for *_, c in four) + " at 4K / 8K /\n16K / 32K "
+            f"({100 * last[3]:.1f}% at 64K), where L6 had " + " / ".join(f"{100 * r:.1f}%" for _, _, r, _ in four)
+            + f" ({100 * last[2]:.1f}%)") in card
+    l6_means = [r for _, _, r, _ in rows_l6]
+    assert "| L6, mean over the 7 tasks | | " + " | ".join(f"{100 * m:.1f}" for m in l6_means) + " |" in section
+    # the issue's target (>= 90% on single, multi-value and multi-query needles at 32K and 64K) is not met, and the
+    # card says so: single needles reach it at 32K, the multi-needle tasks are far off
+    for n in (32768, 65536):
+        assert min(current[f"{t}@{n}"]["accuracy"] for t in ("multivalue_number_code", "multiquery_number_code")) < 0.9
+    assert all(current[f"single_number_{h}@32768"]["accuracy"] == 1.0 for h in ("code", "noise"))
     assert "**the issue's target (>= 90% on the needle tasks at 32K and 64K) is not met**" in card
-    # indexer agreement: the current default's, and the previous default's beside it
-    for key in ("indexer_cpu", None):
-        blob = results["indexer_cpu"] if key else previous["indexer_cpu"]
-        for layer, row in blob["results"]["layers"].items():
-            assert f"{100 * row['indexer_topk_share']:.1f}%" in card
-        assert f"{blob['results']['lm_loss']:.3f} nats per token" in card or \
-            f"previous default {blob['results']['lm_loss']:.3f}" in card
+    # indexer agreement: the current default's row per CSA layer, L6's beside it
+    now, before = results["indexer_cpu"]["results"], indexers["indexer_cpu_before"]["results"]
+    share = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    for layer, row in now["layers"].items():
+        old = before["layers"][layer]
+        assert (f"| {layer} | {share(row['indexer_topk_share'])} | {share(row['oracle_topk_share'])} | "
+                f"{share(row['recency_topk_share'])} | {row['kl']:.3f} | {share(old['indexer_topk_share'])} / "
+                f"{share(old['oracle_topk_share'])} / {share(old['recency_topk_share'])} / {old['kl']:.3f} |") in card
+    assert now["lm_loss"] == before["lm_loss"] and f"{now['lm_loss']:.3f} nats per token, L6's too" in card
+    assert f"previous default {previous['indexer_cpu']['results']['lm_loss']:.3f}" in card
+
+
+def test_the_default_holds_run5s_indexers():
+    """L6i as exported: every Lightning Indexer parameter of data/reference is run 5's checkpoint value rounded to
+    bf16 (the 30 tensors the indexers' training changed), and the default's own fm_index.json step counts them."""
+    from safetensors.torch import load_file
+    from transformers import DeepseekV4ForCausalLM
+
+    ckpt = REPO / "docs/results/indexer_piece_h200/run5/ckpt"
+    trained = load_file(ckpt / "indexer.safetensors")
+    model = DeepseekV4ForCausalLM.from_pretrained(REFERENCE, dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    indexer = {n for n in params if ".compressor.indexer." in n}
+    assert set(trained) == indexer and len(trained) == 30
+    for name, value in trained.items():
+        assert value.dtype == torch.float32 and torch.equal(params[name], value.to(torch.bfloat16)), name
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 139 and state["init"] == "data/reference"
 
 
 def test_indexer_kl_matches_a_brute_force_oracle():
@@ -566,7 +602,7 @@ def test_card_states_the_attempt_judged_against_l6(heading, pieces, init):
     card = (REFERENCE / "README.md").read_text()
     section = _card_section(card, heading)
     (attempt,) = [a for a in results["attempts_not_adopted"] if [p["piece"] for p in a.get("pieces", [])] == pieces]
-    l6, l8 = results["needles_gpu_long"]["results"]["topk64"], attempt["needles_full"]
+    l6, l8 = _evaluations_by_piece(results)["L6"], attempt["needles_full"]
     assert attempt["verdict"] == "keep the reference" and "NOT adopted" in attempt["what"]
     assert attempt["pieces"][0]["init"].startswith(init)
     assert f"| length | L6 | {pieces[1]} |" in section
@@ -618,7 +654,7 @@ def test_card_states_the_long_context_verdicts(heading):
     adopted = results["long_context"]["attempts"][-1]
     assert adopted["verdict"] == "adopt" and adopted["verdicts"]["L6"].rstrip().endswith("verdict: adopt (at least as "
                                                                                         "good at every length)")
-    assert results["needles_gpu_long"]["results"]["topk64"] == by_piece["L6"]  # the default's evaluation is L6's
+    assert results["long_context"]["attempts"][-1]["pieces"][-1]["piece"] == "L6"  # the adopted attempt ends in L6
 
 
 def test_card_states_the_chunked_prefill_check():
@@ -760,7 +796,7 @@ def test_card_topk_probe_table_is_the_stored_rows():
     card = (REFERENCE / "README.md").read_text()
     card = card[card.index("### Indexer or reading?"):]
     card = card[:card.index("\n### ")]
-    default = results["needles_gpu_long"]["results"]["topk64"]
+    default = _evaluations_by_piece(results)["L6"]  # the default when these ran
     for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
         cells = []
         for length in (32768, 65536):
@@ -855,7 +891,7 @@ def test_card_indexer_alone_tables_are_the_stored_rows():
     stored per-prompt hits (the default's needles_gpu_long and diagnostics.indexer_alone's two runs, same prompts),
     and the training table from the stored per-layer means."""
     results = json.loads((REFERENCE / "training_results.json").read_text())
-    default = results["needles_gpu_long"]["results"]["topk64"]
+    default = _evaluations_by_piece(results)["L6"]  # the default when these ran
     runs = results["diagnostics"]["indexer_alone"]["runs"]
     assert (runs["run1"]["step"], runs["run2"]["step"]) == (65, 112)
     card = (REFERENCE / "README.md").read_text()
@@ -887,16 +923,17 @@ def test_card_indexer_alone_tables_are_the_stored_rows():
 
 
 def test_card_answer_weighted_and_judged_tables_are_the_stored_rows():
-    """The card's answer-weighted table (runs 3-4) recomputed from the stored per-prompt hits against the default's
-    (same prompts), the paired counts and McNemar p-values it quotes; its judged table and verdicts recomputed with
-    reference.compare_evals from the stored whole evaluations, which equal the runs' own three-task evaluations where
-    both ran; run 4's stored rows are those of the raw files that came back."""
+    """The card's answer-weighted table (runs 3-4) recomputed from the stored per-prompt hits against the default of
+    the day's (L6; same prompts), the paired counts and McNemar p-values it quotes; its judged table and verdicts
+    (runs 2-5) recomputed with reference.compare_evals from the stored whole evaluations, which equal the runs' own
+    three-task evaluations where both ran; runs 5-6's table at 32K-64K; the stored rows of runs 4-6 are those of the
+    raw files that came back."""
     from math import comb
 
     from reference.compare_evals import verdict
 
     results = json.loads((REFERENCE / "training_results.json").read_text())
-    default = results["needles_gpu_long"]["results"]["topk64"]
+    default = _evaluations_by_piece(results)["L6"]  # the default when these ran
     alone = results["diagnostics"]["indexer_alone"]
     runs, judged = alone["answer_weighted"]["runs"], alone["judged"]["runs"]
     assert (runs["run3"]["step"], runs["run4"]["step"]) == (59, 100)
@@ -912,19 +949,43 @@ def test_card_answer_weighted_and_judged_tables_are_the_stored_rows():
     for name in ("eval_long.json", "eval_short.json"):
         run4.update(json.loads((REPO / "docs/results/indexer_piece_h200/run4" / name).read_text())["topk64"])
     assert run4 == runs["run4"]["results"]
-    # judged: the whole evaluation, the verdict recomputed, and the card's mean table
+    # judged: the whole evaluation, the verdict recomputed (runs 2, 3, 5 adopt; run 4 keep), and the card's mean table
     means = {}
-    for run in ("run2", "run3"):
+    for run in ("run2", "run3", "run4", "run5"):
         whole = judged[run]["results"]["topk64"]
         assert set(whole) == set(default) and all(whole[k]["n"] == default[k]["n"] for k in default)
         rows, adopt = verdict(_accuracy_cells(whole), _accuracy_cells(default))
-        assert adopt and judged[run]["verdict"].rstrip().endswith("verdict: adopt (at least as good at every length)")
+        assert adopt is (run != "run4")
+        expected = "verdict: adopt (at least as good at every length)" if adopt else "verdict: keep the reference"
+        assert judged[run]["verdict"].rstrip().endswith(expected)
         means[run] = rows
-    own = runs["run3"]["results"]
-    assert all(judged["run3"]["results"]["topk64"][k]["hits"] == own[k]["hits"] for k in own)
-    for a, b in zip(means["run2"], means["run3"], strict=True):
-        assert a[:3] == b[:3]
-        assert f"| {a[0]:,} | {100 * a[2]:.1f}% | {100 * a[3]:.1f}% | {100 * b[3]:.1f}% |" in section
+    for run in ("run3", "run4", "run5"):
+        own = runs[run]["results"]
+        assert all(judged[run]["results"]["topk64"][k]["hits"] == own[k]["hits"] for k in own)
+    for row in zip(*means.values(), strict=True):
+        assert all(r[:3] == row[0][:3] for r in row)
+        assert f"| {row[0][0]:,} | {100 * row[0][2]:.1f}% | " + " | ".join(f"{100 * r[3]:.1f}%" for r in row) + " |" \
+            in section
+    # runs 5 and 6 at 32K-64K: the card's table, recomputed from the stored hits; run 6 is not judged
+    assert (runs["run5"]["step"], runs["run6"]["step"]) == (139, 181) and "run6" not in judged
+    lines = section[section.index("**Run 5, adopted"):].splitlines()
+    for length in (32768, 65536):
+        cells, gained, lost = [], 0, 0
+        for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
+            key = f"{task}@{length}"
+            a, b, c = default[key], runs["run5"]["results"][key], runs["run6"]["results"][key]
+            assert a["n"] == b["n"] == c["n"] == len(c["hits"])
+            cells.append(" / ".join(f"{100 * r['hits'].count('1') / r['n']:.1f}" for r in (a, b, c)))
+            gained += sum(x == "0" and y == "1" for x, y in zip(a["hits"], c["hits"]))
+            lost += sum(x == "1" and y == "0" for x, y in zip(a["hits"], c["hits"]))
+        line = next(x for x in lines if x.startswith(f"| {length:,} (n = "))
+        assert [c.strip() for c in line.split("|")[2:-1]] == cells + [f"{gained} / {lost}"], line
+    for run in ("run5", "run6"):
+        raw = {}
+        for name in ("eval_long.json", "eval_short.json"):
+            if (REPO / "docs/results/indexer_piece_h200" / run / name).is_file():
+                raw.update(json.loads((REPO / "docs/results/indexer_piece_h200" / run / name).read_text())["topk64"])
+        assert raw == runs[run]["results"]
 
 
 def test_card_attention_rank_is_the_stored_sample():
@@ -955,7 +1016,7 @@ def test_card_run4_needle_ranks_are_the_stored_sample():
     aw = results["diagnostics"]["indexer_alone"]["answer_weighted"]
     samples = aw["needle_rank_cpu"]["samples"]
     gpu = results["diagnostics"]["needle_rank_gpu"]["tasks"]["single_number_code"]
-    hits = (results["needles_gpu_long"]["results"]["topk64"]["single_number_code@65536"]["hits"],
+    hits = (_evaluations_by_piece(results)["L6"]["single_number_code@65536"]["hits"],
             aw["runs"]["run4"]["results"]["single_number_code@65536"]["hits"])
     section = _card_section((REFERENCE / "README.md").read_text(), "Indexer alone at long range")
     layers = ("2", "4", "6", "8", "10")

@@ -37,3 +37,35 @@ def test_section_tables_are_the_raw_outputs(heading, folder, rows):
     for line in lines:
         assert line in section, line
     assert (REPO / "docs/results" / folder / "tables.md").read_text() == out.getvalue()
+
+
+def test_readme_pipeline_figures_are_the_raw_outputs():
+    """README's `fm-index pipeline` section on the default: its decoding table is the stored evaluation's average rows
+    and CSA-KV ratios, its label and memory-indexer figures those of the stored manifest and run output."""
+    import json
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### `fm-index pipeline`"):readme.index("## Using the real DeepSeek-V4-Flash")]
+    raw = REPO / "docs/results/pipeline_l6i_cpu"
+    assert "`docs/results/pipeline_l6i_cpu/`" in section
+    evaluation = (raw / "evaluation.md").read_text()
+    average = dict(re.findall(r"^\| \*\*average\*\* \| ([\d,]+) \| (.+) \|$", evaluation, flags=re.M))
+    ratio = {(m, n): r for m, n, r in re.findall(r"^\| (\w+) \| ([\d,]+) \| [\d.]+ \| ([\d.]+) \|", evaluation,
+                                                  flags=re.M)}
+    for i, mode in enumerate(("full", "lsa", "recent")):
+        acc = [average[n].split(" | ")[i].strip("*") for n in ("1,024", "2,048")]
+        label = "recent (same budget)" if mode == "recent" else mode
+        row = f"| {label} | {acc[0]}% | {acc[1]}% | {ratio[(mode, '1,024')]} / {ratio[(mode, '2,048')]} |"
+        assert row in section, row
+    manifest = json.loads((raw / "labels_manifest.json").read_text())
+    assert manifest["backbone"]["index_keys_sha256"]  # made on the weights that carry a key digest (L6i)
+    stdout = (raw / "pipeline_stdout.txt").read_text()
+    golden = re.search(r"after the vote \(golden\) +│ +([\d.]+)", stdout).group(1)
+    visible = re.search(r"visible entries per trigger +│ +([\d.]+)", stdout).group(1)
+    assert f"Labels: {golden}\ngolden of {visible} visible entries" in section
+    f1 = {name: re.search(rf"│ {name} +│ +[\d.]+ │ +[\d.]+ │ ([\d.]+) │ +([\d.]+) │ +[\d.]+ │ +([\d.]+) │",
+                          stdout).groups() for name in ("union", "recency", "chance")}
+    assert (f"union F1 {f1['union'][0]} against recency's {f1['recency'][0]} and chance's {f1['chance'][0]} at the "
+            f"same retrieval ratio\n({f1['union'][1]}), ranking AUC {f1['union'][2]} / {f1['recency'][2]} / 0.5") \
+        in section
