@@ -15,8 +15,8 @@
 # checkpoint without its optimizer.pt (2.1 MB; `more` then starts a fresh Adam state) fit, with it (6.2 MB) not.
 #   run(timeout_s=600, carry=["reference/work/corpus.npz"], command="bash reference/indexer_piece.sh judge [CKPT]")
 # `judge` evaluates a candidate (a checkpoint folder; default: reference/work/idx/ckpt, this script's own, left on a
-# warm machine or carried) with the default's whole evaluation (training_results.json: needles_gpu_long; same command, seeds and options) and
-# prints reference/compare_evals.py's verdict (~5 min).
+# warm machine or carried) with the default's whole evaluation (training_results.json: needles_gpu_long; same
+# command, seeds and options) and prints reference/compare_evals.py's verdict (~5 min).
 # Runs 2026-12-03: train (65 steps) + more (47 steps) = run2, judged (adopt); thirteenth session: judge of run2,
 # `AW=1000 BUDGET=540 ... train` (59 steps) = run3, judged (adopt), `AW=1000 BUDGET=330 TRAIN_MIN=2.5 ... more`
 # (41 more) = run4; fourteenth session: judge of run4 (keep: 8K 58.6 vs 58.9%), `AW=1000 BUDGET=330 TRAIN_MIN=2.5
