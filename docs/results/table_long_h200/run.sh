@@ -1,0 +1,48 @@
+#!/bin/bash
+# Issue 20 section 4 on one H200 (written 2026-12-03, fourteenth session; not run yet): LSA against full and the
+# controls at 32K and 64K tokens with the default L6i, whose native sparse attention answers single needles there
+# (the card: 100% at 32K, 80-90% at 64K). Needs a memory indexer trained for L6i's indexer keys: the labels of
+# docs/results/labels_long_h200/run.sh built again on L6i (section 9's were built on L6; an export made from them is
+# refused on L6i), in the same session on the same machine, so that $W/train is on its disk:
+#   run(timeout_s=600, carry=[".whl", "runs/labels_long/corpus.jsonl.gz"], command="bash
+#       docs/results/labels_long_h200/run.sh 1"), then "... run.sh 2" until train has run (two calls, ~16 min),
+# then this script, as often as its log says "resume" (each call resumes the evaluation where it stopped):
+#   run(timeout_s=600, carry=[".whl"], command="bash docs/results/table_long_h200/run.sh")
+# What it does: `fm-index export --target-recall 0.8` (the fetch threshold that keeps 80% of the golden entries on
+# the training run's held-out documents, section 7b), then `fm-index evaluate` at LENGTHS (32k,64k), tasks TASKS
+# (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then recent and oracle at
+# lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one GPU. Results under $OUT:
+# results.md / results.json (accuracy, CSA-KV and total footprint, entries fetched, bytes moved), the export's
+# lsa_config.json, log.txt. The haystacks come from the running interpreter's standard library: resume only on the
+# device (Python 3.12), not here. A local check of the commands (44 s here, then 10 s resumed; 2026-12-03, on
+# the pipeline's training run): W=/tmp/tw (with train/ copied from runs/demo_l6i) LENGTHS=1k TASKS=niah_single_1
+# SAMPLES=1 MODES=full,lsa WORKERS=1 DEVICE=cpu OUT=/tmp/tout bash docs/results/table_long_h200/run.sh
+set -u
+cd "$(dirname "$0")/../../.."
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:?set OUT} W=${W:-runs/labels_long} DEVICE=${DEVICE:-cuda}
+LENGTHS=${LENGTHS:-32k,64k} TASKS=${TASKS:-niah_single_1,niah_multivalue,vt,niah_multikey_1}
+MODES=${MODES:-full,lsa,recent,oracle} SAMPLES=${SAMPLES:-20} WORKERS=${WORKERS:-8}
+FM="python3 cli.py"
+[ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
+python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
+  --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
+mkdir -p $OUT
+T0=$(date +%s)
+left() { echo $(( 560 - ($(date +%s) - T0) )); }
+[ -f $W/train/train_state.json ] || { echo "no trained memory indexer in $W/train: run labels_long_h200/run.sh first" \
+  | tee -a $OUT/log.txt; exit 2; }
+if [ ! -f $W/export/lsa_config.json ]; then
+  $FM export --train-dir $W/train --out $W/export --target-recall 0.8 2>&1 | tail -3 | tee -a $OUT/log.txt
+fi
+cp $W/export/lsa_config.json $OUT/
+resume=(); [ -d $W/eval ] && resume=(--resume)
+timeout $(left) $FM evaluate --model reference --indexer $W/export --tasks $TASKS --lengths $LENGTHS \
+  --samples $SAMPLES --modes $MODES --workers $WORKERS --device $DEVICE --out $W/eval "${resume[@]}" \
+  > $OUT/evaluate.log 2>&1
+rc=$?
+echo "evaluate rc=$rc at $(( $(date +%s) - T0 )) s$([ $rc = 124 ] && echo ': out of time, resume in the next call')" \
+  | tee -a $OUT/log.txt
+tail -30 $OUT/evaluate.log
+cp $W/eval/results.md $W/eval/results.json $W/eval/runs.jsonl $OUT/ 2>/dev/null
+exit 0
