@@ -865,13 +865,13 @@ def test_card_gpu_needle_rank_table_is_the_stored_ranks():
     assert len(near[32768]) == 10 and near[32768][-2:] == [149, 7502] and "ten such needles 3-149" in card
 
 
-def _assert_three_run_table(lines, default, first, second) -> dict:
+def _assert_three_run_table(lines, default, first, second, lengths=(4096, 8192, 16384, 32768, 65536)) -> dict:
     """A card table of the three tasks per length, "default / first / second" accuracy cells and the paired prompts
     gained / lost by ``second`` against the default, recomputed from the stored per-prompt hits (same prompts);
     returns {length: (gained, lost)}."""
     acc = lambda row: f"{100 * row['hits'].count('1') / row['n']:.1f}"  # noqa: E731
     paired = {}
-    for length in (4096, 8192, 16384, 32768, 65536):
+    for length in lengths:
         cells, gained, lost = [], 0, 0
         for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
             key = f"{task}@{length}"
@@ -945,10 +945,6 @@ def test_card_answer_weighted_and_judged_tables_are_the_stored_rows():
     assert paired[65536] == (10, 0) and round(mcnemar(*paired[65536]), 3) == 0.002 and "p = 0.002" in section
     short = [sum(paired[n][i] for n in (4096, 8192, 16384)) for i in (0, 1)]
     assert f"4K-16K: {short[0]} gained, {short[1]} lost" in section
-    run4 = {}
-    for name in ("eval_long.json", "eval_short.json"):
-        run4.update(json.loads((REPO / "docs/results/indexer_piece_h200/run4" / name).read_text())["topk64"])
-    assert run4 == runs["run4"]["results"]
     # judged: the whole evaluation, the verdict recomputed (runs 2, 3, 5 adopt; run 4 keep), and the card's mean table
     means = {}
     for run in ("run2", "run3", "run4", "run5"):
@@ -969,18 +965,8 @@ def test_card_answer_weighted_and_judged_tables_are_the_stored_rows():
     # runs 5 and 6 at 32K-64K: the card's table, recomputed from the stored hits; run 6 is not judged
     assert (runs["run5"]["step"], runs["run6"]["step"]) == (139, 181) and "run6" not in judged
     lines = section[section.index("**Run 5, adopted"):].splitlines()
-    for length in (32768, 65536):
-        cells, gained, lost = [], 0, 0
-        for task in ("single_number_code", "single_number_noise", "multivalue_number_code"):
-            key = f"{task}@{length}"
-            a, b, c = default[key], runs["run5"]["results"][key], runs["run6"]["results"][key]
-            assert a["n"] == b["n"] == c["n"] == len(c["hits"])
-            cells.append(" / ".join(f"{100 * r['hits'].count('1') / r['n']:.1f}" for r in (a, b, c)))
-            gained += sum(x == "0" and y == "1" for x, y in zip(a["hits"], c["hits"]))
-            lost += sum(x == "1" and y == "0" for x, y in zip(a["hits"], c["hits"]))
-        line = next(x for x in lines if x.startswith(f"| {length:,} (n = "))
-        assert [c.strip() for c in line.split("|")[2:-1]] == cells + [f"{gained} / {lost}"], line
-    for run in ("run5", "run6"):
+    _assert_three_run_table(lines, default, runs["run5"]["results"], runs["run6"]["results"], lengths=(32768, 65536))
+    for run in ("run4", "run5", "run6"):  # the stored rows are those of the raw files that came back
         raw = {}
         for name in ("eval_long.json", "eval_short.json"):
             if (REPO / "docs/results/indexer_piece_h200" / run / name).is_file():
