@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 def _section(text: str, heading: str) -> str:
     """From ``heading`` to the next section heading."""
     start = text.index(heading)
-    return text[start:min(i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i > 0)]
+    return text[start:min([i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i > 0],
+                          default=len(text))]
 
 
 @pytest.mark.parametrize("heading,folder,rows", [
@@ -69,3 +70,30 @@ def test_readme_pipeline_figures_are_the_raw_outputs():
     assert (f"union F1 {f1['union'][0]} against recency's {f1['recency'][0]} and chance's {f1['chance'][0]} at the "
             f"same retrieval ratio\n({f1['union'][1]}), ranking AUC {f1['union'][2]} / {f1['recency'][2]} / 0.5") \
         in section
+
+
+def test_section9_l6i_label_figures_are_the_raw_outputs():
+    """RESULTS section 9's labels built again on L6i: its table rows are the stored manifest's counts and the
+    memory indexer's held-out rows those of the call's log (the run's own table, rounded as printed there)."""
+    import json
+    import re
+
+    raw = REPO / "docs/results/labels_long_h200/run2_l6i"
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 9.")
+    manifest = json.loads((raw / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["documents"] == 336 and manifest["params"]["nucleus"] == 0.6 and manifest["params"]["min_votes"] == 3
+    assert manifest["backbone"]["index_keys_sha256"][:8] in section
+    pct = lambda key: f"{counts[key]:,.1f} ({100 * counts[key] / counts['visible_mean']:.{2 if key == 'positives_mean' else 1}f}%)"
+    assert f"| {counts['visible_mean']:,.1f} |" in section
+    for key in ("native_topk_mean", "candidates_mean"):
+        assert re.search(rf"\| {re.escape(pct(key))} \|$", section, flags=re.M), key
+    assert f"**{pct('positives_mean')}** |" in section
+    log = (raw / "log_call2.txt").read_text()
+    rows = {name: re.search(rf"│ {name} +│ +([\d.]+) │ +([\d.]+) │ +([\d.]+) │ +[\d.]+ │ +[\d.]+ │ +([\d.]+) │", log)
+            .groups() for name in ("union", "recency", "chance")}
+    labels = {"union": "memory indexer, union of layers 2, 4, 6 at threshold 0.5", "recency": "recency at the same ratio",
+              "chance": "chance at the same ratio"}
+    for name, (p, r, f1, auc) in rows.items():
+        auc = f"**{auc}**" if name == "union" else auc
+        assert f"| {labels[name]} | {p} | {r} | {f1} | {auc} |" in section, name
