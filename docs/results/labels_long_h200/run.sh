@@ -15,7 +15,10 @@
 #           train (focal loss, rank 256, 6 epochs, a quarter of the documents held out; any call with a minute
 #           left). Results under $OUT: manifest.json (positives per trigger window before the vote:
 #           candidates_mean; after it: positives_mean), train_state.json (held-out F1 / AUC of the union against
-#           recency and chance at the same retrieval ratio), log.txt.
+#           recency and chance at the same retrieval ratio) and the export (--target-recall 0.8) in pack.tar.gz
+#           (a call returns at most 8 files: fifteenth session, train_state.json was lost to that limit), log.txt.
+# BUDGET (default 560): the seconds a call may use. SHARDS: 8 on the H200 labelled 238 documents in call 1 where 4
+# labelled 184 (fifteenth session; the same SHARDS in every call: each shard's manifest names it).
 # `fm-index train` reads the shards through datasets, which the image lacks: carry `.whl` (made here first:
 #   for w in datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do python3 -m pip download --no-deps
 #   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
@@ -49,7 +52,7 @@ python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip inst
   --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
 mkdir -p $W $OUT
 T0=$(date +%s)
-left() { echo $(( 560 - ($(date +%s) - T0) )); }
+left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }
 # the corpus built ahead (gzipped to stay well inside the carry limit), else built here
 [ -f $W/corpus.jsonl ] || [ ! -f $W/corpus.jsonl.gz ] || gunzip -k $W/corpus.jsonl.gz
 if [ "$PHASE" = 1 ]; then
@@ -96,11 +99,16 @@ done
 tail -4 $W/shard0.log >> $OUT/log.txt
 [ -f $W/labels/manifest.json ] || $FM merge-labels --out $W/labels 2>&1 | tail -20 | tee -a $OUT/log.txt
 [ -f $W/labels/manifest.json ] && cp $W/labels/manifest.json $OUT/
-cp $W/labels/manifest.shard-*.json $OUT/ 2>/dev/null
 # train as soon as the labels are complete and a minute is left (any call)
 if [ -f $W/labels/manifest.json ] && [ ! -f $W/train/train_state.json ] && [ "$(left)" -gt 60 ]; then
   timeout $(left) $FM train --labels $W/labels --out $W/train --rank 256 --epochs 6 --eval-fraction 0.25 \
     --model reference $([ $DEVICE = cuda ] && echo --bf16) 2>&1 | tail -30 | tee -a $OUT/log.txt
 fi
-[ -f $W/train/train_state.json ] && cp $W/train/train_state.json $OUT/
+# the serving export (the fetch threshold that keeps 80% of the golden entries on the held-out documents, section
+# 7b): small, so it comes back in pack.tar.gz and a later session's table (table_long_h200/run.sh) starts from it
+if [ -f $W/train/train_state.json ] && [ ! -f $W/export/lsa_config.json ]; then
+  $FM export --train-dir $W/train --out $W/export --target-recall 0.8 2>&1 | tail -3 | tee -a $OUT/log.txt
+fi
+# at most 8 files come back from a call: the shard manifests, train_state.json and the export travel as one archive
+tar czf $OUT/pack.tar.gz $W/labels/manifest.shard-*.json $W/train/train_state.json $W/export 2>/dev/null
 echo "call $PHASE done at $(( $(date +%s) - T0 )) s" | tee -a $OUT/log.txt

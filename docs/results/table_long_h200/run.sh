@@ -8,6 +8,8 @@
 #       docs/results/labels_long_h200/run.sh 1"), then "... run.sh 2" until train has run (two calls, ~16 min),
 # then this script, as often as its log says "resume" (each call resumes the evaluation where it stopped):
 #   run(timeout_s=600, carry=[".whl"], command="bash docs/results/table_long_h200/run.sh")
+# In a later session (the device's disk is gone): carry runs/labels_long/export (from labels' pack.tar.gz) and, to
+# resume, runs/labels_long/eval (from this script's eval.tar.gz).
 # What it does: `fm-index export --target-recall 0.8` (the fetch threshold that keeps 80% of the golden entries on
 # the training run's held-out documents, section 7b), then `fm-index evaluate` at LENGTHS (32k,64k), tasks TASKS
 # (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then recent and oracle at
@@ -29,9 +31,9 @@ python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip inst
   --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
 mkdir -p $OUT
 T0=$(date +%s)
-left() { echo $(( 560 - ($(date +%s) - T0) )); }
-[ -f $W/train/train_state.json ] || { echo "no trained memory indexer in $W/train: run labels_long_h200/run.sh first" \
-  | tee -a $OUT/log.txt; exit 2; }
+left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }   # BUDGET: seconds this call may use
+[ -f $W/export/lsa_config.json ] || [ -f $W/train/train_state.json ] || { echo "no memory indexer in $W/export nor" \
+  "$W/train: run labels_long_h200/run.sh first (or carry $W/export from its pack.tar.gz)" | tee -a $OUT/log.txt; exit 2; }
 if [ ! -f $W/export/lsa_config.json ]; then
   $FM export --train-dir $W/train --out $W/export --target-recall 0.8 2>&1 | tail -3 | tee -a $OUT/log.txt
 fi
@@ -44,5 +46,8 @@ rc=$?
 echo "evaluate rc=$rc at $(( $(date +%s) - T0 )) s$([ $rc = 124 ] && echo ': out of time, resume in the next call')" \
   | tee -a $OUT/log.txt
 tail -30 $OUT/evaluate.log
-cp $W/eval/results.md $W/eval/results.json $W/eval/runs.jsonl $OUT/ 2>/dev/null
+# at most 8 files come back from a call: results.md beside the log, the whole evaluation directory (results.json,
+# runs.jsonl: what --resume continues from in a later session, carried as $W/eval) and evaluate.log in one archive
+cp $W/eval/results.md $OUT/ 2>/dev/null
+tar czf $OUT/eval.tar.gz $W/eval $OUT/evaluate.log 2>/dev/null && rm -f $OUT/evaluate.log
 exit 0
