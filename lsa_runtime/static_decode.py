@@ -311,7 +311,9 @@ def _index_scores(scorer, q, keys, hidden_states, head_weights: torch.Tensor | N
     logits = torch.relu(logits) * scorer.softmax_scale
     if head_weights is None:
         head_weights = scorer.weights_proj(hidden_states)
-    weights = head_weights.float() * scorer.weights_scaling  # [B, 1, H_I]
+    # contiguous: a fused projection hands w_h(t) as a strided slice of one GEMV's output, with which the compiled
+    # head-weighted sum ran 5.7x slower (docs/BENCHMARKS.md, run 20)
+    weights = (head_weights.float() * scorer.weights_scaling).contiguous()  # [B, 1, H_I]
     return (logits * weights[:, 0, :, None]).sum(dim=1)
 
 

@@ -7,6 +7,8 @@
 # output filter), then the batch-1 steps at 512K, full and LSA (13,125 slots), as run 20 ran them without
 # --fuse-inputs, so that the two runs compare sorted and unsorted picks (run 20: 16.15 / 15.42 ms).
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run21.sh"); results under $OUT.
+# Fifteenth session: only the GPU tests ran (5 passed, run21/gpu_tests.txt, BENCHMARKS "Run 21, first part"); the
+# timings are still to run (the tests again first: _index_scores now makes the head weights contiguous).
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"
