@@ -12,8 +12,8 @@
 # resume, runs/labels_long/eval (from this script's eval.tar.gz).
 # What it does: `fm-index export --target-recall 0.8` (the fetch threshold that keeps 80% of the golden entries on
 # the training run's held-out documents, section 7b), then `fm-index evaluate` at LENGTHS (32k,64k), tasks TASKS
-# (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then recent and oracle at
-# lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one GPU. Results under $OUT:
+# (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then recent, random and
+# oracle at lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one GPU. Results under $OUT:
 # results.md / results.json (accuracy, CSA-KV and total footprint, entries fetched, bytes moved), the export's
 # lsa_config.json, log.txt. The haystacks come from the running interpreter's standard library: resume only on the
 # device (Python 3.12), not here. A local check of the commands (44 s here, then 10 s resumed; 2026-12-03, on
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:?set OUT} W=${W:-runs/labels_long} DEVICE=${DEVICE:-cuda}
 LENGTHS=${LENGTHS:-32k,64k} TASKS=${TASKS:-niah_single_1,niah_multivalue,vt,niah_multikey_1}
-MODES=${MODES:-full,lsa,recent,oracle} SAMPLES=${SAMPLES:-20} WORKERS=${WORKERS:-8}
+MODES=${MODES:-full,lsa,recent,random,oracle} SAMPLES=${SAMPLES:-20} WORKERS=${WORKERS:-8}
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
