@@ -1,21 +1,25 @@
 #!/bin/bash
-# Issue 20 section 4 on one H200 (written 2026-12-03, fourteenth session; not run yet): LSA against full and the
-# controls at 32K and 64K tokens with the default L6i, whose native sparse attention answers single needles there
-# (the card: 100% at 32K, 80-90% at 64K). Needs a memory indexer trained for L6i's indexer keys: the labels of
-# docs/results/labels_long_h200/run.sh built again on L6i (section 9's were built on L6; an export made from them is
-# refused on L6i), in the same session on the same machine, so that $W/train is on its disk:
-#   run(timeout_s=600, carry=[".whl", "runs/labels_long/corpus.jsonl.gz"], command="bash
-#       docs/results/labels_long_h200/run.sh 1"), then "... run.sh 2" until train has run (two calls, ~16 min),
-# then this script, as often as its log says "resume" (each call resumes the evaluation where it stopped):
+# Issue 20 section 4 on one H200 (written 2026-12-03, fourteenth session; fifteenth: its first 260 s ran, their results
+# lost to the 8-file limit of a call, now packed): LSA against full and the controls at 32K and 64K tokens with the
+# default L6i, whose native sparse attention answers single needles there (the card: 100% at 32K, 80-90% at 64K).
+# Needs a memory indexer trained for L6i's indexer keys: the labels of docs/results/labels_long_h200/run.sh built on
+# L6i (an export made for L6 is refused on L6i), then export. Calls (the fifteenth session's timings: call 1 labelled
+# 238 of the 336 documents; call 2 the other 98, merge and train in 314 s), back to back on one machine:
+#   run(timeout_s=600, carry=[".whl", "runs/labels_long/corpus.jsonl.gz"], command="export OMP_NUM_THREADS=2
+#       SHARDS=8 CHUNK=4096 BUDGET=585; bash docs/results/labels_long_h200/run.sh 1")
+#   run(timeout_s=600, carry=[...the same], command="export OMP_NUM_THREADS=2 SHARDS=8 CHUNK=4096; T=$(date +%s);
+#       O=$OUT; OUT=$O/labels bash docs/results/labels_long_h200/run.sh 2; B=$((575 - ($(date +%s) - T)));
+#       [ $B -gt 90 ] && BUDGET=$B OUT=$O/table bash docs/results/table_long_h200/run.sh")
+#   then this script alone, as often as its log says "resume" (each call resumes the evaluation where it stopped):
 #   run(timeout_s=600, carry=[".whl"], command="bash docs/results/table_long_h200/run.sh")
-# In a later session (the device's disk is gone): carry runs/labels_long/export (from labels' pack.tar.gz) and, to
-# resume, runs/labels_long/eval (from this script's eval.tar.gz).
+# In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
+# (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` (the fetch threshold that keeps 80% of the golden entries on
 # the training run's held-out documents, section 7b), then `fm-index evaluate` at LENGTHS (32k,64k), tasks TASKS
 # (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then recent, random and
-# oracle at lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one GPU. Results under $OUT:
-# results.md / results.json (accuracy, CSA-KV and total footprint, entries fetched, bytes moved), the export's
-# lsa_config.json, log.txt. The haystacks come from the running interpreter's standard library: resume only on the
+# oracle at lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one GPU. Results under
+# $OUT: results.md (accuracy, CSA-KV and total footprint, entries fetched, bytes moved), the export's lsa_config.json,
+# log.txt, eval.tar.gz (the evaluation directory: results.json, runs.jsonl, plots; and evaluate.log). The haystacks come from the running interpreter's standard library: resume only on the
 # device (Python 3.12), not here. A local check of the commands (44 s here, then 10 s resumed; 2026-12-03, on
 # the pipeline's training run): W=/tmp/tw (with train/ copied from runs/demo_l6i) LENGTHS=1k TASKS=niah_single_1
 # SAMPLES=1 MODES=full,lsa WORKERS=1 DEVICE=cpu OUT=/tmp/tout bash docs/results/table_long_h200/run.sh
@@ -33,7 +37,8 @@ mkdir -p $OUT
 T0=$(date +%s)
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }   # BUDGET: seconds this call may use
 [ -f $W/export/lsa_config.json ] || [ -f $W/train/train_state.json ] || { echo "no memory indexer in $W/export nor" \
-  "$W/train: run labels_long_h200/run.sh first (or carry $W/export from its pack.tar.gz)" | tee -a $OUT/log.txt; exit 2; }
+  "$W/train: run labels_long_h200/run.sh first (or carry $W/export from its pack.tar.gz)" | tee -a $OUT/log.txt
+  exit 2; }
 if [ ! -f $W/export/lsa_config.json ]; then
   $FM export --train-dir $W/train --out $W/export --target-recall 0.8 2>&1 | tail -3 | tee -a $OUT/log.txt
 fi
