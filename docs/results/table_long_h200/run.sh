@@ -15,16 +15,16 @@
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
-# 80% of the golden entries on the training run's held-out documents, section 7b), then `fm-index evaluate` at LENGTHS (32k,64k), tasks TASKS
-# (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then recent, random and
-# oracle at lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one GPU. Results under
-# $OUT: results.md (accuracy, CSA-KV and total footprint, entries fetched, bytes moved), the export's lsa_config.json,
-# log.txt, eval.tar.gz (the evaluation directory: results.json, runs.jsonl, plots; and evaluate.log). The haystacks
-# come from the running interpreter's standard library: resume only on the device (Python 3.12), not here. A local
-# check of the commands (44 s here, then 10 s resumed; 2026-12-03, on the pipeline's training run; fifteenth
-# session: after labels_long_h200/run.sh's own local check, again resumed from its export alone): W=/tmp/tw (with
-# train/ copied from runs/demo_l6i) LENGTHS=1k TASKS=niah_single_1 SAMPLES=1 MODES=full,lsa WORKERS=1 DEVICE=cpu
-# OUT=/tmp/tout bash docs/results/table_long_h200/run.sh
+# 80% of the golden entries on the training run's held-out documents, section 7b), then `fm-index evaluate` at LENGTHS
+# (32k,64k), tasks TASKS (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then
+# recent, random and oracle at lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one
+# GPU. Results under $OUT: results.md (accuracy, CSA-KV and total footprint, entries fetched, bytes moved), the export's
+# lsa_config.json, log.txt, eval.tar.gz (the evaluation directory: results.json, runs.jsonl, plots; and evaluate.log).
+# The haystacks come from the running interpreter's standard library: resume only on the device (Python 3.12), not here.
+# A local check of the commands (44 s here, then 10 s resumed; 2026-12-03, on the pipeline's training run; fifteenth
+# session: after labels_long_h200/run.sh's own local check, again resumed from its export alone): W=/tmp/tw (with train/
+# copied from runs/demo_l6i) LENGTHS=1k TASKS=niah_single_1 SAMPLES=1 MODES=full,lsa WORKERS=1 DEVICE=cpu OUT=/tmp/tout
+# bash docs/results/table_long_h200/run.sh
 set -u
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
