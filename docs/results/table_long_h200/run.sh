@@ -31,6 +31,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:?set OUT} W=${W:-runs/labels_long} DEVICE=${DEVICE:-cuda}
 LENGTHS=${LENGTHS:-32k,64k} TASKS=${TASKS:-niah_single_1,niah_multivalue,vt,niah_multikey_1}
 MODES=${MODES:-full,lsa,recent,random,oracle} SAMPLES=${SAMPLES:-20} WORKERS=${WORKERS:-8}
+# EVAL: the evaluation's directory under $W (another for another part of the table: the section's 16K / 128K, the
+# dense-memory and context-independent tasks, hisparse; e.g. EVAL=eval2 LENGTHS=16k,128k TASKS=cwe,fwe,...)
+EVAL=${EVAL:-eval}
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
@@ -45,16 +48,16 @@ if [ ! -f $W/export/lsa_config.json ]; then
   $FM export --train-dir $W/train --out $W/export --target-recall 0.8 2>&1 | tail -3 | tee -a $OUT/log.txt
 fi
 cp $W/export/lsa_config.json $OUT/
-resume=(); [ -d $W/eval ] && resume=(--resume)
+resume=(); [ -d $W/$EVAL ] && resume=(--resume)
 timeout $(left) $FM evaluate --model reference --indexer $W/export --tasks $TASKS --lengths $LENGTHS \
-  --samples $SAMPLES --modes $MODES --workers $WORKERS --device $DEVICE --out $W/eval "${resume[@]}" \
+  --samples $SAMPLES --modes $MODES --workers $WORKERS --device $DEVICE --out $W/$EVAL "${resume[@]}" \
   > $OUT/evaluate.log 2>&1
 rc=$?
 echo "evaluate rc=$rc at $(( $(date +%s) - T0 )) s$([ $rc = 124 ] && echo ': out of time, resume in the next call')" \
   | tee -a $OUT/log.txt
 tail -30 $OUT/evaluate.log
 # at most 8 files come back from a call: results.md beside the log, the whole evaluation directory (results.json,
-# runs.jsonl: what --resume continues from in a later session, carried as $W/eval) and evaluate.log in one archive
-cp $W/eval/results.md $OUT/ 2>/dev/null
-tar czf $OUT/eval.tar.gz $W/eval $OUT/evaluate.log 2>/dev/null && rm -f $OUT/evaluate.log
+# runs.jsonl: what --resume continues from in a later session, carried as $W/$EVAL) and evaluate.log in one archive
+cp $W/$EVAL/results.md $OUT/ 2>/dev/null
+tar czf $OUT/eval.tar.gz $W/$EVAL $OUT/evaluate.log 2>/dev/null && rm -f $OUT/evaluate.log
 exit 0
