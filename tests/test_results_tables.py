@@ -84,16 +84,26 @@ def test_section9_l6i_label_figures_are_the_raw_outputs():
     counts = manifest["counts"]
     assert counts["documents"] == 336 and manifest["params"]["nucleus"] == 0.6 and manifest["params"]["min_votes"] == 3
     assert manifest["backbone"]["index_keys_sha256"][:8] in section
-    pct = lambda key: f"{counts[key]:,.1f} ({100 * counts[key] / counts['visible_mean']:.{2 if key == 'positives_mean' else 1}f}%)"
+
+    def share(key):  # "mean (percent of the visible entries)", as the table prints it
+        digits = 2 if key == "positives_mean" else 1
+        return f"{counts[key]:,.1f} ({100 * counts[key] / counts['visible_mean']:.{digits}f}%)"
+
     assert f"| {counts['visible_mean']:,.1f} |" in section
     for key in ("native_topk_mean", "candidates_mean"):
-        assert re.search(rf"\| {re.escape(pct(key))} \|$", section, flags=re.M), key
-    assert f"**{pct('positives_mean')}** |" in section
+        assert re.search(rf"\| {re.escape(share(key))} \|$", section, flags=re.M), key
+    assert f"**{share('positives_mean')}** |" in section
     log = (raw / "log_call2.txt").read_text()
-    rows = {name: re.search(rf"│ {name} +│ +([\d.]+) │ +([\d.]+) │ +([\d.]+) │ +[\d.]+ │ +[\d.]+ │ +([\d.]+) │", log)
-            .groups() for name in ("union", "recency", "chance")}
-    labels = {"union": "memory indexer, union of layers 2, 4, 6 at threshold 0.5", "recency": "recency at the same ratio",
-              "chance": "chance at the same ratio"}
-    for name, (p, r, f1, auc) in rows.items():
+    cell = r" +│ +([\d.]+)"
+    labels = {"union": "memory indexer, union of layers 2, 4, 6 at threshold 0.5",
+              "recency": "recency at the same ratio", "chance": "chance at the same ratio"}
+    for name, label in labels.items():  # the first row of each name: threshold 0.5 / the same retrieval ratio
+        p, r, f1, _, _, auc = re.search(rf"│ {name}{cell * 6} │", log).groups()
         auc = f"**{auc}**" if name == "union" else auc
-        assert f"| {labels[name]} | {p} | {r} | {f1} | {auc} |" in section, name
+        assert f"| {label} | {p} | {r} | {f1} | {auc} |" in section, name
+    top = {"union": "memory indexer, its top-\\|G\\|", "recency": "recency, top-\\|G\\|",
+           "chance": "chance, top-\\|G\\|"}
+    for name, label in top.items():  # the rows "NAME top-|G|" (the name's row wraps onto "top-|G|")
+        p, r, f1 = re.search(rf"│ {name}{cell * 3}.*\n│ top-\|G\|", log).groups()
+        f1 = f"**{f1}**" if name == "union" else f1
+        assert f"| {label} | {p} | {r} | {f1} | - |" in section, name
