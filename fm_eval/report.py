@@ -15,6 +15,7 @@ from pathlib import Path
 from lsa_runtime.outputs import temp_path
 
 from . import MODES
+from .intervals import LEVEL, paired_differences, stratified_interval
 from .tasks import TASKS
 
 
@@ -59,14 +60,23 @@ def _group_summary(runs: list[dict]) -> dict:
     }
 
 
+def _by_task(runs: list[dict]) -> list[list[float]]:
+    tasks: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        tasks[r["task"]].append(r["score"])
+    return list(tasks.values())
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Per (mode, task, length) cell and per (mode, length) over tasks (accuracy = mean of task accuracies)."""
+    """Per (mode, task, length) cell and per (mode, length) over tasks (accuracy = mean of task accuracies), each
+    with its 95% interval (:mod:`.intervals`); every mode but full also against full on the same prompts."""
     cells: dict[tuple, list] = defaultdict(list)
     for r in runs:
         cells[(r["mode"], r["task"], r["length"])].append(r)
-    by_cell = [{"mode": m, "task": t, "length": n, **_group_summary(rs)} for (m, t, n), rs in sorted(
-        cells.items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][2], list(TASKS).index(kv[0][1])
-                                       if kv[0][1] in TASKS else 99))]
+    by_cell = [{"mode": m, "task": t, "length": n, **_group_summary(rs),
+                "accuracy_interval": stratified_interval([[r["score"] for r in rs]])}
+               for (m, t, n), rs in sorted(cells.items(), key=lambda kv: (
+                   MODES.index(kv[0][0]), kv[0][2], list(TASKS).index(kv[0][1]) if kv[0][1] in TASKS else 99))]
     by_mode_length = []
     groups: dict[tuple, list] = defaultdict(list)
     for r in runs:
@@ -74,8 +84,20 @@ def summarize(runs: list[dict]) -> dict:
     for (mode, length), rs in sorted(groups.items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])):
         row = {"mode": mode, "length": length, **_group_summary(rs)}
         row["accuracy"] = _mean(c["accuracy"] for c in by_cell if c["mode"] == mode and c["length"] == length)
+        row["accuracy_interval"] = stratified_interval(_by_task(rs))
+        full = groups.get(("full", length))
+        if mode != "full" and full:
+            diffs = paired_differences(rs, full)
+            pairs = sum(len(d) for d in diffs.values())
+            row["vs_full"] = {"pairs": pairs,
+                              "difference": 100.0 * _mean(_mean(d) for d in diffs.values()) if pairs else None,
+                              "interval": stratified_interval(list(diffs.values()))}
         by_mode_length.append(row)
     return {"cells": by_cell, "modes": by_mode_length}
+
+
+def _fmt_interval(interval) -> str:
+    return "-" if interval is None else f"[{interval[0]:.1f}, {interval[1]:.1f}]"
 
 
 def _fmt(value, spec: str = ".1f", missing: str = "-") -> str:
@@ -111,6 +133,26 @@ def markdown_report(results: dict) -> str:
             lines.append(f"| {task} | {length:,} | " + " | ".join(row) + " |")
         row = [_fmt(per_mode.get((m, length), {}).get("accuracy")) for m in modes]
         lines.append(f"| **average** | {length:,} | " + " | ".join(f"**{v}**" for v in row) + " |")
+    level = f"{100 * LEVEL:.0f}%"
+    lines += [
+        "",
+        f"## Intervals ({level}) and the difference to full on the same prompts",
+        "",
+        "Percentile bootstrap over prompts, each task resampled on its own (`fm_eval/intervals.py`); the "
+        "difference to full pairs each prompt's two runs. Points (accuracy %).",
+        "",
+        f"| mode | length | accuracy % | {level} interval | minus full | {level} interval | pairs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for mode in modes:
+        for length in cfg["lengths"]:
+            c = per_mode.get((mode, length))
+            if c is None:
+                continue
+            vs = c.get("vs_full") or {}
+            diff = vs.get("difference")
+            lines.append(f"| {mode} | {length:,} | {_fmt(c['accuracy'])} | {_fmt_interval(c.get('accuracy_interval'))} "
+                         f"| {_fmt(diff, '+.1f')} | {_fmt_interval(vs.get('interval'))} | {vs.get('pairs', '-')} |")
     lines += [
         "",
         "## Cost per mode and length",

@@ -1,0 +1,50 @@
+"""95% intervals for an evaluation's accuracies: a stratified percentile bootstrap over prompts.
+
+An accuracy of ``fm-index evaluate`` is the mean over tasks of each task's mean score (scores in [0, 1]; RULER's
+string match gives fractions for multi-answer tasks). The bootstrap keeps that structure: each task's prompts are
+drawn with replacement, n of n, and the statistic is recomputed; the interval is the 2.5th and 97.5th percentiles
+of those recomputations. A mode against full pairs the same prompts (task, length, index; both runs must have
+decoded the same prompt text, by its digest) and resamples the pairs, so the interval of the difference holds the
+prompts' shared difficulty fixed: it is what "LSA within 1 point of full" is read against. The seed is fixed: the
+same runs give the same interval.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+LEVEL = 0.95
+RESAMPLES = 10_000
+
+
+def stratified_interval(groups: list[list[float]], resamples: int = RESAMPLES, level: float = LEVEL,
+                        seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval, in points (x 100), of the mean over ``groups`` of each group's mean; each
+    group (a task's per-prompt values) is resampled on its own. None without values."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if not groups:
+        return None
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    for values in groups:
+        total += values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    lo, hi = np.quantile(total / len(groups), [(1 - level) / 2, (1 + level) / 2])
+    return 100.0 * float(lo), 100.0 * float(hi)
+
+
+def paired_differences(runs: list[dict], baseline: list[dict]) -> dict[str, list[float]]:
+    """Per task, score(run) - score(baseline's run of the same prompt), for every prompt both have decoded.
+    A pair whose prompt digests differ raises ValueError: the two modes did not read the same prompt."""
+    base = {(r["task"], r["length"], r["index"]): r for r in baseline}
+    out: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        b = base.get((r["task"], r["length"], r["index"]))
+        if b is None:
+            continue
+        if b.get("prompt_sha") != r.get("prompt_sha"):
+            raise ValueError(f"{r['mode']} and {b['mode']} decoded different prompts for {r['task']} at "
+                             f"{r['length']} tokens, sample {r['index']}: prompt digests differ")
+        out[r["task"]].append(r["score"] - b["score"])
+    return dict(out)

@@ -1,0 +1,75 @@
+"""fm_eval.intervals and the report's interval table, against hand-checked and brute-force bootstrap distributions."""
+
+import itertools
+from collections import Counter
+
+import pytest
+
+from fm_eval.intervals import paired_differences, stratified_interval
+from fm_eval.report import markdown_report, summarize
+
+
+def test_the_interval_is_the_exact_bootstrap_distributions_percentiles():
+    """Two tasks of three prompts: every one of the 27 x 27 equally likely resamples enumerated; the Monte Carlo
+    interval lands on the exact distribution's 2.5th and 97.5th percentiles (atoms whose cumulative probability
+    is far from both levels, checked, so the sampling noise cannot move them)."""
+    a, b = [0.0, 0.5, 1.0], [1.0, 1.0, 0.0]
+    dist = Counter()
+    for ra in itertools.product(a, repeat=3):
+        for rb in itertools.product(b, repeat=3):
+            dist[sum(ra) + sum(rb)] += 1  # exact in binary (halves); the statistic is this sum / 6
+    total, cdf, exact = sum(dist.values()), 0, {}
+    for value in sorted(dist):
+        before, cdf = cdf, cdf + dist[value] / total
+        for level in (0.025, 0.975):
+            if before < level <= cdf:
+                assert min(abs(before - level), abs(cdf - level)) > 0.002  # no atom at the level's edge
+                exact[level] = 100 * value / 6
+    lo, hi = stratified_interval([a, b], resamples=200_000)
+    assert (lo, hi) == pytest.approx((exact[0.025], exact[0.975]), abs=1e-9)
+    assert (exact[0.025], exact[0.975]) == pytest.approx((25.0, 100 * 11 / 12))
+
+
+def test_constant_scores_give_a_point_and_no_scores_none():
+    assert stratified_interval([[1.0] * 20, [1.0] * 5]) == (100.0, 100.0)
+    assert stratified_interval([[0.0, 0.0]]) == (0.0, 0.0)
+    assert stratified_interval([]) is None and stratified_interval([[]]) is None
+
+
+def _run(mode, task, index, score, sha=None):
+    return {"mode": mode, "task": task, "length": 1024, "index": index, "score": score, "stats": {},
+            "prompt_sha": sha or f"{task}-{index}"}
+
+
+def _runs():
+    full = [_run("full", t, i, 1.0) for t in ("niah_single_1", "vt") for i in range(4)]
+    lsa = [_run("lsa", "niah_single_1", i, 0.0 if i == 2 else 1.0) for i in range(4)]
+    lsa += [_run("lsa", "vt", i, 1.0) for i in range(4)]
+    return full + lsa
+
+
+def test_lsa_against_full_on_the_same_prompts():
+    """LSA loses one of four single-needle prompts, none of four vt prompts: -12.5 points over the two tasks. The
+    differences' bootstrap: k of the four resampled single-needle pairs are the lost one, k ~ Bin(4, 1/4), the mean
+    -k/8: P(k = 4) = 0.4% < 2.5% < P(k >= 3) = 5.1%, so the interval is [-37.5, 0] points (by hand)."""
+    rows = {r["mode"]: r for r in summarize(_runs())["modes"]}
+    assert "vs_full" not in rows["full"] and rows["full"]["accuracy_interval"] == (100.0, 100.0)
+    vs = rows["lsa"]["vs_full"]
+    assert vs["pairs"] == 8 and vs["difference"] == pytest.approx(-12.5)
+    assert vs["interval"] == pytest.approx((-37.5, 0.0))
+    assert rows["lsa"]["accuracy"] == pytest.approx(87.5)
+    assert rows["lsa"]["accuracy_interval"] == pytest.approx((62.5, 100.0))
+    results = {"config": {"model": "m", "modes": ["full", "lsa"], "samples": 4, "seed": 0, "lengths": [1024],
+                          "tasks": ["niah_single_1", "vt"], "haystack_packages": ["json"]},
+               "summary": summarize(_runs()), "created": "2026-12-03",
+               "environment": {"device_name": "cpu", "torch": "x", "transformers": "y"}}
+    report = markdown_report(results)
+    assert "| lsa | 1,024 | 87.5 | [62.5, 100.0] | -12.5 | [-37.5, 0.0] | 8 |" in report
+    assert "| full | 1,024 | 100.0 | [100.0, 100.0] | - | - | - |" in report
+
+
+def test_pairs_of_different_prompts_are_refused():
+    full = [_run("full", "vt", 0, 1.0)]
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_differences([_run("lsa", "vt", 0, 1.0, sha="other")], full)
+    assert paired_differences([_run("lsa", "vt", 1, 1.0)], full) == {}  # a prompt full has not decoded: no pair
