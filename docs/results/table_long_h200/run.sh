@@ -12,6 +12,7 @@
 #       [ $B -gt 90 ] && BUDGET=$B OUT=$O/table bash docs/results/table_long_h200/run.sh")
 #   then this script alone, as often as its log says "resume" (each call resumes the evaluation where it stopped):
 #   run(timeout_s=600, carry=[".whl"], command="bash docs/results/table_long_h200/run.sh")
+# The table and the goals: python docs/results/table_long_h200/tables.py EVAL_DIR [...] (after unpacking eval.tar.gz).
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps

@@ -1,0 +1,126 @@
+"""The table that opens docs/RESULTS.md (issue 20 section 4): LSA against full and the controls at long range, from
+`fm-index evaluate`'s results.json (table_long_h200/run.sh), and the issue's goals judged from it.
+
+    python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] > docs/results/table_long_h200/tables.md
+
+Every run of the given evaluation directories is read (their prompts must differ: one task and length lives in one
+directory); the summaries are recomputed from the runs (fm_eval.report.summarize: 95% intervals by a bootstrap over
+prompts, task by task; each mode against full on the same prompts). A control against LSA pairs the same prompts
+too. Goals (the issue's, on the tasks the directories hold): LSA within 1 point of full at 32K and 64K; LSA's CSA-KV
+ratio <= 15% at 32K and <= 10% at 64K; recent and random at LSA's budget clearly below LSA (the interval of their
+paired difference below 0).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from fm_eval import MODES
+from fm_eval.intervals import paired_differences, stratified_interval
+from fm_eval.report import summarize
+
+CSA_KV_GOAL = {32768: 0.15, 65536: 0.10}  # LSA's CSA-KV ratio at most this, per length
+WITHIN = 1.0  # points: LSA at most this far below full
+
+
+def load_runs(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
+    runs, configs, seen = [], [], set()
+    for d in dirs:
+        results = json.loads((d / "results.json").read_text())
+        configs.append({"dir": str(d), "complete": results.get("complete", True), **results["config"]})
+        for r in results["runs"]:
+            key = (r["task"], r["length"], r["index"], r["mode"])
+            if key in seen:
+                raise SystemExit(f"{d}: {key} is in two of the directories")
+            seen.add(key)
+            runs.append(r)
+    return runs, configs
+
+
+def _interval(iv) -> str:
+    return "-" if iv is None else f"[{iv[0]:.1f}, {iv[1]:.1f}]"
+
+
+def _num(value, spec=".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(runs: list[dict], configs: list[dict]) -> None:
+    summary = summarize(runs)
+    rows = {(r["mode"], r["length"]): r for r in summary["modes"]}
+    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
+    lengths = sorted({r["length"] for r in runs})
+    tasks = sorted({r["task"] for r in runs})
+    by = defaultdict(list)
+    for r in runs:
+        by[(r["mode"], r["length"])].append(r)
+    print("Sources: " + "; ".join(f"{c['dir']} ({'complete' if c['complete'] else 'partial'}, seed {c['seed']}, "
+                                  f"{c['samples']} samples)" for c in configs) + f". Tasks: {', '.join(tasks)}.")
+    print()
+    print("| length | mode | n | accuracy % | 95% interval | minus full | 95% interval | CSA-KV ratio | "
+          "total KV ratio | entries fetched per trigger | MiB moved per prompt |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for length in lengths:
+        for mode in modes:
+            row = rows.get((mode, length))
+            if row is None:
+                continue
+            vs = row.get("vs_full") or {}
+            rs = by[(mode, length)]
+            triggers = sum(r["stats"].get("triggers") or 0 for r in rs)
+            fetched = sum(r["stats"].get("entries_fetched") or 0 for r in rs)
+            moved = row["bytes_moved"]
+            print(f"| {length:,} | {mode} | {row['n']} | {row['accuracy']:.1f} | {_interval(row['accuracy_interval'])} "
+                  f"| {_num(vs.get('difference'), '+.1f')} | {_interval(vs.get('interval'))} "
+                  f"| {_num(row['csa_kv_ratio'], '.3f')} | {_num(row['footprint_ratio'], '.3f')} "
+                  f"| {_num(fetched / triggers if triggers else None)} "
+                  f"| {_num(moved / 2**20 if moved is not None else None, '.2f')} |")
+    print()
+    print("| task | length | " + " | ".join(modes) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in modes) + " |")
+    cells = {(c["mode"], c["task"], c["length"]): c for c in summary["cells"]}
+    for length in lengths:
+        for task in tasks:
+            accuracy = [_num(cells[(m, task, length)]["accuracy"]) if (m, task, length) in cells else "-"
+                        for m in modes]
+            print(f"| {task} | {length:,} | " + " | ".join(accuracy) + " |")
+    print()
+    print("Goals:")
+    for length in lengths:
+        lsa, full = rows.get(("lsa", length)), rows.get(("full", length))
+        if lsa is None or full is None:
+            continue
+        vs = lsa["vs_full"]
+        met = vs["difference"] is not None and vs["difference"] >= -WITHIN
+        print(f"- {length:,}: LSA {lsa['accuracy']:.1f} vs full {full['accuracy']:.1f}, "
+              f"{vs['difference']:+.1f} points {_interval(vs['interval'])} over {vs['pairs']} pairs: within "
+              f"{WITHIN:g} point of full **{'met' if met else 'not met'}**")
+        if length in CSA_KV_GOAL and lsa["csa_kv_ratio"] is not None:
+            goal = CSA_KV_GOAL[length]
+            print(f"- {length:,}: LSA's CSA-KV ratio {lsa['csa_kv_ratio']:.3f} (goal <= {goal:.2f}): "
+                  f"**{'met' if lsa['csa_kv_ratio'] <= goal else 'not met'}**")
+        for control in ("recent", "random"):
+            if (control, length) not in by:
+                continue
+            diffs = paired_differences(by[(control, length)], by[("lsa", length)])
+            pairs = sum(len(d) for d in diffs.values())
+            if not pairs:
+                continue
+            diff = 100 * sum(sum(d) / len(d) for d in diffs.values()) / len(diffs)
+            iv = stratified_interval(list(diffs.values()))
+            print(f"- {length:,}: {control} at LSA's budget {diff:+.1f} points against LSA {_interval(iv)} over "
+                  f"{pairs} pairs: clearly below LSA **{'yes' if iv[1] < 0 else 'no'}**")
+
+
+def main(argv: list[str] | None = None) -> None:
+    dirs = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if not dirs:
+        raise SystemExit("usage: tables.py EVAL_DIR [EVAL_DIR ...] (each holds an fm-index evaluate results.json)")
+    print_tables(*load_runs(dirs))
+
+
+if __name__ == "__main__":
+    main()
