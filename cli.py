@@ -670,16 +670,24 @@ def _print_evaluation(results: dict, out: str):
     from rich.table import Table
 
     table = Table(title=f"evaluation in {out} (accuracy % averaged over tasks)")
-    for column in ("mode", "length", "accuracy %", "CSA-KV ratio", "total KV ratio", "bytes moved / sample",
-                   "decode tok/s"):
+    for column in ("mode", "length", "accuracy % [95%]", "vs full [95%]", "CSA-KV ratio", "total KV ratio",
+                   "MiB moved / sample", "decode tok/s"):
         table.add_column(column, justify="left" if column == "mode" else "right")
+
+    def interval(iv):  # the 95% interval of fm_eval.intervals
+        return f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else ""
+
     for row in results["summary"]["modes"]:
         moved = row["bytes_moved"]
         tps = row["decode_tokens_per_second"]
-        table.add_row(row["mode"], f"{row['length']:,}", f"{row['accuracy']:.1f}",
+        vs = row.get("vs_full") or {}
+        table.add_row(row["mode"], f"{row['length']:,}",
+                      f"{row['accuracy']:.1f}{interval(row.get('accuracy_interval'))}",
+                      f"{vs['difference']:+.1f}{interval(vs.get('interval'))}" if vs.get("difference") is not None
+                      else "-",
                       f"{row['csa_kv_ratio']:.3f}" if row.get("csa_kv_ratio") is not None else "-",
                       f"{row['footprint_ratio']:.3f}" if row["footprint_ratio"] is not None else "-",
-                      f"{moved / 1024 / 1024:,.2f} MiB" if moved is not None else "-",
+                      f"{moved / 1024 / 1024:,.2f}" if moved is not None else "-",
                       f"{tps:,.1f}" if tps else "-")
     Console().print(table)
     console.print(f"wrote {out}/results.json, {out}/results.md, {out}/accuracy_vs_footprint.png, "

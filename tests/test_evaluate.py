@@ -219,7 +219,11 @@ def test_cli_evaluate(tmp_path):
                                       "--lengths", "256", "--samples", "1", "--max-new-tokens", "1",
                                       "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "results.json").read_text())["runs"][0]["mode"] == "full"
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"][0]["mode"] == "full"
+    score = 100 * results["runs"][0]["score"]  # one prompt: its 95% interval is its own score
+    assert results["summary"]["modes"][0]["accuracy_interval"] == [score, score]
+    assert f"| full | 256 | {score:.1f} | [{score:.1f}, {score:.1f}] | - | - | - |" in (out / "results.md").read_text()
     bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "recent", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2
     assert "error:" in bad.output and "budget" in bad.output
