@@ -669,13 +669,15 @@ def evaluate_command(
 def _print_evaluation(results: dict, out: str):
     from rich.table import Table
 
+    from fm_eval.intervals import format_interval
+
     table = Table(title=f"evaluation in {out} (accuracy % averaged over tasks)")
     for column in ("mode", "length", "accuracy % [95%]", "vs full [95%]", "CSA-KV ratio", "total KV ratio",
                    "MiB moved / sample", "decode tok/s"):
         table.add_column(column, justify="left" if column == "mode" else "right")
 
-    def interval(iv):  # the 95% interval of fm_eval.intervals
-        return f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else ""
+    def interval(iv):  # the 95% interval of fm_eval.intervals, after the value it bounds
+        return f" {format_interval(iv)}" if iv else ""
 
     for row in results["summary"]["modes"]:
         moved = row["bytes_moved"]

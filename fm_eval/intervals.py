@@ -48,3 +48,17 @@ def paired_differences(runs: list[dict], baseline: list[dict]) -> dict[str, list
                              f"{r['length']} tokens, sample {r['index']}: prompt digests differ")
         out[r["task"]].append(r["score"] - b["score"])
     return dict(out)
+
+
+def paired_summary(runs: list[dict], baseline: list[dict]) -> dict:
+    """``runs`` against ``baseline`` on the prompts both decoded: pairs, the mean over tasks of the mean paired
+    difference in points (None without pairs), and its interval."""
+    diffs = paired_differences(runs, baseline)
+    pairs = sum(len(d) for d in diffs.values())
+    difference = 100.0 * sum(sum(d) / len(d) for d in diffs.values()) / len(diffs) if pairs else None
+    return {"pairs": pairs, "difference": difference, "interval": stratified_interval(list(diffs.values()))}
+
+
+def format_interval(interval, missing: str = "-") -> str:
+    """"[lo, hi]" in points to one decimal, as every report prints it."""
+    return missing if interval is None else f"[{interval[0]:.1f}, {interval[1]:.1f}]"

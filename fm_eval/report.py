@@ -15,7 +15,7 @@ from pathlib import Path
 from lsa_runtime.outputs import temp_path
 
 from . import MODES
-from .intervals import LEVEL, paired_differences, stratified_interval
+from .intervals import LEVEL, format_interval, paired_summary, stratified_interval
 from .tasks import TASKS
 
 
@@ -87,17 +87,9 @@ def summarize(runs: list[dict]) -> dict:
         row["accuracy_interval"] = stratified_interval(_by_task(rs))
         full = groups.get(("full", length))
         if mode != "full" and full:
-            diffs = paired_differences(rs, full)
-            pairs = sum(len(d) for d in diffs.values())
-            row["vs_full"] = {"pairs": pairs,
-                              "difference": 100.0 * _mean(_mean(d) for d in diffs.values()) if pairs else None,
-                              "interval": stratified_interval(list(diffs.values()))}
+            row["vs_full"] = paired_summary(rs, full)
         by_mode_length.append(row)
     return {"cells": by_cell, "modes": by_mode_length}
-
-
-def _fmt_interval(interval) -> str:
-    return "-" if interval is None else f"[{interval[0]:.1f}, {interval[1]:.1f}]"
 
 
 def _fmt(value, spec: str = ".1f", missing: str = "-") -> str:
@@ -151,8 +143,9 @@ def markdown_report(results: dict) -> str:
                 continue
             vs = c.get("vs_full") or {}
             diff = vs.get("difference")
-            lines.append(f"| {mode} | {length:,} | {_fmt(c['accuracy'])} | {_fmt_interval(c.get('accuracy_interval'))} "
-                         f"| {_fmt(diff, '+.1f')} | {_fmt_interval(vs.get('interval'))} | {vs.get('pairs', '-')} |")
+            lines.append(f"| {mode} | {length:,} | {_fmt(c['accuracy'])} | "
+                         f"{format_interval(c.get('accuracy_interval'))} | {_fmt(diff, '+.1f')} | "
+                         f"{format_interval(vs.get('interval'))} | {vs.get('pairs', '-')} |")
     lines += [
         "",
         "## Cost per mode and length",

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fm_eval import MODES
-from fm_eval.intervals import paired_differences, stratified_interval
+from fm_eval.intervals import format_interval, paired_summary
 from fm_eval.report import summarize
 
 CSA_KV_GOAL = {32768: 0.15, 65536: 0.10}  # LSA's CSA-KV ratio at most this, per length
@@ -38,10 +38,6 @@ def load_runs(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
             seen.add(key)
             runs.append(r)
     return runs, configs
-
-
-def _interval(iv) -> str:
-    return "-" if iv is None else f"[{iv[0]:.1f}, {iv[1]:.1f}]"
 
 
 def _num(value, spec=".1f") -> str:
@@ -73,8 +69,9 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
             triggers = sum(r["stats"].get("triggers") or 0 for r in rs)
             fetched = sum(r["stats"].get("entries_fetched") or 0 for r in rs)
             moved = row["bytes_moved"]
-            print(f"| {length:,} | {mode} | {row['n']} | {row['accuracy']:.1f} | {_interval(row['accuracy_interval'])} "
-                  f"| {_num(vs.get('difference'), '+.1f')} | {_interval(vs.get('interval'))} "
+            print(f"| {length:,} | {mode} | {row['n']} | {row['accuracy']:.1f} "
+                  f"| {format_interval(row['accuracy_interval'])} | {_num(vs.get('difference'), '+.1f')} "
+                  f"| {format_interval(vs.get('interval'))} "
                   f"| {_num(row['csa_kv_ratio'], '.3f')} | {_num(row['footprint_ratio'], '.3f')} "
                   f"| {_num(fetched / triggers if triggers else None)} "
                   f"| {_num(moved / 2**20 if moved is not None else None, '.2f')} |")
@@ -96,7 +93,7 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
         vs = lsa["vs_full"]
         met = vs["difference"] is not None and vs["difference"] >= -WITHIN
         print(f"- {length:,}: LSA {lsa['accuracy']:.1f} vs full {full['accuracy']:.1f}, "
-              f"{vs['difference']:+.1f} points {_interval(vs['interval'])} over {vs['pairs']} pairs: within "
+              f"{vs['difference']:+.1f} points {format_interval(vs['interval'])} over {vs['pairs']} pairs: within "
               f"{WITHIN:g} point of full **{'met' if met else 'not met'}**")
         if length in CSA_KV_GOAL and lsa["csa_kv_ratio"] is not None:
             goal = CSA_KV_GOAL[length]
@@ -105,14 +102,12 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
         for control in ("recent", "random"):
             if (control, length) not in by:
                 continue
-            diffs = paired_differences(by[(control, length)], by[("lsa", length)])
-            pairs = sum(len(d) for d in diffs.values())
-            if not pairs:
+            vs = paired_summary(by[(control, length)], by[("lsa", length)])
+            if not vs["pairs"]:
                 continue
-            diff = 100 * sum(sum(d) / len(d) for d in diffs.values()) / len(diffs)
-            iv = stratified_interval(list(diffs.values()))
-            print(f"- {length:,}: {control} at LSA's budget {diff:+.1f} points against LSA {_interval(iv)} over "
-                  f"{pairs} pairs: clearly below LSA **{'yes' if iv[1] < 0 else 'no'}**")
+            print(f"- {length:,}: {control} at LSA's budget {vs['difference']:+.1f} points against LSA "
+                  f"{format_interval(vs['interval'])} over {vs['pairs']} pairs: clearly below LSA "
+                  f"**{'yes' if vs['interval'][1] < 0 else 'no'}**")
 
 
 def main(argv: list[str] | None = None) -> None:
