@@ -49,6 +49,8 @@ KEEP_RECENT_HELP = ("lsa: the recency tail, the newest entries kept resident at 
                     "export's; exports made by fm-index set 4 x the backbone's top-k, the release's 2,048 on "
                     "V4-Flash).")
 KEEP_FIRST_HELP = "lsa: the sink, the first entries kept resident at every trigger (default: the export's, 0)."
+FETCH_TOP_HELP = ("lsa: a floor under the threshold, each memory layer's N best-scored entries fetched whatever "
+                  "their score (default: the export's, 0 = the threshold alone, as the authors' release).")
 ENSEMBLE_HELP = ("lsa: how the memory layers' scores combine before the threshold: max (the OR rule) or mean "
                  "(default: the export's, max).")
 _IN_PIPELINE = False  # set by `fm-index pipeline` while it runs its steps: the steps then print no next-step hints
@@ -406,6 +408,9 @@ def export_command(
                                     "V4-Flash)."),
     keep_first: int = typer.Option(None, "--keep-first", help="The resident set's sink (default 0)."),
     ensemble: str = typer.Option(None, "--ensemble", help="max (OR over layers, default) or mean."),
+    fetch_top: int = typer.Option(None, "--fetch-top", help="Fetch each memory layer's N best-scored entries "
+                                  "whatever their score, a floor under the threshold (default 0: the threshold "
+                                  "alone, as the authors' release)."),
     target_recall: float = typer.Option(None, "--target-recall", help="Store the fetch threshold that keeps this "
                                         "share (0-1] of the golden entries on the training run's held-out "
                                         "documents, instead of the trained 0.5 (a focal-loss indexer often fetches "
@@ -425,7 +430,8 @@ def export_command(
         if (train_dir is None) == (model is None):
             raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
         given = [flag for flag, value in (("--keep-recent", keep_recent), ("--keep-first", keep_first),
-                                          ("--ensemble", ensemble), ("--target-recall", target_recall))
+                                          ("--ensemble", ensemble), ("--fetch-top", fetch_top),
+                                          ("--target-recall", target_recall))
                  if value is not None]
         if given:
             raise FmIndexError(f"{given[0]} has no place in the authors' checkpoint (weights only); their server "
@@ -439,7 +445,7 @@ def export_command(
                       "a backbone); the old name still works")
     if (train_dir is None) == (model is None):
         raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
-    resident = {"keep_recent": keep_recent, "keep_first": keep_first, "ensemble": ensemble}
+    resident = {"keep_recent": keep_recent, "keep_first": keep_first, "ensemble": ensemble, "fetch_top": fetch_top}
     check_export_inputs(train_dir or model, out, target_recall)  # before the progress bar
     if target_recall is None:
         path = export_indexer(train_dir or model, out, resident=resident)
@@ -505,6 +511,7 @@ def generate_command(
     keep_recent: int = typer.Option(None, "--keep-recent", help=KEEP_RECENT_HELP),
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
+    fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
@@ -541,7 +548,7 @@ def generate_command(
             raise FmIndexError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
-                           keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble,
+                           keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top,
                            pool_storage=pool_storage, static_decode=static_decode, static_compile=static_compile)
     if device is not None and device_map is not None:
         raise FmIndexError("give --device or --device-map, not both")
@@ -591,6 +598,8 @@ def evaluate_command(
     budget: int = typer.Option(None, "--budget", help="Resident entries for recent/random/oracle when lsa is not "
                                "among --modes."),
     tau: int = typer.Option(None, "--tau", help="Decode steps between triggers (default: the export's, else 64)."),
+    chunk_size: int = typer.Option(512, "--chunk-size", help="Prefill chunk in tokens (chunks shrink as the "
+                                   "context grows, to bound memory); larger chunks launch fewer kernels."),
     prefetch_steps: int = typer.Option(0, "--prefetch-steps", help="Prepare each trigger after the first this many "
                                        "decode steps before its window, on a helper thread (the static step: on a side "
                                        "CUDA stream while the next step runs; Session(prefetch_steps=); 0: at the "
@@ -610,6 +619,7 @@ def evaluate_command(
     keep_recent: int = typer.Option(None, "--keep-recent", help=KEEP_RECENT_HELP),
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
+    fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch; "
@@ -641,8 +651,8 @@ def evaluate_command(
         tasks=tasks, lengths=lengths, samples=samples, indexer=indexer, max_new_tokens=max_new_tokens, seed=seed,
         device=device or _default_device(), device_map=device_map, dtype=dtype, haystack_packages=packages, tau=tau,
         threshold=threshold,
-        budget=budget, prefetch_steps=prefetch_steps, keep_recent=keep_recent, keep_first=keep_first,
-        ensemble=ensemble, pool_storage=pool_storage).check()
+        budget=budget, chunk_size=chunk_size, prefetch_steps=prefetch_steps, keep_recent=keep_recent,
+        keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, pool_storage=pool_storage).check()
     for flag, value in (("--workers", workers), ("--batch", batch)):  # before the progress bar
         if value < 1:
             raise FmIndexError(f"{flag} must be an integer >= 1, got {value}")

@@ -64,7 +64,7 @@ NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
-                     "ensemble", "pool_storage")
+                     "ensemble", "pool_storage", "fetch_top")
 
 
 class EvaluationError(FmIndexError):
@@ -96,6 +96,7 @@ class EvalConfig:
     keep_first: int | None = None  # lsa's sink, entries (None: the export's)
     pool_storage: str = "model"  # the cold pool's host rows: model dtype or fp8 (SessionConfig.pool_storage)
     ensemble: str | None = None  # lsa's combination of the memory layers' scores: max or mean (None: the export's)
+    fetch_top: int | None = None  # lsa's floor: each memory layer's best-scored entries fetched (None: the export's)
 
     def check(self) -> "EvalConfig":
         modes = parse_modes(self.modes)
@@ -119,7 +120,7 @@ class EvalConfig:
         if not self.haystack_packages:
             raise EvaluationError("no haystack package given")
         SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble,
-                      pool_storage=self.pool_storage)
+                      pool_storage=self.pool_storage, fetch_top=self.fetch_top, chunk_size=self.chunk_size)
         parse_device(self.device)
         if self.device_map is not None:
             parse_device_map(self.device_map, load_config(self.model))
@@ -134,7 +135,7 @@ class EvalConfig:
             del blob["prefetch_steps"]
         if blob["pool_storage"] == "model":  # likewise
             del blob["pool_storage"]
-        for key in ("keep_recent", "keep_first", "ensemble"):  # likewise for the export's defaults
+        for key in ("keep_recent", "keep_first", "ensemble", "fetch_top"):  # likewise for the export's defaults
             if blob[key] is None:
                 del blob[key]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in blob.items() if k in _FINGERPRINT_KEYS}
@@ -445,7 +446,8 @@ class Evaluation:
         return SessionConfig(mode=mode, static_decode=static, static_compile=compiled,
                              tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
-                             keep_first=cfg.keep_first, ensemble=cfg.ensemble, pool_storage=cfg.pool_storage,
+                             keep_first=cfg.keep_first, ensemble=cfg.ensemble, fetch_top=cfg.fetch_top,
+                             pool_storage=cfg.pool_storage,
                              budget=budget)
 
     def _decode(self, sample: Sample, index: int, mode: str, budget: int | None, max_new: int,

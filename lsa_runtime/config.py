@@ -97,6 +97,9 @@ class SessionConfig:
     * ``keep_recent`` / ``keep_first`` / ``ensemble`` (mode lsa; None: the export's): the recency tail (the newest
       entries, always resident), the sink (the first entries, always resident), and how the memory layers'
       scores combine (``max``: the OR rule; ``mean``), as the authors' release builds the resident set;
+    * ``fetch_top`` (mode lsa; None: the export's, 0 unless it was exported with one): a floor under the
+      threshold, each memory layer's ``fetch_top`` best-scored entries fetched whatever their score (the release
+      has none: its threshold alone; docs/RESULTS.md, section 10, shows a needle scored below it at 32K);
     * ``pool_storage``: how the cold pool holds entries on the host: ``model`` (the model's dtype, exact) or
       ``fp8`` (e4m3 with one power-of-two scale per 64 values, stored as fp32: 0.53x of bf16 host memory, fetched
       rows rounded to e4m3);
@@ -137,6 +140,7 @@ class SessionConfig:
     keep_recent: int | None = None
     keep_first: int | None = None
     ensemble: str | None = None
+    fetch_top: int | None = None
     pool_storage: str = "model"
     max_batch: int = 8
     static_decode: bool | None = None
@@ -163,7 +167,7 @@ class SessionConfig:
             raise SessionError(f"max_score_bytes must be a positive integer, got {self.max_score_bytes!r}")
         if self.decode_graphs not in (None, True, False):
             raise SessionError(f"decode_graphs must be True, False or None, got {self.decode_graphs!r}")
-        for name in ("keep_recent", "keep_first"):
+        for name in ("keep_recent", "keep_first", "fetch_top"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_count(getattr(self, name), name))
         if self.ensemble is not None:

@@ -90,6 +90,9 @@ class MemoryIndexerConfig:
     keep_recent: int = 0  # the resident set's recency tail: the newest entries, always resident
     keep_first: int = 0  # its sink: the first entries, always resident
     ensemble: str = "max"  # how the layers' scores combine: max (the OR rule) or mean
+    # a floor under the threshold: each memory layer's fetch_top best-scored entries are fetched whatever their
+    # score (0: the release's threshold alone; lsa_runtime.policies.MemoryIndexerPolicy)
+    fetch_top: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(int(x) for x in self.layers)))
@@ -99,9 +102,9 @@ class MemoryIndexerConfig:
         if self.rank < 1:
             raise FmIndexError(f"rank must be >= 1, got {self.rank}")
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
-        if int(self.keep_recent) < 0 or int(self.keep_first) < 0:
-            raise FmIndexError(f"keep_recent and keep_first must be >= 0 entries, got {self.keep_recent}, "
-                               f"{self.keep_first}")
+        if int(self.keep_recent) < 0 or int(self.keep_first) < 0 or int(self.fetch_top) < 0:
+            raise FmIndexError(f"keep_recent, keep_first and fetch_top must be >= 0 entries, got {self.keep_recent}, "
+                               f"{self.keep_first}, {self.fetch_top}")
         if self.ensemble not in ENSEMBLES:
             raise FmIndexError(f"ensemble must be max or mean, got {self.ensemble!r}")
 

@@ -175,23 +175,28 @@ class MemoryIndexerPolicy(ResidentPolicy):
 
         resident(t0) = { s < n_visible : E(I_L[t0, s] over memory layers L) >= threshold }
                        + the newest ``keep_recent`` entries (recency tail) + the first ``keep_first`` (sink)
+                       [+ each memory layer's ``fetch_top`` best-scored entries: our floor, not the release's]
 
     I_L is the memory indexer's gated score (DESIGN.md, "Memory indexer math"): sigmoid of the native formula
     with its own W_DQ, W_IUQ and W_w applied to h_t0 of layer L, against layer L's frozen K^IComp. E is the max
-    over layers (``ensemble="max"``: the OR rule) or their mean. ``budget`` caps the set: the tail and the sink
-    stay, and of the other selected entries those with the highest E fill the rest.
+    over layers (``ensemble="max"``: the OR rule) or their mean. ``fetch_top`` (0: off, the release's rule) adds
+    per layer the entries of its ``fetch_top`` highest scores (ties to the lower index) whatever their score: a
+    fixed absolute threshold fetches almost nothing where the scores run low, as on prompts unlike the training
+    documents (docs/RESULTS.md, section 10). ``budget`` caps the set: the tail and the sink stay, and of the
+    other selected entries (floor included) those with the highest E fill the rest.
     """
 
     name = "lsa"
 
     def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None, keep_recent: int = 0,
-                 keep_first: int = 0, ensemble: str = "max"):
+                 keep_first: int = 0, ensemble: str = "max", fetch_top: int = 0):
         self.memory_indexer = memory_indexer
         self.threshold = check_threshold(threshold)
         self.budget = check_budget(budget)
         self.keep_recent, self.keep_first = check_count(keep_recent, "keep_recent"), check_count(keep_first,
                                                                                                 "keep_first")
         self.ensemble = check_ensemble(ensemble)
+        self.fetch_top = check_count(fetch_top, "fetch_top")
         self.memory_layers = tuple(int(x) for x in memory_indexer.config.layers)
 
     def select(self, state: TriggerState) -> torch.Tensor:
@@ -207,6 +212,9 @@ class MemoryIndexerPolicy(ResidentPolicy):
             stacked = torch.stack([state.scores[layer] for layer in self.memory_layers])
             scores = stacked.amax(0) if self.ensemble == "max" else stacked.mean(0)
         selected = scores >= self.threshold if scores is not None else torch.zeros(n, dtype=torch.bool)
+        if self.fetch_top and self.memory_layers:
+            for layer in self.memory_layers:
+                selected[top_entries(state.scores[layer], self.fetch_top).to(selected.device)] = True
         forced = torch.zeros(n, dtype=torch.bool, device=selected.device)
         forced[max(0, n - self.keep_recent):] = True
         forced[: min(self.keep_first, n)] = True
@@ -229,8 +237,14 @@ class MemoryIndexerPolicy(ResidentPolicy):
         tail = f", recency tail {self.keep_recent}" if self.keep_recent else ""
         sink = f", sink {self.keep_first}" if self.keep_first else ""
         rule = "" if self.ensemble == "max" else ", mean over layers"
+        rule += f", top {self.fetch_top} per layer" if self.fetch_top else ""
         return (f"lsa (threshold {self.threshold:g}{rule}, layers {', '.join(map(str, self.memory_layers))}{csa}"
                 f"{tail}{sink}{cap})")
+
+
+def top_entries(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of the ``m`` highest of ``scores`` [n] (all when n <= m), ties to the lower index."""
+    return torch.argsort(-scores, stable=True)[:m]
 
 
 # the built-in selections that never return more than their ``budget`` entries (a subclass overriding select is
@@ -257,7 +271,8 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
             memory_indexer, threshold=config.threshold, budget=budget,
             keep_recent=export.keep_recent if config.keep_recent is None else config.keep_recent,
             keep_first=export.keep_first if config.keep_first is None else config.keep_first,
-            ensemble=export.ensemble if config.ensemble is None else config.ensemble)
+            ensemble=export.ensemble if config.ensemble is None else config.ensemble,
+            fetch_top=export.fetch_top if config.fetch_top is None else config.fetch_top)
     if mode == "all":
         return AllEntriesPolicy()
     if mode == "recent":

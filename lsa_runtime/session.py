@@ -193,7 +193,7 @@ class Session:
         s_full = s.with_config(mode="full")          # another mode on the same loaded backbone
 
     Options are a :class:`~.config.SessionConfig` (``config=``) or its fields as keywords (``mode``, ``tau``,
-    ``threshold``, ``budget``, ``keep_recent``, ``keep_first``, ``ensemble``, ``chunk_size``, ``seed``,
+    ``threshold``, ``budget``, ``keep_recent``, ``keep_first``, ``ensemble``, ``fetch_top``, ``chunk_size``, ``seed``,
     ``memory_keys``, ``prefetch_steps``, ``decode_graphs``, ``max_score_bytes``; their meaning
     is documented there). ``indexer``: an ``fm-index export`` directory, the authors' release checkpoint (a
     ``.pt`` file) or a ``MemoryIndexer`` (mode ``lsa``; its tau and threshold are the defaults). ``policy``: any

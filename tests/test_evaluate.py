@@ -9,6 +9,7 @@ import torch
 
 from fm_eval.runner import EvalConfig, Evaluation, EvaluationError, Reporter, evaluate, parse_lengths, parse_modes
 from fm_eval.tasks import generate_sample, score_prediction
+from lsa_runtime.config import SessionError
 
 TASK, LENGTH, SAMPLES, NEW, TAU = "niah_single_2", 256, 2, 4, 2
 KEEP_RECENT = 8
@@ -152,6 +153,13 @@ def test_oracle_with_prefetch_decodes_like_full(backbone, tmp_path):
     assert "prefetch_steps" not in EvalConfig(model="tiny").fingerprint()
 
 
+def test_fetch_top_is_part_of_the_resume_fingerprint_only_when_given():
+    assert EvalConfig(model="tiny", fetch_top=32).check().fingerprint()["fetch_top"] == 32
+    assert "fetch_top" not in EvalConfig(model="tiny").fingerprint()  # evaluations from before it resume
+    with pytest.raises(SessionError, match="fetch_top"):
+        EvalConfig(model="tiny", fetch_top=-1).check()
+
+
 def test_resume_skips_finished_runs_and_redoes_a_cut_one(backbone, tmp_path, monkeypatch):
     out = tmp_path / "r"
     config = EvalConfig(model="tiny", modes=("full", "random"), tasks=(TASK,), lengths=(256,), samples=1,
@@ -227,6 +235,10 @@ def test_cli_evaluate(tmp_path):
     bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "recent", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2
     assert "error:" in bad.output and "budget" in bad.output
+    for flag, value in (("--fetch-top", "-3"), ("--chunk-size", "0")):
+        bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full", flag, value,
+                                       "--out", str(tmp_path / "b")])
+        assert bad.exit_code == 2 and flag in bad.output and not (tmp_path / "b").exists(), bad.output
     assert not Path(tmp_path / "b").exists()
     for args, message in ((["--dtype", "float64"], "--dtype float64 is not supported"),
                           (["--device", "gpu0"], "--device gpu0 is not a device"),

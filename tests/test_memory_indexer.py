@@ -148,6 +148,13 @@ def test_export_round_trip_and_bad_exports(tmp_path):
         assert torch.equal(loaded.score(L, hidden, pos, keys), indexer.score(L, hidden, pos, keys))
     with pytest.raises(ExportError, match="another|not this backbone"):
         MemoryIndexer.from_export(out, expected_config_hash="fff")
+    # an export from before the fetch_top floor (no such key) loads with it off, the release's rule
+    assert cfg["fetch_top"] == 0
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "lsa_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "fetch_top"}))
+    (older / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    assert MemoryIndexer.from_export(older).config.fetch_top == 0
     with pytest.raises(ExportError, match="not empty"):
         indexer.save_export(out)
     (tmp_path / "broken").mkdir()

@@ -16,7 +16,7 @@ class FixedScores:
     def __init__(self, logits: dict[int, list[float]], **config):
         self.logits = {L: torch.tensor(v) for L, v in logits.items()}
         self.config = SimpleNamespace(layers=tuple(self.logits), csa_indices=(), keep_recent=0, keep_first=0,
-                                      ensemble="max", **config)
+                                      ensemble="max", fetch_top=0, **config)
 
     def trigger_logits(self, hidden, position, keys, n_visible):
         return {L: v[:n_visible] for L, v in self.logits.items()}
@@ -69,3 +69,27 @@ def test_make_policy_takes_the_exports_settings_unless_the_config_overrides_them
         SessionConfig(mode="lsa", keep_recent=-1)
     with pytest.raises(SessionError, match="ensemble"):
         SessionConfig(mode="lsa", ensemble="median")
+
+
+def test_fetch_top_adds_each_layers_best_entries_whatever_their_score():
+    # threshold 0.99 (logit >= 4.6): nothing passes it; the floor alone: layer 2's best two (0: 3.0, 5: 2.0) and
+    # layer 4's (3: 1.0, 4: -0.1)
+    assert select(MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), threshold=0.99, fetch_top=2), 10) == [0, 3, 4, 5]
+    # with the threshold's own set: its union with the floor
+    assert select(MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), fetch_top=2), 10) == [0, 2, 3, 4, 5, 8]
+    # ties to the lower index: layer 4's -1.0 at 0, 1, 8, 9 after 3 (1.0), 4 (-0.1), 2 (-0.4); six take 0, 1, 8
+    assert select(MemoryIndexerPolicy(FixedScores({4: L4}), threshold=0.99, fetch_top=6), 10) == [0, 1, 2, 3, 4, 8]
+    assert select(MemoryIndexerPolicy(FixedScores({4: L4}), threshold=0.99, fetch_top=20), 3) == [0, 1, 2]
+    # the cap: the tail (9) stays, then the best E of the rest (0: 3.0, 5: 2.0, 3: 1.0, 4: -0.1) -> 0 and 5
+    capped = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), threshold=0.99, fetch_top=2, keep_recent=1, budget=3)
+    assert select(capped, 10) == [0, 5, 9]
+    with pytest.raises(SessionError, match="fetch_top"):
+        SessionConfig(mode="lsa", fetch_top=-1)
+
+
+def test_make_policy_takes_the_exports_fetch_top_unless_the_config_overrides_it():
+    indexer = FixedScores({2: L2, 4: L4})
+    indexer.config.fetch_top = 2
+    assert make_policy(SessionConfig(mode="lsa").resolved(), indexer).fetch_top == 2
+    assert make_policy(SessionConfig(mode="lsa", fetch_top=0).resolved(), indexer).fetch_top == 0
+    assert "top 2 per layer" in make_policy(SessionConfig(mode="lsa").resolved(), indexer).describe()

@@ -179,6 +179,15 @@ def test_heads_option_sets_the_towers_query_heads(labels, tmp_path):
     assert indexer.layer(2).W_IUQ.weight.shape == (16 * 8, 16) and indexer.layer(2).W_w.weight.shape[0] == 16
 
 
+def test_export_stores_the_fetch_top_floor(finished_run, tmp_path):
+    assert invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "e", "--fetch-top", "3").exit_code == 0
+    assert MemoryIndexer.from_export(tmp_path / "e").config.fetch_top == 3
+    assert json.loads((tmp_path / "e" / "lsa_config.json").read_text())["fetch_top"] == 3
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "bad", "--fetch-top",
+                             "-1"), "fetch_top must be >= 0")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_flashmemory_format_needs_the_releases_key_geometry(labels, finished_run, tmp_path):
     """The release's retriever scores 128-dim index keys; these synthetic labels have 8-dim keys: refused, nothing
     written. (The format itself round-trips in tests/test_release_format.py.)"""
