@@ -107,3 +107,27 @@ def test_section9_l6i_label_figures_are_the_raw_outputs():
         p, r, f1 = re.search(rf"│ {name}{cell * 3}.*\n│ top-\|G\|", log).groups()
         f1 = f"**{f1}**" if name == "union" else f1
         assert f"| {label} | {p} | {r} | {f1} | - |" in section, name
+
+
+def test_section10_release_rule_rows_are_the_runs():
+    """RESULTS section 10's first table: each row's n, accuracy, paired difference with its interval and footprint,
+    recomputed from the stored runs of the cut evaluation (fm_eval.report.summarize, as tables.py does)."""
+    import json
+
+    from fm_eval.report import summarize
+
+    raw = REPO / "docs/results/table_long_h200/run1_release_rule/runs.jsonl"
+    runs = [json.loads(line) for line in raw.read_text().splitlines() if line]
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 10.")
+    rows = {(r["mode"], r["length"]): r for r in summarize(runs)["modes"]}
+    assert set(rows) == {("full", 32768), ("lsa", 32768), ("full", 65536)}
+    for (mode, length), r in rows.items():
+        n = sum(1 for x in runs if x["mode"] == mode and x["length"] == length)
+        acc = r["accuracy"]  # the mean over tasks of each task's mean (the report's)
+        lo, hi = r["accuracy_interval"]
+        label = "lsa (threshold 0.316)" if mode == "lsa" else mode
+        cells = f"| {length:,} | {label} | {n} | {acc:.1f} | [{lo:.1f}, {hi:.1f}] |"
+        assert cells in section, cells
+        if mode == "lsa":
+            d = r["vs_full"]
+            assert f"| {d['difference']:.1f} | [{d['interval'][0]:.1f}, {d['interval'][1]:.1f}] |" in section

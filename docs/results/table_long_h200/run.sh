@@ -13,6 +13,13 @@
 #   then this script alone, as often as its log says "resume" (each call resumes the evaluation where it stopped):
 #   run(timeout_s=600, carry=[".whl"], command="bash docs/results/table_long_h200/run.sh")
 # The table and the goals: python docs/results/table_long_h200/tables.py EVAL_DIR [...] (after unpacking eval.tar.gz).
+# Sixteenth session (2026-12-04): the labels' two calls and 666 s of this script ran (145 of 800 runs: full at 32K,
+# most of full at 64K, 15 lsa runs at 32K; raw in run1_release_rule/); lsa at the export's threshold fetched ~5
+# scored entries per trigger at 32K and missed the needle (RESULTS section 10). Next: the table with the floor
+# (--fetch-top 64: L6i's native top-k per memory layer) in a new evaluation, 32K first, then 64K, each resumed:
+#   run(timeout_s=600, carry=[".whl", "runs/labels_long/export"], command="EVAL=eval_top64 FETCH_TOP=64 CHUNK=4096
+#       LENGTHS=32k BUDGET=560 bash docs/results/table_long_h200/run.sh")
+#   (then EVAL=eval_top64_64k LENGTHS=64k; carry runs/labels_long/EVAL too in a later session)
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
@@ -35,6 +42,10 @@ MODES=${MODES:-full,lsa,recent,random,oracle} SAMPLES=${SAMPLES:-20} WORKERS=${W
 # EVAL: the evaluation's directory under $W (another for another part of the table: the section's 16K / 128K, the
 # dense-memory and context-independent tasks, hisparse; e.g. EVAL=eval2 LENGTHS=16k,128k TASKS=cwe,fwe,...)
 EVAL=${EVAL:-eval}
+# FETCH_TOP: lsa's floor, each memory layer's N best-scored entries fetched whatever their score (empty: the export's,
+# 0); CHUNK: the prefill chunk in tokens (512 as the first evaluation; larger chunks launch fewer kernels)
+FETCH_TOP=${FETCH_TOP:-} CHUNK=${CHUNK:-512}
+extra=(--chunk-size $CHUNK); [ -n "$FETCH_TOP" ] && extra+=(--fetch-top $FETCH_TOP)
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
@@ -51,7 +62,7 @@ fi
 cp $W/export/lsa_config.json $OUT/
 resume=(); [ -d $W/$EVAL ] && resume=(--resume)
 timeout $(left) $FM evaluate --model reference --indexer $W/export --tasks $TASKS --lengths $LENGTHS \
-  --samples $SAMPLES --modes $MODES --workers $WORKERS --device $DEVICE --out $W/$EVAL "${resume[@]}" \
+  --samples $SAMPLES --modes $MODES --workers $WORKERS --device $DEVICE --out $W/$EVAL "${extra[@]}" "${resume[@]}" \
   > $OUT/evaluate.log 2>&1
 rc=$?
 echo "evaluate rc=$rc at $(( $(date +%s) - T0 )) s$([ $rc = 124 ] && echo ': out of time, resume in the next call')" \

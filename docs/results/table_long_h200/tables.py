@@ -3,7 +3,7 @@
 
     python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] > docs/results/table_long_h200/tables.md
 
-Every run of the given evaluation directories is read (their prompts must differ: one task and length lives in one
+Every run of the given evaluation directories is read (an unfinished one's runs.jsonl where it has no results.json) (their prompts must differ: one task and length lives in one
 directory); the summaries are recomputed from the runs (fm_eval.report.summarize: 95% intervals by a bootstrap over
 prompts, task by task; each mode against full on the same prompts). A control against LSA pairs the same prompts
 too. Goals (the issue's, on the tasks the directories hold): LSA within 1 point of full at 32K and 64K; LSA's CSA-KV
@@ -29,7 +29,11 @@ WITHIN = 1.0  # points: LSA at most this far below full
 def load_runs(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     runs, configs, seen = [], [], set()
     for d in dirs:
-        results = json.loads((d / "results.json").read_text())
+        if (d / "results.json").is_file():
+            results = json.loads((d / "results.json").read_text())
+        else:  # an evaluation cut by its time limit: the runs it finished, the config it was started with
+            results = {"complete": False, "config": json.loads((d / "config.json").read_text())["config"],
+                       "runs": [json.loads(line) for line in (d / "runs.jsonl").read_text().splitlines() if line]}
         configs.append({"dir": str(d), "complete": results.get("complete", True), **results["config"]})
         for r in results["runs"]:
             key = (r["task"], r["length"], r["index"], r["mode"])

@@ -1,0 +1,38 @@
+"""reference/needle_fetch.py against independent computations: the needle's entries against the tokens that spell
+the answer, the labels' vote against build-labels' own golden set."""
+
+from fm_eval.tasks import Sample
+from indexer_train.build_labels import LabelParams, label_generated
+from indexer_train.corpus import Document
+from lsa_runtime.backbone import csa_layers, default_memory_layers
+from reference.needle_fetch import label_side, needle_entries
+
+
+def test_needle_entries_are_the_entries_of_the_answers_tokens(backbone):
+    _, tokenizer = backbone
+    context = "x = 1\n" * 40 + "The special magic number for blue-fox is: 7391846.\n" + "y = 2\n" * 40
+    sample = Sample(task="niah_single_1", length=0, depth=0.5, seed=0, context=context,
+                    query="What is the special magic number for blue-fox?", answers=["7391846"])
+    ids = tokenizer(sample.prompt, add_special_tokens=True)["input_ids"]
+    entries = needle_entries(tokenizer, sample, ids, 4)
+    assert entries
+    # the text of those entries' tokens holds the answer; without the first or last entry it does not
+    assert "7391846" in tokenizer.decode(ids[4 * entries[0]: 4 * entries[-1] + 4])
+    assert "7391846" not in tokenizer.decode(ids[4 * entries[0] + 4: 4 * entries[-1] + 4])
+    assert "7391846" not in tokenizer.decode(ids[4 * entries[0]: 4 * entries[-1]])
+
+
+def test_the_labels_vote_agrees_with_build_labels_golden_set(backbone):
+    model, _ = backbone
+    tau, prompt = 8, list(range(5, 5 + 120))
+    layers = tuple(default_memory_layers(model.config))
+    params = LabelParams(layers=layers, tau=tau, min_votes=2, source="generate", new_tokens=tau).check(model.config)
+    rows, _, _ = label_generated(model, Document(id="d", index=0, text=None, input_ids=prompt), prompt, params)
+    first = [r for r in rows if r.position == len(prompt) - 1][0]
+    golden = set(first.positives.tolist())
+    visible = first.n_visible
+    assert 0 < len(golden) < visible and len(csa_layers(model.config)) >= 2
+    probe = sorted(golden)[:3] + [s for s in range(visible) if s not in golden][:3]
+    for s in probe:
+        view = label_side(model, prompt, [s], tau, 0.6, 512)
+        assert (view["max_votes"] >= 2) == (s in golden), s
