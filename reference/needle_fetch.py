@@ -52,24 +52,18 @@ def needle_entries(tokenizer, sample, ids: list[int], rate: int) -> list[int]:
 
 
 class WindowNuclei(IndexerObserver):
-    """Per CSA layer, for the query rows t0 .. t0 + tau - 1: the union of the native top-k picks and of the nucleus,
-    and per row the layers' nucleus masks (for the vote)."""
+    """Per CSA layer, for the query rows t0 .. t0 + tau - 1: each row's native top-k picks and its nucleus mask
+    (softmax over the picks' logits, mass p), kept chunk by chunk."""
 
     def __init__(self, t0: int, tau: int, p: float):
         self.lo, self.hi, self.p = t0, t0 + tau, p
         self.logits: dict[int, torch.Tensor] = {}
         self.picks: dict[int, list[torch.Tensor]] = {}
         self.nuclei: dict[int, list[torch.Tensor]] = {}
-        self.rows: list[int] = []
 
     def _rows(self, chunk) -> slice | None:
         lo, hi = max(self.lo, chunk.start), min(self.hi, chunk.start + chunk.length)
         return slice(lo - chunk.start, hi - chunk.start) if lo < hi else None
-
-    def on_chunk_start(self, chunk):
-        rows = self._rows(chunk)
-        if rows is not None:
-            self.rows.extend(range(chunk.start + rows.start, chunk.start + rows.stop))
 
     def on_logits(self, layer, chunk, logits):
         rows = self._rows(chunk)
