@@ -190,7 +190,9 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     rows = results["summary"]["modes"]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     # distinct markers and dashes: controls at one budget often coincide in footprint
-    style = {m: dict(marker=mk, linestyle=ls) for m, mk, ls in zip(MODES, "os^vDx", ("-", "--", "-.", ":", "-", "--"))}
+    # one color per mode, so a mode's total-KV line (dotted) matches its CSA-KV line
+    style = {m: dict(marker=mk, linestyle=ls, color=f"C{k}")
+             for k, (m, mk, ls) in enumerate(zip(MODES, "os^vDx", ("-", "--", "-.", ":", "-", "--")))}
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for mode in modes:

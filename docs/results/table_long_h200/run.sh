@@ -20,6 +20,14 @@
 #   run(timeout_s=600, carry=[".whl", "runs/labels_long/export"], command="EVAL=eval_top64 FETCH_TOP=64 CHUNK=4096
 #       LENGTHS=32k BUDGET=560 bash docs/results/table_long_h200/run.sh")
 #   (then EVAL=eval_top64_64k LENGTHS=64k; carry runs/labels_long/EVAL too in a later session)
+# Seventeenth session (2026-12-04): that table ran (MODES=full,lsa first, then the controls; RESULTS section 11, raw in
+# run2_fetch_top64/). Learned: carry runs/labels_long/$EVAL in every call, a warm machine may be gone by the next call
+# (one evaluation started again from nothing); resuming oracle runs decodes full again for its picks, 20 prompts per
+# cell before the first control run lands (a 229 s call at 64K finished none): give the 64K controls a whole call,
+#   run(timeout_s=600, carry=[".whl", "runs/labels_long/export", "runs/labels_long/eval_top64_64k"], command="EVAL=
+#       eval_top64_64k FETCH_TOP=64 CHUNK=4096 LENGTHS=64k BUDGET=560 bash docs/results/table_long_h200/run.sh")
+#   (runs/labels_long/eval_top64_64k: docs/results/table_long_h200/run2_fetch_top64/eval_64k's config.json and
+#   runs.jsonl copied there; eval_top64 likewise from eval_32k)
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps

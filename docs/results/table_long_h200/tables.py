@@ -1,14 +1,15 @@
 """The table that opens docs/RESULTS.md (issue 20 section 4): LSA against full and the controls at long range, from
 `fm-index evaluate`'s results.json (table_long_h200/run.sh), and the issue's goals judged from it.
 
-    python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] > docs/results/table_long_h200/tables.md
+    python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] [--plots DIR] > .../tables.md
 
 Every run of the given evaluation directories is read (an unfinished one's runs.jsonl where it has no results.json;
 their prompts must differ: one task and length lives in one directory); the summaries are recomputed from the runs (fm_eval.report.summarize: 95% intervals by a bootstrap over
 prompts, task by task; each mode against full on the same prompts). A control against LSA pairs the same prompts
 too. Goals (the issue's, on the tasks the directories hold): LSA within 1 point of full at 32K and 64K; LSA's CSA-KV
 ratio <= 15% at 32K and <= 10% at 64K; recent and random at LSA's budget clearly below LSA (the interval of their
-paired difference below 0).
+paired difference below 0). ``--plots DIR`` also draws the issue's two plots over all the directories' runs together
+(fm_eval.report.write_plots: accuracy vs CSA-KV footprint per mode; footprint vs context length).
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ def load_runs(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     for d in dirs:
         if (d / "results.json").is_file():
             results = json.loads((d / "results.json").read_text())
-        else:  # an evaluation cut by its time limit: the runs it finished, the config it was started with
-            results = {"complete": False, "config": json.loads((d / "config.json").read_text())["config"],
-                       "runs": [json.loads(line) for line in (d / "runs.jsonl").read_text().splitlines() if line]}
+        else:  # the runs.jsonl alone (e.g. an evaluation cut by its time limit): complete when it holds every run
+            config = json.loads((d / "config.json").read_text())["config"]
+            records = [json.loads(line) for line in (d / "runs.jsonl").read_text().splitlines() if line]
+            wanted = {(t, n, i, m) for t in config["tasks"] for n in config["lengths"] for i in range(config["samples"])
+                      for m in config["modes"]}
+            done = {(r["task"], r["length"], r["index"], r["mode"]) for r in records}
+            results = {"complete": wanted <= done, "config": config, "runs": records}
         configs.append({"dir": str(d), "complete": results.get("complete", True), **results["config"]})
         for r in results["runs"]:
             key = (r["task"], r["length"], r["index"], r["mode"])
@@ -115,10 +120,25 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    dirs = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args = list(sys.argv[1:] if argv is None else argv)
+    plots = None
+    if "--plots" in args:
+        at = args.index("--plots")
+        if at + 1 >= len(args):
+            raise SystemExit("--plots needs a directory")
+        plots = Path(args.pop(at + 1))
+        args.pop(at)
+    dirs = [Path(a) for a in args]
     if not dirs:
-        raise SystemExit("usage: tables.py EVAL_DIR [EVAL_DIR ...] (each holds an fm-index evaluate results.json)")
-    print_tables(*load_runs(dirs))
+        raise SystemExit("usage: tables.py EVAL_DIR [EVAL_DIR ...] [--plots DIR] (each EVAL_DIR holds an fm-index "
+                         "evaluate results.json or runs.jsonl)")
+    runs, configs = load_runs(dirs)
+    print_tables(runs, configs)
+    if plots is not None:
+        from fm_eval.report import write_plots
+
+        plots.mkdir(parents=True, exist_ok=True)
+        write_plots({"summary": summarize(runs)}, plots)
 
 
 if __name__ == "__main__":
