@@ -23,7 +23,9 @@ The same resident budget: in each cell ``lsa`` runs first; the mean number of en
 Output in ``out``: ``runs.jsonl`` (one line per decoded sample and mode, appended as they finish, so an
 interrupted run resumes), ``config.json``, ``results.json`` (every run plus the summaries), ``results.md``
 (accuracy per task and length, footprint ratio, bytes moved and tokens/s per mode) and two plots
-(``accuracy_vs_footprint.png``, ``footprint_vs_length.png``), written by :mod:`fm_eval.report`.
+(``accuracy_vs_footprint.png``, ``footprint_vs_length.png``), written by :mod:`fm_eval.report`; with oracle among
+the modes, ``picks/``: the full runs' native top-k picks (:mod:`fm_eval.picks_store`), so a resumed oracle run
+replays them instead of decoding full again.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from lsa_runtime.placement import parse_device_map
 from lsa_runtime.policies import make_policy, record_native_picks
 
 from . import MODES
+from .picks_store import load_picks, picks_path, save_picks
 from .report import markdown_report, summarize, write_plots
 from .tasks import (
     DEFAULT_HAYSTACK_PACKAGES,
@@ -404,10 +407,15 @@ class Evaluation:
         plain_full = []  # full runs whose native picks no oracle needs: decoded as a batch below
         for i, sample in enumerate(samples):  # full first: the oracle replays its native top-k picks
             need_picks = any(todo(m, i) for m in NEEDS_FULL_PICKS if m in cfg.modes)
-            if need_picks:
+            stored = picks_path(self.out, task, length, i)
+            full_todo = "full" in cfg.modes and todo("full", i)
+            if need_picks and not full_todo and (kept := load_picks(stored, prompt_digest(sample))) is not None:
+                picks[i] = kept  # decoded by an earlier call of this evaluation: no full decode again
+            elif need_picks:
                 self.reporter.phase(f"{task} @ {length:,}: full")
                 record, picks[i] = self._decode(sample, i, "full", None, max_new, want_picks=True)
-                if "full" in cfg.modes and todo("full", i):
+                save_picks(stored, picks[i], prompt_digest(sample))
+                if full_todo:
                     self._append(record)
             elif "full" in cfg.modes and todo("full", i):
                 plain_full.append(i)
@@ -550,6 +558,7 @@ def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter
 def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int, batch: int = 1,
                  static_decode: bool | None = None, static_compile: bool = False) -> None:
     """One worker process: load the backbone (and indexer), decode ``cells``, append runs to out/runs.jsonl."""
+    exit_with_parent(os.getppid())
     torch.set_num_threads(threads)
     evaluation = Evaluation(config, out, resume=True, batch=batch, static_decode=static_decode,
                             static_compile=static_compile)
@@ -557,6 +566,22 @@ def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], thr
     evaluation._load()
     for task, length in cells:
         evaluation._run_cell(task, length)
+
+
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:
+    """End this process when ``parent_pid`` is no longer its parent. A worker outlives an evaluate process that is
+    killed (``timeout``'s SIGTERM, SIGKILL: no ``finally`` runs) and would go on appending to runs.jsonl without the
+    directory's lock, into whatever evaluation takes that path next; a daemon thread checks every ``interval``
+    seconds. A line cut by the exit is dropped on resume (``_read_runs``)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def indexer_digest(source: str | Path) -> str:

@@ -140,7 +140,8 @@ class OraclePolicy(ResidentPolicy):
     decoding follows the recorded tokens (greedy).
 
     ``picks_by_position[t]``: int64 entry indices picked for the query at position t (all CSA layers).
-    ``budget`` keeps the entries picked most often (by most layers and queries), ties to the more recent.
+    ``budget`` keeps the entries picked by the most queries of the window (each query's picks are one union over the
+    CSA layers, so a layer count does not weigh in), ties to the more recent.
     """
 
     name = "oracle"

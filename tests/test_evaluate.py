@@ -403,3 +403,38 @@ def test_static_decode_evaluation_records_what_the_default_path_does(backbone, e
                 assert a["stats"]["csa_kv_ratio"] <= b["stats"]["csa_kv_ratio"]
             else:
                 assert a["stats"]["csa_kv_ratio"] == b["stats"]["csa_kv_ratio"]
+
+
+def test_a_worker_ends_when_its_evaluate_process_is_killed():
+    """exit_with_parent: a process started like an evaluation worker stops within seconds of its parent's SIGKILL
+    (no finally of the parent runs), instead of decoding on into the output directory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child_code = ("import os, sys, time; from fm_eval.runner import exit_with_parent; "
+                  "exit_with_parent(os.getppid(), interval=0.1); print(os.getpid(), flush=True); time.sleep(60)")
+    parent_code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', {child_code!r}], "
+                   "stdout=sys.stdout); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    child = int(parent.stdout.readline())
+    time.sleep(0.5)
+    os.kill(child, 0)  # alive while its parent is
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def ended() -> bool:  # gone, or a zombie nobody reaped yet (a container's init may not)
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+
+    deadline = time.time() + 10
+    while time.time() < deadline and not ended():
+        time.sleep(0.1)
+    if not ended():
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the worker outlived its parent")
