@@ -167,3 +167,21 @@ def test_long_table_is_the_raw_outputs(monkeypatch):
     first, final = runs(REPO / raw / "call1_32k_full_lsa_runs.jsonl.gz"), runs(REPO / raw / "eval_32k/runs.jsonl")
     same = {m: sum(first[k]["prediction"] == final[k]["prediction"] for k in first if k[3] == m) for m in ("full", "lsa")}
     assert same == {"full": 77, "lsa": 80}
+
+
+def test_short_end_table_is_the_raw_outputs(monkeypatch):
+    """Section 11's 2K-4K table (the same export and floor, CPU): tables.py's output on the stored runs."""
+    raw = "docs/results/short_end_top64_cpu"
+    spec = importlib.util.spec_from_file_location("tables_short", REPO / "docs/results/table_long_h200/tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(REPO)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main([raw])
+    assert (REPO / raw / "tables.md").read_text() == out.getvalue()
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11.")
+    rows = [line for line in out.getvalue().splitlines() if line.startswith(("| 2,048 |", "| 4,096 |"))]
+    assert len(rows) == 6
+    for line in rows:
+        assert line in section, line
