@@ -27,7 +27,10 @@
 #   run(timeout_s=600, carry=[".whl", "runs/labels_long/export", "runs/labels_long/eval_top64_64k"], command="EVAL=
 #       eval_top64_64k FETCH_TOP=64 CHUNK=4096 LENGTHS=64k BUDGET=560 bash docs/results/table_long_h200/run.sh")
 #   (runs/labels_long/eval_top64_64k: docs/results/table_long_h200/run2_fetch_top64/eval_64k's config.json and
-#   runs.jsonl copied there; eval_top64 likewise from eval_32k)
+#   runs.jsonl copied there; eval_top64 likewise from eval_32k). Since 043548d an evaluation keeps the full runs'
+#   native picks in picks/, so a cut oracle cell resumes without decoding full again: carry the directory whole.
+# Then, each a new EVAL: LENGTHS=16k (all modes); TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
+# LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents); MODES=full,lsa,hisparse at 32K.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
