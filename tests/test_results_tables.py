@@ -185,3 +185,20 @@ def test_short_end_table_is_the_raw_outputs(monkeypatch):
     assert len(rows) == 6
     for line in rows:
         assert line in section, line
+
+
+def test_limitations_table_is_the_raw_outputs():
+    """Section 11's limitations table: its script's output on the stored runs, row for row in the section."""
+    raw = REPO / "docs/results/limits_16k_cpu"
+    spec = importlib.util.spec_from_file_location("tables_limits", raw / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main([str(raw)])
+    assert (raw / "tables.md").read_text() == out.getvalue()
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11.")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 + 6
+    for line in lines:
+        assert line in section, line
