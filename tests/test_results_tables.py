@@ -202,3 +202,9 @@ def test_limitations_table_is_the_raw_outputs():
     assert len(lines) == 2 + 6
     for line in lines:
         assert line in section, line
+    out = io.StringIO()  # the release's rule alone (no floor) on the context-independent prompts
+    with contextlib.redirect_stdout(out):
+        module.main([str(raw / "release_rule")])
+    assert (raw / "release_rule/tables.md").read_text() == out.getvalue()
+    (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| context_independent")]
+    assert f"  {row}" in section
