@@ -4,15 +4,17 @@ memory: common / frequent words; no useful context: context-independent prompts)
     python docs/results/limits_16k_cpu/tables.py docs/results/limits_16k_cpu > docs/results/limits_16k_cpu/tables.md
 
 Per task and mode: n, accuracy (RULER's string match, %), the CSA-KV and total KV ratios (device / full, means over
-the prompts), and the compressed entries resident per trigger against the visible ones (means).
+the prompts; fm_eval.report.summarize's cells), and the compressed entries resident per trigger against the visible
+ones (means).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
+
+from fm_eval.report import summarize
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,17 +22,15 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: tables.py EVAL_DIR (an fm-index evaluate directory with runs.jsonl)")
     runs = [json.loads(line) for line in (Path(args[0]) / "runs.jsonl").read_text().splitlines() if line]
-    cells = defaultdict(list)
-    for r in runs:
-        cells[(r["task"], r["length"], r["mode"])].append(r)
-    mean = lambda rs, key: sum(r["stats"][key] for r in rs) / len(rs)  # noqa: E731
     print("| task | length | mode | n | accuracy % | CSA-KV ratio | total KV ratio | resident entries / visible |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-    for (task, length, mode), rs in sorted(cells.items()):
-        accuracy = 100 * sum(r["score"] for r in rs) / len(rs)
-        print(f"| {task} | {length:,} | {mode} | {len(rs)} | {accuracy:.1f} | {mean(rs, 'csa_kv_ratio'):.3f} "
-              f"| {mean(rs, 'footprint_ratio'):.3f} | {mean(rs, 'resident_entries'):,.1f} / "
-              f"{mean(rs, 'csa_entries'):,.1f} |")
+    for c in sorted(summarize(runs)["cells"], key=lambda c: (c["task"], c["length"], c["mode"])):
+        # resident entries are the one figure the report's cells do not average
+        resident = [r["stats"]["resident_entries"] for r in runs
+                    if (r["task"], r["length"], r["mode"]) == (c["task"], c["length"], c["mode"])]
+        print(f"| {c['task']} | {c['length']:,} | {c['mode']} | {c['n']} | {c['accuracy']:.1f} "
+              f"| {c['csa_kv_ratio']:.3f} | {c['footprint_ratio']:.3f} | {sum(resident) / len(resident):,.1f} / "
+              f"{c['csa_entries']:,.1f} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ together (fm_eval.report.write_plots: accuracy vs CSA-KV footprint per mode; foo
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -121,18 +120,14 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    plots = None
-    if "--plots" in args:
-        at = args.index("--plots")
-        if at + 1 >= len(args):
-            raise SystemExit("--plots needs a directory")
-        plots = Path(args.pop(at + 1))
-        args.pop(at)
-    dirs = [Path(a) for a in args]
-    if not dirs:
-        raise SystemExit("usage: tables.py EVAL_DIR [EVAL_DIR ...] [--plots DIR] (each EVAL_DIR holds an fm-index "
-                         "evaluate results.json or runs.jsonl)")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The long table and issue 20's goals from evaluate directories.")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="EVAL_DIR",
+                        help="an fm-index evaluate directory (results.json, or config.json and runs.jsonl)")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="also draw the two plots into DIR")
+    args = parser.parse_args(argv)
+    dirs, plots = args.dirs, args.plots
     runs, configs = load_runs(dirs)
     print_tables(runs, configs)
     if plots is not None:
