@@ -129,6 +129,7 @@ def fetch_side(session_factory, ids: list[int], needle: list[int]) -> dict:
 
 
 def main(argv=None):
+    from fm_eval.runner import prompt_digest
     from fm_eval.tasks import generate_samples
     from lsa_runtime.backbone import load_backbone
     from lsa_runtime.config import SessionConfig
@@ -142,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--task", default="niah_single_1")
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--n", type=int, default=2, help="prompts (fm-index evaluate's first n at this length)")
+    parser.add_argument("--indices", default=None, help="these prompts instead of the first n, e.g. 1,4 (indices in "
+                        "fm-index evaluate's runs.jsonl)")
     parser.add_argument("--samples", type=int, default=20, help="fm-index evaluate's --samples (sets the depths)")
     parser.add_argument("--seed", type=int, default=0, help="fm-index evaluate's --seed (0: its prompts; check a "
                         "change on another seed, not on the prompts it is to be judged on)")
@@ -154,6 +157,12 @@ def main(argv=None):
     parser.add_argument("--fetch-only", action="store_true", help="skip the labels' run (half the time)")
     parser.add_argument("--out", type=Path, help="JSON lines, one per prompt")
     args = parser.parse_args(argv)
+    try:
+        indices = sorted({int(x) for x in args.indices.split(",")}) if args.indices else list(range(args.n))
+    except ValueError:
+        parser.error(f"--indices {args.indices!r}: give prompt indices separated by commas, e.g. 1,4")
+    if any(not 0 <= i < args.samples for i in indices):
+        parser.error(f"--indices {args.indices}: each index must lie in 0..{args.samples - 1} (--samples)")
     if not (args.indexer / "lsa_config.json").is_file():
         parser.error(f"--indexer {args.indexer} is not an fm-index export (no lsa_config.json)")
     model, tokenizer = load_backbone(args.model, device=args.device, dtype="float32")
@@ -166,12 +175,14 @@ def main(argv=None):
         return Session(model, tokenizer, config, policy=policy), policy
 
     rate, tau = csa_rate(model.config), indexer.config.tau
-    samples = generate_samples(args.task, tokenizer, args.length, args.samples, seed=args.seed)[: args.n]
-    for i, sample in enumerate(samples):
+    samples = generate_samples(args.task, tokenizer, args.length, args.samples, seed=args.seed)
+    for i in indices:
+        sample = samples[i]
         t = time.time()
         ids = tokenizer(sample.prompt, add_special_tokens=True)["input_ids"]
         needle = needle_entries(tokenizer, sample, ids, rate)
-        row = {"task": args.task, "length": args.length, "seed": args.seed, "index": i, "answers": sample.answers,
+        row = {"task": args.task, "length": args.length, "seed": args.seed, "index": i, "prompt_sha": prompt_digest(sample),
+               "answers": sample.answers,
                "needle": needle,
                "fetch_top": config.fetch_top,
                "fetch": fetch_side(session_factory, ids, needle)}

@@ -36,3 +36,15 @@ def test_the_labels_vote_agrees_with_build_labels_golden_set(backbone):
     for s in probe:
         view = label_side(model, prompt, [s], tau, 0.6, 512)
         assert (view["max_votes"] >= 2) == (s in golden), s
+
+
+def test_bad_indices_exit_2_before_any_model_is_loaded(tmp_path, capsys):
+    import pytest
+
+    from reference.needle_fetch import main
+
+    for bad, says in (("3,x", "separated by commas"), ("20", "0..19")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--indexer", str(tmp_path), "--indices", bad])  # tmp_path is no export either: indices come first
+        assert exit_.value.code == 2
+        assert says in capsys.readouterr().err

@@ -135,8 +135,9 @@ def test_section10_release_rule_rows_are_the_runs():
 
 def test_long_table_is_the_raw_outputs(monkeypatch):
     """The table RESULTS.md opens with and section 11's per-task table: what tables.py computes from the stored
-    runs of the two evaluations (byte for byte its stored tables.md); the reproduction claim of section 11: call 1's
-    LSA answers equal the table's on all 80 prompts at 32K, full's on 77."""
+    runs of the three evaluations (byte for byte its stored tables.md); the reproduction claim of section 11: call 1's
+    LSA answers equal the table's on all 80 prompts at 32K, full's on 77; the oracle's and LSA's paired difference at
+    64K that the opening states."""
     import gzip
     import json
 
@@ -147,24 +148,26 @@ def test_long_table_is_the_raw_outputs(monkeypatch):
     monkeypatch.chdir(REPO)  # tables.md names the directories as given
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        module.main([f"{raw}/eval_32k", f"{raw}/eval_64k"])
+        module.main([f"{raw}/eval_16k", f"{raw}/eval_32k", f"{raw}/eval_64k"])
     assert (REPO / raw / "tables.md").read_text() == out.getvalue()
     text = (REPO / "docs/RESULTS.md").read_text()
     opening, section = _section(text, "## The long table"), _section(text, "## 11.")
     lines = [line for line in out.getvalue().splitlines() if line.startswith("| ")]
-    assert len(lines) == 2 + 7 + 2 + 8  # modes x lengths that ran; tasks x lengths
-    for line in lines[:9]:
+    assert len(lines) == 2 + 15 + 2 + 12  # modes x lengths that ran; tasks x lengths
+    for line in lines[:17]:
         assert line in opening, line
-    for line in lines[9:]:
+    for line in lines[17:]:
         assert line in section, line
     assert "within 1 point of full **met**" in out.getvalue() and "within 1 point of full **not met**" in out.getvalue()
+    assert "- 65,536: +15.4 points [8.3, 22.9] over 80 pairs" in out.getvalue()
+    assert "**15.4 [8.3, 22.9] above LSA** on the same 80 prompts" in opening
 
     def runs(path):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as f:
             return {(r["task"], r["length"], r["index"], r["mode"]): r for r in map(json.loads, f)}
 
-    first, final = runs(REPO / raw / "call1_32k_full_lsa_runs.jsonl.gz"), runs(REPO / raw / "eval_32k/runs.jsonl")
+    first, final = runs(REPO / raw / "call1_32k_full_lsa_runs.jsonl.gz"), runs(REPO / raw / "eval_32k/runs.jsonl.gz")
     same = {m: sum(first[k]["prediction"] == final[k]["prediction"] for k in first if k[3] == m) for m in ("full", "lsa")}
     assert same == {"full": 77, "lsa": 80}
 

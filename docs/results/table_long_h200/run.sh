@@ -29,8 +29,16 @@
 #   (runs/labels_long/eval_top64_64k: docs/results/table_long_h200/run2_fetch_top64/eval_64k's config.json and
 #   runs.jsonl copied there; eval_top64 likewise from eval_32k). Since 043548d an evaluation keeps the full runs'
 #   native picks in picks/, so a cut oracle cell resumes without decoding full again: carry the directory whole.
-# Then, each a new EVAL: LENGTHS=16k (all modes); TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
-# LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents); MODES=full,lsa,hisparse at 32K.
+# Eighteenth session (2026-12-04): the 64K controls (two calls), 16K all modes (EVAL=eval_top64_16k, one call of 296 s)
+# and 2 of 32K's 27 missing control runs (RESULTS section 11; raw eval_16k / eval_64k / eval_32k, runs.jsonl.gz).
+# Left at 32K: random on 5 multi-value prompts and the oracle on multi-value; their full picks are in picks/ of the
+# local runs/labels_long/eval_top64 (not in git: carry that directory, or copy config.json and gunzip runs.jsonl.gz
+# from run2_fetch_top64/eval_32k there and let the oracle decode full again, ~130 s):
+#   run(timeout_s=600, carry=[".whl", "runs/labels_long/export", "runs/labels_long/eval_top64"], command="EVAL=
+#       eval_top64 FETCH_TOP=64 CHUNK=4096 LENGTHS=32k BUDGET=300 bash docs/results/table_long_h200/run.sh")
+# Then, each a new EVAL: LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents; 32K -> 64K doubled
+# the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first); TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
+# MODES=full,lsa,hisparse at 32K.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
@@ -55,8 +63,11 @@ MODES=${MODES:-full,lsa,recent,random,oracle} SAMPLES=${SAMPLES:-20} WORKERS=${W
 EVAL=${EVAL:-eval}
 # FETCH_TOP: lsa's floor, each memory layer's N best-scored entries fetched whatever their score (empty: the export's,
 # 0); CHUNK: the prefill chunk in tokens (512 as the first evaluation; larger chunks launch fewer kernels)
-FETCH_TOP=${FETCH_TOP:-} CHUNK=${CHUNK:-512}
-extra=(--chunk-size $CHUNK); [ -n "$FETCH_TOP" ] && extra+=(--fetch-top $FETCH_TOP)
+# KEEP_RECENT: lsa's recency tail in entries (empty: the export's, 256); SEED: the prompts' seed (0: the table's; 1
+# for a check on prompts the table does not use)
+FETCH_TOP=${FETCH_TOP:-} CHUNK=${CHUNK:-512} KEEP_RECENT=${KEEP_RECENT:-} SEED=${SEED:-0}
+extra=(--chunk-size $CHUNK --seed $SEED); [ -n "$FETCH_TOP" ] && extra+=(--fetch-top $FETCH_TOP)
+[ -n "$KEEP_RECENT" ] && extra+=(--keep-recent $KEEP_RECENT)
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \

@@ -3,18 +3,19 @@
 
     python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] [--plots DIR] > .../tables.md
 
-Every run of the given evaluation directories is read (an unfinished one's runs.jsonl where it has no results.json;
-their prompts must differ: one task and length lives in one directory); the summaries are recomputed from the runs
+Every run of the given evaluation directories is read (an unfinished one's runs.jsonl, or runs.jsonl.gz as stored
+under docs/results/, where it has no results.json; their prompts must differ: one task and length lives in one directory); the summaries are recomputed from the runs
 (fm_eval.report.summarize: 95% intervals by a bootstrap over prompts, task by task; each mode against full on the
 same prompts). A control against LSA pairs the same prompts too. Goals (the issue's, on the tasks the directories
 hold): LSA within 1 point of full at every length (the issue names 32K and 64K, and 2K-4K for the short end); LSA's
 CSA-KV ratio <= 15% at 32K and <= 10% at 64K; recent and random at LSA's budget clearly below LSA (the interval of
-their paired difference below 0). ``--plots DIR`` also draws the issue's two plots over all the directories' runs
+their paired difference below 0); then the headroom: the oracle against LSA, paired. ``--plots DIR`` also draws the issue's two plots over all the directories' runs
 together (fm_eval.report.write_plots: accuracy vs CSA-KV footprint per mode; footprint vs context length).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -34,7 +35,9 @@ def load_runs(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
             results = json.loads((d / "results.json").read_text())
         else:  # the runs.jsonl alone (e.g. an evaluation cut by its time limit): complete when it holds every run
             config = json.loads((d / "config.json").read_text())["config"]
-            records = [json.loads(line) for line in (d / "runs.jsonl").read_text().splitlines() if line]
+            plain = d / "runs.jsonl"
+            with (open(plain) if plain.is_file() else gzip.open(d / "runs.jsonl.gz", "rt")) as f:
+                records = [json.loads(line) for line in f if line.strip()]
             wanted = {(t, n, i, m) for t in config["tasks"] for n in config["lengths"] for i in range(config["samples"])
                       for m in config["modes"]}
             done = {(r["task"], r["length"], r["index"], r["mode"]) for r in records}
@@ -117,6 +120,15 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
             print(f"- {length:,}: {control} at LSA's budget {vs['difference']:+.1f} points against LSA "
                   f"{format_interval(vs['interval'])} over {vs['pairs']} pairs: clearly below LSA "
                   f"**{'yes' if vs['interval'][1] < 0 else 'no'}**")
+    headroom = [(length, paired_summary(by[("oracle", length)], by[("lsa", length)])) for length in lengths
+                if ("oracle", length) in by and ("lsa", length) in by]
+    if headroom:
+        print()
+        print("Headroom (not a goal): the oracle, full's own native picks capped at LSA's budget, against LSA on the "
+              "same prompts:")
+        for length, vs in headroom:
+            print(f"- {length:,}: {vs['difference']:+.1f} points {format_interval(vs['interval'])} over {vs['pairs']} "
+                  f"pairs")
 
 
 def main(argv: list[str] | None = None) -> None:
