@@ -51,6 +51,11 @@ KEEP_RECENT_HELP = ("lsa: the recency tail, the newest entries kept resident at 
 KEEP_FIRST_HELP = "lsa: the sink, the first entries kept resident at every trigger (default: the export's, 0)."
 FETCH_TOP_HELP = ("lsa: a floor under the threshold, each memory layer's N best-scored entries fetched whatever "
                   "their score (default: the export's, 0 = the threshold alone, as the authors' release).")
+PAGE_SIZE_HELP = ("lsa: page recall, as the release deploys it: fetch whole pages of N entries, the --max-pages "
+                  "that hold the recency tail, the sink or the most selected entries (0, the default: single "
+                  "entries). The release: 64 entries a page on V4-Flash.")
+MAX_PAGES_HELP = ("lsa, with --page-size: how many pages stay resident at each trigger, tail and sink pages "
+                  "included (the release: 96 at 256K on V4-Flash).")
 ENSEMBLE_HELP = ("lsa: how the memory layers' scores combine before the threshold: max (the OR rule) or mean "
                  "(default: the export's, max).")
 _IN_PIPELINE = False  # set by `fm-index pipeline` while it runs its steps: the steps then print no next-step hints
@@ -512,6 +517,8 @@ def generate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
+    page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
+    max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
@@ -549,7 +556,8 @@ def generate_command(
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
                            keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top,
-                           pool_storage=pool_storage, static_decode=static_decode, static_compile=static_compile)
+                           page_size=page_size, max_pages=max_pages, pool_storage=pool_storage,
+                           static_decode=static_decode, static_compile=static_compile)
     if device is not None and device_map is not None:
         raise FmIndexError("give --device or --device-map, not both")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
@@ -620,6 +628,8 @@ def evaluate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
+    page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
+    max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch; "
@@ -652,7 +662,8 @@ def evaluate_command(
         device=device or _default_device(), device_map=device_map, dtype=dtype, haystack_packages=packages, tau=tau,
         threshold=threshold,
         budget=budget, chunk_size=chunk_size, prefetch_steps=prefetch_steps, keep_recent=keep_recent,
-        keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, pool_storage=pool_storage).check()
+        keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, page_size=page_size, max_pages=max_pages,
+        pool_storage=pool_storage).check()
     for flag, value in (("--workers", workers), ("--batch", batch)):  # before the progress bar
         if value < 1:
             raise FmIndexError(f"{flag} must be an integer >= 1, got {value}")

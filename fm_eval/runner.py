@@ -67,7 +67,7 @@ NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
-                     "ensemble", "pool_storage", "fetch_top")
+                     "ensemble", "pool_storage", "fetch_top", "page_size", "max_pages")
 
 
 class EvaluationError(FmIndexError):
@@ -100,6 +100,8 @@ class EvalConfig:
     pool_storage: str = "model"  # the cold pool's host rows: model dtype or fp8 (SessionConfig.pool_storage)
     ensemble: str | None = None  # lsa's combination of the memory layers' scores: max or mean (None: the export's)
     fetch_top: int | None = None  # lsa's floor: each memory layer's best-scored entries fetched (None: the export's)
+    page_size: int = 0  # lsa's page recall: whole pages of this many entries (0: single entries)
+    max_pages: int = 0  # ... and how many pages stay resident
 
     def check(self) -> "EvalConfig":
         modes = parse_modes(self.modes)
@@ -123,7 +125,8 @@ class EvalConfig:
         if not self.haystack_packages:
             raise EvaluationError("no haystack package given")
         SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble,
-                      pool_storage=self.pool_storage, fetch_top=self.fetch_top, chunk_size=self.chunk_size)
+                      pool_storage=self.pool_storage, fetch_top=self.fetch_top, chunk_size=self.chunk_size,
+                      page_size=self.page_size, max_pages=self.max_pages)
         parse_device(self.device)
         if self.device_map is not None:
             parse_device_map(self.device_map, load_config(self.model))
@@ -138,6 +141,8 @@ class EvalConfig:
             del blob["prefetch_steps"]
         if blob["pool_storage"] == "model":  # likewise
             del blob["pool_storage"]
+        if not blob["page_size"]:  # likewise: single entries, as before page recall
+            del blob["page_size"], blob["max_pages"]
         for key in ("keep_recent", "keep_first", "ensemble", "fetch_top"):  # likewise for the export's defaults
             if blob[key] is None:
                 del blob[key]
@@ -455,6 +460,7 @@ class Evaluation:
                              tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, fetch_top=cfg.fetch_top,
+                             page_size=cfg.page_size, max_pages=cfg.max_pages,
                              pool_storage=cfg.pool_storage,
                              budget=budget)
 

@@ -51,6 +51,15 @@ def check_count(value, what: str) -> int:
     return int(value)
 
 
+def check_pages(page_size, max_pages) -> tuple[int, int]:
+    """Page recall's (page_size, max_pages): both > 0 (on) or both 0 (off)."""
+    page_size, max_pages = check_count(page_size, "page_size"), check_count(max_pages, "max_pages")
+    if bool(page_size) != bool(max_pages):
+        raise SessionError(f"page recall needs both page_size (--page-size) and max_pages (--max-pages) > 0, or "
+                           f"neither; got {page_size} and {max_pages}")
+    return page_size, max_pages
+
+
 ENSEMBLES = ("max", "mean")  # how the memory layers' scores combine: OR of thresholds (max) or their mean
 
 
@@ -100,6 +109,10 @@ class SessionConfig:
     * ``fetch_top`` (mode lsa; None: the export's, 0 unless it was exported with one): a floor under the
       threshold, each memory layer's ``fetch_top`` best-scored entries fetched whatever their score (the release
       has none: its threshold alone; docs/RESULTS.md, section 10, shows a needle scored below it at 32K);
+    * ``page_size`` / ``max_pages`` (mode lsa; 0 / 0: off, single entries): page recall as the release deploys it,
+      the resident set is every entry of the ``max_pages`` pages of ``page_size`` entries that hold the recency tail
+      or the sink or the most selected entries (:class:`~.policies.MemoryIndexerPolicy`); not with a ``budget`` in
+      mode lsa; the other modes ignore it;
     * ``pool_storage``: how the cold pool holds entries on the host: ``model`` (the model's dtype, exact) or
       ``fp8`` (e4m3 with one power-of-two scale per 64 values, stored as fp32: 0.53x of bf16 host memory, fetched
       rows rounded to e4m3);
@@ -141,6 +154,8 @@ class SessionConfig:
     keep_first: int | None = None
     ensemble: str | None = None
     fetch_top: int | None = None
+    page_size: int = 0
+    max_pages: int = 0
     pool_storage: str = "model"
     max_batch: int = 8
     static_decode: bool | None = None
@@ -172,6 +187,11 @@ class SessionConfig:
                 object.__setattr__(self, name, check_count(getattr(self, name), name))
         if self.ensemble is not None:
             check_ensemble(self.ensemble)
+        page_size, max_pages = check_pages(self.page_size, self.max_pages)
+        object.__setattr__(self, "page_size", page_size)
+        object.__setattr__(self, "max_pages", max_pages)
+        if page_size and self.mode == "lsa" and self.budget is not None:
+            raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")
         if self.pool_storage not in POOL_STORAGE:
             raise SessionError(f"pool_storage (--pool-storage) must be 'model' or 'fp8', got {self.pool_storage!r}")
         if self.memory_keys not in MEMORY_KEYS:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import SessionConfig, SessionError, check_budget, check_count, check_ensemble, check_threshold
+from .config import (SessionConfig, SessionError, check_budget, check_count, check_ensemble, check_pages,
+                     check_threshold)
 
 
 @dataclass
@@ -185,12 +186,21 @@ class MemoryIndexerPolicy(ResidentPolicy):
     fixed absolute threshold fetches almost nothing where the scores run low, as on prompts unlike the training
     documents (docs/RESULTS.md, section 10). ``budget`` caps the set: the tail and the sink stay, and of the
     other selected entries (floor included) those with the highest E fill the rest.
+
+    Page recall (``page_size`` P > 0 and ``max_pages`` K > 0; the release's deployment, ``SGLANG_PATHP_PAGE_RECALL``):
+    the entries are cut into pages of P (page p holds p*P .. p*P + P - 1), a page's score is how many of its
+    entries the rule above selects (threshold, and the floor when on), the pages holding the recency tail or the
+    sink rank first, and the resident set is every entry of the K best pages (ties to the more recent page; pages
+    that select nothing fill the rest, as the release's top-K does). Selected entries outside those pages stay in
+    the cold pool. Whole pages bring the entries around each selected one (a needle's key phrase beside its
+    value, docs/RESULTS.md section 11) and make fetches contiguous.
     """
 
     name = "lsa"
 
     def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None, keep_recent: int = 0,
-                 keep_first: int = 0, ensemble: str = "max", fetch_top: int = 0):
+                 keep_first: int = 0, ensemble: str = "max", fetch_top: int = 0, page_size: int = 0,
+                 max_pages: int = 0):
         self.memory_indexer = memory_indexer
         self.threshold = check_threshold(threshold)
         self.budget = check_budget(budget)
@@ -198,6 +208,9 @@ class MemoryIndexerPolicy(ResidentPolicy):
                                                                                                 "keep_first")
         self.ensemble = check_ensemble(ensemble)
         self.fetch_top = check_count(fetch_top, "fetch_top")
+        self.page_size, self.max_pages = check_pages(page_size, max_pages)
+        if self.page_size and self.budget is not None:
+            raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")
         self.memory_layers = tuple(int(x) for x in memory_indexer.config.layers)
 
     def select(self, state: TriggerState) -> torch.Tensor:
@@ -219,6 +232,8 @@ class MemoryIndexerPolicy(ResidentPolicy):
         forced = torch.zeros(n, dtype=torch.bool, device=selected.device)
         forced[max(0, n - self.keep_recent):] = True
         forced[: min(self.keep_first, n)] = True
+        if self.page_size:
+            return self._pages(selected, forced)
         keep = selected | forced
         if self.budget is not None and int(keep.sum()) > self.budget:
             extra = torch.nonzero(selected & ~forced).reshape(-1)
@@ -227,8 +242,23 @@ class MemoryIndexerPolicy(ResidentPolicy):
             keep[extra[scores[extra].topk(min(room, extra.numel())).indices]] = True
         return torch.nonzero(keep).reshape(-1).cpu()
 
+    def _pages(self, selected: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """Every entry of the ``max_pages`` pages that hold the tail or the sink or the most selected entries."""
+        n, size = selected.numel(), self.page_size
+        n_pages = -(-n // size)
+        pad = n_pages * size - n
+        counts = torch.nn.functional.pad(selected.float(), (0, pad)).reshape(n_pages, size).sum(1).double().cpu()
+        held = torch.nn.functional.pad(forced.float(), (0, pad)).reshape(n_pages, size).amax(1).cpu() > 0
+        # forced pages first, then the count; ties to the more recent page (a fraction < 1 growing with the index)
+        rank = counts + held.double() * (size + 1) + torch.arange(n_pages, dtype=torch.double) / (2.0 * n_pages)
+        pages = rank.topk(min(self.max_pages, n_pages)).indices
+        entries = (pages[:, None] * size + torch.arange(size)).reshape(-1)
+        return torch.sort(entries[entries < n]).values
+
     def max_selected(self) -> int | None:
         # the budget caps the scored entries; the recency tail and the sink stay whatever the budget
+        if self.page_size:
+            return self.page_size * self.max_pages
         return None if self.budget is None else max(self.budget, self.keep_recent + self.keep_first)
 
     def describe(self) -> str:
@@ -239,6 +269,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         sink = f", sink {self.keep_first}" if self.keep_first else ""
         rule = "" if self.ensemble == "max" else ", mean over layers"
         rule += f", top {self.fetch_top} per layer" if self.fetch_top else ""
+        rule += f", {self.max_pages} pages of {self.page_size}" if self.page_size else ""
         return (f"lsa (threshold {self.threshold:g}{rule}, layers {', '.join(map(str, self.memory_layers))}{csa}"
                 f"{tail}{sink}{cap})")
 
@@ -273,7 +304,8 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
             keep_recent=export.keep_recent if config.keep_recent is None else config.keep_recent,
             keep_first=export.keep_first if config.keep_first is None else config.keep_first,
             ensemble=export.ensemble if config.ensemble is None else config.ensemble,
-            fetch_top=export.fetch_top if config.fetch_top is None else config.fetch_top)
+            fetch_top=export.fetch_top if config.fetch_top is None else config.fetch_top,
+            page_size=config.page_size, max_pages=config.max_pages)
     if mode == "all":
         return AllEntriesPolicy()
     if mode == "recent":

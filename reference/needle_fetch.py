@@ -7,7 +7,8 @@ tells where it was lost. For each prompt of ``fm_eval``'s suite (the same genera
 * **the fetch** (a ``Session`` in mode lsa with the export, its policy's selection recorded): at the first trigger
   (the prompt's last token, t0 = P - 1) the memory indexer's gated score sigmoid(I_L[t0, s]) of every visible entry
   per memory layer L; reported per layer are the best needle entry's score and rank, how many entries reach the
-  threshold, and whether the resident set (scored entries + recency tail + sink) holds a needle entry;
+  threshold, and whether the resident set (scored entries + recency tail + sink) holds a needle entry; the resident
+  set itself (entry indices);
 * **the labels** (``IndexerCapture.generate``, the stock model's greedy continuation of tau tokens, as
   ``build-labels --source generate`` labels it): for the window t0 .. t0 + tau - 1, per CSA layer, whether a needle
   entry is among the native top-k picks and in the layer's nucleus (softmax over the top-k logits, mass p), and the
@@ -118,6 +119,7 @@ def fetch_side(session_factory, ids: list[int], needle: list[int]) -> dict:
     position, visible, scores, chosen = seen[0]
     needle = [s for s in needle if s < visible]
     out = {"t0": position, "visible": visible, "selected": int(chosen.numel()), "text": generation.text,
+           "resident": sorted(int(s) for s in chosen.tolist()),
            "needle_resident": bool(needle) and bool(torch.isin(chosen, torch.tensor(needle)).any()), "layers": {}}
     for layer, s in scores.items():
         row = {"above_threshold": int((s >= policy.threshold).sum())}
@@ -154,6 +156,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fetch-top", type=int, default=None, help="lsa's floor per memory layer (default: the "
                         "export's)")
+    parser.add_argument("--page-size", type=int, default=0, help="lsa's page recall: pages of this many entries "
+                        "(0: single entries)")
+    parser.add_argument("--max-pages", type=int, default=0, help="with --page-size: pages resident per trigger")
     parser.add_argument("--fetch-only", action="store_true", help="skip the labels' run (half the time)")
     parser.add_argument("--out", type=Path, help="JSON lines, one per prompt")
     args = parser.parse_args(argv)
@@ -167,7 +172,11 @@ def main(argv=None):
         parser.error(f"--indexer {args.indexer} is not an fm-index export (no lsa_config.json)")
     model, tokenizer = load_backbone(args.model, device=args.device, dtype="float32")
     indexer = MemoryIndexer.from_export(args.indexer, backbone_config=model.config, device=args.device)
-    config = SessionConfig(mode="lsa", static_decode=False, fetch_top=args.fetch_top)
+    try:
+        config = SessionConfig(mode="lsa", static_decode=False, fetch_top=args.fetch_top, page_size=args.page_size,
+                               max_pages=args.max_pages)
+    except ValueError as exc:
+        parser.error(str(exc))
     config = config.resolved(indexer.config.tau, indexer.config.threshold)
 
     def session_factory():
@@ -181,10 +190,10 @@ def main(argv=None):
         t = time.time()
         ids = tokenizer(sample.prompt, add_special_tokens=True)["input_ids"]
         needle = needle_entries(tokenizer, sample, ids, rate)
-        row = {"task": args.task, "length": args.length, "seed": args.seed, "index": i, "prompt_sha": prompt_digest(sample),
-               "answers": sample.answers,
+        row = {"task": args.task, "length": args.length, "seed": args.seed, "index": i,
+               "prompt_sha": prompt_digest(sample), "answers": sample.answers,
                "needle": needle,
-               "fetch_top": config.fetch_top,
+               "fetch_top": config.fetch_top, "pages": [config.page_size, config.max_pages],
                "fetch": fetch_side(session_factory, ids, needle)}
         if not args.fetch_only:
             row["labels"] = label_side(model, ids, needle, tau, args.nucleus, args.chunk)

@@ -153,6 +153,14 @@ def test_oracle_with_prefetch_decodes_like_full(backbone, tmp_path):
     assert "prefetch_steps" not in EvalConfig(model="tiny").fingerprint()
 
 
+def test_page_recall_is_part_of_the_resume_fingerprint_only_when_on():
+    on = EvalConfig(model="tiny", page_size=8, max_pages=40).check().fingerprint()
+    assert (on["page_size"], on["max_pages"]) == (8, 40)
+    assert "page_size" not in EvalConfig(model="tiny").check().fingerprint()  # evaluations from before it resume
+    with pytest.raises(SessionError, match="page recall needs both"):
+        EvalConfig(model="tiny", page_size=8).check()
+
+
 def test_fetch_top_is_part_of_the_resume_fingerprint_only_when_given():
     assert EvalConfig(model="tiny", fetch_top=32).check().fingerprint()["fetch_top"] == 32
     assert "fetch_top" not in EvalConfig(model="tiny").fingerprint()  # evaluations from before it resume

@@ -93,3 +93,58 @@ def test_make_policy_takes_the_exports_fetch_top_unless_the_config_overrides_it(
     assert make_policy(SessionConfig(mode="lsa").resolved(), indexer).fetch_top == 2
     assert make_policy(SessionConfig(mode="lsa", fetch_top=0).resolved(), indexer).fetch_top == 0
     assert "top 2 per layer" in make_policy(SessionConfig(mode="lsa").resolved(), indexer).describe()
+
+
+def _pages_by_hand(selected: list[bool], forced: list[bool], size: int, k: int) -> list[int]:
+    """Page recall written out plainly: rank pages by (holds a forced entry, selected count, index), keep k."""
+    pages = [range(p, min(p + size, len(selected))) for p in range(0, len(selected), size)]
+    ranked = sorted(range(len(pages)), key=lambda i: (any(forced[s] for s in pages[i]),
+                                                      sum(selected[s] for s in pages[i]), i), reverse=True)
+    return sorted(s for i in ranked[:k] for s in pages[i])
+
+
+def test_page_recall_keeps_whole_pages_ranked_by_their_selected_entries():
+    # threshold 0.5 selects 0, 2, 3, 5, 8 (the OR rule above); pages of 3: {0,1,2}: 2, {3,4,5}: 2, {6,7,8}: 1, {9}: 0
+    paged = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), page_size=3, max_pages=2)
+    assert select(paged, 10) == [0, 1, 2, 3, 4, 5]  # the tie between the first two pages does not matter at k = 2
+    # one page: of the two with 2 selected entries, the more recent
+    assert select(MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), page_size=3, max_pages=1), 10) == [3, 4, 5]
+    # the tail's page ranks first (entry 9 alone in its page), then the best count
+    tail = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), page_size=3, max_pages=2, keep_recent=1)
+    assert select(tail, 10) == [3, 4, 5, 9]
+    # the sink's page too; with four pages asked of four, everything
+    sink = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), threshold=0.99, page_size=3, max_pages=2, keep_first=1,
+                               keep_recent=2)
+    # nothing selected; the tail 8, 9 spans two pages, {6,7,8} and {9}, the sink one, {0,1,2}: three forced pages for
+    # two, the more recent win (the release's top-K over +inf leaves that choice to topk)
+    assert select(sink, 10) == [6, 7, 8, 9]
+    sink.max_pages = 3
+    assert select(sink, 10) == [0, 1, 2, 6, 7, 8, 9]
+    assert select(MemoryIndexerPolicy(FixedScores({2: L2}), page_size=3, max_pages=9), 10) == list(range(10))
+    # against the plain rewrite on random scores, floors, tails, sinks and page sizes
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        logits = {2: torch.randn(n, generator=g).tolist(), 4: torch.randn(n, generator=g).tolist()}
+        size, k = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        recent, first, top = (int(torch.randint(0, 6, (1,), generator=g)) for _ in range(3))
+        policy = MemoryIndexerPolicy(FixedScores(logits), threshold=0.7, keep_recent=recent, keep_first=first,
+                                     fetch_top=top, page_size=size, max_pages=k)
+        plain = MemoryIndexerPolicy(FixedScores(logits), threshold=0.7, fetch_top=top)
+        chosen = set(select(plain, n))
+        selected = [s in chosen for s in range(n)]
+        forced = [s >= n - recent or s < first for s in range(n)]
+        assert select(policy, n) == _pages_by_hand(selected, forced, size, k), trial
+        assert len(select(policy, n)) <= policy.max_selected()
+
+
+def test_page_recall_is_configured_whole():
+    with pytest.raises(SessionError, match="page recall needs both"):
+        SessionConfig(mode="lsa", page_size=8)
+    with pytest.raises(SessionError, match="no budget"):
+        SessionConfig(mode="lsa", page_size=8, max_pages=4, budget=100)
+    with pytest.raises(SessionError, match="max_pages"):
+        SessionConfig(mode="lsa", page_size=8, max_pages=-1)
+    policy = make_policy(SessionConfig(mode="lsa", page_size=8, max_pages=4).resolved(), FixedScores({2: L2}))
+    assert (policy.page_size, policy.max_pages) == (8, 4) and "4 pages of 8" in policy.describe()
+    assert make_policy(SessionConfig(mode="lsa").resolved(), FixedScores({2: L2})).page_size == 0

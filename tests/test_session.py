@@ -79,6 +79,24 @@ def test_lsa_with_every_entry_fetched_equals_full(backbone, prompt_ids, full_run
     assert stats.fetch_bytes_to_device == 5 * (PROMPT_TOKENS // 4) * (64 + 32) * 4
 
 
+def test_page_recall_resides_whole_pages_and_with_every_page_equals_full(backbone, prompt_ids, full_run,
+                                                                         native_export):
+    model, tokenizer = backbone
+    # nothing passes this threshold: the pages are the tail's (16 entries = 2 pages of 8) and the most recent others
+    paged = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=0.999999, tau=TAU,
+                    chunk_size=CHUNK, keep_recent=16, page_size=8, max_pages=5, static_decode=False)
+    paged.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    first = paged.stats.selected_per_trigger[0]
+    assert first == 5 * 8 and paged.stats.entries_fetched >= first
+    # every page resident: the same tokens as full decoding
+    every = Session(model, tokenizer, mode="lsa", indexer=native_export, threshold=0.999999, tau=TAU,
+                    chunk_size=CHUNK, keep_recent=0, page_size=8, max_pages=PROMPT_TOKENS // 4 // 8 + 4,
+                    static_decode=False)
+    out = every.generate(prompt_ids, max_new_tokens=NEW_TOKENS)
+    assert every.stats.resident_entries == every.stats.csa_entries
+    assert out.token_ids == full_run[0].token_ids
+
+
 def test_all_mode_equals_full(backbone, prompt_ids, full_run):
     model, tokenizer = backbone
     session = Session(model, tokenizer, mode="all", tau=TAU, chunk_size=CHUNK)

@@ -36,6 +36,11 @@
 # from run2_fetch_top64/eval_32k there and let the oracle decode full again, ~130 s):
 #   run(timeout_s=600, carry=[".whl", "runs/labels_long/export", "runs/labels_long/eval_top64"], command="EVAL=
 #       eval_top64 FETCH_TOP=64 CHUNK=4096 LENGTHS=32k BUDGET=300 bash docs/results/table_long_h200/run.sh")
+# The 64K gap (section 11: the oracle at LSA's budget 15.4 points above LSA; of its ~344 entries ~25 are in the
+# 256-entry recency tail LSA keeps, ~310 older where LSA scores ~90): choose a tail / floor on prompts the table does
+# not use (SEED=1), e.g. EVAL=seed1_64k SEED=1 LENGTHS=64k TASKS=niah_single_1,vt MODES=full,lsa,oracle, then
+# EVAL=seed1_64k_t64 SEED=1 ... MODES=lsa KEEP_RECENT=64 FETCH_TOP=128 (about the same budget), and run the choice
+# once on the table's prompts (SEED=0) in a new EVAL.
 # Then, each a new EVAL: LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents; 32K -> 64K doubled
 # the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first); TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
 # MODES=full,lsa,hisparse at 32K.
@@ -68,6 +73,8 @@ EVAL=${EVAL:-eval}
 FETCH_TOP=${FETCH_TOP:-} CHUNK=${CHUNK:-512} KEEP_RECENT=${KEEP_RECENT:-} SEED=${SEED:-0}
 extra=(--chunk-size $CHUNK --seed $SEED); [ -n "$FETCH_TOP" ] && extra+=(--fetch-top $FETCH_TOP)
 [ -n "$KEEP_RECENT" ] && extra+=(--keep-recent $KEEP_RECENT)
+# PAGE_SIZE and MAX_PAGES: lsa's page recall, whole pages of PAGE_SIZE entries, MAX_PAGES of them (empty: off)
+[ -n "${PAGE_SIZE:-}" ] && extra+=(--page-size $PAGE_SIZE --max-pages ${MAX_PAGES:?MAX_PAGES with PAGE_SIZE})
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
