@@ -211,3 +211,70 @@ def test_limitations_table_is_the_raw_outputs():
     assert (raw / "release_rule/tables.md").read_text() == out.getvalue()
     (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| context_independent")]
     assert f"  {row}" in section
+
+
+def test_oracle_sets_follow_the_runtime_oracle_and_their_stored_table():
+    """docs/results/table_long_h200/oracle_sets.py recomputes the oracle's resident set from stored picks: the same
+    set as lsa_runtime's OraclePolicy on random picks; its table on the stored sets is its stored oracle_sets.md,
+    whose rows RESULTS section 11 quotes."""
+    import torch
+
+    from lsa_runtime.policies import OraclePolicy, TriggerState
+
+    spec = importlib.util.spec_from_file_location("oracle_sets", REPO / "docs/results/table_long_h200/oracle_sets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n_visible, tau, budget, t0 = 300, 16, int(torch.randint(1, 120, (1,), generator=g)), 1199
+        picks = {t: torch.randint(0, n_visible + 8, (int(torch.randint(0, 40, (1,), generator=g)),), generator=g)
+                 for t in range(t0 - 4, t0 + tau + 6) if torch.rand(1, generator=g) < 0.8}
+        state = TriggerState(position=t0, n_visible=n_visible, trigger_index=0, resident=torch.zeros(0))
+        expected = sorted(OraclePolicy(picks, tau, budget).select(state).tolist())
+        got, counts, union = module.oracle_set(picks, t0 + 1, tau, n_visible, budget)
+        assert got.tolist() == expected, trial
+        window = torch.cat([picks[t] for t in range(t0 + 1, t0 + 1 + tau) if t in picks])
+        assert union == len({int(s) for s in window if s < n_visible})
+        assert counts.tolist() == [int((window == s).sum()) for s in got]
+    raw = REPO / "docs/results/table_long_h200/run2_fetch_top64"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main(["--sets", str(raw / "oracle_sets.jsonl.gz")])
+    assert (raw / "oracle_sets.md").read_text() == out.getvalue()
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11.")
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 8
+    for line in rows:
+        assert line in section, line
+
+
+def test_needle_fetch_at_64k_claims_are_the_raw_outputs():
+    """Section 11's account of LSA's 64K losses: what the stored needle_fetch runs and oracle sets give (the needle
+    resident, LSA's overlap with the oracle's set, the chains' entries held)."""
+    import gzip
+    import json
+
+    raw = REPO / "docs/results/needle_fetch_cpu"
+    sets = {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(
+        REPO / "docs/results/table_long_h200/run2_fetch_top64/oracle_sets.jsonl.gz", "rt")) if r["length"] == 65536}
+
+    def rows(name):
+        return [json.loads(line) for line in (raw / name).read_text().splitlines() if line]
+
+    single = {r["index"]: r for r in rows("single_64k_seed0_top64.jsonl")
+              + rows("single_64k_seed0_top64_i0_fetch.jsonl")}
+    assert sorted(single) == [0, 1, 4]
+    for i, r in single.items():
+        oracle = sets[("niah_single_1", i)]
+        assert r["prompt_sha"] == oracle["prompt_sha"]  # the device's very prompt
+        assert r["fetch"]["needle_resident"] and r["fetch"]["layers"]["4"]["needle_rank"] == 1
+        assert 0.42 <= r["fetch"]["layers"]["4"]["needle_score"] <= 0.46
+        assert oracle["scores"]["lsa"] == 0.0 and oracle["scores"]["oracle"] == 1.0
+        assert 33 <= len(set(r["fetch"]["resident"]) & set(oracle["oracle"])) <= 36 and len(oracle["oracle"]) == 331
+    assert [single[i]["fetch"]["text"].split(".")[0].strip() for i in (0, 1, 4)] == ["4906140", "4790655", "7574355"]
+    assert set(range(869, 875)) <= set(sets[("niah_single_1", 1)]["oracle"])
+    assert set(range(869, 875)) & set(single[1]["fetch"]["resident"]) == {872, 873}
+    chains = {r["index"]: r for r in rows("vt_64k_seed0_top64_fetch.jsonl")}
+    held = {i: (len(set(r["needle"]) & set(r["fetch"]["resident"])), len(r["needle"])) for i, r in chains.items()}
+    assert held == {2: (10, 18), 3: (8, 15)}
+    assert all(set(r["needle"]) <= set(sets[("vt", i)]["oracle"]) for i, r in chains.items())

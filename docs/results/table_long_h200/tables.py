@@ -4,12 +4,13 @@
     python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] [--plots DIR] > .../tables.md
 
 Every run of the given evaluation directories is read (an unfinished one's runs.jsonl, or runs.jsonl.gz as stored
-under docs/results/, where it has no results.json; their prompts must differ: one task and length lives in one directory); the summaries are recomputed from the runs
-(fm_eval.report.summarize: 95% intervals by a bootstrap over prompts, task by task; each mode against full on the
-same prompts). A control against LSA pairs the same prompts too. Goals (the issue's, on the tasks the directories
-hold): LSA within 1 point of full at every length (the issue names 32K and 64K, and 2K-4K for the short end); LSA's
-CSA-KV ratio <= 15% at 32K and <= 10% at 64K; recent and random at LSA's budget clearly below LSA (the interval of
-their paired difference below 0); then the headroom: the oracle against LSA, paired. ``--plots DIR`` also draws the issue's two plots over all the directories' runs
+under docs/results/, where it has no results.json; their prompts must differ: one task and length lives in one
+directory); the summaries are recomputed from the runs (fm_eval.report.summarize: 95% intervals by a bootstrap over
+prompts, task by task; each mode against full on the same prompts). A control against LSA pairs the same prompts
+too. Goals (the issue's, on the tasks the directories hold): LSA within 1 point of full at every length (the issue
+names 32K and 64K, and 2K-4K for the short end); LSA's CSA-KV ratio <= 15% at 32K and <= 10% at 64K; recent and
+random at LSA's budget clearly below LSA (the interval of their paired difference below 0); then the headroom: the
+oracle against LSA, paired. ``--plots DIR`` also draws the issue's two plots over all the directories' runs
 together (fm_eval.report.write_plots: accuracy vs CSA-KV footprint per mode; footprint vs context length).
 """
 
