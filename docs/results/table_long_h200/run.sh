@@ -36,11 +36,16 @@
 # from run2_fetch_top64/eval_32k there and let the oracle decode full again, ~130 s):
 #   run(timeout_s=600, carry=[".whl", "runs/labels_long/export", "runs/labels_long/eval_top64"], command="EVAL=
 #       eval_top64 FETCH_TOP=64 CHUNK=4096 LENGTHS=32k BUDGET=300 bash docs/results/table_long_h200/run.sh")
-# The 64K gap (section 11: the oracle at LSA's budget 15.4 points above LSA; of its ~344 entries ~25 are in the
-# 256-entry recency tail LSA keeps, ~310 older where LSA scores ~90): choose a tail / floor on prompts the table does
-# not use (SEED=1), e.g. EVAL=seed1_64k SEED=1 LENGTHS=64k TASKS=niah_single_1,vt MODES=full,lsa,oracle, then
-# EVAL=seed1_64k_t64 SEED=1 ... MODES=lsa KEEP_RECENT=64 FETCH_TOP=128 (about the same budget), and run the choice
-# once on the table's prompts (SEED=0) in a new EVAL.
+# The 64K gap (section 11: the oracle at LSA's budget 15.4 points above LSA; LSA fetches the needle's value but not
+# the key phrase beside it that full reads, and half of vt's chains): page recall as the release deploys it, at the
+# release's sizes scaled by L6i's top-k to V4-Flash's (64 / 512): pages of 64 / 8 = 8 entries, K_max 96 pages (the
+# release's 256K setting; its tail of 2,048 entries scales to the export's 256), fixed by that rule before any run.
+# First on prompts the table does not use (SEED=1; full and oracle for the comparison), then once on the table's:
+#   EVAL=seed1_64k SEED=1 LENGTHS=64k TASKS=niah_single_1,vt MODES=full,lsa,oracle FETCH_TOP=64 CHUNK=4096
+#   EVAL=seed1_64k_pages SEED=1 LENGTHS=64k TASKS=niah_single_1,vt MODES=lsa FETCH_TOP=64 PAGE_SIZE=8 MAX_PAGES=96
+#   EVAL=eval_top64_64k_pages LENGTHS=64k MODES=lsa,recent,random FETCH_TOP=64 PAGE_SIZE=8 MAX_PAGES=96 (the table's
+#   prompts; tables.py eval_top64_64k eval_top64_64k_pages cannot join two lsa runs of one prompt: compare with
+#   tables.py on each against its full, or copy full's runs into the pages directory first)
 # Then, each a new EVAL: LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents; 32K -> 64K doubled
 # the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first); TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
 # MODES=full,lsa,hisparse at 32K.
