@@ -278,3 +278,67 @@ def test_needle_fetch_at_64k_claims_are_the_raw_outputs():
     held = {i: (len(set(r["needle"]) & set(r["fetch"]["resident"])), len(r["needle"])) for i, r in chains.items()}
     assert held == {2: (10, 18), 3: (8, 15)}
     assert all(set(r["needle"]) <= set(sets[("vt", i)]["oracle"]) for i, r in chains.items())
+
+
+def test_rebuilt_export_is_the_tables_and_in_git(tmp_path):
+    """Section 11b: the export rebuilt in the nineteenth session has the table's weights byte for byte (the table's
+    evaluations name their indexer by fm_eval's digest over the export's files; the table's lsa_config.json with the
+    rebuilt weights gives that digest), its config differs from the table's only by the fetch_top key (0, the old
+    default), and LSA with it at 64K answered all 80 prompts as the table's LSA did."""
+    import gzip
+    import json
+    import shutil
+
+    from fm_eval.runner import indexer_digest
+
+    export = REPO / "docs/results/labels_long_h200/run4_l6i_rebuild/export"
+    raw = REPO / "docs/results/table_long_h200"
+    table_config = raw / "run2_fetch_top64/export_lsa_config.json"
+    shutil.copy(export / "model.safetensors", tmp_path / "model.safetensors")
+    shutil.copy(table_config, tmp_path / "lsa_config.json")
+    table_digest = json.loads((raw / "run2_fetch_top64/eval_64k/config.json").read_text())["identity"]["indexer_sha256"]
+    assert indexer_digest(tmp_path) == table_digest
+    old, new = json.loads(table_config.read_text()), json.loads((export / "lsa_config.json").read_text())
+    assert new.pop("fetch_top") == 0 and new == old
+    recheck = json.loads((raw / "run3_pages/recheck_64k_lsa/config.json").read_text())["identity"]["indexer_sha256"]
+    assert recheck == indexer_digest(export)
+
+    def lsa(path):
+        return {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(path, "rt")) if r["mode"] == "lsa"}
+
+    table, again = lsa(raw / "run2_fetch_top64/eval_64k/runs.jsonl.gz"), lsa(raw / "run3_pages/recheck_64k_lsa/runs.jsonl.gz")
+    assert len(again) == 80 and again.keys() == table.keys()
+    assert all(again[k]["prediction"] == table[k]["prediction"] for k in again)
+    assert all(again[k]["selected_per_trigger"] == table[k]["selected_per_trigger"] for k in again)
+    labels = REPO / "docs/results/labels_long_h200"
+    before, after = (json.loads((labels / d / "train_state.json").read_text()) for d in ("run3_l6i", "run4_l6i_rebuild"))
+    for state in (before, after):
+        for entry in state["eval_history"]:
+            entry.pop("eval_runtime", None)
+    assert before == after
+
+
+def test_page_recall_tables_are_the_raw_outputs(monkeypatch):
+    """Section 11b and the opening's page-recall rows: variant.py's output on the stored runs (byte for byte its
+    stored variant_*.md), every row quoted in section 11b, the opening's figures among them."""
+    spec = importlib.util.spec_from_file_location("variant", REPO / "docs/results/table_long_h200/variant.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(REPO)
+    raw = "docs/results/table_long_h200"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section, opening = _section(text, "## 11b."), _section(text, "## The long table")
+    for length in ("32k", "64k"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            module.main([f"{raw}/run3_pages/eval_{length}_pages", f"{raw}/run2_fetch_top64/eval_{length}",
+                         "--name", "pages"])
+        assert (REPO / raw / f"run3_pages/variant_{length}.md").read_text() == out.getvalue()
+        rows = [line for line in out.getvalue().splitlines() if line.startswith("| ") and "---" not in line
+                and not line.startswith(("| length", "| task"))]
+        assert len(rows) == 1 + 4
+        for line in rows:
+            assert line in section, line
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        assert f"| lsa + pages | 80 | {cells[2]} | {cells[3]} | {cells[4]} | {cells[5]} | {cells[6]} | {cells[7]} " \
+               f"| {cells[8].split(' / ')[0]} | {cells[9].split(' / ')[0]} | {cells[10].split(' / ')[0]} |" in opening

@@ -2,6 +2,11 @@
 # Results: docs/RESULTS.md, section 9; raw under run1/ (run 2026-12-03, eleventh session: call 1 = the chunk probe,
 # 4,096 in 25.4 s vs 512 in 29.8 s for one 64K prompt with the model's load, then 184 documents; call 2 = the other
 # 152, merge, train).
+# Rebuilt 2026-12-04 (nineteenth session; run4_l6i_rebuild/, with its export, in git): OMP_NUM_THREADS=1 SHARDS=12
+# CHUNK=4096, call 1 labelled 250 documents in 580 s (8 shards: 233), call 2 the rest, merge, train, export in 283 s;
+# the corpus made here again (runs/labels_long/corpus.jsonl, 5 min on this CPU, fingerprint e7a44a37d37c2349). The
+# tracked tree (~61 MB) leaves no room to carry .whl beside the corpus (64 MiB): call 1 needs only the corpus, call 2
+# only .whl (the corpus stays on the held machine).
 # Issue 20 section 3 on one H200 (written 2026-12-03, tenth session; eleventh: one-pass labels, shards side by
 # side, the chunk size measured): labels at the method's settings on long documents, with the bundled `reference`
 # backbone (its long-context skill is the card's: this measures the labels and the indexer, not the backbone).

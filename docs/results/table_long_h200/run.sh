@@ -46,6 +46,16 @@
 #   EVAL=eval_top64_64k_pages LENGTHS=64k MODES=lsa,recent,random FETCH_TOP=64 PAGE_SIZE=8 MAX_PAGES=96 (the table's
 #   prompts; tables.py eval_top64_64k eval_top64_64k_pages cannot join two lsa runs of one prompt: compare with
 #   tables.py on each against its full, or copy full's runs into the pages directory first)
+# Nineteenth session (2026-12-04; RESULTS section 11b): a new checkout had lost runs/labels_long/export; rebuilt from
+# its labels (labels_long_h200/run.sh, SHARDS=12: two calls, 863 s), its weights byte for byte the table's, now in git
+# (docs/results/labels_long_h200/run4_l6i_rebuild/export: copy it to runs/labels_long/export, or set W to a directory
+# holding it as export/). Then page recall on the table's prompts (seed 1 dropped for device time), 64K (286 s for 79
+# runs, the last in a second call) and 32K (149 s), and LSA at 64K again with the rebuilt export (80 answers equal):
+#   EVAL=pages_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96 (pages_32k: LENGTHS=32k)
+#   EVAL=recheck_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096
+# A call returns at most 8 files and each run of this script wrote 4 (the third's were lost and fetched by a call of
+# their own): since then it writes 2 (log.txt, eval.tar.gz), and copies the export from git when $W has none. Left: recent and random at page recall's 768 entries (MODES=recent,random
+# with PAGE_SIZE/MAX_PAGES: the controls take the lsa run's resident count as their budget), seed 1, 16K.
 # Then, each a new EVAL: LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents; 32K -> 64K doubled
 # the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first); TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
 # MODES=full,lsa,hisparse at 32K.
@@ -55,8 +65,8 @@
 # 80% of the golden entries on the training run's held-out documents, section 7b), then `fm-index evaluate` at LENGTHS
 # (32k,64k), tasks TASKS (single and multi-value needles, variable tracking, multi-key), modes MODES (full, lsa, then
 # recent, random and oracle at lsa's budget), SAMPLES prompts per task and length (20), WORKERS processes on the one
-# GPU. Results under $OUT: results.md (accuracy, CSA-KV and total footprint, entries fetched, bytes moved), the export's
-# lsa_config.json, log.txt, eval.tar.gz (the evaluation directory: results.json, runs.jsonl, plots; and evaluate.log).
+# GPU. Results under $OUT: log.txt and eval.tar.gz (the evaluation directory: results.md with accuracy, CSA-KV and total
+# footprint, entries fetched, bytes moved; results.json, runs.jsonl, plots; the export's lsa_config.json; evaluate.log).
 # The haystacks come from the running interpreter's standard library: resume only on the device (Python 3.12), not here.
 # A local check of the commands (44 s here, then 10 s resumed; 2026-12-03, on the pipeline's training run; fifteenth
 # session: after labels_long_h200/run.sh's own local check, again resumed from its export alone): W=/tmp/tw (with train/
@@ -87,13 +97,17 @@ python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip inst
 mkdir -p $OUT
 T0=$(date +%s)
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }   # BUDGET: seconds this call may use
+# the table's memory indexer is in git (rebuilt 2026-12-04, its weights the table's): copied to $W/export, the path the
+# evaluations' fingerprints name, unless a trained one is there
+GIT_EXPORT=docs/results/labels_long_h200/run4_l6i_rebuild/export
+[ -f $W/export/lsa_config.json ] || [ -f $W/train/train_state.json ] || [ ! -f $GIT_EXPORT/lsa_config.json ] || {
+  mkdir -p $W/export && cp $GIT_EXPORT/* $W/export/; }
 [ -f $W/export/lsa_config.json ] || [ -f $W/train/train_state.json ] || { echo "no memory indexer in $W/export nor" \
   "$W/train: run labels_long_h200/run.sh first (or carry $W/export from its pack.tar.gz)" | tee -a $OUT/log.txt
   exit 2; }
 if [ ! -f $W/export/lsa_config.json ]; then
   $FM export --train-dir $W/train --out $W/export --target-recall 0.8 2>&1 | tail -3 | tee -a $OUT/log.txt
 fi
-cp $W/export/lsa_config.json $OUT/
 resume=(); [ -d $W/$EVAL ] && resume=(--resume)
 timeout $(left) $FM evaluate --model reference --indexer $W/export --tasks $TASKS --lengths $LENGTHS \
   --samples $SAMPLES --modes $MODES --workers $WORKERS --device $DEVICE --out $W/$EVAL "${extra[@]}" "${resume[@]}" \
@@ -102,8 +116,8 @@ rc=$?
 echo "evaluate rc=$rc at $(( $(date +%s) - T0 )) s$([ $rc = 124 ] && echo ': out of time, resume in the next call')" \
   | tee -a $OUT/log.txt
 tail -30 $OUT/evaluate.log
-# at most 8 files come back from a call: results.md beside the log, the whole evaluation directory (results.json,
-# runs.jsonl: what --resume continues from in a later session, carried as $W/$EVAL) and evaluate.log in one archive
-cp $W/$EVAL/results.md $OUT/ 2>/dev/null
-tar czf $OUT/eval.tar.gz $W/$EVAL $OUT/evaluate.log 2>/dev/null && rm -f $OUT/evaluate.log
+# at most 8 files come back from a call, so two per run of this script (four runs chained in one call): log.txt and
+# one archive of the whole evaluation directory (results.md, results.json, runs.jsonl: what --resume continues from in
+# a later session, carried as $W/$EVAL), the export's lsa_config.json and evaluate.log
+tar czf $OUT/eval.tar.gz $W/$EVAL $W/export/lsa_config.json $OUT/evaluate.log 2>/dev/null && rm -f $OUT/evaluate.log
 exit 0

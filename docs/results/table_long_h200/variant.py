@@ -1,0 +1,90 @@
+"""An LSA variant against the table's full and LSA on the same prompts (e.g. page recall: table_long_h200/run.sh's
+PAGE_SIZE / MAX_PAGES, evaluated into a directory of its own because one evaluation holds one lsa run per prompt).
+
+    python docs/results/table_long_h200/variant.py VARIANT_DIR BASE_DIR [BASE_DIR ...] [--name NAME]
+
+VARIANT_DIR's lsa runs are paired with BASE_DIRs' full and lsa runs of the same task, length and sample (the prompt
+digests must agree: fm_eval.intervals.paired_differences checks them); the table gives, per length, the variant's
+accuracy with its interval, its paired difference from full and from LSA (95% intervals by the stratified bootstrap
+over prompts, as tables.py), the CSA-KV and total footprint ratios of the variant and of LSA, and the entries
+resident per trigger (the selected set: pages whole); then accuracy per task and length for full, LSA and the variant.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tables import _num, load_runs  # noqa: E402
+
+from fm_eval.intervals import format_interval, paired_summary  # noqa: E402
+from fm_eval.report import summarize  # noqa: E402
+
+
+def _resident(runs: list[dict]) -> float | None:
+    picks = [n for r in runs for n in (r.get("selected_per_trigger") or [])]
+    return sum(picks) / len(picks) if picks else None
+
+
+def print_variant(variant: list[dict], base: list[dict], name: str) -> None:
+    by = defaultdict(list)
+    for r in base:
+        by[(r["mode"], r["task"], r["length"], r["index"])] = r
+    variant = [r for r in variant if r["mode"] == "lsa"]
+    # only the prompts the base decoded in both modes: the comparison is paired or it is not made
+    variant = [r for r in variant if ("full", r["task"], r["length"], r["index"]) in by
+               and ("lsa", r["task"], r["length"], r["index"]) in by]
+    lengths = sorted({r["length"] for r in variant})
+    tasks = sorted({r["task"] for r in variant})
+    rows = {row["length"]: row for row in summarize(variant)["modes"]}
+    print(f"| length | n | {name} accuracy % | 95% interval | minus full | 95% interval | minus LSA | 95% interval "
+          f"| CSA-KV ratio ({name} / LSA) | total KV ratio ({name} / LSA) | entries resident per trigger "
+          f"({name} / LSA) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for length in lengths:
+        runs = [r for r in variant if r["length"] == length]
+        keys = [(r["task"], length, r["index"]) for r in runs]
+        full = [by[("full", *k)] for k in keys]
+        lsa = [by[("lsa", *k)] for k in keys]
+        lsa_row = next(row for row in summarize(lsa)["modes"] if row["length"] == length)
+        vs_full, vs_lsa, row = paired_summary(runs, full), paired_summary(runs, lsa), rows[length]
+        print(f"| {length:,} | {row['n']} | {row['accuracy']:.1f} | {format_interval(row['accuracy_interval'])} "
+              f"| {_num(vs_full['difference'], '+.1f')} | {format_interval(vs_full['interval'])} "
+              f"| {_num(vs_lsa['difference'], '+.1f')} | {format_interval(vs_lsa['interval'])} "
+              f"| {_num(row['csa_kv_ratio'], '.3f')} / {_num(lsa_row['csa_kv_ratio'], '.3f')} "
+              f"| {_num(row['footprint_ratio'], '.3f')} / {_num(lsa_row['footprint_ratio'], '.3f')} "
+              f"| {_num(_resident(runs))} / {_num(_resident(lsa))} |")
+    print()
+    print(f"| task | length | full | lsa | {name} |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for length in lengths:
+        for task in tasks:
+            runs = [r for r in variant if r["length"] == length and r["task"] == task]
+            if not runs:
+                continue
+            keys = [(task, length, r["index"]) for r in runs]
+            cells = [100.0 * sum(r["score"] for r in rs) / len(rs)
+                     for rs in ([by[("full", *k)] for k in keys], [by[("lsa", *k)] for k in keys], runs)]
+            print(f"| {task} | {length:,} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="An LSA variant's evaluation against the table's full and LSA, "
+                                                 "paired by prompt.")
+    parser.add_argument("variant", type=Path, metavar="VARIANT_DIR", help="the variant's evaluate directory")
+    parser.add_argument("base", nargs="+", type=Path, metavar="BASE_DIR",
+                        help="the table's evaluate directories (full and lsa runs of the same prompts)")
+    parser.add_argument("--name", default="variant", help="the variant's name in the table's header")
+    args = parser.parse_args(argv)
+    variant, _ = load_runs([args.variant])
+    base, _ = load_runs(args.base)
+    print_variant(variant, base, args.name)
+
+
+if __name__ == "__main__":
+    main()
