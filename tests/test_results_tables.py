@@ -306,12 +306,14 @@ def test_rebuilt_export_is_the_tables_and_in_git(tmp_path):
     def lsa(path):
         return {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(path, "rt")) if r["mode"] == "lsa"}
 
-    table, again = lsa(raw / "run2_fetch_top64/eval_64k/runs.jsonl.gz"), lsa(raw / "run3_pages/recheck_64k_lsa/runs.jsonl.gz")
+    table = lsa(raw / "run2_fetch_top64/eval_64k/runs.jsonl.gz")
+    again = lsa(raw / "run3_pages/recheck_64k_lsa/runs.jsonl.gz")
     assert len(again) == 80 and again.keys() == table.keys()
     assert all(again[k]["prediction"] == table[k]["prediction"] for k in again)
     assert all(again[k]["selected_per_trigger"] == table[k]["selected_per_trigger"] for k in again)
     labels = REPO / "docs/results/labels_long_h200"
-    before, after = (json.loads((labels / d / "train_state.json").read_text()) for d in ("run3_l6i", "run4_l6i_rebuild"))
+    before, after = (json.loads((labels / d / "train_state.json").read_text())
+                     for d in ("run3_l6i", "run4_l6i_rebuild"))
     for state in (before, after):
         for entry in state["eval_history"]:
             entry.pop("eval_runtime", None)
@@ -342,3 +344,43 @@ def test_page_recall_tables_are_the_raw_outputs(monkeypatch):
         cells = [c.strip() for c in rows[0].strip("|").split("|")]
         assert f"| lsa + pages | 80 | {cells[2]} | {cells[3]} | {cells[4]} | {cells[5]} | {cells[6]} | {cells[7]} " \
                f"| {cells[8].split(' / ')[0]} | {cells[9].split(' / ')[0]} | {cells[10].split(' / ')[0]} |" in opening
+
+
+def test_page_recall_at_16k_cpu_claims_are_the_raw_outputs(monkeypatch):
+    """Section 11b's 16K bullet: variant.py on the stored CPU runs against the device's table (its stored
+    variant_16k.md, its row in the section), and the figures the bullet states: pages and LSA on the CPU level
+    (paired), pages above LSA on one chain and below on one, the CPU's LSA against the device's."""
+    import gzip
+    import json
+
+    from fm_eval.intervals import format_interval, paired_summary
+
+    spec = importlib.util.spec_from_file_location("variant16", REPO / "docs/results/table_long_h200/variant.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(REPO)
+    raw = "docs/results/pages_16k_cpu"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main([f"{raw}/pages", "docs/results/table_long_h200/run2_fetch_top64/eval_16k", "--name", "pages"])
+    assert (REPO / raw / "variant_16k.md").read_text() == out.getvalue()
+    assert "| 16,384 | 40 | 88.0 | [84.0, 91.5] | -2.0 | [-4.5, 0.0] | -0.5 | [-2.0, 1.0] | 0.191 / 0.080 |" \
+        in out.getvalue()
+
+    def runs(path):
+        return {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(REPO / path, "rt"))}
+
+    pages, lsa = runs(f"{raw}/pages/runs.jsonl.gz"), runs(f"{raw}/lsa/runs.jsonl.gz")
+    device = {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(
+        REPO / "docs/results/table_long_h200/run2_fetch_top64/eval_16k/runs.jsonl.gz", "rt")) if r["mode"] == "lsa"}
+    assert len(pages) == len(lsa) == 40 and all(r["mode"] == "lsa" for r in [*pages.values(), *lsa.values()])
+    vs = paired_summary(list(pages.values()), list(lsa.values()))
+    assert round(vs["difference"], 1) == 0.0 and format_interval(vs["interval"]) == "[-1.5, 1.5]"
+    assert sum(100 * r["score"] for r in lsa.values()) / 40 == pytest.approx(88.0)
+    assert sum(pages[k]["score"] > lsa[k]["score"] for k in pages) == 1
+    assert sum(pages[k]["score"] < lsa[k]["score"] for k in pages) == 1
+    assert sum(lsa[k]["prediction"] == device[k]["prediction"] for k in lsa) == 37
+    assert sum(lsa[k]["score"] == device[k]["score"] for k in lsa) == 39
+    config = json.loads((REPO / raw / "pages/config.json").read_text())["fingerprint"]
+    assert (config["page_size"], config["max_pages"]) == (8, 96)
+    assert "page_size" not in json.loads((REPO / raw / "lsa/config.json").read_text())["fingerprint"]

@@ -44,8 +44,7 @@
 #   EVAL=seed1_64k SEED=1 LENGTHS=64k TASKS=niah_single_1,vt MODES=full,lsa,oracle FETCH_TOP=64 CHUNK=4096
 #   EVAL=seed1_64k_pages SEED=1 LENGTHS=64k TASKS=niah_single_1,vt MODES=lsa FETCH_TOP=64 PAGE_SIZE=8 MAX_PAGES=96
 #   EVAL=eval_top64_64k_pages LENGTHS=64k MODES=lsa,recent,random FETCH_TOP=64 PAGE_SIZE=8 MAX_PAGES=96 (the table's
-#   prompts; tables.py eval_top64_64k eval_top64_64k_pages cannot join two lsa runs of one prompt: compare with
-#   tables.py on each against its full, or copy full's runs into the pages directory first)
+#   prompts; tables.py cannot join two lsa runs of one prompt: variant.py pairs the pages directory with the table's)
 # Nineteenth session (2026-12-04; RESULTS section 11b): a new checkout had lost runs/labels_long/export; rebuilt from
 # its labels (labels_long_h200/run.sh, SHARDS=12: two calls, 863 s), its weights byte for byte the table's, now in git
 # (docs/results/labels_long_h200/run4_l6i_rebuild/export: copy it to runs/labels_long/export, or set W to a directory
@@ -54,11 +53,13 @@
 #   EVAL=pages_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96 (pages_32k: LENGTHS=32k)
 #   EVAL=recheck_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096
 # A call returns at most 8 files and each run of this script wrote 4 (the third's were lost and fetched by a call of
-# their own): since then it writes 2 (log.txt, eval.tar.gz), and copies the export from git when $W has none. Left: recent and random at page recall's 768 entries (MODES=recent,random
-# with PAGE_SIZE/MAX_PAGES: the controls take the lsa run's resident count as their budget), seed 1, 16K.
+# their own): since then it writes 2 (log.txt, eval.tar.gz), and copies the export from git when $W has none.
+# Left: recent and random at page recall's 768 entries (EVAL=pages_64k MODES=lsa,recent,random with PAGE_SIZE and
+# MAX_PAGES, resumed: config.json and the gunzipped runs.jsonl of run3_pages/eval_64k_pages in runs/labels_long/
+# pages_64k; the controls take the lsa runs' resident count as their budget), seed 1, 16K on the device.
 # Then, each a new EVAL: LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents; 32K -> 64K doubled
-# the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first); TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
-# MODES=full,lsa,hisparse at 32K.
+# the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first);
+# TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations); MODES=full,lsa,hisparse at 32K.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
