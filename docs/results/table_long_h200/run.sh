@@ -54,9 +54,12 @@
 #   EVAL=recheck_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096
 # A call returns at most 8 files and each run of this script wrote 4 (the third's were lost and fetched by a call of
 # their own): since then it writes 2 (log.txt, eval.tar.gz), and copies the export from git when $W has none.
-# Left: recent and random at page recall's 768 entries (EVAL=pages_64k MODES=lsa,recent,random with PAGE_SIZE and
-# MAX_PAGES, resumed: config.json and the gunzipped runs.jsonl of run3_pages/eval_64k_pages in runs/labels_long/
-# pages_64k; the controls take the lsa runs' resident count as their budget), seed 1, 16K on the device.
+# Left: recent and random at page recall's 768 entries (the controls take the lsa runs' resident count as their
+# budget), then seed 1 and the rest below; four runs of this script fit one call now, e.g.
+#   run(timeout_s=600, carry=[".whl"], command="T=$(date +%s); l() { echo $((560 - ($(date +%s) - T))); }; for L in
+#     64k 32k; do BUDGET=$(l) OUT=$OUT/p$L EVAL=pages_$L FROM=docs/results/table_long_h200/run3_pages/eval_${L}_pages
+#     LENGTHS=$L MODES=lsa,recent,random FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96 bash
+#     docs/results/table_long_h200/run.sh; done")
 # Then, each a new EVAL: LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents; 32K -> 64K doubled
 # the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first);
 # TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations); MODES=full,lsa,hisparse at 32K.
@@ -82,6 +85,9 @@ MODES=${MODES:-full,lsa,recent,random,oracle} SAMPLES=${SAMPLES:-20} WORKERS=${W
 # EVAL: the evaluation's directory under $W (another for another part of the table: the section's 16K / 128K, the
 # dense-memory and context-independent tasks, hisparse; e.g. EVAL=eval2 LENGTHS=16k,128k TASKS=cwe,fwe,...)
 EVAL=${EVAL:-eval}
+# FROM: a stored evaluation to continue (a directory under docs/results/ with config.json and runs.jsonl.gz, e.g.
+# run3_pages/eval_64k_pages to add the controls at page recall's budget): copied to $W/$EVAL when that does not exist
+FROM=${FROM:-}
 # FETCH_TOP: lsa's floor, each memory layer's N best-scored entries fetched whatever their score (empty: the export's,
 # 0); CHUNK: the prefill chunk in tokens (512 as the first evaluation; larger chunks launch fewer kernels)
 # KEEP_RECENT: lsa's recency tail in entries (empty: the export's, 256); SEED: the prompts' seed (0: the table's; 1
@@ -108,6 +114,11 @@ GIT_EXPORT=docs/results/labels_long_h200/run4_l6i_rebuild/export
   exit 2; }
 if [ ! -f $W/export/lsa_config.json ]; then
   $FM export --train-dir $W/train --out $W/export --target-recall 0.8 2>&1 | tail -3 | tee -a $OUT/log.txt
+fi
+if [ -n "$FROM" ] && [ ! -d $W/$EVAL ]; then
+  [ -f $FROM/config.json ] && [ -f $FROM/runs.jsonl.gz ] || { echo "FROM=$FROM: no config.json and runs.jsonl.gz" \
+    | tee -a $OUT/log.txt; exit 2; }
+  mkdir -p $W/$EVAL && cp $FROM/config.json $W/$EVAL/ && gunzip -c $FROM/runs.jsonl.gz > $W/$EVAL/runs.jsonl
 fi
 resume=(); [ -d $W/$EVAL ] && resume=(--resume)
 timeout $(left) $FM evaluate --model reference --indexer $W/export --tasks $TASKS --lengths $LENGTHS \
