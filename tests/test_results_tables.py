@@ -384,3 +384,22 @@ def test_page_recall_at_16k_cpu_claims_are_the_raw_outputs(monkeypatch):
     config = json.loads((REPO / raw / "pages/config.json").read_text())["fingerprint"]
     assert (config["page_size"], config["max_pages"]) == (8, 96)
     assert "page_size" not in json.loads((REPO / raw / "lsa/config.json").read_text())["fingerprint"]
+
+
+def test_held_out_formats_at_16k_table_is_the_raw_outputs(monkeypatch):
+    """Section 11c: tables.py's output on the stored CPU runs of the seen and all-held-out varied prompts at 16K
+    (byte for byte its stored tables.md), every row in the section."""
+    raw = "docs/results/varied_16k_cpu"
+    spec = importlib.util.spec_from_file_location("tables_varied16", REPO / "docs/results/table_long_h200/tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(REPO)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main([raw])
+    assert (REPO / raw / "tables.md").read_text() == out.getvalue()
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11c.")
+    rows = [line for line in out.getvalue().splitlines() if line.startswith(("| 16,384 |", "| varied_"))]
+    assert len(rows) == 2 + 2
+    for line in rows:
+        assert line in section, line
