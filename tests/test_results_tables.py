@@ -18,6 +18,22 @@ def _section(text: str, heading: str) -> str:
                           default=len(text))]
 
 
+def _script(name: str, path: Path):
+    """A result script (docs/results/.../*.py) loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _printed(main, *args) -> str:
+    """What ``main(*args)`` prints."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(*args)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("heading,folder,rows", [
     ("### 7e.", "varied_kinds_l6_cpu", 2 + 16 + 2 + 2),  # per task and length; pooled
     ("### 7f.", "recall_targets_l6_cpu", 2 + 16 + 2 + 2 + 2 + 3),  # ...; variable tracking with longer tails
@@ -26,18 +42,14 @@ def _section(text: str, heading: str) -> str:
     ("### 7i.", "label_votes_l6_cpu", 3 * (2 + 16 + 2 + 2)),  # 7h's tables for each of three exports
 ])
 def test_section_tables_are_the_raw_outputs(heading, folder, rows):
-    spec = importlib.util.spec_from_file_location(f"tables_{folder}", REPO / "docs/results" / folder / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.main()  # asserts the same prompt digests across the compared runs
-    lines = [line for line in out.getvalue().splitlines() if line.startswith("| ")]
+    module = _script(f"tables_{folder}", REPO / "docs/results" / folder / "tables.py")
+    out = _printed(module.main)  # asserts the same prompt digests across the compared runs
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
     section = _section((REPO / "docs/RESULTS.md").read_text(), heading)
     assert len(lines) == rows
     for line in lines:
         assert line in section, line
-    assert (REPO / "docs/results" / folder / "tables.md").read_text() == out.getvalue()
+    assert (REPO / "docs/results" / folder / "tables.md").read_text() == out
 
 
 def test_readme_pipeline_figures_are_the_raw_outputs():
@@ -142,24 +154,20 @@ def test_long_table_is_the_raw_outputs(monkeypatch):
     import json
 
     raw = "docs/results/table_long_h200/run2_fetch_top64"
-    spec = importlib.util.spec_from_file_location("tables_long", REPO / "docs/results/table_long_h200/tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("tables_long", REPO / "docs/results/table_long_h200/tables.py")
     monkeypatch.chdir(REPO)  # tables.md names the directories as given
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.main([f"{raw}/eval_16k", f"{raw}/eval_32k", f"{raw}/eval_64k"])
-    assert (REPO / raw / "tables.md").read_text() == out.getvalue()
+    out = _printed(module.main, [f"{raw}/eval_16k", f"{raw}/eval_32k", f"{raw}/eval_64k"])
+    assert (REPO / raw / "tables.md").read_text() == out
     text = (REPO / "docs/RESULTS.md").read_text()
     opening, section = _section(text, "## The long table"), _section(text, "## 11.")
-    lines = [line for line in out.getvalue().splitlines() if line.startswith("| ")]
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(lines) == 2 + 15 + 2 + 12  # modes x lengths that ran; tasks x lengths
     for line in lines[:17]:
         assert line in opening, line
     for line in lines[17:]:
         assert line in section, line
-    assert "within 1 point of full **met**" in out.getvalue() and "within 1 point of full **not met**" in out.getvalue()
-    assert "- 65,536: +15.4 points [8.3, 22.9] over 80 pairs" in out.getvalue()
+    assert "within 1 point of full **met**" in out and "within 1 point of full **not met**" in out
+    assert "- 65,536: +15.4 points [8.3, 22.9] over 80 pairs" in out
     assert "**15.4 [8.3, 22.9] above LSA** on the same 80 prompts" in opening
 
     def runs(path):
@@ -175,16 +183,12 @@ def test_long_table_is_the_raw_outputs(monkeypatch):
 def test_short_end_table_is_the_raw_outputs(monkeypatch):
     """Section 11's 2K-4K table (the same export and floor, CPU): tables.py's output on the stored runs."""
     raw = "docs/results/short_end_top64_cpu"
-    spec = importlib.util.spec_from_file_location("tables_short", REPO / "docs/results/table_long_h200/tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("tables_short", REPO / "docs/results/table_long_h200/tables.py")
     monkeypatch.chdir(REPO)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.main([raw])
-    assert (REPO / raw / "tables.md").read_text() == out.getvalue()
+    out = _printed(module.main, [raw])
+    assert (REPO / raw / "tables.md").read_text() == out
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11.")
-    rows = [line for line in out.getvalue().splitlines() if line.startswith(("| 2,048 |", "| 4,096 |"))]
+    rows = [line for line in out.splitlines() if line.startswith(("| 2,048 |", "| 4,096 |"))]
     assert len(rows) == 6
     for line in rows:
         assert line in section, line
@@ -193,23 +197,18 @@ def test_short_end_table_is_the_raw_outputs(monkeypatch):
 def test_limitations_table_is_the_raw_outputs():
     """Section 11's limitations table: its script's output on the stored runs, row for row in the section."""
     raw = REPO / "docs/results/limits_16k_cpu"
-    spec = importlib.util.spec_from_file_location("tables_limits", raw / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.main([str(raw)])
-    assert (raw / "tables.md").read_text() == out.getvalue()
+    module = _script("tables_limits", raw / "tables.py")
+    out = _printed(module.main, [str(raw)])
+    assert (raw / "tables.md").read_text() == out
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11.")
-    lines = out.getvalue().splitlines()
+    lines = out.splitlines()
     assert len(lines) == 2 + 6
     for line in lines:
         assert line in section, line
-    out = io.StringIO()  # the release's rule alone (no floor) on the context-independent prompts
-    with contextlib.redirect_stdout(out):
-        module.main([str(raw / "release_rule")])
-    assert (raw / "release_rule/tables.md").read_text() == out.getvalue()
-    (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| context_independent")]
+    # the release's rule alone (no floor) on the context-independent prompts
+    out = _printed(module.main, [str(raw / "release_rule")])
+    assert (raw / "release_rule/tables.md").read_text() == out
+    (row,) = [line for line in out.splitlines() if line.startswith("| context_independent")]
     assert f"  {row}" in section
 
 
@@ -221,9 +220,7 @@ def test_oracle_sets_follow_the_runtime_oracle_and_their_stored_table():
 
     from lsa_runtime.policies import OraclePolicy, TriggerState
 
-    spec = importlib.util.spec_from_file_location("oracle_sets", REPO / "docs/results/table_long_h200/oracle_sets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("oracle_sets", REPO / "docs/results/table_long_h200/oracle_sets.py")
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
         n_visible, tau, budget, t0 = 300, 16, int(torch.randint(1, 120, (1,), generator=g)), 1199
@@ -237,12 +234,10 @@ def test_oracle_sets_follow_the_runtime_oracle_and_their_stored_table():
         assert union == len({int(s) for s in window if s < n_visible})
         assert counts.tolist() == [int((window == s).sum()) for s in got]
     raw = REPO / "docs/results/table_long_h200/run2_fetch_top64"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.main(["--sets", str(raw / "oracle_sets.jsonl.gz")])
-    assert (raw / "oracle_sets.md").read_text() == out.getvalue()
+    out = _printed(module.main, ["--sets", str(raw / "oracle_sets.jsonl.gz")])
+    assert (raw / "oracle_sets.md").read_text() == out
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11.")
-    rows = [line for line in out.getvalue().splitlines() if line.startswith("| ")]
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + 8
     for line in rows:
         assert line in section, line
@@ -323,20 +318,16 @@ def test_rebuilt_export_is_the_tables_and_in_git(tmp_path):
 def test_page_recall_tables_are_the_raw_outputs(monkeypatch):
     """Section 11b and the opening's page-recall rows: variant.py's output on the stored runs (byte for byte its
     stored variant_*.md), every row quoted in section 11b, the opening's figures among them."""
-    spec = importlib.util.spec_from_file_location("variant", REPO / "docs/results/table_long_h200/variant.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("variant", REPO / "docs/results/table_long_h200/variant.py")
     monkeypatch.chdir(REPO)
     raw = "docs/results/table_long_h200"
     text = (REPO / "docs/RESULTS.md").read_text()
     section, opening = _section(text, "## 11b."), _section(text, "## The long table")
     for length in ("32k", "64k"):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            module.main([f"{raw}/run3_pages/eval_{length}_pages", f"{raw}/run2_fetch_top64/eval_{length}",
-                         "--name", "pages"])
-        assert (REPO / raw / f"run3_pages/variant_{length}.md").read_text() == out.getvalue()
-        rows = [line for line in out.getvalue().splitlines() if line.startswith("| ") and "---" not in line
+        out = _printed(module.main, [f"{raw}/run3_pages/eval_{length}_pages",
+                                     f"{raw}/run2_fetch_top64/eval_{length}", "--name", "pages"])
+        assert (REPO / raw / f"run3_pages/variant_{length}.md").read_text() == out
+        rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line
                 and not line.startswith(("| length", "| task"))]
         assert len(rows) == 1 + 4
         for line in rows:
@@ -355,17 +346,14 @@ def test_page_recall_at_16k_cpu_claims_are_the_raw_outputs(monkeypatch):
 
     from fm_eval.intervals import format_interval, paired_summary
 
-    spec = importlib.util.spec_from_file_location("variant16", REPO / "docs/results/table_long_h200/variant.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("variant16", REPO / "docs/results/table_long_h200/variant.py")
     monkeypatch.chdir(REPO)
     raw = "docs/results/pages_16k_cpu"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.main([f"{raw}/pages", "docs/results/table_long_h200/run2_fetch_top64/eval_16k", "--name", "pages"])
-    assert (REPO / raw / "variant_16k.md").read_text() == out.getvalue()
+    out = _printed(module.main, [f"{raw}/pages", "docs/results/table_long_h200/run2_fetch_top64/eval_16k",
+                                 "--name", "pages"])
+    assert (REPO / raw / "variant_16k.md").read_text() == out
     assert "| 16,384 | 40 | 88.0 | [84.0, 91.5] | -2.0 | [-4.5, 0.0] | -0.5 | [-2.0, 1.0] | 0.191 / 0.080 |" \
-        in out.getvalue()
+        in out
 
     def runs(path):
         return {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(REPO / path, "rt"))}
@@ -390,16 +378,12 @@ def test_held_out_formats_at_16k_table_is_the_raw_outputs(monkeypatch):
     """Section 11c: tables.py's output on the stored CPU runs of the seen and all-held-out varied prompts at 16K
     (byte for byte its stored tables.md), every row in the section."""
     raw = "docs/results/varied_16k_cpu"
-    spec = importlib.util.spec_from_file_location("tables_varied16", REPO / "docs/results/table_long_h200/tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("tables_varied16", REPO / "docs/results/table_long_h200/tables.py")
     monkeypatch.chdir(REPO)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.main([raw])
-    assert (REPO / raw / "tables.md").read_text() == out.getvalue()
+    out = _printed(module.main, [raw])
+    assert (REPO / raw / "tables.md").read_text() == out
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11c.")
-    rows = [line for line in out.getvalue().splitlines() if line.startswith(("| 16,384 |", "| varied_"))]
+    rows = [line for line in out.splitlines() if line.startswith(("| 16,384 |", "| varied_"))]
     assert len(rows) == 2 + 2
     for line in rows:
         assert line in section, line

@@ -13,7 +13,6 @@ resident per trigger (the selected set: pages whole); then accuracy per task and
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,9 +29,7 @@ def _resident(runs: list[dict]) -> float | None:
 
 
 def print_variant(variant: list[dict], base: list[dict], name: str) -> None:
-    by = defaultdict(list)
-    for r in base:
-        by[(r["mode"], r["task"], r["length"], r["index"])] = r
+    by = {(r["mode"], r["task"], r["length"], r["index"]): r for r in base}
     variant = [r for r in variant if r["mode"] == "lsa"]
     # only the prompts the base decoded in both modes: the comparison is paired or it is not made
     variant = [r for r in variant if ("full", r["task"], r["length"], r["index"]) in by
