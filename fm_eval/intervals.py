@@ -5,8 +5,9 @@ string match gives fractions for multi-answer tasks). The bootstrap keeps that s
 drawn with replacement, n of n, and the statistic is recomputed; the interval is the 2.5th and 97.5th percentiles
 of those recomputations. A mode against full pairs the same prompts (task, length, index; both runs must have
 decoded the same prompt text, by its digest) and resamples the pairs, so the interval of the difference holds the
-prompts' shared difficulty fixed: it is what "LSA within 1 point of full" is read against. The seed is fixed: the
-same runs give the same interval.
+prompts' shared difficulty fixed: it is what "LSA within 1 point of full" is read against. The seed is fixed and
+the values enter in a canonical order (tasks by name, prompts by length and index), so the same runs give the same
+interval in whatever order they were decoded or stored.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ def stratified_interval(groups: list[list[float]], resamples: int = RESAMPLES, l
     return 100.0 * float(lo), 100.0 * float(hi)
 
 
+def prompt_order(run: dict) -> tuple:
+    """The canonical order of runs in a bootstrap: by task, then length, then prompt index (the resampling draws
+    depend on the order of the values, never on the order the runs were decoded or written)."""
+    return run["task"], run["length"], run["index"]
+
+
 def paired_differences(runs: list[dict], baseline: list[dict]) -> dict[str, list[float]]:
     """Per task, score(run) - score(baseline's run of the same prompt), for every prompt both have decoded.
     A pair whose prompt digests differ raises ValueError: the two modes did not read the same prompt."""
     base = {(r["task"], r["length"], r["index"]): r for r in baseline}
     out: dict[str, list[float]] = defaultdict(list)
-    for r in runs:
+    for r in sorted(runs, key=prompt_order):
         b = base.get((r["task"], r["length"], r["index"]))
         if b is None:
             continue

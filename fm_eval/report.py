@@ -15,7 +15,7 @@ from pathlib import Path
 from lsa_runtime.outputs import temp_path
 
 from . import MODES
-from .intervals import LEVEL, format_interval, paired_summary, stratified_interval
+from .intervals import LEVEL, format_interval, paired_summary, prompt_order, stratified_interval
 from .tasks import TASKS
 
 
@@ -62,7 +62,7 @@ def _group_summary(runs: list[dict]) -> dict:
 
 def _by_task(runs: list[dict]) -> list[list[float]]:
     tasks: dict[str, list[float]] = defaultdict(list)
-    for r in runs:
+    for r in sorted(runs, key=prompt_order):
         tasks[r["task"]].append(r["score"])
     return list(tasks.values())
 
@@ -74,7 +74,7 @@ def summarize(runs: list[dict]) -> dict:
     for r in runs:
         cells[(r["mode"], r["task"], r["length"])].append(r)
     by_cell = [{"mode": m, "task": t, "length": n, **_group_summary(rs),
-                "accuracy_interval": stratified_interval([[r["score"] for r in rs]])}
+                "accuracy_interval": stratified_interval([[r["score"] for r in sorted(rs, key=prompt_order)]])}
                for (m, t, n), rs in sorted(cells.items(), key=lambda kv: (
                    MODES.index(kv[0][0]), kv[0][2], list(TASKS).index(kv[0][1]) if kv[0][1] in TASKS else 99))]
     by_mode_length = []
