@@ -618,8 +618,9 @@ def evaluate_command(
                                  "the haystacks (default: email,json,http,wsgiref,xmlrpc)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted evaluation in --out."),
     workers: int = typer.Option(1, "--workers", help="Decode in this many processes on the same device (cells of "
-                                "task x length are shared out). A small model decodes bound by host time, so "
-                                "2-8 workers speed it up on a GPU or a many-core CPU."),
+                                "task x length are shared out; with fewer cells than workers, each cell's prompts). "
+                                "A small model decodes bound by host time, so 2-8 workers speed it up on a GPU or a "
+                                "many-core CPU."),
     batch: int = typer.Option(1, "--batch", help="Decode up to this many prompts of a task, length and mode "
                               "together, one backbone forward per step (each keeps its own cache, cold pool and "
                               "resident set; greedy tokens as decoded alone). Pays off on a GPU, where a step "

@@ -315,7 +315,7 @@ class Evaluation:
                                              and k[1] in cfg.lengths and k[2] < cfg.samples]))
         pending = [(task, length) for length in cfg.lengths for task in cfg.tasks
                    if any((task, length, i, mode) not in self.done for i in range(cfg.samples) for mode in cfg.modes)]
-        if pending and self.workers > 1 and len(pending) > 1:
+        if pending and self.workers > 1 and (len(pending) > 1 or cfg.samples > 1):
             self._run_workers(pending)
         elif pending:
             self._load()
@@ -330,13 +330,32 @@ class Evaluation:
         A small backbone decodes one token at a time, bound by host time (kernel launches, Python), so
         processes scale until the CPU cores or the accelerator are busy. Cells go longest first, round-robin;
         every worker appends its runs to ``runs.jsonl`` (locked), so an interrupted run resumes as usual.
+        With fewer cells than workers (e.g. two tasks at one length) each cell's prompts are split between
+        workers, in two rounds: full and lsa first, then the modes whose budget is lsa's mean over the whole
+        cell (hisparse, recent, random, oracle), so a split cell gets the budget an unsplit one gets.
         """
+        cfg = self.config
+        order = sorted(pending, key=lambda cell: -cell[1])
+        if self.workers <= len(order) or cfg.samples == 1:
+            self._spawn([(task, length, None, None) for task, length in order])
+            return
+        parts = -(-self.workers // len(order))  # slices per cell: every worker gets one where it can
+        slices = [list(range(k, cfg.samples, parts)) for k in range(min(parts, cfg.samples))]
+        budgeted = tuple(m for m in cfg.modes if m in ("hisparse",) + BUDGETED)
+        for modes in (tuple(m for m in cfg.modes if m not in budgeted), budgeted):
+            units = [(task, length, indices, modes) for task, length in order for indices in slices
+                     if any((task, length, i, m) not in self.done for i in indices for m in modes)]
+            if units:
+                self._spawn(units)
+
+    def _spawn(self, units: list[tuple]) -> None:
+        """Run ``units`` (task, length, sample indices or None for all, modes or None for all) in at most
+        ``workers`` processes, round-robin, and wait for them; their runs are read back into ``done``."""
         import multiprocessing
         import time
 
-        n = min(self.workers, len(pending))
-        order = sorted(pending, key=lambda cell: -cell[1])
-        shares = [order[k::n] for k in range(n)]
+        n = min(self.workers, len(units))
+        shares = [units[k::n] for k in range(n)]
         threads = max(1, (os.cpu_count() or 1) // n) if torch.device(self.config.device).type == "cpu" else 1
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         procs = [context.Process(target=_worker_main, args=(self.config, str(self.out), share, threads, self.batch,
@@ -395,8 +414,11 @@ class Evaluation:
         for config in (SessionConfig(mode="full"), SessionConfig(mode="all", tau=4)):
             Session(self.model, self.tokenizer, config).generate(prompt, max_new_tokens=8, stop_at_eos=False)
 
-    def _run_cell(self, task: str, length: int) -> None:
+    def _run_cell(self, task: str, length: int, indices: list[int] | None = None,
+                  modes: tuple[str, ...] | None = None) -> None:
+        """Decode the cell's prompts ``indices`` (all by default) in ``modes`` (the configured ones by default)."""
         cfg = self.config
+        modes = cfg.modes if modes is None else modes
         self.reporter.phase(f"{task} @ {length:,}: generating prompts")
         samples = generate_samples(task, self.tokenizer, length, cfg.samples, seed=cfg.seed,
                                    haystack_packages=cfg.haystack_packages)
@@ -408,12 +430,16 @@ class Evaluation:
                                           f"the one decoded before (another tokenizer or Python standard library?)")
         max_new = cfg.max_new_tokens or task_spec(task).max_new_tokens
         todo = lambda mode, i: (task, length, i, mode) not in self.done  # noqa: E731
+        mine = range(len(samples)) if indices is None else indices
         picks: dict[int, dict] = {}
         plain_full = []  # full runs whose native picks no oracle needs: decoded as a batch below
-        for i, sample in enumerate(samples):  # full first: the oracle replays its native top-k picks
+        # full first: the oracle replays its native top-k picks (recorded whenever the oracle is configured, also
+        # when a later round of split workers decodes it)
+        for i in mine:
+            sample = samples[i]
             need_picks = any(todo(m, i) for m in NEEDS_FULL_PICKS if m in cfg.modes)
             stored = picks_path(self.out, task, length, i)
-            full_todo = "full" in cfg.modes and todo("full", i)
+            full_todo = "full" in modes and todo("full", i)
             if need_picks and not full_todo and (kept := load_picks(stored, prompt_digest(sample))) is not None:
                 picks[i] = kept  # decoded by an earlier call of this evaluation: no full decode again
             elif need_picks:
@@ -422,22 +448,20 @@ class Evaluation:
                 save_picks(stored, picks[i], prompt_digest(sample))
                 if full_todo:
                     self._append(record)
-            elif "full" in cfg.modes and todo("full", i):
+            elif full_todo:
                 plain_full.append(i)
         if plain_full:
             self.reporter.phase(f"{task} @ {length:,}: full")
             self._decode_batched(samples, plain_full, "full", None, max_new, picks)
-        if "lsa" in cfg.modes:
+        if "lsa" in modes:
             self.reporter.phase(f"{task} @ {length:,}: lsa")
-            self._decode_batched(samples, [i for i in range(len(samples)) if todo("lsa", i)], "lsa", None, max_new,
-                                 picks)
+            self._decode_batched(samples, [i for i in mine if todo("lsa", i)], "lsa", None, max_new, picks)
         budget = self._cell_budget(task, length)
         for mode in ("hisparse",) + BUDGETED:
-            if mode not in cfg.modes:
+            if mode not in modes:
                 continue
             self.reporter.phase(f"{task} @ {length:,}: {mode} (budget {budget})")
-            self._decode_batched(samples, [i for i in range(len(samples)) if todo(mode, i)], mode, budget, max_new,
-                                 picks)
+            self._decode_batched(samples, [i for i in mine if todo(mode, i)], mode, budget, max_new, picks)
 
     def _cell_budget(self, task: str, length: int) -> int | None:
         """lsa's mean selected entries per trigger over the cell's samples (else the configured budget)."""
@@ -561,17 +585,18 @@ def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter
                       batch=batch, static_decode=static_decode, static_compile=static_compile).run()
 
 
-def _worker_main(config: EvalConfig, out: str, cells: list[tuple[str, int]], threads: int, batch: int = 1,
+def _worker_main(config: EvalConfig, out: str, units: list[tuple], threads: int, batch: int = 1,
                  static_decode: bool | None = None, static_compile: bool = False) -> None:
-    """One worker process: load the backbone (and indexer), decode ``cells``, append runs to out/runs.jsonl."""
+    """One worker process: load the backbone (and indexer), decode ``units`` (task, length, sample indices or
+    None, modes or None: :meth:`Evaluation._run_cell`'s arguments), append runs to out/runs.jsonl."""
     exit_with_parent(os.getppid())
     torch.set_num_threads(threads)
     evaluation = Evaluation(config, out, resume=True, batch=batch, static_decode=static_decode,
                             static_compile=static_compile)
     evaluation.done = _read_runs(Path(out) / "runs.jsonl")  # read only: the parent owns the directory
     evaluation._load()
-    for task, length in cells:
-        evaluation._run_cell(task, length)
+    for task, length, indices, modes in units:
+        evaluation._run_cell(task, length, indices, modes)
 
 
 def exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:

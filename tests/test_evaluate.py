@@ -335,6 +335,25 @@ def test_workers_decode_the_same_runs_as_one_process(backbone, export_dir, tmp_p
         evaluate(config, tmp_path / "bad", workers=0)
 
 
+def test_workers_split_a_cell_and_keep_the_cells_budget(backbone, export_dir, tmp_path):
+    """One cell, 3 workers: its 4 prompts are split between them (full and lsa first, then the budgeted modes).
+    Every run equals the one-process evaluation's, the budget of recent and the oracle included: lsa's mean over
+    the whole cell, not over a worker's share (the cell's lsa runs select different counts, checked)."""
+    config = EvalConfig(model="tiny", modes=("full", "lsa", "recent", "oracle"), tasks=(TASK,), lengths=(320,),
+                        samples=4, indexer=str(export_dir), max_new_tokens=NEW, tau=TAU)
+    one = evaluate(config, tmp_path / "one", backbone=backbone)
+    three = evaluate(config, tmp_path / "three", workers=3)
+
+    def by_key(results):
+        return {(r["task"], r["length"], r["index"], r["mode"]): (r["prediction"], r["score"], r["selected_mean"],
+                                                                   r["budget"]) for r in results["runs"]}
+
+    assert len(one["runs"]) == 4 * 4 and by_key(three) == by_key(one) and three["complete"] is True
+    assert len({r["selected_mean"] for r in one["runs"] if r["mode"] == "lsa"}) > 1
+    lines = (tmp_path / "three" / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 16
+
+
 def test_batched_evaluation_records_what_one_at_a_time_does(all_modes, backbone, export_dir, tmp_path):
     """--batch 3 over 4 samples (a batch of 3, then 1) in every mode, random included: the same predictions,
     scores, selections and footprints per run as the one-at-a-time evaluation of the same config."""
