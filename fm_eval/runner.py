@@ -55,7 +55,7 @@ from .tasks import (
     DEFAULT_HAYSTACK_PACKAGES,
     TASKS,
     Sample,
-    generate_samples,
+    generate_sample,
     parse_tasks,
     score_prediction,
     task_spec,
@@ -419,24 +419,26 @@ class Evaluation:
         """Decode the cell's prompts ``indices`` (all by default) in ``modes`` (the configured ones by default)."""
         cfg = self.config
         modes = cfg.modes if modes is None else modes
+        todo = lambda mode, i: (task, length, i, mode) not in self.done  # noqa: E731
+        mine = range(cfg.samples) if indices is None else indices
+        # only the prompts with work left here: at 128K one prompt takes ~10 s to build, and a split cell's
+        # workers would each build all of them
+        wanted = [i for i in mine if any(todo(m, i) for m in modes)]
         self.reporter.phase(f"{task} @ {length:,}: generating prompts")
-        samples = generate_samples(task, self.tokenizer, length, cfg.samples, seed=cfg.seed,
-                                   haystack_packages=cfg.haystack_packages)
-        for i, sample in enumerate(samples):  # a resumed run must continue on the very same prompts
+        samples = {i: generate_sample(task, self.tokenizer, length, seed=cfg.seed, index=i, num_samples=cfg.samples,
+                                      haystack_packages=cfg.haystack_packages) for i in wanted}
+        for i, sample in samples.items():  # a resumed run must continue on the very same prompts
             for mode in cfg.modes:
                 done = self.done.get((task, length, i, mode))
                 if done is not None and done["prompt_sha"] != prompt_digest(sample):
                     raise EvaluationError(f"cannot resume {self.out}: prompt {i} of {task} at {length} differs from "
                                           f"the one decoded before (another tokenizer or Python standard library?)")
         max_new = cfg.max_new_tokens or task_spec(task).max_new_tokens
-        todo = lambda mode, i: (task, length, i, mode) not in self.done  # noqa: E731
-        mine = range(len(samples)) if indices is None else indices
         picks: dict[int, dict] = {}
         plain_full = []  # full runs whose native picks no oracle needs: decoded as a batch below
         # full first: the oracle replays its native top-k picks (recorded whenever the oracle is configured, also
         # when a later round of split workers decodes it)
-        for i in mine:
-            sample = samples[i]
+        for i, sample in samples.items():
             need_picks = any(todo(m, i) for m in NEEDS_FULL_PICKS if m in cfg.modes)
             stored = picks_path(self.out, task, length, i)
             full_todo = "full" in modes and todo("full", i)
@@ -455,13 +457,13 @@ class Evaluation:
             self._decode_batched(samples, plain_full, "full", None, max_new, picks)
         if "lsa" in modes:
             self.reporter.phase(f"{task} @ {length:,}: lsa")
-            self._decode_batched(samples, [i for i in mine if todo("lsa", i)], "lsa", None, max_new, picks)
+            self._decode_batched(samples, [i for i in samples if todo("lsa", i)], "lsa", None, max_new, picks)
         budget = self._cell_budget(task, length)
         for mode in ("hisparse",) + BUDGETED:
             if mode not in modes:
                 continue
             self.reporter.phase(f"{task} @ {length:,}: {mode} (budget {budget})")
-            self._decode_batched(samples, [i for i in mine if todo(mode, i)], mode, budget, max_new, picks)
+            self._decode_batched(samples, [i for i in samples if todo(mode, i)], mode, budget, max_new, picks)
 
     def _cell_budget(self, task: str, length: int) -> int | None:
         """lsa's mean selected entries per trigger over the cell's samples (else the configured budget)."""
@@ -502,7 +504,7 @@ class Evaluation:
             generation = session.generate(sample.prompt, max_new_tokens=max_new, temperature=0.0)
         return self._generation_record(sample, index, mode, budget, config, generation), recorded
 
-    def _decode_batched(self, samples: list[Sample], indices: list[int], mode: str, budget: int | None,
+    def _decode_batched(self, samples: dict[int, Sample], indices: list[int], mode: str, budget: int | None,
                         max_new: int, picks: dict) -> None:
         """Decode ``samples[indices]`` in ``mode``, up to ``batch`` together (each with the policy a lone run would
         get: its own seeded random draws, its own oracle picks), appending each record as its batch finishes."""
