@@ -67,6 +67,12 @@ def _by_task(runs: list[dict]) -> list[list[float]]:
     return list(tasks.values())
 
 
+def _mode_rank(mode: str) -> tuple:
+    """Modes in MODES order; a variant's label (e.g. "lsa + pages", results tables relabel a variant's runs) after
+    them, by name."""
+    return (MODES.index(mode), "") if mode in MODES else (len(MODES), mode)
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per (mode, task, length) cell and per (mode, length) over tasks (accuracy = mean of task accuracies), each
     with its 95% interval (:mod:`.intervals`); every mode but full also against full on the same prompts."""
@@ -76,12 +82,12 @@ def summarize(runs: list[dict]) -> dict:
     by_cell = [{"mode": m, "task": t, "length": n, **_group_summary(rs),
                 "accuracy_interval": stratified_interval([[r["score"] for r in sorted(rs, key=prompt_order)]])}
                for (m, t, n), rs in sorted(cells.items(), key=lambda kv: (
-                   MODES.index(kv[0][0]), kv[0][2], list(TASKS).index(kv[0][1]) if kv[0][1] in TASKS else 99))]
+                   _mode_rank(kv[0][0]), kv[0][2], list(TASKS).index(kv[0][1]) if kv[0][1] in TASKS else 99))]
     by_mode_length = []
     groups: dict[tuple, list] = defaultdict(list)
     for r in runs:
         groups[(r["mode"], r["length"])].append(r)
-    for (mode, length), rs in sorted(groups.items(), key=lambda kv: (MODES.index(kv[0][0]), kv[0][1])):
+    for (mode, length), rs in sorted(groups.items(), key=lambda kv: (_mode_rank(kv[0][0]), kv[0][1])):
         row = {"mode": mode, "length": length, **_group_summary(rs)}
         row["accuracy"] = _mean(c["accuracy"] for c in by_cell if c["mode"] == mode and c["length"] == length)
         row["accuracy_interval"] = stratified_interval(_by_task(rs))
@@ -188,11 +194,13 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = results["summary"]["modes"]
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    modes = sorted({r["mode"] for r in rows}, key=_mode_rank)  # MODES, then variants' labels (e.g. "lsa + pages")
     # distinct markers and dashes: controls at one budget often coincide in footprint
     # one color per mode, so a mode's total-KV line (dotted) matches its CSA-KV line
     style = {m: dict(marker=mk, linestyle=ls, color=f"C{k}")
              for k, (m, mk, ls) in enumerate(zip(MODES, "os^vDx", ("-", "--", "-.", ":", "-", "--")))}
+    extra = [m for m in modes if m not in MODES]
+    style.update({m: dict(marker="P*hX"[k % 4], linestyle="-", color=f"C{len(MODES) + k}") for k, m in enumerate(extra)})
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for mode in modes:

@@ -86,6 +86,23 @@ def test_intervals_do_not_depend_on_the_order_of_the_runs():
         assert [(c["mode"], c["task"], c["accuracy_interval"]) for c in s["cells"]] == cells
 
 
+def test_a_variant_label_is_summarized_as_its_runs_after_the_modes(tmp_path):
+    """Runs relabelled as a variant ("lsa + pages", tables.py --variant) are summarized like lsa's (the same
+    accuracy, interval and difference to full), ordered after the modes, and drawn in the plots."""
+    from fm_eval.report import write_plots
+
+    runs = [{**r, "stats": {"csa_kv_ratio": 1.0 if r["mode"] == "full" else 0.1, "footprint_ratio": 0.3}}
+            for r in _runs()]
+    variant = [{**r, "mode": "lsa + pages"} for r in runs if r["mode"] == "lsa"]
+    summary = summarize(runs + variant)
+    rows = summary["modes"]
+    assert [r["mode"] for r in rows] == ["full", "lsa", "lsa + pages"]
+    same = lambda r: (r["accuracy"], r["accuracy_interval"], r["vs_full"]["interval"])  # noqa: E731
+    assert same(rows[2]) == same(rows[1])
+    paths = write_plots({"summary": summary}, tmp_path)
+    assert [p.name for p in paths] == ["accuracy_vs_footprint.png", "footprint_vs_length.png"]
+
+
 def test_pairs_of_different_prompts_are_refused():
     full = [_run("full", "vt", 0, 1.0)]
     with pytest.raises(ValueError, match="different prompts"):

@@ -1,7 +1,8 @@
 """The table that opens docs/RESULTS.md (issue 20 section 4): LSA against full and the controls at long range, from
 `fm-index evaluate`'s results.json (table_long_h200/run.sh), and the issue's goals judged from it.
 
-    python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] [--plots DIR] > .../tables.md
+    python docs/results/table_long_h200/tables.py EVAL_DIR [EVAL_DIR ...] [--plots DIR [--variant LABEL=DIR ...]]
+        [--tasks A,B] > .../tables.md
 
 Every run of the given evaluation directories is read (an unfinished one's runs.jsonl, or runs.jsonl.gz as stored
 under docs/results/, where it has no results.json; their prompts must differ: one task and length lives in one
@@ -11,7 +12,8 @@ too. Goals (the issue's, on the tasks the directories hold): LSA within 1 point 
 names 32K and 64K, and 2K-4K for the short end); LSA's CSA-KV ratio <= 15% at 32K and <= 10% at 64K; recent and
 random at LSA's budget clearly below LSA (the interval of their paired difference below 0); then the headroom: the
 oracle against LSA, paired. ``--plots DIR`` also draws the issue's two plots over all the directories' runs
-together (fm_eval.report.write_plots: accuracy vs CSA-KV footprint per mode; footprint vs context length).
+together (fm_eval.report.write_plots: accuracy vs CSA-KV footprint per mode; footprint vs context length), and with
+``--variant LABEL=DIR`` a variant's lsa runs (page recall) as a series of their own.
 """
 
 from __future__ import annotations
@@ -101,13 +103,14 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
     print("Goals:")
     for length in lengths:
         lsa, full = rows.get(("lsa", length)), rows.get(("full", length))
-        if lsa is None or full is None:
+        if lsa is None:
             continue
-        vs = lsa["vs_full"]
-        met = vs["difference"] is not None and vs["difference"] >= -WITHIN
-        print(f"- {length:,}: LSA {lsa['accuracy']:.1f} vs full {full['accuracy']:.1f}, "
-              f"{vs['difference']:+.1f} points {format_interval(vs['interval'])} over {vs['pairs']} pairs: within "
-              f"{WITHIN:g} point of full **{'met' if met else 'not met'}**")
+        if full is not None:  # a directory of LSA and the controls alone (a variant's budget) has no full to judge
+            vs = lsa["vs_full"]
+            met = vs["difference"] is not None and vs["difference"] >= -WITHIN
+            print(f"- {length:,}: LSA {lsa['accuracy']:.1f} vs full {full['accuracy']:.1f}, "
+                  f"{vs['difference']:+.1f} points {format_interval(vs['interval'])} over {vs['pairs']} pairs: within "
+                  f"{WITHIN:g} point of full **{'met' if met else 'not met'}**")
         if length in CSA_KV_GOAL and lsa["csa_kv_ratio"] is not None:
             goal = CSA_KV_GOAL[length]
             print(f"- {length:,}: LSA's CSA-KV ratio {lsa['csa_kv_ratio']:.3f} (goal <= {goal:.2f}): "
@@ -139,15 +142,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dirs", nargs="+", type=Path, metavar="EVAL_DIR",
                         help="an fm-index evaluate directory (results.json, or config.json and runs.jsonl)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="also draw the two plots into DIR")
+    parser.add_argument("--tasks", help="comma-separated: only these tasks' runs (e.g. to compare with an "
+                        "evaluation of fewer tasks)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                        help="the plots also draw DIR's lsa runs as a mode of their own, LABEL (e.g. 'lsa + "
+                        "pages=run3_pages/eval_64k_pages'; repeat for more directories); the tables do not")
     args = parser.parse_args(argv)
     dirs, plots = args.dirs, args.plots
     runs, configs = load_runs(dirs)
+    keep = set(args.tasks.split(",")) if args.tasks else None
+    if keep:
+        runs = [r for r in runs if r["task"] in keep]
     print_tables(runs, configs)
     if plots is not None:
         from fm_eval.report import write_plots
 
+        extra = []
+        for spec in args.variant:
+            label, sep, path = spec.partition("=")
+            if not sep or not label or label in MODES:
+                raise SystemExit(f"--variant {spec!r}: give LABEL=DIR with a label that is not a mode")
+            extra += [{**r, "mode": label} for r in load_runs([Path(path)])[0]
+                      if r["mode"] == "lsa" and (keep is None or r["task"] in keep)]
         plots.mkdir(parents=True, exist_ok=True)
-        write_plots({"summary": summarize(runs)}, plots)
+        write_plots({"summary": summarize(runs + extra)}, plots)
 
 
 if __name__ == "__main__":
