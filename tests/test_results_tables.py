@@ -387,3 +387,68 @@ def test_held_out_formats_at_16k_table_is_the_raw_outputs(monkeypatch):
     assert len(rows) == 2 + 2
     for line in rows:
         assert line in section, line
+
+
+def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
+    """Section 11d: tables.py on the stored runs (byte for byte its stored tables: the controls at page recall's
+    budget, seed 1, the table's prompts on the same two tasks), its rows and goal lines in the section, the seed
+    table's figures, the copied lsa runs equal to section 11b's, and the 128K runs as the section states them."""
+    import gzip
+    import json
+
+    module = _script("tables_11d", REPO / "docs/results/table_long_h200/tables.py")
+    monkeypatch.chdir(REPO)
+    raw = "docs/results/table_long_h200/run4_controls_seed1"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section, opening = _section(text, "## 11d."), _section(text, "## The long table")
+    out = _printed(module.main, [f"{raw}/eval_32k_pages", f"{raw}/eval_64k_pages"])
+    assert (REPO / raw / "controls_tables.md").read_text() == out
+    rows = [line for line in out.splitlines() if line.startswith(("| 32,768 |", "| 65,536 |"))]
+    controls = [line for line in out.splitlines() if "at LSA's budget" in line]
+    assert len(rows) == 6 and len(controls) == 4 and all("**yes**" in line for line in controls)
+    for line in rows + controls:
+        assert line in section, line
+    for length, (recent, random) in {"32,768": ("-63.0", "-72.9"), "65,536": ("-55.6", "-59.1")}.items():
+        assert f"- {length}: recent at LSA's budget {recent} points" in out
+        assert f"- {length}: random at LSA's budget {random} points" in out
+    assert "recent -63.0 / -55.6 and random -72.9 / -59.1 points" in opening
+
+    def runs(path):
+        with gzip.open(REPO / path, "rt") as f:
+            return {(r["task"], r["length"], r["index"], r["mode"]): r for r in map(json.loads, f)}
+
+    for length in ("32k", "64k"):  # the lsa runs (pages) copied in by FROM= are section 11b's, unchanged
+        new = {k: r for k, r in runs(f"{raw}/eval_{length}_pages/runs.jsonl.gz").items() if k[3] == "lsa"}
+        old = runs(f"docs/results/table_long_h200/run3_pages/eval_{length}_pages/runs.jsonl.gz")
+        assert len(new) == 80 and {k: (r["prediction"], r["score"]) for k, r in new.items()} == \
+            {k: (r["prediction"], r["score"]) for k, r in old.items()}
+
+    seed1 = _printed(module.main, [f"{raw}/seed1_64k"])
+    assert (REPO / raw / "seed1_tables.md").read_text() == seed1
+    seed0 = _printed(module.main, ["docs/results/table_long_h200/run2_fetch_top64/eval_64k", "--tasks",
+                                   "niah_single_1,vt"])
+    assert (REPO / raw / "seed0_single_vt_tables.md").read_text() == seed0
+
+    def cells(table, mode):
+        (line,) = [x for x in table.splitlines() if x.startswith(f"| 65,536 | {mode} |")]
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    pages = runs("docs/results/table_long_h200/run3_pages/eval_64k_pages/runs.jsonl.gz")
+    per_task = [[r["score"] for k, r in pages.items() if k[0] == task] for task in ("niah_single_1", "vt")]
+    assert [len(scores) for scores in per_task] == [20, 20]
+    pages_mean = 100 * sum(sum(scores) / 20 for scores in per_task) / 2
+    for name, table, tail in (("the table's (seed 0)", seed0, f"{pages_mean:.1f} | {cells(seed0, 'oracle')[3]} |"),
+                              ("others (seed 1)", seed1, "not run | not run |")):
+        full, lsa = cells(table, "full"), cells(table, "lsa")
+        row = f"| {name} | 40 | {full[3]} | {lsa[3]} | {lsa[5]} | {lsa[6]} | {lsa[7]} | {tail}"
+        assert row in section, row
+    assert "-11.0 [-19.5, -4.0]" in opening
+
+    partial = list(runs(f"{raw}/e128k_partial/runs.jsonl.gz").values())
+    assert len(partial) == 5 and {r["mode"] for r in partial} == {"full"}
+    single = [r for r in partial if r["task"] == "niah_single_1"]
+    assert len(single) == 3 and sum(r["score"] for r in single) == 1
+    assert sorted(r["score"] for r in partial if r["task"] == "vt") == [0.2, 0.4]
+    assert all(16 < r["stats"]["prefill_seconds"] < 22 for r in partial)
+    near = {r["answers"][0]: r["prediction"] for r in single if r["score"] == 0}
+    assert near["5228897"].startswith(" 5228816") and near["6449153"].startswith(" 2850816")

@@ -60,9 +60,26 @@
 #     64k 32k; do BUDGET=$(l) OUT=$OUT/p$L EVAL=pages_$L FROM=docs/results/table_long_h200/run3_pages/eval_${L}_pages
 #     LENGTHS=$L MODES=lsa,recent,random FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96 bash
 #     docs/results/table_long_h200/run.sh; done")
-# Then, each a new EVAL: LENGTHS=128k MODES=full,lsa (2x L6i's longest training documents; 32K -> 64K doubled
-# the time of 160 runs, 252 -> 508 s, so ~1,000 s here: two calls, or TASKS=niah_single_1,vt first);
-# TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations); MODES=full,lsa,hisparse at 32K.
+# Twentieth session (2026-12-04; RESULTS section 11d, raw run4_controls_seed1/): that call (64K's controls; 32K cut at
+# 42 s), 32K's controls again (233 s), 128K (5 runs in 331 s), seed 1 at 64K (full, lsa: 80 runs in 441 s), its pages
+# cut at 48 s. Two-task evaluations ran on 2 workers (one per task x length cell) and each worker built all 20 of a
+# cell's prompts (~10 s each at 128K); since then evaluate splits a cell's prompts between workers and builds only
+# the prompts with runs left. Next, in this order (each FROM= a stored evaluation continues it; 3 evaluations fit a
+# call's 8 returned files with room to spare):
+#   run(timeout_s=600, carry=[".whl"], command="T=$(date +%s); l() { echo $((560 - ($(date +%s) - T))); };
+#     S=docs/results/table_long_h200/run4_controls_seed1; BUDGET=$(l) OUT=$OUT/s1p EVAL=seed1_64k_pages SEED=1
+#     LENGTHS=64k TASKS=niah_single_1,vt MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96 bash
+#     docs/results/table_long_h200/run.sh; BUDGET=$(l) OUT=$OUT/s1 EVAL=seed1_64k FROM=$S/seed1_64k SEED=1
+#     LENGTHS=64k TASKS=niah_single_1,vt MODES=full,lsa,oracle FETCH_TOP=64 CHUNK=4096 bash
+#     docs/results/table_long_h200/run.sh; BUDGET=$(l) OUT=$OUT/e128k EVAL=e128k FROM=$S/e128k_partial
+#     LENGTHS=128k TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096 WORKERS=6 bash
+#     docs/results/table_long_h200/run.sh")
+#   (the 128K evaluation again with FROM= its newest eval.tar.gz, unpacked into docs/results/.../e128k_partial, until
+#   complete; ~30 s per prompt per worker: 75 runs are ~400 s on 6 workers)
+# Then the held-out formats at 32K and 64K (their prose haystacks do not depend on the interpreter; on this repository's
+# CPU one 32K prefill took ~5 min): EVAL=varied_long TASKS=varied_seen,varied_new_all LENGTHS=32k,64k
+# MODES=full,lsa,recent FETCH_TOP=64 CHUNK=4096; TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
+# MODES=full,lsa,hisparse at 32K.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
