@@ -444,6 +444,13 @@ def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
         assert row in section, row
     assert "-11.0 [-19.5, -4.0]" in opening
 
+    s1 = runs(f"{raw}/seed1_64k/runs.jsonl.gz")
+    lost = {s1[k]["answers"][0]: s1[k]["prediction"] for k in s1 if k[0] == "niah_single_1" and k[3] == "lsa"
+            and s1[k]["score"] < s1[(k[0], k[1], k[2], "full")]["score"]}
+    assert len(lost) == 2 and lost["9058602"].startswith(" 905863.") and lost["2989999"].startswith(" 2980116.")
+    vt = [(s1[("vt", 65536, i, "lsa")]["score"], s1[("vt", 65536, i, "full")]["score"]) for i in range(20)]
+    assert sum(a < b for a, b in vt) == 8 and sum(a > b for a, b in vt) == 1
+
     partial = list(runs(f"{raw}/e128k_partial/runs.jsonl.gz").values())
     assert len(partial) == 5 and {r["mode"] for r in partial} == {"full"}
     single = [r for r in partial if r["task"] == "niah_single_1"]
