@@ -200,7 +200,8 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     style = {m: dict(marker=mk, linestyle=ls, color=f"C{k}")
              for k, (m, mk, ls) in enumerate(zip(MODES, "os^vDx", ("-", "--", "-.", ":", "-", "--")))}
     extra = [m for m in modes if m not in MODES]
-    style.update({m: dict(marker="P*hX"[k % 4], linestyle="-", color=f"C{len(MODES) + k}") for k, m in enumerate(extra)})
+    style.update({m: dict(marker="P*hX"[k % 4], linestyle="-", color=f"C{len(MODES) + k}")
+                  for k, m in enumerate(extra)})
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for mode in modes:
