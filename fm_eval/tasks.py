@@ -25,7 +25,9 @@ measured depth, token offset in the prompt). Scoring is RULER's string match (:f
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import random
 import re
 import string
@@ -308,11 +310,15 @@ def _coded_word(rng: random.Random) -> str:
 # ---- fitting a prompt to a token length -----------------------------------------------------------------
 
 
-def _largest_fitting(count_at: Callable[[int], int], target: int, guess: int, hi: int) -> int:
-    """Largest n in [0, hi] with count_at(n) <= target (count_at nondecreasing), searched from ``guess``."""
+def _largest_fitting(count_at: Callable[[int], int], target: int, guess: int, hi: int,
+                     step: int | None = None) -> int:
+    """Largest n in [0, hi] with count_at(n) <= target (count_at nondecreasing), searched from ``guess`` in
+    steps doubling from ``step`` (default guess / 64: a close guess deserves a small one). The answer does not
+    depend on the guess or the step, only the number of count_at calls does."""
     guess = min(max(guess, 0), hi)
+    first = max(1, step if step is not None else guess // 64)
     if count_at(guess) <= target:
-        lo, step = guess, max(1, guess // 64)
+        lo, step = guess, first
         while lo < hi:
             probe = min(hi, lo + step)
             if count_at(probe) > target:
@@ -320,7 +326,7 @@ def _largest_fitting(count_at: Callable[[int], int], target: int, guess: int, hi
                 break
             lo, step = probe, step * 2
     else:
-        hi, step = guess - 1, max(1, guess // 64)
+        hi, step = guess - 1, first
         while True:
             probe = max(0, hi - step)
             if probe == 0 or count_at(probe) <= target:
@@ -337,16 +343,17 @@ def _largest_fitting(count_at: Callable[[int], int], target: int, guess: int, hi
 
 
 def _fit(render: Callable[[int], str], tokens: PromptTokens, target: int, guess: int, hi: int,
-         task: str) -> tuple[int, str, int]:
-    """Find the largest haystack size n whose prompt fits in ``target`` tokens; returns (n, prompt, tokens)."""
-    memo: dict[int, int] = {}
+         task: str, step: int | None = None, memo: dict[int, int] | None = None) -> tuple[int, str, int]:
+    """Find the largest haystack size n whose prompt fits in ``target`` tokens; returns (n, prompt, tokens).
+    ``memo``: token counts of renderings already measured (n -> tokens)."""
+    memo = {} if memo is None else memo
 
     def count_at(n: int) -> int:
         if n not in memo:
             memo[n] = tokens.count(render(n))
         return memo[n]
 
-    n = _largest_fitting(count_at, target, guess, hi)
+    n = _largest_fitting(count_at, target, guess, hi, step)
     if count_at(n) > target:
         raise FmIndexError(f"length {target} is too short for task {task}: its prompt without haystack already "
                            f"takes {count_at(n)} tokens")
@@ -456,7 +463,15 @@ def _haystack_prompt(preamble: str, hay: Haystack, inserts: list[tuple[float, st
     def render(n: int, tail: str = "") -> str:
         return preamble + hay.sep.join(body(n, tail)[0]) + query
 
-    n, _, used = _fit(render, tokens, length, guess, hi, task)
+    # a close guess (each tokenization of the prompt costs ~0.1 s per 64K tokens): the units' own token counts
+    # summed, scaled by how the joined text of that many units measures (joined, units merge across their
+    # separators: ~8% fewer tokens in the noise haystack); the search from it still decides
+    prefix = list(itertools.accumulate(unit_tokens(hi), initial=0))
+    close = max(0, bisect.bisect_right(prefix, length - fixed) - 1)
+    memo: dict[int, int] = {close: tokens.count(render(close))}
+    scale = (memo[close] - fixed) / prefix[close] if prefix[close] > 0 and memo[close] > fixed else 1.0
+    close = max(0, bisect.bisect_right(prefix, (length - fixed) / scale) - 1)
+    n, _, used = _fit(render, tokens, length, close, hi, task, step=max(1, close // 2048), memo=memo)
     tail = ""
     if allow_partial and used < length:  # top up with a prefix of the next unit (a partial code line)
         nxt = hay.take(n + 1)[-1]

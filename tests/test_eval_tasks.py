@@ -174,3 +174,48 @@ def test_score_prediction_uses_the_samples_answers(tiny_tokenizer):
     multi = generate_sample("niah_multivalue", tiny_tokenizer, 2048, seed=0)
     assert score_prediction(multi, " " + ", ".join(multi.answers[:3])) == 0.75
     assert score_prediction(multi, " " + ", ".join(reversed(multi.answers))) == 1.0
+
+
+def test_the_fit_finds_the_largest_fitting_size_from_any_guess():
+    """_largest_fitting against brute force on random nondecreasing counts: the same answer whatever the guess and
+    the first step (they change only how many counts it takes)."""
+    import random
+
+    from fm_eval.tasks import _largest_fitting
+
+    rng = random.Random(0)
+    for _ in range(300):
+        hi = rng.randint(1, 400)
+        counts = [0]
+        for _ in range(hi):
+            counts.append(counts[-1] + rng.choice((0, 1, 1, 2, 5)))
+        target = rng.randint(0, counts[-1] + 3)
+        expected = max([n for n in range(hi + 1) if counts[n] <= target], default=0)
+        guess, step = rng.randint(-5, hi + 5), rng.choice((None, 1, 2, 7, 100))
+        assert _largest_fitting(counts.__getitem__, target, guess, hi, step) == expected
+
+
+def test_the_fitted_prompts_are_the_stored_evaluations_own():
+    """Regenerated prompts have the digests the stored evaluations decoded: the H200's seed-1 single needle and
+    variable-tracking prompts at 64K (noise haystacks, the same on every interpreter; RESULTS 11d) and this CPU's
+    held-out prose prompts at 16K (RESULTS 11c). The fit's guess from the units' token counts (2026-12-04) must not
+    move a prompt by a token."""
+    import gzip
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from lsa_runtime.backbone import load_backbone
+
+    tokenizer = load_backbone("reference")[1]
+    raw = Path(__file__).resolve().parents[1] / "docs/results"
+    cases = [("table_long_h200/run4_controls_seed1/seed1_64k", "niah_single_1", 0),
+             ("table_long_h200/run4_controls_seed1/seed1_64k", "vt", 7),
+             ("varied_16k_cpu", "varied_new_all", 0), ("varied_16k_cpu", "varied_seen", 5)]
+    for folder, task, index in cases:
+        with gzip.open(raw / folder / "runs.jsonl.gz", "rt") as f:
+            run = next(r for r in map(json.loads, f) if r["task"] == task and r["index"] == index)
+        config = json.loads((raw / folder / "config.json").read_text())["config"]
+        sample = generate_sample(task, tokenizer, run["length"], seed=config["seed"], index=index,
+                                 num_samples=config["samples"], haystack_packages=config["haystack_packages"])
+        assert hashlib.sha256(sample.prompt.encode()).hexdigest()[:16] == run["prompt_sha"], (folder, task, index)
