@@ -376,7 +376,10 @@ def test_page_recall_at_16k_cpu_claims_are_the_raw_outputs(monkeypatch):
 
 def test_held_out_formats_at_16k_table_is_the_raw_outputs(monkeypatch):
     """Section 11c: tables.py's output on the stored CPU runs of the seen and all-held-out varied prompts at 16K
-    (byte for byte its stored tables.md), every row in the section."""
+    (byte for byte its stored tables.md), every row in the section; recency's hits and budget as the section says."""
+    import gzip
+    import json
+
     raw = "docs/results/varied_16k_cpu"
     module = _script("tables_varied16", REPO / "docs/results/table_long_h200/tables.py")
     monkeypatch.chdir(REPO)
@@ -384,9 +387,20 @@ def test_held_out_formats_at_16k_table_is_the_raw_outputs(monkeypatch):
     assert (REPO / raw / "tables.md").read_text() == out
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11c.")
     rows = [line for line in out.splitlines() if line.startswith(("| 16,384 |", "| varied_"))]
-    assert len(rows) == 2 + 2
+    assert len(rows) == 3 + 2
     for line in rows:
         assert line in section, line
+    with gzip.open(REPO / raw / "runs.jsonl.gz", "rt") as f:
+        runs = [json.loads(line) for line in f]
+    recent = [r for r in runs if r["mode"] == "recent"]
+    hits = {t: sum(r["score"] for r in recent if r["task"] == t) for t in ("varied_seen", "varied_new_all")}
+    assert len(recent) == 40 and hits == {"varied_seen": 2, "varied_new_all": 2}
+    assert "answers 10.0% on both (2 of 20 each; paired -90.0 [-97.5, -80.0] against LSA)" in section
+    for task, budget in {"varied_seen": 350, "varied_new_all": 315}.items():  # LSA's mean resident count per task
+        selected = [r["selected_mean"] for r in runs if r["mode"] == "lsa" and r["task"] == task]
+        assert round(sum(selected) / len(selected)) == budget
+        assert {r["budget"] for r in recent if r["task"] == task} == {budget}
+    assert "350 entries on the seen prompts, 315 on the held-out ones" in section
 
 
 def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
