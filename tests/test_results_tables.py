@@ -473,3 +473,26 @@ def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
     assert all(16 < r["stats"]["prefill_seconds"] < 22 for r in partial)
     near = {r["answers"][0]: r["prediction"] for r in single if r["score"] == 0}
     assert near["5228897"].startswith(" 5228816") and near["6449153"].startswith(" 2850816")
+
+
+def test_held_out_axes_at_16k_table_is_the_raw_outputs(monkeypatch):
+    """Section 11c's second table (one held-out axis at a time): tables.py's output on the stored CPU runs (byte for
+    byte its stored tables.md), every row in the section, and the one prompt full missed that LSA answered."""
+    import gzip
+    import json
+
+    raw = "docs/results/varied_axes_16k_cpu"
+    module = _script("tables_axes16", REPO / "docs/results/table_long_h200/tables.py")
+    monkeypatch.chdir(REPO)
+    out = _printed(module.main, [raw])
+    assert (REPO / raw / "tables.md").read_text() == out
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11c.")
+    rows = [line for line in out.splitlines() if line.startswith(("| 16,384 |", "| varied_"))]
+    assert len(rows) == 2 + 3
+    for line in rows:
+        assert line in section, line
+    with gzip.open(REPO / raw / "runs.jsonl.gz", "rt") as f:
+        runs = {(r["task"], r["index"], r["mode"]): r["score"] for r in map(json.loads, f)}
+    differ = [k[:2] for k in runs if k[2] == "lsa" and runs[k] != runs[(k[0], k[1], "full")]]
+    assert len(runs) == 120 and len(differ) == 1 and differ[0][0] == "varied_new_haystack"
+    assert runs[(*differ[0], "lsa")] == 1.0 and runs[(*differ[0], "full")] == 0.0
