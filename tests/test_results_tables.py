@@ -34,6 +34,25 @@ def _printed(main, *args) -> str:
     return out.getvalue()
 
 
+def _long_tables(monkeypatch, stored: str, *args: str) -> str:
+    """docs/results/table_long_h200/tables.py's output on ``args`` (paths from the repository root, as the stored
+    tables name them), checked byte for byte against its stored copy ``stored``."""
+    module = _script("tables_long", REPO / "docs/results/table_long_h200/tables.py")
+    monkeypatch.chdir(REPO)
+    out = _printed(module.main, list(args))
+    assert (REPO / stored).read_text() == out
+    return out
+
+
+def _rows_quoted(out: str, section: str, prefixes: tuple[str, ...], count: int) -> list[str]:
+    """The ``count`` lines of ``out`` that start with one of ``prefixes``, each found verbatim in ``section``."""
+    rows = [line for line in out.splitlines() if line.startswith(prefixes)]
+    assert len(rows) == count
+    for line in rows:
+        assert line in section, line
+    return rows
+
+
 @pytest.mark.parametrize("heading,folder,rows", [
     ("### 7e.", "varied_kinds_l6_cpu", 2 + 16 + 2 + 2),  # per task and length; pooled
     ("### 7f.", "recall_targets_l6_cpu", 2 + 16 + 2 + 2 + 2 + 3),  # ...; variable tracking with longer tails
@@ -183,15 +202,8 @@ def test_long_table_is_the_raw_outputs(monkeypatch):
 def test_short_end_table_is_the_raw_outputs(monkeypatch):
     """Section 11's 2K-4K table (the same export and floor, CPU): tables.py's output on the stored runs."""
     raw = "docs/results/short_end_top64_cpu"
-    module = _script("tables_short", REPO / "docs/results/table_long_h200/tables.py")
-    monkeypatch.chdir(REPO)
-    out = _printed(module.main, [raw])
-    assert (REPO / raw / "tables.md").read_text() == out
-    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11.")
-    rows = [line for line in out.splitlines() if line.startswith(("| 2,048 |", "| 4,096 |"))]
-    assert len(rows) == 6
-    for line in rows:
-        assert line in section, line
+    out = _long_tables(monkeypatch, f"{raw}/tables.md", raw)
+    _rows_quoted(out, _section((REPO / "docs/RESULTS.md").read_text(), "## 11."), ("| 2,048 |", "| 4,096 |"), 6)
 
 
 def test_limitations_table_is_the_raw_outputs():
@@ -381,15 +393,9 @@ def test_held_out_formats_at_16k_table_is_the_raw_outputs(monkeypatch):
     import json
 
     raw = "docs/results/varied_16k_cpu"
-    module = _script("tables_varied16", REPO / "docs/results/table_long_h200/tables.py")
-    monkeypatch.chdir(REPO)
-    out = _printed(module.main, [raw])
-    assert (REPO / raw / "tables.md").read_text() == out
+    out = _long_tables(monkeypatch, f"{raw}/tables.md", raw)
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11c.")
-    rows = [line for line in out.splitlines() if line.startswith(("| 16,384 |", "| varied_"))]
-    assert len(rows) == 3 + 2
-    for line in rows:
-        assert line in section, line
+    _rows_quoted(out, section, ("| 16,384 |", "| varied_"), 3 + 2)
     with gzip.open(REPO / raw / "runs.jsonl.gz", "rt") as f:
         runs = [json.loads(line) for line in f]
     recent = [r for r in runs if r["mode"] == "recent"]
@@ -410,18 +416,14 @@ def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
     import gzip
     import json
 
-    module = _script("tables_11d", REPO / "docs/results/table_long_h200/tables.py")
-    monkeypatch.chdir(REPO)
     raw = "docs/results/table_long_h200/run4_controls_seed1"
     text = (REPO / "docs/RESULTS.md").read_text()
     section, opening = _section(text, "## 11d."), _section(text, "## The long table")
-    out = _printed(module.main, [f"{raw}/eval_32k_pages", f"{raw}/eval_64k_pages"])
-    assert (REPO / raw / "controls_tables.md").read_text() == out
-    rows = [line for line in out.splitlines() if line.startswith(("| 32,768 |", "| 65,536 |"))]
-    controls = [line for line in out.splitlines() if "at LSA's budget" in line]
-    assert len(rows) == 6 and len(controls) == 4 and all("**yes**" in line for line in controls)
-    for line in rows + controls:
-        assert line in section, line
+    out = _long_tables(monkeypatch, f"{raw}/controls_tables.md", f"{raw}/eval_32k_pages", f"{raw}/eval_64k_pages")
+    _rows_quoted(out, section, ("| 32,768 |", "| 65,536 |"), 6)
+    controls = _rows_quoted(out, section, ("- 32,768: recent", "- 32,768: random", "- 65,536: recent",
+                                           "- 65,536: random"), 4)
+    assert all("at LSA's budget" in line and "**yes**" in line for line in controls)
     for length, (recent, random) in {"32,768": ("-63.0", "-72.9"), "65,536": ("-55.6", "-59.1")}.items():
         assert f"- {length}: recent at LSA's budget {recent} points" in out
         assert f"- {length}: random at LSA's budget {random} points" in out
@@ -437,11 +439,9 @@ def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
         assert len(new) == 80 and {k: (r["prediction"], r["score"]) for k, r in new.items()} == \
             {k: (r["prediction"], r["score"]) for k, r in old.items()}
 
-    seed1 = _printed(module.main, [f"{raw}/seed1_64k"])
-    assert (REPO / raw / "seed1_tables.md").read_text() == seed1
-    seed0 = _printed(module.main, ["docs/results/table_long_h200/run2_fetch_top64/eval_64k", "--tasks",
-                                   "niah_single_1,vt"])
-    assert (REPO / raw / "seed0_single_vt_tables.md").read_text() == seed0
+    seed1 = _long_tables(monkeypatch, f"{raw}/seed1_tables.md", f"{raw}/seed1_64k")
+    seed0 = _long_tables(monkeypatch, f"{raw}/seed0_single_vt_tables.md",
+                         "docs/results/table_long_h200/run2_fetch_top64/eval_64k", "--tasks", "niah_single_1,vt")
 
     def cells(table, mode):
         (line,) = [x for x in table.splitlines() if x.startswith(f"| 65,536 | {mode} |")]
@@ -482,15 +482,8 @@ def test_held_out_axes_at_16k_table_is_the_raw_outputs(monkeypatch):
     import json
 
     raw = "docs/results/varied_axes_16k_cpu"
-    module = _script("tables_axes16", REPO / "docs/results/table_long_h200/tables.py")
-    monkeypatch.chdir(REPO)
-    out = _printed(module.main, [raw])
-    assert (REPO / raw / "tables.md").read_text() == out
-    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11c.")
-    rows = [line for line in out.splitlines() if line.startswith(("| 16,384 |", "| varied_"))]
-    assert len(rows) == 2 + 3
-    for line in rows:
-        assert line in section, line
+    out = _long_tables(monkeypatch, f"{raw}/tables.md", raw)
+    _rows_quoted(out, _section((REPO / "docs/RESULTS.md").read_text(), "## 11c."), ("| 16,384 |", "| varied_"), 2 + 3)
     with gzip.open(REPO / raw / "runs.jsonl.gz", "rt") as f:
         runs = {(r["task"], r["index"], r["mode"]): r["score"] for r in map(json.loads, f)}
     differ = [k[:2] for k in runs if k[2] == "lsa" and runs[k] != runs[(k[0], k[1], "full")]]
