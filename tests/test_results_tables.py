@@ -489,3 +489,111 @@ def test_held_out_axes_at_16k_table_is_the_raw_outputs(monkeypatch):
     differ = [k[:2] for k in runs if k[2] == "lsa" and runs[k] != runs[(k[0], k[1], "full")]]
     assert len(runs) == 120 and len(differ) == 1 and differ[0][0] == "varied_new_haystack"
     assert runs[(*differ[0], "lsa")] == 1.0 and runs[(*differ[0], "full")] == 0.0
+
+
+def test_long_tables_reads_a_repeated_run_once_and_refuses_a_different_one(tmp_path):
+    """tables.py's load_runs: a run decoded again in a second directory (the same prompt, the same answer) is read
+    once and counted; the same run with another answer in two directories stops it (one of them cannot be the
+    table's)."""
+    import json
+
+    module = _script("tables_long", REPO / "docs/results/table_long_h200/tables.py")
+    config = {"config": {"tasks": ["niah_single_1"], "lengths": [1024], "samples": 1, "modes": ["lsa"], "seed": 0}}
+    run = {"task": "niah_single_1", "length": 1024, "index": 0, "mode": "lsa", "prompt_sha": "ab", "prediction": " 1",
+           "answers": ["1"], "score": 1.0, "stats": {}}
+    for name, prediction in (("a", " 1"), ("b", " 1"), ("c", " 2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        (tmp_path / name / "runs.jsonl").write_text(json.dumps({**run, "prediction": prediction}) + "\n")
+    runs, configs = module.load_runs([tmp_path / "a", tmp_path / "b"])
+    assert len(runs) == 1 and [c["repeated"] for c in configs] == [0, 1]
+    with pytest.raises(SystemExit, match="different prompts or answers"):
+        module.load_runs([tmp_path / "a", tmp_path / "c"])
+
+
+def test_section11e_pages_heldout_limits_hisparse_128k_are_the_raw_outputs(monkeypatch):
+    """Section 11e: tables.py / variant.py on the stored runs (byte for byte their stored tables), every row the
+    section and the opening quote, the compact tables' cells recomputed from those outputs or the runs, and the
+    section's claims about the runs: hisparse's lsa runs equal the table's, its answers equal full's text on 70 of
+    80; LSA's lost prompts at 32K are the near copies it names; the 128K runs as counted."""
+    import gzip
+    import json
+
+    raw = "docs/results/table_long_h200/run5_heldout_limits"
+    base = "docs/results/table_long_h200/run2_fetch_top64"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section, opening = _section(text, "## 11e."), _section(text, "## The long table")
+
+    def runs(path):
+        with gzip.open(REPO / path, "rt") as f:
+            return {(r["task"], r["length"], r["index"], r["mode"]): r for r in map(json.loads, f)}
+
+    def row(out, prefix):
+        (line,) = [x for x in out.splitlines() if x.startswith(prefix)]
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    # page recall on seed 1, and seed 1's oracle
+    variant = _script("variant_long", REPO / "docs/results/table_long_h200/variant.py")
+    monkeypatch.chdir(REPO)
+    pages = _printed(variant.main, [f"{raw}/seed1_64k_pages", f"{raw}/seed1_64k", "--name", "page recall"])
+    assert (REPO / raw / "seed1_pages_tables.md").read_text() == pages
+    _rows_quoted(pages, section, ("| 65,536 |",), 1)
+    assert "| 65,536 | 40 | 68.5 | [57.5, 78.5] | -1.5 | [-7.5, 3.0] | +9.5 | [4.5, 16.0] |" in pages
+    seed1 = _long_tables(monkeypatch, f"{raw}/seed1_tables.md", f"{raw}/seed1_64k")
+    _rows_quoted(seed1, section, ("| 65,536 | oracle |",), 1)
+    assert "- 65,536: +18.0 points [8.5, 28.5] over 40 pairs" in seed1 and "18.0 above LSA [8.5, 28.5]" in section
+    flat = opening.replace("\n", " ")
+    assert "page recall is 1.5 points under full [-7.5, 3.0] and 9.5 above LSA [4.5, 16.0]" in flat
+
+    # held-out formats at 32K and 64K: the compact table's cells from tables.py's rows
+    for name, task in (("seen", "varied_seen"), ("held out", "varied_new_all")):
+        stored = "held_out" if task == "varied_new_all" else "seen"
+        out = _long_tables(monkeypatch, f"{raw}/varied_{stored}_tables.md", f"{raw}/varied_32k", f"{raw}/varied_64k",
+                           "--tasks", task)
+        for length in ("32,768", "65,536"):
+            full, lsa, recent = (row(out, f"| {length} | {m} |") for m in ("full", "lsa", "recent"))
+            line = (f"| {name} | {length} | {full[3]} | {lsa[3]} | {lsa[5]} | {lsa[6]} | {recent[3]} | {lsa[7]} "
+                    f"| {lsa[8]} |")
+            assert line in section, line
+    v = runs(f"{raw}/varied_32k/runs.jsonl.gz")
+    lost = {v[k]["answers"][0]: v[k]["prediction"].split(".")[0].strip() for k in v
+            if k[3] == "lsa" and v[k]["score"] < v[(*k[:3], "full")]["score"]}
+    assert lost == {"6078732": "6078733", "1565002": "1565166", "7719179": "7719176"}
+
+    # the limitations at 32K: per-task footprints from the runs
+    limits = _long_tables(monkeypatch, f"{raw}/limits_tables.md", f"{raw}/limits_32k")
+    assert "- 32,768: LSA's CSA-KV ratio 0.682 (goal <= 0.15): **not met**" in limits
+    lim = runs(f"{raw}/limits_32k/runs.jsonl.gz")
+    for task in ("cwe", "fwe", "context_independent"):
+        lsa = [r for k, r in lim.items() if k[0] == task and k[3] == "lsa"]
+        full = [r for k, r in lim.items() if k[0] == task and k[3] == "full"]
+        assert len(lsa) == len(full) == 20 and not any(r["score"] for r in lsa + full)
+        csa = sum(r["stats"]["resident_entries"] / r["stats"]["csa_entries"] for r in lsa) / 20
+        total = sum(r["stats"]["footprint_ratio"] for r in lsa) / 20
+        resident = sum(r["stats"]["resident_entries"] for r in lsa) / 20
+        line = f"| {task} | 32,768 | 0.0 | 0.0 | {csa:.3f} | {total:.3f} | {resident:,.1f} |"
+        assert line in section, line
+
+    # hisparse at 32K, joined with the table (the opening's table is this output)
+    table = _long_tables(monkeypatch, f"{raw}/table_tables.md", f"{base}/eval_16k", f"{base}/eval_32k",
+                         f"{raw}/hisparse_32k", f"{base}/eval_64k")
+    _rows_quoted(table, opening, ("| 16,384 |", "| 32,768 |", "| 65,536 |"), 16)  # modes x lengths that ran
+    _rows_quoted(table, section, ("| 32,768 | hisparse |", "| niah_multikey_1 | 32,768 |",
+                                  "| niah_multivalue | 32,768 |", "| niah_single_1 | 32,768 |", "| vt | 32,768 |"), 5)
+    assert "80 runs equal to an earlier directory's, read once" in table
+    assert "- 32,768: -3.1 points [-7.6, 0.9] over 80 pairs" in table
+    hs, table32 = runs(f"{raw}/hisparse_32k/runs.jsonl.gz"), runs(f"{base}/eval_32k/runs.jsonl.gz")
+    keys = [k for k in hs if k[3] == "lsa"]
+    assert len(keys) == 80 and all(hs[k]["prediction"] == table32[k]["prediction"] for k in keys)
+    same = [hs[(*k[:3], "hisparse")]["prediction"] == table32[(*k[:3], "full")]["prediction"] for k in keys]
+    assert sum(same) == 70
+
+    # 128K continued
+    e128 = _long_tables(monkeypatch, f"{raw}/e128k_partial_tables.md", f"{raw}/e128k_partial")
+    _rows_quoted(e128, section, ("| 131,072 |",), 1)
+    partial = runs(f"{raw}/e128k_partial/runs.jsonl.gz")
+    single = [r for k, r in partial.items() if k[0] == "niah_single_1"]
+    assert len(partial) == 23 and {k[3] for k in partial} == {"full"}
+    assert len(single) == 12 and sum(r["score"] for r in single) == 4
+    earlier = runs("docs/results/table_long_h200/run4_controls_seed1/e128k_partial/runs.jsonl.gz")
+    assert all(partial[k]["prediction"] == r["prediction"] for k, r in earlier.items())

@@ -80,6 +80,18 @@
 # CPU one 32K prefill took ~5 min): EVAL=varied_long TASKS=varied_seen,varied_new_all LENGTHS=32k,64k
 # MODES=full,lsa,recent FETCH_TOP=64 CHUNK=4096; TASKS=cwe,fwe,context_independent LENGTHS=32k (the limitations);
 # MODES=full,lsa,hisparse at 32K.
+# Twenty-first session (2026-12-04; RESULTS section 11e, raw run5_heldout_limits/): the call above (560 s: seed 1's
+# pages 134 s, its oracle 214 s, 128K 18 runs in 210 s), then EVAL=varied_32k / varied_64k (TASKS=varied_seen,
+# varied_new_all MODES=full,lsa,recent: 168 + 337 s), then EVAL=limits_32k (TASKS=cwe,fwe,context_independent
+# MODES=full,lsa: 220 s) and EVAL=hisparse_32k (MODES=lsa,hisparse: 258 s). Next, one call: page recall on the
+# held-out formats at 32K (where LSA lost 2 near copies), then 128K continued (57 runs; ~40 s per 128K prefill with
+# six at once on the GPU, so two more calls; then the 128K evaluation's newest runs.jsonl, gzipped, replaces the
+# stored one):
+#   run(timeout_s=600, carry=[".whl"], command="T=$(date +%s); l() { echo $((560 - ($(date +%s) - T))); };
+#     S=docs/results/table_long_h200/run5_heldout_limits; BUDGET=$(l) OUT=$OUT/vp EVAL=varied_32k_pages
+#     TASKS=varied_seen,varied_new_all LENGTHS=32k MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96 bash
+#     docs/results/table_long_h200/run.sh; BUDGET=$(l) OUT=$OUT/e128k EVAL=e128k FROM=$S/e128k_partial LENGTHS=128k
+#     TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096 WORKERS=6 bash docs/results/table_long_h200/run.sh")
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
