@@ -112,8 +112,9 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
             accuracy = [_num(cells[(m, task, length)]["accuracy"]) if (m, task, length) in cells else "-"
                         for m in modes]
             print(f"| {task} | {length:,} | " + " | ".join(accuracy) + " |")
-    print()
-    print("Goals:")
+    if any(("lsa", length) in rows for length in lengths):  # the goals are LSA's: none without its runs
+        print()
+        print("Goals:")
     for length in lengths:
         lsa, full = rows.get(("lsa", length)), rows.get(("full", length))
         if lsa is None:
