@@ -92,6 +92,11 @@
 #     TASKS=varied_seen,varied_new_all LENGTHS=32k MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96 bash
 #     docs/results/table_long_h200/run.sh; BUDGET=$(l) OUT=$OUT/e128k EVAL=e128k FROM=$S/e128k_partial LENGTHS=128k
 #     TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096 WORKERS=6 bash docs/results/table_long_h200/run.sh")
+# then 128K again (FROM= the newest e128k runs) until complete. A diagnostic after that (not a goal; fixed here before
+# any run): is page recall's 64K gain its contiguity or its budget? LSA with a floor of 3x the native top-k per memory
+# layer (FETCH_TOP=192, ~700-800 entries, about page recall's 768) on the table's 64K prompts (EVAL=top192_64k
+# LENGTHS=64k MODES=lsa FETCH_TOP=192 CHUNK=4096; variant.py against run2_fetch_top64/eval_64k) and on seed 1's
+# (SEED=1 TASKS=niah_single_1,vt; against run5_heldout_limits/seed1_64k).
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
