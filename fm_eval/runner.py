@@ -21,7 +21,9 @@ The same resident budget: in each cell ``lsa`` runs first; the mean number of en
 (and hisparse's buffer, at least one step's top-k). Without ``lsa`` among the modes, ``budget`` must be given.
 
 Output in ``out``: ``runs.jsonl`` (one line per decoded sample and mode, appended as they finish, so an
-interrupted run resumes), ``config.json``, ``results.json`` (every run plus the summaries), ``results.md``
+interrupted run resumes; its ``stats`` are the Session's, its ``timing`` the worker's wall time for the prompt's
+build and for the whole run, Session set-up included, so that an evaluation's time can be attributed),
+``config.json``, ``results.json`` (every run plus the summaries), ``results.md``
 (accuracy per task and length, footprint ratio, bytes moved and tokens/s per mode) and two plots
 (``accuracy_vs_footprint.png``, ``footprint_vs_length.png``), written by :mod:`fm_eval.report`; with oracle among
 the modes, ``picks/``: the full runs' native top-k picks (:mod:`fm_eval.picks_store`), so a resumed oracle run
@@ -35,6 +37,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -227,6 +230,7 @@ class Evaluation:
             raise EvaluationError("--static-compile compiles the static step: it cannot go with --stock-decode")
         self.static_compile = bool(static_compile)
         self.done: dict[tuple, dict] = {}
+        self._prompt_seconds: dict[tuple, float] = {}  # (task, length, index): the prompt's build time
         self.identity: dict[str, str] = {}  # set by _preflight
 
     # ---- output directory -----------------------------------------------------------------------------
@@ -425,8 +429,12 @@ class Evaluation:
         # workers would each build all of them
         wanted = [i for i in mine if any(todo(m, i) for m in modes)]
         self.reporter.phase(f"{task} @ {length:,}: generating prompts")
-        samples = {i: generate_sample(task, self.tokenizer, length, seed=cfg.seed, index=i, num_samples=cfg.samples,
-                                      haystack_packages=cfg.haystack_packages) for i in wanted}
+        samples = {}
+        for i in wanted:
+            start = time.perf_counter()
+            samples[i] = generate_sample(task, self.tokenizer, length, seed=cfg.seed, index=i, num_samples=cfg.samples,
+                                         haystack_packages=cfg.haystack_packages)
+            self._prompt_seconds[(task, length, i)] = time.perf_counter() - start
         for i, sample in samples.items():  # a resumed run must continue on the very same prompts
             for mode in cfg.modes:
                 done = self.done.get((task, length, i, mode))
@@ -494,6 +502,7 @@ class Evaluation:
                 want_picks: bool = False, picks: dict | None = None) -> tuple[dict, dict | None]:
         from lsa_runtime.session import Session
 
+        start = time.perf_counter()
         config = self._session_config(mode, budget, records_picks=want_picks)
         policy = make_policy(config, self.memory_indexer, picks or {})
         session = Session(self.model, self.tokenizer, config, policy=policy)
@@ -502,7 +511,8 @@ class Evaluation:
             generation, recorded = record_native_picks(session, sample.prompt, max_new, temperature=0.0)
         else:
             generation = session.generate(sample.prompt, max_new_tokens=max_new, temperature=0.0)
-        return self._generation_record(sample, index, mode, budget, config, generation), recorded
+        return self._generation_record(sample, index, mode, budget, config, generation,
+                                       time.perf_counter() - start), recorded
 
     def _decode_batched(self, samples: dict[int, Sample], indices: list[int], mode: str, budget: int | None,
                         max_new: int, picks: dict) -> None:
@@ -520,23 +530,30 @@ class Evaluation:
         policies_of = lambda group: [make_policy(config, self.memory_indexer, picks.get(i) or {})  # noqa: E731
                                      for i in group]
         session = Session(self.model, self.tokenizer, config, policy=policies_of(indices[:1])[0])
-        for start in range(0, len(indices), self.batch):
-            group = indices[start:start + self.batch]
+        for first in range(0, len(indices), self.batch):
+            group = indices[first:first + self.batch]
+            start = time.perf_counter()
             policies = policies_of(group)
             generations = session.generate([samples[i].prompt for i in group], max_new_tokens=max_new,
                                            temperature=0.0, policies=policies if policies[0] is not None else None)
+            wall = time.perf_counter() - start  # the whole group's: its runs share every step
             for i, generation in zip(group, generations):
-                self._append(self._generation_record(samples[i], i, mode, budget, config, generation))
+                self._append(self._generation_record(samples[i], i, mode, budget, config, generation, wall,
+                                                     len(group)))
 
     def _generation_record(self, sample: Sample, index: int, mode: str, budget: int | None, config,
-                           generation) -> dict:
+                           generation, wall_seconds: float, batch: int = 1) -> dict:
         stats = generation.stats
         selected = list(stats.selected_per_trigger) if stats.triggers else None
         record = self._record(sample, index, mode, budget, generation.text, stats.as_dict())
         record.update(new_tokens=len(generation.token_ids), finish_reason=generation.finish_reason,
                       prompt_tokens=generation.prompt_tokens, selected_per_trigger=selected,
                       selected_mean=stats.selected_mean,
-                      buffer_entries=config.budget if mode == "hisparse" else None)
+                      buffer_entries=config.budget if mode == "hisparse" else None,
+                      # where a worker's time went besides prefill and decode (stats): building the prompt, and the
+                      # run's wall time from its policy and Session to its text (a batch's: the whole group's)
+                      timing={"prompt_seconds": self._prompt_seconds.get((sample.task, sample.length, index)),
+                              "run_seconds": wall_seconds, "batch": batch})
         return record
 
     def _buffer_rows(self, budget: int | None) -> int:

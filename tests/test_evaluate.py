@@ -70,6 +70,9 @@ def test_every_run_is_scored_against_its_sample(all_modes):
         assert run["answers"] == sample.answers and run["depth"] == sample.depth
         assert run["score"] == score_prediction(sample, run["prediction"])
         assert run["new_tokens"] <= NEW
+        timing = run["timing"]  # the worker's time besides prefill and decode: the prompt, the whole run
+        assert timing["batch"] == 1 and timing["prompt_seconds"] > 0
+        assert timing["run_seconds"] >= run["stats"]["prefill_seconds"] + run["stats"]["decode_seconds"]
     for cell in results["summary"]["cells"]:
         scores = [r["score"] for r in _runs(results, cell["mode"])]
         assert cell["accuracy"] == pytest.approx(100 * sum(scores) / len(scores))
@@ -201,7 +204,7 @@ def test_resume_skips_finished_runs_and_redoes_a_cut_one(backbone, tmp_path, mon
 
     resumed = evaluate(config, out, resume=True, reporter=Counting(), backbone=backbone)
     assert Counting.decoded == 1 and Counting.started == (2, 1)
-    strip = lambda runs: [{k: v for k, v in r.items() if k != "stats"} for r in runs]  # noqa: E731
+    strip = lambda runs: [{k: v for k, v in r.items() if k not in ("stats", "timing")} for r in runs]  # noqa: E731
     assert strip(resumed["runs"]) == strip(first["runs"])
 
     lines = (out / "runs.jsonl").read_text().splitlines()
@@ -232,7 +235,7 @@ def test_resume_builds_only_the_prompts_with_runs_left(backbone, tmp_path, monke
     monkeypatch.setattr(runner, "generate_sample", counting)
     resumed = evaluate(config, out, resume=True, backbone=backbone)
     assert built == [cut]
-    strip = lambda runs: [{k: v for k, v in r.items() if k != "stats"} for r in runs]  # noqa: E731
+    strip = lambda runs: [{k: v for k, v in r.items() if k not in ("stats", "timing")} for r in runs]  # noqa: E731
     assert strip(resumed["runs"]) == strip(first["runs"])
 
 
@@ -396,6 +399,10 @@ def test_batched_evaluation_records_what_one_at_a_time_does(all_modes, backbone,
         assert key(a) == key(b)
         assert {k: a[k] for k in keep} == {k: b[k] for k in keep}
         assert {k: a["stats"][k] for k in stats} == {k: b["stats"][k] for k in stats}
+    for mode in config.modes:  # a group's runs share one wall time: a batch of 3 (indices 0-2), then 1; full runs
+        timing = [r["timing"] for r in runs_batched if r["mode"] == mode]  # one at a time: the oracle's picks
+        assert [t["batch"] for t in timing] == ([1] * 4 if mode == "full" else [3, 3, 3, 1])
+        assert len({t["run_seconds"] for t in timing[:3]}) == (3 if mode == "full" else 1)
     with pytest.raises(EvaluationError, match="--batch must be"):
         Evaluation(config, tmp_path / "bad", backbone=backbone, batch=0)
 
