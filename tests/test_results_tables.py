@@ -143,12 +143,13 @@ def test_section9_l6i_label_figures_are_the_raw_outputs():
 def test_section10_release_rule_rows_are_the_runs():
     """RESULTS section 10's first table: each row's n, accuracy, paired difference with its interval and footprint,
     recomputed from the stored runs of the cut evaluation (fm_eval.report.summarize, as tables.py does)."""
+    import gzip
     import json
 
     from fm_eval.report import summarize
 
-    raw = REPO / "docs/results/table_long_h200/run1_release_rule/runs.jsonl"
-    runs = [json.loads(line) for line in raw.read_text().splitlines() if line]
+    raw = REPO / "docs/results/table_long_h200/run1_release_rule/runs.jsonl.gz"
+    runs = [json.loads(line) for line in gzip.decompress(raw.read_bytes()).decode().splitlines() if line]
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 10.")
     rows = {(r["mode"], r["length"]): r for r in summarize(runs)["modes"]}
     assert set(rows) == {("full", 32768), ("lsa", 32768), ("full", 65536)}

@@ -10,6 +10,7 @@ ones (means).
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -20,8 +21,12 @@ from fm_eval.report import summarize
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: tables.py EVAL_DIR (an fm-index evaluate directory with runs.jsonl)")
-    runs = [json.loads(line) for line in (Path(args[0]) / "runs.jsonl").read_text().splitlines() if line]
+        raise SystemExit("usage: tables.py EVAL_DIR (an fm-index evaluate directory with runs.jsonl, or runs.jsonl.gz "
+                         "as kept here)")
+    plain = Path(args[0]) / "runs.jsonl"
+    packed = plain.with_suffix(".jsonl.gz")
+    text = plain.read_text() if plain.is_file() else gzip.decompress(packed.read_bytes()).decode()
+    runs = [json.loads(line) for line in text.splitlines() if line]
     print("| task | length | mode | n | accuracy % | CSA-KV ratio | total KV ratio | resident entries / visible |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for c in sorted(summarize(runs)["cells"], key=lambda c: (c["task"], c["length"], c["mode"])):
