@@ -1,7 +1,7 @@
 """Where a Session's prefill spends its time, by operator and input shape (torch.profiler).
 
     python bench/bench_prefill.py --model reference --indexer EXPORT --lengths 65536 --chunk-size 4096 \
-        [--modes full,lsa] [--fetch-top 64] [--top 25] [--device cuda] [--json OUT.json]
+        [--modes full,lsa] [--attention eager,window] [--fetch-top 64] [--top 25] [--device cuda] [--json OUT.json]
 
 Long-context evaluations (`fm-index evaluate` at 32K-128K on the bundled models) spend most of a run in prefill:
 at 128K on the H200 a prompt took 16-22 s alone, where the 15M-parameter backbone's weights account for well under
@@ -15,6 +15,7 @@ share of the total. Decoding is one token (the prefill's first), so nothing else
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -25,6 +26,7 @@ from lsa_runtime.backbone import load_backbone
 from lsa_runtime.config import SessionConfig
 from lsa_runtime.policies import make_policy
 from lsa_runtime.session import Session
+from lsa_runtime.window_attention import set_attention
 
 
 def _profile_prefill(model, tokenizer, config: SessionConfig, ids: list[int], indexer, device: str) -> tuple:
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", default="full", help="comma-separated Session modes (full, lsa, ...)")
     ap.add_argument("--chunk-size", type=int, default=4096, help="prefill chunk in tokens (evaluate's --chunk-size)")
     ap.add_argument("--fetch-top", type=int, default=None, help="the export's floor (evaluate's --fetch-top)")
+    ap.add_argument("--attention", default="eager", help="comma-separated: eager (transformers'), window "
+                    "(lsa_runtime.window_attention; fm-index evaluate --attention)")
     ap.add_argument("--top", type=int, default=25, help="operators shown per mode and length")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write every operator's time here")
@@ -84,26 +88,30 @@ def main(argv: list[str] | None = None) -> None:
     machine = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{time.strftime('%Y-%m-%d')} {args.model} on {args.device} ({machine}), torch {torch.__version__}, "
           f"chunk {args.chunk_size}")
+    attentions = [a for a in args.attention.split(",") if a]
+    if not set(attentions) <= {"eager", "window"}:
+        raise SystemExit(f"--attention takes eager and/or window, got {args.attention!r}")
     blob = []
-    for length in lengths:
+    for length, attention, mode in itertools.product(lengths, attentions, modes):
+        set_attention(model, attention)
         ids = torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(length)).tolist()
-        for mode in modes:
-            config = SessionConfig(mode=mode, chunk_size=args.chunk_size,
-                                   tau=indexer.config.tau if indexer is not None else 64,
-                                   threshold=indexer.config.threshold if indexer is not None else 0.5,
-                                   fetch_top=args.fetch_top if mode == "lsa" else None)
-            stats, ops, total = _profile_prefill(model, tokenizer, config, ids, indexer if mode == "lsa" else None,
-                                                 args.device)
-            print(f"\n### {mode}, {length:,} tokens: prefill {stats.prefill_seconds:.2f} s "
-                  f"({stats.prefill_tokens_per_second:,.0f} tok/s); profiled self time {total:.2f} s")
-            print("| op | input shapes | calls | self s | share |")
-            print("| --- | --- | ---: | ---: | ---: |")
-            ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])
-            for (name, shapes), (seconds, calls) in ranked[:args.top]:
-                print(f"| {name[:60]} | {shapes[:70]} | {calls} | {seconds:.3f} | {100 * seconds / total:.1f}% |")
-            blob.append({"mode": mode, "length": length, "prefill_seconds": stats.prefill_seconds,
-                         "profiled_seconds": total,
-                         "ops": [{"op": n, "shapes": s, "calls": c, "seconds": t} for (n, s), (t, c) in ranked]})
+        config = SessionConfig(mode=mode, chunk_size=args.chunk_size,
+                               tau=indexer.config.tau if indexer is not None else 64,
+                               threshold=indexer.config.threshold if indexer is not None else 0.5,
+                               fetch_top=args.fetch_top if mode == "lsa" else None)
+        stats, ops, total = _profile_prefill(model, tokenizer, config, ids, indexer if mode == "lsa" else None,
+                                             args.device)
+        print(f"\n### {mode}, {length:,} tokens, {attention} attention: prefill {stats.prefill_seconds:.2f} s "
+              f"({stats.prefill_tokens_per_second:,.0f} tok/s); profiled self time {total:.2f} s")
+        print("| op | input shapes | calls | self s | share |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])
+        for (name, shapes), (seconds, calls) in ranked[:args.top]:
+            print(f"| {name[:60]} | {shapes[:70]} | {calls} | {seconds:.3f} | {100 * seconds / total:.1f}% |")
+        blob.append({"mode": mode, "length": length, "attention": attention,
+                     "prefill_seconds": stats.prefill_seconds,
+                     "profiled_seconds": total,
+                     "ops": [{"op": n, "shapes": s, "calls": c, "seconds": t} for (n, s), (t, c) in ranked]})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "device": args.device, "chunk_size": args.chunk_size, "runs": blob}, f)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attention import set_attention
+from lsa_runtime.window_attention import set_attention
 from .tasks import TaskBuilder
 
 # name -> (task, value kind, haystack source)

@@ -97,7 +97,7 @@ def attention_ranks(model, sample, chunk: int, max_bytes: int = 8 << 30) -> dict
     head-summed probability at the query before the answer, and the needle entries' share of the compressed-entry
     mass there, and the indexer's rank of the needle in that same forward. ``{"attn_ranks": {layer: rank},
     "attn_share": {layer: share}, "dense_ranks": {layer: rank}}``; the model is left as it was."""
-    from .attention import NAME, set_attention, set_chunked_indexers
+    from lsa_runtime.window_attention import NAME, set_attention, set_chunked_indexers
     from .evaluate_needles import set_topk
     from .train_indexer import EVERY_ENTRY, DenseTeacher, indexer_scores
 

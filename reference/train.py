@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import set_attention
+from lsa_runtime.window_attention import set_attention
 from .build_corpus import REFERENCE_DIR, WORK
 from .distillation import IndexerDistillation
 from .model_config import MAX_POSITIONS, csa_layer_indices, reference_config, toy_config

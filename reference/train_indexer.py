@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4IndexerScorer, apply_rotary_pos_emb
 
-from .attention import KEEP_MASS, ChunkedIndexer, query_chunk, set_attention
+from lsa_runtime.window_attention import KEEP_MASS, ChunkedIndexer, query_chunk, set_attention
 from .build_corpus import REFERENCE_DIR, WORK
 from .evaluate_needles import _cache_kwarg, chunk_length, set_topk
 from .model_config import csa_layer_indices

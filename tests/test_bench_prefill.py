@@ -20,4 +20,4 @@ def test_prefill_profile_is_by_operator_and_shape(tmp_path, capsys):
                and op["calls"] % 3 == 0 for op in ops)
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith(("| op", "| ---"))]
-    assert "### full, 384 tokens: prefill" in printed and len(rows) == 5
+    assert "### full, 384 tokens, eager attention: prefill" in printed and len(rows) == 5

@@ -496,3 +496,37 @@ def test_a_worker_ends_when_its_evaluate_process_is_killed():
     if not ended():
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the worker outlived its parent")
+
+
+def test_window_attention_evaluation_records_what_eager_does(backbone, export_dir, tmp_path):
+    """--attention window (lsa_runtime.window_attention: the same attention without the dense score matrix) in
+    every mode that decodes through the stock attention or the static step: the same predictions, selections and
+    footprints as transformers' eager attention, the default; the option is part of the resume fingerprint only when
+    it is not eager, and it refuses --batch > 1 and unknown names before anything is written."""
+    from lsa_runtime.window_attention import NAME
+
+    model = backbone[0]
+    config = EvalConfig(model="tiny", modes=("full", "lsa", "hisparse", "recent", "oracle"), tasks=(TASK,),
+                        lengths=(1024,), samples=2, indexer=str(export_dir), max_new_tokens=NEW, tau=TAU)
+    eager = evaluate(config, tmp_path / "eager", backbone=backbone)
+    try:
+        window = evaluate(replace(config, attention="window"), tmp_path / "window", backbone=backbone)
+        assert model.config._attn_implementation == NAME
+    finally:
+        evaluate(replace(config, modes=("full",), samples=1), tmp_path / "back", backbone=backbone)
+    assert model.config._attn_implementation == "eager"  # an evaluation sets its own attention every time
+    keep = ("prediction", "score", "selected_per_trigger", "budget", "new_tokens", "prompt_sha")
+    stats = ("footprint_ratio", "csa_kv_ratio", "resident_entries", "entries_fetched", "triggers")
+    key = lambda r: (r["mode"], r["index"])  # noqa: E731
+    a, b = sorted(eager["runs"], key=key), sorted(window["runs"], key=key)
+    assert len(a) == len(b) == 10 and [key(r) for r in a] == [key(r) for r in b]
+    for x, y in zip(a, b):
+        assert {k: x[k] for k in keep} == {k: y[k] for k in keep}, key(x)
+        assert {k: x["stats"][k] for k in stats} == {k: y["stats"][k] for k in stats}, key(x)
+    assert "attention" not in config.check().fingerprint()
+    assert replace(config, attention="window").check().fingerprint()["attention"] == "window"
+    with pytest.raises(EvaluationError, match="--attention must be one of eager, window"):
+        replace(config, attention="flash").check()
+    with pytest.raises(EvaluationError, match="leave --batch at 1"):
+        Evaluation(replace(config, attention="window"), tmp_path / "batched", backbone=backbone, batch=2)
+    assert not (tmp_path / "batched").exists()

@@ -353,7 +353,7 @@ def _assert_grads_close(a: dict, b: dict, rtol: float):
 def test_window_attention_equals_eager_in_logits_and_gradients(topk):
     """attention.py computes transformers' eager DeepSeek-V4 attention (sliding window + compressed entries +
     sinks) without the dense score matrix: same logits, same distillation loss, same gradients (fp32)."""
-    from reference.attention import set_attention
+    from lsa_runtime.window_attention import set_attention
     from reference.distillation import IndexerDistillation
     from reference.model_config import csa_layer_indices
 
@@ -379,7 +379,7 @@ def test_window_attention_equals_eager_in_logits_and_gradients(topk):
 def test_activation_checkpointing_keeps_distillation_loss_and_gradients(attention):
     """With every decoder layer checkpointed, the backward replays the layers and the distillation hooks fire
     again: the loss is still collected once per forward, and loss and gradients equal those without."""
-    from reference.attention import set_attention
+    from lsa_runtime.window_attention import set_attention
     from reference.distillation import IndexerDistillation
     from reference.model_config import csa_layer_indices
     from reference.train import enable_checkpointing
@@ -403,7 +403,7 @@ def test_chunked_prefill_gives_the_one_pass_logits():
     eager logits and argmax with either attention, and so does cached decoding (one token per step) after it."""
     from transformers import DynamicCache
 
-    from reference.attention import set_attention
+    from lsa_runtime.window_attention import set_attention
     from reference.evaluate_needles import _cache_kwarg, chunk_length, chunked_logits
 
     model = _toy_model(seed=5).eval()
@@ -671,7 +671,7 @@ def test_card_states_the_chunked_prefill_check():
 
 def _chunk_spy(monkeypatch, chunk_bytes: int) -> list:
     """Lower attention.CHUNK_BYTES and record every (queries, chunk length) that attention.py chooses."""
-    from reference import attention
+    from lsa_runtime import window_attention as attention
 
     monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
     seen, choose = [], attention.query_chunk
@@ -693,7 +693,7 @@ def test_chunked_indexer_gives_transformers_picks_and_scores(monkeypatch, topk):
     from transformers import DynamicCache
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Indexer
 
-    from reference.attention import ChunkedIndexer, set_chunked_indexers
+    from lsa_runtime.window_attention import ChunkedIndexer, set_chunked_indexers
 
     model = _toy_model(seed=4)
     config = model.config
@@ -754,7 +754,7 @@ def test_chunked_indexer_keeps_loss_distillation_and_gradients(monkeypatch, chec
     [B, S, T] logits kept for the distillation) against ChunkedIndexer with query chunks of 8 rows (logits kept
     only at the picks) and the block bias read in chunks, with and without activation checkpointing: the same
     loss, the same per-layer distillation KL and the same gradients, to fp32 round-off."""
-    from reference.attention import set_attention, set_chunked_indexers
+    from lsa_runtime.window_attention import set_attention, set_chunked_indexers
     from reference.distillation import IndexerDistillation
     from reference.model_config import csa_layer_indices
     from reference.train import enable_checkpointing

@@ -37,8 +37,8 @@ def test_dense_kl_equals_the_dense_warm_up_distillation(monkeypatch):
     through the cache in chunks of 40 tokens) and student (query chunks of 7 rows) give the same KL per layer, the
     same mean and the same gradients (fp32); its mass@k equals the teacher's mass on the top-k of transformers'
     own I[t, s], computed here by brute force."""
-    from reference import attention
-    from reference.attention import set_attention
+    from lsa_runtime import window_attention as attention
+    from lsa_runtime.window_attention import set_attention
     from reference.distillation import IndexerDistillation
     from reference.model_config import csa_layer_indices
     from reference.evaluate_needles import set_topk
@@ -107,7 +107,7 @@ def test_dense_kl_equals_the_dense_warm_up_distillation(monkeypatch):
 def test_teacher_mass_is_the_eager_attention_mass():
     """DenseTeacher's p[t, s] (window attention, chunked prefill, no autograd) is transformers' eager attention's
     probability on each compressed entry summed over heads, read from the eager [B, H, S, S + T] weights."""
-    from reference.attention import set_attention
+    from lsa_runtime.window_attention import set_attention
     from reference.model_config import csa_layer_indices
     from reference.evaluate_needles import set_topk
     from reference.train_indexer import EVERY_ENTRY, DenseTeacher
@@ -201,8 +201,8 @@ def test_weighted_dense_kl_equals_an_unchunked_weighted_mean(monkeypatch):
     every row at once from transformers' scorer, differentiated by autograd (fp32)."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4IndexerScorer
 
-    from reference import attention
-    from reference.attention import set_attention
+    from lsa_runtime import window_attention as attention
+    from lsa_runtime.window_attention import set_attention
     from reference.model_config import csa_layer_indices
     from reference.evaluate_needles import set_topk
     from reference.train_indexer import EVERY_ENTRY, DenseTeacher, dense_kl, indexer_parameters, keys_and_queries

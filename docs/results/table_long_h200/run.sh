@@ -131,6 +131,9 @@ extra=(--chunk-size $CHUNK --seed $SEED); [ -n "$FETCH_TOP" ] && extra+=(--fetch
 [ -n "$KEEP_RECENT" ] && extra+=(--keep-recent $KEEP_RECENT)
 # PAGE_SIZE and MAX_PAGES: lsa's page recall, whole pages of PAGE_SIZE entries, MAX_PAGES of them (empty: off)
 [ -n "${PAGE_SIZE:-}" ] && extra+=(--page-size $PAGE_SIZE --max-pages ${MAX_PAGES:?MAX_PAGES with PAGE_SIZE})
+# ATTENTION: the backbone's attention, eager (transformers', the default and every stored evaluation's) or window
+# (the same without the dense score matrix: faster prefill; a new evaluation only, --resume refuses a change)
+[ -n "${ATTENTION:-}" ] && extra+=(--attention $ATTENTION)
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \

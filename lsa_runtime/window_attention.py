@@ -13,6 +13,11 @@ module computes the same softmax over exactly those keys, plus the per-head sink
 Memory and work grow as S x (2w + k + T_hca) instead of S x (S + T). The result equals the eager path to fp32
 round-off (``tests/test_reference_model.py`` checks logits, gradients and chunked prefill).
 
+Where it runs: the bundled model's training and needle evaluations (``reference/``: there first, as
+``reference/attention.py`` until 2026-12-04), and ``fm-index evaluate --attention window``
+(:class:`fm_eval.runner.EvalConfig`), where it makes long prefills ~2x faster on a CPU (BENCHMARKS.md, "Prefill");
+transformers' eager attention stays the reference and the default.
+
 Use: ``use_window_attention(model)`` registers the attention function and its mask function under ``NAME`` and
 switches the model's config to it; ``use_eager_attention(model)`` switches back. The mask function returns an
 empty [B, 1, S, 0] mask: the stock attention then appends the compressor's block bias to it, so this function
