@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError:
         raise SystemExit(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    attentions = [a for a in args.attention.split(",") if a]
+    if not attentions or not set(attentions) <= {"eager", "window"}:
+        raise SystemExit(f"--attention takes eager and/or window, got {args.attention!r}")
     model, tokenizer = load_backbone(args.model, device=args.device)
     indexer = None
     if args.indexer:
@@ -88,9 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     machine = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"{time.strftime('%Y-%m-%d')} {args.model} on {args.device} ({machine}), torch {torch.__version__}, "
           f"chunk {args.chunk_size}")
-    attentions = [a for a in args.attention.split(",") if a]
-    if not set(attentions) <= {"eager", "window"}:
-        raise SystemExit(f"--attention takes eager and/or window, got {args.attention!r}")
     blob = []
     for length, attention, mode in itertools.product(lengths, attentions, modes):
         set_attention(model, attention)

@@ -560,6 +560,14 @@ def test_section11e_pages_heldout_limits_hisparse_128k_are_the_raw_outputs(monke
     lost = {v[k]["answers"][0]: v[k]["prediction"].split(".")[0].strip() for k in v
             if k[3] == "lsa" and v[k]["score"] < v[(*k[:3], "full")]["score"]}
     assert lost == {"6078732": "6078733", "1565002": "1565166", "7719179": "7719176"}
+    for length, counts in (("32k", {"varied_seen": (0, 1), "varied_new_all": (0, 2)}),
+                           ("64k", {"varied_seen": (1, 0), "varied_new_all": (2, 0)})):
+        v = runs(f"{raw}/varied_{length}/runs.jsonl.gz")
+        for task, (better, worse) in counts.items():  # LSA against full, prompt by prompt
+            pairs = [(v[(task, k[1], k[2], "lsa")]["score"], v[(task, k[1], k[2], "full")]["score"]) for k in v
+                     if k[0] == task and k[3] == "full"]
+            assert (sum(a > b for a, b in pairs), sum(a < b for a, b in pairs)) == (better, worse), (length, task)
+    assert "LSA answers 1 and 2\n  prompts more than full (seen / held out), none fewer" in section
 
     # the limitations at 32K: per-task footprints from the runs
     limits = _long_tables(monkeypatch, f"{raw}/limits_tables.md", f"{raw}/limits_32k")
