@@ -50,6 +50,7 @@ from lsa_runtime.errors import FmIndexError
 from lsa_runtime.outputs import OutputLock, write_text_atomic
 from lsa_runtime.placement import parse_device_map
 from lsa_runtime.policies import make_policy, record_native_picks
+from lsa_runtime.window_attention import NAME as WINDOW
 from lsa_runtime.window_attention import set_attention
 
 from . import MODES
@@ -411,7 +412,10 @@ class Evaluation:
             self.reporter.phase(f"loading {cfg.model}")
             self._backbone = load_backbone(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
         self.model, self.tokenizer = self._backbone
-        set_attention(self.model, cfg.attention)  # the model's every forward: prefill, and stock decode steps
+        if cfg.attention != "eager" or self.model.config._attn_implementation == WINDOW:
+            # the model's every forward (prefill, stock decode steps); a model another evaluation left in the window
+            # form goes back to transformers' own, any other is left as loaded
+            set_attention(self.model, cfg.attention)
         if self.tokenizer is None:
             raise EvaluationError(f"model {cfg.model} has no tokenizer: the tasks are text prompts")
         self.memory_indexer = load_memory_indexer(cfg.indexer, self.model) if "lsa" in cfg.modes else None
