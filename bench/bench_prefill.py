@@ -9,7 +9,8 @@ a second. This bench prefills one random-token prompt per length and mode in a S
 (the same SessionConfig fields: mode, chunk size, the export's tau / threshold / floor), once to warm up and once
 under the profiler, and prints per mode and length: the Session's prefill seconds and tokens/s, then the
 operators with the most self time (device time on a GPU, CPU time on the CPU) with their input shapes, calls and
-share of the total. Decoding is one token (the prefill's first), so nothing else is measured.
+share of the total. Decoding is one token (the prefill's first, printed: eager and window should agree), so
+nothing else is measured.
 """
 
 from __future__ import annotations
@@ -30,20 +31,21 @@ from lsa_runtime.window_attention import set_attention
 
 
 def _profile_prefill(model, tokenizer, config: SessionConfig, ids: list[int], indexer, device: str) -> tuple:
-    """(stats of the profiled prefill, {(op, shapes): [self seconds, calls]}, the profile's total self seconds)."""
+    """(stats of the profiled prefill, its first token, {(op, shapes): [self seconds, calls]}, the profile's total
+    self seconds)."""
     from torch.profiler import ProfilerActivity, profile
 
     def once():  # as fm-index evaluate builds a run's Session (fm_eval.runner: make_policy, then the Session)
         session = Session(model, tokenizer, config, policy=make_policy(config, indexer, {}))
-        session.generate(ids, max_new_tokens=1, temperature=0.0, stop_at_eos=False)
+        generation = session.generate(ids, max_new_tokens=1, temperature=0.0, stop_at_eos=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return session.stats
+        return session.stats, generation.token_ids[0]
 
     once()  # warm-up: kernel selection, allocator growth, the pool's first pinned buffers
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        stats = once()
+        stats, token = once()
     ops: dict[tuple, list] = defaultdict(lambda: [0.0, 0])
     on_gpu = device.startswith("cuda")
     for event in prof.key_averages(group_by_input_shape=True):
@@ -53,7 +55,7 @@ def _profile_prefill(model, tokenizer, config: SessionConfig, ids: list[int], in
         key = (event.key, str(event.input_shapes))
         ops[key][0] += seconds
         ops[key][1] += event.count
-    return stats, ops, sum(v[0] for v in ops.values())
+    return stats, token, ops, sum(v[0] for v in ops.values())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,16 +101,16 @@ def main(argv: list[str] | None = None) -> None:
                                tau=indexer.config.tau if indexer is not None else 64,
                                threshold=indexer.config.threshold if indexer is not None else 0.5,
                                fetch_top=args.fetch_top if mode == "lsa" else None)
-        stats, ops, total = _profile_prefill(model, tokenizer, config, ids, indexer if mode == "lsa" else None,
+        stats, token, ops, total = _profile_prefill(model, tokenizer, config, ids, indexer if mode == "lsa" else None,
                                              args.device)
         print(f"\n### {mode}, {length:,} tokens, {attention} attention: prefill {stats.prefill_seconds:.2f} s "
-              f"({stats.prefill_tokens_per_second:,.0f} tok/s); profiled self time {total:.2f} s")
+              f"({stats.prefill_tokens_per_second:,.0f} tok/s); profiled self time {total:.2f} s; first token {token}")
         print("| op | input shapes | calls | self s | share |")
         print("| --- | --- | ---: | ---: | ---: |")
         ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])
         for (name, shapes), (seconds, calls) in ranked[:args.top]:
             print(f"| {name[:60]} | {shapes[:70]} | {calls} | {seconds:.3f} | {100 * seconds / total:.1f}% |")
-        blob.append({"mode": mode, "length": length, "attention": attention,
+        blob.append({"mode": mode, "length": length, "attention": attention, "first_token": token,
                      "prefill_seconds": stats.prefill_seconds,
                      "profiled_seconds": total,
                      "ops": [{"op": n, "shapes": s, "calls": c, "seconds": t} for (n, s), (t, c) in ranked]})

@@ -530,3 +530,32 @@ def test_window_attention_evaluation_records_what_eager_does(backbone, export_di
     with pytest.raises(EvaluationError, match="leave --batch at 1"):
         Evaluation(replace(config, attention="window"), tmp_path / "batched", backbone=backbone, batch=2)
     assert not (tmp_path / "batched").exists()
+
+
+@pytest.mark.gpu
+def test_window_attention_on_the_gpu_records_what_eager_does(tmp_path):
+    """The same check on a GPU, fp32 (the default there is the checkpoint's dtype, whose round-off could flip a
+    greedy token between two exact forms of one attention): full runs take the static step there by default, so
+    this covers the window prefill feeding the static decode too."""
+    import torch
+
+    from lsa_runtime.backbone import load_backbone
+    from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from lsa_runtime.backbone import default_memory_layers
+
+    backbone = load_backbone("tiny", device="cuda", dtype=torch.float32)
+    config = backbone[0].config
+    mi_config = replace(MemoryIndexerConfig.from_backbone_config(config, default_memory_layers(config),
+                                                                 rank=config.q_lora_rank, tau=TAU),
+                        keep_recent=KEEP_RECENT)
+    export = MemoryIndexer.init_from_native(backbone[0], mi_config).save_export(tmp_path / "export")
+    base = EvalConfig(model="tiny", modes=("full", "lsa", "recent"), tasks=(TASK,), lengths=(1024,), samples=2,
+                      indexer=str(export), max_new_tokens=NEW, tau=TAU, device="cuda", dtype="float32")
+    eager = evaluate(base, tmp_path / "eager", backbone=backbone)
+    window = evaluate(replace(base, attention="window"), tmp_path / "window", backbone=backbone)
+    key = lambda r: (r["mode"], r["index"])  # noqa: E731
+    pick = lambda r: (r["prediction"], r["selected_per_trigger"], r["stats"]["resident_entries"])  # noqa: E731
+    assert [pick(r) for r in sorted(eager["runs"], key=key)] == [pick(r) for r in sorted(window["runs"], key=key)]

@@ -6,11 +6,16 @@
 # the table's export with its floor), transformers' eager attention and the window form (evaluate --attention window),
 # the operators by device time and input shape. ~4-6 minutes of device time:
 #   run(timeout_s=600, command="bash docs/bench_results/prefill_h200/run.sh")
-# Results: $OUT/prefill.txt (the tables), $OUT/prefill.json (every operator); docs/BENCHMARKS.md, "Prefill".
+# Results: $OUT/gpu_test.txt, $OUT/prefill.txt (the tables; each run's first token: eager and window should
+# agree), $OUT/prefill.json (every operator); docs/BENCHMARKS.md, "Prefill".
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
-timeout 540 python3 bench/bench_prefill.py --model reference \
+# first: evaluate --attention window against eager on the GPU (tiny, fp32; the static decode fed by a window prefill)
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -k window tests/test_evaluate.py > $OUT/gpu_test.txt 2>&1
+echo "gpu test rc=$? at $(( $(date +%s) - start )) s"
+grep -E "[0-9]+ (passed|failed|skipped)|^E  " $OUT/gpu_test.txt | tail -5
+timeout 480 python3 bench/bench_prefill.py --model reference \
   --indexer docs/results/labels_long_h200/run4_l6i_rebuild/export --fetch-top 64 --chunk-size 4096 \
-  --lengths 65536,131072 --modes full,lsa --attention eager,window --top 30 --json $OUT/prefill.json 2>&1 | grep -v "USDT\|Loading weights" \
-  | tee $OUT/prefill.txt
+  --lengths 65536,131072 --modes full,lsa --attention eager,window --top 30 --json $OUT/prefill.json 2>&1 \
+  | grep -v "USDT\|Loading weights" | tee $OUT/prefill.txt
 echo "rc=${PIPESTATUS[0]} at $(( $(date +%s) - start )) s"
