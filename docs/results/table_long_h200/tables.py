@@ -138,22 +138,17 @@ def print_tables(runs: list[dict], configs: list[dict]) -> None:
             print(f"- {length:,}: {control} at LSA's budget {vs['difference']:+.1f} points against LSA "
                   f"{format_interval(vs['interval'])} over {vs['pairs']} pairs: clearly below LSA "
                   f"**{'yes' if vs['interval'][1] < 0 else 'no'}**")
-    headroom = [(length, paired_summary(by[("oracle", length)], by[("lsa", length)])) for length in lengths
-                if ("oracle", length) in by and ("lsa", length) in by]
-    if headroom:
-        print()
-        print("Headroom (not a goal): the oracle, full's own native picks capped at LSA's budget, against LSA on the "
-              "same prompts:")
-        for length, vs in headroom:
-            print(f"- {length:,}: {vs['difference']:+.1f} points {format_interval(vs['interval'])} over {vs['pairs']} "
-                  f"pairs")
-    lossless = [(length, paired_summary(by[("hisparse", length)], by[("lsa", length)])) for length in lengths
-                if ("hisparse", length) in by and ("lsa", length) in by]
-    if lossless:
-        print()
-        print("Hisparse (not a goal; exact native top-k at every step, misses fetched into a buffer of LSA's budget) "
-              "against LSA on the same prompts:")
-        for length, vs in lossless:
+    against_lsa = (("oracle", "Headroom (not a goal): the oracle, full's own native picks capped at LSA's budget, "
+                               "against LSA on the same prompts:"),
+                   ("hisparse", "Hisparse (not a goal; exact native top-k at every step, misses fetched into a buffer "
+                                "of LSA's budget) against LSA on the same prompts:"))
+    for mode, title in against_lsa:  # not goals: each mode paired with LSA, length by length
+        lines = [(length, paired_summary(by[(mode, length)], by[("lsa", length)])) for length in lengths
+                 if (mode, length) in by and ("lsa", length) in by]
+        if lines:
+            print()
+            print(title)
+        for length, vs in lines:
             print(f"- {length:,}: {vs['difference']:+.1f} points {format_interval(vs['interval'])} over {vs['pairs']} "
                   f"pairs")
 
