@@ -27,7 +27,7 @@ from lsa_runtime.backbone import load_backbone
 from lsa_runtime.config import SessionConfig
 from lsa_runtime.policies import make_policy
 from lsa_runtime.session import Session
-from lsa_runtime.window_attention import set_attention
+from lsa_runtime.window_attention import ATTENTIONS, set_attention
 
 
 def _profile_prefill(model, tokenizer, config: SessionConfig, ids: list[int], indexer, device: str) -> tuple:
@@ -35,19 +35,20 @@ def _profile_prefill(model, tokenizer, config: SessionConfig, ids: list[int], in
     self seconds)."""
     from torch.profiler import ProfilerActivity, profile
 
+    on_gpu = device.startswith("cuda")
+
     def once():  # as fm-index evaluate builds a run's Session (fm_eval.runner: make_policy, then the Session)
         session = Session(model, tokenizer, config, policy=make_policy(config, indexer, {}))
         generation = session.generate(ids, max_new_tokens=1, temperature=0.0, stop_at_eos=False)
-        if device.startswith("cuda"):
+        if on_gpu:
             torch.cuda.synchronize()
         return session.stats, generation.token_ids[0]
 
     once()  # warm-up: kernel selection, allocator growth, the pool's first pinned buffers
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities, record_shapes=True) as prof:
         stats, token = once()
     ops: dict[tuple, list] = defaultdict(lambda: [0.0, 0])
-    on_gpu = device.startswith("cuda")
     for event in prof.key_averages(group_by_input_shape=True):
         seconds = (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1e6
         if seconds <= 0:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise SystemExit(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
     attentions = [a for a in args.attention.split(",") if a]
-    if not attentions or not set(attentions) <= {"eager", "window"}:
+    if not attentions or not set(attentions) <= set(ATTENTIONS):
         raise SystemExit(f"--attention takes eager and/or window, got {args.attention!r}")
     model, tokenizer = load_backbone(args.model, device=args.device)
     indexer = None

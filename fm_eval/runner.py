@@ -50,8 +50,8 @@ from lsa_runtime.errors import FmIndexError
 from lsa_runtime.outputs import OutputLock, write_text_atomic
 from lsa_runtime.placement import parse_device_map
 from lsa_runtime.policies import make_policy, record_native_picks
+from lsa_runtime.window_attention import ATTENTIONS, set_attention
 from lsa_runtime.window_attention import NAME as WINDOW
-from lsa_runtime.window_attention import set_attention
 
 from . import MODES
 from .picks_store import load_picks, picks_path, save_picks
@@ -73,8 +73,6 @@ NEEDS_FULL_PICKS = ("oracle",)
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
                      "ensemble", "pool_storage", "fetch_top", "page_size", "max_pages", "attention")
-ATTENTIONS = ("eager", "window")  # the backbone's attention in every forward: transformers' own, or the exact
-# window form (lsa_runtime.window_attention), ~2x faster prefill at 8K-16K on a CPU
 
 
 class EvaluationError(FmIndexError):

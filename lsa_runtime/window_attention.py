@@ -53,6 +53,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 )
 
 NAME = "fm_window_sparse"
+ATTENTIONS = ("eager", "window")  # what set_attention takes: transformers' dense path, or this module
 # Bytes of one query chunk's fp32 score block ([B, chunk, index heads, T] in the indexer, [B, chunk, T] for the
 # block bias); the chunk length follows from the call's sizes. A few such blocks are alive at once.
 CHUNK_BYTES = 1 << 30
