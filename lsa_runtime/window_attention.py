@@ -57,13 +57,21 @@ ATTENTIONS = ("eager", "window")  # what set_attention takes: transformers' dens
 # Bytes of one query chunk's fp32 score block ([B, chunk, index heads, T] in the indexer, [B, chunk, T] for the
 # block bias); the chunk length follows from the call's sizes. A few such blocks are alive at once.
 CHUNK_BYTES = 1 << 30
+# On a CPU a smaller block is faster: a block above glibc's mmap threshold (32 MiB) is new pages, faulted in on every
+# call, and a smaller one stays in cache between its GEMM and the passes after it (the indexer's 4,096 queries x 16
+# heads x 3,072 entries: 0.33 s in blocks of 16 MiB against 0.54-1.57 s in 512 MiB, docs/BENCHMARKS.md, "Prefill").
+CPU_CHUNK_BYTES = 16 << 20
 # An attention module with this attribute set true returns its compressed-entry mass even without autograd.
 KEEP_MASS = "fm_keep_compressed_mass"
 
 
-def query_chunk(seq: int, bytes_per_query: int) -> int:
-    """Queries per chunk: as many as keep ``bytes_per_query`` x chunk within ``CHUNK_BYTES`` (1 to ``seq``)."""
-    return max(1, min(seq, CHUNK_BYTES // max(1, bytes_per_query)))
+def query_chunk(seq: int, bytes_per_query: int, device: torch.device | None = None) -> int:
+    """Queries per chunk: as many as keep ``bytes_per_query`` x chunk within ``CHUNK_BYTES`` (1 to ``seq``), and
+    within ``CPU_CHUNK_BYTES`` on a CPU ``device``."""
+    limit = CHUNK_BYTES
+    if device is not None and torch.device(device).type == "cpu":
+        limit = min(limit, CPU_CHUNK_BYTES)
+    return max(1, min(seq, limit // max(1, bytes_per_query)))
 
 
 def empty_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, device="cpu", **kwargs):
@@ -125,7 +133,7 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
     if n_comp:
         cbias = bias[..., -n_comp:]
         # The open entries per query, read in query chunks: no [B, S, T] copy of the bias (bool or fp32).
-        step = query_chunk(seq, batch * n_comp * 4)
+        step = query_chunk(seq, batch * n_comp * 4, query.device)
         starts = range(0, seq, step)
         counts = [torch.isfinite(cbias[:, t:t + step]).sum(-1).max() for t in starts]
         n_sel = int(torch.stack(counts).max()) if counts else 0
@@ -168,6 +176,27 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
         mass = query.new_zeros(batch, 1, seq, n_comp, dtype=torch.float32)
     out = out.to(query.dtype)
     return out.transpose(1, 2).contiguous(), mass
+
+
+def index_scores(scorer: DeepseekV4IndexerScorer, q: torch.Tensor, keys: torch.Tensor,
+                 hidden_states: torch.Tensor, block: torch.Tensor | None = None) -> torch.Tensor:
+    """I[t, s] = sum_h w[t, h] ReLU(q[t, h] . K[s]) for every entry, [B, S, T] fp32: transformers' scorer
+    (``DeepseekV4IndexerScorer.forward``: ``q`` [B, S, H, D], ``keys`` [B, T, D]) with the same products
+    (ReLU(q . K) x softmax_scale, times w[t, h] x weights_scaling) and the head sum done as one batched
+    [1, H] x [H, T] product per query, the ReLU and the scale in place: two passes over the [B, S, H, T] block
+    instead of transformers' seven, and one such block alive instead of three (docs/BENCHMARKS.md, "Prefill").
+    Only the order of the fp32 sums may differ from transformers' (equal picks, tested against it).
+    ``block``: fp32 storage of at least B x S x H x T elements for the per-head scores, reused by a caller that
+    scores query chunk after query chunk (a CPU faults in fresh pages for every new large tensor)."""
+    batch, seq, heads, dim = q.shape
+    n_entries = keys.shape[1]
+    out = None if block is None else block[:batch * seq * heads * n_entries].view(batch, seq * heads, n_entries)
+    # q[t, h] . K[s] as one [S x H, D] x [D, T] GEMM per row; transformers' broadcast matmul runs S small
+    # [H, D] x [D, T] GEMMs, 4.8x slower on a CPU at S = 4,096
+    scores = torch.matmul(q.float().reshape(batch, seq * heads, dim), keys.float().transpose(-1, -2), out=out)
+    scores = scores.view(batch, seq, heads, n_entries).relu_().mul_(scorer.softmax_scale)
+    weights = scorer.weights_proj(hidden_states).float() * scorer.weights_scaling  # w[t, h]: [B, S, H]
+    return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
 
 
 class PickScorer(DeepseekV4IndexerScorer):
@@ -252,7 +281,7 @@ class ChunkedIndexer(DeepseekV4Indexer):
     @torch.no_grad()
     def _top_k(self, q: torch.Tensor, keys: torch.Tensor, hidden_states: torch.Tensor,
                position_ids: torch.Tensor) -> torch.LongTensor:
-        """transformers' selection per query chunk: I[t, s] over every entry (its own scorer code), -inf where
+        """transformers' selection per query chunk: I[t, s] over every entry (:func:`index_scores`), -inf where
         s >= (t + 1) // m (not yet compressed), top ``index_topk``; picks past that limit become -1."""
         batch, seq_len = q.shape[:2]
         n_entries = keys.shape[1]
@@ -262,12 +291,12 @@ class ChunkedIndexer(DeepseekV4Indexer):
             return picks
         limit = ((position_ids + 1) // self.compress_rate).unsqueeze(-1)  # [B or 1, S, 1]
         entries = torch.arange(n_entries, device=q.device)
-        step = query_chunk(seq_len, batch * self.num_heads * n_entries * 4)
+        step = query_chunk(seq_len, batch * self.num_heads * n_entries * 4, q.device)
+        block = q.new_empty(batch * step * self.num_heads * n_entries, dtype=torch.float32)  # reused per chunk
         for t in range(0, seq_len, step):
-            scores = DeepseekV4IndexerScorer.forward(self.scorer, q[:, t:t + step], keys,
-                                                     hidden_states[:, t:t + step])  # I[t, s]: [B, c, T]
+            scores = index_scores(self.scorer, q[:, t:t + step], keys, hidden_states[:, t:t + step], block)
             lim = limit[:, t:t + step]
-            top = scores.masked_fill(entries >= lim, float("-inf")).topk(top_k, dim=-1).indices
+            top = scores.masked_fill_(entries >= lim, float("-inf")).topk(top_k, dim=-1).indices
             picks[:, t:t + step] = torch.where(top >= lim, -1, top)
         return picks
 

@@ -676,13 +676,40 @@ def _chunk_spy(monkeypatch, chunk_bytes: int) -> list:
     monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
     seen, choose = [], attention.query_chunk
 
-    def spy(seq, bytes_per_query):
-        step = choose(seq, bytes_per_query)
+    def spy(seq, bytes_per_query, device=None):
+        step = choose(seq, bytes_per_query, device)
         seen.append((seq, step))
         return step
 
     monkeypatch.setattr(attention, "query_chunk", spy)
     return seen
+
+
+def test_index_scores_equal_transformers_scorer():
+    """index_scores (ReLU and scale in place, the head sum as one [1, H] x [H, T] product per query) returns
+    transformers' DeepseekV4IndexerScorer scores to fp32 round-off (head weights of both signs, bf16 inputs as the
+    device runs them), and the same top-64 per query."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4IndexerScorer
+
+    from lsa_runtime.window_attention import index_scores
+
+    config = _toy_model(seed=4).config
+    scorer = DeepseekV4IndexerScorer(config)
+    gen = torch.Generator().manual_seed(8)
+    torch.nn.init.normal_(scorer.weights_proj.weight, generator=gen)
+    B, S, T, H, D = 2, 96, 700, config.index_n_heads, config.index_head_dim
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(B, S, H, D, generator=gen).to(dtype)
+        keys = torch.randn(B, T, D, generator=gen).to(dtype)
+        hidden = torch.randn(B, S, config.hidden_size, generator=gen).to(dtype)
+        with torch.no_grad():
+            ref = DeepseekV4IndexerScorer.forward(scorer.to(dtype), q, keys, hidden)
+            got = index_scores(scorer, q, keys, hidden)
+        assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape == (B, S, T)
+        assert (ref < 0).any() and (ref > 0).any()  # head weights of both signs reach the sum
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+        top = lambda x: x.topk(64, dim=-1).indices.sort(dim=-1).values  # noqa: E731
+        assert torch.equal(top(got), top(ref))
 
 
 @pytest.mark.parametrize("topk", [4, 1000])  # native sparse top-k; the dense warm-up (every entry)
