@@ -10,8 +10,9 @@ module computes the same softmax over exactly those keys, plus the per-head sink
   quarter of the entries (CSA top-k at long lengths) they are gathered per query; otherwise (HCA, or a dense
   warm-up top-k) the bias is added to a dense [B, heads, S, T] score block, T = S / rate.
 
-Memory and work grow as S x (2w + k + T_hca) instead of S x (S + T). The result equals the eager path to fp32
-round-off (``tests/test_reference_model.py`` checks logits, gradients and chunked prefill).
+Memory and work grow as S x (2w + k + T_hca) instead of S x (S + T). On a CPU the queries go in blocks (whole
+windows) whose temporaries fit ``CPU_CHUNK_BYTES``. The result equals the eager path to fp32 round-off
+(``tests/test_reference_model.py`` checks logits, gradients and chunked prefill, with and without the blocks).
 
 Where it runs: the bundled model's training and needle evaluations (``reference/``: there first, as
 ``reference/attention.py`` until 2026-12-04), and ``fm-index evaluate --attention window``
@@ -38,8 +39,9 @@ bytes = 64 GiB per block). ``use_window_attention`` also switches every CSA laye
 in query chunks of at most ``CHUNK_BYTES`` per score block without gradient (the top-k is not differentiable), and,
 when gradients are enabled, I[t, s] with gradient at the picks only ([B, S, k], computed by :class:`PickScorer`,
 whose forward hook the distillation reads). The open entries of the block bias are also read in query chunks here.
-``CHUNK_BYTES`` sets the chunk length from the sizes of each call (nothing to tune); tests lower it to force
-chunking.
+The scores are computed by :func:`index_scores` (one GEMM, two passes; transformers' scorer stays the reference it
+is tested against). ``CHUNK_BYTES`` sets the chunk length from the sizes of each call (nothing to tune), and
+``CPU_CHUNK_BYTES`` caps it on a CPU; tests lower them to force chunking.
 """
 
 from __future__ import annotations
@@ -113,6 +115,36 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
     if offset < 0:
         raise ValueError(f"attention '{NAME}': {n_raw} raw keys for {seq} queries")
     raw, comp = kv[:, :n_raw], kv[:, n_raw:]
+    cbias = bias[..., -n_comp:] if n_comp else None
+    # On a CPU, blocks of queries (a multiple of the window) whose temporaries stay within CPU_CHUNK_BYTES: the
+    # gathered picks alone are [B, S, k, D] (128 MiB for 4,096 queries at k = 64, D = 128 in fp32), new pages on
+    # every call (see CPU_CHUNK_BYTES). Each query's softmax is its own, so the blocks are independent.
+    indexer = getattr(module.compressor, "indexer", None)
+    n_open = min(n_comp, indexer.index_topk) if indexer is not None else n_comp  # entries a query scores (HCA: all)
+    per_query = 4 * batch * (3 * heads * (2 * window + n_open + 1) + n_open * dim)  # fp32 scores, logits, probs, picks
+    step = seq if query.device.type != "cpu" else max(window, CPU_CHUNK_BYTES // per_query // window * window)
+    if step >= seq:
+        return _window_sparse_block(module, query, raw, comp, cbias, scaling)
+    outs, masses = [], []
+    for a in range(0, seq, step):
+        b = min(seq, a + step)
+        first = max(0, offset + a - window)  # the raw keys queries a .. b-1 can see
+        out, mass = _window_sparse_block(module, query[:, :, a:b], raw[:, first:offset + b], comp,
+                                         None if cbias is None else cbias[:, a:b], scaling)
+        outs.append(out)
+        masses.append(mass)
+    mass = None if masses[0] is None else torch.cat(masses, dim=2)
+    return torch.cat(outs, dim=1), mass
+
+
+def _window_sparse_block(module, query, raw, comp, cbias, scaling):
+    """:func:`window_sparse_attention` for queries that are the last ``S`` of the raw keys ``raw`` [B, N_raw, D]
+    (``comp`` [B, T, D] the compressed entries, ``cbias`` [B, S, T] their block bias, or None when there are
+    none): returns (output [B, S, H, D], compressed mass or None)."""
+    batch, heads, seq, dim = query.shape
+    window = module.sliding_window
+    n_raw, n_comp = raw.shape[1], (0 if cbias is None else cbias.shape[-1])
+    offset = n_raw - seq
 
     # Raw tokens: block b holds queries b*w .. b*w+w-1; its 2w key slots c are raw keys offset + b*w - w + c,
     # and query a of the block sees slots a+1 .. a+w (its own token and the w-1 before it).
@@ -131,7 +163,6 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
     # Compressed entries.
     gathered, idx, n_sel = None, None, 0
     if n_comp:
-        cbias = bias[..., -n_comp:]
         # The open entries per query, read in query chunks: no [B, S, T] copy of the bias (bool or fp32).
         step = query_chunk(seq, batch * n_comp * 4, query.device)
         starts = range(0, seq, step)
@@ -157,15 +188,15 @@ def window_sparse_attention(module, query, key, value, attention_mask, scaling, 
     logits = torch.cat(parts + [sinks], dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = F.softmax(logits, dim=-1)
-    p_w = probs[..., :2 * window].to(kv.dtype).view(batch, heads, n_blocks, window, 2 * window)
+    p_w = probs[..., :2 * window].to(raw.dtype).view(batch, heads, n_blocks, window, 2 * window)
     out = torch.matmul(p_w, blocks.transpose(-1, -2).unsqueeze(1)).view(batch, heads, padded, dim)[:, :, :seq]
     mass, want_mass = None, torch.is_grad_enabled() or getattr(module, KEEP_MASS, False)
     if n_sel:
         p_c = probs[:, :, :seq, 2 * window:2 * window + n_sel]  # the padded query rows dropped
         if gathered is not None:
-            out = out + torch.einsum("bhsk,bskd->bhsd", p_c.to(kv.dtype), gathered)
+            out = out + torch.einsum("bhsk,bskd->bhsd", p_c.to(raw.dtype), gathered)
         else:
-            out = out + torch.matmul(p_c.to(kv.dtype), comp.unsqueeze(1))
+            out = out + torch.matmul(p_c.to(raw.dtype), comp.unsqueeze(1))
         if want_mass:
             with torch.no_grad():
                 summed = p_c.sum(1)  # [B, S, k or T]

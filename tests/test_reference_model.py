@@ -349,14 +349,33 @@ def _assert_grads_close(a: dict, b: dict, rtol: float):
         assert float((a[name] - b[name]).abs().max()) <= rtol * scale, name
 
 
+def _spy_query_blocks(monkeypatch) -> list:
+    """Make window_sparse_attention take its queries one window at a time (CPU_CHUNK_BYTES at its floor) and
+    record each block's query count."""
+    from lsa_runtime import window_attention as attention
+
+    monkeypatch.setattr(attention, "CPU_CHUNK_BYTES", 1)
+    sizes, block = [], attention._window_sparse_block
+
+    def spy(module, query, *args):
+        sizes.append(query.shape[2])
+        return block(module, query, *args)
+
+    monkeypatch.setattr(attention, "_window_sparse_block", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("blocks", [False, True])  # True: the CPU's query blocks, one window each
 @pytest.mark.parametrize("topk", [4, 1000])  # 4: CSA picks gathered per query; 1000: every entry (dense block)
-def test_window_attention_equals_eager_in_logits_and_gradients(topk):
+def test_window_attention_equals_eager_in_logits_and_gradients(monkeypatch, topk, blocks):
     """attention.py computes transformers' eager DeepSeek-V4 attention (sliding window + compressed entries +
-    sinks) without the dense score matrix: same logits, same distillation loss, same gradients (fp32)."""
+    sinks) without the dense score matrix: same logits, same distillation loss, same gradients (fp32), also when
+    it takes the queries in blocks."""
     from lsa_runtime.window_attention import set_attention
     from reference.distillation import IndexerDistillation
     from reference.model_config import csa_layer_indices
 
+    sizes = _spy_query_blocks(monkeypatch) if blocks else []
     model = _toy_model()
     distill = IndexerDistillation(model, csa_layer_indices(model.config))
     distill.set_topk(model, topk)
@@ -373,6 +392,8 @@ def test_window_attention_equals_eager_in_logits_and_gradients(topk):
     assert loss_w == pytest.approx(loss_e, rel=1e-5)
     assert set(kl_e) == {2} and kl_w[2] == pytest.approx(kl_e[2], rel=1e-4, abs=1e-7)
     _assert_grads_close(g_e, g_w, 1e-4)
+    window = model.config.sliding_window
+    assert not blocks or (sizes and max(sizes) == window and 141 % window in sizes)  # one window a block
 
 
 @pytest.mark.parametrize("attention", ["window", "eager"])
@@ -398,7 +419,8 @@ def test_activation_checkpointing_keeps_distillation_loss_and_gradients(attentio
     _assert_grads_close(plain[2], replayed[2], 1e-5)
 
 
-def test_chunked_prefill_gives_the_one_pass_logits():
+@pytest.mark.parametrize("blocks", [False, True])  # True: the window attention's CPU query blocks, one window each
+def test_chunked_prefill_gives_the_one_pass_logits(monkeypatch, blocks):
     """evaluate_needles' chunked prefill through the DynamicCache (chunks of 48 tokens) reproduces the one-pass
     eager logits and argmax with either attention, and so does cached decoding (one token per step) after it."""
     from transformers import DynamicCache
@@ -406,6 +428,7 @@ def test_chunked_prefill_gives_the_one_pass_logits():
     from lsa_runtime.window_attention import set_attention
     from reference.evaluate_needles import _cache_kwarg, chunk_length, chunked_logits
 
+    sizes = _spy_query_blocks(monkeypatch) if blocks else []
     model = _toy_model(seed=5).eval()
     ids = torch.randint(3, 256, (1, 130), generator=torch.Generator().manual_seed(4))
     set_attention(model, "eager")
@@ -426,6 +449,7 @@ def test_chunked_prefill_gives_the_one_pass_logits():
                   for t in range(112, 130)]
     decoded = torch.stack(steps)
     assert float((decoded - full[111:]).abs().max()) < 1e-4 * scale
+    assert not blocks or (16 in sizes and max(sizes) == 16)  # the cached chunks went in blocks too
     # The chunk rule: halved while chunk x heads x (entries + window) x 4 bytes exceeds the budget.
     config = model.config  # 16 indexer heads, CSA rate 4, window 16
     assert chunk_length(config, 0, 4096, 2**30) == 4096
