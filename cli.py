@@ -635,8 +635,8 @@ def evaluate_command(
     attention: str = typer.Option("eager", "--attention", help="The backbone's attention in every forward: eager "
                                   "(transformers' own, the reference) or window (the same attention computed "
                                   "without the dense query x key matrix: the sliding window in blocks, the CSA "
-                                  "picks gathered; equal to eager up to float round-off, ~2x faster prefill at "
-                                  "8K-16K on a CPU). window needs --batch 1."),
+                                  "picks gathered; equal to eager up to float round-off, prefill 4.5x faster at "
+                                  "16K on a CPU). window needs --batch 1."),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU one CUDA graph per batch; "
                                        "every mode but hisparse) or the per-sequence path. Default: static on one "
