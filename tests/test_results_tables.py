@@ -606,3 +606,74 @@ def test_section11e_pages_heldout_limits_hisparse_128k_are_the_raw_outputs(monke
     assert len(single) == 12 and sum(r["score"] for r in single) == 4
     earlier = runs("docs/results/table_long_h200/run4_controls_seed1/e128k_partial/runs.jsonl.gz")
     assert all(partial[k]["prediction"] == r["prediction"] for k, r in earlier.items())
+
+
+def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monkeypatch):
+    """Section 11f: tables.py / variant.py on the stored CPU runs (byte for byte their stored tables), the compact
+    table's cells from those outputs, every hisparse row in the section, and the section's claims about the runs:
+    the CPU's held-out LSA scores equal the device's (the same two wrong answers), full's runs equal across the two
+    evaluations, page recall's texts, the strict first-number reading, hisparse's texts equal full's, the window
+    attention's 16K lsa texts equal section 11b's eager ones."""
+    import gzip
+    import json
+    import re
+
+    raw, dev = "docs/results/varied_32k_cpu", "docs/results/table_long_h200"
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11f.")
+
+    def runs(path, task=None):
+        with gzip.open(REPO / path, "rt") as f:
+            return {(r["mode"], r["task"], r["index"]): r for r in map(json.loads, f) if task in (None, r["task"])}
+
+    def row(out, prefix):
+        (line,) = [x for x in out.splitlines() if x.startswith(prefix)]
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    # page recall on the held-out formats at 32K
+    held = _long_tables(monkeypatch, f"{raw}/held_out_tables.md", f"{raw}/held_out")
+    variant = _script("variant_11f", REPO / f"{dev}/variant.py")
+    pages = _printed(variant.main, [f"{raw}/held_out_pages", f"{raw}/held_out", "--name", "lsa + pages"])
+    assert (REPO / raw / "held_out_pages_variant.md").read_text() == pages
+    full, lsa, p = row(held, "| 32,768 | full |"), row(held, "| 32,768 | lsa |"), row(pages, "| 32,768 | 20 |")
+    line = (f"| held out | 32,768 | {full[3]} | {lsa[3]} | {lsa[5]} {lsa[6]} | {p[2]} | {p[4]} {p[5]} | {p[6]} {p[7]} "
+            f"| {p[8]} | {p[9]} |")
+    assert line == ("| held out | 32,768 | 100.0 | 90.0 | -10.0 [-25.0, 0.0] | 100.0 | +0.0 [0.0, 0.0] | +10.0 [0.0, "
+                    "25.0] | 0.096 / 0.041 | 0.282 / 0.231 |") and line in section
+    cpu, paged = runs(f"{raw}/held_out/runs.jsonl.gz"), runs(f"{raw}/held_out_pages/runs.jsonl.gz")
+    device = runs(f"{dev}/run5_heldout_limits/varied_32k/runs.jsonl.gz", "varied_new_all")
+    keys = [k for k in cpu if k[0] == "lsa"]
+    assert len(keys) == 20 and all(cpu[k]["prompt_sha"] == device[k]["prompt_sha"] for k in keys)
+    assert all(cpu[k]["score"] == device[k]["score"] for k in cpu)  # LSA's and full's scores, 40 of 40
+    wrong = {cpu[k]["prediction"].split(".")[0].strip() for k in keys if cpu[k]["score"] < 1}
+    assert wrong == {"6078733", "1565166"} == {device[k]["prediction"].split(".")[0].strip() for k in keys
+                                                if device[k]["score"] < 1}
+    differ = {m: sum(cpu[k]["prediction"] != device[k]["prediction"] for k in cpu if k[0] == m) for m in ("full", "lsa")}
+    assert differ == {"full": 9, "lsa": 8}
+    assert all(paged[k]["prediction"] == cpu[k]["prediction"] for k in paged if k[0] == "full")
+    assert sum(paged[k]["prediction"] == cpu[("full", *k[1:])]["prediction"] for k in keys) == 8
+    assert json.loads((REPO / raw / "held_out_pages/config.json").read_text())["fingerprint"]["page_size"] == 8
+
+    def first_number_right(r):
+        return re.search(r"\d+", r["prediction"]).group(0) == r["answers"][0]
+
+    strict = {name: sorted(k[2] for k in keys if not first_number_right(d[(mode, *k[1:])]))
+              for name, d, mode in (("full", cpu, "full"), ("lsa", cpu, "lsa"), ("pages", paged, "lsa"))}
+    assert strict == {"full": [2, 8], "lsa": [2, 3], "pages": [2, 8]}
+    flat = section.replace("\n  ", " ")
+    assert "full, LSA and page recall each answer 18 of 20" in flat and "(60787326, 6078732, ...; 78251600 ...)" in flat
+
+    # hisparse at 16K, and the window attention against section 11b's eager lsa runs
+    hisparse = _long_tables(monkeypatch, "docs/results/hisparse_16k_cpu/tables.md", "docs/results/hisparse_16k_cpu")
+    _rows_quoted(hisparse, section, ("| 16,384 |",), 3)
+    h = runs("docs/results/hisparse_16k_cpu/runs.jsonl.gz")
+    pairs = [k for k in h if k[0] == "full"]
+    assert len(pairs) == 40 and all(h[("hisparse", *k[1:])]["prediction"] == h[k]["prediction"] for k in pairs)
+    eager = runs("docs/results/pages_16k_cpu/lsa/runs.jsonl.gz")
+    assert json.loads((REPO / "docs/results/hisparse_16k_cpu/config.json").read_text())["config"]["attention"] == "window"
+    assert all(h[("lsa", *k[1:])]["prediction"] == eager[("lsa", *k[1:])]["prediction"] for k in pairs)
+    table = runs(f"{dev}/run2_fetch_top64/eval_16k/runs.jsonl.gz")
+    same = {m: (sum(h[(m, *k[1:])]["score"] == table[(m, *k[1:])]["score"] for k in pairs),
+                sum(h[(m, *k[1:])]["prediction"] == table[(m, *k[1:])]["prediction"] for k in pairs))
+            for m in ("full", "lsa")}
+    assert same == {"full": (40, 39), "lsa": (39, 37)}
+    assert "full's scores equal on 40 of\n  40 (texts 39), LSA's on 39 of 40 (texts 37)" in section
