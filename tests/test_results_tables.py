@@ -662,6 +662,26 @@ def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monk
     flat = section.replace("\n  ", " ")
     assert "full, LSA and page recall each answer 18 of 20" in flat and "(60787326, 6078732, ...; 78251600 ...)" in flat
 
+    # the seen formats at 32K: 15 of the device's prompts here, the same near copy lost, page recall level with full
+    seen = _long_tables(monkeypatch, f"{raw}/seen_tables.md", f"{raw}/seen")
+    seen_pages = _printed(variant.main, [f"{raw}/seen_pages", f"{raw}/seen", "--name", "lsa + pages"])
+    assert (REPO / raw / "seen_pages_variant.md").read_text() == seen_pages
+    full, lsa, p = row(seen, "| 32,768 | full |"), row(seen, "| 32,768 | lsa |"), row(seen_pages, "| 32,768 | 20 |")
+    line = (f"| seen | 32,768 | {full[3]} | {lsa[3]} | {lsa[5]} {lsa[6]} | {p[2]} | {p[4]} {p[5]} | {p[6]} {p[7]} "
+            f"| {p[8]} | {p[9]} |")
+    assert line in section, line
+    cpu_s, paged_s = runs(f"{raw}/seen/runs.jsonl.gz"), runs(f"{raw}/seen_pages/runs.jsonl.gz")
+    device_s = runs(f"{dev}/run5_heldout_limits/varied_32k/runs.jsonl.gz", "varied_seen")
+    shared = [k for k in cpu_s if cpu_s[k]["prompt_sha"] == device_s[k]["prompt_sha"]]
+    assert len(shared) == 2 * 15 and all(cpu_s[k]["score"] == device_s[k]["score"] for k in shared)
+    lost = [cpu_s[k]["prediction"].split(".")[0].strip() for k in cpu_s if k[0] == "lsa" and cpu_s[k]["score"] < 1]
+    assert lost == ["7719176"]
+    seen_keys = [k for k in cpu_s if k[0] == "lsa"]
+    assert sum(paged_s[k]["prediction"] == cpu_s[("full", *k[1:])]["prediction"] for k in seen_keys) == 7
+    strict = {name: sorted(k[2] for k in seen_keys if not first_number_right(d[(mode, *k[1:])]))
+              for name, d, mode in (("full", cpu_s, "full"), ("lsa", cpu_s, "lsa"), ("pages", paged_s, "lsa"))}
+    assert strict == {"full": [14], "lsa": [5, 14], "pages": [14]}
+
     # hisparse at 16K, and the window attention against section 11b's eager lsa runs
     hisparse = _long_tables(monkeypatch, "docs/results/hisparse_16k_cpu/tables.md", "docs/results/hisparse_16k_cpu")
     _rows_quoted(hisparse, section, ("| 16,384 |",), 3)

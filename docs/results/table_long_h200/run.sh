@@ -97,6 +97,14 @@
 # layer (FETCH_TOP=192, ~700-800 entries, about page recall's 768) on the table's 64K prompts (EVAL=top192_64k
 # LENGTHS=64k MODES=lsa FETCH_TOP=192 CHUNK=4096; variant.py against run2_fetch_top64/eval_64k) and on seed 1's
 # (SEED=1 TASKS=niah_single_1,vt; against run5_heldout_limits/seed1_64k).
+# Twenty-second session (2026-12-04): no device lent. With the faster window attention (BENCHMARKS "Prefill") the
+# CPU ran 32K here (RESULTS section 11f): page recall on the held-out formats at 32K (varied_new_all; the CPU's LSA
+# scores equal the device's on all 20), and on the seen formats (varied_seen: 5 of its 20 prompts differ here, code
+# haystacks from another standard library), hisparse at 16K. So the next call drops EVAL=varied_32k_pages and is
+# 128K continued (ATTENTION unset, so eager, as the runs it resumes; a resumed evaluation refuses another attention):
+#   run(timeout_s=600, carry=[".whl"], command="S=docs/results/table_long_h200/run5_heldout_limits; BUDGET=560
+#     EVAL=e128k FROM=$S/e128k_partial LENGTHS=128k TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096
+#     WORKERS=6 bash docs/results/table_long_h200/run.sh")
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
