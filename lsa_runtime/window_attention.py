@@ -61,7 +61,7 @@ ATTENTIONS = ("eager", "window")  # what set_attention takes: transformers' dens
 CHUNK_BYTES = 1 << 30
 # On a CPU a smaller block is faster: a block above glibc's mmap threshold (32 MiB) is new pages, faulted in on every
 # call, and a smaller one stays in cache between its GEMM and the passes after it (the indexer's 4,096 queries x 16
-# heads x 3,072 entries: 0.33 s in blocks of 16 MiB against 0.54-1.57 s in 512 MiB, docs/BENCHMARKS.md, "Prefill").
+# heads x 4,096 entries and their top-64: 0.33 s in blocks of 16 MiB, 0.54-1.57 s in 512 MiB; docs/BENCHMARKS.md).
 CPU_CHUNK_BYTES = 16 << 20
 # An attention module with this attribute set true returns its compressed-entry mass even without autograd.
 KEEP_MASS = "fm_keep_compressed_mass"
