@@ -682,6 +682,17 @@ def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monk
               for name, d, mode in (("full", cpu_s, "full"), ("lsa", cpu_s, "lsa"), ("pages", paged_s, "lsa"))}
     assert strict == {"full": [14], "lsa": [5, 14], "pages": [14]}
 
+    # page recall on the held-out formats at 64K (CPU) against the device's full and LSA
+    far = _printed(variant.main, ["docs/results/varied_64k_cpu/held_out_pages",
+                                  f"{dev}/run5_heldout_limits/varied_64k", "--name", "lsa + pages (CPU)"])
+    assert (REPO / "docs/results/varied_64k_cpu/held_out_pages_vs_device.md").read_text() == far
+    p, acc = row(far, "| 65,536 | 20 |"), row(far, "| varied_new_all | 65,536 |")
+    line = (f"| held out | 65,536 | {acc[2]} | {acc[3]} | {p[2]} | {p[4]} {p[5]} | {p[6]} {p[7]} | {p[8]} | {p[9]} |")
+    assert line in section, line
+    far_runs = runs("docs/results/varied_64k_cpu/held_out_pages/runs.jsonl.gz")
+    device64 = runs(f"{dev}/run5_heldout_limits/varied_64k/runs.jsonl.gz", "varied_new_all")
+    assert len(far_runs) == 20 and all(far_runs[k]["score"] == device64[k]["score"] for k in far_runs)
+
     # hisparse at 16K, and the window attention against section 11b's eager lsa runs
     hisparse = _long_tables(monkeypatch, "docs/results/hisparse_16k_cpu/tables.md", "docs/results/hisparse_16k_cpu")
     _rows_quoted(hisparse, section, ("| 16,384 |",), 3)
