@@ -100,7 +100,8 @@
 # Twenty-second session (2026-12-04): no device lent. With the faster window attention (BENCHMARKS "Prefill") the
 # CPU ran 32K here (RESULTS section 11f): page recall on the held-out formats at 32K (varied_new_all; the CPU's LSA
 # scores equal the device's on all 20), and on the seen formats (varied_seen: 5 of its 20 prompts differ here, code
-# haystacks from another standard library), hisparse at 16K. So the next call drops EVAL=varied_32k_pages and is
+# haystacks from another standard library), at 64K on the held-out ones, and hisparse at 16K. So the next call drops
+# EVAL=varied_32k_pages and is
 # 128K continued (ATTENTION unset, so eager, as the runs it resumes; a resumed evaluation refuses another attention):
 #   run(timeout_s=600, carry=[".whl"], command="S=docs/results/table_long_h200/run5_heldout_limits; BUDGET=560
 #     EVAL=e128k FROM=$S/e128k_partial LENGTHS=128k TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096
