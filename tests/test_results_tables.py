@@ -703,6 +703,7 @@ def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monk
     assert json.loads((REPO / "docs/results/hisparse_16k_cpu/config.json").read_text())["config"]["attention"] == "window"
     assert all(h[("lsa", *k[1:])]["prediction"] == eager[("lsa", *k[1:])]["prediction"] for k in pairs)
     table = runs(f"{dev}/run2_fetch_top64/eval_16k/runs.jsonl.gz")
+    assert all(h[k]["prompt_sha"] == table[k]["prompt_sha"] == eager[("lsa", *k[1:])]["prompt_sha"] for k in pairs)
     same = {m: (sum(h[(m, *k[1:])]["score"] == table[(m, *k[1:])]["score"] for k in pairs),
                 sum(h[(m, *k[1:])]["prediction"] == table[(m, *k[1:])]["prediction"] for k in pairs))
             for m in ("full", "lsa")}
