@@ -709,3 +709,10 @@ def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monk
             for m in ("full", "lsa")}
     assert same == {"full": (40, 39), "lsa": (39, 37)}
     assert "full's scores equal on 40 of\n  40 (texts 39), LSA's on 39 of 40 (texts 37)" in section
+
+    # LSA at 32K on seed 1's prompts, and the opening's quote of it
+    seed1 = _long_tables(monkeypatch, "docs/results/seed1_32k_cpu/tables.md", "docs/results/seed1_32k_cpu")
+    _rows_quoted(seed1, section, ("| 32,768 |",), 2)
+    assert "- 32,768: LSA 84.5 vs full 85.0, -0.5 points [-2.5, 1.5] over 40 pairs: within 1 point of full **met**" in seed1
+    opening = _section((REPO / "docs/RESULTS.md").read_text(), "## The long table").replace("\n  ", " ")
+    assert "(seed 1, single needles and variable tracking, CPU; section 11f): -0.5 [-2.5, 1.5], met there too" in opening
