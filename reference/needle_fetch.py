@@ -8,7 +8,7 @@ tells where it was lost. For each prompt of ``fm_eval``'s suite (the same genera
   (the prompt's last token, t0 = P - 1) the memory indexer's gated score sigmoid(I_L[t0, s]) of every visible entry
   per memory layer L; reported per layer are the best needle entry's score and rank, how many entries reach the
   threshold, and whether the resident set (scored entries + recency tail + sink) holds a needle entry; the resident
-  set itself (entry indices);
+  set itself (entry indices); per band of distance from the query, how many entries reach the threshold;
 * **the labels** (``IndexerCapture.generate``, the stock model's greedy continuation of tau tokens, as
   ``build-labels --source generate`` labels it): for the window t0 .. t0 + tau - 1, per CSA layer, whether a needle
   entry is among the native top-k picks and in the layer's nucleus (softmax over the top-k logits, mass p), and the
@@ -102,8 +102,31 @@ def label_side(model, ids: list[int], needle: list[int], tau: int, p: float, chu
     return out
 
 
-def fetch_side(session_factory, ids: list[int], needle: list[int]) -> dict:
-    """The memory indexer's view of the needle at the first trigger (see the module docstring)."""
+DISTANCE_EDGES = (4096, 8192, 16384, 32768, 65536, 131072)  # tokens between the query and an entry's first token
+
+
+def above_by_distance(scores: torch.Tensor, threshold: float, t0: int, rate: int,
+                      edges: tuple[int, ...] = DISTANCE_EDGES) -> list[dict]:
+    """Where the entries that reach the threshold lie: for each band of distance d = t0 - rate * s (in tokens, from
+    the query to the entry's first token; bands [0, e_1), [e_1, e_2), ..., [e_last, inf)), how many visible entries
+    it holds, how many of them score >= ``threshold`` and their mean score. Beyond the lengths the memory indexer
+    was trained at, this tells a drift with the distance (far entries) from one of the query (every band)."""
+    distance = t0 - rate * torch.arange(scores.numel())
+    bands, lo = [], 0
+    for hi in (*edges, None):
+        inside = (distance >= lo) & (distance < hi) if hi is not None else distance >= lo
+        n = int(inside.sum())
+        if n:
+            band = scores[inside].float()
+            bands.append({"from": lo, "to": hi, "entries": n, "above": int((band >= threshold).sum()),
+                          "mean_score": round(float(band.mean()), 4)})
+        lo = hi
+    return bands
+
+
+def fetch_side(session_factory, ids: list[int], needle: list[int], rate: int = 4) -> dict:
+    """The memory indexer's view of the needle at the first trigger (see the module docstring); ``rate``: tokens
+    per compressed entry (for the distance bands)."""
     session, policy = session_factory()
     seen = []
     select = policy.select
@@ -122,7 +145,8 @@ def fetch_side(session_factory, ids: list[int], needle: list[int]) -> dict:
            "resident": sorted(int(s) for s in chosen.tolist()),
            "needle_resident": bool(needle) and bool(torch.isin(chosen, torch.tensor(needle)).any()), "layers": {}}
     for layer, s in scores.items():
-        row = {"above_threshold": int((s >= policy.threshold).sum())}
+        row = {"above_threshold": int((s >= policy.threshold).sum()),
+               "by_distance": above_by_distance(s, policy.threshold, position, rate)}
         if needle:
             best = s[needle].max()
             row.update(needle_score=round(float(best), 4), needle_rank=int((s > best).sum()) + 1)
@@ -138,6 +162,7 @@ def main(argv=None):
     from lsa_runtime.memory_indexer import MemoryIndexer
     from lsa_runtime.policies import make_policy
     from lsa_runtime.session import Session
+    from lsa_runtime.window_attention import set_attention
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="reference")
@@ -152,7 +177,10 @@ def main(argv=None):
                         "change on another seed, not on the prompts it is to be judged on)")
     parser.add_argument("--nucleus", type=float, default=0.6)
     parser.add_argument("--min-votes", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens) of both runs")
+    parser.add_argument("--attention", choices=("eager", "window"), default="eager",
+                        help="the backbone's attention: transformers' eager (the reference) or fm-index's window path "
+                             "(fm-index evaluate --attention; same picks, much faster on a CPU at 32K and beyond)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fetch-top", type=int, default=None, help="lsa's floor per memory layer (default: the "
                         "export's)")
@@ -171,9 +199,11 @@ def main(argv=None):
     if not (args.indexer / "lsa_config.json").is_file():
         parser.error(f"--indexer {args.indexer} is not an fm-index export (no lsa_config.json)")
     model, tokenizer = load_backbone(args.model, device=args.device, dtype="float32")
+    set_attention(model, args.attention)
     indexer = MemoryIndexer.from_export(args.indexer, backbone_config=model.config, device=args.device)
     try:
-        config = SessionConfig(mode="lsa", static_decode=False, fetch_top=args.fetch_top, page_size=args.page_size,
+        config = SessionConfig(mode="lsa", static_decode=False, chunk_size=args.chunk, fetch_top=args.fetch_top,
+                               page_size=args.page_size,
                                max_pages=args.max_pages)
     except ValueError as exc:
         parser.error(str(exc))
@@ -194,7 +224,8 @@ def main(argv=None):
                "prompt_sha": prompt_digest(sample), "answers": sample.answers,
                "needle": needle,
                "fetch_top": config.fetch_top, "pages": [config.page_size, config.max_pages],
-               "fetch": fetch_side(session_factory, ids, needle)}
+               "attention": args.attention, "chunk": args.chunk,
+               "fetch": fetch_side(session_factory, ids, needle, rate)}
         if not args.fetch_only:
             row["labels"] = label_side(model, ids, needle, tau, args.nucleus, args.chunk)
             row["labels"]["golden"] = row["labels"]["max_votes"] >= args.min_votes

@@ -5,7 +5,7 @@ from fm_eval.tasks import Sample
 from indexer_train.build_labels import LabelParams, label_generated
 from indexer_train.corpus import Document
 from lsa_runtime.backbone import csa_layers, default_memory_layers
-from reference.needle_fetch import label_side, needle_entries
+from reference.needle_fetch import above_by_distance, label_side, needle_entries
 
 
 def test_needle_entries_are_the_entries_of_the_answers_tokens(backbone):
@@ -48,3 +48,18 @@ def test_bad_indices_exit_2_before_any_model_is_loaded(tmp_path, capsys):
             main(["--indexer", str(tmp_path), "--indices", bad])  # tmp_path is no export either: indices come first
         assert exit_.value.code == 2
         assert says in capsys.readouterr().err
+
+
+def test_above_by_distance_counts_a_hand_checked_case():
+    import torch
+
+    # 10 entries of 4 tokens, query at token 39: distances 39, 35, ..., 7, 3 (entry s starts at token 4 s)
+    scores = torch.tensor([0.9, 0.1, 0.6, 0.2, 0.3, 0.7, 0.5, 0.4, 0.8, 0.05])
+    bands = above_by_distance(scores, 0.5, t0=39, rate=4, edges=(8, 16, 64))
+    assert bands == [  # the band [16, 64) holds entries 0-5, none lies at 64 or beyond (no band for it)
+        {"from": 0, "to": 8, "entries": 2, "above": 1, "mean_score": 0.425},  # entries 8, 9
+        {"from": 8, "to": 16, "entries": 2, "above": 1, "mean_score": 0.45},  # 6, 7 (0.5 reaches the threshold)
+        {"from": 16, "to": 64, "entries": 6, "above": 3, "mean_score": 0.4667},
+    ]
+    assert above_by_distance(scores, 0.5, t0=39, rate=4, edges=(8,))[-1] == {
+        "from": 8, "to": None, "entries": 8, "above": 4, "mean_score": 0.4625}
