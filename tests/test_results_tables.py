@@ -716,3 +716,79 @@ def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monk
     assert "- 32,768: LSA 84.5 vs full 85.0, -0.5 points [-2.5, 1.5] over 40 pairs: within 1 point of full **met**" in seed1
     opening = _section((REPO / "docs/RESULTS.md").read_text(), "## The long table").replace("\n  ", " ")
     assert "(seed 1, single needles and variable tracking, CPU; section 11f): -0.5 [-2.5, 1.5], met there too" in opening
+
+
+def test_section11g_lsa_at_128k_cpu_is_the_raw_outputs(monkeypatch):
+    """Section 11g: tables.py on the device's full runs and the CPU's full and LSA runs at 128K (byte for byte the
+    stored table, its rows quoted), the pairs' prompts, the CPU's repeats of the device's full runs, LSA's footprint,
+    and needle_fetch's account of where the entries over the threshold lie (by distance from the query)."""
+    import gzip
+    import json
+
+    raw, dev = "docs/results/e128k_cpu", "docs/results/table_long_h200/run5_heldout_limits/e128k_partial"
+    section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11g.")
+    out = _long_tables(monkeypatch, f"{raw}/tables.md", dev, f"{raw}/full", f"{raw}/lsa", "--tasks", "niah_single_1")
+    full_row, lsa_row = _rows_quoted(out, section, ("| 131,072 |",), 2)
+    full_acc, (diff, interval, ratio) = full_row.split(" | ")[3], [lsa_row.split(" | ")[k] for k in (5, 6, 7)]
+    text = (REPO / "docs/RESULTS.md").read_text()
+    opening = text[:text.index("## 1. Commands")]
+    assert (f"| 128K | shown | LSA {100 * float(ratio):.1f}% of the CSA KV, {diff} {interval} (single needles); "
+            f"full {float(full_acc):.0f}% |") in opening
+
+    def runs(path):
+        with gzip.open(REPO / path, "rt") as f:
+            return {(r["mode"], r["index"]): r for r in map(json.loads, f) if r["task"] == "niah_single_1"}
+
+    device, full, lsa = runs(f"{dev}/runs.jsonl.gz"), runs(f"{raw}/full/runs.jsonl.gz"), runs(f"{raw}/lsa/runs.jsonl.gz")
+    assert sorted(i for _, i in device) == list(range(12)) and sorted(i for _, i in full) == list(range(12, 20))
+    assert sorted(i for _, i in lsa) == list(range(20))
+    assert all(lsa[("lsa", i)]["prompt_sha"] == device[("full", i)]["prompt_sha"] for i in range(12))
+    assert all(r["stats"]["device_bytes_by_device"].keys() == {"cpu"} for r in [*full.values(), *lsa.values()])
+    repeats = runs(f"{raw}/full_repeats.jsonl.gz")
+    assert sorted(i for _, i in repeats) == [0, 1, 2, 3]
+    assert all(r["score"] == device[k]["score"] and r["prediction"].split(",")[0].split(".")[0]
+               == device[k]["prediction"].split(",")[0].split(".")[0] for k, r in repeats.items())
+    assert sum(r["prediction"] == device[k]["prediction"] for k, r in repeats.items()) == 2
+    ratios = [r["stats"]["csa_kv_ratio"] for r in lsa.values()]
+    assert 0.281 <= min(ratios) and max(ratios) < 0.2925 and f"{sum(ratios) / 20:.3f}" == "0.286"
+
+    fetched = REPO / "docs/results/needle_fetch_cpu"
+    names = [f"single_128k_seed0_top64_i{i}_fetch.jsonl" for i in (2, 4, 12, 14)]
+    rows = {(r["length"], r["index"]): r for name in (*names, "single_64k_seed0_top64_i2_i4_window_fetch.jsonl")
+            for r in map(json.loads, (fetched / name).read_text().splitlines())}
+    assert sorted(rows) == [(65536, 2), (65536, 4), (131072, 2), (131072, 4), (131072, 12), (131072, 14)]
+    for (length, i), r in rows.items():
+        layers = r["fetch"]["layers"].values()
+        near = [sum(b["above"] for b in v["by_distance"] if b["from"] < 65536) for v in layers]
+        far = [sum(b["above"] for b in v["by_distance"] if b["from"] >= 65536) for v in layers]
+        if i in (2, 4):  # the text's ranges: prompts 2 and 4, at both lengths
+            assert 4 <= min(near) and max(near) <= 10
+            assert all(0.005 <= b["mean_score"] <= 0.053 for v in layers for b in v["by_distance"] if b["from"] < 65536)
+        if length == 65536:
+            assert far == [0, 0, 0] and r["fetch"]["layers"]["4"]["needle_rank"] <= 2
+            assert 0.435 <= r["fetch"]["layers"]["4"]["needle_score"] <= 0.455
+            continue
+        assert r["prompt_sha"] == lsa[("lsa", i)]["prompt_sha"]
+        t0 = r["fetch"]["t0"]
+        distances = [t0 - 4 * s for s in r["fetch"]["resident"]]
+        if i in (2, 4):
+            assert 1288 <= min(far) and max(far) <= 4797
+            assert all(0.14 <= b["mean_score"] <= 0.24 for v in layers for b in v["by_distance"] if b["from"] >= 65536)
+            assert min(d for d in distances if d > 256 * 4) == 70819  # past the recency tail, nothing nearer than 70.8K
+            assert sum(d >= 65536 for d in distances) == {2: 9189, 4: 9305}[i]
+        held = len(set(r["needle"]) & set(r["fetch"]["resident"]))
+        assert (held, len(r["needle"])) == ((0, 2) if i == 2 else (1, 2))  # 4, 12, 14: one of the value's entries
+        if i in (12, 14):  # within the trained distance, answered by full, not by LSA
+            assert t0 - 4 * r["needle"][0] == {12: 48307, 14: 34519}[i] and full[("full", i)]["score"] == 1.0
+            layer4 = r["fetch"]["layers"]["4"]
+            assert (round(layer4["needle_score"], 2), layer4["needle_rank"]) == {12: (0.37, 438), 14: (0.33, 1008)}[i]
+            assert min(v["needle_rank"] for v in layers) > 64 and layer4["needle_score"] >= 0.316
+            assert lsa[("lsa", i)]["prediction"].split(".")[0].strip() == {12: "10925332", 14: "7820686"}[i]
+    ranks = {i: [v["needle_rank"] for v in rows[(131072, i)]["fetch"]["layers"].values()] for i in (2, 4)}
+    assert min(ranks[2]) == 9337 and (min(ranks[4]), max(ranks[4])) == (786, 2641)
+    assert not rows[(131072, 2)]["fetch"]["needle_resident"] and rows[(131072, 4)]["fetch"]["needle_resident"]
+    eager = {r["index"]: r for r in map(json.loads, (fetched / "single_64k_seed0_top64.jsonl").read_text().splitlines())}
+    window = rows[(65536, 4)]["fetch"]
+    assert window["resident"] == eager[4]["fetch"]["resident"] and window["text"] == eager[4]["fetch"]["text"]
+    assert all({k: v[k] for k in ("above_threshold", "needle_score", "needle_rank")} == eager[4]["fetch"]["layers"][layer]
+               for layer, v in window["layers"].items())

@@ -106,6 +106,11 @@
 #   run(timeout_s=600, carry=[".whl"], command="S=docs/results/table_long_h200/run5_heldout_limits; BUDGET=560
 #     EVAL=e128k FROM=$S/e128k_partial LENGTHS=128k TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096
 #     WORKERS=6 bash docs/results/table_long_h200/run.sh")
+# Twenty-third session (2026-12-05): no device lent. The CPU ran 128K's single needles (RESULTS section 11g: LSA on
+# all 20, full on the 8 the device had not run; LSA fetches 29% of the entries there, its extra ones all beyond 64K of
+# distance). The call above stays the next: it decodes 128K's variable tracking (full and LSA) and repeats the single
+# needles on the device (57 runs: at section 11e's 23 runs in 210 s, one call or two), so the 128K cell is one
+# machine's.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
