@@ -156,7 +156,7 @@ def fetch_side(session_factory, ids: list[int], needle: list[int], rate: int = 4
 
 def main(argv=None):
     from fm_eval.runner import prompt_digest
-    from fm_eval.tasks import generate_samples
+    from fm_eval.tasks import generate_sample
     from lsa_runtime.backbone import load_backbone
     from lsa_runtime.config import SessionConfig
     from lsa_runtime.memory_indexer import MemoryIndexer
@@ -180,7 +180,8 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens) of both runs")
     parser.add_argument("--attention", choices=("eager", "window"), default="eager",
                         help="the backbone's attention: transformers' eager (the reference) or fm-index's window path "
-                             "(fm-index evaluate --attention; same picks, much faster on a CPU at 32K and beyond)")
+                             "(fm-index evaluate --attention; same picks, much faster on a CPU at 32K and beyond); "
+                             "window only with --fetch-only (the labels' run reads transformers' own indexer scores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fetch-top", type=int, default=None, help="lsa's floor per memory layer (default: the "
                         "export's)")
@@ -196,6 +197,9 @@ def main(argv=None):
         parser.error(f"--indices {args.indices!r}: give prompt indices separated by commas, e.g. 1,4")
     if any(not 0 <= i < args.samples for i in indices):
         parser.error(f"--indices {args.indices}: each index must lie in 0..{args.samples - 1} (--samples)")
+    if args.attention == "window" and not args.fetch_only:
+        parser.error("--attention window needs --fetch-only: the labels' run captures transformers' indexer scores, "
+                     "which the window path computes itself")
     if not (args.indexer / "lsa_config.json").is_file():
         parser.error(f"--indexer {args.indexer} is not an fm-index export (no lsa_config.json)")
     model, tokenizer = load_backbone(args.model, device=args.device, dtype="float32")
@@ -203,8 +207,7 @@ def main(argv=None):
     indexer = MemoryIndexer.from_export(args.indexer, backbone_config=model.config, device=args.device)
     try:
         config = SessionConfig(mode="lsa", static_decode=False, chunk_size=args.chunk, fetch_top=args.fetch_top,
-                               page_size=args.page_size,
-                               max_pages=args.max_pages)
+                               page_size=args.page_size, max_pages=args.max_pages)
     except ValueError as exc:
         parser.error(str(exc))
     config = config.resolved(indexer.config.tau, indexer.config.threshold)
@@ -214,7 +217,9 @@ def main(argv=None):
         return Session(model, tokenizer, config, policy=policy), policy
 
     rate, tau = csa_rate(model.config), indexer.config.tau
-    samples = generate_samples(args.task, tokenizer, args.length, args.samples, seed=args.seed)
+    # only the asked prompts (each is fm-index evaluate's prompt of that index; at 128K one takes ~10 s to build)
+    samples = {i: generate_sample(args.task, tokenizer, args.length, seed=args.seed, index=i, num_samples=args.samples)
+               for i in indices}
     for i in indices:
         sample = samples[i]
         t = time.time()

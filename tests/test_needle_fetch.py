@@ -43,9 +43,10 @@ def test_bad_indices_exit_2_before_any_model_is_loaded(tmp_path, capsys):
 
     from reference.needle_fetch import main
 
-    for bad, says in (("3,x", "separated by commas"), ("20", "0..19")):
+    for bad, says in ((["--indices", "3,x"], "separated by commas"), (["--indices", "20"], "0..19"),
+                      (["--attention", "window"], "needs --fetch-only")):
         with pytest.raises(SystemExit) as exit_:
-            main(["--indexer", str(tmp_path), "--indices", bad])  # tmp_path is no export either: indices come first
+            main(["--indexer", str(tmp_path), *bad])  # tmp_path is no export either: these checks come first
         assert exit_.value.code == 2
         assert says in capsys.readouterr().err
 
