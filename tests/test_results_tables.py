@@ -732,6 +732,10 @@ def test_section11g_lsa_at_128k_cpu_is_the_raw_outputs(monkeypatch):
     full_acc, (diff, interval, ratio) = full_row.split(" | ")[3], [lsa_row.split(" | ")[k] for k in (5, 6, 7)]
     text = (REPO / "docs/RESULTS.md").read_text()
     opening = text[:text.index("## 1. Commands")]
+    limits = _long_tables(monkeypatch, "docs/results/limits_64k_cpu/tables.md", "docs/results/limits_64k_cpu")
+    (row,) = _rows_quoted(limits, section, ("| 65,536 | lsa |",), 1)
+    assert row.split(" | ")[7] == "0.023" and "and 2.3% at 64K (full not run)" in opening
+    assert "| 16K-64K | absent in footprint | 8.7% / 4.4% / 2.3% of the CSA KV;" in opening
     assert (f"| 128K | shown | LSA {100 * float(ratio):.1f}% of the CSA KV, {diff} {interval} (single needles); "
             f"full {float(full_acc):.0f}% |") in opening
 
