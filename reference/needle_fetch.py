@@ -124,7 +124,7 @@ def above_by_distance(scores: torch.Tensor, threshold: float, t0: int, rate: int
     return bands
 
 
-def fetch_side(session_factory, ids: list[int], needle: list[int], rate: int = 4) -> dict:
+def fetch_side(session_factory, ids: list[int], needle: list[int], rate: int) -> dict:
     """The memory indexer's view of the needle at the first trigger (see the module docstring); ``rate``: tokens
     per compressed entry (for the distance bands)."""
     session, policy = session_factory()
@@ -217,11 +217,9 @@ def main(argv=None):
         return Session(model, tokenizer, config, policy=policy), policy
 
     rate, tau = csa_rate(model.config), indexer.config.tau
-    # only the asked prompts (each is fm-index evaluate's prompt of that index; at 128K one takes ~10 s to build)
-    samples = {i: generate_sample(args.task, tokenizer, args.length, seed=args.seed, index=i, num_samples=args.samples)
-               for i in indices}
     for i in indices:
-        sample = samples[i]
+        # only the asked prompts, each fm-index evaluate's prompt of that index (at 128K one takes ~10 s to build)
+        sample = generate_sample(args.task, tokenizer, args.length, seed=args.seed, index=i, num_samples=args.samples)
         t = time.time()
         ids = tokenizer(sample.prompt, add_special_tokens=True)["input_ids"]
         needle = needle_entries(tokenizer, sample, ids, rate)
