@@ -54,6 +54,9 @@ FETCH_TOP_HELP = ("lsa: a floor under the threshold, each memory layer's N best-
 PAGE_SIZE_HELP = ("lsa: page recall, as the release deploys it: fetch whole pages of N entries, the --max-pages "
                   "that hold the recency tail, the sink or the most selected entries (0, the default: single "
                   "entries). The release: 64 entries a page on V4-Flash.")
+DISTANCE_CAP_HELP = ("lsa: score entries farther than N tokens from the trigger as if N away (the rotary part of "
+                     "q . k at a distance the memory indexer was trained at), for contexts longer than its training "
+                     "documents: give their length (default: off, as the authors' release).")
 MAX_PAGES_HELP = ("lsa, with --page-size: how many pages stay resident at each trigger, tail and sink pages "
                   "included (the release: 96 at 256K on V4-Flash).")
 ENSEMBLE_HELP = ("lsa: how the memory layers' scores combine before the threshold: max (the OR rule) or mean "
@@ -519,6 +522,7 @@ def generate_command(
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
+    distance_cap: int = typer.Option(None, "--distance-cap", help=DISTANCE_CAP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
@@ -556,8 +560,8 @@ def generate_command(
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
                            keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top,
-                           page_size=page_size, max_pages=max_pages, pool_storage=pool_storage,
-                           static_decode=static_decode, static_compile=static_compile)
+                           page_size=page_size, max_pages=max_pages, distance_cap=distance_cap,
+                           pool_storage=pool_storage, static_decode=static_decode, static_compile=static_compile)
     if device is not None and device_map is not None:
         raise FmIndexError("give --device or --device-map, not both")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
@@ -631,6 +635,7 @@ def evaluate_command(
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
+    distance_cap: int = typer.Option(None, "--distance-cap", help=DISTANCE_CAP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     attention: str = typer.Option("eager", "--attention", help="The backbone's attention in every forward: eager "
                                   "(transformers' own, the reference) or window (the same attention computed "
@@ -669,7 +674,7 @@ def evaluate_command(
         threshold=threshold,
         budget=budget, chunk_size=chunk_size, prefetch_steps=prefetch_steps, keep_recent=keep_recent,
         keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, page_size=page_size, max_pages=max_pages,
-        pool_storage=pool_storage, attention=attention).check()
+        distance_cap=distance_cap, pool_storage=pool_storage, attention=attention).check()
     for flag, value in (("--workers", workers), ("--batch", batch)):  # before the progress bar
         if value < 1:
             raise FmIndexError(f"{flag} must be an integer >= 1, got {value}")

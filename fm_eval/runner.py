@@ -72,7 +72,8 @@ NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
-                     "ensemble", "pool_storage", "fetch_top", "page_size", "max_pages", "attention")
+                     "ensemble", "pool_storage", "fetch_top", "page_size", "max_pages", "attention",
+                     "distance_cap")
 
 
 class EvaluationError(FmIndexError):
@@ -107,6 +108,7 @@ class EvalConfig:
     fetch_top: int | None = None  # lsa's floor: each memory layer's best-scored entries fetched (None: the export's)
     page_size: int = 0  # lsa's page recall: whole pages of this many entries (0: single entries)
     max_pages: int = 0  # ... and how many pages stay resident
+    distance_cap: int | None = None  # lsa: entries farther than this many tokens scored as if this far (None: off)
     attention: str = "eager"  # eager (transformers') or window (the same attention without the dense score matrix)
 
     def check(self) -> "EvalConfig":
@@ -134,14 +136,14 @@ class EvalConfig:
             raise EvaluationError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble,
                       pool_storage=self.pool_storage, fetch_top=self.fetch_top, chunk_size=self.chunk_size,
-                      page_size=self.page_size, max_pages=self.max_pages)
+                      page_size=self.page_size, max_pages=self.max_pages, distance_cap=self.distance_cap)
         parse_device(self.device)
         if self.device_map is not None:
             parse_device_map(self.device_map, load_config(self.model))
         if self.dtype is not None:
             parse_dtype(self.dtype)
         return replace(self, modes=modes, tasks=tasks, lengths=lengths, samples=int(self.samples),
-                       haystack_packages=tuple(self.haystack_packages))
+                       haystack_packages=tuple(self.haystack_packages), distance_cap=self.distance_cap or None)
 
     def fingerprint(self) -> dict:
         blob = asdict(self)
@@ -153,7 +155,7 @@ class EvalConfig:
             del blob["page_size"], blob["max_pages"]
         if blob["attention"] == "eager":  # likewise: transformers' attention, as before the option
             del blob["attention"]
-        for key in ("keep_recent", "keep_first", "ensemble", "fetch_top"):  # likewise for the export's defaults
+        for key in ("keep_recent", "keep_first", "ensemble", "fetch_top", "distance_cap"):  # likewise: the defaults
             if blob[key] is None:
                 del blob[key]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in blob.items() if k in _FINGERPRINT_KEYS}
@@ -509,7 +511,7 @@ class Evaluation:
                              tau=self.tau, threshold=self.threshold, chunk_size=cfg.chunk_size,
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, fetch_top=cfg.fetch_top,
-                             page_size=cfg.page_size, max_pages=cfg.max_pages,
+                             page_size=cfg.page_size, max_pages=cfg.max_pages, distance_cap=cfg.distance_cap,
                              pool_storage=cfg.pool_storage,
                              budget=budget)
 

@@ -51,6 +51,15 @@ def check_count(value, what: str) -> int:
     return int(value)
 
 
+def check_distance_cap(value) -> int | None:
+    """The memory indexer's distance cap in tokens: None or 0 (off) or a positive integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or int(value) < 0:
+        raise SessionError(f"distance_cap (--distance-cap) must be a number of tokens >= 1 (0: off), got {value}")
+    return int(value) or None
+
+
 def check_pages(page_size, max_pages) -> tuple[int, int]:
     """Page recall's (page_size, max_pages): both > 0 (on) or both 0 (off)."""
     page_size, max_pages = check_count(page_size, "page_size"), check_count(max_pages, "max_pages")
@@ -113,6 +122,10 @@ class SessionConfig:
       the resident set is every entry of the ``max_pages`` pages of ``page_size`` entries that hold the recency tail
       or the sink or the most selected entries (:class:`~.policies.MemoryIndexerPolicy`); not with a ``budget`` in
       mode lsa; the other modes ignore it;
+    * ``distance_cap`` (mode lsa; None: off, as the release): entries farther than this many tokens from a trigger
+      are scored by the memory indexer as if this far (the rotary part of q . k at a distance it was trained at;
+      :class:`~.policies.MemoryIndexerPolicy`), for contexts longer than its training documents (docs/RESULTS.md,
+      section 11g); set it to the training documents' length;
     * ``pool_storage``: how the cold pool holds entries on the host: ``model`` (the model's dtype, exact) or
       ``fp8`` (e4m3 with one power-of-two scale per 64 values, stored as fp32: 0.53x of bf16 host memory, fetched
       rows rounded to e4m3);
@@ -156,6 +169,7 @@ class SessionConfig:
     fetch_top: int | None = None
     page_size: int = 0
     max_pages: int = 0
+    distance_cap: int | None = None
     pool_storage: str = "model"
     max_batch: int = 8
     static_decode: bool | None = None
@@ -190,6 +204,7 @@ class SessionConfig:
         page_size, max_pages = check_pages(self.page_size, self.max_pages)
         object.__setattr__(self, "page_size", page_size)
         object.__setattr__(self, "max_pages", max_pages)
+        object.__setattr__(self, "distance_cap", check_distance_cap(self.distance_cap))
         if page_size and self.mode == "lsa" and self.budget is not None:
             raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")
         if self.pool_storage not in POOL_STORAGE:

@@ -25,7 +25,8 @@ Public API (stable; the decoding Session uses it)::
     indexer = load_memory_indexer(export_dir_or_indexer, model)   # checked against the serving backbone
     probs = indexer.score(layer, hidden[R, d], positions[R], keys[T, dh], chunk_size=8192)   # [R, T] fp32
     ids = indexer.fetch({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible, threshold=None)  # LongTensor
-    logits = indexer.trigger_logits({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible)  # {L: [T] fp32}
+    logits = indexer.trigger_logits({L: h_L[d]}, position, {L: keys_L[T, dh]}, n_visible,
+                                    distance_cap=None)  # {L: [T] fp32}; distance_cap D: far entries scored at D
 """
 
 from __future__ import annotations
@@ -194,6 +195,19 @@ class IndexerRotary(nn.Module):
         position_ids = positions.to(q.device).long().reshape(1, -1)
         cos, sin = self.rotary(q, position_ids=position_ids, layer_type="compress")  # [1, R, rd/2]
         return apply_rotary_pos_emb(q, cos[0], sin[0], unsqueeze_dim=1)  # cos -> [R, 1, rd]
+
+    def shift(self, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """keys [T, dh] after RoPE at positions p_s -> the same keys as if at p_s + offsets[s] (same dtype).
+
+        A pure rotation by offsets * theta_i on each interleaved pair of the trailing ``rope_dim`` channels, without
+        the rotary's attention scaling (the keys carry it already): rotations compose, R(a) R(b) k = R(a + b) k.
+        """
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
+
+        inv_freq = self.rotary.compress_inv_freq.to(keys.device)
+        angles = offsets.to(device=keys.device, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
+        cos, sin = angles.cos().float(), angles.sin().float()  # fp64 angles: offsets reach 1e6 tokens
+        return apply_rotary_pos_emb(keys.unsqueeze(1), cos, sin, unsqueeze_dim=1).squeeze(1)
 
 
 class LatentRMSNorm(nn.Module):
@@ -397,22 +411,41 @@ class MemoryIndexer(nn.Module):
     def __getstate__(self):  # deepcopy / pickle: a captured graph does not travel
         return {**self.__dict__, "_tower_graph": None}
 
+    def capped_keys(self, keys: torch.Tensor, position: int, distance_cap: int | None) -> torch.Tensor:
+        """K^IComp [T, dh] as a trigger at ``position`` scores them under a distance cap D: entry s (RoPE'd at its
+        first token, compress_rate * s) farther than D tokens from the trigger moved to position t - D, so that
+        q(t) . k_s sees the relative distance D, a distance the tower was trained at, instead of one it never saw
+        (docs/RESULTS.md, section 11g: past its training length the rotary part alone lifts far entries over the
+        threshold). Content still ranks the far entries; their order by distance is given up. Nearer entries, and
+        all of them when D is None, are returned as they are (no copy)."""
+        if not distance_cap:
+            return keys
+        rate = self.config.compress_rate
+        far = min(keys.shape[0], max(0, -(-(int(position) - int(distance_cap)) // rate)))  # rate*s < t - D
+        if far == 0:
+            return keys
+        rotary = self.layer(self.config.layers[0]).rotary
+        offsets = (int(position) - int(distance_cap)) - rate * torch.arange(far, dtype=torch.long)
+        return torch.cat([rotary.shift(keys[:far], offsets), keys[far:]])
+
     @torch.no_grad()
     def trigger_logits(self, hiddens_by_layer: dict, position: int, keys_by_layer: dict,
-                       n_visible: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> dict[int, torch.Tensor]:
+                       n_visible: int | None = None, chunk_size: int = DEFAULT_CHUNK,
+                       distance_cap: int | None = None) -> dict[int, torch.Tensor]:
         """sigmoid^-1 I_L[t, s] of every memory layer L at trigger ``position``: {L: fp32 [n_visible]}.
 
         ``hiddens_by_layer[L]``: h_t [d]; ``keys_by_layer[L]``: K^IComp [>= n_visible, dh]. One batched tower
         pass (:meth:`trigger_queries`), then one scoring launch per layer (its own keys). A layer's keys stay on their
         device (a backbone spread over devices keeps them beside their layer): its query and head weights go there,
-        and only the [n_visible] logits come back to the towers' device."""
+        and only the [n_visible] logits come back to the towers' device. ``distance_cap`` D (tokens; None: off):
+        entries farther than D are scored as if D away (:meth:`capped_keys`)."""
         if n_visible is None:
             n_visible = (int(position) + 1) // self.config.compress_rate
         q, w = self.trigger_queries(hiddens_by_layer, position)
         out = {}
         for i, L in enumerate(self.config.layers):
             layer = self.layer(L)
-            keys = keys_by_layer[L][:n_visible]
+            keys = self.capped_keys(keys_by_layer[L][:n_visible], position, distance_cap)
             here = keys.device
             logits = layer.logits_from_query(q[i : i + 1].to(here), w[i : i + 1].to(here), keys, chunk_size)[0]
             out[int(L)] = logits.to(q.device)  # no-ops unless the backbone spans devices

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import (SessionConfig, SessionError, check_budget, check_count, check_ensemble, check_pages,
-                     check_threshold)
+from .config import (SessionConfig, SessionError, check_budget, check_count, check_distance_cap, check_ensemble,
+                     check_pages, check_threshold)
 
 
 @dataclass
@@ -194,13 +194,17 @@ class MemoryIndexerPolicy(ResidentPolicy):
     that select nothing fill the rest, as the release's top-K does). Selected entries outside those pages stay in
     the cold pool. Whole pages bring the entries around each selected one (a needle's key phrase beside its
     value, docs/RESULTS.md section 11) and make fetches contiguous.
+
+    Distance cap (``distance_cap`` D tokens; None: off, as the release): entries farther than D from the trigger are
+    scored as if D away (:meth:`~.memory_indexer.MemoryIndexer.capped_keys`), for contexts longer than the tower's
+    training documents, where the rotary part of q . k alone lifts far entries over the threshold (RESULTS 11g).
     """
 
     name = "lsa"
 
     def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None, keep_recent: int = 0,
                  keep_first: int = 0, ensemble: str = "max", fetch_top: int = 0, page_size: int = 0,
-                 max_pages: int = 0):
+                 max_pages: int = 0, distance_cap: int | None = None):
         self.memory_indexer = memory_indexer
         self.threshold = check_threshold(threshold)
         self.budget = check_budget(budget)
@@ -209,6 +213,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         self.ensemble = check_ensemble(ensemble)
         self.fetch_top = check_count(fetch_top, "fetch_top")
         self.page_size, self.max_pages = check_pages(page_size, max_pages)
+        self.distance_cap = check_distance_cap(distance_cap)
         if self.page_size and self.budget is not None:
             raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")
         self.memory_layers = tuple(int(x) for x in memory_indexer.config.layers)
@@ -220,7 +225,8 @@ class MemoryIndexerPolicy(ResidentPolicy):
         scores = None
         if self.memory_layers:
             # all memory layers' towers in one batched pass, then one scoring launch per layer
-            logits = self.memory_indexer.trigger_logits(state.hidden, state.position, state.index_keys, n)
+            cap = {"distance_cap": self.distance_cap} if self.distance_cap else {}  # off: the plain call, as before
+            logits = self.memory_indexer.trigger_logits(state.hidden, state.position, state.index_keys, n, **cap)
             for layer in self.memory_layers:
                 state.scores[layer] = torch.sigmoid(logits[layer])
             stacked = torch.stack([state.scores[layer] for layer in self.memory_layers])
@@ -270,6 +276,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         rule = "" if self.ensemble == "max" else ", mean over layers"
         rule += f", top {self.fetch_top} per layer" if self.fetch_top else ""
         rule += f", {self.max_pages} pages of {self.page_size}" if self.page_size else ""
+        rule += f", distances capped at {self.distance_cap}" if self.distance_cap else ""
         return (f"lsa (threshold {self.threshold:g}{rule}, layers {', '.join(map(str, self.memory_layers))}{csa}"
                 f"{tail}{sink}{cap})")
 
@@ -305,7 +312,7 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
             keep_first=export.keep_first if config.keep_first is None else config.keep_first,
             ensemble=export.ensemble if config.ensemble is None else config.ensemble,
             fetch_top=export.fetch_top if config.fetch_top is None else config.fetch_top,
-            page_size=config.page_size, max_pages=config.max_pages)
+            page_size=config.page_size, max_pages=config.max_pages, distance_cap=config.distance_cap)
     if mode == "all":
         return AllEntriesPolicy()
     if mode == "recent":

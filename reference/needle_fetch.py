@@ -188,6 +188,8 @@ def main(argv=None):
     parser.add_argument("--page-size", type=int, default=0, help="lsa's page recall: pages of this many entries "
                         "(0: single entries)")
     parser.add_argument("--max-pages", type=int, default=0, help="with --page-size: pages resident per trigger")
+    parser.add_argument("--distance-cap", type=int, default=None, help="lsa: entries farther than this many tokens "
+                        "scored as if this far (SessionConfig.distance_cap; default: off)")
     parser.add_argument("--fetch-only", action="store_true", help="skip the labels' run (half the time)")
     parser.add_argument("--out", type=Path, help="JSON lines, one per prompt")
     args = parser.parse_args(argv)
@@ -207,7 +209,7 @@ def main(argv=None):
     indexer = MemoryIndexer.from_export(args.indexer, backbone_config=model.config, device=args.device)
     try:
         config = SessionConfig(mode="lsa", static_decode=False, chunk_size=args.chunk, fetch_top=args.fetch_top,
-                               page_size=args.page_size, max_pages=args.max_pages)
+                               page_size=args.page_size, max_pages=args.max_pages, distance_cap=args.distance_cap)
     except ValueError as exc:
         parser.error(str(exc))
     config = config.resolved(indexer.config.tau, indexer.config.threshold)
@@ -228,6 +230,7 @@ def main(argv=None):
                "needle": needle,
                "fetch_top": config.fetch_top, "pages": [config.page_size, config.max_pages],
                "attention": args.attention, "chunk": args.chunk,
+               **({"distance_cap": config.distance_cap} if config.distance_cap else {}),
                "fetch": fetch_side(session_factory, ids, needle, rate)}
         if not args.fetch_only:
             row["labels"] = label_side(model, ids, needle, tau, args.nucleus, args.chunk)

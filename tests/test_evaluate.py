@@ -164,6 +164,14 @@ def test_page_recall_is_part_of_the_resume_fingerprint_only_when_on():
         EvalConfig(model="tiny", page_size=8).check()
 
 
+def test_distance_cap_is_part_of_the_resume_fingerprint_only_when_given():
+    assert EvalConfig(model="tiny", distance_cap=65536).check().fingerprint()["distance_cap"] == 65536
+    assert "distance_cap" not in EvalConfig(model="tiny", distance_cap=0).check().fingerprint()
+    assert "distance_cap" not in EvalConfig(model="tiny").fingerprint()  # evaluations from before it resume
+    with pytest.raises(SessionError, match="distance_cap"):
+        EvalConfig(model="tiny", distance_cap=-1).check()
+
+
 def test_fetch_top_is_part_of_the_resume_fingerprint_only_when_given():
     assert EvalConfig(model="tiny", fetch_top=32).check().fingerprint()["fetch_top"] == 32
     assert "fetch_top" not in EvalConfig(model="tiny").fingerprint()  # evaluations from before it resume
@@ -270,7 +278,7 @@ def test_cli_evaluate(tmp_path):
     bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "recent", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2
     assert "error:" in bad.output and "budget" in bad.output
-    for flag, value in (("--fetch-top", "-3"), ("--chunk-size", "0")):
+    for flag, value in (("--fetch-top", "-3"), ("--chunk-size", "0"), ("--distance-cap", "-1")):
         bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full", flag, value,
                                        "--out", str(tmp_path / "b")])
         assert bad.exit_code == 2 and flag in bad.output and not (tmp_path / "b").exists(), bad.output

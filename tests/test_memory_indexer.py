@@ -246,3 +246,29 @@ def test_native_init_from_the_bundled_files_equals_copying_from_the_loaded_model
     a = MemoryIndexer.init_from_checkpoint("reference", config).state_dict()
     b = MemoryIndexer.init_from_native(model, config).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distance_cap_scores_far_entries_as_if_at_the_cap():
+    """Oracle: entry s (RoPE'd at its first token 4s) farther than D from the trigger t is scored by the query rotated
+    at 4s + D (relative distance D, written out in numpy); nearer entries by the query at t, bit for bit as without a
+    cap."""
+    indexer = random_indexer(7)
+    gen = torch.Generator().manual_seed(8)
+    n, t, cap = 3000, 12003, 3000  # far: 4s < t - D, i.e. s < 2251 (ceil of 9003 / 4)
+    keys = {2: torch.randn(n, 8, generator=gen), 4: torch.randn(n, 8, generator=gen)}
+    hidden = {2: torch.randn(10, generator=gen) * 4, 4: torch.randn(10, generator=gen) * 4}
+    plain = indexer.trigger_logits(hidden, t, keys, n)
+    capped = indexer.trigger_logits(hidden, t, keys, n, distance_cap=cap)
+    far = 2251
+    assert 4 * (far - 1) < t - cap <= 4 * far
+    for L in (2, 4):
+        torch.testing.assert_close(capped[L][far:], plain[L][far:], rtol=0, atol=0)
+        got = torch.sigmoid(capped[L][:far]).double().numpy()
+        want = np.array([direct_scores(indexer, L, hidden[L].reshape(1, -1), [4 * s + cap], keys[L][s : s + 1])[0, 0]
+                         for s in range(0, far, 50)])
+        np.testing.assert_allclose(got[::50], want, rtol=2e-4, atol=1e-6)
+        assert not torch.allclose(capped[L][:far], plain[L][:far])  # the cap changed the far entries
+    # off (None, 0) or a cap beyond the context: the plain logits
+    for off in (None, 0, t + 1):
+        again = indexer.trigger_logits(hidden, t, keys, n, distance_cap=off)
+        assert all(torch.equal(again[L], plain[L]) for L in (2, 4))

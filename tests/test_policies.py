@@ -95,6 +95,23 @@ def test_make_policy_takes_the_exports_fetch_top_unless_the_config_overrides_it(
     assert "top 2 per layer" in make_policy(SessionConfig(mode="lsa").resolved(), indexer).describe()
 
 
+def test_distance_cap_reaches_the_memory_indexer_only_when_set():
+    class Recording(FixedScores):
+        def trigger_logits(self, hidden, position, keys, n_visible, **options):
+            self.options = options
+            return super().trigger_logits(hidden, position, keys, n_visible)
+
+    indexer = Recording({2: L2, 4: L4})
+    capped = make_policy(SessionConfig(mode="lsa", distance_cap=65536).resolved(), indexer)
+    assert select(capped, 10) == [0, 2, 3, 5, 8] and indexer.options == {"distance_cap": 65536}
+    assert "distances capped at 65536" in capped.describe()
+    assert select(make_policy(SessionConfig(mode="lsa", distance_cap=0).resolved(), indexer), 10) == [0, 2, 3, 5, 8]
+    assert indexer.options == {}  # off: the plain call a memory indexer without the option takes
+    for bad in (-1, 2.5, True):
+        with pytest.raises(SessionError, match="distance_cap"):
+            SessionConfig(mode="lsa", distance_cap=bad)
+
+
 def _pages_by_hand(selected: list[bool], forced: list[bool], size: int, k: int) -> list[int]:
     """Page recall written out plainly: rank pages by (holds a forced entry, selected count, index), keep k."""
     pages = [range(p, min(p + size, len(selected))) for p in range(0, len(selected), size)]

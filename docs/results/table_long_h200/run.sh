@@ -148,6 +148,9 @@ extra=(--chunk-size $CHUNK --seed $SEED); [ -n "$FETCH_TOP" ] && extra+=(--fetch
 # ATTENTION: the backbone's attention, eager (transformers', the default and every stored evaluation's) or window
 # (the same without the dense score matrix: faster prefill; a new evaluation only, --resume refuses a change)
 [ -n "${ATTENTION:-}" ] && extra+=(--attention $ATTENTION)
+# DISTANCE_CAP: lsa scores entries farther than this many tokens as if this far (empty: off; 65536 for L6i's memory
+# indexer, trained on documents of up to 64K tokens; RESULTS section 11h)
+[ -n "${DISTANCE_CAP:-}" ] && extra+=(--distance-cap $DISTANCE_CAP)
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
