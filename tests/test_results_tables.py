@@ -44,6 +44,23 @@ def _long_tables(monkeypatch, stored: str, *args: str) -> str:
     return out
 
 
+def _stored_runs(path, key: tuple[str, ...], **where) -> dict:
+    """The runs of a stored runs.jsonl or runs.jsonl.gz (``path`` from the repository root) whose fields equal
+    ``where``, keyed by the tuple of their ``key`` fields."""
+    import gzip
+    import json
+
+    path = REPO / path
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt") as f:
+        return {tuple(r[k] for k in key): r for r in map(json.loads, f) if all(r[k] == v for k, v in where.items())}
+
+
+def _cells(out: str, prefix: str) -> list[str]:
+    """The cells of the one line of ``out`` that starts with ``prefix``."""
+    (line,) = [x for x in out.splitlines() if x.startswith(prefix)]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
 def _rows_quoted(out: str, section: str, prefixes: tuple[str, ...], count: int) -> list[str]:
     """The ``count`` lines of ``out`` that start with one of ``prefixes``, each found verbatim in ``section``."""
     rows = [line for line in out.splitlines() if line.startswith(prefixes)]
@@ -170,8 +187,6 @@ def test_long_table_is_the_raw_outputs(monkeypatch):
     runs of the three evaluations (byte for byte its stored tables.md); the reproduction claim of section 11: call 1's
     LSA answers equal the table's on all 80 prompts at 32K, full's on 77; the oracle's and LSA's paired difference at
     64K that the opening states."""
-    import gzip
-    import json
 
     raw = "docs/results/table_long_h200/run2_fetch_top64"
     module = _script("tables_long", REPO / "docs/results/table_long_h200/tables.py")
@@ -190,12 +205,9 @@ def test_long_table_is_the_raw_outputs(monkeypatch):
     assert "- 65,536: +15.4 points [8.3, 22.9] over 80 pairs" in out
     assert "**15.4 [8.3, 22.9] above LSA** on the same 80 prompts" in opening
 
-    def runs(path):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            return {(r["task"], r["length"], r["index"], r["mode"]): r for r in map(json.loads, f)}
-
-    first, final = runs(REPO / raw / "call1_32k_full_lsa_runs.jsonl.gz"), runs(REPO / raw / "eval_32k/runs.jsonl.gz")
+    key = ("task", "length", "index", "mode")
+    first, final = (_stored_runs(f"{raw}/{name}", key) for name in ("call1_32k_full_lsa_runs.jsonl.gz",
+                                                                     "eval_32k/runs.jsonl.gz"))
     same = {m: sum(first[k]["prediction"] == final[k]["prediction"] for k in first if k[3] == m) for m in ("full", "lsa")}
     assert same == {"full": 77, "lsa": 80}
 
@@ -354,7 +366,6 @@ def test_page_recall_at_16k_cpu_claims_are_the_raw_outputs(monkeypatch):
     """Section 11b's 16K bullet: variant.py on the stored CPU runs against the device's table (its stored
     variant_16k.md, its row in the section), and the figures the bullet states: pages and LSA on the CPU level
     (paired), pages above LSA on one chain and below on one, the CPU's LSA against the device's."""
-    import gzip
     import json
 
     from fm_eval.intervals import format_interval, paired_summary
@@ -368,12 +379,9 @@ def test_page_recall_at_16k_cpu_claims_are_the_raw_outputs(monkeypatch):
     assert "| 16,384 | 40 | 88.0 | [84.0, 91.5] | -2.0 | [-4.5, 0.0] | -0.5 | [-2.0, 1.0] | 0.191 / 0.080 |" \
         in out
 
-    def runs(path):
-        return {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(REPO / path, "rt"))}
-
-    pages, lsa = runs(f"{raw}/pages/runs.jsonl.gz"), runs(f"{raw}/lsa/runs.jsonl.gz")
-    device = {(r["task"], r["index"]): r for r in map(json.loads, gzip.open(
-        REPO / "docs/results/table_long_h200/run2_fetch_top64/eval_16k/runs.jsonl.gz", "rt")) if r["mode"] == "lsa"}
+    pages, lsa = (_stored_runs(f"{raw}/{d}/runs.jsonl.gz", ("task", "index")) for d in ("pages", "lsa"))
+    device = _stored_runs("docs/results/table_long_h200/run2_fetch_top64/eval_16k/runs.jsonl.gz", ("task", "index"),
+                          mode="lsa")
     assert len(pages) == len(lsa) == 40 and all(r["mode"] == "lsa" for r in [*pages.values(), *lsa.values()])
     vs = paired_summary(list(pages.values()), list(lsa.values()))
     assert round(vs["difference"], 1) == 0.0 and format_interval(vs["interval"]) == "[-1.5, 1.5]"
@@ -414,8 +422,6 @@ def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
     """Section 11d: tables.py on the stored runs (byte for byte its stored tables: the controls at page recall's
     budget, seed 1, the table's prompts on the same two tasks), its rows and goal lines in the section, the seed
     table's figures, the copied lsa runs equal to section 11b's, and the 128K runs as the section states them."""
-    import gzip
-    import json
 
     raw = "docs/results/table_long_h200/run4_controls_seed1"
     text = (REPO / "docs/RESULTS.md").read_text()
@@ -431,8 +437,7 @@ def test_section11d_controls_seed1_and_128k_are_the_raw_outputs(monkeypatch):
     assert "recent -63.0 / -55.6 and random -72.9 / -59.1 points" in opening
 
     def runs(path):
-        with gzip.open(REPO / path, "rt") as f:
-            return {(r["task"], r["length"], r["index"], r["mode"]): r for r in map(json.loads, f)}
+        return _stored_runs(path, ("task", "length", "index", "mode"))
 
     for length in ("32k", "64k"):  # the lsa runs (pages) copied in by FROM= are section 11b's, unchanged
         new = {k: r for k, r in runs(f"{raw}/eval_{length}_pages/runs.jsonl.gz").items() if k[3] == "lsa"}
@@ -517,8 +522,6 @@ def test_section11e_pages_heldout_limits_hisparse_128k_are_the_raw_outputs(monke
     section and the opening quote, the compact tables' cells recomputed from those outputs or the runs, and the
     section's claims about the runs: hisparse's lsa runs equal the table's, its answers equal full's text on 70 of
     80; LSA's lost prompts at 32K are the near copies it names; the 128K runs as counted."""
-    import gzip
-    import json
 
     raw = "docs/results/table_long_h200/run5_heldout_limits"
     base = "docs/results/table_long_h200/run2_fetch_top64"
@@ -526,12 +529,9 @@ def test_section11e_pages_heldout_limits_hisparse_128k_are_the_raw_outputs(monke
     section, opening = _section(text, "## 11e."), _section(text, "## The long table")
 
     def runs(path):
-        with gzip.open(REPO / path, "rt") as f:
-            return {(r["task"], r["length"], r["index"], r["mode"]): r for r in map(json.loads, f)}
+        return _stored_runs(path, ("task", "length", "index", "mode"))
 
-    def row(out, prefix):
-        (line,) = [x for x in out.splitlines() if x.startswith(prefix)]
-        return [c.strip() for c in line.strip("|").split("|")]
+    row = _cells
 
     # page recall on seed 1, and seed 1's oracle
     variant = _script("variant_long", REPO / "docs/results/table_long_h200/variant.py")
@@ -614,7 +614,6 @@ def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monk
     the CPU's held-out LSA scores equal the device's (the same two wrong answers), full's runs equal across the two
     evaluations, page recall's texts, the strict first-number reading, hisparse's texts equal full's, the window
     attention's 16K lsa texts equal section 11b's eager ones."""
-    import gzip
     import json
     import re
 
@@ -622,12 +621,9 @@ def test_section11f_held_out_pages_and_hisparse_16k_cpu_are_the_raw_outputs(monk
     section = _section((REPO / "docs/RESULTS.md").read_text(), "## 11f.")
 
     def runs(path, task=None):
-        with gzip.open(REPO / path, "rt") as f:
-            return {(r["mode"], r["task"], r["index"]): r for r in map(json.loads, f) if task in (None, r["task"])}
+        return _stored_runs(path, ("mode", "task", "index"), **({"task": task} if task else {}))
 
-    def row(out, prefix):
-        (line,) = [x for x in out.splitlines() if x.startswith(prefix)]
-        return [c.strip() for c in line.strip("|").split("|")]
+    row = _cells
 
     # page recall on the held-out formats at 32K
     held = _long_tables(monkeypatch, f"{raw}/held_out_tables.md", f"{raw}/held_out")
@@ -722,7 +718,6 @@ def test_section11g_lsa_at_128k_cpu_is_the_raw_outputs(monkeypatch):
     """Section 11g: tables.py on the device's full runs and the CPU's full and LSA runs at 128K (byte for byte the
     stored table, its rows quoted), the pairs' prompts, the CPU's repeats of the device's full runs, LSA's footprint,
     and needle_fetch's account of where the entries over the threshold lie (by distance from the query)."""
-    import gzip
     import json
 
     raw, dev = "docs/results/e128k_cpu", "docs/results/table_long_h200/run5_heldout_limits/e128k_partial"
@@ -740,8 +735,7 @@ def test_section11g_lsa_at_128k_cpu_is_the_raw_outputs(monkeypatch):
             f"full {float(full_acc):.0f}% |") in opening
 
     def runs(path):
-        with gzip.open(REPO / path, "rt") as f:
-            return {(r["mode"], r["index"]): r for r in map(json.loads, f) if r["task"] == "niah_single_1"}
+        return _stored_runs(path, ("mode", "index"), task="niah_single_1")
 
     device, full, lsa = runs(f"{dev}/runs.jsonl.gz"), runs(f"{raw}/full/runs.jsonl.gz"), runs(f"{raw}/lsa/runs.jsonl.gz")
     assert sorted(i for _, i in device) == list(range(12)) and sorted(i for _, i in full) == list(range(12, 20))
