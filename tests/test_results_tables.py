@@ -790,3 +790,73 @@ def test_section11g_lsa_at_128k_cpu_is_the_raw_outputs(monkeypatch):
     assert window["resident"] == eager[4]["fetch"]["resident"] and window["text"] == eager[4]["fetch"]["text"]
     assert all({k: v[k] for k in ("above_threshold", "needle_score", "needle_rank")} == eager[4]["fetch"]["layers"][layer]
                for layer, v in window["layers"].items())
+
+
+def test_section11h_distance_cap_at_128k_is_the_raw_outputs(monkeypatch):
+    """Section 11h: variant.py on the capped LSA runs against section 11g's full and LSA (byte for byte its stored
+    table, its row quoted), the runs' configuration, footprint and answers as the section counts them, and
+    needle_fetch's two records of the seed-1 prompt, without and with the cap."""
+    import json
+
+    raw, dev = "docs/results/e128k_cpu", "docs/results/table_long_h200/run5_heldout_limits/e128k_partial"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section, opening = _section(text, "## 11h."), text[:text.index("## 1. Commands")]
+    variant = _script("variant_cap", REPO / "docs/results/table_long_h200/variant.py")
+    monkeypatch.chdir(REPO)
+    out = _printed(variant.main, [f"{raw}/lsa_cap", dev, f"{raw}/full", f"{raw}/lsa", "--name", "LSA, distance cap"])
+    assert (REPO / raw / "variant_cap.md").read_text() == out
+    (row,) = _rows_quoted(out, section, ("| 131,072 | 20 |",), 1)
+    cells = _cells(out, "| 131,072 | 20 |")
+    assert cells[2:8] == ["50.0", "[30.0, 70.0]", "-10.0", "[-30.0, 10.0]", "+30.0", "[10.0, 50.0]"]
+    assert cells[8].startswith("0.011 /") and cells[8].endswith("/ 0.286")
+    assert "with our distance cap (off by default) 1.1%, -10.0 [-30.0, 10.0] | 11e, 11g, 11h |" in opening
+
+    key = ("index",)
+    cap = _stored_runs(f"{raw}/lsa_cap/runs.jsonl.gz", key, task="niah_single_1", mode="lsa")
+    lsa = _stored_runs(f"{raw}/lsa/runs.jsonl.gz", key, task="niah_single_1", mode="lsa")
+    full = {**_stored_runs(f"{dev}/runs.jsonl.gz", key, task="niah_single_1", mode="full"),
+            **_stored_runs(f"{raw}/full/runs.jsonl.gz", key, task="niah_single_1", mode="full")}
+    assert sorted(cap) == sorted(full) == sorted(lsa) == [(i,) for i in range(20)]
+    config = json.loads((REPO / raw / "lsa_cap/config.json").read_text())
+    assert config["fingerprint"]["distance_cap"] == 65536 and config["fingerprint"]["attention"] == "window"
+    assert all("distances capped at 65536" in r["stats"]["policy"] for r in cap.values())
+    ratios = [r["stats"]["csa_kv_ratio"] for r in cap.values()]
+    selected = [r["stats"]["selected_per_trigger"] for r in cap.values()]
+    assert 0.0104 <= min(ratios) and max(ratios) < 0.0109 and {len(s) for s in selected} == {1}
+    assert (min(s[0] for s in selected), max(s[0] for s in selected)) == (323, 338)
+
+    def back(i):  # tokens from the needle to the question's end
+        return 131072 - cap[(i,)]["needles"][0]["token_offset"]
+
+    near = [i for i in range(20) if back(i) < 65536]
+    assert near == list(range(10, 20))
+    for runs, (n_near, n_far) in ((cap, (9, 1)), (full, (10, 2)), (lsa, (4, 0))):
+        right = {i for i in range(20) if runs[(i,)]["score"] == 1.0}
+        assert (len(right & set(near)), len(right - set(near))) == (n_near, n_far)
+    lost = {i for i in range(20) if full[(i,)]["score"] > cap[(i,)]["score"]}
+    gained = {i for i in range(20) if full[(i,)]["score"] < cap[(i,)]["score"]}
+    assert lost == {2, 4, 13} and gained == {1}
+    assert {i: cap[(i,)]["prediction"].split(".")[0].strip() for i in lost} == \
+        {2: "6586099", 4: "4697555", 13: "8941594"}
+    assert {i: back(i) // 1000 for i in (1, 2, 4, 13)} == {1: 124, 2: 117, 4: 103, 13: 41}
+    assert all(lsa[(i,)]["score"] == 0.0 and cap[(i,)]["score"] == 1.0 for i in (12, 14))
+
+    fetched = REPO / "docs/results/needle_fetch_cpu"
+    plain, capped = (json.loads((fetched / f"single_128k_seed1_top64_i0{tag}_fetch.jsonl").read_text())
+                     for tag in ("", "_cap65536"))
+    assert capped["distance_cap"] == 65536 and "distance_cap" not in plain
+    assert plain["prompt_sha"] == capped["prompt_sha"] and (plain["seed"], plain["index"]) == (1, 0)
+    far = {name: [sum(b["above"] for b in v["by_distance"] if b["from"] >= 65536) for v in r["fetch"]["layers"].values()]
+           for name, r in (("plain", plain), ("capped", capped))}
+    assert (min(far["plain"]), max(far["plain"])) == (1284, 4861) and max(far["capped"]) == 1
+    assert (plain["fetch"]["selected"], capped["fetch"]["selected"]) == (9455, 332)
+    layer4 = plain["fetch"]["layers"]["4"], capped["fetch"]["layers"]["4"]
+    assert (layer4[0]["needle_rank"], layer4[0]["needle_score"]) == (32768, 0.0005)
+    assert (layer4[1]["needle_rank"], layer4[1]["needle_score"]) == (1, 0.4289)
+    assert not plain["fetch"]["needle_resident"] and capped["fetch"]["needle_resident"]
+    assert capped["fetch"]["text"].strip().startswith(capped["answers"][0])
+    assert not plain["fetch"]["text"].strip().startswith(plain["answers"][0])
+    for layer in plain["fetch"]["layers"]:  # within the trained distance the cap changes no score
+        bands = [[(b["from"], b["above"], b["mean_score"]) for b in r["fetch"]["layers"][layer]["by_distance"]
+                  if b["from"] < 65536] for r in (plain, capped)]
+        assert bands[0] == bands[1]
