@@ -111,6 +111,15 @@
 # distance). The call above stays the next: it decodes 128K's variable tracking (full and LSA) and repeats the single
 # needles on the device (57 runs: at section 11e's 23 runs in 210 s, one call or two), so the 128K cell is one
 # machine's.
+# Twenty-fourth session (2026-12-05): no device machine could be started. The CPU ran LSA at 128K with the memory
+# indexer's distance cap (DISTANCE_CAP=65536, L6i's training length; RESULTS section 11h: 1.1% of the CSA KV, 50%
+# against full's 60%). Next call: the one above, then the cap on the same cells (variable tracking with it; the
+# single needles again on the device), as a second evaluation in the same call:
+#   run(timeout_s=600, carry=[".whl"], command="T=$(date +%s); l() { echo $((560 - ($(date +%s) - T))); };
+#     S=docs/results/table_long_h200/run5_heldout_limits; BUDGET=$(l) OUT=$OUT/e128k EVAL=e128k FROM=$S/e128k_partial
+#     LENGTHS=128k TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096 WORKERS=6 bash
+#     docs/results/table_long_h200/run.sh; BUDGET=$(l) OUT=$OUT/cap EVAL=e128k_cap LENGTHS=128k TASKS=vt,niah_single_1
+#     MODES=lsa FETCH_TOP=64 CHUNK=4096 DISTANCE_CAP=65536 WORKERS=6 bash docs/results/table_long_h200/run.sh")
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
