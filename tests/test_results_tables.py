@@ -732,7 +732,7 @@ def test_section11g_lsa_at_128k_cpu_is_the_raw_outputs(monkeypatch):
     assert row.split(" | ")[7] == "0.023" and "and 2.3% at 64K (full not run)" in opening
     assert "| 16K-64K | absent in footprint | 8.7% / 4.4% / 2.3% of the CSA KV;" in opening
     assert (f"| 128K | shown | LSA {100 * float(ratio):.1f}% of the CSA KV, {diff} {interval} (single needles); "
-            f"full {float(full_acc):.0f}% |") in opening
+            f"full {float(full_acc):.0f}%; with our distance cap") in opening
 
     def runs(path):
         return _stored_runs(path, ("mode", "index"), task="niah_single_1")
