@@ -860,3 +860,21 @@ def test_section11h_distance_cap_at_128k_is_the_raw_outputs(monkeypatch):
         bands = [[(b["from"], b["above"], b["mean_score"]) for b in r["fetch"]["layers"][layer]["by_distance"]
                   if b["from"] < 65536] for r in (plain, capped)]
         assert bands[0] == bands[1]
+    # the lost prompts: both of the value's entries resident, the same near copies; with page recall prompt 2 repaired
+    lost_fetch = {tag: {r["index"]: r for r in map(json.loads, (fetched / (
+        f"single_128k_seed0_top64_i2_i4_i13_cap65536{tag}_fetch.jsonl")).read_text().splitlines())}
+        for tag in ("", "_pages")}
+    for tag, rows in lost_fetch.items():
+        assert sorted(rows) == [2, 4, 13] and all(r["distance_cap"] == 65536 for r in rows.values())
+        for i, r in rows.items():
+            assert r["prompt_sha"] == cap[(i,)]["prompt_sha"]
+            held = set(r["fetch"]["resident"])
+            assert set(r["needle"]) <= held and min(r["needle"]) - 1 in held
+            assert [r["fetch"]["layers"]["4"][k] for k in ("needle_rank", "needle_score")] == \
+                {2: [1, 0.4818], 4: [1, 0.4486], 13: [11, 0.1272]}[i]
+        texts = {i: r["fetch"]["text"].split(".")[0].split(",")[0].strip() for i, r in rows.items()}
+        if tag:
+            assert {r["fetch"]["selected"] for r in rows.values()} == {768}
+            assert texts == {2: "65860955", 4: "4697558", 13: "8941594"}
+        else:
+            assert texts == {i: cap[(i,)]["prediction"].split(".")[0].strip() for i in rows}
