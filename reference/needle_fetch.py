@@ -202,16 +202,16 @@ def main(argv=None):
     if args.attention == "window" and not args.fetch_only:
         parser.error("--attention window needs --fetch-only: the labels' run captures transformers' indexer scores, "
                      "which the window path computes itself")
+    try:  # every option checked before the model loads
+        config = SessionConfig(mode="lsa", static_decode=False, chunk_size=args.chunk, fetch_top=args.fetch_top,
+                               page_size=args.page_size, max_pages=args.max_pages, distance_cap=args.distance_cap)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not (args.indexer / "lsa_config.json").is_file():
         parser.error(f"--indexer {args.indexer} is not an fm-index export (no lsa_config.json)")
     model, tokenizer = load_backbone(args.model, device=args.device, dtype="float32")
     set_attention(model, args.attention)
     indexer = MemoryIndexer.from_export(args.indexer, backbone_config=model.config, device=args.device)
-    try:
-        config = SessionConfig(mode="lsa", static_decode=False, chunk_size=args.chunk, fetch_top=args.fetch_top,
-                               page_size=args.page_size, max_pages=args.max_pages, distance_cap=args.distance_cap)
-    except ValueError as exc:
-        parser.error(str(exc))
     config = config.resolved(indexer.config.tau, indexer.config.threshold)
 
     def session_factory():

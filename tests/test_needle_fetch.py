@@ -44,7 +44,8 @@ def test_bad_indices_exit_2_before_any_model_is_loaded(tmp_path, capsys):
     from reference.needle_fetch import main
 
     for bad, says in ((["--indices", "3,x"], "separated by commas"), (["--indices", "20"], "0..19"),
-                      (["--attention", "window"], "needs --fetch-only")):
+                      (["--attention", "window"], "needs --fetch-only"), (["--distance-cap", "-1"], "distance_cap"),
+                      (["--page-size", "8"], "max_pages")):
         with pytest.raises(SystemExit) as exit_:
             main(["--indexer", str(tmp_path), *bad])  # tmp_path is no export either: these checks come first
         assert exit_.value.code == 2
