@@ -878,3 +878,54 @@ def test_section11h_distance_cap_at_128k_is_the_raw_outputs(monkeypatch):
             assert texts == {2: "65860955", 4: "4697558", 13: "8941594"}
         else:
             assert texts == {i: cap[(i,)]["prediction"].split(".")[0].strip() for i in rows}
+
+
+def test_section11i_hisparse_at_64k_cpu_is_the_raw_outputs(monkeypatch):
+    """Section 11i: tables.py on the CPU's hisparse and full runs at 64K (byte for byte the stored table, its rows
+    quoted), the buffers the table's LSA budgets give, hisparse's texts equal full's, the prompts the device's, and
+    the section's paired figures against the device's LSA and full (recomputed here from the stored runs)."""
+    import json
+    from statistics import mean
+
+    from fm_eval.intervals import format_interval, paired_summary
+
+    raw, dev = "docs/results/hisparse_64k_cpu", "docs/results/table_long_h200/run2_fetch_top64/eval_64k"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section = _section(text, "## 11i.")
+    flat = section.replace("\n  ", " ")
+    out = _long_tables(monkeypatch, f"{raw}/tables.md", f"{raw}/niah_single_1", f"{raw}/vt")
+    _rows_quoted(out, section, ("| 65,536 |",), 2)
+    assert _cells(out, "| 65,536 | hisparse |")[7:9] == ["0.020", "0.273"]
+
+    key = ("mode", "task", "index")
+    cpu = {**_stored_runs(f"{raw}/niah_single_1/runs.jsonl.gz", key),
+           **_stored_runs(f"{raw}/vt/runs.jsonl.gz", key)}
+    device = _stored_runs(f"{dev}/runs.jsonl.gz", key)
+    pairs = [k for k in cpu if k[0] == "full"]
+    assert len(pairs) == 40 and len(cpu) == 80
+    hisparse = {k: cpu[("hisparse", *k[1:])] for k in pairs}
+    assert all(hisparse[k]["prediction"] == cpu[k]["prediction"] for k in pairs)
+    assert all(cpu[k]["prompt_sha"] == device[k]["prompt_sha"] for k in pairs)
+    for task in ("niah_single_1", "vt"):  # the buffer: the table's LSA mean selected entries in that cell
+        selected = [r["selected_mean"] for k, r in device.items() if k[:2] == ("lsa", task)]
+        assert len(selected) == 20
+        assert {h["budget"] for k, h in hisparse.items() if k[1] == task} == {round(mean(selected))}
+    for task in ("niah_single_1", "vt"):
+        config = json.loads((REPO / raw / task / "config.json").read_text())
+        assert config["config"]["attention"] == "window" and config["config"]["tasks"] == [task]
+
+    def paired(a, b):
+        s = paired_summary(a, b)
+        return f"{s['difference']:+.1f} {format_interval(s['interval'])}"
+
+    h = [hisparse[k] for k in pairs]
+    lsa, full = [device[("lsa", *k[1:])] for k in pairs], [device[k] for k in pairs]
+    assert paired(h, lsa) == "+7.5 [0.5, 15.5]" and "hisparse +7.5 points [0.5, 15.5] above LSA" in flat
+    assert paired(lsa, full) == "-7.0 [-15.0, -0.0]" and "-7.0 [-15.0, -0.0]" in flat
+    assert round(mean(r["stats"]["footprint_ratio"] for r in lsa), 3) == 0.193
+    same = (sum(cpu[k]["score"] == device[k]["score"] for k in pairs),
+            sum(cpu[k]["prediction"] == device[k]["prediction"] for k in pairs))
+    assert same == (39, 32) and "full's scores equal on 39 of 40 (texts 32)" in flat
+    misses = {t: round(mean(r["stats"]["entries_fetched"] for k, r in hisparse.items() if k[1] == t))
+              for t in ("niah_single_1", "vt")}
+    assert misses == {"niah_single_1": 3757, "vt": 2690} and "(3,757 / 2,690 entry-layer misses" in flat
