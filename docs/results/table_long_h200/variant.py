@@ -1,13 +1,15 @@
 """An LSA variant against the table's full and LSA on the same prompts (e.g. page recall: table_long_h200/run.sh's
 PAGE_SIZE / MAX_PAGES, evaluated into a directory of its own because one evaluation holds one lsa run per prompt).
 
-    python docs/results/table_long_h200/variant.py VARIANT_DIR BASE_DIR [BASE_DIR ...] [--name NAME]
+    python docs/results/table_long_h200/variant.py VARIANT_DIR BASE_DIR [BASE_DIR ...] [--name NAME] [--full-only]
 
 VARIANT_DIR's lsa runs are paired with BASE_DIRs' full and lsa runs of the same task, length and sample (the prompt
 digests must agree: fm_eval.intervals.paired_differences checks them); the table gives, per length, the variant's
 accuracy with its interval, its paired difference from full and from LSA (95% intervals by the stratified bootstrap
 over prompts, as tables.py), the CSA-KV and total footprint ratios of the variant and of LSA, and the entries
 resident per trigger (the selected set: pages whole); then accuracy per task and length for full, LSA and the variant.
+With --full-only the variant is paired with the base's full runs alone, for cells where the base has no plain LSA
+runs (e.g. variable tracking at 128K); every LSA column then reads "-".
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ def _resident(runs: list[dict]) -> float | None:
     return sum(picks) / len(picks) if picks else None
 
 
-def print_variant(variant: list[dict], base: list[dict], name: str) -> None:
+def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bool = True) -> None:
     by = {(r["mode"], r["task"], r["length"], r["index"]): r for r in base}
     variant = [r for r in variant if r["mode"] == "lsa"]
-    # only the prompts the base decoded in both modes: the comparison is paired or it is not made
-    variant = [r for r in variant if ("full", r["task"], r["length"], r["index"]) in by
-               and ("lsa", r["task"], r["length"], r["index"]) in by]
+    # only the prompts the base decoded in every mode it is compared with: the comparison is paired or not made
+    against = ("full", "lsa") if with_lsa else ("full",)
+    variant = [r for r in variant if all((m, r["task"], r["length"], r["index"]) in by for m in against)]
     lengths = sorted({r["length"] for r in variant})
     tasks = sorted({r["task"] for r in variant})
     rows = {row["length"]: row for row in summarize(variant)["modes"]}
@@ -45,14 +47,15 @@ def print_variant(variant: list[dict], base: list[dict], name: str) -> None:
         runs = [r for r in variant if r["length"] == length]
         keys = [(r["task"], length, r["index"]) for r in runs]
         full = [by[("full", *k)] for k in keys]
-        lsa = [by[("lsa", *k)] for k in keys]
-        lsa_row = next(row for row in summarize(lsa)["modes"] if row["length"] == length)
-        vs_full, vs_lsa, row = paired_summary(runs, full), paired_summary(runs, lsa), rows[length]
+        lsa = [by[("lsa", *k)] for k in keys] if with_lsa else []
+        lsa_row = next((row for row in summarize(lsa)["modes"] if row["length"] == length), {}) if lsa else {}
+        vs_lsa = paired_summary(runs, lsa) if lsa else {}
+        vs_full, row = paired_summary(runs, full), rows[length]
         print(f"| {length:,} | {row['n']} | {row['accuracy']:.1f} | {format_interval(row['accuracy_interval'])} "
               f"| {_num(vs_full['difference'], '+.1f')} | {format_interval(vs_full['interval'])} "
-              f"| {_num(vs_lsa['difference'], '+.1f')} | {format_interval(vs_lsa['interval'])} "
-              f"| {_num(row['csa_kv_ratio'], '.3f')} / {_num(lsa_row['csa_kv_ratio'], '.3f')} "
-              f"| {_num(row['footprint_ratio'], '.3f')} / {_num(lsa_row['footprint_ratio'], '.3f')} "
+              f"| {_num(vs_lsa.get('difference'), '+.1f')} | {format_interval(vs_lsa.get('interval'))} "
+              f"| {_num(row['csa_kv_ratio'], '.3f')} / {_num(lsa_row.get('csa_kv_ratio'), '.3f')} "
+              f"| {_num(row['footprint_ratio'], '.3f')} / {_num(lsa_row.get('footprint_ratio'), '.3f')} "
               f"| {_num(_resident(runs))} / {_num(_resident(lsa))} |")
     print()
     print(f"| task | length | full | lsa | {name} |")
@@ -63,9 +66,10 @@ def print_variant(variant: list[dict], base: list[dict], name: str) -> None:
             if not runs:
                 continue
             keys = [(task, length, r["index"]) for r in runs]
-            cells = [100.0 * sum(r["score"] for r in rs) / len(rs)
-                     for rs in ([by[("full", *k)] for k in keys], [by[("lsa", *k)] for k in keys], runs)]
-            print(f"| {task} | {length:,} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+            cells = [100.0 * sum(r["score"] for r in rs) / len(rs) if rs else None
+                     for rs in ([by[("full", *k)] for k in keys], [by[("lsa", *k)] for k in keys] if with_lsa else [],
+                                runs)]
+            print(f"| {task} | {length:,} | " + " | ".join(_num(c) for c in cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,10 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("base", nargs="+", type=Path, metavar="BASE_DIR",
                         help="the table's evaluate directories (full and lsa runs of the same prompts)")
     parser.add_argument("--name", default="variant", help="the variant's name in the table's header")
+    parser.add_argument("--full-only", action="store_true",
+                        help="pair with the base's full runs alone (cells the base has no plain lsa runs for)")
     args = parser.parse_args(argv)
     variant, _ = load_runs([args.variant])
     base, _ = load_runs(args.base)
-    print_variant(variant, base, args.name)
+    print_variant(variant, base, args.name, with_lsa=not args.full_only)
 
 
 if __name__ == "__main__":
