@@ -809,7 +809,7 @@ def test_section11h_distance_cap_at_128k_is_the_raw_outputs(monkeypatch):
     cells = _cells(out, "| 131,072 | 20 |")
     assert cells[2:8] == ["50.0", "[30.0, 70.0]", "-10.0", "[-30.0, 10.0]", "+30.0", "[10.0, 50.0]"]
     assert cells[8].startswith("0.011 /") and cells[8].endswith("/ 0.286")
-    assert "with our distance cap (off by default) 1.1%, -10.0 [-30.0, 10.0] | 11e, 11g, 11h |" in opening
+    assert "with our distance cap (off by default) 1.1%, -10.0 [-30.0, 10.0];" in opening
 
     key = ("index",)
     cap = _stored_runs(f"{raw}/lsa_cap/runs.jsonl.gz", key, task="niah_single_1", mode="lsa")
@@ -929,3 +929,40 @@ def test_section11i_hisparse_at_64k_cpu_is_the_raw_outputs(monkeypatch):
     misses = {t: round(mean(r["stats"]["entries_fetched"] for k, r in hisparse.items() if k[1] == t))
               for t in ("niah_single_1", "vt")}
     assert misses == {"niah_single_1": 3757, "vt": 2690} and "(3,757 / 2,690 entry-layer misses" in flat
+
+
+def test_section11j_variable_tracking_at_128k_with_the_cap_is_the_raw_outputs(monkeypatch):
+    """Section 11j: variant.py --full-only on the capped LSA's variable-tracking runs against the device's full (byte
+    for byte its stored table, its row quoted; without --full-only no pair, the base has no plain LSA there), the
+    runs' configuration and footprint, and the section's counts of the pairs."""
+    import json
+
+    raw, dev = "docs/results/e128k_cpu", "docs/results/table_long_h200/run5_heldout_limits/e128k_partial"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section, opening = _section(text, "## 11j."), text[:text.index("## 1. Commands")]
+    flat = section.replace("\n  ", " ")
+    variant = _script("variant_vt_cap", REPO / "docs/results/table_long_h200/variant.py")
+    monkeypatch.chdir(REPO)
+    args = [f"{raw}/vt_cap", dev, "--name", "LSA, distance cap"]
+    out = _printed(variant.main, args + ["--full-only"])
+    assert (REPO / raw / "variant_vt_cap.md").read_text() == out
+    _rows_quoted(out, section, ("| 131,072 | 11 |",), 1)
+    assert _cells(out, "| 131,072 | 11 |")[2:8] == ["38.2", "[25.5, 49.1]", "+14.5", "[-0.0, 29.1]", "-", "-"]
+    assert "| vt | 131,072 | 23.6 | - | 38.2 |" in out
+    assert "| 131,072 |" not in _printed(variant.main, args)  # paired with full and LSA: no plain LSA, no row
+    assert "variable tracking with it +14.5 [-0.0, 29.1] (11 prompts) | 11e, 11g, 11h, 11j |" in opening
+
+    key = ("index",)
+    cap = _stored_runs(f"{raw}/vt_cap/runs.jsonl.gz", key, task="vt", mode="lsa")
+    full = _stored_runs(f"{dev}/runs.jsonl.gz", key, task="vt", mode="full")
+    assert sorted(cap) == sorted(full) == [(i,) for i in range(11)]
+    assert all(cap[k]["prompt_sha"] == full[k]["prompt_sha"] for k in cap)
+    config = json.loads((REPO / raw / "vt_cap/config.json").read_text())
+    assert config["fingerprint"]["distance_cap"] == 65536 and config["fingerprint"]["attention"] == "window"
+    assert all("distances capped at 65536" in r["stats"]["policy"] for r in cap.values())
+    selected = [s for r in cap.values() for s in r["stats"]["selected_per_trigger"]]
+    assert len(selected) == 11 and (min(selected), max(selected)) == (325, 334) and "(325-334 entries" in flat
+    higher = sum(cap[k]["score"] > full[k]["score"] for k in cap)
+    lower = sum(cap[k]["score"] < full[k]["score"] for k in cap)
+    assert (higher, lower, 11 - higher - lower) == (7, 1, 3) and "higher on 7 prompts, lower on 1, equal on 3" in flat
+    assert max(r["score"] for r in cap.values()) == 0.6 and max(r["score"] for r in full.values()) == 0.4
