@@ -121,7 +121,8 @@
 #     docs/results/table_long_h200/run.sh; BUDGET=$(l) OUT=$OUT/cap EVAL=e128k_cap LENGTHS=128k TASKS=vt,niah_single_1
 #     MODES=lsa FETCH_TOP=64 CHUNK=4096 DISTANCE_CAP=65536 WORKERS=6 bash docs/results/table_long_h200/run.sh")
 # Twenty-fifth session (2026-12-05): loans paused from the start, no call made. The CPU ran hisparse at 64K (RESULTS
-# section 11i; single needles and variable tracking, full beside it). The call above stays the next.
+# section 11i; single needles and variable tracking, full beside it) and the capped LSA on the 11 variable-tracking
+# prompts at 128K that the device's full has (section 11j). The call above stays the next.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
