@@ -599,6 +599,9 @@ def evaluate_command(
     lengths: str = typer.Option("2048,4096", "--lengths", help="Prompt lengths in tokens of the model's "
                                 "tokenizer, comma-separated (2048,4096 or 2k,4k)."),
     samples: int = typer.Option(4, "--samples", help="Prompts per task and length (needle depths spread evenly)."),
+    prompts: str = typer.Option(None, "--prompts", help="Decode only these of each cell's --samples prompts, by "
+                                "index from 0: 11-19 or 0,3,7-9 (the prompts are the same as in a run of all: "
+                                "with --resume, completes an evaluation in pieces). Default: all."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Tokens to generate per prompt (default: "
                                        "each task's own, as RULER: 32-120)."),
     out: str = typer.Option("evaluation", "--out", help="Results directory: results.json, results.md, plots."),
@@ -669,9 +672,9 @@ def evaluate_command(
     config = EvalConfig(
         model=model or default_model_name(), modes=modes or ("full,lsa,hisparse,recent,random,oracle" if indexer
                                                              else "full"),
-        tasks=tasks, lengths=lengths, samples=samples, indexer=indexer, max_new_tokens=max_new_tokens, seed=seed,
-        device=device or _default_device(), device_map=device_map, dtype=dtype, haystack_packages=packages, tau=tau,
-        threshold=threshold,
+        tasks=tasks, lengths=lengths, samples=samples, prompts=prompts, indexer=indexer,
+        max_new_tokens=max_new_tokens, seed=seed, device=device or _default_device(), device_map=device_map,
+        dtype=dtype, haystack_packages=packages, tau=tau, threshold=threshold,
         budget=budget, chunk_size=chunk_size, prefetch_steps=prefetch_steps, keep_recent=keep_recent,
         keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, page_size=page_size, max_pages=max_pages,
         distance_cap=distance_cap, pool_storage=pool_storage, attention=attention).check()

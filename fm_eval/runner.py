@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -110,6 +111,13 @@ class EvalConfig:
     max_pages: int = 0  # ... and how many pages stay resident
     distance_cap: int | None = None  # lsa: entries farther than this many tokens scored as if this far (None: off)
     attention: str = "eager"  # eager (transformers') or window (the same attention without the dense score matrix)
+    # which of each cell's prompts to decode (None: all `samples`); not part of the fingerprint: a subset decodes the
+    # very same prompts, so an evaluation can be completed in pieces (e.g. the prompts another machine did not run)
+    prompts: tuple[int, ...] | None = None
+
+    def indices(self) -> tuple[int, ...]:
+        """The prompt indices this run decodes in every (task, length) cell."""
+        return tuple(range(self.samples)) if self.prompts is None else self.prompts
 
     def check(self) -> "EvalConfig":
         modes = parse_modes(self.modes)
@@ -142,7 +150,8 @@ class EvalConfig:
             parse_device_map(self.device_map, load_config(self.model))
         if self.dtype is not None:
             parse_dtype(self.dtype)
-        return replace(self, modes=modes, tasks=tasks, lengths=lengths, samples=int(self.samples),
+        prompts = None if self.prompts is None else parse_prompts(self.prompts, int(self.samples))
+        return replace(self, modes=modes, tasks=tasks, lengths=lengths, samples=int(self.samples), prompts=prompts,
                        haystack_packages=tuple(self.haystack_packages), distance_cap=self.distance_cap or None)
 
     def fingerprint(self) -> dict:
@@ -170,6 +179,29 @@ def parse_modes(text: str | Sequence[str]) -> tuple[str, ...]:
     if not names:
         raise EvaluationError("no mode given")
     return tuple(m for m in MODES if m in names)
+
+
+def parse_prompts(text: str | Sequence[int], samples: int) -> tuple[int, ...]:
+    """Prompt indices from "11-19" or "0,3,7-9" (ranges inclusive), each below ``samples``: sorted, unique."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    indices: set[int] = set()
+    for part in parts:
+        raw = part.strip() if isinstance(part, str) else str(part)
+        if not raw:
+            continue
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", raw)
+        if match is None:
+            raise EvaluationError(f"--prompts must be comma-separated indices or ranges (11-19 or 0,3,7-9), got "
+                                  f"'{raw}'")
+        low, high = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if high < low:
+            raise EvaluationError(f"--prompts range '{raw}' runs backwards")
+        if high >= samples:
+            raise EvaluationError(f"--prompts {raw}: prompt indices run from 0 to {samples - 1} (--samples {samples})")
+        indices.update(range(low, high + 1))
+    if not indices:
+        raise EvaluationError("--prompts names no prompt")
+    return tuple(sorted(indices))
 
 
 def parse_lengths(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -327,12 +359,13 @@ class Evaluation:
     def _run(self) -> dict:
         cfg = self.config
         self._prepare_out()
-        total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples * len(cfg.modes)
+        indices = cfg.indices()
+        total = len(cfg.tasks) * len(cfg.lengths) * len(indices) * len(cfg.modes)
         self.reporter.start(total, done=len([k for k in self.done if k[3] in cfg.modes and k[0] in cfg.tasks
-                                             and k[1] in cfg.lengths and k[2] < cfg.samples]))
+                                             and k[1] in cfg.lengths and k[2] in indices]))
         pending = [(task, length) for length in cfg.lengths for task in cfg.tasks
-                   if any((task, length, i, mode) not in self.done for i in range(cfg.samples) for mode in cfg.modes)]
-        if pending and self.workers > 1 and (len(pending) > 1 or cfg.samples > 1):
+                   if any((task, length, i, mode) not in self.done for i in indices for mode in cfg.modes)]
+        if pending and self.workers > 1 and (len(pending) > 1 or len(indices) > 1):
             self._run_workers(pending)
         elif pending:
             self._load()
@@ -353,11 +386,12 @@ class Evaluation:
         """
         cfg = self.config
         order = sorted(pending, key=lambda cell: -cell[1])
-        if self.workers <= len(order) or cfg.samples == 1:
+        indices = list(cfg.indices())
+        if self.workers <= len(order) or len(indices) == 1:
             self._spawn([(task, length, None, None) for task, length in order])
             return
         parts = -(-self.workers // len(order))  # slices per cell: every worker gets one where it can
-        slices = [list(range(k, cfg.samples, parts)) for k in range(min(parts, cfg.samples))]
+        slices = [indices[k::parts] for k in range(min(parts, len(indices)))]
         budgeted = tuple(m for m in cfg.modes if m in ("hisparse",) + BUDGETED)
         for modes in (tuple(m for m in cfg.modes if m not in budgeted), budgeted):
             units = [(task, length, indices, modes) for task, length in order for indices in slices
@@ -437,11 +471,12 @@ class Evaluation:
 
     def _run_cell(self, task: str, length: int, indices: list[int] | None = None,
                   modes: tuple[str, ...] | None = None) -> None:
-        """Decode the cell's prompts ``indices`` (all by default) in ``modes`` (the configured ones by default)."""
+        """Decode the cell's prompts ``indices`` (by default the configured ones, ``--prompts``, else all) in
+        ``modes`` (the configured ones by default)."""
         cfg = self.config
         modes = cfg.modes if modes is None else modes
         todo = lambda mode, i: (task, length, i, mode) not in self.done  # noqa: E731
-        mine = range(cfg.samples) if indices is None else indices
+        mine = cfg.indices() if indices is None else indices
         # only the prompts with work left here: at 128K one prompt takes ~10 s to build, and a split cell's
         # workers would each build all of them
         wanted = [i for i in mine if any(todo(m, i) for m in modes)]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fm_eval.runner import EvalConfig, Evaluation, EvaluationError, Reporter, evaluate, parse_lengths, parse_modes
+from fm_eval.runner import (EvalConfig, Evaluation, EvaluationError, Reporter, evaluate, parse_lengths, parse_modes,
+                            parse_prompts)
 from fm_eval.tasks import generate_sample, score_prediction
 from lsa_runtime.config import SessionError
 
@@ -247,14 +248,30 @@ def test_resume_builds_only_the_prompts_with_runs_left(backbone, tmp_path, monke
     assert strip(resumed["runs"]) == strip(first["runs"])
 
 
+def test_prompts_decode_a_subset_and_complete_the_evaluation_in_pieces(backbone, tmp_path):
+    """--prompts 2, then --resume --prompts 0-1 on two workers: the same runs, record for record, as one evaluation
+    of all three prompts (a subset is not part of the resume fingerprint: the prompts are the same)."""
+    config = EvalConfig(model="tiny", modes=("full",), tasks=(TASK,), lengths=(256,), samples=3, max_new_tokens=NEW)
+    whole = evaluate(config, tmp_path / "whole", backbone=backbone)
+    out = tmp_path / "pieces"
+    last = evaluate(replace(config, prompts="2").check(), out, backbone=backbone)
+    assert [r["index"] for r in last["runs"]] == [2]
+    pieces = evaluate(replace(config, prompts="0-1").check(), out, resume=True, workers=2)
+    strip = lambda runs: [{k: v for k, v in r.items() if k not in ("stats", "timing")} for r in runs]  # noqa: E731
+    assert strip(pieces["runs"]) == strip(whole["runs"]) and len(whole["runs"]) == 3
+
+
 def test_option_errors_are_user_errors(export_dir):
     assert parse_modes("oracle,full,lsa") == ("full", "lsa", "oracle")
+    assert parse_prompts("9,0,3,7-9", 10) == (0, 3, 7, 8, 9)
     assert parse_lengths("4k,2048,2k") == (2048, 4096)
     for bad, match in [(dict(modes="full,fast"), "unknown mode"), (dict(modes="lsa"), "--indexer"),
                        (dict(modes="recent"), "budget"), (dict(lengths="1k,abc"), "--lengths"),
                        (dict(lengths="32"), "too short"), (dict(samples=0), "--samples"),
                        (dict(tasks="niah"), "unknown task"), (dict(prefetch_steps=-1), "--prefetch-steps"),
-                       (dict(prefetch_steps=4, tau=4), "--prefetch-steps")]:
+                       (dict(prefetch_steps=4, tau=4), "--prefetch-steps"),
+                       (dict(samples=3, prompts="1,3"), "0 to 2"), (dict(prompts="2-1"), "backwards"),
+                       (dict(prompts="a"), "--prompts"), (dict(prompts=","), "no prompt")]:
         with pytest.raises(EvaluationError if match != "unknown task" else Exception, match=match):
             EvalConfig(model="tiny", **bad).check()
     EvalConfig(model="tiny", modes="lsa,recent", indexer=str(export_dir)).check()
