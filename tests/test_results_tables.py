@@ -966,3 +966,51 @@ def test_section11j_variable_tracking_at_128k_with_the_cap_is_the_raw_outputs(mo
     lower = sum(cap[k]["score"] < full[k]["score"] for k in cap)
     assert (higher, lower, 11 - higher - lower) == (7, 1, 3) and "higher on 7 prompts, lower on 1, equal on 3" in flat
     assert max(r["score"] for r in cap.values()) == 0.6 and max(r["score"] for r in full.values()) == 0.4
+
+
+def test_section11k_seen_pages_at_64k_cpu_is_the_raw_outputs(monkeypatch):
+    """Section 11k: tables.py and variant.py --equal-prompts on the CPU's page recall on the seen varied formats at 64K
+    (byte for byte the stored tables, their rows quoted; without --equal-prompts the differing digests stop the
+    pairing), the page setting, the prompts that differ from the device's and the section's counts."""
+    import json
+
+    import pytest
+
+    raw, dev = "docs/results/varied_64k_cpu", "docs/results/table_long_h200/run5_heldout_limits/varied_64k"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section = _section(text, "## 11k.")
+    flat = section.replace("\n  ", " ")
+    out = _long_tables(monkeypatch, f"{raw}/seen_pages_tables.md", f"{raw}/seen_pages", "--tasks", "varied_seen")
+    _rows_quoted(out, section, ("| 65,536 |",), 2)
+    assert _cells(out, "| 65,536 | lsa |")[2:7] == ["20", "65.0", "[45.0, 85.0]", "-5.0", "[-25.0, 15.0]"]
+    variant = _script("variant_seen_pages", REPO / "docs/results/table_long_h200/variant.py")
+    args = [f"{raw}/seen_pages", dev, "--name", "lsa + pages (CPU)"]
+    paired = _printed(variant.main, args + ["--equal-prompts"])
+    assert (REPO / raw / "seen_pages_vs_device.md").read_text() == paired
+    _rows_quoted(paired, section, ("| 65,536 | 16 |",), 1)
+    assert _cells(paired, "| 65,536 | 16 |")[2:8] == ["68.8", "[43.8, 87.5]", "+0.0", "[-25.0, 25.0]", "-6.2",
+                                                       "[-25.0, 12.5]"]
+    assert "4 prompt(s) left out" in paired
+    with pytest.raises(ValueError, match="sample 7: prompt digests differ"):
+        _printed(variant.main, args)
+
+    key = ("mode", "index")
+    cpu = _stored_runs(f"{raw}/seen_pages/runs.jsonl.gz", key, task="varied_seen")
+    device = _stored_runs(f"{dev}/runs.jsonl.gz", key, task="varied_seen", length=65536)
+    assert len(cpu) == 40
+    differ = [i for i in range(20) if cpu[("full", i)]["prompt_sha"] != device[("full", i)]["prompt_sha"]]
+    assert differ == [7, 10, 14, 17] and "(prompts 7, 10, 14, 17)" in flat
+    config = json.loads((REPO / raw / "seen_pages/config.json").read_text())["fingerprint"]
+    assert (config["page_size"], config["max_pages"], config["fetch_top"], config["attention"]) == (8, 96, 64, "window")
+    assert {r["selected_mean"] for k, r in cpu.items() if k[0] == "lsa"} == {768.0}
+    score = lambda runs, m, i: runs[(m, i)]["score"]  # noqa: E731
+    lower = [i for i in range(20) if score(cpu, "lsa", i) < score(cpu, "full", i)]
+    higher = [i for i in range(20) if score(cpu, "lsa", i) > score(cpu, "full", i)]
+    assert (lower, higher) == ([1, 5, 10], [3, 8]) and "loses 3 prompts (1, 5, 10) and wins 2 (3 and 8" in flat
+    equal = [i for i in range(20) if i not in differ]
+    assert [i for i in equal if score(cpu, "lsa", i) < score(device, "lsa", i)] == [1, 5]
+    assert [i for i in equal if score(cpu, "lsa", i) > score(device, "lsa", i)] == [3]
+    same = (sum(score(cpu, "full", i) == score(device, "full", i) for i in equal),
+            sum(cpu[("full", i)]["prediction"] == device[("full", i)]["prediction"] for i in equal))
+    assert same == (16, 11) and "score on all 16 shared prompts (texts on 11)" in flat
+    assert sum(cpu[("lsa", i)]["prediction"] == cpu[("full", i)]["prediction"] for i in range(20)) == 2

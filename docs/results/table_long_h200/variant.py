@@ -30,12 +30,18 @@ def _resident(runs: list[dict]) -> float | None:
     return sum(picks) / len(picks) if picks else None
 
 
-def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bool = True) -> None:
+def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bool = True,
+                  equal_prompts: bool = False) -> None:
     by = {(r["mode"], r["task"], r["length"], r["index"]): r for r in base}
     variant = [r for r in variant if r["mode"] == "lsa"]
     # only the prompts the base decoded in every mode it is compared with: the comparison is paired or not made
     against = ("full", "lsa") if with_lsa else ("full",)
     variant = [r for r in variant if all((m, r["task"], r["length"], r["index"]) in by for m in against)]
+    differ = 0
+    if equal_prompts:
+        same = [r for r in variant
+                if all(by[(m, r["task"], r["length"], r["index"])]["prompt_sha"] == r["prompt_sha"] for m in against)]
+        differ, variant = len(variant) - len(same), same
     lengths = sorted({r["length"] for r in variant})
     tasks = sorted({r["task"] for r in variant})
     rows = {row["length"]: row for row in summarize(variant)["modes"]}
@@ -70,6 +76,9 @@ def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bo
                      for rs in ([by[("full", *k)] for k in keys], [by[("lsa", *k)] for k in keys] if with_lsa else [],
                                 runs)]
             print(f"| {task} | {length:,} | " + " | ".join(_num(c) for c in cells) + " |")
+    if equal_prompts:
+        print()
+        print(f"{differ} prompt(s) left out: their digests differ from the base's")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,10 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="variant", help="the variant's name in the table's header")
     parser.add_argument("--full-only", action="store_true",
                         help="pair with the base's full runs alone (cells the base has no plain lsa runs for)")
+    parser.add_argument("--equal-prompts", action="store_true",
+                        help="leave out the prompts whose digests differ from the base's (and count them)")
     args = parser.parse_args(argv)
     variant, _ = load_runs([args.variant])
     base, _ = load_runs(args.base)
-    print_variant(variant, base, args.name, with_lsa=not args.full_only)
+    print_variant(variant, base, args.name, with_lsa=not args.full_only, equal_prompts=args.equal_prompts)
 
 
 if __name__ == "__main__":
