@@ -978,8 +978,9 @@ def test_section11k_seen_pages_at_64k_cpu_is_the_raw_outputs(monkeypatch):
 
     raw, dev = "docs/results/varied_64k_cpu", "docs/results/table_long_h200/run5_heldout_limits/varied_64k"
     text = (REPO / "docs/RESULTS.md").read_text()
-    section = _section(text, "## 11k.")
+    section, opening = _section(text, "## 11k."), text[:text.index("## 1. Commands")]
     flat = section.replace("\n  ", " ")
+    assert "seen formats: pages -5.0 [-25.0, 15.0] (CPU), LSA +5.0 | 11e, 11f, 11k |" in opening
     out = _long_tables(monkeypatch, f"{raw}/seen_pages_tables.md", f"{raw}/seen_pages", "--tasks", "varied_seen")
     _rows_quoted(out, section, ("| 65,536 |",), 2)
     assert _cells(out, "| 65,536 | lsa |")[2:7] == ["20", "65.0", "[45.0, 85.0]", "-5.0", "[-25.0, 15.0]"]
