@@ -950,7 +950,7 @@ def test_section11j_variable_tracking_at_128k_with_the_cap_is_the_raw_outputs(mo
     assert _cells(out, "| 131,072 | 11 |")[2:8] == ["38.2", "[25.5, 49.1]", "+14.5", "[-0.0, 29.1]", "-", "-"]
     assert "| vt | 131,072 | 23.6 | - | 38.2 |" in out
     assert "| 131,072 |" not in _printed(variant.main, args)  # paired with full and LSA: no plain LSA, no row
-    assert "variable tracking with it +14.5 [-0.0, 29.1] (11 prompts) | 11e, 11g, 11h, 11j |" in opening
+    assert "variable tracking (sections 11j, 11l) the capped LSA" in opening.replace("\n  ", " ")  # 11l: all 20
 
     key = ("index",)
     cap = _stored_runs(f"{raw}/vt_cap/runs.jsonl.gz", key, task="vt", mode="lsa")
@@ -1015,3 +1015,47 @@ def test_section11k_seen_pages_at_64k_cpu_is_the_raw_outputs(monkeypatch):
             sum(cpu[("full", i)]["prediction"] == device[("full", i)]["prediction"] for i in equal))
     assert same == (16, 11) and "score on all 16 shared prompts (texts on 11)" in flat
     assert sum(cpu[("lsa", i)]["prediction"] == cpu[("full", i)]["prediction"] for i in range(20)) == 2
+
+
+def test_section11l_variable_tracking_at_128k_all_20_is_the_raw_outputs(monkeypatch):
+    """Section 11l: variant.py --full-only on the capped LSA's 20 variable-tracking runs against full (the device's on
+    prompts 0-10, the CPU's on 11-19; byte for byte its stored table, its row quoted), section 11j's runs carried over
+    unchanged, and the section's counts and the one-machine pairing recomputed from the stored runs."""
+    from fm_eval.intervals import format_interval, paired_summary
+
+    raw, dev = "docs/results/e128k_cpu", "docs/results/table_long_h200/run5_heldout_limits/e128k_partial"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section, opening = _section(text, "## 11l."), text[:text.index("## 1. Commands")]
+    flat = section.replace("\n  ", " ")
+    variant = _script("variant_vt_cap20", REPO / "docs/results/table_long_h200/variant.py")
+    monkeypatch.chdir(REPO)
+    out = _printed(variant.main, [f"{raw}/vt_cap20", dev, f"{raw}/vt_cap20", "--name", "LSA, distance cap",
+                                  "--full-only"])
+    assert (REPO / raw / "variant_vt_cap20.md").read_text() == out
+    _rows_quoted(out, section, ("| 131,072 | 20 |",), 1)
+    assert _cells(out, "| 131,072 | 20 |")[2:6] == ["37.0", "[30.0, 44.0]", "+9.0", "[-0.0, 18.0]"]
+    assert "+9.0 [-0.0, 18.0] on 20 prompts" in opening.replace("\n  ", " ")
+
+    key = ("mode", "index")
+    runs = _stored_runs(f"{raw}/vt_cap20/runs.jsonl.gz", key, task="vt")
+    before = _stored_runs(f"{raw}/vt_cap/runs.jsonl.gz", key, task="vt")
+    device = _stored_runs(f"{dev}/runs.jsonl.gz", key, task="vt", mode="full")
+    assert all(runs[k] == before[k] for k in before) and len(before) == 11
+    assert sorted(k for k in runs if k[0] == "full") == [("full", i) for i in range(11, 20)]
+    assert sorted(k for k in runs if k[0] == "lsa") == [("lsa", i) for i in range(20)]
+    full = {i: (runs.get(("full", i)) or device[("full", i)]) for i in range(20)}
+    cap = {i: runs[("lsa", i)] for i in range(20)}
+    assert all(cap[i]["prompt_sha"] == full[i]["prompt_sha"] for i in range(20))
+
+    def counts(indices):
+        higher = sum(cap[i]["score"] > full[i]["score"] for i in indices)
+        lower = sum(cap[i]["score"] < full[i]["score"] for i in indices)
+        return higher, lower, len(indices) - higher - lower
+
+    assert counts(range(20)) == (10, 3, 7) and "(higher on 10, lower on 3, equal on 7)" in flat
+    assert counts(range(11, 20)) == (3, 2, 4) and "(higher on 3, lower on 2, equal on 4)" in flat
+    here = paired_summary([cap[i] for i in range(11, 20)], [full[i] for i in range(11, 20)])
+    assert f"{here['difference']:+.1f} {format_interval(here['interval'])}" == "+2.2 [-6.7, 11.1]"
+    assert "35.6% against 33.3%, +2.2 [-6.7, 11.1]" in flat
+    selected = [s for r in cap.values() for s in r["stats"]["selected_per_trigger"]]
+    assert (min(selected), max(selected)) == (325, 334) and "(325-334 entries per trigger)" in flat
