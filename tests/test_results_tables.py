@@ -1016,6 +1016,30 @@ def test_section11k_seen_pages_at_64k_cpu_is_the_raw_outputs(monkeypatch):
     assert same == (16, 11) and "score on all 16 shared prompts (texts on 11)" in flat
     assert sum(cpu[("lsa", i)]["prediction"] == cpu[("full", i)]["prediction"] for i in range(20)) == 2
 
+    # the diagnosis of prompts 1 and 5: LSA's set holds the needle, page recall's not; the pages by selections
+    from collections import Counter
+
+    fetch = {}
+    for name in ("", "_pages"):
+        path = REPO / f"docs/results/needle_fetch_cpu/varied_seen_64k_seed0_top64_i1_i5{name}_window_fetch.jsonl"
+        fetch[name] = {r["index"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert sorted(fetch[""]) == sorted(fetch["_pages"]) == [1, 5]
+    assert all(fetch[""][i]["prompt_sha"] == cpu[("lsa", i)]["prompt_sha"] for i in (1, 5))
+    assert [fetch[""][i]["fetch"]["needle_resident"] for i in (1, 5)] == [True, True]
+    assert [fetch["_pages"][i]["fetch"]["needle_resident"] for i in (1, 5)] == [False, False]
+    assert [fetch[""][i]["fetch"]["layers"]["4"]["needle_rank"] for i in (1, 5)] == [5, 1]
+    shapes = []
+    for i in (1, 5):
+        f = fetch[""][i]["fetch"]
+        tail = set(range(f["visible"] - 256, f["visible"]))
+        outside = [e for e in f["resident"] if e not in tail]
+        pages = Counter(e // 8 for e in outside)
+        counts = list(pages.values())
+        shapes.append((len(outside), len(pages), counts.count(1), len(counts) - counts.count(1),
+                       max(pages[e // 8] for e in fetch[""][i]["needle"])))
+    assert shapes == [(119, 104, 92, 12, 1), (114, 101, 92, 9, 1)]
+    assert "LSA selects 119 / 114 entries spread over 104 / 101 pages of 8, 92 of them" in flat
+
 
 def test_section11l_variable_tracking_at_128k_all_20_is_the_raw_outputs(monkeypatch):
     """Section 11l: variant.py --full-only on the capped LSA's 20 variable-tracking runs against full (the device's on
