@@ -1083,3 +1083,45 @@ def test_section11l_variable_tracking_at_128k_all_20_is_the_raw_outputs(monkeypa
     assert "35.6% against 33.3%, +2.2 [-6.7, 11.1]" in flat
     selected = [s for r in cap.values() for s in r["stats"]["selected_per_trigger"]]
     assert (min(selected), max(selected)) == (325, 334) and "(325-334 entries per trigger)" in flat
+
+
+def test_section11m_variable_tracking_at_128k_without_the_cap_is_the_raw_outputs():
+    """Section 11m: its table's rows recomputed from the stored runs (full and the capped LSA of vt_cap20, the uncapped
+    LSA of vt_nocap, prompts 11-19, one machine), the pairings quoted, and the runs' configuration."""
+    import json
+
+    from fm_eval.intervals import format_interval, paired_summary
+    from fm_eval.report import summarize
+
+    raw = "docs/results/e128k_cpu"
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section, opening = _section(text, "## 11m."), text[:text.index("## 1. Commands")]
+    flat = section.replace("\n  ", " ")
+    key = ("index",)
+    nocap = _stored_runs(f"{raw}/vt_nocap/runs.jsonl.gz", key, task="vt", mode="lsa")
+    full = _stored_runs(f"{raw}/vt_cap20/runs.jsonl.gz", key, task="vt", mode="full")
+    cap = {k: r for k, r in _stored_runs(f"{raw}/vt_cap20/runs.jsonl.gz", key, task="vt", mode="lsa").items()
+           if k in full}
+    assert sorted(nocap) == sorted(full) == sorted(cap) == [(i,) for i in range(11, 20)]
+    assert all(nocap[k]["prompt_sha"] == full[k]["prompt_sha"] == cap[k]["prompt_sha"] for k in full)
+    config = json.loads((REPO / raw / "vt_nocap/config.json").read_text())["fingerprint"]
+    assert "distance_cap" not in config and (config["fetch_top"], config["attention"]) == (64, "window")
+    keys = sorted(full)
+
+    def row(name, runs, base=None):
+        r = summarize([runs[k] for k in keys])["modes"][0]
+        vs = paired_summary([runs[k] for k in keys], [base[k] for k in keys]) if base else None
+        diff = f"{vs['difference']:+.1f} | {format_interval(vs['interval'])}" if vs else "- | -"
+        resident = (f"{sum(runs[k]['selected_mean'] for k in keys) / len(keys):,.0f}" if base else "-")
+        return (f"| {name} | {r['n']} | {r['accuracy']:.1f} | {format_interval(r['accuracy_interval'])} | {diff} "
+                f"| {r['csa_kv_ratio']:.3f} | {r['footprint_ratio']:.3f} | {resident} | {r['bytes_moved'] / 2**20:.2f} |")
+
+    for line in (row("full", full), row("LSA", nocap, full), row("LSA, distance cap", cap, full)):
+        assert line in section, line
+    lift = paired_summary([cap[k] for k in keys], [nocap[k] for k in keys])
+    assert f"{lift['difference']:+.1f} points {format_interval(lift['interval'])}" == "+15.6 points [6.7, 24.4]"
+    assert "+15.6 points [6.7, 24.4] over LSA without it" in flat
+    lower = sum(nocap[k]["score"] < full[k]["score"] for k in keys)
+    higher = sum(nocap[k]["score"] > full[k]["score"] for k in keys)
+    assert (lower, higher) == (5, 0) and "(lower on 5 prompts, higher on none)" in flat
+    assert "variable tracking: LSA -13.3 [-22.2, -4.4] at 33.5% (9 prompts, CPU)" in opening
