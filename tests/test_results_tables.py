@@ -1113,8 +1113,9 @@ def test_section11m_variable_tracking_at_128k_without_the_cap_is_the_raw_outputs
         vs = paired_summary([runs[k] for k in keys], [base[k] for k in keys]) if base else None
         diff = f"{vs['difference']:+.1f} | {format_interval(vs['interval'])}" if vs else "- | -"
         resident = (f"{sum(runs[k]['selected_mean'] for k in keys) / len(keys):,.0f}" if base else "-")
+        mib = r["bytes_moved"] / 2**20
         return (f"| {name} | {r['n']} | {r['accuracy']:.1f} | {format_interval(r['accuracy_interval'])} | {diff} "
-                f"| {r['csa_kv_ratio']:.3f} | {r['footprint_ratio']:.3f} | {resident} | {r['bytes_moved'] / 2**20:.2f} |")
+                f"| {r['csa_kv_ratio']:.3f} | {r['footprint_ratio']:.3f} | {resident} | {mib:.2f} |")
 
     for line in (row("full", full), row("LSA", nocap, full), row("LSA, distance cap", cap, full)):
         assert line in section, line
