@@ -123,7 +123,7 @@
 # Twenty-fifth session (2026-12-05): loans paused from the start, no call made. The CPU ran hisparse at 64K (RESULTS
 # section 11i; single needles and variable tracking, full beside it) and the capped LSA on the 11 variable-tracking
 # prompts at 128K that the device's full has (section 11j). The call above stays the next.
-# Twenty-sixth session (2026-12-05): ten starts refused (nine H200, one H100), about 1,000 s of device time spent on
+# Twenty-sixth session (2026-12-05): eleven starts refused (ten H200, one H100), 1,141 s of device time spent on
 # them. The CPU ran page recall on the seen formats at 64K (RESULTS section 11k) and, with the new `evaluate --prompts
 # 11-19`, full, the capped LSA and the uncapped LSA on the variable-tracking prompts at 128K that the device's full
 # lacks (sections 11l, 11m). The call above stays the next: it decodes the uncapped LSA on variable tracking at 128K
