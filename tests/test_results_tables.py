@@ -18,6 +18,14 @@ def _section(text: str, heading: str) -> str:
                           default=len(text))]
 
 
+def _results_section(heading: str) -> tuple[str, str, str]:
+    """RESULTS.md's section ``heading``, the opening (before section 1) and the section with its bullets' line breaks
+    joined (a quoted phrase found wherever the wrap falls)."""
+    text = (REPO / "docs/RESULTS.md").read_text()
+    section = _section(text, heading)
+    return section, text[:text.index("## 1. Commands")], section.replace("\n  ", " ")
+
+
 def _script(name: str, path: Path):
     """A result script (docs/results/.../*.py) loaded as a module."""
     spec = importlib.util.spec_from_file_location(name, path)
@@ -938,9 +946,7 @@ def test_section11j_variable_tracking_at_128k_with_the_cap_is_the_raw_outputs(mo
     import json
 
     raw, dev = "docs/results/e128k_cpu", "docs/results/table_long_h200/run5_heldout_limits/e128k_partial"
-    text = (REPO / "docs/RESULTS.md").read_text()
-    section, opening = _section(text, "## 11j."), text[:text.index("## 1. Commands")]
-    flat = section.replace("\n  ", " ")
+    section, opening, flat = _results_section("## 11j.")
     variant = _script("variant_vt_cap", REPO / "docs/results/table_long_h200/variant.py")
     monkeypatch.chdir(REPO)
     args = [f"{raw}/vt_cap", dev, "--name", "LSA, distance cap"]
@@ -977,9 +983,7 @@ def test_section11k_seen_pages_at_64k_cpu_is_the_raw_outputs(monkeypatch):
     import pytest
 
     raw, dev = "docs/results/varied_64k_cpu", "docs/results/table_long_h200/run5_heldout_limits/varied_64k"
-    text = (REPO / "docs/RESULTS.md").read_text()
-    section, opening = _section(text, "## 11k."), text[:text.index("## 1. Commands")]
-    flat = section.replace("\n  ", " ")
+    section, opening, flat = _results_section("## 11k.")
     assert "seen formats: pages -5.0 [-25.0, 15.0] (CPU), LSA +5.0 | 11e, 11f, 11k |" in opening
     out = _long_tables(monkeypatch, f"{raw}/seen_pages_tables.md", f"{raw}/seen_pages", "--tasks", "varied_seen")
     _rows_quoted(out, section, ("| 65,536 |",), 2)
@@ -1048,9 +1052,7 @@ def test_section11l_variable_tracking_at_128k_all_20_is_the_raw_outputs(monkeypa
     from fm_eval.intervals import format_interval, paired_summary
 
     raw, dev = "docs/results/e128k_cpu", "docs/results/table_long_h200/run5_heldout_limits/e128k_partial"
-    text = (REPO / "docs/RESULTS.md").read_text()
-    section, opening = _section(text, "## 11l."), text[:text.index("## 1. Commands")]
-    flat = section.replace("\n  ", " ")
+    section, opening, flat = _results_section("## 11l.")
     variant = _script("variant_vt_cap20", REPO / "docs/results/table_long_h200/variant.py")
     monkeypatch.chdir(REPO)
     out = _printed(variant.main, [f"{raw}/vt_cap20", dev, f"{raw}/vt_cap20", "--name", "LSA, distance cap",
@@ -1094,9 +1096,7 @@ def test_section11m_variable_tracking_at_128k_without_the_cap_is_the_raw_outputs
     from fm_eval.report import summarize
 
     raw = "docs/results/e128k_cpu"
-    text = (REPO / "docs/RESULTS.md").read_text()
-    section, opening = _section(text, "## 11m."), text[:text.index("## 1. Commands")]
-    flat = section.replace("\n  ", " ")
+    section, opening, flat = _results_section("## 11m.")
     key = ("index",)
     nocap = _stored_runs(f"{raw}/vt_nocap/runs.jsonl.gz", key, task="vt", mode="lsa")
     full = _stored_runs(f"{raw}/vt_cap20/runs.jsonl.gz", key, task="vt", mode="full")
