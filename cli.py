@@ -59,6 +59,9 @@ DISTANCE_CAP_HELP = ("lsa: score entries farther than N tokens from the trigger 
                      "documents: give their length (default: off, as the authors' release).")
 MAX_PAGES_HELP = ("lsa, with --page-size: how many pages stay resident at each trigger, tail and sink pages "
                   "included (the release: 96 at 256K on V4-Flash).")
+PAGE_TIES_HELP = ("lsa, with --page-size: which of the pages holding equally many selected entries stay "
+                  "resident: recent (the newer, the release's rule, the default) or score (the one whose best "
+                  "entry has the higher memory-indexer score, then the newer).")
 ENSEMBLE_HELP = ("lsa: how the memory layers' scores combine before the threshold: max (the OR rule) or mean "
                  "(default: the export's, max).")
 _IN_PIPELINE = False  # set by `fm-index pipeline` while it runs its steps: the steps then print no next-step hints
@@ -522,6 +525,7 @@ def generate_command(
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
+    page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),
     distance_cap: int = typer.Option(None, "--distance-cap", help=DISTANCE_CAP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
@@ -561,7 +565,8 @@ def generate_command(
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
                            keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top,
                            page_size=page_size, max_pages=max_pages, distance_cap=distance_cap,
-                           pool_storage=pool_storage, static_decode=static_decode, static_compile=static_compile)
+                           page_ties=page_ties, pool_storage=pool_storage, static_decode=static_decode,
+                           static_compile=static_compile)
     if device is not None and device_map is not None:
         raise FmIndexError("give --device or --device-map, not both")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
@@ -638,6 +643,7 @@ def evaluate_command(
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
+    page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),
     distance_cap: int = typer.Option(None, "--distance-cap", help=DISTANCE_CAP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     attention: str = typer.Option("eager", "--attention", help="The backbone's attention in every forward: eager "
@@ -677,7 +683,7 @@ def evaluate_command(
         dtype=dtype, haystack_packages=packages, tau=tau, threshold=threshold,
         budget=budget, chunk_size=chunk_size, prefetch_steps=prefetch_steps, keep_recent=keep_recent,
         keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, page_size=page_size, max_pages=max_pages,
-        distance_cap=distance_cap, pool_storage=pool_storage, attention=attention).check()
+        distance_cap=distance_cap, page_ties=page_ties, pool_storage=pool_storage, attention=attention).check()
     for flag, value in (("--workers", workers), ("--batch", batch)):  # before the progress bar
         if value < 1:
             raise FmIndexError(f"{flag} must be an integer >= 1, got {value}")

@@ -74,7 +74,7 @@ NEEDS_FULL_PICKS = ("oracle",)
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
                      "ensemble", "pool_storage", "fetch_top", "page_size", "max_pages", "attention",
-                     "distance_cap")
+                     "distance_cap", "page_ties")
 
 
 class EvaluationError(FmIndexError):
@@ -109,6 +109,7 @@ class EvalConfig:
     fetch_top: int | None = None  # lsa's floor: each memory layer's best-scored entries fetched (None: the export's)
     page_size: int = 0  # lsa's page recall: whole pages of this many entries (0: single entries)
     max_pages: int = 0  # ... and how many pages stay resident
+    page_ties: str = "recent"  # ... and which of equal-count pages stay: the newer (the release) or the best-scored
     distance_cap: int | None = None  # lsa: entries farther than this many tokens scored as if this far (None: off)
     attention: str = "eager"  # eager (transformers') or window (the same attention without the dense score matrix)
     # which of each cell's prompts to decode (None: all `samples`); not part of the fingerprint: a subset decodes the
@@ -144,7 +145,8 @@ class EvalConfig:
             raise EvaluationError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble,
                       pool_storage=self.pool_storage, fetch_top=self.fetch_top, chunk_size=self.chunk_size,
-                      page_size=self.page_size, max_pages=self.max_pages, distance_cap=self.distance_cap)
+                      page_size=self.page_size, max_pages=self.max_pages, distance_cap=self.distance_cap,
+                      page_ties=self.page_ties)
         parse_device(self.device)
         if self.device_map is not None:
             parse_device_map(self.device_map, load_config(self.model))
@@ -162,6 +164,8 @@ class EvalConfig:
             del blob["pool_storage"]
         if not blob["page_size"]:  # likewise: single entries, as before page recall
             del blob["page_size"], blob["max_pages"]
+        if blob["page_ties"] == "recent":  # likewise: the release's tie rule, as before the option
+            del blob["page_ties"]
         if blob["attention"] == "eager":  # likewise: transformers' attention, as before the option
             del blob["attention"]
         for key in ("keep_recent", "keep_first", "ensemble", "fetch_top", "distance_cap"):  # likewise: the defaults
@@ -547,6 +551,7 @@ class Evaluation:
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, fetch_top=cfg.fetch_top,
                              page_size=cfg.page_size, max_pages=cfg.max_pages, distance_cap=cfg.distance_cap,
+                             page_ties=cfg.page_ties,
                              pool_storage=cfg.pool_storage,
                              budget=budget)
 

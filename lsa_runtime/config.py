@@ -69,6 +69,16 @@ def check_pages(page_size, max_pages) -> tuple[int, int]:
     return page_size, max_pages
 
 
+PAGE_TIES = ("recent", "score")  # page recall: equal counts go to the newer page (the release) or the best-scored
+
+
+def check_page_ties(page_ties) -> str:
+    """Page recall's tie rule between pages of equal count: ``recent`` (the release's) or ``score``."""
+    if page_ties not in PAGE_TIES:
+        raise SessionError(f"page_ties (--page-ties) must be 'recent' or 'score', got {page_ties!r}")
+    return page_ties
+
+
 ENSEMBLES = ("max", "mean")  # how the memory layers' scores combine: OR of thresholds (max) or their mean
 
 
@@ -122,6 +132,9 @@ class SessionConfig:
       the resident set is every entry of the ``max_pages`` pages of ``page_size`` entries that hold the recency tail
       or the sink or the most selected entries (:class:`~.policies.MemoryIndexerPolicy`); not with a ``budget`` in
       mode lsa; the other modes ignore it;
+    * ``page_ties`` (with page recall): which of the pages with equal selected counts stay: ``recent`` (the newer,
+      the release's top-K) or ``score`` (the one whose best entry has the higher memory score, then the newer;
+      ours, docs/RESULTS.md section 11n);
     * ``distance_cap`` (mode lsa; None: off, as the release): entries farther than this many tokens from a trigger
       are scored by the memory indexer as if this far (the rotary part of q . k at a distance it was trained at;
       :class:`~.policies.MemoryIndexerPolicy`), for contexts longer than its training documents (docs/RESULTS.md,
@@ -169,6 +182,7 @@ class SessionConfig:
     fetch_top: int | None = None
     page_size: int = 0
     max_pages: int = 0
+    page_ties: str = "recent"
     distance_cap: int | None = None
     pool_storage: str = "model"
     max_batch: int = 8
@@ -204,6 +218,7 @@ class SessionConfig:
         page_size, max_pages = check_pages(self.page_size, self.max_pages)
         object.__setattr__(self, "page_size", page_size)
         object.__setattr__(self, "max_pages", max_pages)
+        check_page_ties(self.page_ties)
         object.__setattr__(self, "distance_cap", check_distance_cap(self.distance_cap))
         if page_size and self.mode == "lsa" and self.budget is not None:
             raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")

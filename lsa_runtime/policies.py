@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import (SessionConfig, SessionError, check_budget, check_count, check_distance_cap, check_ensemble,
-                     check_pages, check_threshold)
+                     check_page_ties, check_pages, check_threshold)
 
 
 @dataclass
@@ -191,9 +191,11 @@ class MemoryIndexerPolicy(ResidentPolicy):
     the entries are cut into pages of P (page p holds p*P .. p*P + P - 1), a page's score is how many of its
     entries the rule above selects (threshold, and the floor when on), the pages holding the recency tail or the
     sink rank first, and the resident set is every entry of the K best pages (ties to the more recent page; pages
-    that select nothing fill the rest, as the release's top-K does). Selected entries outside those pages stay in
-    the cold pool. Whole pages bring the entries around each selected one (a needle's key phrase beside its
-    value, docs/RESULTS.md section 11) and make fetches contiguous.
+    that select nothing fill the rest, as the release's top-K does). ``page_ties="score"`` (ours) breaks a tie by
+    the page's best E first, then recency: where most pages hold one selected entry, the release's rule keeps the
+    newest of them and drops an old page whose one entry scored highest (a needle's, docs/RESULTS.md section 11k).
+    Selected entries outside those pages stay in the cold pool. Whole pages bring the entries around each selected
+    one (a needle's key phrase beside its value, docs/RESULTS.md section 11) and make fetches contiguous.
 
     Distance cap (``distance_cap`` D tokens; None: off, as the release): entries farther than D from the trigger are
     scored as if D away (:meth:`~.memory_indexer.MemoryIndexer.capped_keys`), for contexts longer than the tower's
@@ -204,7 +206,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
 
     def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None, keep_recent: int = 0,
                  keep_first: int = 0, ensemble: str = "max", fetch_top: int = 0, page_size: int = 0,
-                 max_pages: int = 0, distance_cap: int | None = None):
+                 max_pages: int = 0, distance_cap: int | None = None, page_ties: str = "recent"):
         self.memory_indexer = memory_indexer
         self.threshold = check_threshold(threshold)
         self.budget = check_budget(budget)
@@ -213,6 +215,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         self.ensemble = check_ensemble(ensemble)
         self.fetch_top = check_count(fetch_top, "fetch_top")
         self.page_size, self.max_pages = check_pages(page_size, max_pages)
+        self.page_ties = check_page_ties(page_ties)
         self.distance_cap = check_distance_cap(distance_cap)
         if self.page_size and self.budget is not None:
             raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")
@@ -239,7 +242,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         forced[max(0, n - self.keep_recent):] = True
         forced[: min(self.keep_first, n)] = True
         if self.page_size:
-            return self._pages(selected, forced)
+            return self._pages(selected, forced, scores)
         keep = selected | forced
         if self.budget is not None and int(keep.sum()) > self.budget:
             extra = torch.nonzero(selected & ~forced).reshape(-1)
@@ -248,16 +251,22 @@ class MemoryIndexerPolicy(ResidentPolicy):
             keep[extra[scores[extra].topk(min(room, extra.numel())).indices]] = True
         return torch.nonzero(keep).reshape(-1).cpu()
 
-    def _pages(self, selected: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    def _pages(self, selected: torch.Tensor, forced: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
         """Every entry of the ``max_pages`` pages that hold the tail or the sink or the most selected entries."""
         n, size = selected.numel(), self.page_size
         n_pages = -(-n // size)
         pad = n_pages * size - n
         counts = torch.nn.functional.pad(selected.float(), (0, pad)).reshape(n_pages, size).sum(1).double().cpu()
         held = torch.nn.functional.pad(forced.float(), (0, pad)).reshape(n_pages, size).amax(1).cpu() > 0
-        # forced pages first, then the count; ties to the more recent page (a fraction < 1 growing with the index)
-        rank = counts + held.double() * (size + 1) + torch.arange(n_pages, dtype=torch.double) / (2.0 * n_pages)
-        pages = rank.topk(min(self.max_pages, n_pages)).indices
+        # forced pages first (the bonus size + 1 outranks any count), then the count
+        rank = counts + held.double() * (size + 1)
+        # the ties, by stable sorts from the last key to the first: the newer page, under the score rule first the
+        # page's best E
+        order = torch.arange(n_pages - 1, -1, -1)
+        if self.page_ties == "score" and scores is not None:
+            best = torch.nn.functional.pad(scores.detach().float().cpu(), (0, pad), value=float("-inf"))
+            order = order[torch.sort(best.reshape(n_pages, size).amax(1)[order], descending=True, stable=True).indices]
+        pages = order[torch.sort(rank[order], descending=True, stable=True).indices][: min(self.max_pages, n_pages)]
         entries = (pages[:, None] * size + torch.arange(size)).reshape(-1)
         return torch.sort(entries[entries < n]).values
 
@@ -276,6 +285,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         rule = "" if self.ensemble == "max" else ", mean over layers"
         rule += f", top {self.fetch_top} per layer" if self.fetch_top else ""
         rule += f", {self.max_pages} pages of {self.page_size}" if self.page_size else ""
+        rule += ", page ties by score" if self.page_size and self.page_ties == "score" else ""
         rule += f", distances capped at {self.distance_cap}" if self.distance_cap else ""
         return (f"lsa (threshold {self.threshold:g}{rule}, layers {', '.join(map(str, self.memory_layers))}{csa}"
                 f"{tail}{sink}{cap})")
@@ -312,7 +322,8 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
             keep_first=export.keep_first if config.keep_first is None else config.keep_first,
             ensemble=export.ensemble if config.ensemble is None else config.ensemble,
             fetch_top=export.fetch_top if config.fetch_top is None else config.fetch_top,
-            page_size=config.page_size, max_pages=config.max_pages, distance_cap=config.distance_cap)
+            page_size=config.page_size, max_pages=config.max_pages, distance_cap=config.distance_cap,
+            page_ties=config.page_ties)
     if mode == "all":
         return AllEntriesPolicy()
     if mode == "recent":

@@ -188,6 +188,8 @@ def main(argv=None):
     parser.add_argument("--page-size", type=int, default=0, help="lsa's page recall: pages of this many entries "
                         "(0: single entries)")
     parser.add_argument("--max-pages", type=int, default=0, help="with --page-size: pages resident per trigger")
+    parser.add_argument("--page-ties", choices=("recent", "score"), default="recent", help="with --page-size: "
+                        "equal-count pages go to the newer (the release) or the best-scored (SessionConfig.page_ties)")
     parser.add_argument("--distance-cap", type=int, default=None, help="lsa: entries farther than this many tokens "
                         "scored as if this far (SessionConfig.distance_cap; default: off)")
     parser.add_argument("--fetch-only", action="store_true", help="skip the labels' run (half the time)")
@@ -204,7 +206,8 @@ def main(argv=None):
                      "which the window path computes itself")
     try:  # every option checked before the model loads
         config = SessionConfig(mode="lsa", static_decode=False, chunk_size=args.chunk, fetch_top=args.fetch_top,
-                               page_size=args.page_size, max_pages=args.max_pages, distance_cap=args.distance_cap)
+                               page_size=args.page_size, max_pages=args.max_pages, distance_cap=args.distance_cap,
+                               page_ties=args.page_ties)
     except ValueError as exc:
         parser.error(str(exc))
     if not (args.indexer / "lsa_config.json").is_file():
@@ -231,6 +234,7 @@ def main(argv=None):
                "fetch_top": config.fetch_top, "pages": [config.page_size, config.max_pages],
                "attention": args.attention, "chunk": args.chunk,
                **({"distance_cap": config.distance_cap} if config.distance_cap else {}),
+               **({"page_ties": config.page_ties} if config.page_ties != "recent" else {}),
                "fetch": fetch_side(session_factory, ids, needle, rate)}
         if not args.fetch_only:
             row["labels"] = label_side(model, ids, needle, tau, args.nucleus, args.chunk)

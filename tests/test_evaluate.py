@@ -163,6 +163,10 @@ def test_page_recall_is_part_of_the_resume_fingerprint_only_when_on():
     assert "page_size" not in EvalConfig(model="tiny").check().fingerprint()  # evaluations from before it resume
     with pytest.raises(SessionError, match="page recall needs both"):
         EvalConfig(model="tiny", page_size=8).check()
+    by_score = EvalConfig(model="tiny", page_size=8, max_pages=40, page_ties="score").check().fingerprint()
+    assert by_score["page_ties"] == "score" and "page_ties" not in on  # the release's rule: absent, as before
+    with pytest.raises(SessionError, match="page_ties"):
+        EvalConfig(model="tiny", page_size=8, max_pages=40, page_ties="newest").check()
 
 
 def test_distance_cap_is_part_of_the_resume_fingerprint_only_when_given():

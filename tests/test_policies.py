@@ -112,11 +112,14 @@ def test_distance_cap_reaches_the_memory_indexer_only_when_set():
             SessionConfig(mode="lsa", distance_cap=bad)
 
 
-def _pages_by_hand(selected: list[bool], forced: list[bool], size: int, k: int) -> list[int]:
-    """Page recall written out plainly: rank pages by (holds a forced entry, selected count, index), keep k."""
+def _pages_by_hand(selected: list[bool], forced: list[bool], size: int, k: int,
+                   score: list[float] | None = None) -> list[int]:
+    """Page recall written out plainly: rank pages by (holds a forced entry, selected count, [best score,] index),
+    keep k."""
     pages = [range(p, min(p + size, len(selected))) for p in range(0, len(selected), size)]
+    best = [max(score[s] for s in page) if score else 0.0 for page in pages]
     ranked = sorted(range(len(pages)), key=lambda i: (any(forced[s] for s in pages[i]),
-                                                      sum(selected[s] for s in pages[i]), i), reverse=True)
+                                                      sum(selected[s] for s in pages[i]), best[i], i), reverse=True)
     return sorted(s for i in ranked[:k] for s in pages[i])
 
 
@@ -153,6 +156,30 @@ def test_page_recall_keeps_whole_pages_ranked_by_their_selected_entries():
         forced = [s >= n - recent or s < first for s in range(n)]
         assert select(policy, n) == _pages_by_hand(selected, forced, size, k), trial
         assert len(select(policy, n)) <= policy.max_selected()
+        by_score = MemoryIndexerPolicy(FixedScores(logits), threshold=0.7, keep_recent=recent, keep_first=first,
+                                       fetch_top=top, page_size=size, max_pages=k, page_ties="score")
+        score = [max(torch.sigmoid(torch.tensor(v[s])).item() for v in logits.values()) for s in range(n)]
+        assert select(by_score, n) == _pages_by_hand(selected, forced, size, k, score), trial
+
+
+def test_page_ties_by_score_keep_the_page_with_the_best_entry():
+    # pages of 3: {0,1,2} and {3,4,5} hold 2 selected entries each; the first's best logit is 3.0 (entry 0), the
+    # second's 2.0 (entry 5): one page, the release keeps the newer, the score rule the first
+    for ties, expect in (("recent", [3, 4, 5]), ("score", [0, 1, 2])):
+        policy = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), page_size=3, max_pages=1, page_ties=ties)
+        assert select(policy, 10) == expect, ties
+    # the count still comes first: pages of 2, {0,1} holds the best entry (3.0) but one selection, {2,3} two
+    policy = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), page_size=2, max_pages=1, page_ties="score")
+    assert select(policy, 10) == [2, 3]
+    # a forced page before any count: the tail's {8,9} first, then {2,3} (2), then {0,1} (3.0) over {4,5} (2.0)
+    tail = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), page_size=2, max_pages=3, keep_recent=1,
+                               page_ties="score")
+    assert select(tail, 10) == [0, 1, 2, 3, 8, 9]
+    with pytest.raises(SessionError, match="page_ties"):
+        SessionConfig(mode="lsa", page_size=8, max_pages=4, page_ties="best")
+    policy = make_policy(SessionConfig(mode="lsa", page_size=8, max_pages=4, page_ties="score").resolved(),
+                         FixedScores({2: L2}))
+    assert policy.page_ties == "score" and "page ties by score" in policy.describe()
 
 
 def test_page_recall_is_configured_whole():

@@ -162,6 +162,8 @@ extra=(--chunk-size $CHUNK --seed $SEED); [ -n "$FETCH_TOP" ] && extra+=(--fetch
 [ -n "$KEEP_RECENT" ] && extra+=(--keep-recent $KEEP_RECENT)
 # PAGE_SIZE and MAX_PAGES: lsa's page recall, whole pages of PAGE_SIZE entries, MAX_PAGES of them (empty: off)
 [ -n "${PAGE_SIZE:-}" ] && extra+=(--page-size $PAGE_SIZE --max-pages ${MAX_PAGES:?MAX_PAGES with PAGE_SIZE})
+# PAGE_TIES: with PAGE_SIZE, which of equal-count pages stay: recent (empty: the release's) or score (RESULTS 11n)
+[ -n "${PAGE_TIES:-}" ] && extra+=(--page-ties $PAGE_TIES)
 # ATTENTION: the backbone's attention, eager (transformers', the default and every stored evaluation's) or window
 # (the same without the dense score matrix: faster prefill; a new evaluation only, --resume refuses a change)
 [ -n "${ATTENTION:-}" ] && extra+=(--attention $ATTENTION)
