@@ -2,6 +2,7 @@
 PAGE_SIZE / MAX_PAGES, evaluated into a directory of its own because one evaluation holds one lsa run per prompt).
 
     python docs/results/table_long_h200/variant.py VARIANT_DIR BASE_DIR [BASE_DIR ...] [--name NAME] [--full-only]
+        [--equal-prompts] [--versus DIR ... --versus-name NAME]
 
 VARIANT_DIR's lsa runs are paired with BASE_DIRs' full and lsa runs of the same task, length and sample (the prompt
 digests must agree: fm_eval.intervals.paired_differences checks them); the table gives, per length, the variant's
@@ -9,7 +10,10 @@ accuracy with its interval, its paired difference from full and from LSA (95% in
 over prompts, as tables.py), the CSA-KV and total footprint ratios of the variant and of LSA, and the entries
 resident per trigger (the selected set: pages whole); then accuracy per task and length for full, LSA and the variant.
 With --full-only the variant is paired with the base's full runs alone, for cells where the base has no plain LSA
-runs (e.g. variable tracking at 128K); every LSA column then reads "-".
+runs (e.g. variable tracking at 128K); every LSA column then reads "-". With --versus DIR (repeatable) and
+--versus-name NAME the LSA side is the DIRs' lsa runs instead of the base's (another variant, e.g. page recall with the
+release's tie rule against ours: ``variant.py TIES_DIR BASE_DIR --versus PAGES_DIR --versus-name "release ties"``),
+named NAME in the tables.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ def _resident(runs: list[dict]) -> float | None:
 
 
 def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bool = True,
-                  equal_prompts: bool = False) -> None:
+                  equal_prompts: bool = False, versus: list[dict] | None = None, other: str = "LSA") -> None:
     by = {(r["mode"], r["task"], r["length"], r["index"]): r for r in base}
+    if versus is not None:  # the LSA side from another directory's lsa runs, in place of the base's
+        by = {k: r for k, r in by.items() if k[0] != "lsa"}
+        by.update({("lsa", r["task"], r["length"], r["index"]): r for r in versus if r["mode"] == "lsa"})
     variant = [r for r in variant if r["mode"] == "lsa"]
     # only the prompts the base decoded in every mode it is compared with: the comparison is paired or not made
     against = ("full", "lsa") if with_lsa else ("full",)
@@ -45,9 +52,9 @@ def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bo
     lengths = sorted({r["length"] for r in variant})
     tasks = sorted({r["task"] for r in variant})
     rows = {row["length"]: row for row in summarize(variant)["modes"]}
-    print(f"| length | n | {name} accuracy % | 95% interval | minus full | 95% interval | minus LSA | 95% interval "
-          f"| CSA-KV ratio ({name} / LSA) | total KV ratio ({name} / LSA) | entries resident per trigger "
-          f"({name} / LSA) |")
+    print(f"| length | n | {name} accuracy % | 95% interval | minus full | 95% interval | minus {other} | 95% interval "
+          f"| CSA-KV ratio ({name} / {other}) | total KV ratio ({name} / {other}) | entries resident per trigger "
+          f"({name} / {other}) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for length in lengths:
         runs = [r for r in variant if r["length"] == length]
@@ -64,7 +71,7 @@ def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bo
               f"| {_num(row['footprint_ratio'], '.3f')} / {_num(lsa_row.get('footprint_ratio'), '.3f')} "
               f"| {_num(_resident(runs))} / {_num(_resident(lsa))} |")
     print()
-    print(f"| task | length | full | lsa | {name} |")
+    print(f"| task | length | full | {'lsa' if versus is None else other} | {name} |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for length in lengths:
         for task in tasks:
@@ -92,12 +99,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="variant", help="the variant's name in the table's header")
     parser.add_argument("--full-only", action="store_true",
                         help="pair with the base's full runs alone (cells the base has no plain lsa runs for)")
+    parser.add_argument("--versus", type=Path, metavar="DIR", action="append", help="take the LSA side from DIR's "
+                        "lsa runs (another variant's evaluation; repeat for several) instead of the base's")
+    parser.add_argument("--versus-name", default=None, help="the --versus side's name in the tables (default: the "
+                        "first DIR's name)")
     parser.add_argument("--equal-prompts", action="store_true",
                         help="leave out the prompts whose digests differ from the base's (and count them)")
     args = parser.parse_args(argv)
     variant, _ = load_runs([args.variant])
     base, _ = load_runs(args.base)
-    print_variant(variant, base, args.name, with_lsa=not args.full_only, equal_prompts=args.equal_prompts)
+    versus = load_runs(args.versus)[0] if args.versus else None
+    if versus is not None and args.full_only:
+        parser.error("--versus names the LSA side: it cannot go with --full-only")
+    other = (args.versus_name or args.versus[0].name) if versus is not None else "LSA"
+    print_variant(variant, base, args.name, with_lsa=not args.full_only, equal_prompts=args.equal_prompts,
+                  versus=versus, other=other)
 
 
 if __name__ == "__main__":
