@@ -984,7 +984,7 @@ def test_section11k_seen_pages_at_64k_cpu_is_the_raw_outputs(monkeypatch):
 
     raw, dev = "docs/results/varied_64k_cpu", "docs/results/table_long_h200/run5_heldout_limits/varied_64k"
     section, opening, flat = _results_section("## 11k.")
-    assert "seen formats: pages -5.0 [-25.0, 15.0] (CPU), LSA +5.0 | 11e, 11f, 11k |" in opening
+    assert "seen formats: pages -5.0 [-25.0, 15.0] (CPU), LSA +5.0, " in opening
     out = _long_tables(monkeypatch, f"{raw}/seen_pages_tables.md", f"{raw}/seen_pages", "--tasks", "varied_seen")
     _rows_quoted(out, section, ("| 65,536 |",), 2)
     assert _cells(out, "| 65,536 | lsa |")[2:7] == ["20", "65.0", "[45.0, 85.0]", "-5.0", "[-25.0, 15.0]"]
@@ -1126,3 +1126,98 @@ def test_section11m_variable_tracking_at_128k_without_the_cap_is_the_raw_outputs
     higher = sum(nocap[k]["score"] > full[k]["score"] for k in keys)
     assert (lower, higher) == (5, 0) and "(lower on 5 prompts, higher on none)" in flat
     assert "variable tracking: LSA -13.3 [-22.2, -4.4] at 33.5% (9 prompts, CPU)" in opening
+
+
+def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
+    """Section 11n: its table's rows recomputed from the stored runs (our tie rule against the release's, same prompts,
+    this CPU), the variant tables byte for byte, the runs' settings, and the per-prompt counts the text quotes."""
+    import json
+
+    from fm_eval.intervals import format_interval, paired_summary
+    from fm_eval.report import summarize
+
+    section, opening, flat = _results_section("## 11n.")
+    c64, c32, s1 = "docs/results/varied_64k_cpu", "docs/results/varied_32k_cpu", "docs/results/seed1_64k_cpu"
+    dev = "docs/results/table_long_h200/run5_heldout_limits"
+    key = ("task", "index")
+    runs = lambda path, **where: _stored_runs(f"{path}/runs.jsonl.gz", key, **where)  # noqa: E731
+
+    def row(label, score, release, full):
+        keys = sorted(score)
+        assert sorted(release) == keys and all(k in full for k in keys)
+        assert all(score[k]["prompt_sha"] == release[k]["prompt_sha"] == full[k]["prompt_sha"] for k in keys)
+        s, rl, fl = ([d[k] for k in keys] for d in (score, release, full))
+        vr, vf = paired_summary(s, rl), paired_summary(s, fl)
+        acc = [f"{summarize(x)['modes'][0]['accuracy']:.1f}" for x in (fl, rl, s)]
+        same = sum(score[k]["prediction"] == release[k]["prediction"] for k in keys)
+        return (f"| {label} | {len(keys)} | {' | '.join(acc)} | {vr['difference']:+.1f} | "
+                f"{format_interval(vr['interval'])} | {vf['difference']:+.1f} | {format_interval(vf['interval'])} "
+                f"| {same} |")
+
+    seen = runs(f"{c64}/seen_pages_ties"), runs(f"{c64}/seen_pages", mode="lsa"), runs(f"{c64}/seen_pages", mode="full")
+    held = (runs(f"{c64}/held_out_pages_ties"), runs(f"{c64}/held_out_pages", mode="lsa"),
+            runs(f"{dev}/varied_64k", mode="full", length=65536))
+    short = (runs(f"{c32}/pages_ties"), {**runs(f"{c32}/seen_pages", mode="lsa"), **runs(f"{c32}/held_out_pages",
+                                                                                            mode="lsa")},
+             {**runs(f"{c32}/seen", mode="full"), **runs(f"{c32}/held_out", mode="full")})
+    seed1 = runs(f"{s1}/pages_ties"), runs(f"{s1}/pages", mode="lsa"), runs(f"{dev}/seed1_64k", mode="full")
+    for label, cell in (("seen formats, 64K (the cell the rule was read from)", seen),
+                        ("held-out formats, 64K (full: the device's)", held),
+                        ("seen and held-out formats, 32K", short),
+                        ("single needles and variable tracking, seed 1, 64K (full: the device's)", seed1)):
+        assert row(label, *cell) in section, label
+    # the settings: our rule in the new directories only, the pages and floor of section 11b in all
+    for d in (f"{c64}/seen_pages_ties", f"{c64}/held_out_pages_ties", f"{c32}/pages_ties", f"{s1}/pages_ties",
+              f"{c64}/seen_pages", f"{c64}/held_out_pages", f"{c32}/seen_pages", f"{s1}/pages"):
+        config = json.loads((REPO / d / "config.json").read_text())["fingerprint"]
+        assert config.get("page_ties", "recent") == ("score" if d.endswith("_ties") else "recent"), d
+        assert (config["page_size"], config["max_pages"], config["fetch_top"], config["attention"]) == \
+            (8, 96, 64, "window"), d
+    # the seen cell prompt by prompt: gains 1, 5 (section 11k's needles) and 6, no loss; full's answer on 6
+    score, release, full = seen
+    gains = [k[1] for k in sorted(score) if score[k]["score"] > release[k]["score"]]
+    losses = [k[1] for k in sorted(score) if score[k]["score"] < release[k]["score"]]
+    assert (gains, losses) == ([1, 5, 6], []) and "answers prompts 1 and 5" in flat and "and prompt 6," in flat
+    assert full[("varied_seen", 6)]["prediction"].startswith(" 7528666") and \
+        score[("varied_seen", 6)]["answers"] == ["7523266"] and "(full answered 7528666 for 7523266)" in flat
+    assert {r["selected_mean"] for cell in (seen, held) for r in cell[0].values()} == {768.0}
+    assert {r["selected_mean"] for r in short[0].values()} <= {767.0, 768.0}  # a partial last page at some triggers
+    # seed 1: the needles unchanged, three chains moved by one value of five; the release's rule as on the device
+    score, release, _ = seed1
+    moved = {k: round(score[k]["score"] - release[k]["score"], 1) for k in score
+             if score[k]["score"] != release[k]["score"]}
+    assert moved == {("vt", 1): -0.2, ("vt", 12): 0.2, ("vt", 13): -0.2}
+    assert "(one prompt up and two down by one of its five values each)" in flat
+    device = runs(f"{dev}/seed1_64k_pages", mode="lsa")
+    assert sum(release[k]["prediction"] == device[k]["prediction"] for k in release) == 32
+    assert "(68.5% each, 32 of 40 texts equal;" in flat
+
+    # the variant tables, byte for byte
+    monkeypatch.chdir(REPO)
+    variant = _script("variant_ties", REPO / "docs/results/table_long_h200/variant.py")
+    score_release = ["--name", "score ties", "--versus-name", "release ties"]
+    for stored, args in (
+            (f"{c64}/seen_pages_ties_variant.md", [f"{c64}/seen_pages_ties", f"{c64}/seen_pages", "--versus",
+                                                   f"{c64}/seen_pages", *score_release]),
+            (f"{c64}/seen_pages_ties_vs_device.md", [f"{c64}/seen_pages_ties", f"{dev}/varied_64k", "--name",
+                                                     "score ties (CPU)", "--equal-prompts"]),
+            (f"{c64}/held_out_pages_ties_variant.md", [f"{c64}/held_out_pages_ties", f"{dev}/varied_64k", "--versus",
+                                                       f"{c64}/held_out_pages", "--name", "score ties (CPU)",
+                                                       "--versus-name", "release ties (CPU)", "--equal-prompts"]),
+            (f"{c32}/pages_ties_variant.md", [f"{c32}/pages_ties", f"{c32}/seen", f"{c32}/held_out", "--versus",
+                                              f"{c32}/seen_pages", "--versus", f"{c32}/held_out_pages",
+                                              *score_release]),
+            (f"{s1}/pages_ties_vs_device.md", [f"{s1}/pages_ties", f"{dev}/seed1_64k", "--versus",
+                                               f"{dev}/seed1_64k_pages", "--name", "score ties (CPU)",
+                                               "--versus-name", "release ties (device)", "--equal-prompts"]),
+            (f"{s1}/pages_ties_variant.md", [f"{s1}/pages_ties", f"{dev}/seed1_64k", "--versus", f"{s1}/pages",
+                                             *score_release]),
+            (f"{s1}/pages_vs_device.md", [f"{s1}/pages", f"{dev}/seed1_64k", "--versus", f"{dev}/seed1_64k_pages",
+                                          "--name", "release ties (CPU)", "--versus-name", "release ties (device)"])):
+        assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
+    paired = (REPO / f"{c64}/seen_pages_ties_vs_device.md").read_text()
+    assert _cells(paired, "| 65,536 | 16 |")[2:8] == ["87.5", "[68.8, 100.0]", "+18.8", "[0.0, 37.5]", "+12.5",
+                                                       "[0.0, 31.2]"]
+    assert "87.5%, against the device's LSA 75.0% (+12.5 [0.0, 31.2]) and full 68.8%" in flat
+    assert "pages with our tie rule +10.0 [-10.0, 30.0] (CPU) | 11e, 11f, 11k, 11n |" in opening
+    assert "(seed 1: -1.5 [-7.5, 3.0]; with our page tie rule, CPU: -2.0 [-8.0, 2.5]) |" in opening

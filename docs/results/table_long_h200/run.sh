@@ -128,6 +128,18 @@
 # 11-19`, full, the capped LSA and the uncapped LSA on the variable-tracking prompts at 128K that the device's full
 # lacks (sections 11l, 11m). The call above stays the next: it decodes the uncapped LSA on variable tracking at 128K
 # on all 20 prompts and repeats the rest on one machine.
+# Twenty-seventh session (2026-12-05): no machine again (the starts refused or held back by the back-off). The CPU
+# ran page recall with our tie rule (PAGE_TIES=score: pages of equal count to the best-scored, RESULTS section 11n) on
+# the varied formats at 32K and 64K and on seed 1's single needles and variable tracking at 64K (the release's rule
+# beside it there). Next, two calls: the rule on the table's 64K prompts and on seed 1's, the same machine as their
+# release-rule page recall (~430 s),
+#   run(timeout_s=600, carry=[".whl"], command="T=$(date +%s); l() { echo $((560 - ($(date +%s) - T))); };
+#     BUDGET=$(l) OUT=$OUT/t64 EVAL=ties_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8 MAX_PAGES=96
+#     PAGE_TIES=score bash docs/results/table_long_h200/run.sh; B=$(l); [ $B -gt 60 ] && BUDGET=$B OUT=$OUT/s1
+#     EVAL=ties_seed1_64k SEED=1 LENGTHS=64k TASKS=niah_single_1,vt MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8
+#     MAX_PAGES=96 PAGE_TIES=score bash docs/results/table_long_h200/run.sh")
+# (variant.py OUT/t64's eval against run2_fetch_top64/eval_64k --versus run3_pages/eval_64k_pages), then the 128K call
+# above.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
