@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--equal-prompts", action="store_true",
                         help="leave out the prompts whose digests differ from the base's (and count them)")
     args = parser.parse_args(argv)
+    if args.versus and args.full_only:
+        parser.error("--versus names the LSA side: it cannot go with --full-only")
     variant, _ = load_runs([args.variant])
     base, _ = load_runs(args.base)
     versus = load_runs(args.versus)[0] if args.versus else None
-    if versus is not None and args.full_only:
-        parser.error("--versus names the LSA side: it cannot go with --full-only")
     other = (args.versus_name or args.versus[0].name) if versus is not None else "LSA"
     print_variant(variant, base, args.name, with_lsa=not args.full_only, equal_prompts=args.equal_prompts,
                   versus=versus, other=other)
