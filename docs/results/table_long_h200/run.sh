@@ -188,6 +188,14 @@ python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip inst
   --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
 mkdir -p $OUT
 T0=$(date +%s)
+# WORKERS is counted for an H200's ~140 GiB (8 fit the 64K table there, 6 at 128K); on a GPU with less memory it is
+# scaled down to that memory (an H100's 80 GB: 8 -> 4, 6 -> 3): 8 ran out of GPU memory at 64K on an H100 (2026-12-05)
+GPU_MIB=$([ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null \
+  | head -1)
+if [ -n "$GPU_MIB" ] && [ "$GPU_MIB" -lt 130000 ]; then
+  WORKERS=$(( WORKERS * GPU_MIB / 143000 )); [ $WORKERS -ge 1 ] || WORKERS=1
+  echo "GPU memory $GPU_MIB MiB: $WORKERS workers" | tee -a $OUT/log.txt
+fi
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }   # BUDGET: seconds this call may use
 # the table's memory indexer is in git (rebuilt 2026-12-04, its weights the table's): copied to $W/export, the path the
 # evaluations' fingerprints name, unless a trained one is there
