@@ -1221,3 +1221,105 @@ def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
     assert "87.5%, against the device's LSA 75.0% (+12.5 [0.0, 31.2]) and full 68.8%" in flat
     assert "pages with our tie rule +10.0 [-10.0, 30.0] (CPU) | 11e, 11f, 11k, 11n |" in opening
     assert "(seed 1: -1.5 [-7.5, 3.0]; with our page tie rule, CPU: -2.0 [-8.0, 2.5]) |" in opening
+
+
+def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
+    """Section 11o: the tie rule's rows on the device recomputed from the stored runs (our rule on the H100 against
+    the release's on the H200, same prompts), the 128K rows by task, the stored tables byte for byte, the runs'
+    settings, and the per-prompt counts the text quotes."""
+    import json
+
+    from fm_eval.intervals import format_interval, paired_summary
+    from fm_eval.report import summarize
+
+    section, opening, flat = _results_section("## 11o.")
+    t = "docs/results/table_long_h200"
+    new, dev = f"{t}/run6_h100", f"{t}/run5_heldout_limits"
+    key = ("task", "index")
+    runs = lambda path, **where: _stored_runs(f"{path}/runs.jsonl.gz", key, **where)  # noqa: E731
+    accuracy = lambda rs: f"{summarize(rs)['modes'][0]['accuracy']:.1f}"  # noqa: E731
+
+    def row(label, score, release, full):
+        keys = sorted(score)
+        assert sorted(release) == keys and all(k in full for k in keys)
+        assert all(score[k]["prompt_sha"] == release[k]["prompt_sha"] == full[k]["prompt_sha"] for k in keys)
+        s, rl, fl = ([d[k] for k in keys] for d in (score, release, full))
+        vr, vf = paired_summary(s, rl), paired_summary(s, fl)
+        same = sum(score[k]["prediction"] == release[k]["prediction"] for k in keys)
+        return (f"| {label} | {len(keys)} | {' | '.join(accuracy(x) for x in (fl, rl, s))} | {vr['difference']:+.1f} | "
+                f"{format_interval(vr['interval'])} | {vf['difference']:+.1f} | {format_interval(vf['interval'])} "
+                f"| {same} |")
+
+    table = runs(f"{new}/ties_64k"), runs(f"{t}/run3_pages/eval_64k_pages", mode="lsa"), \
+        runs(f"{t}/run2_fetch_top64/eval_64k", mode="full")
+    seed1 = runs(f"{new}/ties_seed1_64k"), runs(f"{dev}/seed1_64k_pages", mode="lsa"), runs(f"{dev}/seed1_64k",
+                                                                                             mode="full")
+    assert row("the table's prompts, 64K (four tasks)", *table) in section
+    assert row("single needles and variable tracking, seed 1, 64K", *seed1) in section
+    for d, ties in ((f"{new}/ties_64k", "score"), (f"{new}/ties_seed1_64k", "score"),
+                    (f"{t}/run3_pages/eval_64k_pages", "recent"), (f"{dev}/seed1_64k_pages", "recent")):
+        config = json.loads((REPO / d / "config.json").read_text())["fingerprint"]
+        assert config.get("page_ties", "recent") == ties, d
+        assert (config["page_size"], config["max_pages"], config["fetch_top"]) == (8, 96, 64), d
+        assert config.get("attention", "eager") == "eager", d
+    # per prompt: the table's gains all multi-value (six up, none down), vt three up and three down, needles equal
+    score, release, _ = table
+    moved = {k: round(score[k]["score"] - release[k]["score"], 2) for k in score
+             if score[k]["score"] != release[k]["score"]}
+    mv = [v for k, v in moved.items() if k[0] == "niah_multivalue"]
+    vt = [v for k, v in moved.items() if k[0] == "vt"]
+    assert len(mv) == 6 and all(v in (0.25, 0.5) for v in mv) and sorted(k[0] for k in moved) == \
+        ["niah_multivalue"] * 6 + ["vt"] * 6
+    assert sum(v > 0 for v in vt) == 3 and sum(v < 0 for v in vt) == 3 and all(abs(v) == 0.2 for v in vt)
+    assert "six prompts up by one or two of their four values, none down" in flat
+    score, release, _ = seed1
+    moved = {k: round(score[k]["score"] - release[k]["score"], 1) for k in score
+             if score[k]["score"] != release[k]["score"]}
+    assert moved == {("vt", 1): -0.2, ("vt", 12): 0.2, ("vt", 16): -0.2, ("vt", 17): -0.2}
+    assert "(one chain up, three down, by one value each)" in flat
+    # the card's share: texts equal across machines under each rule, and the prompts each rule changed
+    s1 = "docs/results/seed1_64k_cpu"
+    cpu_score, cpu_release = runs(f"{s1}/pages_ties"), runs(f"{s1}/pages", mode="lsa")
+    assert sum(score[k]["prediction"] == cpu_score[k]["prediction"] for k in score) == 37
+    assert sum(release[k]["prediction"] == cpu_release[k]["prediction"] for k in release) == 32
+    changed_dev = {k for k in score if score[k]["prediction"] != release[k]["prediction"]}
+    changed_cpu = {k for k in cpu_score if cpu_score[k]["prediction"] != cpu_release[k]["prediction"]}
+    assert (len(changed_dev), len(changed_cpu), len(changed_dev & changed_cpu)) == (11, 11, 7)
+    assert "the rule changes 11 of the 40 texts on the device and 11 on the CPU, 7 of them the same prompts" in flat
+
+    # 128K: the rows by task, from the stored runs; full's first 23 runs are section 11e's
+    e = f"{new}/e128k_partial"
+    lsa, full = runs(e, mode="lsa"), runs(e, mode="full")
+    old = runs(f"{dev}/e128k_partial")
+    assert (len(full), len(lsa), len(old)) == (40, 35, 23) and all(full[k] == old[k] for k in old)
+    assert sorted(k[1] for k in full if k not in lsa) == [11, 13, 15, 17, 19]
+    for label, pick in (("single needles", lambda k: k[0] == "niah_single_1"),
+                        ("variable tracking, prompts 0-10", lambda k: k[0] == "vt" and k[1] <= 10),
+                        ("variable tracking, all 15 with LSA", lambda k: k[0] == "vt")):
+        keys = sorted(k for k in lsa if pick(k))
+        ls, fl = [lsa[k] for k in keys], [full[k] for k in keys]
+        v, m = paired_summary(ls, fl), summarize(ls)["modes"][0]
+        lower, higher = (sum(cmp(lsa[k]["score"], full[k]["score"]) for k in keys)
+                         for cmp in (lambda a, b: a < b, lambda a, b: a > b))
+        assert (f"| {label} | {len(keys)} | {accuracy(fl)} | {accuracy(ls)} | {v['difference']:+.1f} | "
+                f"{format_interval(v['interval'])} | {lower} / {higher} | {m['csa_kv_ratio']:.3f} | "
+                f"{m['footprint_ratio']:.3f} |") in section, label
+    # the single needles as this CPU's section 11g: every score equal, 17 texts
+    cpu = runs("docs/results/e128k_cpu/lsa")
+    keys = [k for k in lsa if k[0] == "niah_single_1"]
+    assert all(cpu[k]["score"] == lsa[k]["score"] for k in keys)
+    assert sum(cpu[k]["prediction"] == lsa[k]["prediction"] for k in keys) == 17 and "(17 texts equal)" in flat
+    config = json.loads((REPO / e / "config.json").read_text())["fingerprint"]
+    assert config["fetch_top"] == 64 and not {"distance_cap", "page_size", "attention"} & set(config)  # as exported
+
+    # the stored tables, byte for byte
+    monkeypatch.chdir(REPO)
+    variant = _script("variant_ties_device", REPO / f"{t}/variant.py")
+    names = ["--name", "score ties", "--versus-name", "release ties"]
+    for stored, args in ((f"{new}/ties_64k_variant.md", [f"{new}/ties_64k", f"{t}/run2_fetch_top64/eval_64k",
+                                                         "--versus", f"{t}/run3_pages/eval_64k_pages", *names]),
+                         (f"{new}/ties_seed1_64k_variant.md", [f"{new}/ties_seed1_64k", f"{dev}/seed1_64k",
+                                                               "--versus", f"{dev}/seed1_64k_pages", *names])):
+        assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
+    out = _long_tables(monkeypatch, f"{new}/e128k_tables.md", e)
+    assert _cells(out, "| 131,072 | lsa |")[2:7] == ["35", "16.7", "[7.8, 26.7]", "-26.7", "[-38.0, -15.5]"]

@@ -140,6 +140,20 @@
 #     MAX_PAGES=96 PAGE_TIES=score bash docs/results/table_long_h200/run.sh")
 # (variant.py OUT/t64's eval against run2_fetch_top64/eval_64k --versus run3_pages/eval_64k_pages), then the 128K call
 # above.
+# Twenty-eighth session (2026-12-05): an H100 (nvidia-h100-x1), 1,728 s. Both calls above ran (the first cut by 8
+# workers running out of the H100's GPU memory, resumed with 4; WORKERS is now scaled to the GPU's memory), and the
+# 128K evaluation reached 75 of its 80 runs in two calls (RESULTS section 11o; raw in run6_h100/). Our tie rule ran on
+# the H100, the release's on the H200: next, the other rule on the same card for the two tasks whose scores moved, then
+# the last 5 runs at 128K (~450 s; the rule the card lacks: on an H100 the release's, on an H200 ours),
+#   run(timeout_s=600, command="case $(nvidia-smi --query-gpu=name --format=csv,noheader) in *H100*) R=recent;; *)
+#     R=score;; esac; T=$(date +%s); l() { echo $((560 - ($(date +%s) - T))); }; BUDGET=$(l) OUT=$OUT/t64
+#     EVAL=ties_${R}_64k LENGTHS=64k TASKS=niah_multivalue,vt MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8
+#     MAX_PAGES=96 PAGE_TIES=$R bash docs/results/table_long_h200/run.sh; B=$(l); [ $B -gt 60 ] && BUDGET=$B
+#     OUT=$OUT/e128k EVAL=e128k FROM=docs/results/table_long_h200/run6_h100/e128k_partial LENGTHS=128k
+#     TASKS=niah_single_1,vt MODES=full,lsa FETCH_TOP=64 CHUNK=4096 WORKERS=6 bash docs/results/table_long_h200/run.sh")
+# (variant.py OUT/t64's eval run2_fetch_top64/eval_64k --versus run6_h100/ties_64k on an H100, the release's rule
+# minus ours there; --versus run3_pages/eval_64k_pages on an H200); then the capped LSA at 128K (the 128K call above's
+# second half).
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
