@@ -69,6 +69,9 @@ from .tasks import (
 
 FORMAT = "fm-index-evaluate/1"
 BUDGETED = ("recent", "random", "oracle")
+# a worker's exit code when it ran out of device or host memory (lsa_runtime's DeviceMemoryError): the parent then
+# says that several workers share that memory, the first thing to shrink
+OUT_OF_MEMORY_EXIT = 3
 NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
@@ -438,8 +441,7 @@ class Evaluation:
         failed = [(proc.name, proc.exitcode) for proc in procs if proc.exitcode != 0]
         if failed:
             self.finish(complete=False)
-            raise EvaluationError(f"evaluation worker {failed[0][0]} failed (exit code {failed[0][1]}, its error "
-                                  f"is printed above); finished runs are kept: --resume continues")
+            raise EvaluationError(worker_failure(failed, n))
         self.done.update(_read_runs(runs))
 
     def _load(self) -> None:
@@ -661,18 +663,40 @@ def evaluate(config: EvalConfig, out: str | Path, resume: bool = False, reporter
                       batch=batch, static_decode=static_decode, static_compile=static_compile).run()
 
 
+def worker_failure(failed: list[tuple[str, int]], workers: int) -> str:
+    """The one-line error for failed workers (``(name, exit code)`` each, in start order) out of ``workers``."""
+    name, code = failed[0]
+    if any(c == OUT_OF_MEMORY_EXIT for _, c in failed):
+        name = next(n for n, c in failed if c == OUT_OF_MEMORY_EXIT)
+        hint = (f"; {workers} workers share that memory: --resume with fewer --workers continues" if workers > 1
+                else ": --resume continues once the setting the error names is smaller")
+        return (f"evaluation worker {name} ran out of memory (its error is printed above); finished runs are "
+                f"kept{hint}")
+    return (f"evaluation worker {name} failed (exit code {code}, its error is printed above); finished runs are "
+            f"kept: --resume continues")
+
+
 def _worker_main(config: EvalConfig, out: str, units: list[tuple], threads: int, batch: int = 1,
                  static_decode: bool | None = None, static_compile: bool = False) -> None:
     """One worker process: load the backbone (and indexer), decode ``units`` (task, length, sample indices or
-    None, modes or None: :meth:`Evaluation._run_cell`'s arguments), append runs to out/runs.jsonl."""
+    None, modes or None: :meth:`Evaluation._run_cell`'s arguments), append runs to out/runs.jsonl. Out of memory
+    (DeviceMemoryError) it prints the error and exits with OUT_OF_MEMORY_EXIT, which the parent names."""
     exit_with_parent(os.getppid())
     torch.set_num_threads(threads)
     evaluation = Evaluation(config, out, resume=True, batch=batch, static_decode=static_decode,
                             static_compile=static_compile)
     evaluation.done = _read_runs(Path(out) / "runs.jsonl")  # read only: the parent owns the directory
-    evaluation._load()
-    for task, length, indices, modes in units:
-        evaluation._run_cell(task, length, indices, modes)
+    from lsa_runtime.session import DeviceMemoryError
+
+    try:
+        evaluation._load()
+        for task, length, indices, modes in units:
+            evaluation._run_cell(task, length, indices, modes)
+    except DeviceMemoryError:
+        import traceback
+
+        traceback.print_exc()
+        raise SystemExit(OUT_OF_MEMORY_EXIT) from None
 
 
 def exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:

@@ -588,3 +588,35 @@ def test_window_attention_on_the_gpu_records_what_eager_does(tmp_path):
     key = lambda r: (r["mode"], r["index"])  # noqa: E731
     pick = lambda r: (r["prediction"], r["selected_per_trigger"], r["stats"]["resident_entries"])  # noqa: E731
     assert [pick(r) for r in sorted(eager["runs"], key=key)] == [pick(r) for r in sorted(window["runs"], key=key)]
+
+
+def test_worker_out_of_memory_exits_with_its_code_and_the_parent_names_it(monkeypatch, tmp_path, capsys):
+    """A worker whose decode runs out of memory prints the error and exits with OUT_OF_MEMORY_EXIT (any other error
+    propagates as before); the parent's one line says the workers share that memory when there are several."""
+    from fm_eval import runner
+    from lsa_runtime.session import DeviceMemoryError
+
+    def out_of_memory(self, *args):
+        raise DeviceMemoryError("out of memory at 8,192 tokens (CUDA out of memory)")
+
+    monkeypatch.setattr(runner, "exit_with_parent", lambda pid: None)
+    monkeypatch.setattr(runner.Evaluation, "_load", lambda self: None)
+    monkeypatch.setattr(runner.Evaluation, "_run_cell", out_of_memory)
+    config = EvalConfig(model="tiny", modes=("full",), tasks=(TASK,), lengths=(256,), samples=1)
+    with pytest.raises(SystemExit) as exit_info:
+        runner._worker_main(config, str(tmp_path), [(TASK, 256, None, None)], 1)
+    assert exit_info.value.code == runner.OUT_OF_MEMORY_EXIT == 3
+    assert "DeviceMemoryError: out of memory at 8,192 tokens" in capsys.readouterr().err
+    monkeypatch.setattr(runner.Evaluation, "_run_cell", lambda self, *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        runner._worker_main(config, str(tmp_path), [(TASK, 256, None, None)], 1)
+
+    assert runner.worker_failure([("fm-index-eval-1", 1), ("fm-index-eval-2", 3)], 8) == (
+        "evaluation worker fm-index-eval-2 ran out of memory (its error is printed above); finished runs are kept; "
+        "8 workers share that memory: --resume with fewer --workers continues")
+    assert runner.worker_failure([("fm-index-eval-0", 3)], 1) == (
+        "evaluation worker fm-index-eval-0 ran out of memory (its error is printed above); finished runs are kept: "
+        "--resume continues once the setting the error names is smaller")
+    assert runner.worker_failure([("fm-index-eval-1", 1)], 2) == (
+        "evaluation worker fm-index-eval-1 failed (exit code 1, its error is printed above); finished runs are kept: "
+        "--resume continues")
