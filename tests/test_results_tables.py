@@ -1220,7 +1220,8 @@ def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
                                                        "[0.0, 31.2]"]
     assert "87.5%, against the device's LSA 75.0% (+12.5 [0.0, 31.2]) and full 68.8%" in flat
     assert "pages with our tie rule +10.0 [-10.0, 30.0] (CPU) | 11e, 11f, 11k, 11n |" in opening
-    assert "(seed 1: -1.5 [-7.5, 3.0]; with our page tie rule, CPU: -2.0 [-8.0, 2.5]) |" in opening
+    assert ("(seed 1: -1.5 [-7.5, 3.0]; with our page tie rule, CPU: -2.0 [-8.0, 2.5], H100: -2.5 [-8.5, 2.0]) |"
+            in opening)
 
 
 def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
@@ -1287,6 +1288,26 @@ def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
     assert (len(changed_dev), len(changed_cpu), len(changed_dev & changed_cpu)) == (11, 11, 7)
     assert "the rule changes 11 of the 40 texts on the device and 11 on the CPU, 7 of them the same prompts" in flat
 
+    # the chip held equal: both rules on this CPU's own multi-value prompts (none of them the device's)
+    mv = "docs/results/multivalue_64k_cpu"
+    cpu_score, cpu_release = runs(f"{mv}/pages_ties"), runs(f"{mv}/pages")
+    keys = sorted(cpu_score)
+    assert sorted(cpu_release) == keys and len(keys) == 20 and {k[0] for k in keys} == {"niah_multivalue"}
+    assert all(cpu_score[k]["prompt_sha"] == cpu_release[k]["prompt_sha"] != table[0][k]["prompt_sha"] for k in keys)
+    v = paired_summary([cpu_score[k] for k in keys], [cpu_release[k] for k in keys])
+    pair = [accuracy([d[k] for k in keys]) for d in (cpu_score, cpu_release)]
+    assert f"our rule {pair[0]}% against {pair[1]}%, **{v['difference']:+.1f} {format_interval(v['interval'])}**" \
+        in flat
+    steps = [round(cpu_score[k]["score"] - cpu_release[k]["score"], 2) for k in keys]
+    assert sorted(x for x in steps if x) == [-0.25] + [0.25] * 5
+    assert sum(cpu_score[k]["prediction"] == cpu_release[k]["prediction"] for k in keys) == 8
+    assert "(five prompts up by one value, one down; 8 of 20 texts equal)" in flat
+    assert {r["selected_mean"] for d in (cpu_score, cpu_release) for r in d.values()} == {768.0}
+    for d, ties in ((f"{mv}/pages_ties", "score"), (f"{mv}/pages", "recent")):
+        config = json.loads((REPO / d / "config.json").read_text())["fingerprint"]
+        assert (config.get("page_ties", "recent"), config["page_size"], config["max_pages"], config["fetch_top"],
+                config["attention"]) == (ties, 8, 96, 64, "window"), d
+
     # 128K: the rows by task, from the stored runs; full's first 23 runs are section 11e's
     e = f"{new}/e128k_partial"
     lsa, full = runs(e, mode="lsa"), runs(e, mode="full")
@@ -1322,4 +1343,7 @@ def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
                                                                "--versus", f"{dev}/seed1_64k_pages", *names])):
         assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
     out = _long_tables(monkeypatch, f"{new}/e128k_tables.md", e)
+    assert "pages +1.9 [-3.2, 7.0], with our page tie rule +4.1 [-1.1, 9.2] (H100) (seed 1:" in opening
+    assert ("-14.5 [-23.6, -5.5] at 33.2% (the other 11, H100, whose LSA repeats the single needles' 20 scores)"
+            in opening)
     assert _cells(out, "| 131,072 | lsa |")[2:7] == ["35", "16.7", "[7.8, 26.7]", "-26.7", "[-38.0, -15.5]"]
