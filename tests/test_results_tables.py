@@ -1347,3 +1347,28 @@ def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
     assert ("-14.5 [-23.6, -5.5] at 33.2% (the other 11, H100, whose LSA repeats the single needles' 20 scores)"
             in opening)
     assert _cells(out, "| 131,072 | lsa |")[2:7] == ["35", "16.7", "[7.8, 26.7]", "-26.7", "[-38.0, -15.5]"]
+
+
+def test_section11p_hisparse_on_code_haystacks_is_the_raw_outputs(monkeypatch):
+    """Section 11p: tables.py's output on the stored runs byte for byte and quoted, hisparse's texts equal to full's
+    on every prompt, LSA's counts, and the prompts none of the device's."""
+    import json
+
+    section, opening, flat = _results_section("## 11p.")
+    d = "docs/results/hisparse_16k_code_cpu"
+    out = _long_tables(monkeypatch, f"{d}/tables.md", d)
+    _rows_quoted(out, section, ("| 16,384 |",), 3)
+    key = ("task", "index")
+    full, lsa, hisparse = (_stored_runs(f"{d}/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa", "hisparse"))
+    keys = sorted(full)
+    assert len(keys) == 40 and sorted(lsa) == sorted(hisparse) == keys
+    assert all(hisparse[k]["prediction"] == full[k]["prediction"] for k in keys) and "(40 of 40 texts equal;" in flat
+    assert (sum(lsa[k]["score"] == full[k]["score"] for k in keys),
+            sum(lsa[k]["prediction"] == full[k]["prediction"] for k in keys)) == (36, 20)
+    assert "36 of 40 scores and 20 of 40 texts equal to full's" in flat
+    device = _stored_runs("docs/results/table_long_h200/run2_fetch_top64/eval_16k/runs.jsonl.gz", key, mode="full")
+    assert all(device[k]["prompt_sha"] != full[k]["prompt_sha"] for k in keys)
+    config = json.loads((REPO / d / "config.json").read_text())["fingerprint"]
+    assert (config["fetch_top"], config["attention"], config["chunk_size"]) == (64, "window", 4096)
+    assert "(at 16K it answers as full, 40 of 40 texts, on this CPU's own prompts: section 11p)" in opening.replace(
+        "\n  ", " ")
