@@ -69,10 +69,10 @@ from .tasks import (
 
 FORMAT = "fm-index-evaluate/1"
 BUDGETED = ("recent", "random", "oracle")
+NEEDS_FULL_PICKS = ("oracle",)
 # a worker's exit code when it ran out of device or host memory (lsa_runtime's DeviceMemoryError): the parent then
 # says that several workers share that memory, the first thing to shrink
 OUT_OF_MEMORY_EXIT = 3
-NEEDS_FULL_PICKS = ("oracle",)
 # Options that must match for a resumed run to continue the same evaluation.
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",

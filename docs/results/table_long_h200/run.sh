@@ -143,9 +143,9 @@
 # Twenty-eighth session (2026-12-05): an H100 (nvidia-h100-x1), 1,728 s. Both calls above ran (the first cut by 8
 # workers running out of the H100's GPU memory, resumed with 4; WORKERS is now scaled to the GPU's memory), and the
 # 128K evaluation reached 75 of its 80 runs in two calls (RESULTS section 11o; raw in run6_h100/). Our tie rule ran on
-# the H100, the release's on the H200 (the CPU then ran both on its own multi-value prompts: +5.0 [0.0, 10.0] for ours):
-# next, the other rule on the same card for the two tasks whose scores moved, then
-# the last 5 runs at 128K (~450 s; the rule the card lacks: on an H100 the release's, on an H200 ours),
+# the H100, the release's on the H200 (the CPU then ran both on its own multi-value prompts: +5.0 [0.0, 10.0] for ours).
+# Next, the other rule on the same card for the two tasks whose scores moved, then the last 5 runs at 128K (~450 s;
+# the rule the card lacks: on an H100 the release's, on an H200 ours),
 #   run(timeout_s=600, command="case $(nvidia-smi --query-gpu=name --format=csv,noheader) in *H100*) R=recent;; *)
 #     R=score;; esac; T=$(date +%s); l() { echo $((560 - ($(date +%s) - T))); }; BUDGET=$(l) OUT=$OUT/t64
 #     EVAL=ties_${R}_64k LENGTHS=64k TASKS=niah_multivalue,vt MODES=lsa FETCH_TOP=64 CHUNK=4096 PAGE_SIZE=8
