@@ -1370,5 +1370,20 @@ def test_section11p_hisparse_on_code_haystacks_is_the_raw_outputs(monkeypatch):
     assert all(device[k]["prompt_sha"] != full[k]["prompt_sha"] for k in keys)
     config = json.loads((REPO / d / "config.json").read_text())["fingerprint"]
     assert (config["fetch_top"], config["attention"], config["chunk_size"]) == (64, "window", 4096)
-    assert "(at 16K it answers as full, 40 of 40 texts, on this CPU's own prompts: section 11p)" in opening.replace(
-        "\n  ", " ")
+    # 64K, prompts 0-4 of each task
+    d = "docs/results/hisparse_64k_code_cpu"
+    out = _long_tables(monkeypatch, f"{d}/tables.md", d)
+    _rows_quoted(out, section, ("| 65,536 |",), 3)
+    full, lsa, hisparse = (_stored_runs(f"{d}/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa", "hisparse"))
+    keys = sorted(full)
+    assert keys == [(t, i) for t in ("niah_multikey_1", "niah_multivalue") for i in range(5)]
+    assert sorted(lsa) == sorted(hisparse) == keys and all(hisparse[k]["prediction"] == full[k]["prediction"]
+                                                           for k in keys)
+    moved = {k: lsa[k]["score"] - full[k]["score"] for k in keys if lsa[k]["score"] != full[k]["score"]}
+    assert moved == {("niah_multikey_1", 1): -1.0, ("niah_multikey_1", 3): 1.0, ("niah_multikey_1", 4): -1.0,
+                     ("niah_multivalue", 2): -0.25}
+    assert "(10 of 10 texts)" in flat and "(a 64K run takes 94-115 s here, two at a time)" in flat
+    seconds = [r["timing"]["run_seconds"] for d in (full, lsa, hisparse) for r in d.values()]
+    assert (round(min(seconds)), round(max(seconds))) == (94, 115)
+    assert "40 of 40 texts at 16K (8.4% of the CSA KV, total 0.375 against LSA's 0.310) and 10 of 10 at 64K (2.2%," in \
+        opening.replace("\n  ", " ")
