@@ -78,6 +78,25 @@ def _rows_quoted(out: str, section: str, prefixes: tuple[str, ...], count: int) 
     return rows
 
 
+def _ties_row(label: str, score: dict, release: dict, full: dict) -> str:
+    """A page-ties table row (sections 11n, 11o) from runs keyed by prompt: n, full / release ties / score ties
+    accuracy, score minus release and minus full with their intervals, texts equal to the release's; the three sides
+    must hold the same prompts."""
+    from fm_eval.intervals import format_interval, paired_summary
+    from fm_eval.report import summarize
+
+    keys = sorted(score)
+    assert sorted(release) == keys and all(k in full for k in keys)
+    assert all(score[k]["prompt_sha"] == release[k]["prompt_sha"] == full[k]["prompt_sha"] for k in keys)
+    s, rl, fl = ([d[k] for k in keys] for d in (score, release, full))
+    vr, vf = paired_summary(s, rl), paired_summary(s, fl)
+    acc = [f"{summarize(x)['modes'][0]['accuracy']:.1f}" for x in (fl, rl, s)]
+    same = sum(score[k]["prediction"] == release[k]["prediction"] for k in keys)
+    return (f"| {label} | {len(keys)} | {' | '.join(acc)} | {vr['difference']:+.1f} | "
+            f"{format_interval(vr['interval'])} | {vf['difference']:+.1f} | {format_interval(vf['interval'])} "
+            f"| {same} |")
+
+
 @pytest.mark.parametrize("heading,folder,rows", [
     ("### 7e.", "varied_kinds_l6_cpu", 2 + 16 + 2 + 2),  # per task and length; pooled
     ("### 7f.", "recall_targets_l6_cpu", 2 + 16 + 2 + 2 + 2 + 3),  # ...; variable tracking with longer tails
@@ -1133,26 +1152,11 @@ def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
     this CPU), the variant tables byte for byte, the runs' settings, and the per-prompt counts the text quotes."""
     import json
 
-    from fm_eval.intervals import format_interval, paired_summary
-    from fm_eval.report import summarize
-
     section, opening, flat = _results_section("## 11n.")
     c64, c32, s1 = "docs/results/varied_64k_cpu", "docs/results/varied_32k_cpu", "docs/results/seed1_64k_cpu"
     dev = "docs/results/table_long_h200/run5_heldout_limits"
     key = ("task", "index")
     runs = lambda path, **where: _stored_runs(f"{path}/runs.jsonl.gz", key, **where)  # noqa: E731
-
-    def row(label, score, release, full):
-        keys = sorted(score)
-        assert sorted(release) == keys and all(k in full for k in keys)
-        assert all(score[k]["prompt_sha"] == release[k]["prompt_sha"] == full[k]["prompt_sha"] for k in keys)
-        s, rl, fl = ([d[k] for k in keys] for d in (score, release, full))
-        vr, vf = paired_summary(s, rl), paired_summary(s, fl)
-        acc = [f"{summarize(x)['modes'][0]['accuracy']:.1f}" for x in (fl, rl, s)]
-        same = sum(score[k]["prediction"] == release[k]["prediction"] for k in keys)
-        return (f"| {label} | {len(keys)} | {' | '.join(acc)} | {vr['difference']:+.1f} | "
-                f"{format_interval(vr['interval'])} | {vf['difference']:+.1f} | {format_interval(vf['interval'])} "
-                f"| {same} |")
 
     seen = runs(f"{c64}/seen_pages_ties"), runs(f"{c64}/seen_pages", mode="lsa"), runs(f"{c64}/seen_pages", mode="full")
     held = (runs(f"{c64}/held_out_pages_ties"), runs(f"{c64}/held_out_pages", mode="lsa"),
@@ -1165,7 +1169,7 @@ def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
                         ("held-out formats, 64K (full: the device's)", held),
                         ("seen and held-out formats, 32K", short),
                         ("single needles and variable tracking, seed 1, 64K (full: the device's)", seed1)):
-        assert row(label, *cell) in section, label
+        assert _ties_row(label, *cell) in section, label
     # the settings: our rule in the new directories only, the pages and floor of section 11b in all
     for d in (f"{c64}/seen_pages_ties", f"{c64}/held_out_pages_ties", f"{c32}/pages_ties", f"{s1}/pages_ties",
               f"{c64}/seen_pages", f"{c64}/held_out_pages", f"{c32}/seen_pages", f"{s1}/pages"):
@@ -1240,23 +1244,12 @@ def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
     runs = lambda path, **where: _stored_runs(f"{path}/runs.jsonl.gz", key, **where)  # noqa: E731
     accuracy = lambda rs: f"{summarize(rs)['modes'][0]['accuracy']:.1f}"  # noqa: E731
 
-    def row(label, score, release, full):
-        keys = sorted(score)
-        assert sorted(release) == keys and all(k in full for k in keys)
-        assert all(score[k]["prompt_sha"] == release[k]["prompt_sha"] == full[k]["prompt_sha"] for k in keys)
-        s, rl, fl = ([d[k] for k in keys] for d in (score, release, full))
-        vr, vf = paired_summary(s, rl), paired_summary(s, fl)
-        same = sum(score[k]["prediction"] == release[k]["prediction"] for k in keys)
-        return (f"| {label} | {len(keys)} | {' | '.join(accuracy(x) for x in (fl, rl, s))} | {vr['difference']:+.1f} | "
-                f"{format_interval(vr['interval'])} | {vf['difference']:+.1f} | {format_interval(vf['interval'])} "
-                f"| {same} |")
-
     table = runs(f"{new}/ties_64k"), runs(f"{t}/run3_pages/eval_64k_pages", mode="lsa"), \
         runs(f"{t}/run2_fetch_top64/eval_64k", mode="full")
     seed1 = runs(f"{new}/ties_seed1_64k"), runs(f"{dev}/seed1_64k_pages", mode="lsa"), runs(f"{dev}/seed1_64k",
                                                                                              mode="full")
-    assert row("the table's prompts, 64K (four tasks)", *table) in section
-    assert row("single needles and variable tracking, seed 1, 64K", *seed1) in section
+    assert _ties_row("the table's prompts, 64K (four tasks)", *table) in section
+    assert _ties_row("single needles and variable tracking, seed 1, 64K", *seed1) in section
     for d, ties in ((f"{new}/ties_64k", "score"), (f"{new}/ties_seed1_64k", "score"),
                     (f"{t}/run3_pages/eval_64k_pages", "recent"), (f"{dev}/seed1_64k_pages", "recent")):
         config = json.loads((REPO / d / "config.json").read_text())["fingerprint"]
