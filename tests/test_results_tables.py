@@ -1336,9 +1336,8 @@ def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
                                                                "--versus", f"{dev}/seed1_64k_pages", *names])):
         assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
     out = _long_tables(monkeypatch, f"{new}/e128k_tables.md", e)
-    assert "pages +1.9 [-3.2, 7.0], with our page tie rule +4.1 [-1.1, 9.2] (H100) (seed 1:" in opening
-    assert ("-14.5 [-23.6, -5.5] at 33.2% (the other 11, H100, whose LSA repeats the single needles' 20 scores)"
-            in opening)
+    assert "pages +1.9 [-3.2, 7.0], with our page tie rule +4.1 [-1.1, 9.2] (H100; +2.2 [0.3, 4.2] over" in opening
+    assert "prompts, on an H100, 14.5 [-23.6, -5.5] at 33.2%, section 11o)" in opening.replace("\n  ", " ")
     assert _cells(out, "| 131,072 | lsa |")[2:7] == ["35", "16.7", "[7.8, 26.7]", "-26.7", "[-38.0, -15.5]"]
 
 
@@ -1380,3 +1379,83 @@ def test_section11p_hisparse_on_code_haystacks_is_the_raw_outputs(monkeypatch):
     assert (round(min(seconds)), round(max(seconds))) == (94, 115)
     assert "40 of 40 texts at 16K (8.4% of the CSA KV, total 0.375 against LSA's 0.310) and 10 of 10 at 64K (2.2%," in \
         opening.replace("\n  ", " ")
+
+
+def test_section11q_same_chip_ties_and_the_device_cap_are_the_raw_outputs(monkeypatch):
+    """Section 11q: both page tie rules on the H100 (rows recomputed from the stored runs; the release's rule there
+    gives the H200's texts), 128K complete and the distance cap on the device by task, the stored tables byte for
+    byte, the runs' settings, and the agreements with this CPU's runs that the text quotes."""
+    import json
+
+    from fm_eval.intervals import format_interval, paired_summary
+    from fm_eval.report import summarize
+
+    section, opening, flat = _results_section("## 11q.")
+    flat = flat.replace("\n", " ")  # the paragraphs' line breaks too
+    t = "docs/results/table_long_h200"
+    new, old, dev = f"{t}/run7_h100", f"{t}/run6_h100", f"{t}/run5_heldout_limits"
+    key = ("task", "index")
+    runs = lambda path, **where: _stored_runs(f"{path}/runs.jsonl.gz", key, **where)  # noqa: E731
+    accuracy = lambda rs: f"{summarize(list(rs))['modes'][0]['accuracy']:.1f}"  # noqa: E731
+
+    release, release_h200 = runs(f"{new}/ties_recent_64k"), runs(f"{t}/run3_pages/eval_64k_pages", mode="lsa")
+    score = {k: r for k, r in runs(f"{old}/ties_64k").items() if k in release}
+    full = runs(f"{t}/run2_fetch_top64/eval_64k", mode="full")
+    assert _ties_row("the table's multi-value needles and variable tracking, 64K", score, release, full) in section
+    release1, release1_h200 = runs(f"{new}/ties_recent_seed1_64k"), runs(f"{dev}/seed1_64k_pages", mode="lsa")
+    score1, full1 = runs(f"{old}/ties_seed1_64k"), runs(f"{dev}/seed1_64k", mode="full")
+    assert _ties_row("single needles and variable tracking, seed 1, 64K", score1, release1, full1) in section
+    # the release's rule on the H100 gives the H200's texts on every prompt
+    for h100, h200 in ((release, release_h200), (release1, release1_h200)):
+        assert len(h100) == 40 and all(h100[k]["prediction"] == h200[k]["prediction"] for k in h100)
+    assert "gives the H200's texts exactly, on all 40 of the table's prompts" in flat and "all 40 of seed 1's" in flat
+    for d in (f"{new}/ties_recent_64k", f"{new}/ties_recent_seed1_64k"):
+        config = json.loads((REPO / d / "config.json").read_text())["fingerprint"]
+        assert config.get("page_ties", "recent") == "recent", d
+        assert (config["page_size"], config["max_pages"], config["fetch_top"]) == (8, 96, 64), d
+
+    # 128K: full, LSA as exported and LSA with the cap, by task and pooled
+    full, lsa, cap = runs(f"{new}/e128k", mode="full"), runs(f"{new}/e128k", mode="lsa"), runs(f"{new}/e128k_cap")
+    assert len(full) == len(lsa) == len(cap) == 40
+    rows = {"single needles": "niah_single_1", "variable tracking": "vt"}
+    for label, task in rows.items():
+        f, a, c = ([d[k] for k in sorted(d) if k[0] == task] for d in (full, lsa, cap))
+        vf, va = paired_summary(c, f), paired_summary(c, a)
+        row = (f"| {label} | 20 | {accuracy(f)} | {accuracy(a)} | {accuracy(c)} | {vf['difference']:+.1f} | "
+               f"{format_interval(vf['interval'])} | {va['difference']:+.1f} | {format_interval(va['interval'])} | | |")
+        assert row in section, row
+    vt = paired_summary([lsa[k] for k in sorted(lsa) if k[0] == "vt"], [full[k] for k in sorted(full) if k[0] == "vt"])
+    assert f"LSA 14.0% against 28.0%, **{vt['difference']:+.1f} {format_interval(vt['interval'])}**" in flat
+    config = json.loads((REPO / new / "e128k_cap/config.json").read_text())["fingerprint"]
+    assert (config["distance_cap"], config["fetch_top"]) == (65536, 64) and "page_size" not in config
+    # the device against this CPU's runs of the same prompts: equal scores (and texts) where both ran
+    cpu_cap = {**runs("docs/results/e128k_cpu/lsa_cap", mode="lsa"), **runs("docs/results/e128k_cpu/vt_cap20",
+                                                                            mode="lsa")}
+    same = {task: [cap[k]["score"] == cpu_cap[k]["score"] for k in cap if k[0] == task] for task in rows.values()}
+    texts = {task: sum(cap[k]["prediction"] == cpu_cap[k]["prediction"] for k in cap if k[0] == task)
+             for task in rows.values()}
+    assert (sum(same["niah_single_1"]), sum(same["vt"]), texts["niah_single_1"], texts["vt"]) == (20, 19, 16, 16)
+    assert "the CPU's capped scores on 39 of the 40 prompts" in opening.replace("\n  ", " ")
+    vt_cpu = runs("docs/results/e128k_cpu/vt_cap20", mode="full"), runs("docs/results/e128k_cpu/vt_nocap", mode="lsa")
+    for device, cpu, equal_texts in ((full, vt_cpu[0], 7), (lsa, vt_cpu[1], 5)):
+        ks = sorted(k for k in cpu if k[0] == "vt")
+        assert [k[1] for k in ks] == list(range(11, 20)) and all(device[k]["score"] == cpu[k]["score"] for k in ks)
+        assert sum(device[k]["prediction"] == cpu[k]["prediction"] for k in ks) == equal_texts
+    assert "give the CPU's score on all 9 (texts 7 and 5 of 9)" in flat
+
+    # the stored tables, byte for byte
+    monkeypatch.chdir(REPO)
+    variant = _script("variant_ties_same_chip", REPO / f"{t}/variant.py")
+    names = ["--name", "score ties", "--versus-name", "release ties"]
+    for stored, args in ((f"{new}/ties_64k_variant.md", [f"{old}/ties_64k", f"{t}/run2_fetch_top64/eval_64k",
+                                                         "--versus", f"{new}/ties_recent_64k", *names]),
+                         (f"{new}/ties_seed1_64k_variant.md", [f"{old}/ties_seed1_64k", f"{dev}/seed1_64k",
+                                                               "--versus", f"{new}/ties_recent_seed1_64k", *names]),
+                         (f"{new}/cap_variant.md", [f"{new}/e128k_cap", f"{new}/e128k", "--name",
+                                                    "LSA, distance cap"])):
+        assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
+    cap_row = _cells((REPO / f"{new}/cap_variant.md").read_text(), "| 131,072 |")
+    assert f"| both tasks | 40 | 44.0 | 17.0 | {cap_row[2]} | {' | '.join(cap_row[4:10])} |" in section
+    out = _long_tables(monkeypatch, f"{new}/e128k_tables.md", f"{new}/e128k")
+    assert _cells(out, "| 131,072 | lsa |")[2:7] == ["40", "17.0", "[8.5, 26.5]", "-27.0", "[-38.0, -16.0]"]
+    assert "**-27.0 [-38.0, -16.0]** over 40 pairs" in flat

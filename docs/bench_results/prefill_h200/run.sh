@@ -6,6 +6,8 @@
 # the table's export with its floor), transformers' eager attention and the window form (evaluate --attention window),
 # the operators by device time and input shape. ~4-6 minutes of device time:
 #   run(timeout_s=600, command="bash docs/bench_results/prefill_h200/run.sh")
+# Twenty-ninth session (2026-12-05, an H100, the session's last 280 s): the GPU test and 64K's first profile (full,
+# eager) ran with --lengths 65536 (BENCHMARKS "Prefill", raw h100_64k_partial/); the rest is still to run.
 # Results: $OUT/gpu_test.txt, $OUT/prefill.txt (the tables; each run's first token: eager and window should
 # agree), $OUT/prefill.json (every operator); docs/BENCHMARKS.md, "Prefill".
 export PYTHONUNBUFFERED=1 PYTHONPATH=.

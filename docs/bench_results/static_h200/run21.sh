@@ -9,6 +9,8 @@
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run21.sh"); results under $OUT.
 # Fifteenth session: only the GPU tests ran (5 passed, run21/gpu_tests.txt, BENCHMARKS "Run 21, first part"); the
 # timings are still to run (the tests again first: _index_scores now makes the head weights contiguous).
+# Twenty-ninth session (2026-12-05): run whole on an H100 (the kind lent), 236 s: BENCHMARKS "Run 21, second part",
+# raw run21/h100_*. On an H200 it is still to run (the goal's chip).
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"

@@ -155,6 +155,10 @@
 # (variant.py OUT/t64's eval run2_fetch_top64/eval_64k --versus run6_h100/ties_64k on an H100, the release's rule
 # minus ours there; --versus run3_pages/eval_64k_pages on an H200); then the capped LSA at 128K (the 128K call above's
 # second half).
+# Twenty-ninth session (2026-12-05): an H100 again, 1,763 s. The call above ran (339 s: the release's rule on the H100
+# gives the H200's texts on all 40 prompts; the 128K evaluation complete), then the capped LSA at 128K in two calls
+# (560 + 104 s; 44.0% against full's 44.0% at 1.1% of the CSA KV), then the release's rule on seed 1 (163 s, again the
+# H200's texts on all 40): RESULTS section 11q, raw in run7_h100/. Every cell this script was written for has run.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
