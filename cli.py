@@ -56,7 +56,8 @@ PAGE_SIZE_HELP = ("lsa: page recall, as the release deploys it: fetch whole page
                   "entries). The release: 64 entries a page on V4-Flash.")
 DISTANCE_CAP_HELP = ("lsa: score entries farther than N tokens from the trigger as if N away (the rotary part of "
                      "q . k at a distance the memory indexer was trained at), for contexts longer than its training "
-                     "documents: give their length (default: off, as the authors' release).")
+                     "documents: give their length, or 'trained' for the longest distance in the export's training "
+                     "labels (exports from fm-index train record it; default: off, as the authors' release).")
 MAX_PAGES_HELP = ("lsa, with --page-size: how many pages stay resident at each trigger, tail and sink pages "
                   "included (the release: 96 at 256K on V4-Flash).")
 PAGE_TIES_HELP = ("lsa, with --page-size: which of the pages holding equally many selected entries stay "
@@ -526,7 +527,7 @@ def generate_command(
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),
-    distance_cap: int = typer.Option(None, "--distance-cap", help=DISTANCE_CAP_HELP),
+    distance_cap: str = typer.Option(None, "--distance-cap", metavar="N|trained", help=DISTANCE_CAP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     static_decode: bool = typer.Option(None, "--static-decode/--stock-decode", help="Decode through the "
                                        "static-shape step (fixed-size stores; on a GPU the whole step replays as "
@@ -644,7 +645,7 @@ def evaluate_command(
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),
-    distance_cap: int = typer.Option(None, "--distance-cap", help=DISTANCE_CAP_HELP),
+    distance_cap: str = typer.Option(None, "--distance-cap", metavar="N|trained", help=DISTANCE_CAP_HELP),
     pool_storage: str = typer.Option("model", "--pool-storage", help=POOL_STORAGE_HELP),
     attention: str = typer.Option("eager", "--attention", help="The backbone's attention in every forward: eager "
                                   "(transformers' own, the reference) or window (the same attention computed "

@@ -46,11 +46,11 @@ from pathlib import Path
 import torch
 
 from lsa_runtime.backbone import load_backbone, load_config, parse_device, parse_dtype
-from lsa_runtime.config import SessionConfig
+from lsa_runtime.config import TRAINED_DISTANCE, SessionConfig, check_distance_cap
 from lsa_runtime.errors import FmIndexError
 from lsa_runtime.outputs import OutputLock, write_text_atomic
 from lsa_runtime.placement import parse_device_map
-from lsa_runtime.policies import make_policy, record_native_picks
+from lsa_runtime.policies import make_policy, record_native_picks, trained_distance_cap
 from lsa_runtime.window_attention import ATTENTIONS, set_attention
 from lsa_runtime.window_attention import NAME as WINDOW
 
@@ -113,7 +113,8 @@ class EvalConfig:
     page_size: int = 0  # lsa's page recall: whole pages of this many entries (0: single entries)
     max_pages: int = 0  # ... and how many pages stay resident
     page_ties: str = "recent"  # ... and which of equal-count pages stay: the newer (the release) or the best-scored
-    distance_cap: int | None = None  # lsa: entries farther than this many tokens scored as if this far (None: off)
+    # lsa: entries farther than this many tokens scored as if this far (None: off; "trained": the export's distance)
+    distance_cap: int | str | None = None
     attention: str = "eager"  # eager (transformers') or window (the same attention without the dense score matrix)
     # which of each cell's prompts to decode (None: all `samples`); not part of the fingerprint: a subset decodes the
     # very same prompts, so an evaluation can be completed in pieces (e.g. the prompts another machine did not run)
@@ -157,7 +158,8 @@ class EvalConfig:
             parse_dtype(self.dtype)
         prompts = None if self.prompts is None else parse_prompts(self.prompts, int(self.samples))
         return replace(self, modes=modes, tasks=tasks, lengths=lengths, samples=int(self.samples), prompts=prompts,
-                       haystack_packages=tuple(self.haystack_packages), distance_cap=self.distance_cap or None)
+                       haystack_packages=tuple(self.haystack_packages),
+                       distance_cap=check_distance_cap(self.distance_cap))
 
     def fingerprint(self) -> dict:
         blob = asdict(self)
@@ -359,6 +361,8 @@ class Evaluation:
             indexer = read_memory_indexer(cfg.indexer, backbone_config)
             tau = tau if tau is not None else indexer.config.tau
             self.identity["indexer_sha256"] = indexer_digest(cfg.indexer)
+            if cfg.distance_cap == TRAINED_DISTANCE:
+                trained_distance_cap(indexer)  # an export that records no training distance is refused here
         tau = int(tau if tau is not None else 64)
         if cfg.prefetch_steps >= tau:
             raise EvaluationError(f"--prefetch-steps {cfg.prefetch_steps} must be below tau ({tau}, the export's)")

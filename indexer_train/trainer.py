@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -161,6 +161,14 @@ def select_rows(shards: LabelShards, documents, layers):
         keep = [i for i, L in enumerate(layer_col) if int(L) in layers]
         rows = rows.select(keep, keep_in_memory=True)
     return rows.select_columns(ROW_COLUMNS).with_format("torch")
+
+
+def training_distance(shards: LabelShards, documents) -> int:
+    """The longest trigger-to-entry distance in tokens that training on ``documents`` shows the tower: the largest
+    trigger position t0 among their label rows (the first entry lies t0 tokens before it). Exported as
+    ``trained_distance``, the distance cap ``"trained"`` of lsa_runtime."""
+    positions = shards.rows(documents).select_columns(["position"])["position"]
+    return int(max(positions)) if len(positions) else 0
 
 
 def read_state(out: Path) -> dict | None:
@@ -358,6 +366,7 @@ def _train(shards, labels, layers, options, out, header, train_docs, eval_docs, 
 
     cfg = MemoryIndexerConfig.from_label_manifest(shards.manifest, layers, rank=options.rank, heads=options.heads,
                                                   threshold=options.threshold)
+    cfg = replace(cfg, trained_distance=training_distance(shards, train_docs))
     torch.manual_seed(options.seed)
     indexer = None
     if options.init == "native":

@@ -51,12 +51,21 @@ def check_count(value, what: str) -> int:
     return int(value)
 
 
-def check_distance_cap(value) -> int | None:
-    """The memory indexer's distance cap in tokens: None or 0 (off) or a positive integer."""
-    if value is None:
-        return None
+# distance_cap's value for "the longest distance the memory indexer was trained at", read from its export
+# (MemoryIndexerConfig.trained_distance) when the policy is made
+TRAINED_DISTANCE = "trained"
+
+
+def check_distance_cap(value) -> int | str | None:
+    """The memory indexer's distance cap: None or 0 (off), a positive number of tokens, or ``"trained"`` (the
+    export's ``trained_distance``). A string of digits (the command line's) counts as its number."""
+    if value is None or value == TRAINED_DISTANCE:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or int(value) < 0:
-        raise SessionError(f"distance_cap (--distance-cap) must be a number of tokens >= 1 (0: off), got {value}")
+        raise SessionError(f"distance_cap (--distance-cap) must be a number of tokens >= 1 (0: off) or "
+                           f"'{TRAINED_DISTANCE}' (the export's training distance), got {value!r}")
     return int(value) or None
 
 
@@ -138,7 +147,8 @@ class SessionConfig:
     * ``distance_cap`` (mode lsa; None: off, as the release): entries farther than this many tokens from a trigger
       are scored by the memory indexer as if this far (the rotary part of q . k at a distance it was trained at;
       :class:`~.policies.MemoryIndexerPolicy`), for contexts longer than its training documents (docs/RESULTS.md,
-      section 11g); set it to the training documents' length;
+      section 11g); set it to the training documents' length, or ``"trained"``: the longest distance the export's
+      training labels hold (``trained_distance`` in its ``lsa_config.json``; exports written before it have none);
     * ``pool_storage``: how the cold pool holds entries on the host: ``model`` (the model's dtype, exact) or
       ``fp8`` (e4m3 with one power-of-two scale per 64 values, stored as fp32: 0.53x of bf16 host memory, fetched
       rows rounded to e4m3);
@@ -183,7 +193,7 @@ class SessionConfig:
     page_size: int = 0
     max_pages: int = 0
     page_ties: str = "recent"
-    distance_cap: int | None = None
+    distance_cap: int | str | None = None
     pool_storage: str = "model"
     max_batch: int = 8
     static_decode: bool | None = None

@@ -94,6 +94,9 @@ class MemoryIndexerConfig:
     # a floor under the threshold: each memory layer's fetch_top best-scored entries are fetched whatever their
     # score (0: the release's threshold alone; lsa_runtime.policies.MemoryIndexerPolicy)
     fetch_top: int = 0
+    # the longest trigger-to-entry distance (tokens) in its training labels: the last trigger position t0 of its
+    # training documents (0: unknown, an export from before it was recorded); what distance_cap "trained" uses
+    trained_distance: int = field(default=0, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(int(x) for x in self.layers)))
@@ -108,6 +111,10 @@ class MemoryIndexerConfig:
                                f"{self.keep_first}, {self.fetch_top}")
         if self.ensemble not in ENSEMBLES:
             raise FmIndexError(f"ensemble must be max or mean, got {self.ensemble!r}")
+        if isinstance(self.trained_distance, bool) or int(self.trained_distance) != self.trained_distance \
+                or int(self.trained_distance) < 0:
+            raise FmIndexError(f"trained_distance must be a number of tokens >= 0, got {self.trained_distance!r}")
+        object.__setattr__(self, "trained_distance", int(self.trained_distance))
 
     @classmethod
     def from_backbone_config(cls, config, layers, rank: int = 2048, tau: int = 64, threshold: float = 0.5):
@@ -147,6 +154,8 @@ class MemoryIndexerConfig:
         out = asdict(self)
         out["layers"] = list(self.layers)
         out["csa_indices"] = list(self.csa_indices)
+        if not self.trained_distance:  # unknown: written as before the field existed
+            del out["trained_distance"]
         return {"format": EXPORT_FORMAT, **out}
 
     @classmethod

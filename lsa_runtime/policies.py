@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import (SessionConfig, SessionError, check_budget, check_count, check_distance_cap, check_ensemble,
-                     check_page_ties, check_pages, check_threshold)
+from .config import (TRAINED_DISTANCE, SessionConfig, SessionError, check_budget, check_count, check_distance_cap,
+                     check_ensemble, check_page_ties, check_pages, check_threshold)
 
 
 @dataclass
@@ -200,6 +200,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
     Distance cap (``distance_cap`` D tokens; None: off, as the release): entries farther than D from the trigger are
     scored as if D away (:meth:`~.memory_indexer.MemoryIndexer.capped_keys`), for contexts longer than the tower's
     training documents, where the rotary part of q . k alone lifts far entries over the threshold (RESULTS 11g).
+    ``"trained"``: D is the export's ``trained_distance``, the longest distance its training labels hold.
     """
 
     name = "lsa"
@@ -216,7 +217,8 @@ class MemoryIndexerPolicy(ResidentPolicy):
         self.fetch_top = check_count(fetch_top, "fetch_top")
         self.page_size, self.max_pages = check_pages(page_size, max_pages)
         self.page_ties = check_page_ties(page_ties)
-        self.distance_cap = check_distance_cap(distance_cap)
+        cap = check_distance_cap(distance_cap)
+        self.distance_cap = trained_distance_cap(memory_indexer) if cap == TRAINED_DISTANCE else cap
         if self.page_size and self.budget is not None:
             raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")
         self.memory_layers = tuple(int(x) for x in memory_indexer.config.layers)
@@ -289,6 +291,17 @@ class MemoryIndexerPolicy(ResidentPolicy):
         rule += f", distances capped at {self.distance_cap}" if self.distance_cap else ""
         return (f"lsa (threshold {self.threshold:g}{rule}, layers {', '.join(map(str, self.memory_layers))}{csa}"
                 f"{tail}{sink}{cap})")
+
+
+def trained_distance_cap(memory_indexer) -> int:
+    """The distance cap ``"trained"`` stands for: the memory indexer's ``trained_distance`` (tokens), which
+    ``fm-index export`` records from the training run; an export without it is refused (no guess)."""
+    distance = int(getattr(memory_indexer.config, "trained_distance", 0) or 0)
+    if distance < 1:
+        raise SessionError(f"distance_cap '{TRAINED_DISTANCE}' (--distance-cap {TRAINED_DISTANCE}): this memory "
+                           "indexer's export records no training distance (exported before fm-index recorded it); "
+                           "give the length of its training documents in tokens instead, e.g. --distance-cap 65536")
+    return distance
 
 
 def top_entries(scores: torch.Tensor, m: int) -> torch.Tensor:

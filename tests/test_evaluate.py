@@ -330,6 +330,41 @@ def test_bad_indexer_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_distance_cap_trained_runs_as_the_exports_distance_and_is_refused_without_one(backbone, export_dir,
+                                                                                     tmp_path):
+    """--distance-cap trained decodes as the export's trained_distance given as a number (the same records), and an
+    export that records none is refused in one line before anything is written."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "w"
+    bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "lsa", "--indexer", str(export_dir),
+                                   "--distance-cap", "trained", "--tasks", TASK, "--lengths", "256", "--samples", "1",
+                                   "--out", str(out), "--device", "cpu"])
+    assert bad.exit_code == 2 and "records no training distance" in bad.output, bad.output
+    assert len([line for line in bad.output.splitlines() if line.strip()]) == 1 and not out.exists()
+
+    indexer = tmp_path / "export"
+    shutil.copytree(export_dir, indexer)
+    lsa_config = json.loads((indexer / "lsa_config.json").read_text())
+    (indexer / "lsa_config.json").write_text(json.dumps({**lsa_config, "trained_distance": 96}))
+    records = {}
+    for cap in ("trained", 96):
+        config = EvalConfig(model="tiny", modes=("lsa",), tasks=(TASK,), lengths=(LENGTH,), samples=SAMPLES,
+                            max_new_tokens=NEW, indexer=str(indexer), tau=TAU, distance_cap=cap)
+        results = evaluate(config, tmp_path / f"cap_{cap}", backbone=backbone)
+        records[cap] = [(r["prediction"], r["selected_per_trigger"]) for r in _runs(results, "lsa")]
+    off = EvalConfig(model="tiny", modes=("lsa",), tasks=(TASK,), lengths=(LENGTH,), samples=SAMPLES,
+                     max_new_tokens=NEW, indexer=str(indexer), tau=TAU)
+    plain = [(r["prediction"], r["selected_per_trigger"]) for r in _runs(evaluate(off, tmp_path / "off",
+                                                                                  backbone=backbone), "lsa")]
+    assert records["trained"] == records[96] != plain  # the cap acts at 256 tokens, and "trained" is 96
+    assert json.loads((tmp_path / "cap_trained/config.json").read_text())["fingerprint"]["distance_cap"] == "trained"
+
+
 def test_resume_refuses_an_indexer_whose_files_changed(backbone, export_dir, tmp_path):
     import shutil
 

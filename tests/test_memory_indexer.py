@@ -272,3 +272,22 @@ def test_distance_cap_scores_far_entries_as_if_at_the_cap():
     for off in (None, 0, t + 1):
         again = indexer.trigger_logits(hidden, t, keys, n, distance_cap=off)
         assert all(torch.equal(again[L], plain[L]) for L in (2, 4))
+
+
+def test_trained_distance_is_written_only_when_known_and_read_back():
+    """An export from before the field (no ``trained_distance``) reads as 0, unknown, and a config with 0 writes
+    exactly the keys it wrote before; a known distance round-trips; a negative one is refused."""
+    from dataclasses import replace
+
+    from lsa_runtime.errors import FmIndexError
+    from lsa_runtime.memory_indexer import MemoryIndexerConfig
+
+    config = random_indexer(3).config
+    blob = config.to_json()
+    assert "trained_distance" not in blob and MemoryIndexerConfig.from_json(blob).trained_distance == 0
+    known = replace(config, trained_distance=65472)
+    assert known.to_json() == {**blob, "trained_distance": 65472}
+    assert MemoryIndexerConfig.from_json(known.to_json()).trained_distance == 65472
+    for bad in (-1, 2.5, True):
+        with pytest.raises(FmIndexError, match="trained_distance"):
+            replace(config, trained_distance=bad)

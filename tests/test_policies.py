@@ -107,9 +107,19 @@ def test_distance_cap_reaches_the_memory_indexer_only_when_set():
     assert "distances capped at 65536" in capped.describe()
     assert select(make_policy(SessionConfig(mode="lsa", distance_cap=0).resolved(), indexer), 10) == [0, 2, 3, 5, 8]
     assert indexer.options == {}  # off: the plain call a memory indexer without the option takes
-    for bad in (-1, 2.5, True):
+    for bad in (-1, 2.5, True, "-1", "64K", "train"):
         with pytest.raises(SessionError, match="distance_cap"):
             SessionConfig(mode="lsa", distance_cap=bad)
+    assert SessionConfig(mode="lsa", distance_cap="65536").distance_cap == 65536  # the command line's text
+
+
+def test_distance_cap_trained_is_the_exports_training_distance_and_refused_without_one():
+    trained = FixedScores({2: L2, 4: L4}, trained_distance=40960)
+    policy = make_policy(SessionConfig(mode="lsa", distance_cap="trained").resolved(), trained)
+    assert policy.distance_cap == 40960 and "distances capped at 40960" in policy.describe()
+    for unknown in (FixedScores({2: L2, 4: L4}), FixedScores({2: L2, 4: L4}, trained_distance=0)):
+        with pytest.raises(SessionError, match="records no training distance.*--distance-cap 65536"):
+            make_policy(SessionConfig(mode="lsa", distance_cap="trained").resolved(), unknown)
 
 
 def _pages_by_hand(selected: list[bool], forced: list[bool], size: int, k: int,

@@ -91,6 +91,21 @@ def test_save_load_export_runtime_give_identical_scores(trained, tmp_path):
         assert name == name0 and got == pytest.approx(want)
 
 
+def test_the_export_records_the_longest_training_distance(trained, tmp_path):
+    """``trained_distance``: the last trigger position of the training documents (the fixture's documents of 384
+    tokens trigger at TAU, 2 TAU, ..., 384 - TAU), in the trained model and its export; distance_cap "trained" is
+    it."""
+    from lsa_runtime.config import SessionConfig
+    from lsa_runtime.policies import make_policy
+    from tests.shard_fixtures import TAU
+
+    _, run, _ = trained
+    export = export_indexer(run, tmp_path / "export")
+    assert json.loads((export / "lsa_config.json").read_text())["trained_distance"] == 384 - TAU == 368
+    indexer = MemoryIndexer.from_export(export)
+    assert make_policy(SessionConfig(mode="lsa", distance_cap="trained").resolved(), indexer).distance_cap == 368
+
+
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     labels = write_synthetic_shards(tmp_path / "labels", n_docs=4, tokens=256, seed=3)
     opts = dict(epochs=2, batch_size=4, eval_fraction=0.25)
