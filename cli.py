@@ -459,6 +459,9 @@ def export_command(
         raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
     resident = {"keep_recent": keep_recent, "keep_first": keep_first, "ensemble": ensemble, "fetch_top": fetch_top}
     check_export_inputs(train_dir or model, out, target_recall)  # before the progress bar
+    import json
+    from pathlib import Path
+
     if target_recall is None:
         path = export_indexer(train_dir or model, out, resident=resident)
     else:
@@ -468,13 +471,13 @@ def export_command(
             task = progress.add_task("scoring the held-out documents", total=None)
             path = export_indexer(train_dir or model, out, resident=resident, target_recall=target_recall,
                                   progress=lambda n: progress.advance(task, n))
-        import json
-        from pathlib import Path
-
         choice = json.loads((Path(path) / "lsa_config.json").read_text())["metrics"]["threshold_choice"]
         console.print(f"threshold {choice['threshold']:.4g}: recall {choice['recall']:.3f}, precision "
                       f"{choice['precision']:.3f}, retrieval ratio {choice['retrieval_ratio']:.4f} on "
                       f"{choice['triggers']} held-out triggers")
+    distance = json.loads((Path(path) / "lsa_config.json").read_text()).get("trained_distance")
+    if distance:  # what --distance-cap trained will use: contexts longer than this reach distances never trained at
+        console.print(f"trained at distances up to {distance:,} tokens (--distance-cap trained caps there)")
     console.print(f"exported to [bold]{path}[/]; load with lsa_runtime.memory_indexer.MemoryIndexer.from_export")
 
 

@@ -53,6 +53,8 @@ def test_train_eval_export_happy_path(labels, finished_run, tmp_path):
     assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "export" / "lsa_config.json").read_text())
     assert cfg["layers"] == [2, 4] and cfg["rank"] == 16 and cfg["index_n_heads"] == 8 and cfg["tau"] == 16
+    # the documents' last trigger (256 tokens, triggers every 16 up to 256 - 16), what --distance-cap trained uses
+    assert cfg["trained_distance"] == 240 and "trained at distances up to 240 tokens" in result.output
     assert cfg["backbone_config_hash"] == LabelShards(labels).config_hash
     assert set(cfg["metrics"]["heldout"]) >= {"union_f1", "union_recall", "union_native_coverage"}
     MemoryIndexer.from_export(tmp_path / "export", expected_config_hash=cfg["backbone_config_hash"])

@@ -159,6 +159,8 @@
 # gives the H200's texts on all 40 prompts; the 128K evaluation complete), then the capped LSA at 128K in two calls
 # (560 + 104 s; 44.0% against full's 44.0% at 1.1% of the CSA KV), then the release's rule on seed 1 (163 s, again the
 # H200's texts on all 40): RESULTS section 11q, raw in run7_h100/. Every cell this script was written for has run.
+# Issue 20's device work left is section 1 (the backbone): `AW=1000 BUDGET=540 bash reference/indexer_piece.sh train`,
+# then `judge` (its header); then the rest of bench_results/prefill_h200/run.sh and static_h200/run21.sh on an H200.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
