@@ -295,11 +295,11 @@ class MemoryIndexerPolicy(ResidentPolicy):
 
 def trained_distance_cap(memory_indexer) -> int:
     """The distance cap ``"trained"`` stands for: the memory indexer's ``trained_distance`` (tokens), which
-    ``fm-index export`` records from the training run; an export without it is refused (no guess)."""
+    ``fm-index train`` records and its export carries; an indexer without it is refused (no guess)."""
     distance = int(getattr(memory_indexer.config, "trained_distance", 0) or 0)
     if distance < 1:
         raise SessionError(f"distance_cap '{TRAINED_DISTANCE}' (--distance-cap {TRAINED_DISTANCE}): this memory "
-                           "indexer's export records no training distance (exported before fm-index recorded it); "
+                           "indexer records no training distance (trained before fm-index recorded it, or the authors' checkpoint); "
                            "give the length of its training documents in tokens instead, e.g. --distance-cap 65536")
     return distance
 
