@@ -1459,3 +1459,52 @@ def test_section11q_same_chip_ties_and_the_device_cap_are_the_raw_outputs(monkey
     out = _long_tables(monkeypatch, f"{new}/e128k_tables.md", f"{new}/e128k")
     assert _cells(out, "| 131,072 | lsa |")[2:7] == ["40", "17.0", "[8.5, 26.5]", "-27.0", "[-38.0, -16.0]"]
     assert "**-27.0 [-38.0, -16.0]** over 40 pairs" in flat
+
+
+def test_section11r_distance_cap_trained_on_the_demo_indexer_is_the_raw_outputs(monkeypatch):
+    """Section 11r: the cap read from the demo export (its trained_distance, 4,032) against LSA without it, the stored
+    tables byte for byte, the per-task figures and resident counts the text quotes, and the fetch diagnostic's band
+    means."""
+    import json
+
+    from fm_eval.intervals import format_interval, paired_summary
+
+    section, opening, flat = _results_section("## 11r.")
+    flat = flat.replace("\n", " ")
+    d = "docs/results/cap_trained_demo_cpu"
+    assert json.loads((REPO / d / "export/lsa_config.json").read_text())["trained_distance"] == 4032
+    cap_config = json.loads((REPO / d / "cap/config.json").read_text())
+    assert cap_config["fingerprint"]["distance_cap"] == "trained"
+    assert all(json.loads((REPO / d / e / "config.json").read_text())["identity"]["indexer_sha256"] ==
+               cap_config["identity"]["indexer_sha256"] for e in ("base", "at4k"))  # one indexer throughout
+    key = ("task", "length", "index")
+    cap = _stored_runs(f"{d}/cap/runs.jsonl.gz", key, mode="lsa")
+    lsa = _stored_runs(f"{d}/base/runs.jsonl.gz", key, mode="lsa")
+    monkeypatch.chdir(REPO)
+    variant = _script("variant_cap_trained", REPO / "docs/results/table_long_h200/variant.py")
+    out = _printed(variant.main, [f"{d}/cap", f"{d}/base", "--name", "LSA, distance cap trained"])
+    assert out == (REPO / d / "cap_variant.md").read_text()
+    _rows_quoted(out, section, ("| 8,192 | 40 |", "| 16,384 | 40 |"), 2)
+    _long_tables(monkeypatch, f"{d}/base_tables.md", f"{d}/base")
+    at4k = _long_tables(monkeypatch, f"{d}/at4k_tables.md", f"{d}/at4k")
+    assert _cells(at4k, "| vt | 4,096 |")[2:] == ["85.0", "24.0"]
+    for length, label in ((8192, "at 8K"), (16384, "at 16K")):
+        ks = sorted(k for k in cap if k[:2] == ("vt", length))
+        s = paired_summary([cap[k] for k in ks], [lsa[k] for k in ks])
+        quoted = f"{s['difference']:+.1f} {format_interval(s['interval'])}"
+        assert f"-> 17.0% {label} ({quoted}" in flat, quoted
+        resident = [round(sum(r[k]["selected_mean"] for k in ks) / len(ks)) for r in (cap, lsa)]
+        assert f"{resident[0]} against {resident[1]} {label}" in flat
+    ks = sorted(k for k in cap if k[:2] == ("vt", 8192))
+    assert (sum(cap[k]["score"] > lsa[k]["score"] for k in ks), sum(cap[k]["score"] < lsa[k]["score"] for k in ks)) \
+        == (3, 12) and "3 chains up, 12 down" in flat
+    # the diagnostic: prompt 1's far band (beyond 4,096 tokens) per layer, and layer 2's count over the threshold
+    fetch = [json.loads(line)["fetch"] for name in ("", "_cap4032")
+             for line in (REPO / d / f"needle_fetch_vt8k_i0_i1{name}.jsonl").read_text().splitlines()]
+    plain, capped = fetch[1], fetch[3]
+    means = [f"{plain['layers'][L]['by_distance'][1]['mean_score']:.3f} -> "
+             f"{capped['layers'][L]['by_distance'][1]['mean_score']:.3f}" for L in ("2", "4", "6")]
+    assert f"{means[0]}, {means[1]}, {means[2]} in layers" in flat, means
+    assert (capped["layers"]["2"]["by_distance"][1]["above"], plain["layers"]["2"]["by_distance"][1]["above"]) == \
+        (103, 15) and all(f["needle_resident"] for f in fetch)
+    assert "(-6.0 [-11.0, -1.0] at 8K over both tasks)" in opening.replace("\n  ", " ")
