@@ -52,6 +52,18 @@ def _long_tables(monkeypatch, stored: str, *args: str) -> str:
     return out
 
 
+def _variant_tables(monkeypatch, *cases: tuple[str, list[str]]) -> list[str]:
+    """docs/results/table_long_h200/variant.py's output for each (stored, args) case (paths from the repository
+    root, as the stored tables name them), checked byte for byte against its stored copy ``stored``; the outputs."""
+    module = _script("variant_tables", REPO / "docs/results/table_long_h200/variant.py")
+    monkeypatch.chdir(REPO)
+    outs = []
+    for stored, args in cases:
+        outs.append(_printed(module.main, list(args)))
+        assert outs[-1] == (REPO / stored).read_text(), stored
+    return outs
+
+
 def _stored_runs(path, key: tuple[str, ...], **where) -> dict:
     """The runs of a stored runs.jsonl or runs.jsonl.gz (``path`` from the repository root) whose fields equal
     ``where``, keyed by the tuple of their ``key`` fields."""
@@ -1197,10 +1209,9 @@ def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
     assert "(68.5% each, 32 of 40 texts equal;" in flat
 
     # the variant tables, byte for byte
-    monkeypatch.chdir(REPO)
-    variant = _script("variant_ties", REPO / "docs/results/table_long_h200/variant.py")
     score_release = ["--name", "score ties", "--versus-name", "release ties"]
-    for stored, args in (
+    _variant_tables(
+        monkeypatch,
             (f"{c64}/seen_pages_ties_variant.md", [f"{c64}/seen_pages_ties", f"{c64}/seen_pages", "--versus",
                                                    f"{c64}/seen_pages", *score_release]),
             (f"{c64}/seen_pages_ties_vs_device.md", [f"{c64}/seen_pages_ties", f"{dev}/varied_64k", "--name",
@@ -1217,8 +1228,7 @@ def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
             (f"{s1}/pages_ties_variant.md", [f"{s1}/pages_ties", f"{dev}/seed1_64k", "--versus", f"{s1}/pages",
                                              *score_release]),
             (f"{s1}/pages_vs_device.md", [f"{s1}/pages", f"{dev}/seed1_64k", "--versus", f"{dev}/seed1_64k_pages",
-                                          "--name", "release ties (CPU)", "--versus-name", "release ties (device)"])):
-        assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
+                                          "--name", "release ties (CPU)", "--versus-name", "release ties (device)"]))
     paired = (REPO / f"{c64}/seen_pages_ties_vs_device.md").read_text()
     assert _cells(paired, "| 65,536 | 16 |")[2:8] == ["87.5", "[68.8, 100.0]", "+18.8", "[0.0, 37.5]", "+12.5",
                                                        "[0.0, 31.2]"]
@@ -1327,14 +1337,12 @@ def test_section11o_device_ties_and_128k_are_the_raw_outputs(monkeypatch):
     assert config["fetch_top"] == 64 and not {"distance_cap", "page_size", "attention"} & set(config)  # as exported
 
     # the stored tables, byte for byte
-    monkeypatch.chdir(REPO)
-    variant = _script("variant_ties_device", REPO / f"{t}/variant.py")
     names = ["--name", "score ties", "--versus-name", "release ties"]
-    for stored, args in ((f"{new}/ties_64k_variant.md", [f"{new}/ties_64k", f"{t}/run2_fetch_top64/eval_64k",
-                                                         "--versus", f"{t}/run3_pages/eval_64k_pages", *names]),
-                         (f"{new}/ties_seed1_64k_variant.md", [f"{new}/ties_seed1_64k", f"{dev}/seed1_64k",
-                                                               "--versus", f"{dev}/seed1_64k_pages", *names])):
-        assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
+    _variant_tables(monkeypatch,
+                    (f"{new}/ties_64k_variant.md", [f"{new}/ties_64k", f"{t}/run2_fetch_top64/eval_64k", "--versus",
+                                                    f"{t}/run3_pages/eval_64k_pages", *names]),
+                    (f"{new}/ties_seed1_64k_variant.md", [f"{new}/ties_seed1_64k", f"{dev}/seed1_64k", "--versus",
+                                                          f"{dev}/seed1_64k_pages", *names]))
     out = _long_tables(monkeypatch, f"{new}/e128k_tables.md", e)
     assert "pages +1.9 [-3.2, 7.0], with our page tie rule +4.1 [-1.1, 9.2] (H100; +2.2 [0.3, 4.2] over" in opening
     assert "prompts, on an H100, 14.5 [-23.6, -5.5] at 33.2%, section 11o)" in opening.replace("\n  ", " ")
@@ -1444,17 +1452,15 @@ def test_section11q_same_chip_ties_and_the_device_cap_are_the_raw_outputs(monkey
     assert "give the CPU's score on all 9 (texts 7 and 5 of 9)" in flat
 
     # the stored tables, byte for byte
-    monkeypatch.chdir(REPO)
-    variant = _script("variant_ties_same_chip", REPO / f"{t}/variant.py")
     names = ["--name", "score ties", "--versus-name", "release ties"]
-    for stored, args in ((f"{new}/ties_64k_variant.md", [f"{old}/ties_64k", f"{t}/run2_fetch_top64/eval_64k",
-                                                         "--versus", f"{new}/ties_recent_64k", *names]),
-                         (f"{new}/ties_seed1_64k_variant.md", [f"{old}/ties_seed1_64k", f"{dev}/seed1_64k",
-                                                               "--versus", f"{new}/ties_recent_seed1_64k", *names]),
-                         (f"{new}/cap_variant.md", [f"{new}/e128k_cap", f"{new}/e128k", "--name",
-                                                    "LSA, distance cap"])):
-        assert _printed(variant.main, args) == (REPO / stored).read_text(), stored
-    cap_row = _cells((REPO / f"{new}/cap_variant.md").read_text(), "| 131,072 |")
+    *_, capped = _variant_tables(
+        monkeypatch,
+        (f"{new}/ties_64k_variant.md", [f"{old}/ties_64k", f"{t}/run2_fetch_top64/eval_64k", "--versus",
+                                        f"{new}/ties_recent_64k", *names]),
+        (f"{new}/ties_seed1_64k_variant.md", [f"{old}/ties_seed1_64k", f"{dev}/seed1_64k", "--versus",
+                                              f"{new}/ties_recent_seed1_64k", *names]),
+        (f"{new}/cap_variant.md", [f"{new}/e128k_cap", f"{new}/e128k", "--name", "LSA, distance cap"]))
+    cap_row = _cells(capped, "| 131,072 |")
     assert f"| both tasks | 40 | 44.0 | 17.0 | {cap_row[2]} | {' | '.join(cap_row[4:10])} |" in section
     out = _long_tables(monkeypatch, f"{new}/e128k_tables.md", f"{new}/e128k")
     assert _cells(out, "| 131,072 | lsa |")[2:7] == ["40", "17.0", "[8.5, 26.5]", "-27.0", "[-38.0, -16.0]"]
@@ -1480,10 +1486,8 @@ def test_section11r_distance_cap_trained_on_the_demo_indexer_is_the_raw_outputs(
     key = ("task", "length", "index")
     cap = _stored_runs(f"{d}/cap/runs.jsonl.gz", key, mode="lsa")
     lsa = _stored_runs(f"{d}/base/runs.jsonl.gz", key, mode="lsa")
-    monkeypatch.chdir(REPO)
-    variant = _script("variant_cap_trained", REPO / "docs/results/table_long_h200/variant.py")
-    out = _printed(variant.main, [f"{d}/cap", f"{d}/base", "--name", "LSA, distance cap trained"])
-    assert out == (REPO / d / "cap_variant.md").read_text()
+    (out,) = _variant_tables(monkeypatch, (f"{d}/cap_variant.md", [f"{d}/cap", f"{d}/base", "--name",
+                                                                    "LSA, distance cap trained"]))
     _rows_quoted(out, section, ("| 8,192 | 40 |", "| 16,384 | 40 |"), 2)
     _long_tables(monkeypatch, f"{d}/base_tables.md", f"{d}/base")
     at4k = _long_tables(monkeypatch, f"{d}/at4k_tables.md", f"{d}/at4k")
