@@ -163,11 +163,11 @@ def select_rows(shards: LabelShards, documents, layers):
     return rows.select_columns(ROW_COLUMNS).with_format("torch")
 
 
-def training_distance(shards: LabelShards, documents) -> int:
-    """The longest trigger-to-entry distance in tokens that training on ``documents`` shows the tower: the largest
-    trigger position t0 among their label rows (the first entry lies t0 tokens before it). Exported as
+def training_distance(rows) -> int:
+    """The longest trigger-to-entry distance in tokens that training on ``rows`` (:func:`select_rows`) shows the
+    tower: the largest trigger position t0 among them (the first entry lies t0 tokens before it). Exported as
     ``trained_distance``, the distance cap ``"trained"`` of lsa_runtime."""
-    positions = shards.rows(documents).select_columns(["position"])["position"]
+    positions = rows.with_format(None)["position"]
     return int(max(positions)) if len(positions) else 0
 
 
@@ -364,9 +364,10 @@ def _check_run_dir(out: Path, header: dict, resume: bool) -> dict | None:
 
 def _train(shards, labels, layers, options, out, header, train_docs, eval_docs, resume, reporter) -> dict:
 
+    train_ds = select_rows(shards, train_docs, layers)
     cfg = MemoryIndexerConfig.from_label_manifest(shards.manifest, layers, rank=options.rank, heads=options.heads,
                                                   threshold=options.threshold)
-    cfg = replace(cfg, trained_distance=training_distance(shards, train_docs))
+    cfg = replace(cfg, trained_distance=training_distance(train_ds))
     torch.manual_seed(options.seed)
     indexer = None
     if options.init == "native":
@@ -378,7 +379,6 @@ def _train(shards, labels, layers, options, out, header, train_docs, eval_docs, 
     model = build_dual_encoder(cfg, indexer=indexer)
     key_side(model).attach(shards.keys)
 
-    train_ds = select_rows(shards, train_docs, layers)
     evaluator = MemoryIndexerEvaluator(shards, eval_docs, options.threshold, options.chunk_size)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sampler_batches = len(DocumentBatchSampler(train_ds, batch_size=options.batch_size))
