@@ -51,6 +51,9 @@ KEEP_RECENT_HELP = ("lsa: the recency tail, the newest entries kept resident at 
 KEEP_FIRST_HELP = "lsa: the sink, the first entries kept resident at every trigger (default: the export's, 0)."
 FETCH_TOP_HELP = ("lsa: a floor under the threshold, each memory layer's N best-scored entries fetched whatever "
                   "their score (default: the export's, 0 = the threshold alone, as the authors' release).")
+FETCH_NEIGHBOURS_HELP = ("lsa: every entry the threshold or the floor selects brings the N entries on either side of "
+                         "it (4N tokens each way), so a needle's value comes with its neighbours (default 0: off, "
+                         "as the authors' release; not with --page-size).")
 PAGE_SIZE_HELP = ("lsa: page recall, as the release deploys it: fetch whole pages of N entries, the --max-pages "
                   "that hold the recency tail, the sink or the most selected entries (0, the default: single "
                   "entries). The release: 64 entries a page on V4-Flash.")
@@ -527,6 +530,7 @@ def generate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
+    fetch_neighbours: int = typer.Option(0, "--fetch-neighbours", help=FETCH_NEIGHBOURS_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),
@@ -568,9 +572,9 @@ def generate_command(
     config = SessionConfig(mode=mode or ("lsa" if indexer else "full"), tau=tau, threshold=threshold, budget=budget,
                            chunk_size=chunk_size, seed=seed, memory_keys=memory_keys, prefetch_steps=prefetch_steps,
                            keep_recent=keep_recent, keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top,
-                           page_size=page_size, max_pages=max_pages, distance_cap=distance_cap,
-                           page_ties=page_ties, pool_storage=pool_storage, static_decode=static_decode,
-                           static_compile=static_compile)
+                           fetch_neighbours=fetch_neighbours, page_size=page_size, max_pages=max_pages,
+                           distance_cap=distance_cap, page_ties=page_ties, pool_storage=pool_storage,
+                           static_decode=static_decode, static_compile=static_compile)
     if device is not None and device_map is not None:
         raise FmIndexError("give --device or --device-map, not both")
     session = Session.from_pretrained(model or default_model_name(), indexer=indexer, config=config,
@@ -645,6 +649,7 @@ def evaluate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
+    fetch_neighbours: int = typer.Option(0, "--fetch-neighbours", help=FETCH_NEIGHBOURS_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),
@@ -686,8 +691,9 @@ def evaluate_command(
         max_new_tokens=max_new_tokens, seed=seed, device=device or _default_device(), device_map=device_map,
         dtype=dtype, haystack_packages=packages, tau=tau, threshold=threshold,
         budget=budget, chunk_size=chunk_size, prefetch_steps=prefetch_steps, keep_recent=keep_recent,
-        keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, page_size=page_size, max_pages=max_pages,
-        distance_cap=distance_cap, page_ties=page_ties, pool_storage=pool_storage, attention=attention).check()
+        keep_first=keep_first, ensemble=ensemble, fetch_top=fetch_top, fetch_neighbours=fetch_neighbours,
+        page_size=page_size, max_pages=max_pages, distance_cap=distance_cap, page_ties=page_ties,
+        pool_storage=pool_storage, attention=attention).check()
     for flag, value in (("--workers", workers), ("--batch", batch)):  # before the progress bar
         if value < 1:
             raise FmIndexError(f"{flag} must be an integer >= 1, got {value}")

@@ -77,7 +77,7 @@ OUT_OF_MEMORY_EXIT = 3
 _FINGERPRINT_KEYS = ("model", "indexer", "seed", "samples", "max_new_tokens", "haystack_packages", "tau",
                      "threshold", "budget", "dtype", "chunk_size", "prefetch_steps", "keep_recent", "keep_first",
                      "ensemble", "pool_storage", "fetch_top", "page_size", "max_pages", "attention",
-                     "distance_cap", "page_ties")
+                     "distance_cap", "page_ties", "fetch_neighbours")
 
 
 class EvaluationError(FmIndexError):
@@ -110,6 +110,7 @@ class EvalConfig:
     pool_storage: str = "model"  # the cold pool's host rows: model dtype or fp8 (SessionConfig.pool_storage)
     ensemble: str | None = None  # lsa's combination of the memory layers' scores: max or mean (None: the export's)
     fetch_top: int | None = None  # lsa's floor: each memory layer's best-scored entries fetched (None: the export's)
+    fetch_neighbours: int = 0  # lsa: the entries on either side of each selected one that come with it (0: off)
     page_size: int = 0  # lsa's page recall: whole pages of this many entries (0: single entries)
     max_pages: int = 0  # ... and how many pages stay resident
     page_ties: str = "recent"  # ... and which of equal-count pages stay: the newer (the release) or the best-scored
@@ -150,7 +151,7 @@ class EvalConfig:
         SessionConfig(mode="all", keep_recent=self.keep_recent, keep_first=self.keep_first, ensemble=self.ensemble,
                       pool_storage=self.pool_storage, fetch_top=self.fetch_top, chunk_size=self.chunk_size,
                       page_size=self.page_size, max_pages=self.max_pages, distance_cap=self.distance_cap,
-                      page_ties=self.page_ties)
+                      page_ties=self.page_ties, fetch_neighbours=self.fetch_neighbours)
         parse_device(self.device)
         if self.device_map is not None:
             parse_device_map(self.device_map, load_config(self.model))
@@ -171,6 +172,8 @@ class EvalConfig:
             del blob["page_size"], blob["max_pages"]
         if blob["page_ties"] == "recent":  # likewise: the release's tie rule, as before the option
             del blob["page_ties"]
+        if not blob["fetch_neighbours"]:  # likewise: single entries, as before the option
+            del blob["fetch_neighbours"]
         if blob["attention"] == "eager":  # likewise: transformers' attention, as before the option
             del blob["attention"]
         for key in ("keep_recent", "keep_first", "ensemble", "fetch_top", "distance_cap"):  # likewise: the defaults
@@ -557,7 +560,7 @@ class Evaluation:
                              seed=cfg.seed, prefetch_steps=cfg.prefetch_steps, keep_recent=cfg.keep_recent,
                              keep_first=cfg.keep_first, ensemble=cfg.ensemble, fetch_top=cfg.fetch_top,
                              page_size=cfg.page_size, max_pages=cfg.max_pages, distance_cap=cfg.distance_cap,
-                             page_ties=cfg.page_ties,
+                             page_ties=cfg.page_ties, fetch_neighbours=cfg.fetch_neighbours,
                              pool_storage=cfg.pool_storage,
                              budget=budget)
 

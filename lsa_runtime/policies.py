@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import (TRAINED_DISTANCE, SessionConfig, SessionError, check_budget, check_count, check_distance_cap,
-                     check_ensemble, check_page_ties, check_pages, check_threshold)
+                     check_ensemble, check_neighbours, check_page_ties, check_pages, check_threshold)
 
 
 @dataclass
@@ -178,6 +178,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         resident(t0) = { s < n_visible : E(I_L[t0, s] over memory layers L) >= threshold }
                        + the newest ``keep_recent`` entries (recency tail) + the first ``keep_first`` (sink)
                        [+ each memory layer's ``fetch_top`` best-scored entries: our floor, not the release's]
+                       [+ the ``fetch_neighbours`` entries on either side of each selected one: ours]
 
     I_L is the memory indexer's gated score (DESIGN.md, "Memory indexer math"): sigmoid of the native formula
     with its own W_DQ, W_IUQ and W_w applied to h_t0 of layer L, against layer L's frozen K^IComp. E is the max
@@ -186,6 +187,12 @@ class MemoryIndexerPolicy(ResidentPolicy):
     fixed absolute threshold fetches almost nothing where the scores run low, as on prompts unlike the training
     documents (docs/RESULTS.md, section 10). ``budget`` caps the set: the tail and the sink stay, and of the
     other selected entries (floor included) those with the highest E fill the rest.
+
+    Neighbours (``fetch_neighbours`` W > 0; ours, off by default): every selected entry s (threshold or floor; not the
+    tail or the sink) brings s - W .. s + W, so a needle's value comes with the entries around it (its key phrase,
+    its last digits), which the native top-k reads together and which a single fetched entry lacks
+    (docs/RESULTS.md sections 11 and 11s); a finer form of what page recall's whole pages bring. Under a ``budget``
+    each such entry ranks by the highest E of the selected entries within W of it.
 
     Page recall (``page_size`` P > 0 and ``max_pages`` K > 0; the release's deployment, ``SGLANG_PATHP_PAGE_RECALL``):
     the entries are cut into pages of P (page p holds p*P .. p*P + P - 1), a page's score is how many of its
@@ -207,7 +214,8 @@ class MemoryIndexerPolicy(ResidentPolicy):
 
     def __init__(self, memory_indexer, threshold: float = 0.5, budget: int | None = None, keep_recent: int = 0,
                  keep_first: int = 0, ensemble: str = "max", fetch_top: int = 0, page_size: int = 0,
-                 max_pages: int = 0, distance_cap: int | None = None, page_ties: str = "recent"):
+                 max_pages: int = 0, distance_cap: int | None = None, page_ties: str = "recent",
+                 fetch_neighbours: int = 0):
         self.memory_indexer = memory_indexer
         self.threshold = check_threshold(threshold)
         self.budget = check_budget(budget)
@@ -217,6 +225,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         self.fetch_top = check_count(fetch_top, "fetch_top")
         self.page_size, self.max_pages = check_pages(page_size, max_pages)
         self.page_ties = check_page_ties(page_ties)
+        self.fetch_neighbours = check_neighbours(fetch_neighbours, self.page_size)
         cap = check_distance_cap(distance_cap)
         self.distance_cap = trained_distance_cap(memory_indexer) if cap == TRAINED_DISTANCE else cap
         if self.page_size and self.budget is not None:
@@ -245,6 +254,8 @@ class MemoryIndexerPolicy(ResidentPolicy):
         forced[: min(self.keep_first, n)] = True
         if self.page_size:
             return self._pages(selected, forced, scores)
+        if self.fetch_neighbours and scores is not None:
+            selected, scores = self._widened(selected, scores)
         keep = selected | forced
         if self.budget is not None and int(keep.sum()) > self.budget:
             extra = torch.nonzero(selected & ~forced).reshape(-1)
@@ -252,6 +263,14 @@ class MemoryIndexerPolicy(ResidentPolicy):
             keep = forced.clone()
             keep[extra[scores[extra].topk(min(room, extra.numel())).indices]] = True
         return torch.nonzero(keep).reshape(-1).cpu()
+
+    def _widened(self, selected: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selection with every entry within ``fetch_neighbours`` of a selected one, and each entry's rank score:
+        the highest E of the selected entries within its reach (a max over a window of 2W + 1)."""
+        w = self.fetch_neighbours
+        reach = torch.where(selected, scores.float(), torch.tensor(float("-inf"), device=scores.device))
+        reach = torch.nn.functional.max_pool1d(reach[None, None], 2 * w + 1, stride=1, padding=w)[0, 0]
+        return reach > float("-inf"), reach
 
     def _pages(self, selected: torch.Tensor, forced: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
         """Every entry of the ``max_pages`` pages that hold the tail or the sink or the most selected entries."""
@@ -286,6 +305,7 @@ class MemoryIndexerPolicy(ResidentPolicy):
         sink = f", sink {self.keep_first}" if self.keep_first else ""
         rule = "" if self.ensemble == "max" else ", mean over layers"
         rule += f", top {self.fetch_top} per layer" if self.fetch_top else ""
+        rule += f", {self.fetch_neighbours} neighbours each side" if self.fetch_neighbours else ""
         rule += f", {self.max_pages} pages of {self.page_size}" if self.page_size else ""
         rule += ", page ties by score" if self.page_size and self.page_ties == "score" else ""
         rule += f", distances capped at {self.distance_cap}" if self.distance_cap else ""
@@ -336,7 +356,7 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
             ensemble=export.ensemble if config.ensemble is None else config.ensemble,
             fetch_top=export.fetch_top if config.fetch_top is None else config.fetch_top,
             page_size=config.page_size, max_pages=config.max_pages, distance_cap=config.distance_cap,
-            page_ties=config.page_ties)
+            page_ties=config.page_ties, fetch_neighbours=config.fetch_neighbours)
     if mode == "all":
         return AllEntriesPolicy()
     if mode == "recent":

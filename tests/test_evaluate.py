@@ -169,6 +169,23 @@ def test_page_recall_is_part_of_the_resume_fingerprint_only_when_on():
         EvalConfig(model="tiny", page_size=8, max_pages=40, page_ties="newest").check()
 
 
+def test_fetch_neighbours_decodes_wider_sets_and_is_part_of_the_fingerprint_only_when_on(backbone, export_dir,
+                                                                                        tmp_path):
+    """With --fetch-neighbours 1 each trigger keeps at least the entries it kept without, and more where a selected
+    entry had an unselected neighbour; the option enters the resume fingerprint only when on."""
+    sets = {}
+    for w in (0, 1):
+        config = EvalConfig(model="tiny", modes=("lsa",), tasks=(TASK,), lengths=(LENGTH,), samples=SAMPLES,
+                            max_new_tokens=NEW, indexer=str(export_dir), tau=TAU, fetch_neighbours=w, threshold=0.6)
+        results = evaluate(config, tmp_path / f"w{w}", backbone=backbone)
+        sets[w] = [n for r in _runs(results, "lsa") for n in r["selected_per_trigger"]]
+        fingerprint = json.loads((tmp_path / f"w{w}/config.json").read_text())["fingerprint"]
+        assert fingerprint.get("fetch_neighbours", 0) == w and ("fetch_neighbours" in fingerprint) == bool(w)
+    assert len(sets[0]) == len(sets[1]) and all(a <= b for a, b in zip(sets[0], sets[1])) and sets[1] != sets[0]
+    with pytest.raises(SessionError, match="fetch_neighbours"):
+        EvalConfig(model="tiny", page_size=8, max_pages=40, fetch_neighbours=1).check()
+
+
 def test_distance_cap_is_part_of_the_resume_fingerprint_only_when_given():
     assert EvalConfig(model="tiny", distance_cap=65536).check().fingerprint()["distance_cap"] == 65536
     assert "distance_cap" not in EvalConfig(model="tiny", distance_cap=0).check().fingerprint()
@@ -299,7 +316,8 @@ def test_cli_evaluate(tmp_path):
     bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "recent", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2
     assert "error:" in bad.output and "budget" in bad.output
-    for flag, value in (("--fetch-top", "-3"), ("--chunk-size", "0"), ("--distance-cap", "-1")):
+    for flag, value in (("--fetch-top", "-3"), ("--chunk-size", "0"), ("--distance-cap", "-1"),
+                        ("--fetch-neighbours", "-1")):
         bad = CliRunner().invoke(app, ["evaluate", "--model", "tiny", "--modes", "full", flag, value,
                                        "--out", str(tmp_path / "b")])
         assert bad.exit_code == 2 and flag in bad.output and not (tmp_path / "b").exists(), bad.output

@@ -202,3 +202,39 @@ def test_page_recall_is_configured_whole():
     policy = make_policy(SessionConfig(mode="lsa", page_size=8, max_pages=4).resolved(), FixedScores({2: L2}))
     assert (policy.page_size, policy.max_pages) == (8, 4) and "4 pages of 8" in policy.describe()
     assert make_policy(SessionConfig(mode="lsa").resolved(), FixedScores({2: L2})).page_size == 0
+
+
+def test_fetch_neighbours_brings_the_entries_beside_each_selected_one():
+    # threshold 0.9 selects entry 0 alone (sigmoid 3.0 = 0.95); 0.7 selects 0, 3 (1.0: 0.73) and 5 (2.0: 0.88)
+    assert select(MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), threshold=0.9, fetch_neighbours=1), 10) == [0, 1]
+    assert select(MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), threshold=0.9, fetch_neighbours=2), 10) == [0, 1, 2]
+    wide = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), threshold=0.7, fetch_neighbours=1, keep_recent=1)
+    assert select(wide, 10) == [0, 1, 2, 3, 4, 5, 6, 9]  # the tail (9) brings no neighbour
+    # under a budget each entry ranks by the best selected score within its reach: 0 and 1 by entry 0 (0.95), 4, 5
+    # and 6 by entry 5 (0.88), 2 and 3 by entry 3 (0.73); room for 5 beside the tail
+    capped = MemoryIndexerPolicy(FixedScores({2: L2, 4: L4}), threshold=0.7, fetch_neighbours=1, keep_recent=1,
+                                 budget=6)
+    assert select(capped, 10) == [0, 1, 4, 5, 6, 9]
+    # against the plain rewrite on random scores, floors, tails, sinks and widths
+    g = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        logits = {2: torch.randn(n, generator=g).tolist(), 4: torch.randn(n, generator=g).tolist()}
+        recent, first, top, w = (int(torch.randint(0, 6, (1,), generator=g)) for _ in range(4))
+        chosen = set(select(MemoryIndexerPolicy(FixedScores(logits), threshold=0.7, fetch_top=top), n))
+        by_hand = sorted({s for s in range(n) if any(abs(s - c) <= w for c in chosen) or s >= n - recent or s < first})
+        policy = MemoryIndexerPolicy(FixedScores(logits), threshold=0.7, keep_recent=recent, keep_first=first,
+                                     fetch_top=top, fetch_neighbours=w)
+        assert select(policy, n) == by_hand, trial
+
+
+def test_fetch_neighbours_is_refused_with_page_recall_and_below_zero():
+    for config in ({"page_size": 8, "max_pages": 4, "fetch_neighbours": 1}, {"fetch_neighbours": -1},
+                   {"fetch_neighbours": 1.5}):
+        with pytest.raises(SessionError, match="fetch_neighbours"):
+            SessionConfig(mode="lsa", **config)
+    with pytest.raises(SessionError, match="fetch_neighbours"):
+        MemoryIndexerPolicy(FixedScores({2: L2}), page_size=2, max_pages=1, fetch_neighbours=1)
+    policy = make_policy(SessionConfig(mode="lsa", fetch_neighbours=2).resolved(), FixedScores({2: L2}))
+    assert policy.fetch_neighbours == 2 and "2 neighbours each side" in policy.describe()
+    assert make_policy(SessionConfig(mode="lsa").resolved(), FixedScores({2: L2})).fetch_neighbours == 0
