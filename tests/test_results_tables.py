@@ -1540,14 +1540,23 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
     cases += [(f"{r}/varied_32k_nb1_{s}_vs_floor170.md", [f"{r}/varied_32k_nb1", f"{c32}/{s}", "--versus",
                                                           f"{r}/varied_32k_top170", "--name", names["nb1"],
                                                           "--versus-name", "floor 170"]) for s in ("held_out", "seen")]
+    table = "docs/results/table_long_h200"
+    cases += [(f"{r}/seed0_64k_nb1_variant.md", [f"{r}/seed0_64k_nb1", f"{table}/run2_fetch_top64/eval_64k", "--name",
+                                                 names["nb1"]]),
+              (f"{r}/seed0_64k_nb1_vs_pages.md", [f"{r}/seed0_64k_nb1", f"{table}/run2_fetch_top64/eval_64k",
+                                                  "--versus", f"{table}/run3_pages/eval_64k_pages", "--name",
+                                                  names["nb1"], "--versus-name", "pages (H200)"])]
     outs = dict(zip([stored for stored, _ in cases], _variant_tables(monkeypatch, *cases)))
 
     # the table's rows from the stored tables: accuracy, the three paired differences, the variant's footprints
-    rows = (("seed 1, single needles and variable tracking, 64K", "seed1_64k_{v}", "| 65,536 | 40 |"),
-            ("held-out formats, 32K", "varied_32k_{v}_held_out", "| 32,768 | 20 |"),
-            ("seen formats, 32K", "varied_32k_{v}_seen", "| 32,768 | 20 |"))
-    for label, stem, prefix in rows:
-        for first, (v, mode) in enumerate((("nb1", "LSA + neighbours 1"), ("top170", "LSA, floor 170"))):
+    both, nb1_only = (("nb1", "LSA + neighbours 1"), ("top170", "LSA, floor 170")), (("nb1", "LSA + neighbours 1"),)
+    rows = (("the table's prompts (seed 0), single needles and variable tracking, 64K", "seed0_64k_{v}",
+             "| 65,536 | 40 |", nb1_only),
+            ("seed 1, single needles and variable tracking, 64K", "seed1_64k_{v}", "| 65,536 | 40 |", both),
+            ("held-out formats, 32K", "varied_32k_{v}_held_out", "| 32,768 | 20 |", both),
+            ("seen formats, 32K", "varied_32k_{v}_seen", "| 32,768 | 20 |", both))
+    for label, stem, prefix, variants in rows:
+        for first, (v, mode) in enumerate(variants):
             lsa = _cells(outs[f"{r}/{stem.format(v=v)}_variant.md"], prefix)
             vs_pages = _cells(outs[f"{r}/{stem.format(v=v)}_vs_pages.md"], prefix)
             head = "| |" if first else f"| {label} |"
@@ -1557,7 +1566,8 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
             assert row in section, row
     # the settings: the table's export and floor; the variants' options only where named
     sha = json.loads((REPO / f"{dev}/seed1_64k/config.json").read_text())["identity"]["indexer_sha256"]
-    for d, top, w in (("seed1_64k_nb1", 64, 1), ("varied_32k_nb1", 64, 1), ("seed1_64k_top170", 170, 0),
+    for d, top, w in (("seed0_64k_nb1", 64, 1), ("seed1_64k_nb1", 64, 1), ("varied_32k_nb1", 64, 1),
+                      ("seed1_64k_top170", 170, 0),
                       ("varied_32k_top170", 170, 0)):
         config = json.loads((REPO / r / d / "config.json").read_text())
         fingerprint = config["fingerprint"]
@@ -1594,3 +1604,15 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
     assert (lsa64[8].split(" / ")[1], lsa64[10].split(" / ")[1], pg64[8].split(" / ")[1],
             pg64[10].split(" / ")[1]) == ("0.021", "325.9", "0.048", "767.6")
     assert "LSA 59.0% at 0.021 of the CSA KV (325.9 entries), page recall 68.5% at 0.048 (767.6 entries)" in flat
+    # the table's prompts: the single needles gained, the per-task figures, and the opening's rows
+    t64 = f"{table}/run2_fetch_top64/eval_64k/runs.jsonl.gz"
+    nb0 = _stored_runs(f"{r}/seed0_64k_nb1/runs.jsonl.gz", key)
+    lsa0, full0 = _stored_runs(t64, key, mode="lsa", length=65536), _stored_runs(t64, key, mode="full", length=65536)
+    assert [k[1] for k in sorted(nb0) if k[0] == "niah_single_1" and nb0[k]["score"] > lsa0[k]["score"]] == [1, 4]
+    assert all(nb0[k]["score"] == full0[k]["score"] for k in nb0 if k[0] == "niah_single_1")
+    per_task = _cells(outs[f"{r}/seed0_64k_nb1_variant.md"], "| vt | 65,536 |")
+    assert per_task[2:] == ["61.0", "57.0", "67.0"] and "67.0% against full's 61.0% and LSA's 57.0%" in flat
+    assert "neighbours answer prompts 1 and 4" in flat
+    assert ("| | 32K | **not met** by LSA alone; met with page recall and with neighbours (ours, CPU) | LSA -10.0 "
+            "[-25.0, 0.0]; pages +0.0; neighbours +0.0 (100% / 100%, 5.4% of the CSA KV) | 11e, 11f, 11s |") in opening
+    assert "neighbours +3.0 [-1.0, 7.0] (seed 1: +1.5 [-2.0, 4.5]) at 2.6% of the CSA KV;" in opening
