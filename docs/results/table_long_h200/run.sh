@@ -161,6 +161,13 @@
 # H200's texts on all 40): RESULTS section 11q, raw in run7_h100/. Every cell this script was written for has run.
 # Issue 20's device work left is section 1 (the backbone): `AW=1000 BUDGET=540 bash reference/indexer_piece.sh train`,
 # then `judge` (its header); then the rest of bench_results/prefill_h200/run.sh and static_h200/run21.sh on an H200.
+# Thirtieth session (2026-12-05): no device lent. On the CPU (RESULTS section 11s) LSA with neighbours (each selected
+# entry brings the one on either side, --fetch-neighbours 1) answered as full or above on the table's single needles
+# and variable tracking at 64K and on seed 1's, at ~410 entries; the deeper floor (--fetch-top 170) answered the
+# contiguity-or-budget question above (contiguity). Next on the device, before section 1, in bf16: neighbours on the
+# table's four tasks at 32K and 64K, the code-haystack tasks' prompts being the device's only (fixed now):
+#   EVAL=nb1_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096 NEIGHBOURS=1 (nb1_32k: LENGTHS=32k; variant.py against
+#   run2_fetch_top64/eval_64k and eval_32k, --versus run3_pages/eval_64k_pages for page recall).
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
@@ -203,6 +210,8 @@ extra=(--chunk-size $CHUNK --seed $SEED); [ -n "$FETCH_TOP" ] && extra+=(--fetch
 # DISTANCE_CAP: lsa scores entries farther than this many tokens as if this far (empty: off; 65536 for L6i's memory
 # indexer, trained on documents of up to 64K tokens; RESULTS section 11h)
 [ -n "${DISTANCE_CAP:-}" ] && extra+=(--distance-cap $DISTANCE_CAP)
+# NEIGHBOURS: lsa's selected entries each bring this many entries on either side (empty: off; RESULTS section 11s)
+[ -n "${NEIGHBOURS:-}" ] && extra+=(--fetch-neighbours $NEIGHBOURS)
 FM="python3 cli.py"
 [ -x .venv/bin/python ] && FM=".venv/bin/python cli.py"   # a local check from this repository's venv
 python3 -c "import datasets" 2>/dev/null || { [ -d .whl ] && python3 -m pip install -q --no-index --no-deps \
