@@ -1613,6 +1613,11 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
     per_task = _cells(outs[f"{r}/seed0_64k_nb1_variant.md"], "| vt | 65,536 |")
     assert per_task[2:] == ["61.0", "57.0", "67.0"] and "67.0% against full's 61.0% and LSA's 57.0%" in flat
     assert "neighbours answer prompts 1 and 4" in flat
+    assert all(nb0[k]["prompt_sha"] == full0[k]["prompt_sha"] for k in nb0) and len(nb0) == 40  # the device's prompts
+    assert all(nb1[k]["prompt_sha"] == full[k]["prompt_sha"] for k in nb1) and len(nb1) == 40
+    oracle0 = _stored_runs(t64, key, mode="oracle", length=65536)
+    mean = lambda runs: f"{100 * sum(runs[k]['score'] for k in nb0) / len(nb0):.1f}%"  # noqa: E731
+    assert f"LSA {mean(lsa0)} (326.4 entries), page recall 75.5%" in flat and f"the oracle {mean(oracle0)};" in flat
     assert ("| | 32K | **not met** by LSA alone; met with page recall and with neighbours (ours, CPU) | LSA -10.0 "
             "[-25.0, 0.0]; pages +0.0; neighbours +0.0 (100% / 100%, 5.4% of the CSA KV) | 11e, 11f, 11s |") in opening
     assert "neighbours +3.0 [-1.0, 7.0] (seed 1: +1.5 [-2.0, 4.5]) at 2.6% of the CSA KV;" in opening
