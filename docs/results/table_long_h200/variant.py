@@ -2,7 +2,7 @@
 PAGE_SIZE / MAX_PAGES, evaluated into a directory of its own because one evaluation holds one lsa run per prompt).
 
     python docs/results/table_long_h200/variant.py VARIANT_DIR BASE_DIR [BASE_DIR ...] [--name NAME] [--full-only]
-        [--equal-prompts] [--versus DIR ... --versus-name NAME]
+        [--equal-prompts] [--versus DIR ... --versus-name NAME] [--tasks T1,T2]
 
 VARIANT_DIR's lsa runs are paired with BASE_DIRs' full and lsa runs of the same task, length and sample (the prompt
 digests must agree: fm_eval.intervals.paired_differences checks them); the table gives, per length, the variant's
@@ -13,7 +13,8 @@ With --full-only the variant is paired with the base's full runs alone, for cell
 runs (e.g. variable tracking at 128K); every LSA column then reads "-". With --versus DIR (repeatable) and
 --versus-name NAME the LSA side is the DIRs' lsa runs instead of the base's (another variant, e.g. page recall with the
 release's tie rule against ours: ``variant.py TIES_DIR BASE_DIR --versus PAGES_DIR --versus-name "release ties"``),
-named NAME in the tables.
+named NAME in the tables. With --tasks only the variant's runs of those tasks count (seen and held-out formats of one
+evaluation reported apart, as issue 20 asks).
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ def _resident(runs: list[dict]) -> float | None:
 
 
 def print_variant(variant: list[dict], base: list[dict], name: str, with_lsa: bool = True,
-                  equal_prompts: bool = False, versus: list[dict] | None = None, other: str = "LSA") -> None:
+                  equal_prompts: bool = False, versus: list[dict] | None = None, other: str = "LSA",
+                  tasks: set[str] | None = None) -> None:
     by = {(r["mode"], r["task"], r["length"], r["index"]): r for r in base}
     if versus is not None:  # the LSA side from another directory's lsa runs, in place of the base's
         by = {k: r for k, r in by.items() if k[0] != "lsa"}
         by.update({("lsa", r["task"], r["length"], r["index"]): r for r in versus if r["mode"] == "lsa"})
-    variant = [r for r in variant if r["mode"] == "lsa"]
+    variant = [r for r in variant if r["mode"] == "lsa" and (tasks is None or r["task"] in tasks)]
     # only the prompts the base decoded in every mode it is compared with: the comparison is paired or not made
     against = ("full", "lsa") if with_lsa else ("full",)
     variant = [r for r in variant if all((m, r["task"], r["length"], r["index"]) in by for m in against)]
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                         "first DIR's name)")
     parser.add_argument("--equal-prompts", action="store_true",
                         help="leave out the prompts whose digests differ from the base's (and count them)")
+    parser.add_argument("--tasks", default=None, help="comma-separated: count only the variant's runs of these tasks "
+                        "(e.g. varied_seen, to report seen and held-out formats apart)")
     args = parser.parse_args(argv)
     if args.versus and args.full_only:
         parser.error("--versus names the LSA side: it cannot go with --full-only")
@@ -112,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     base, _ = load_runs(args.base)
     versus = load_runs(args.versus)[0] if args.versus else None
     other = (args.versus_name or args.versus[0].name) if versus is not None else "LSA"
+    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()} if args.tasks else None
+    if tasks is not None and not tasks & {r["task"] for r in variant}:
+        parser.error(f"--tasks {args.tasks}: none of these tasks is in {args.variant}")
     print_variant(variant, base, args.name, with_lsa=not args.full_only, equal_prompts=args.equal_prompts,
-                  versus=versus, other=other)
+                  versus=versus, other=other, tasks=tasks)
 
 
 if __name__ == "__main__":
