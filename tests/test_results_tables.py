@@ -1621,3 +1621,83 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
     assert ("| | 32K | **not met** by LSA alone; met with page recall and with neighbours (ours, CPU) | LSA -10.0 "
             "[-25.0, 0.0]; pages +0.0; neighbours +0.0 (100% / 100%, 5.4% of the CSA KV) | 11e, 11f, 11s |") in opening
     assert "neighbours +3.0 [-1.0, 7.0] (seed 1: +1.5 [-2.0, 4.5]) at 2.6% of the CSA KV;" in opening
+
+
+def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_raw_outputs(monkeypatch):
+    """Section 11t: the stored variant tables byte for byte (``--tasks`` splitting one evaluation's seen and held-out
+    formats), its table's rows rebuilt from them, the runs' settings, and the per-prompt figures the text quotes."""
+    import json
+
+    section, opening, flat = _results_section("## 11t.")
+    flat = flat.replace("\n", " ")
+    r, name = "docs/results/neighbours_cpu", "lsa + neighbours 1"
+    dev, p64, short = ("docs/results/table_long_h200/run5_heldout_limits/varied_64k", "docs/results/varied_64k_cpu",
+                       "docs/results/short_end_top64_cpu")
+    tasks = {"seen": "varied_seen", "held_out": "varied_new_all"}
+    cases = [(f"{r}/short_end_nb1_variant.md", [f"{r}/short_end_nb1", short, "--name", name]),
+             (f"{r}/code_32k_nb1_variant.md", [f"{r}/code_32k_nb1", f"{r}/code_32k", "--name", name])]
+    for s, task in tasks.items():
+        common = ["--name", name, "--equal-prompts", "--tasks", task]
+        cases += [(f"{r}/varied_64k_nb1_{s}_variant.md", [f"{r}/varied_64k_nb1", dev, *common]),
+                  (f"{r}/varied_64k_nb1_{s}_vs_pages.md", [f"{r}/varied_64k_nb1", dev, "--versus", f"{p64}/{s}_pages",
+                                                           "--versus-name", "pages (CPU)", *common])]
+    outs = dict(zip([stored for stored, _ in cases], _variant_tables(monkeypatch, *cases)))
+
+    # the section's rows from the stored tables
+    rows = (("the short end: needles, multi-value, variable tracking, multi-key", "short_end_nb1", "| 2,048 |", None),
+            ("", "short_end_nb1", "| 4,096 |", None),
+            ("held-out formats", "varied_64k_nb1_held_out", "| 65,536 |", "varied_64k_nb1_held_out_vs_pages"),
+            ("seen formats", "varied_64k_nb1_seen", "| 65,536 |", "varied_64k_nb1_seen_vs_pages"),
+            ("code-haystack tasks: multi-value, multi-key", "code_32k_nb1", "| 32,768 |", None))
+    for label, stem, prefix, pages in rows:
+        c = _cells(outs[f"{r}/{stem}_variant.md"], prefix)
+        vs_pages = "-" if pages is None else " ".join(_cells(outs[f"{r}/{pages}.md"], prefix)[6:8])
+        row = (f"| {label} | {c[0]} | {c[1]} | {c[2]} | {c[4]} {c[5]} | {c[6]} {c[7]} | {vs_pages} "
+               f"| {c[8].split(' / ')[0]} | {c[9].split(' / ')[0]} | {c[10].split(' / ')[0]} |")
+        assert (row if label else row.replace("|  |", "| |", 1)) in section, row
+    # --tasks by hand: each table counts its own task's prompts whose digests equal the device's (16 seen, 20 held out)
+    key = ("task", "index")
+    nb1 = _stored_runs(f"{r}/varied_64k_nb1/runs.jsonl.gz", key)
+    full = _stored_runs(f"{dev}/runs.jsonl.gz", key, mode="full")
+    for s, task in tasks.items():
+        same = sum(k[0] == task and nb1[k]["prompt_sha"] == full[k]["prompt_sha"] for k in nb1)
+        assert _cells(outs[f"{r}/varied_64k_nb1_{s}_variant.md"], "| 65,536 |")[1] == str(same)
+        assert same == {"seen": 16, "held_out": 20}[s]
+    # the settings: the table's export and floor, width 1; the short end eager at chunk 512 as its base, else window
+    sha = json.loads((REPO / f"{dev}/config.json").read_text())["identity"]["indexer_sha256"]
+    for d, attention, chunk in (("short_end_nb1", None, 512), ("varied_64k_nb1", "window", 4096),
+                                ("code_32k", "window", 4096), ("code_32k_nb1", "window", 4096)):
+        config = json.loads((REPO / r / d / "config.json").read_text())
+        fp = config["fingerprint"]
+        assert (fp["fetch_top"], fp.get("fetch_neighbours", 0), fp.get("attention"), fp["chunk_size"]) == \
+            (64, 0 if d == "code_32k" else 1, attention, chunk), d
+        assert config["identity"]["indexer_sha256"] == sha, d
+    # the short end: the chain repaired, the texts equal to full's
+    key3 = ("task", "length", "index")
+    wide = _stored_runs(f"{r}/short_end_nb1/runs.jsonl.gz", key3)
+    sfull, slsa = (_stored_runs(f"{short}/runs.jsonl.gz", key3, mode=m) for m in ("full", "lsa"))
+    assert [k for k in wide if len({wide[k]["score"], sfull[k]["score"], slsa[k]["score"]}) > 1] == [("vt", 2048, 3)]
+    assert (sfull[("vt", 2048, 3)]["score"], slsa[("vt", 2048, 3)]["score"]) == (0.8, 0.6)
+    same = [sum(x[k]["prediction"] == sfull[k]["prediction"] for k in wide) for x in (wide, slsa)]
+    assert same == [140, 137] and "on 140 of the 160 prompts (LSA's on 137)" in flat
+    # the seen formats at 64K: prompts 3 and 6 gained, none of LSA's lost
+    lsa = _stored_runs(f"{dev}/runs.jsonl.gz", key, mode="lsa")
+    pages = _stored_runs(f"{p64}/seen_pages/runs.jsonl.gz", key)
+    seen = [k for k in nb1 if k[0] == "varied_seen" and nb1[k]["prompt_sha"] == full[k]["prompt_sha"]]
+    assert sorted(k[1] for k in seen if nb1[k]["score"] > lsa[k]["score"]) == [3, 6]
+    assert [pages[("varied_seen", i)]["score"] for i in (3, 6)] == [1.0, 0.0]
+    assert not [k for k in seen if nb1[k]["score"] < lsa[k]["score"]]
+    # the code-haystack tasks: above and below full and LSA, and the leading digits LSA kept
+    code = _stored_runs(f"{r}/code_32k_nb1/runs.jsonl.gz", key)
+    cfull, clsa = (_stored_runs(f"{r}/code_32k/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
+    count = lambda a, b: (sum(a[k]["score"] > b[k]["score"] for k in a), sum(a[k]["score"] < b[k]["score"]  # noqa: E731
+                                                                             for k in a))
+    assert count(code, cfull) == (9, 0) and count(code, clsa) == (7, 2)
+    assert sorted(k for k in code if code[k]["score"] < clsa[k]["score"]) == [("niah_multikey_1", 1),
+                                                                              ("niah_multivalue", 12)]
+    for i, said, answer in ((0, "8172241", "8172253"), (2, "6645867", "6645354"), (11, "7578685", "7573096"),
+                            (16, "108883780", "1088838")):
+        k = ("niah_multivalue", i)
+        assert said in clsa[k]["prediction"].split(", ") or f" {said}," in clsa[k]["prediction"], k
+        assert answer in clsa[k]["answers"] and answer in code[k]["prediction"] and code[k]["score"] > clsa[k]["score"]
+        assert f"{said} for {answer}" in flat
