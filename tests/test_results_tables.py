@@ -1635,7 +1635,8 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_
                        "docs/results/short_end_top64_cpu")
     tasks = {"seen": "varied_seen", "held_out": "varied_new_all"}
     cases = [(f"{r}/short_end_nb1_variant.md", [f"{r}/short_end_nb1", short, "--name", name]),
-             (f"{r}/code_32k_nb1_variant.md", [f"{r}/code_32k_nb1", f"{r}/code_32k", "--name", name])]
+             (f"{r}/code_32k_nb1_variant.md", [f"{r}/code_32k_nb1", f"{r}/code_32k", "--name", name]),
+             (f"{r}/code_64k_nb1_variant.md", [f"{r}/code_64k_nb1", f"{r}/code_64k", "--name", name])]
     for s, task in tasks.items():
         common = ["--name", name, "--equal-prompts", "--tasks", task]
         cases += [(f"{r}/varied_64k_nb1_{s}_variant.md", [f"{r}/varied_64k_nb1", dev, *common]),
@@ -1648,7 +1649,8 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_
             ("", "short_end_nb1", "| 4,096 |", None),
             ("held-out formats", "varied_64k_nb1_held_out", "| 65,536 |", "varied_64k_nb1_held_out_vs_pages"),
             ("seen formats", "varied_64k_nb1_seen", "| 65,536 |", "varied_64k_nb1_seen_vs_pages"),
-            ("code-haystack tasks: multi-value, multi-key", "code_32k_nb1", "| 32,768 |", None))
+            ("code-haystack tasks: multi-value, multi-key", "code_32k_nb1", "| 32,768 |", None),
+            ("", "code_64k_nb1", "| 65,536 |", None))
     for label, stem, prefix, pages in rows:
         c = _cells(outs[f"{r}/{stem}_variant.md"], prefix)
         vs_pages = "-" if pages is None else " ".join(_cells(outs[f"{r}/{pages}.md"], prefix)[6:8])
@@ -1666,11 +1668,12 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_
     # the settings: the table's export and floor, width 1; the short end eager at chunk 512 as its base, else window
     sha = json.loads((REPO / f"{dev}/config.json").read_text())["identity"]["indexer_sha256"]
     for d, attention, chunk in (("short_end_nb1", None, 512), ("varied_64k_nb1", "window", 4096),
-                                ("code_32k", "window", 4096), ("code_32k_nb1", "window", 4096)):
+                                ("code_32k", "window", 4096), ("code_32k_nb1", "window", 4096),
+                                ("code_64k", "window", 4096), ("code_64k_nb1", "window", 4096)):
         config = json.loads((REPO / r / d / "config.json").read_text())
         fp = config["fingerprint"]
         assert (fp["fetch_top"], fp.get("fetch_neighbours", 0), fp.get("attention"), fp["chunk_size"]) == \
-            (64, 0 if d == "code_32k" else 1, attention, chunk), d
+            (64, 0 if d in ("code_32k", "code_64k") else 1, attention, chunk), d
         assert config["identity"]["indexer_sha256"] == sha, d
     # the short end: the chain repaired, the texts equal to full's
     key3 = ("task", "length", "index")
@@ -1701,3 +1704,12 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_
         assert said in clsa[k]["prediction"].split(", ") or f" {said}," in clsa[k]["prediction"], k
         assert answer in clsa[k]["answers"] and answer in code[k]["prediction"] and code[k]["score"] > clsa[k]["score"]
         assert f"{said} for {answer}" in flat
+    # at 64K (8 prompts per task): the counts and the two repairs quoted
+    code = _stored_runs(f"{r}/code_64k_nb1/runs.jsonl.gz", key)
+    cfull, clsa = (_stored_runs(f"{r}/code_64k/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
+    assert count(code, cfull) == (6, 0) and count(code, clsa) == (6, 1)
+    assert [k for k in code if code[k]["score"] < clsa[k]["score"]] == [("niah_multivalue", 2)]
+    for k, said, answer in ((("niah_multikey_1", 2), "8470885", "8470888"),
+                            (("niah_multivalue", 4), "8990270", "8993870")):
+        assert f" {said}," in clsa[k]["prediction"] and answer in clsa[k]["answers"] and answer in code[k]["prediction"]
+        assert code[k]["score"] > clsa[k]["score"] and f"{said} for {answer}" in flat
