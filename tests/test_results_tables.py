@@ -1233,7 +1233,7 @@ def test_section11n_page_ties_by_score_is_the_raw_outputs(monkeypatch):
     assert _cells(paired, "| 65,536 | 16 |")[2:8] == ["87.5", "[68.8, 100.0]", "+18.8", "[0.0, 37.5]", "+12.5",
                                                        "[0.0, 31.2]"]
     assert "87.5%, against the device's LSA 75.0% (+12.5 [0.0, 31.2]) and full 68.8%" in flat
-    assert "pages with our tie rule +10.0 [-10.0, 30.0] (CPU) | 11e, 11f, 11k, 11n |" in opening
+    assert "pages with our tie rule +10.0 [-10.0, 30.0] (CPU), " in opening and "| 11e, 11f, 11k, 11n, 11t |" in opening
     assert ("(seed 1: -1.5 [-7.5, 3.0]; with our page tie rule, CPU: -2.0 [-8.0, 2.5], H100: -2.5 [-8.5, 2.0]) |"
             in opening)
 
@@ -1620,7 +1620,7 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
     assert f"LSA {mean(lsa0)} (326.4 entries), page recall 75.5%" in flat and f"the oracle {mean(oracle0)};" in flat
     assert ("| | 32K | **not met** by LSA alone; met with page recall and with neighbours (ours, CPU) | LSA -10.0 "
             "[-25.0, 0.0]; pages +0.0; neighbours +0.0 (100% / 100%, 5.4% of the CSA KV) | 11e, 11f, 11s |") in opening
-    assert "neighbours +3.0 [-1.0, 7.0] (seed 1: +1.5 [-2.0, 4.5]) at 2.6% of the CSA KV;" in opening
+    assert "neighbours +3.0 [-1.0, 7.0] (seed 1: +1.5 [-2.0, 4.5]) at 2.6% of the CSA KV," in opening
 
 
 def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_raw_outputs(monkeypatch):
@@ -1704,6 +1704,16 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_
         assert said in clsa[k]["prediction"].split(", ") or f" {said}," in clsa[k]["prediction"], k
         assert answer in clsa[k]["answers"] and answer in code[k]["prediction"] and code[k]["score"] > clsa[k]["score"]
         assert f"{said} for {answer}" in flat
+    # the opening's goals rows: the short end, the varied formats at 64K and the code-haystack tasks at 64K
+    diff = {stem: " ".join(_cells(outs[f"{r}/{stem}_variant.md"], prefix)[4:6]) for stem, prefix in
+            (("short_end_nb1", "| 2,048 |"), ("code_64k_nb1", "| 65,536 |"), ("varied_64k_nb1_seen", "| 65,536 |"))}
+    four = " ".join(_cells(outs[f"{r}/short_end_nb1_variant.md"], "| 4,096 |")[4:6])
+    assert f"with neighbours (CPU) {diff['short_end_nb1']}, {four} | 11, 11t |" in opening
+    assert f"code-haystack tasks {diff['code_64k_nb1']} (all modes CPU)" in opening
+    assert f"neighbours {diff['varied_64k_nb1_seen']} (CPU) | 11e, 11f, 11k, 11n, 11t |" in opening
+    held = _cells(outs[f"{r}/varied_64k_nb1_held_out_variant.md"], "| 65,536 |")
+    assert held[4:6] == ["+10.0", "[0.0, 25.0]"] and "LSA +10.0 [0.0, 25.0]; pages the same; neighbours the same" \
+        in opening
     # at 64K (8 prompts per task): the counts and the two repairs quoted
     code = _stored_runs(f"{r}/code_64k_nb1/runs.jsonl.gz", key)
     cfull, clsa = (_stored_runs(f"{r}/code_64k/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
