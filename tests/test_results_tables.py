@@ -1623,7 +1623,7 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
     assert "neighbours +3.0 [-1.0, 7.0] (seed 1: +1.5 [-2.0, 4.5]) at 2.6% of the CSA KV," in opening
 
 
-def test_section11t_neighbours_at_the_short_end_varied_64k_and_code_32k_are_the_raw_outputs(monkeypatch):
+def test_section11t_neighbours_at_the_short_end_varied_64k_and_the_code_tasks_are_the_raw_outputs(monkeypatch):
     """Section 11t: the stored variant tables byte for byte (``--tasks`` splitting one evaluation's seen and held-out
     formats), its table's rows rebuilt from them, the runs' settings, and the per-prompt figures the text quotes."""
     import json
