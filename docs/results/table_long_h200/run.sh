@@ -169,7 +169,7 @@
 #   EVAL=nb1_64k LENGTHS=64k MODES=lsa FETCH_TOP=64 CHUNK=4096 NEIGHBOURS=1 (nb1_32k: LENGTHS=32k; variant.py against
 #   run2_fetch_top64/eval_64k and eval_32k, --versus run3_pages/eval_64k_pages for page recall).
 # Thirty-first session (2026-12-06): that call (both cells chained, BUDGET from one clock) was refused at every try
-# (thirteen calls, 23:57 to 01:53; no machine started). On the CPU neighbours ran at 2K/4K, on the varied formats at 64K
+# (fourteen calls, 23:57 to 02:29; no machine started). On the CPU neighbours ran at 2K/4K, on the varied formats at 64K
 # and on the code-haystack tasks (RESULTS section 11t). It stays the next device call.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
