@@ -81,6 +81,11 @@ def _cells(out: str, prefix: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+def _above_below(a: dict, b: dict) -> tuple[int, int]:
+    """How many of ``a``'s prompts score above and below the same prompt in ``b`` (runs keyed by prompt)."""
+    return sum(a[k]["score"] > b[k]["score"] for k in a), sum(a[k]["score"] < b[k]["score"] for k in a)
+
+
 def _rows_quoted(out: str, section: str, prefixes: tuple[str, ...], count: int) -> list[str]:
     """The ``count`` lines of ``out`` that start with one of ``prefixes``, each found verbatim in ``section``."""
     rows = [line for line in out.splitlines() if line.startswith(prefixes)]
@@ -1583,9 +1588,7 @@ def test_section11s_neighbours_and_the_deeper_floor_are_the_raw_outputs(monkeypa
     gained = [k[1] for k in sorted(nb1) if k[0] == "niah_single_1" and nb1[k]["score"] > lsa[k]["score"]]
     assert gained == [3, 4] and [pages[("niah_single_1", i)]["score"] for i in gained] == [1.0, 0.0]
     assert "neighbours answer prompts 3 and 4, which LSA missed (page recall answers 3, not 4)" in flat
-    above = lambda a, b: (sum(a[k]["score"] > b[k]["score"] for k in a), sum(a[k]["score"] < b[k]["score"]  # noqa: E731
-                                                                             for k in a))
-    assert above(nb1, lsa) == (14, 2) and above(nb1, full) == (6, 2)
+    assert _above_below(nb1, lsa) == (14, 2) and _above_below(nb1, full) == (6, 2)
     assert {round(lsa[k]["score"] - nb1[k]["score"], 1) for k in nb1 if nb1[k]["score"] < lsa[k]["score"]} == {0.2}
     assert "above LSA on 14 prompts and below on 2 (two chains by one name of five); above full on 6, below on 2" \
         in flat
@@ -1693,15 +1696,13 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_the_code_tasks_ar
     # the code-haystack tasks: above and below full and LSA, and the leading digits LSA kept
     code = _stored_runs(f"{r}/code_32k_nb1/runs.jsonl.gz", key)
     cfull, clsa = (_stored_runs(f"{r}/code_32k/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
-    count = lambda a, b: (sum(a[k]["score"] > b[k]["score"] for k in a), sum(a[k]["score"] < b[k]["score"]  # noqa: E731
-                                                                             for k in a))
-    assert count(code, cfull) == (9, 0) and count(code, clsa) == (7, 2)
+    assert _above_below(code, cfull) == (9, 0) and _above_below(code, clsa) == (7, 2)
     assert sorted(k for k in code if code[k]["score"] < clsa[k]["score"]) == [("niah_multikey_1", 1),
                                                                               ("niah_multivalue", 12)]
     for i, said, answer in ((0, "8172241", "8172253"), (2, "6645867", "6645354"), (11, "7578685", "7573096"),
                             (16, "108883780", "1088838")):
         k = ("niah_multivalue", i)
-        assert said in clsa[k]["prediction"].split(", ") or f" {said}," in clsa[k]["prediction"], k
+        assert f" {said}," in clsa[k]["prediction"], k
         assert answer in clsa[k]["answers"] and answer in code[k]["prediction"] and code[k]["score"] > clsa[k]["score"]
         assert f"{said} for {answer}" in flat
     # the opening's goals rows: the short end, the varied formats at 64K and the code-haystack tasks at 64K
@@ -1717,7 +1718,7 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_the_code_tasks_ar
     # at 64K (8 prompts per task): the counts and the two repairs quoted
     code = _stored_runs(f"{r}/code_64k_nb1/runs.jsonl.gz", key)
     cfull, clsa = (_stored_runs(f"{r}/code_64k/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
-    assert count(code, cfull) == (6, 0) and count(code, clsa) == (6, 1)
+    assert _above_below(code, cfull) == (6, 0) and _above_below(code, clsa) == (6, 1)
     assert [k for k in code if code[k]["score"] < clsa[k]["score"]] == [("niah_multivalue", 2)]
     for k, said, answer in ((("niah_multikey_1", 2), "8470885", "8470888"),
                             (("niah_multivalue", 4), "8990270", "8993870")):
