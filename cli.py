@@ -52,8 +52,8 @@ KEEP_FIRST_HELP = "lsa: the sink, the first entries kept resident at every trigg
 FETCH_TOP_HELP = ("lsa: a floor under the threshold, each memory layer's N best-scored entries fetched whatever "
                   "their score (default: the export's, 0 = the threshold alone, as the authors' release).")
 FETCH_NEIGHBOURS_HELP = ("lsa: every entry the threshold or the floor selects brings the N entries on either side of "
-                         "it (4N tokens each way), so a needle's value comes with its neighbours (default 0: off, "
-                         "as the authors' release; not with --page-size).")
+                         "it (4N tokens each way), so a needle's value comes with its neighbours (default: the "
+                         "export's, 0 = off as the authors' release; --page-size brings whole pages instead).")
 PAGE_SIZE_HELP = ("lsa: page recall, as the release deploys it: fetch whole pages of N entries, the --max-pages "
                   "that hold the recency tail, the sink or the most selected entries (0, the default: single "
                   "entries). The release: 64 entries a page on V4-Flash.")
@@ -426,6 +426,9 @@ def export_command(
     fetch_top: int = typer.Option(None, "--fetch-top", help="Fetch each memory layer's N best-scored entries "
                                   "whatever their score, a floor under the threshold (default 0: the threshold "
                                   "alone, as the authors' release)."),
+    fetch_neighbours: int = typer.Option(None, "--fetch-neighbours", help="Every entry the threshold or the floor "
+                                         "selects brings the N entries on either side of it (default 0: off, as "
+                                         "the authors' release; docs/RESULTS.md sections 11s-11t measure N = 1)."),
     target_recall: float = typer.Option(None, "--target-recall", help="Store the fetch threshold that keeps this "
                                         "share (0-1] of the golden entries on the training run's held-out "
                                         "documents, instead of the trained 0.5 (a focal-loss indexer often fetches "
@@ -446,7 +449,7 @@ def export_command(
             raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
         given = [flag for flag, value in (("--keep-recent", keep_recent), ("--keep-first", keep_first),
                                           ("--ensemble", ensemble), ("--fetch-top", fetch_top),
-                                          ("--target-recall", target_recall))
+                                          ("--fetch-neighbours", fetch_neighbours), ("--target-recall", target_recall))
                  if value is not None]
         if given:
             raise FmIndexError(f"{given[0]} has no place in the authors' checkpoint (weights only); their server "
@@ -460,7 +463,8 @@ def export_command(
                       "a backbone); the old name still works")
     if (train_dir is None) == (model is None):
         raise FmIndexError("give --train-dir DIR (the output of fm-index train)")
-    resident = {"keep_recent": keep_recent, "keep_first": keep_first, "ensemble": ensemble, "fetch_top": fetch_top}
+    resident = {"keep_recent": keep_recent, "keep_first": keep_first, "ensemble": ensemble, "fetch_top": fetch_top,
+                "fetch_neighbours": fetch_neighbours}
     check_export_inputs(train_dir or model, out, target_recall)  # before the progress bar
     import json
     from pathlib import Path
@@ -530,7 +534,7 @@ def generate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
-    fetch_neighbours: int = typer.Option(0, "--fetch-neighbours", help=FETCH_NEIGHBOURS_HELP),
+    fetch_neighbours: int = typer.Option(None, "--fetch-neighbours", help=FETCH_NEIGHBOURS_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),
@@ -649,7 +653,7 @@ def evaluate_command(
     keep_first: int = typer.Option(None, "--keep-first", help=KEEP_FIRST_HELP),
     ensemble: str = typer.Option(None, "--ensemble", help=ENSEMBLE_HELP),
     fetch_top: int = typer.Option(None, "--fetch-top", help=FETCH_TOP_HELP),
-    fetch_neighbours: int = typer.Option(0, "--fetch-neighbours", help=FETCH_NEIGHBOURS_HELP),
+    fetch_neighbours: int = typer.Option(None, "--fetch-neighbours", help=FETCH_NEIGHBOURS_HELP),
     page_size: int = typer.Option(0, "--page-size", help=PAGE_SIZE_HELP),
     max_pages: int = typer.Option(0, "--max-pages", help=MAX_PAGES_HELP),
     page_ties: str = typer.Option("recent", "--page-ties", help=PAGE_TIES_HELP),

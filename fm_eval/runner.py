@@ -110,7 +110,7 @@ class EvalConfig:
     pool_storage: str = "model"  # the cold pool's host rows: model dtype or fp8 (SessionConfig.pool_storage)
     ensemble: str | None = None  # lsa's combination of the memory layers' scores: max or mean (None: the export's)
     fetch_top: int | None = None  # lsa's floor: each memory layer's best-scored entries fetched (None: the export's)
-    fetch_neighbours: int = 0  # lsa: the entries on either side of each selected one that come with it (0: off)
+    fetch_neighbours: int | None = None  # lsa: the entries either side of each selected one (None: the export's)
     page_size: int = 0  # lsa's page recall: whole pages of this many entries (0: single entries)
     max_pages: int = 0  # ... and how many pages stay resident
     page_ties: str = "recent"  # ... and which of equal-count pages stay: the newer (the release) or the best-scored
@@ -172,7 +172,7 @@ class EvalConfig:
             del blob["page_size"], blob["max_pages"]
         if blob["page_ties"] == "recent":  # likewise: the release's tie rule, as before the option
             del blob["page_ties"]
-        if not blob["fetch_neighbours"]:  # likewise: single entries, as before the option
+        if blob["fetch_neighbours"] is None:  # likewise: the export's, off before exports could hold them
             del blob["fetch_neighbours"]
         if blob["attention"] == "eager":  # likewise: transformers' attention, as before the option
             del blob["attention"]

@@ -52,9 +52,10 @@ def load_trained_indexer(directory: str | Path, backbone: str | None = None,
 def export_indexer(model_dir: str | Path, out: str | Path, expected_config_hash: str | None = None,
                    resident: dict | None = None, target_recall: float | None = None, progress=None) -> Path:
     """Write the export of the trained indexer in ``model_dir`` to ``out`` (atomically; ``out`` must not exist).
-    ``resident``: ``keep_recent`` / ``keep_first`` / ``ensemble`` / ``fetch_top`` to store instead of the trained
-    config's (None values keep it). ``target_recall``: store the threshold that keeps this share of the golden entries on the
-    training run's held-out documents (:mod:`indexer_train.threshold`) instead of the trained one."""
+    ``resident``: ``keep_recent`` / ``keep_first`` / ``ensemble`` / ``fetch_top`` / ``fetch_neighbours`` to store
+    instead of the trained config's (None values keep it). ``target_recall``: store the threshold that keeps this
+    share of the golden entries on the training run's held-out documents (:mod:`indexer_train.threshold`) instead
+    of the trained one."""
     from dataclasses import replace
 
     out = check_export_inputs(model_dir, out, target_recall)

@@ -146,10 +146,11 @@ class SessionConfig:
     * ``fetch_top`` (mode lsa; None: the export's, 0 unless it was exported with one): a floor under the
       threshold, each memory layer's ``fetch_top`` best-scored entries fetched whatever their score (the release
       has none: its threshold alone; docs/RESULTS.md, section 10, shows a needle scored below it at 32K);
-    * ``fetch_neighbours`` (mode lsa; 0: off, as the release): each entry the threshold or the floor selects brings
-      the ``fetch_neighbours`` entries on either side of it (ours; a needle's value without the entries beside it
-      is misread, docs/RESULTS.md sections 11 and 11s); under a ``budget`` a neighbour ranks by the best score
-      within its reach; not with page recall, which brings whole pages;
+    * ``fetch_neighbours`` (mode lsa; None: the export's, 0 = off as the release unless it was exported with one):
+      each entry the threshold or the floor selects brings the ``fetch_neighbours`` entries on either side of it
+      (ours; a needle's value without the entries beside it is misread, docs/RESULTS.md sections 11 and 11s);
+      under a ``budget`` a neighbour ranks by the best score within its reach; not with page recall, which brings
+      whole pages (page recall asked for here overrides an export's neighbours);
     * ``page_size`` / ``max_pages`` (mode lsa; 0 / 0: off, single entries): page recall as the release deploys it,
       the resident set is every entry of the ``max_pages`` pages of ``page_size`` entries that hold the recency tail
       or the sink or the most selected entries (:class:`~.policies.MemoryIndexerPolicy`); not with a ``budget`` in
@@ -203,7 +204,7 @@ class SessionConfig:
     keep_first: int | None = None
     ensemble: str | None = None
     fetch_top: int | None = None
-    fetch_neighbours: int = 0
+    fetch_neighbours: int | None = None
     page_size: int = 0
     max_pages: int = 0
     page_ties: str = "recent"
@@ -244,7 +245,8 @@ class SessionConfig:
         object.__setattr__(self, "max_pages", max_pages)
         check_page_ties(self.page_ties)
         object.__setattr__(self, "distance_cap", check_distance_cap(self.distance_cap))
-        object.__setattr__(self, "fetch_neighbours", check_neighbours(self.fetch_neighbours, page_size))
+        if self.fetch_neighbours is not None:
+            object.__setattr__(self, "fetch_neighbours", check_neighbours(self.fetch_neighbours, page_size))
         if page_size and self.mode == "lsa" and self.budget is not None:
             raise SessionError("page recall (page_size, max_pages) bounds the set by whole pages: give it no budget")
         if self.pool_storage not in POOL_STORAGE:

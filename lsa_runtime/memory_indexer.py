@@ -94,6 +94,9 @@ class MemoryIndexerConfig:
     # a floor under the threshold: each memory layer's fetch_top best-scored entries are fetched whatever their
     # score (0: the release's threshold alone; lsa_runtime.policies.MemoryIndexerPolicy)
     fetch_top: int = 0
+    # each entry the threshold or the floor selects brings this many entries on either side of it (0: off, the
+    # release's single entries; ours, lsa_runtime.policies.MemoryIndexerPolicy)
+    fetch_neighbours: int = 0
     # the longest trigger-to-entry distance (tokens) in its training labels: the last trigger position t0 of its
     # training documents (0: unknown, an export from before it was recorded); what distance_cap "trained" uses
     trained_distance: int = field(default=0, compare=False)
@@ -106,9 +109,9 @@ class MemoryIndexerConfig:
         if self.rank < 1:
             raise FmIndexError(f"rank must be >= 1, got {self.rank}")
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
-        if int(self.keep_recent) < 0 or int(self.keep_first) < 0 or int(self.fetch_top) < 0:
-            raise FmIndexError(f"keep_recent, keep_first and fetch_top must be >= 0 entries, got {self.keep_recent}, "
-                               f"{self.keep_first}, {self.fetch_top}")
+        for name in ("keep_recent", "keep_first", "fetch_top", "fetch_neighbours"):
+            if int(getattr(self, name)) < 0:
+                raise FmIndexError(f"{name} must be >= 0 entries, got {getattr(self, name)}")
         if self.ensemble not in ENSEMBLES:
             raise FmIndexError(f"ensemble must be max or mean, got {self.ensemble!r}")
         if isinstance(self.trained_distance, bool) or int(self.trained_distance) != self.trained_distance \
@@ -156,6 +159,8 @@ class MemoryIndexerConfig:
         out["csa_indices"] = list(self.csa_indices)
         if not self.trained_distance:  # unknown: written as before the field existed
             del out["trained_distance"]
+        if not self.fetch_neighbours:  # off: written as before the field existed
+            del out["fetch_neighbours"]
         return {"format": EXPORT_FORMAT, **out}
 
     @classmethod

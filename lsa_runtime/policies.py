@@ -334,6 +334,14 @@ def top_entries(scores: torch.Tensor, m: int) -> torch.Tensor:
 _BUDGETED_SELECTS = (RecentPolicy.select, RandomPolicy.select, GivenEntriesPolicy.select, OraclePolicy.select)
 
 
+def resolved_neighbours(config: SessionConfig, export) -> int:
+    """Mode lsa's ``fetch_neighbours``: the config's, else the export's (``export``: its MemoryIndexerConfig), except
+    under page recall asked for in the config, which brings whole pages instead."""
+    if config.fetch_neighbours is not None:
+        return config.fetch_neighbours
+    return 0 if config.page_size else int(export.fetch_neighbours)
+
+
 def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict | None = None) -> ResidentPolicy | None:
     """The trigger policy of ``config.mode`` (None for ``full`` and ``hisparse``: no triggers).
 
@@ -356,7 +364,7 @@ def make_policy(config: SessionConfig, memory_indexer=None, native_picks: dict |
             ensemble=export.ensemble if config.ensemble is None else config.ensemble,
             fetch_top=export.fetch_top if config.fetch_top is None else config.fetch_top,
             page_size=config.page_size, max_pages=config.max_pages, distance_cap=config.distance_cap,
-            page_ties=config.page_ties, fetch_neighbours=config.fetch_neighbours)
+            page_ties=config.page_ties, fetch_neighbours=resolved_neighbours(config, export))
     if mode == "all":
         return AllEntriesPolicy()
     if mode == "recent":

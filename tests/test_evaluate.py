@@ -169,10 +169,11 @@ def test_page_recall_is_part_of_the_resume_fingerprint_only_when_on():
         EvalConfig(model="tiny", page_size=8, max_pages=40, page_ties="newest").check()
 
 
-def test_fetch_neighbours_decodes_wider_sets_and_is_part_of_the_fingerprint_only_when_on(backbone, export_dir,
-                                                                                        tmp_path):
+def test_fetch_neighbours_decodes_wider_sets_and_is_part_of_the_fingerprint_only_when_given(backbone, export_dir,
+                                                                                           tmp_path):
     """With --fetch-neighbours 1 each trigger keeps at least the entries it kept without, and more where a selected
-    entry had an unselected neighbour; the option enters the resume fingerprint only when on."""
+    entry had an unselected neighbour; the option enters the resume fingerprint only when given (absent: the
+    export's, as before exports could hold it)."""
     sets = {}
     for w in (0, 1):
         config = EvalConfig(model="tiny", modes=("lsa",), tasks=(TASK,), lengths=(LENGTH,), samples=SAMPLES,
@@ -180,7 +181,19 @@ def test_fetch_neighbours_decodes_wider_sets_and_is_part_of_the_fingerprint_only
         results = evaluate(config, tmp_path / f"w{w}", backbone=backbone)
         sets[w] = [n for r in _runs(results, "lsa") for n in r["selected_per_trigger"]]
         fingerprint = json.loads((tmp_path / f"w{w}/config.json").read_text())["fingerprint"]
-        assert fingerprint.get("fetch_neighbours", 0) == w and ("fetch_neighbours" in fingerprint) == bool(w)
+        assert fingerprint["fetch_neighbours"] == w
+    assert "fetch_neighbours" not in EvalConfig(model="tiny").check().fingerprint()
+    # an export written with neighbours (fm-index export --fetch-neighbours 1) decodes as --fetch-neighbours 1
+    exported = tmp_path / "export_nb1"
+    exported.mkdir()
+    for f in Path(export_dir).iterdir():
+        (exported / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((exported / "lsa_config.json").read_text())
+    (exported / "lsa_config.json").write_text(json.dumps({**cfg, "fetch_neighbours": 1}))
+    config = EvalConfig(model="tiny", modes=("lsa",), tasks=(TASK,), lengths=(LENGTH,), samples=SAMPLES,
+                        max_new_tokens=NEW, indexer=str(exported), tau=TAU, threshold=0.6)
+    results = evaluate(config, tmp_path / "from_export", backbone=backbone)
+    assert [n for r in _runs(results, "lsa") for n in r["selected_per_trigger"]] == sets[1]
     assert len(sets[0]) == len(sets[1]) and all(a <= b for a, b in zip(sets[0], sets[1])) and sets[1] != sets[0]
     with pytest.raises(SessionError, match="fetch_neighbours"):
         EvalConfig(model="tiny", page_size=8, max_pages=40, fetch_neighbours=1).check()

@@ -15,8 +15,9 @@ class FixedScores:
 
     def __init__(self, logits: dict[int, list[float]], **config):
         self.logits = {L: torch.tensor(v) for L, v in logits.items()}
-        self.config = SimpleNamespace(layers=tuple(self.logits), csa_indices=(), keep_recent=0, keep_first=0,
-                                      ensemble="max", fetch_top=0, **config)
+        self.config = SimpleNamespace(**{"layers": tuple(self.logits), "csa_indices": (), "keep_recent": 0,
+                                         "keep_first": 0, "ensemble": "max", "fetch_top": 0, "fetch_neighbours": 0,
+                                         **config})
 
     def trigger_logits(self, hidden, position, keys, n_visible):
         return {L: v[:n_visible] for L, v in self.logits.items()}
@@ -238,3 +239,16 @@ def test_fetch_neighbours_is_refused_with_page_recall_and_below_zero():
     policy = make_policy(SessionConfig(mode="lsa", fetch_neighbours=2).resolved(), FixedScores({2: L2}))
     assert policy.fetch_neighbours == 2 and "2 neighbours each side" in policy.describe()
     assert make_policy(SessionConfig(mode="lsa").resolved(), FixedScores({2: L2})).fetch_neighbours == 0
+
+
+def test_fetch_neighbours_defaults_to_the_exports_and_page_recall_overrides_it():
+    """An export written with neighbours (fm-index export --fetch-neighbours) brings them unless the session asks for
+    another count (0 included) or for page recall, which brings whole pages instead."""
+    exported = FixedScores({2: L2, 4: L4}, fetch_neighbours=1)
+    policy = make_policy(SessionConfig(mode="lsa", threshold=0.9).resolved(), exported)
+    assert policy.fetch_neighbours == 1 and select(policy, 10) == [0, 1]  # entry 0 (3.0 >= logit(0.9)) and its right
+    off = make_policy(SessionConfig(mode="lsa", threshold=0.9, fetch_neighbours=0).resolved(), exported)
+    assert off.fetch_neighbours == 0 and select(off, 10) == [0]
+    assert make_policy(SessionConfig(mode="lsa", fetch_neighbours=2).resolved(), exported).fetch_neighbours == 2
+    pages = make_policy(SessionConfig(mode="lsa", page_size=2, max_pages=1).resolved(), exported)
+    assert pages.fetch_neighbours == 0 and pages.page_size == 2

@@ -190,6 +190,23 @@ def test_export_stores_the_fetch_top_floor(finished_run, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_export_stores_neighbours_only_when_asked(finished_run, tmp_path):
+    """--fetch-neighbours 1 is written into lsa_config.json; without it the file has no such key (as exports made
+    before the option, which load with neighbours off); a negative count is refused before anything is written."""
+    assert invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "e1", "--fetch-neighbours",
+                  "1").exit_code == 0
+    assert json.loads((tmp_path / "e1" / "lsa_config.json").read_text())["fetch_neighbours"] == 1
+    assert MemoryIndexer.from_export(tmp_path / "e1").config.fetch_neighbours == 1
+    assert invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "e0").exit_code == 0
+    assert "fetch_neighbours" not in json.loads((tmp_path / "e0" / "lsa_config.json").read_text())
+    assert MemoryIndexer.from_export(tmp_path / "e0").config.fetch_neighbours == 0
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "bad",
+                             "--fetch-neighbours", "-1"), "fetch_neighbours must be >= 0")
+    assert not (tmp_path / "bad").exists()
+    assert_user_error(invoke("export", "--train-dir", finished_run[0], "--out", tmp_path / "joint.pt", "--format",
+                             "flashmemory", "--fetch-neighbours", "1"), "--fetch-neighbours has no place")
+
+
 def test_flashmemory_format_needs_the_releases_key_geometry(labels, finished_run, tmp_path):
     """The release's retriever scores 128-dim index keys; these synthetic labels have 8-dim keys: refused, nothing
     written. (The format itself round-trips in tests/test_release_format.py.)"""
