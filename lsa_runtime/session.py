@@ -193,9 +193,10 @@ class Session:
         s_full = s.with_config(mode="full")          # another mode on the same loaded backbone
 
     Options are a :class:`~.config.SessionConfig` (``config=``) or its fields as keywords (``mode``, ``tau``,
-    ``threshold``, ``budget``, ``keep_recent``, ``keep_first``, ``ensemble``, ``fetch_top``, ``chunk_size``, ``seed``,
-    ``memory_keys``, ``prefetch_steps``, ``decode_graphs``, ``max_score_bytes``; their meaning
-    is documented there). ``indexer``: an ``fm-index export`` directory, the authors' release checkpoint (a
+    ``threshold``, ``budget``, ``keep_recent``, ``keep_first``, ``ensemble``, ``fetch_top``, ``fetch_neighbours``,
+    ``page_size``, ``max_pages``, ``chunk_size``, ``seed``, ``memory_keys``, ``prefetch_steps``, ``decode_graphs``,
+    ``max_score_bytes``, ...; their meaning is documented there; the resident set's options left None take the
+    export's). ``indexer``: an ``fm-index export`` directory, the authors' release checkpoint (a
     ``.pt`` file) or a ``MemoryIndexer`` (mode ``lsa``; its tau and threshold are the defaults). ``policy``: any
     :class:`~.policies.ResidentPolicy` instead of the mode's (e.g. an ``OraclePolicy`` fed by
     :func:`~.policies.record_native_picks`). ``decode_graphs`` installs the backbone's stateless decode modules as
