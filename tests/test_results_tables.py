@@ -1724,3 +1724,97 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_the_code_tasks_ar
                             (("niah_multivalue", 4), "8990270", "8993870")):
         assert f" {said}," in clsa[k]["prediction"] and answer in clsa[k]["answers"] and answer in code[k]["prediction"]
         assert code[k]["score"] > clsa[k]["score"] and f"{said} for {answer}" in flat
+
+
+def test_section11u_neighbours_in_bf16_on_the_device_code_seed1_and_multiquery_are_the_raw_outputs(monkeypatch):
+    """Section 11u: the stored variant tables byte for byte, the section's rows rebuilt from them, the runs' settings,
+    and every count and figure the text quotes recomputed from the stored runs."""
+    import json
+    from statistics import mean
+
+    section, opening, flat = _results_section("## 11u.")
+    flat = flat.replace("\n", " ")
+    t, r, name = "docs/results/table_long_h200", "docs/results/neighbours_cpu", "lsa + neighbours 1"
+    d8 = f"{t}/run8_neighbours"
+    cases = []
+    for L in ("64k", "32k"):
+        base = [f"{d8}/nb1_{L}", f"{t}/run2_fetch_top64/eval_{L}", "--name", name]
+        cases += [(f"{d8}/nb1_{L}_variant.md", base),
+                  (f"{d8}/nb1_{L}_vs_pages.md", [*base, "--versus", f"{t}/run3_pages/eval_{L}_pages",
+                                                 "--versus-name", "pages"])]
+    cases += [(f"{r}/{s}_nb1_variant.md", [f"{r}/{s}_nb1", f"{r}/{s}", "--name", name])
+              for s in ("code_64k_s1", "mq_32k", "mq_64k")]
+    outs = dict(zip([stored for stored, _ in cases], _variant_tables(monkeypatch, *cases)))
+
+    rows = (("the table's four tasks (bf16, device)", f"{d8}/nb1_32k", "| 32,768 |", f"{d8}/nb1_32k_vs_pages"),
+            ("", f"{d8}/nb1_64k", "| 65,536 |", f"{d8}/nb1_64k_vs_pages"),
+            ("code-haystack tasks, seed 1 (CPU)", f"{r}/code_64k_s1_nb1", "| 65,536 |", None),
+            ("multi-query needles (CPU)", f"{r}/mq_32k_nb1", "| 32,768 |", None),
+            ("", f"{r}/mq_64k_nb1", "| 65,536 |", None))
+    for label, stem, prefix, pages in rows:
+        c = _cells(outs[f"{stem}_variant.md"], prefix)
+        vs_pages = "-" if pages is None else " ".join(_cells(outs[f"{pages}.md"], prefix)[6:8])
+        row = (f"| {label} | {c[0]} | {c[1]} | {c[2]} | {c[4]} {c[5]} | {c[6]} {c[7]} | {vs_pages} "
+               f"| {c[8].split(' / ')[0]} | {c[9].split(' / ')[0]} | {c[10].split(' / ')[0]} |")
+        assert (row if label else row.replace("|  |", "| |", 1)) in section, row
+
+    # the settings: the table's export and floor, width 1; the device's eager attention, the CPU's window
+    sha = json.loads((REPO / f"{t}/run5_heldout_limits/varied_64k/config.json").read_text())["identity"]
+    cpu = [(f"{r}/{s}{x}", int(bool(x)), "window") for s in ("code_64k_s1", "mq_32k", "mq_64k") for x in ("", "_nb1")]
+    for d, nb, attention in [(f"{d8}/nb1_{L}", 1, None) for L in ("64k", "32k")] + cpu:
+        config = json.loads((REPO / d / "config.json").read_text())
+        fp = config["fingerprint"]
+        assert (fp["fetch_top"], fp.get("fetch_neighbours", 0), fp.get("attention"), fp["chunk_size"]) == \
+            (64, nb, attention, 4096), d
+        assert config["identity"]["indexer_sha256"] == sha["indexer_sha256"], d
+    assert json.loads((REPO / f"{r}/code_64k_s1/config.json").read_text())["fingerprint"]["seed"] == 1
+
+    # the device: every digest the table's, full's and LSA's accuracy, counts above and below, equal texts
+    key = ("task", "index")
+    for L, counts, texts in (("64k", ((19, 6), (25, 4)), (13, 7)), ("32k", ((12, 5), (8, 4)), (34, 29))):
+        nb = _stored_runs(f"{d8}/nb1_{L}/runs.jsonl.gz", key)
+        full, lsa = (_stored_runs(f"{t}/run2_fetch_top64/eval_{L}/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
+        assert len(nb) == 80 and all(nb[k]["prompt_sha"] == full[k]["prompt_sha"] == lsa[k]["prompt_sha"] for k in nb)
+        assert (_above_below(nb, full), _above_below(nb, lsa)) == counts, L
+        assert tuple(sum(x[k]["prediction"] == full[k]["prediction"] for k in nb) for x in (nb, lsa)) == texts, L
+        if L == "64k":
+            assert [f"{100 * mean(x[k]['score'] for k in nb):.1f}" for x in (full, lsa)] == ["57.4", "53.9"]
+            assert "against full's 57.4% and LSA's 53.9%" in flat
+            assert [k for k in nb if nb[k]["score"] < full[k]["score"] and k[0] != "vt"] == [("niah_multikey_1", 15)]
+    assert "Above full on 19 prompts and below on 6" in flat and "above LSA on 25, below on 4" in flat
+    assert "on 13 of 80 prompts at 64K (LSA's on 7) and 34 at 32K (LSA's 29)" in flat
+
+    # the code-haystack tasks, seed 1: LSA's two listed multi-key answers; both prompt sets together
+    nb = _stored_runs(f"{r}/code_64k_s1_nb1/runs.jsonl.gz", key)
+    full, lsa = (_stored_runs(f"{r}/code_64k_s1/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
+    assert _above_below(nb, full) == (5, 0) and _above_below(nb, lsa) == (3, 2)
+    assert sorted(k for k in nb if nb[k]["score"] < lsa[k]["score"]) == [("niah_multikey_1", 0), ("niah_multikey_1", 2)]
+    for i in (0, 2):
+        k = ("niah_multikey_1", i)
+        assert nb[k]["prediction"].split()[0] == full[k]["prediction"].split()[0] != lsa[k]["answers"][0] + "."
+        assert nb[k]["score"] == full[k]["score"] == 0 and lsa[k]["score"] == 1
+        assert lsa[k]["prediction"].count(",") >= 3 and lsa[k]["answers"][0] in lsa[k]["prediction"]
+    nb0 = _stored_runs(f"{r}/code_64k_nb1/runs.jsonl.gz", key)
+    full0, lsa0 = (_stored_runs(f"{r}/code_64k/runs.jsonl.gz", key, mode=m) for m in ("full", "lsa"))
+    pooled = [tuple(a + b for a, b in zip(_above_below(nb, x), _above_below(nb0, y))) for x, y in
+              ((full, full0), (lsa, lsa0))]
+    assert pooled == [(11, 0), (9, 3)] and f"p = {2 * 0.5 ** 11:.3f}" in flat
+    assert "above full on 11 and below on none (exact sign test p = 0.001), above LSA on 9 and below on 3" in flat
+
+    # multi-query: full answers all four on no prompt; LSA's interval from the evaluation's own table
+    for L, lsa_row, counts in (("32k", "| lsa | 32,768 | 32.5 | [23.8, 42.5] | +6.2 | [-2.5, 16.2] | 20 |", (6, 1)),
+                               ("64k", "| lsa | 65,536 | 15.6 | [3.1, 28.1] | +0.0 | [-15.6, 15.6] | 8 |", (4, 0))):
+        assert lsa_row in (REPO / f"{r}/mq_{L}/results.md").read_text()
+        full = _stored_runs(f"{r}/mq_{L}/runs.jsonl.gz", key, mode="full")
+        nb = _stored_runs(f"{r}/mq_{L}_nb1/runs.jsonl.gz", key)
+        assert not [k for k in full if full[k]["score"] == 1.0] and _above_below(nb, full) == counts
+        assert f"{100 * mean(v['score'] for v in full.values()):.1f}" == {"32k": "26.2", "64k": "15.6"}[L]
+    assert "LSA 32.5% (+6.2 [-2.5, 16.2]) and 15.6% (+0.0 [-15.6, 15.6])" in flat
+    assert "above full on 6 and 4 prompts and below on 1 and 0" in flat
+
+    # the opening: the 32K and 64K goal rows and the multi-query line
+    d64 = " ".join(_cells(outs[f"{d8}/nb1_64k_variant.md"], "| 65,536 |")[4:6])
+    d32 = " ".join(_cells(outs[f"{d8}/nb1_32k_variant.md"], "| 32,768 |")[4:6])
+    assert f"neighbours on the device (bf16, H100) **{d64}** at 3.0% of the CSA KV" in opening
+    assert f"neighbours (bf16, device) {d32} | 11, 11f, 11u |" in opening
+    assert "RULER's share of them: 26.2% / 15.6%, 11u" in opening

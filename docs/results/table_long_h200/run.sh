@@ -171,6 +171,10 @@
 # Thirty-first session (2026-12-06): that call (both cells chained, BUDGET from one clock) was refused at every try
 # (fourteen calls, 23:57 to 02:29; no machine started). On the CPU neighbours ran at 2K/4K, on the varied formats at 64K
 # and on the code-haystack tasks (RESULTS section 11t). It stays the next device call.
+# Thirty-second session (2026-12-06): that call ran, on an H100 (`kind` nvidia-h100-x1, offered after thirteen refused
+# calls; 4 workers): 64K 80 runs in 342 s, 32K 80 in 177 s, one call of 519 s; RESULTS section 11u, raw in
+# run8_neighbours/. Every neighbours cell this script was written for has run; section 1 (above) is the device work
+# left.
 # In a later session (the device's disk is gone): unpack labels' pack.tar.gz and this script's eval.tar.gz here
 # (tar xzf; their paths start at runs/labels_long/) and carry runs/labels_long/export and runs/labels_long/eval.
 # What it does: `fm-index export --target-recall 0.8` unless the labels' call made it (the fetch threshold that keeps
