@@ -428,7 +428,7 @@ def export_command(
                                   "alone, as the authors' release)."),
     fetch_neighbours: int = typer.Option(None, "--fetch-neighbours", help="Every entry the threshold or the floor "
                                          "selects brings the N entries on either side of it (default 0: off, as "
-                                         "the authors' release; docs/RESULTS.md sections 11s-11t measure N = 1)."),
+                                         "the authors' release; docs/RESULTS.md sections 11s-11u measure N = 1)."),
     target_recall: float = typer.Option(None, "--target-recall", help="Store the fetch threshold that keeps this "
                                         "share (0-1] of the golden entries on the training run's held-out "
                                         "documents, instead of the trained 0.5 (a focal-loss indexer often fetches "
