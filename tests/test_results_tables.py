@@ -86,6 +86,18 @@ def _above_below(a: dict, b: dict) -> tuple[int, int]:
     return sum(a[k]["score"] > b[k]["score"] for k in a), sum(a[k]["score"] < b[k]["score"] for k in a)
 
 
+def _neighbours_rows_quoted(outs: dict, section: str, rows) -> None:
+    """Sections 11t/11u: each (label, variant table, line prefix, versus-pages table or None) as the section's row
+    (label, length, n, accuracy, minus full, minus LSA, minus page recall, the footprints and entries of the variant);
+    an empty label continues the row above."""
+    for label, stem, prefix, pages in rows:
+        c = _cells(outs[f"{stem}_variant.md"], prefix)
+        vs_pages = "-" if pages is None else " ".join(_cells(outs[f"{pages}.md"], prefix)[6:8])
+        row = (f"| {label} | {c[0]} | {c[1]} | {c[2]} | {c[4]} {c[5]} | {c[6]} {c[7]} | {vs_pages} "
+               f"| {c[8].split(' / ')[0]} | {c[9].split(' / ')[0]} | {c[10].split(' / ')[0]} |")
+        assert (row if label else row.replace("|  |", "| |", 1)) in section, row
+
+
 def _rows_quoted(out: str, section: str, prefixes: tuple[str, ...], count: int) -> list[str]:
     """The ``count`` lines of ``out`` that start with one of ``prefixes``, each found verbatim in ``section``."""
     rows = [line for line in out.splitlines() if line.startswith(prefixes)]
@@ -1654,12 +1666,8 @@ def test_section11t_neighbours_at_the_short_end_varied_64k_and_the_code_tasks_ar
             ("seen formats", "varied_64k_nb1_seen", "| 65,536 |", "varied_64k_nb1_seen_vs_pages"),
             ("code-haystack tasks: multi-value, multi-key", "code_32k_nb1", "| 32,768 |", None),
             ("", "code_64k_nb1", "| 65,536 |", None))
-    for label, stem, prefix, pages in rows:
-        c = _cells(outs[f"{r}/{stem}_variant.md"], prefix)
-        vs_pages = "-" if pages is None else " ".join(_cells(outs[f"{r}/{pages}.md"], prefix)[6:8])
-        row = (f"| {label} | {c[0]} | {c[1]} | {c[2]} | {c[4]} {c[5]} | {c[6]} {c[7]} | {vs_pages} "
-               f"| {c[8].split(' / ')[0]} | {c[9].split(' / ')[0]} | {c[10].split(' / ')[0]} |")
-        assert (row if label else row.replace("|  |", "| |", 1)) in section, row
+    _neighbours_rows_quoted(outs, section, [(label, f"{r}/{stem}", prefix, pages and f"{r}/{pages}")
+                                            for label, stem, prefix, pages in rows])
     # --tasks by hand: each table counts its own task's prompts whose digests equal the device's (16 seen, 20 held out)
     key = ("task", "index")
     nb1 = _stored_runs(f"{r}/varied_64k_nb1/runs.jsonl.gz", key)
@@ -1751,12 +1759,7 @@ def test_section11u_neighbours_in_bf16_on_the_device_code_seed1_and_multiquery_a
             ("code-haystack tasks, seed 1 (CPU)", f"{r}/code_64k_s1_nb1", "| 65,536 |", None),
             ("multi-query needles (CPU)", f"{r}/mq_32k_nb1", "| 32,768 |", None),
             ("", f"{r}/mq_64k_nb1", "| 65,536 |", None))
-    for label, stem, prefix, pages in rows:
-        c = _cells(outs[f"{stem}_variant.md"], prefix)
-        vs_pages = "-" if pages is None else " ".join(_cells(outs[f"{pages}.md"], prefix)[6:8])
-        row = (f"| {label} | {c[0]} | {c[1]} | {c[2]} | {c[4]} {c[5]} | {c[6]} {c[7]} | {vs_pages} "
-               f"| {c[8].split(' / ')[0]} | {c[9].split(' / ')[0]} | {c[10].split(' / ')[0]} |")
-        assert (row if label else row.replace("|  |", "| |", 1)) in section, row
+    _neighbours_rows_quoted(outs, section, rows)
 
     # the settings: the table's export and floor, width 1; the device's eager attention, the CPU's window
     sha = json.loads((REPO / f"{t}/run5_heldout_limits/varied_64k/config.json").read_text())["identity"]
