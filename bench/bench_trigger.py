@@ -16,42 +16,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
+from lsa_runtime.backbone import default_memory_layers
 from lsa_runtime.cold_pool import ColdPool
 from lsa_runtime.kernels.pool_gather import gather_rows, zero_copy_available
 from lsa_runtime.memory_indexer import MemoryIndexer, MemoryIndexerConfig
 
 try:
+    from bench.flash_model import flash_config
     from bench.timing import median_ms
 except ImportError:  # run as a script: bench/ is on sys.path
+    from flash_model import flash_config
     from timing import median_ms
 
 
 def main():
-    from transformers import DeepseekV4Config
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=524288)
     ap.add_argument("--fetch-fraction", type=float, default=0.05)
     ap.add_argument("--csa-layers", type=int, default=21)
     ap.add_argument("--rank", type=int, default=2048)
+    ap.add_argument("--gather-programs", type=int, default=None, metavar="N",
+                    help="most programs of one zero-copy gather (lsa_runtime/kernels/pool_gather.py PROGRAMS; 0: one "
+                         "per block of 16 rows; default: the module's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--score-only", action="store_true", help="measure the scoring, skip the fetch")
     ap.add_argument("--profile", action="store_true", help="print the operators of one scoring (torch.profiler)")
     args = ap.parse_args()
+    if args.gather_programs is not None:
+        if args.gather_programs < 0:
+            print("error: --gather-programs must be >= 0", file=sys.stderr)
+            sys.exit(2)
+        from lsa_runtime.kernels import pool_gather
+
+        pool_gather.PROGRAMS = args.gather_programs
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
-    cfg = DeepseekV4Config()  # V4-Flash
+    cfg = flash_config()  # V4-Flash's layout (transformers' default config puts its CSA layers elsewhere)
     T = args.context // 4
     gen = torch.Generator(device=device).manual_seed(0)
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "context": args.context, "entries": T}
 
     # 1. scoring all entries at the three memory layers, OR at 0.5
-    layers = (10, 12, 20)
+    layers = tuple(default_memory_layers(cfg))  # model layers 22, 26, 42 (CSA indices 10, 12, 20)
+    result["memory_layers"] = list(layers)
     mcfg = MemoryIndexerConfig.from_backbone_config(cfg, layers, rank=args.rank)
     indexer = MemoryIndexer(mcfg).to(device)
     for module in indexer.modules():
