@@ -400,11 +400,13 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
         return {**out, "trigger_ms": triggers, "trigger_ms_median": sorted(triggers)[len(triggers) // 2],
                 "trigger_ms_mean": sum(triggers) / len(triggers), "replay_with_triggers_step_ms": steps,
                 "fetched_per_trigger": sum(fetched) / len(fetched), "pool_grew": grew()}
-    # first up to 8 synchronous triggers (rows 0-7, selections of the prefetched size), timed apart and by phase,
-    # for comparison; the host's load average beside them (a busy host slows every host-side phase)
+    # first 8 synchronous triggers (rows 0-7 in turn, selections of the prefetched size), timed apart and by phase,
+    # for comparison; the host's load average beside them (a busy host slows every host-side phase). Eight at every
+    # B: with one trigger per row a B = 1 run timed only the scoring path's first call (1.8 s on the H100, run 22)
     sync, phases = [], []
     load = os.getloadavg()
-    for r in range(min(batch, 8)):
+    for i in range(8):
+        r = i % batch
         synchronize(device)
         start = time.perf_counter()
         phases.append(trigger_phases(runner, picker, keys, r, size, device))
@@ -459,7 +461,10 @@ def replay_with_triggers(runner: StaticRunner, context: int, batch: int, args, d
                 if isinstance(prefetcher, StreamPrefetcher):
                     prefetcher.launch()
             due(i + 1, i not in profiled)
-            synchronize(device)
+            if args.wait == "stream" and device == "cuda":
+                torch.cuda.current_stream().synchronize()
+            else:
+                synchronize(device)
             if window is not None and i <= 2 * TAU:
                 window_steps.append((time.perf_counter() - step_began) * 1e3)
             if profiled and i == profiled[-1]:
@@ -637,9 +642,23 @@ def main() -> None:
     ap.add_argument("--switch-intervals", default=None, metavar="MS[,MS...]",
                     help="Python's GIL switch interval(s) in ms, each batch size run once per value (default: the "
                          "interpreter's, 5 ms); the decode thread and prefetch helpers take turns on the GIL")
+    ap.add_argument("--gather-programs", type=int, default=None, metavar="N",
+                    help="most programs of one zero-copy pool gather (lsa_runtime/kernels/pool_gather.py PROGRAMS; "
+                         "0: one per block of 16 rows; default: the module's)")
+    ap.add_argument("--wait", choices=("device", "stream"), default="device",
+                    help="with --prefetch: what each window step waits for before the next: every stream (runs "
+                         "13-23) or the decode stream alone, as a Session's step (its tokens' read) does; a side "
+                         "stream's gather may then run on into the next step, which an install orders itself after")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.gather_programs is not None:
+        if args.gather_programs < 0:
+            print("error: --gather-programs must be >= 0", file=sys.stderr)
+            sys.exit(2)
+        from lsa_runtime.kernels import pool_gather
+
+        pool_gather.PROGRAMS = args.gather_programs
     try:
         args.switch_intervals = [float(x) for x in args.switch_intervals.split(",")] if args.switch_intervals \
             else [sys.getswitchinterval() * 1e3]
