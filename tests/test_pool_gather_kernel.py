@@ -10,8 +10,9 @@ from lsa_runtime.kernels.pool_gather import gather_rows, zero_copy_available
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs a CUDA device with pinned memory, or TRITON_INTERPRET=1 with triton installed")
-@pytest.mark.parametrize("width", [32, 300, 512])
-def test_gather_rows_equals_index_select(width):
+@pytest.mark.parametrize("width,programs", [(32, None), (300, None), (512, None), (300, 1), (512, 3)])
+def test_gather_rows_equals_index_select(width, programs):
+    """Every block of rows gathered, with one program per block or a few taking them in turn."""
     pytest.importorskip("triton")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -22,9 +23,17 @@ def test_gather_rows_equals_index_select(width):
     assert zero_copy_available(source, device)
     ids = torch.randint(0, 1000, (257,), generator=gen)
     out = torch.full((257, width), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
-    gather_rows(source, ids, device, out=out)
+    gather_rows(source, ids, device, out=out, programs=programs)
     assert torch.equal(out.cpu(), source[ids])
     assert gather_rows(source, ids[:0], device).shape == (0, width)
+
+
+def test_grid_caps_the_programs():
+    from lsa_runtime.kernels import pool_gather
+
+    assert [pool_gather._grid(b, p) for b, p in ((10, 0), (10, 4), (3, 4), (0, 4), (0, 0))] == [10, 4, 3, 1, 1]
+    with pytest.raises(ValueError, match="programs"):
+        pool_gather._grid(10, -1)
 
 
 def test_not_available_without_a_gpu_target():
@@ -35,10 +44,11 @@ def test_not_available_without_a_gpu_target():
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs a CUDA device with pinned memory, or TRITON_INTERPRET=1 with triton installed")
-@pytest.mark.parametrize("width", [32, 512])
-def test_gather_rows_layers_equals_per_layer_indexing(width):
+@pytest.mark.parametrize("width,programs", [(32, None), (512, None), (32, 2), (512, 7)])
+def test_gather_rows_layers_equals_per_layer_indexing(width, programs):
     """One launch for all layers: out[l, dst_rows] == sources[l][ids], other rows untouched, sources of
-    different lengths (pool rows grow per layer)."""
+    different lengths (pool rows grow per layer); with a program per (block, layer) or a few taking them in turn
+    (77 rows: 5 blocks x 5 layers, so 2 and 7 programs end on different layers)."""
     pytest.importorskip("triton")
     from lsa_runtime.kernels.pool_gather import gather_rows_layers
 
@@ -51,7 +61,7 @@ def test_gather_rows_layers_equals_per_layer_indexing(width):
     ids = torch.randint(0, 300, (77,), generator=gen)
     dst_rows = torch.randperm(90, generator=gen)[:77]
     out = torch.full((5, 90, width), 7.0, dtype=torch.bfloat16, device=device)
-    gather_rows_layers(sources, ids.to(device), dst_rows.to(device), out)
+    gather_rows_layers(sources, ids.to(device), dst_rows.to(device), out, programs=programs)
     out = out.cpu()
     untouched = torch.ones(90, dtype=torch.bool)
     untouched[dst_rows] = False
