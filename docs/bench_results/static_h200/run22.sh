@@ -1,5 +1,5 @@
 #!/bin/bash
-# Results: docs/BENCHMARKS.md, "Run 22"; raw under run22/.
+# Results: docs/BENCHMARKS.md, "Runs 22-25"; raw under run22/.
 # Device call for issue 18 (written 2026-12-06, thirty-third session). Two parts:
 # 1. On an H200 only (the goal's chip): run 21's batch-1 steps at 512K, full and LSA (13,125 slots), compiled, with
 #    the Lightning Indexer's unsorted picks; run 21 measured them on an H100 only (BENCHMARKS "Run 21, second part").

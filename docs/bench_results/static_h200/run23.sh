@@ -1,5 +1,5 @@
 #!/bin/bash
-# Results: docs/BENCHMARKS.md, "Run 23"; raw under run23/.
+# Results: docs/BENCHMARKS.md, "Runs 22-25"; raw under run23/.
 # Device call for issue 18 (written 2026-12-06, thirty-third session), after run 22:
 # 1. B = 1 at 128K and 512K again (churn 0.25, prefetch 1): run 22 timed one synchronous trigger at B = 1, the scoring
 #    path's first call (1.7-1.8 s); bench_static.py now times eight at every B.

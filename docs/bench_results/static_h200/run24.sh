@@ -1,5 +1,5 @@
 #!/bin/bash
-# Results: docs/BENCHMARKS.md, "Run 24"; raw under run24/.
+# Results: docs/BENCHMARKS.md, "Runs 22-25"; raw under run24/.
 # Device call for issue 18 (written 2026-12-06, thirty-third session), after runs 22-23: the prefetched trigger's
 # share at 128K, B = 47, churn 1.0 (run 22: 6.6%, the goal <= 5%), one machine, four variants in turn:
 #   programs 0, wait device   (runs 13-23: one gather program per 16 rows and layer; each step waits for every stream)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Results: docs/BENCHMARKS.md, "Run 25"; raw under run25/.
+# Results: docs/BENCHMARKS.md, "Runs 22-25"; raw under run25/.
 # Device call for issue 18 (thirty-third session), right after run 24 on the same machine: the gather's programs
 # again, alternating, at B = 128 (run 13's churn-1.0 case: 9.0%) and B = 47, churn 1.0, each step waiting for every
 # stream (the bench's measure since run 13).
