@@ -2,6 +2,8 @@
 # Results: docs/BENCHMARKS.md (to write: "Run 26"); raw under run26/.
 # Device call for issues 18 and 6's fetch goal (written 2026-12-06, thirty-third session; not run yet). What runs
 # 22-25 left open:
+# 0. The GPU tests of the zero-copy gathers (grid-stride since run 25: so far tested under the Triton interpreter
+#    only) and of the static resident rows that use them.
 # 1. The zero-copy gather alone with at most 32 programs (the default since run 25) against one per block: the fetch
 #    goal (>= 44 GB/s; 47.8 GB/s measured with one per block), bench_trigger.py at 512K, 5% of the entries fetched.
 # 2. On an H200 only (the goal's chip): run 21's batch-1 steps at 512K, full and LSA (13,125 slots), unsorted picks.
@@ -13,6 +15,9 @@ F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "device: $gpu"
 tag=$(echo "$gpu" | grep -q H200 && echo h200 || echo h100)
 left() { echo $(( ${BUDGET:-570} - ($(date +%s) - start) )); }
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not slow" --tb=short tests/test_pool_gather_kernel.py \
+  tests/test_static_residency.py > $OUT/gpu_tests.txt 2>&1
+echo "gpu tests rc=$?"; grep -E "[0-9]+ (passed|failed|errors?)|^(FAILED|ERROR)|^E  " $OUT/gpu_tests.txt | tail -8
 for p in 32 0 32; do
   echo "bench_trigger, gather programs $p"
   timeout 90 python3 bench/bench_trigger.py --gather-programs $p --json $OUT/${tag}_trigger_512k_p${p}_$(date +%s).json \
