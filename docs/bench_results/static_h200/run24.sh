@@ -6,7 +6,7 @@
 #   programs 32, wait device  (the zero-copy gather in at most 32 programs: leaves the other SMs to the replay)
 #   programs 32, wait stream  (and each step waits for the decode stream alone, as a Session's does)
 #   programs 0, wait stream
-# Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run24.sh"); results under $OUT.
+# Call: run(timeout_s=560, command="BUDGET=500 bash docs/bench_results/static_h200/run24.sh"); results under $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"

@@ -20,8 +20,9 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not slow" --tb=short te
 echo "gpu tests rc=$?"; grep -E "[0-9]+ (passed|failed|errors?)|^(FAILED|ERROR)|^E  " $OUT/gpu_tests.txt | tail -8
 for p in 32 0 32; do
   echo "bench_trigger, gather programs $p"
-  timeout 90 python3 bench/bench_trigger.py --gather-programs $p --json $OUT/${tag}_trigger_512k_p${p}_$(date +%s).json \
-    2>&1 | grep -v -i "$F" | grep -i "fetch\|zero\|staged\|ceiling\|scoring"
+  timeout 90 python3 bench/bench_trigger.py --gather-programs $p \
+    --json $OUT/${tag}_trigger_512k_p${p}_$(date +%s).json 2>&1 | grep -v -i "$F" \
+    | grep -i "fetch\|zero\|staged\|ceiling\|scoring"
 done
 if [ $tag = h200 ]; then
   for mode in full lsa; do
