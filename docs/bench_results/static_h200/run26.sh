@@ -6,7 +6,9 @@
 #    only) and of the static resident rows that use them.
 # 1. The zero-copy gather alone with at most 32 programs (the default since run 25) against one per block: the fetch
 #    goal (>= 44 GB/s; 47.8 GB/s measured with one per block), bench_trigger.py at 512K, 5% of the entries fetched.
-# 2. On an H200 only (the goal's chip): run 21's batch-1 steps at 512K, full and LSA (13,125 slots), unsorted picks.
+# 2. On an H200 only (the goal's chip): run 21's batch-1 steps at 512K, full and LSA (13,125 slots), unsorted picks;
+#    then full with the attention inputs fused (run 20 lost its GEMVs' 0.9 ms to a 5.7x slower compiled head-weighted
+#    sum; the head weights are made contiguous since, untimed).
 # 3. Random selections (churn 1.0) at 512K, prefetched one step ahead, B = 11 and 64 (not re-measured since runs 7-9).
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run26.sh"); results under $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -25,9 +27,9 @@ for p in 32 0 32; do
     | grep -i "fetch\|zero\|staged\|ceiling\|scoring"
 done
 if [ $tag = h200 ]; then
-  for mode in full lsa; do
+  for mode in full lsa full_fused; do
     [ $(left) -gt 200 ] || { echo "out of time before $mode"; continue; }
-    extra=(); [ $mode = lsa ] && extra=(--resident 13125)
+    extra=(); [ $mode = lsa ] && extra=(--resident 13125); [ $mode = full_fused ] && extra=(--fuse-inputs)
     echo "$mode, 512K, B = 1 (unsorted picks)"
     timeout 170 python3 bench/bench_static.py --compile --contexts 524288 --batches 1 --steps 8 "${extra[@]}" \
       --profile-ops --json $OUT/${mode}_512k_b1.json 2>&1 | grep -v -i "$F"
