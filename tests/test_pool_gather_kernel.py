@@ -143,7 +143,7 @@ def test_static_resident_rows_install_with_the_multi_layer_gathers():
         for name in widths:
             store(layer, name).entries[1, :20] = pool.host_rows(layer, name)[first].to(device)
             store(layer, name).lengths[1] = 20
-    rows.ids[1], rows.pools[1], rows.filled[1], rows.marks[1] = first, pool, 20, (20, 0)
+    rows.ids[1], rows.pools[1], rows.filled[1], rows.marks[1] = first.to(device), pool, 20, (20, 0)  # ids on the device
 
     def holds(ids, born=None):
         for layer in layers:
@@ -172,4 +172,4 @@ def test_static_resident_rows_install_with_the_multi_layer_gathers():
     change = rows.install_prepared(1, prepared, 8)
     assert (change.selected, change.fetched) == (7, 4)
     holds(torch.tensor([3, 5, 7, 8, 57, 120, 199]), born)
-    assert torch.equal(rows.ids[1], torch.tensor([3, 5, 7, 8, 57, 120, 199, 200, 201]))  # born: pool entries 200, 201
+    assert torch.equal(rows.ids[1].cpu(), torch.tensor([3, 5, 7, 8, 57, 120, 199, 200, 201]))  # born: 200, 201
