@@ -13,8 +13,7 @@ and B: median step ms (eager, graph), aggregate tokens/s of the graph (eager on 
 row. ``--small``: a 12-layer small-width model, for a CPU smoke test (eager only). ``--compile``: every decoder layer
 compiled first (``lsa_runtime/compiled_step.py``; the first step of each batch size compiles, reported apart).
 ``--profile``: kernels per replayed step and their device time (torch.profiler over 3 replays), the top kernels.
-``--fuse-inputs``: each attention block's input projections as one GEMV (``lsa_runtime/fused_inputs.py``), the
-default with ``--compile`` since run 29 (``--no-fuse-inputs`` for the projections one by one).
+``--fuse-inputs``: each attention block's input projections as one GEMV (``lsa_runtime/fused_inputs.py``).
 ``--resident R``: LSA's resident mode (``lsa_runtime/static_residency.py``): every CSA layer holds R entry slots per
 row, R - 18 of them filled (the resident set; 18 = tau/4 + 2 slots for the entries born before the next trigger at
 tau = 64), the native top-k choosing among those; the rest of the row's entries live in its host cold pool,
@@ -621,9 +620,8 @@ def main() -> None:
                          "JSON, 12 printed)")
     ap.add_argument("--stock-mhc", action="store_true",
                     help="with --compile: keep transformers' Sinkhorn loop (no lsa_runtime/fused_mhc.py)")
-    ap.add_argument("--fuse-inputs", action=argparse.BooleanOptionalAction, default=None,
-                    help="each attention block's input projections as one GEMV (lsa_runtime/fused_inputs.py); "
-                         "default: with --compile yes (as compile_static_step), without no")
+    ap.add_argument("--fuse-inputs", action="store_true",
+                    help="each attention block's input projections as one GEMV (lsa_runtime/fused_inputs.py)")
     ap.add_argument("--resident", type=int, default=None,
                     help="LSA's resident mode: CSA entry slots per row (e.g. 13,125 = 10%% of 512K's 131,072 + 18)")
     ap.add_argument("--triggers", action="store_true",
@@ -654,8 +652,6 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=None, help="stop starting new runs after this long")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.fuse_inputs is None:  # the library's default: fused where compiled; the JSON records what ran
-        args.fuse_inputs = args.compile
     if args.gather_programs is not None:
         if args.gather_programs < 0:
             print("error: --gather-programs must be >= 0", file=sys.stderr)

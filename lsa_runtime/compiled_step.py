@@ -59,13 +59,13 @@ def _decoder(model):
     return model.model if hasattr(model, "model") else model
 
 
-def compile_static_step(model, fuse_mhc: bool = True, fuse_inputs: bool = True) -> int:
+def compile_static_step(model, fuse_mhc: bool = True, fuse_inputs: bool = False) -> int:
     """Compile every decoder layer of ``model`` for the static step (idempotent); returns the number of layers.
     ``fuse_mhc``: the hyper-connections' Sinkhorn loop entry by entry (:mod:`.fused_mhc`), so that it fuses.
-    ``fuse_inputs``: each attention block's input projections as one GEMV (:mod:`.fused_inputs`: no extra memory,
-    the same dot products in another blocking; ~1 ms less a Flash-shaped step at 512K, docs/BENCHMARKS.md "Runs
-    27-29"); once fused a model stays fused (its modules compute what they did), so ``False`` only leaves an
-    unfused model as it is.
+    ``fuse_inputs``: each attention block's input projections as one GEMV (:mod:`.fused_inputs`; ~1 ms less a
+    Flash-shaped step at 512K on an H100, but opt-in: under torch 2.11 the fused layers compile one graph per layer,
+    not per kind, which with several shapes can exhaust dynamo's cache; docs/BENCHMARKS.md "Runs 26-30";
+    ``bench/bench_static.py --fuse-inputs``).
 
     Graphs are built lazily on the first static steps; ``torch._dynamo.config.cache_size_limit`` is raised so
     that every layer kind and batch size keeps its graph. Other caches (prefill with a ``DynamicCache``, the stock

@@ -305,11 +305,13 @@ def _layer_kinds(model):
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile (inductor) needs a C++ compiler on a CPU")
-def test_compiled_layers_give_the_eager_static_step_and_share_graphs_by_kind():
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_compiled_layers_give_the_eager_static_step_and_share_graphs_by_kind(fused):
     """compile_static_step: 12 steps of the compiled step give the eager static step's logits (within 1e-4; fp32
     reorderings), the same greedy tokens and stores; the 12 layers compile one graph per layer kind, not per
     layer (the layers never read their layer number); a prefill with a stock cache still runs transformers' eager
-    code (the same logits, bit for bit, and no graph compiled for it)."""
+    code (the same logits, bit for bit, and no graph compiled for it). ``fused``: the attention inputs stacked
+    (lsa_runtime/fused_inputs.py; slow: a second compile; under torch 2.11 this case compiled 12 graphs, run 30)."""
     from lsa_runtime.backbone import load_backbone
     from lsa_runtime.compiled_step import compile_static_step, uncompile_static_step
 
@@ -327,7 +329,7 @@ def test_compiled_layers_give_the_eager_static_step_and_share_graphs_by_kind():
         tokens, positions = want.argmax(-1).tolist(), [p + 1 for p in positions]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    assert compile_static_step(model) == len(model.model.layers)
+    assert compile_static_step(model, fuse_inputs=fused) == len(model.model.layers)
     try:
         for step, (tokens, positions, want) in enumerate(want_steps):
             got = decode_step(model, compiled, tokens, positions)
