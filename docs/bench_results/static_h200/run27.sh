@@ -6,6 +6,9 @@
 # part: the batch-1 steps at 512K, full and LSA (13,125 slots) and full with the attention inputs fused. On an H100
 # (no H200 lent) full and full fused only, on one machine, against run 21's H100 figures.
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run27.sh"); results under $OUT.
+# Run 2026-12-06 on an H100 (184 s): 24 passed; full 17.03, full fused 15.89 ms. Then on the same warm machine (58 s):
+#   for x in "" "--fuse-inputs"; do python3 bench/bench_static.py --compile --contexts 524288 --batches 1 --steps 8 \
+#     --resident 13125 $x --json $OUT/h100_lsa${x:+_fused}_512k_b1.json; done   (LSA 16.44, fused 15.02 ms)
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"

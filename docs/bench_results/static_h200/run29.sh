@@ -6,6 +6,9 @@
 # weights are contiguous. Before fusing becomes the default: the four batch-1 steps at 512K again on one machine in
 # ABBA order (unfused, fused, fused, unfused), then LSA at B = 64 (13,125 slots, no triggers) both ways.
 # Call: run(timeout_s=600, command="bash docs/bench_results/static_h200/run29.sh"); results under $OUT.
+# Run 2026-12-06 on an H100 (512 s): the tenth step ran out of time; on the same warm machine (58 s):
+#   python3 bench/bench_static.py --compile --contexts 524288 --batches 64 --steps 8 --resident 13125 \
+#     --fuse-inputs --json $OUT/10_h100_lsa_fused_b64.json   (43.35 ms)
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"
