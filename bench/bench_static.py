@@ -330,7 +330,6 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
     if "window_step_ms" in row:  # prefetched: the timed window's mean step against the best replay
         row["trigger_share"] = max(0.0, 1 - best / row["window_step_ms"])
         row["tokens_per_s_with_triggers"] = batch * 1e3 / row["window_step_ms"]
-    runner.close()
     return row  # the state is freed here; the caller empties the CUDA cache
 
 

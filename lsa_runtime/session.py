@@ -535,8 +535,6 @@ class Session:
                 handle.remove()
             for job in active:  # a consumer that stopped early: close what the unfinished sequences hold
                 self._finish_job(job)
-            if self._runner is not None:
-                self._runner.close()
             self._runner = None
 
     def _start_job(self, job: "_Job") -> None:

@@ -194,11 +194,15 @@ class CompressedStore:
 
 @dataclass
 class StaticLayer:
-    """One decoder layer's stores: the window ring, and C^Comp (CSA, HCA) and K^IComp (CSA) series."""
+    """One decoder layer's stores: the window ring, and C^Comp (CSA, HCA) and K^IComp (CSA) series; at a memory
+    layer also ``hidden``, where each step writes h_t (its attention block's input at the last position) for a
+    trigger to read. A step writes it itself, in the code that compiles and is captured: a forward hook on the
+    block is not run inside a compiled layer (torch.compile traces the layer without its submodules' hooks)."""
 
     window: torch.Tensor  # [B, W, D]
     compressor: CompressedStore | None = None
     indexer: CompressedStore | None = None
+    hidden: torch.Tensor | None = None  # [B, hidden_size]
 
 
 class StaticDecodeState:
@@ -375,6 +379,8 @@ def attention_body(attention, hidden_states, cos, sin, positions, rows, layer: S
     layer serves every layer of its kind (:mod:`.compiled_step`)."""
     v4, self = _v4(), attention
     batch = hidden_states.shape[0]  # hidden_states: [B, 1, hidden]
+    if layer.hidden is not None:  # a memory layer: h_t for the next trigger (StaticRunner.hidden)
+        layer.hidden.copy_(hidden_states[:, -1])
     # every projection of the block's input from one GEMV where the block is fused (.fused_inputs), else each alone
     x = project_inputs(self, hidden_states) or {}
     # q and the shared K=V: the stock projections, norms and RoPE on the [B, 1] batch

@@ -50,30 +50,16 @@ class StaticRunner:
         # LSA's resident mode: which entries each row's CSA slots hold, changed by triggers between steps
         self.resident = StaticResidentRows(self.state, csa_layers(model.config), self.positions) \
             if resident is not None else None
-        # h_t (the attention input) of every row at the memory layers, written by the step itself (a hook's copy
-        # inside the captured graph): a trigger reads the last step's
-        decoder = model.model if hasattr(model, "model") else model
+        # h_t (the attention input) of every row at the memory layers, written by the step itself into the layer's
+        # stores (StaticLayer.hidden; compiled and captured with the step): a trigger reads the last step's
         self.hidden = {int(i): torch.zeros(rows, model.config.hidden_size, dtype=model.dtype, device=model.device)
                        for i in hidden_layers}
-        self._hooks = [decoder.layers[i].self_attn.register_forward_pre_hook(self._keep_hidden(i), with_kwargs=True)
-                       for i in self.hidden]
+        for i, buffer in self.hidden.items():
+            self.state.layers[i].hidden = buffer
         self.free = list(range(rows - 1, -1, -1))  # rows without a sequence (popped from the end: row 0 first)
         self.graph, self.logits = None, None
         if graph:
             self.capture()
-
-    def _keep_hidden(self, layer: int):
-        def keep(module, args, kwargs):
-            if isinstance(kwargs.get("cache", kwargs.get("past_key_values")), StaticDecodeState):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self.hidden[layer].copy_(hidden[:, -1])
-        return keep
-
-    def close(self) -> None:
-        """Remove the hidden-state hooks (the model serves other paths after this runner)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
 
     def capture(self) -> None:
         """Warm up off the capture (it steps the rows as they are: harmless, a row is reset when a sequence joins),

@@ -298,9 +298,11 @@ def test_the_whole_step_replays_as_one_cuda_graph(dtype, compiled, fused):
         assert deviation["compiled"] <= 2 * deviation["eager"] + 1e-3, deviation
 
 
-def _layer_kinds(model):
-    """The distinct (attention kind, hash-routed MoE) pairs of the model's layers: what a compiled layer specialises on."""
-    return {(kind, layer.mlp.is_hash) for kind, layer in zip(model.config.layer_types, model.model.layers)}
+def _layer_kinds(model, hidden=()):
+    """The distinct (attention kind, hash-routed MoE, keeps h_t) triples of the model's layers (``hidden``: the
+    layers whose stores keep h_t for triggers): what a compiled layer specialises on."""
+    return {(kind, layer.mlp.is_hash, i in hidden)
+            for i, (kind, layer) in enumerate(zip(model.config.layer_types, model.model.layers))}
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -310,9 +312,12 @@ def test_compiled_layers_give_the_eager_static_step_and_share_graphs_by_kind(fus
     """compile_static_step: 12 steps of the compiled step give the eager static step's logits (within 1e-4; fp32
     reorderings), the same greedy tokens and stores; the 12 layers compile one graph per layer kind, not per
     layer (the layers never read their layer number); a prefill with a stock cache still runs transformers' eager
-    code (the same logits, bit for bit, and no graph compiled for it). ``fused``: the attention inputs stacked
-    (lsa_runtime/fused_inputs.py; slow: a second compile; under torch 2.11 this case compiled 12 graphs, run 30)."""
-    from lsa_runtime.backbone import load_backbone
+    code (the same logits, bit for bit, and no graph compiled for it). The memory layers' stores keep h_t
+    (``StaticLayer.hidden``, what a trigger reads): the compiled step writes there what a forward hook on the
+    eager step's attention block sees (a hook itself is not run inside a compiled layer); those layers compile
+    their own graph. ``fused``: the attention inputs stacked (lsa_runtime/fused_inputs.py; slow: a second
+    compile; under torch 2.11 this case compiled 12 graphs, run 30)."""
+    from lsa_runtime.backbone import default_memory_layers, load_backbone
     from lsa_runtime.compiled_step import compile_static_step, uncompile_static_step
 
     model, _ = load_backbone("tiny", dtype=torch.float32)
@@ -320,29 +325,47 @@ def test_compiled_layers_give_the_eager_static_step_and_share_graphs_by_kind(fus
     caches = [_prefill(model, ids) for ids in prompts]
     eager = StaticDecodeState.from_caches(model.config, [c for c, _ in caches], CAPACITY)
     compiled = StaticDecodeState.from_caches(model.config, [c for c, _ in caches], CAPACITY)
+    memory = default_memory_layers(model.config)
+    for i in memory:
+        compiled.layers[i].hidden = torch.full((len(LENGTHS), model.config.hidden_size), float("nan"))
+    seen = {}  # the oracle: the eager step's attention input at the memory layers, read by a hook
+
+    def keep(i):
+        def hook(module, args, kwargs):
+            seen[i] = (args[0] if args else kwargs["hidden_states"])[:, -1].clone()
+        return hook
+
+    hooks = [model.model.layers[i].self_attn.register_forward_pre_hook(keep(i), with_kwargs=True) for i in memory]
     tokens = [int(logits.argmax()) for _, logits in caches]
     positions = list(LENGTHS)
     want_steps = []
     for _ in range(12):
         want = decode_step(model, eager, tokens, positions)
-        want_steps.append((tokens, positions, want))
+        want_steps.append((tokens, positions, want, dict(seen)))
         tokens, positions = want.argmax(-1).tolist(), [p + 1 for p in positions]
+    for hook in hooks:
+        hook.remove()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     assert compile_static_step(model, fuse_inputs=fused) == len(model.model.layers)
     try:
-        for step, (tokens, positions, want) in enumerate(want_steps):
+        for step, (tokens, positions, want, hidden) in enumerate(want_steps):
             got = decode_step(model, compiled, tokens, positions)
             torch.testing.assert_close(got, want, rtol=TOLERANCE, atol=TOLERANCE,
                                        msg=lambda m, step=step: f"step {step}: {m}")
             assert got.argmax(-1).tolist() == want.argmax(-1).tolist(), f"step {step}"
+            assert sorted(hidden) == memory
+            for i in memory:
+                torch.testing.assert_close(compiled.layers[i].hidden, hidden[i], rtol=TOLERANCE, atol=TOLERANCE,
+                                           msg=lambda m, step=step, i=i: f"step {step}, h_t at layer {i}: {m}")
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         prefill_after = _prefill(model, prompts[1])[1]
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     finally:
         uncompile_static_step(model)
     assert torch.equal(prefill_after, caches[1][1])
-    assert graphs == len(_layer_kinds(model)) < len(model.model.layers)
+    assert graphs == len(_layer_kinds(model, memory)) < len(model.model.layers)
+    assert len(_layer_kinds(model, memory)) == len(_layer_kinds(model)) + 1  # the memory layers: one kind more
     for name, t in eager.tensors().items():
         torch.testing.assert_close(compiled.tensors()[name], t, rtol=1e-5, atol=1e-5, msg=name)
 

@@ -196,6 +196,34 @@ def test_session_static_decode_in_the_trigger_modes_gives_the_cold_pool_paths_to
     assert static.residency.ids.tolist() == alone.residency.ids.tolist()
 
 
+@pytest.mark.slow
+def test_session_static_compile_in_mode_lsa_gives_the_cold_pool_paths_tokens_and_sets(backbone, memory_indexer):
+    """Session(static_decode=True, static_compile=True) in mode lsa: the compiled layers write each trigger's h_t
+    (the memory layers' attention input) as the eager step does, so the three prompts in two rows get the cold-pool
+    path's tokens and its selections and fetches at every trigger. Before 2026-12-06 a forward hook kept h_t, and
+    a compiled layer does not run its submodules' hooks: the triggers scored zeros. Slow: inductor compiles the
+    layer kinds."""
+    from lsa_runtime.compiled_step import uncompile_static_step
+
+    model, tokenizer = backbone
+    # no recency tail or sink: every resident entry is one the memory indexer chose from h_t
+    options = {"mode": "lsa", "budget": BUDGET, "keep_recent": 0, "keep_first": 0}
+    prompts = _three_prompts()
+    try:
+        static = Session(model, tokenizer, indexer=memory_indexer, tau=TAU, max_batch=2, static_decode=True,
+                         static_compile=True, **options)
+        batch = static.generate(prompts, max_new_tokens=NEW, stop_at_eos=False)
+    finally:
+        uncompile_static_step(model)
+    for prompt, got in zip(prompts, batch):
+        want = Session(model, tokenizer, indexer=memory_indexer, tau=TAU, **options).generate(
+            prompt, max_new_tokens=NEW, stop_at_eos=False)
+        assert got.token_ids == want.token_ids
+        a, b = got.stats, want.stats
+        assert a.triggers == b.triggers == 1 + (NEW - 1) // TAU
+        assert a.selected_per_trigger == b.selected_per_trigger and a.entries_fetched == b.entries_fetched > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode,prefetch", [("random", 0), ("lsa", 0), ("random", 3), ("lsa", 1)])
