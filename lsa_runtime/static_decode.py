@@ -197,7 +197,7 @@ class StaticLayer:
     """One decoder layer's stores: the window ring, and C^Comp (CSA, HCA) and K^IComp (CSA) series; at a memory
     layer also ``hidden``, where each step writes h_t (its attention block's input at the last position) for a
     trigger to read. A step writes it itself, in the code that compiles and is captured: a forward hook on the
-    block is not run inside a compiled layer (torch.compile traces the layer without its submodules' hooks)."""
+    block did not run inside a compiled layer (torch 2.13: compile_static_step's layers never called it)."""
 
     window: torch.Tensor  # [B, W, D]
     compressor: CompressedStore | None = None
