@@ -5,6 +5,8 @@
 # The goal is stated on the H200 (<= 3x its memory-traffic limit, ~7.5 ms); its last H200 figures are run 20's
 # (16.15 / 15.42 ms, sorted picks, inputs not fused). The same four steps on one H200; on an H100 nothing is run.
 # Call: run(timeout_s=420, command="bash docs/bench_results/static_h200/run28.sh"); results under $OUT.
+# 2026-12-06: called with kind nvidia-h200 while an H100 was held; it ran on the H100 and ran nothing (not an
+# H200). Still to run on an H200; since run 30 fusing stays opt-in, so its fused rows time an option.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 start=$(date +%s)
 F="warning\|online softmax\|split the reduction\|important use case\|^softmax\.$\|^$\|_warn_once\|USDT"
