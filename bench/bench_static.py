@@ -290,7 +290,8 @@ def run_batch(model, context: int, batch: int, args, device: str) -> dict:
     from lsa_runtime.backbone import default_memory_layers
 
     # positions the run reaches: timed eager and replayed steps, warm-up / capture / profile steps, the trigger run
-    capacity = context + 2 * args.steps + 8 + (2 * TAU + args.prefetch + 16 if args.triggers else 0)
+    capacity = context + 2 * args.steps + 8 + (2 * TAU + args.prefetch + 16 if args.triggers else 0) \
+        + args.extra_positions
 
     hidden = default_memory_layers(model.config) if args.triggers else ()
     runner = StaticRunner(model, batch, capacity, graph=False, resident=args.resident, hidden_layers=hidden)
@@ -608,6 +609,10 @@ def main() -> None:
     ap.add_argument("--contexts", default="131072,524288")
     ap.add_argument("--batches", default="1,4,16", help="batch sizes (rows of one static state)")
     ap.add_argument("--steps", type=int, default=24, help="timed steps per run, eager and replayed")
+    ap.add_argument("--extra-positions", type=int, default=0, metavar="N",
+                    help="N more positions of capacity per row (a row's HCA series holds capacity // 128 entry "
+                         "slots): to time a shape apart from the mode that sets it, e.g. 145 = what --triggers "
+                         "--prefetch 1 adds")
     ap.add_argument("--small", action="store_true", help="small dimensions for a CPU smoke test")
     ap.add_argument("--no-graph", action="store_true", help="eager steps only")
     ap.add_argument("--compile", action="store_true",
@@ -674,6 +679,9 @@ def main() -> None:
         sys.exit(2)
     if args.steps < 4:
         print("error: --steps must be at least 4", file=sys.stderr)
+        sys.exit(2)
+    if args.extra_positions < 0:
+        print("error: --extra-positions must be 0 or more", file=sys.stderr)
         sys.exit(2)
     if args.triggers and args.resident is None:
         print("error: --triggers needs --resident (LSA's resident mode)", file=sys.stderr)
