@@ -5,7 +5,7 @@ the CPU into a pinned staging buffer and then copies that buffer to the device, 
 Here the GPU does the gather itself: pinned host memory is mapped into the device's address space (CUDA unified
 addressing), so a kernel can read row ``ids[i]`` of the host pool over PCIe and write it to row ``i`` of a
 device tensor, hundreds of rows in flight (:data:`PROGRAMS` programs of 16 rows): one pass over the bus (figures:
-docs/BENCHMARKS.md, "Trigger cost", measured with a program per block; ``bench/bench_trigger.py``).
+docs/BENCHMARKS.md, "Trigger cost" with a program per block, "Runs 26-30" with 32; ``bench/bench_trigger.py``).
 ``ColdPool.gather`` uses it by default on a GPU. On the CPU it is tested under the Triton interpreter.
 """
 
